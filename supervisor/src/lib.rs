@@ -1,0 +1,3 @@
+//! holdfast: a socket-activation supervisor. See ARCHITECTURE.md for the layering.
+
+pub mod unit;

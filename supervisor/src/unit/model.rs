@@ -1,0 +1,230 @@
+//! The validated shape of a unit: what the rest of holdfast reads. Parsing and
+//! diagnostics live in the sibling modules; nothing here touches the system.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// One service and its sockets, from one `NAME.toml` file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unit {
+    /// The file name without `.toml`.
+    pub name: String,
+    /// The file it was read from.
+    pub path: PathBuf,
+    pub service: ServiceConfig,
+    /// In file order: the child sees them as fds 3, 4, ….
+    pub sockets: Vec<SocketConfig>,
+}
+
+/// `[service]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    /// argv; `exec[0]` as written (PATH resolution happens at spawn).
+    pub exec: Vec<String>,
+    pub kind: ServiceType,
+    pub restart: RestartPolicy,
+    pub restart_mode: RestartMode,
+    /// First restart delay; doubles for a service that keeps dying quickly.
+    pub restart_delay: Duration,
+    /// Cap on the doubled restart delay.
+    pub restart_delay_max: Duration,
+    pub stop_timeout: Duration,
+    /// How long a `notify` service may take to send READY=1.
+    pub start_timeout: Duration,
+    /// More than `start_limit_burst` starts within `start_limit_interval`: `failed`.
+    pub start_limit_burst: u32,
+    pub start_limit_interval: Duration,
+    /// `WATCHDOG_USEC`; `None` disables the watchdog.
+    pub watchdog: Option<Duration>,
+    /// Upper bound on fds kept for the service through FDSTORE=1 (0: off).
+    pub fd_store_max: u32,
+    pub environment: BTreeMap<String, String>,
+    pub working_directory: Option<PathBuf>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceType {
+    /// Ready once started.
+    Simple,
+    /// Ready on READY=1 through NOTIFY_SOCKET.
+    Notify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartMode {
+    /// Stop the old instance, then start the new one (systemd's way).
+    StopStart,
+    /// Start the new instance on the same sockets, wait for it to be ready, then stop the old one.
+    Overlap,
+}
+
+/// `[[socket]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketConfig {
+    /// Its LISTEN_FDNAMES entry (default: the service name).
+    pub name: String,
+    pub protocol: Protocol,
+    /// IP sockets: the prefixes traffic may arrive on. Empty for unix sockets.
+    pub addresses: Vec<IpPrefix>,
+    /// IP sockets: single ports and inclusive ranges. Empty for unix sockets.
+    pub ports: Vec<PortRange>,
+    /// Unix sockets: the path of the socket file.
+    pub path: Option<PathBuf>,
+    pub options: SocketOptions,
+}
+
+impl SocketConfig {
+    /// Every (prefix, port range) this socket is reachable on: `addresses × ports`.
+    pub fn bindings(&self) -> impl Iterator<Item = (IpPrefix, PortRange)> + '_ {
+        self.addresses
+            .iter()
+            .flat_map(move |a| self.ports.iter().map(move |p| (*a, *p)))
+    }
+
+    /// `Some((address, port))` when the socket's bindings are exactly one
+    /// host address and one port, so that a plain bind() serves it.
+    pub fn single_bind(&self) -> Option<(IpAddr, u16)> {
+        match (self.addresses.as_slice(), self.ports.as_slice()) {
+            ([a], [p]) if a.is_host() && p.first == p.last => Some((a.addr, p.first)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    UnixStream,
+    UnixDgram,
+}
+
+impl Protocol {
+    pub fn is_ip(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::UnixStream => "unix-stream",
+            Protocol::UnixDgram => "unix-dgram",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Socket options, with systemd's meanings. `None`: the kernel's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketOptions {
+    pub backlog: Option<u32>,
+    pub reuse_port: bool,
+    pub free_bind: bool,
+    pub transparent: bool,
+    pub receive_buffer: Option<u32>,
+    pub send_buffer: Option<u32>,
+    pub mark: Option<u32>,
+    pub keep_alive: bool,
+    pub no_delay: bool,
+    /// `None`: decided by the addresses (dual-stack when both families are declared).
+    pub ipv6_only: Option<bool>,
+    /// Unix socket file mode, e.g. 0o660.
+    pub mode: Option<u32>,
+}
+
+/// An address prefix with its host bits zero: `192.0.2.0/24`, `2001:db8::/64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IpPrefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl IpPrefix {
+    /// The prefix length in the IPv4-mapped IPv6 space (IPv4 /24 is /120).
+    pub fn mapped_len(&self) -> u8 {
+        match self.addr {
+            IpAddr::V4(_) => self.len + 96,
+            IpAddr::V6(_) => self.len,
+        }
+    }
+    /// The address as 16 bytes, IPv4 as `::ffff:a.b.c.d`.
+    pub fn mapped_addr(&self) -> Ipv6Addr {
+        match self.addr {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        }
+    }
+    pub fn is_host(&self) -> bool {
+        match self.addr {
+            IpAddr::V4(_) => self.len == 32,
+            IpAddr::V6(_) => self.len == 128,
+        }
+    }
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let a = match addr {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let len = u32::from(self.mapped_len());
+        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        (u128::from(a) & mask) == (u128::from(self.mapped_addr()) & mask)
+    }
+}
+
+impl fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// An inclusive port range, `first <= last`, both in 1..=65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn width(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+    pub fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Test support: network namespaces, the holdfast binary, temporary unit dirs.
