@@ -1,6 +1,112 @@
 //! Unit files: the TOML schema, validation, and diagnostics that name the file,
 //! line, column, key and the fix. Knows nothing of processes or sockets.
+//!
+//! Entry points: [`load_dir`] (what `holdfast run` and `holdfast check` call),
+//! [`parse_unit`] for one file, [`validate_set`] for the checks that span
+//! units, and [`to_toml`] to write a unit back out.
 
+mod check;
+mod diag;
 pub mod model;
+mod parse;
+mod ser;
+#[cfg(test)]
+mod tests;
 
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub use check::validate_set;
+pub use diag::{Diagnostic, Diagnostics};
 pub use model::*;
+pub use parse::parse_unit;
+pub use ser::to_toml;
+
+use diag::Pos;
+
+/// Read every `*.toml` in `dir` (not hidden files), sorted by name, and
+/// validate each file and the set together. On failure, every mistake of
+/// every file comes back at once.
+pub fn load_dir(dir: &Path) -> Result<Vec<Unit>, Diagnostics> {
+    let mut diags = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            return Err(Diagnostics(vec![Pos::NONE.diag(
+                dir,
+                "",
+                format!("cannot read the units directory: {e}"),
+                "pass a directory that holds one NAME.toml file per service",
+            )]))
+        }
+    };
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                diags.push(Pos::NONE.diag(
+                    dir,
+                    "",
+                    format!("cannot list the units directory: {e}"),
+                    "",
+                ));
+                continue;
+            }
+        };
+        let path = entry.path();
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            if file_name.as_encoded_bytes().ends_with(b".toml") {
+                diags.push(Pos::NONE.diag(
+                    &path,
+                    "",
+                    "the file name is not UTF-8",
+                    "rename the file",
+                ));
+            }
+            continue;
+        };
+        let Some(stem) = file_name.strip_suffix(".toml") else {
+            continue;
+        };
+        if file_name.starts_with('.') {
+            continue; // hidden, e.g. an editor's backup
+        }
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => files.push((stem.to_string(), path)),
+            Ok(_) => diags.push(Pos::NONE.diag(
+                &path,
+                "",
+                "not a regular file",
+                "a unit is a NAME.toml file",
+            )),
+            Err(e) => diags.push(Pos::NONE.diag(&path, "", format!("cannot read: {e}"), "")),
+        }
+    }
+    files.sort();
+    let mut parsed = Vec::new();
+    for (name, path) in files {
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) => {
+                diags.push(Pos::NONE.diag(
+                    &path,
+                    "",
+                    format!("cannot read: {e}"),
+                    "unit files are UTF-8 text",
+                ));
+                continue;
+            }
+        };
+        let p = parse::parse_spanned(&name, &path, &text);
+        diags.extend(p.diags);
+        if let Some(unit) = p.unit {
+            parsed.push((unit, p.spans));
+        }
+    }
+    let refs: Vec<_> = parsed.iter().map(|(u, s)| (u, s)).collect();
+    diags.extend(check::check_spanned(&refs));
+    Diagnostics::into_result(diags)?;
+    Ok(parsed.into_iter().map(|(u, _)| u).collect())
+}

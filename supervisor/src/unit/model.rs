@@ -189,7 +189,11 @@ impl IpPrefix {
             IpAddr::V6(v6) => v6,
         };
         let len = u32::from(self.mapped_len());
-        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        let mask = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        };
         (u128::from(a) & mask) == (u128::from(self.mapped_addr()) & mask)
     }
 }

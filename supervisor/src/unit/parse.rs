@@ -1,0 +1,1478 @@
+//! One unit file: TOML text → [`Unit`], with every mistake in the file
+//! collected (not just the first), each placed at the key or value it is
+//! about. Also records where each socket's bindings were written, so the
+//! cross-unit checks can point at them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml_edit::{ImDocument, Item, TableLike};
+
+use super::diag::{Diagnostic, Diagnostics, LineIndex, Pos};
+use super::model::*;
+
+pub(crate) const DEFAULT_RESTART_DELAY: Duration = Duration::from_millis(100);
+pub(crate) const DEFAULT_RESTART_DELAY_MAX: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_START_LIMIT_BURST: u32 = 5;
+pub(crate) const DEFAULT_START_LIMIT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The longest unix socket path bind() takes (sun_path is 108 bytes with its NUL).
+const UNIX_PATH_MAX: usize = 107;
+
+const ROOT_KEYS: &[&str] = &["service", "socket"];
+const SERVICE_KEYS: &[&str] = &[
+    "exec",
+    "type",
+    "restart",
+    "restart-mode",
+    "restart-delay",
+    "restart-delay-max",
+    "stop-timeout",
+    "start-timeout",
+    "start-limit-burst",
+    "start-limit-interval",
+    "watchdog",
+    "fd-store-max",
+    "environment",
+    "working-directory",
+    "user",
+    "group",
+];
+const SOCKET_KEYS: &[&str] = &[
+    "name",
+    "protocol",
+    "addresses",
+    "ports",
+    "path",
+    "backlog",
+    "reuse-port",
+    "free-bind",
+    "transparent",
+    "receive-buffer",
+    "send-buffer",
+    "mark",
+    "keep-alive",
+    "no-delay",
+    "ipv6-only",
+    "mode",
+];
+
+const PORT_HINT: &str =
+    "write a port between 1 and 65535, e.g. \"8080\", or a range such as \"8000-8099\"";
+const ADDRESS_HINT: &str = "write an address such as \"127.0.0.1\" or \"::1\", or a prefix such as \"192.0.2.0/24\" or \"2001:db8::/64\"";
+const DURATION_HINT: &str =
+    "write a number and a unit, e.g. \"100ms\", \"5s\", \"1m\" or \"1h 30m\"";
+
+/// Where the parts of one `[[socket]]` were written (1-based; `Pos::NONE` if unknown).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SocketSpans {
+    pub table: Pos,
+    pub addresses: Vec<Pos>,
+    pub ports: Vec<Pos>,
+    pub path: Pos,
+}
+
+/// Where each socket of a unit was written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct UnitSpans {
+    pub sockets: Vec<SocketSpans>,
+}
+
+/// The outcome of reading one file: the unit when it had no mistakes, the
+/// places of its parts, and its mistakes.
+pub(crate) struct Parsed {
+    pub unit: Option<Unit>,
+    pub spans: UnitSpans,
+    pub diags: Vec<Diagnostic>,
+}
+
+/// Parse one unit file; `name` is the service name (the file stem) and
+/// `path` the file named in diagnostics.
+pub fn parse_unit(name: &str, path: &Path, text: &str) -> Result<Unit, Diagnostics> {
+    let parsed = parse_spanned(name, path, text);
+    match parsed.unit {
+        Some(unit) if parsed.diags.is_empty() => Ok(unit),
+        _ => Err(Diagnostics::sorted(parsed.diags)),
+    }
+}
+
+pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
+    let mut cx = Cx {
+        file: path,
+        lines: LineIndex::new(text),
+        text,
+        diags: Vec::new(),
+    };
+    check_service_name(&mut cx, name);
+    let doc = match ImDocument::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let pos = cx.at(e.span());
+            let message = e.message().trim().replace('\n', "; ");
+            let message = if message.is_empty() {
+                "invalid TOML".to_string()
+            } else {
+                format!("invalid TOML: {message}")
+            };
+            cx.err(
+                pos,
+                "",
+                message,
+                "see https://toml.io; strings are quoted, e.g. exec = [\"/usr/bin/program\"]",
+            );
+            return Parsed {
+                unit: None,
+                spans: UnitSpans::default(),
+                diags: cx.diags,
+            };
+        }
+    };
+    let root = Tbl {
+        t: doc.as_table(),
+        path: String::new(),
+        pos: Pos { line: 1, column: 1 },
+    };
+    let mut fields = cx.fields(&root, ROOT_KEYS, "at the top level");
+    let service = match fields.remove("service") {
+        Some(f) => match f.item.as_table_like() {
+            Some(t) => Some(cx.service(&Tbl {
+                t,
+                path: "service".into(),
+                pos: f.pos,
+            })),
+            None => {
+                cx.type_error(
+                    &f,
+                    "a table",
+                    "write a [service] table with exec = [\"/path/to/program\"] in it",
+                );
+                None
+            }
+        },
+        None => {
+            cx.err(
+                Pos { line: 1, column: 1 },
+                "service",
+                "missing [service] table",
+                "add a [service] table, e.g. [service] and below it exec = [\"/usr/bin/program\", \"--flag\"]",
+            );
+            None
+        }
+    };
+    let (sockets, spans) = match fields.remove("socket") {
+        Some(f) => cx.sockets(&f, name),
+        None => (Vec::new(), UnitSpans::default()),
+    };
+    // A unit with mistakes is not returned: its parts would not line up with their places.
+    let unit = service.filter(|_| cx.diags.is_empty()).map(|service| Unit {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        service,
+        sockets,
+    });
+    Parsed {
+        unit,
+        spans,
+        diags: cx.diags,
+    }
+}
+
+fn check_service_name(cx: &mut Cx<'_>, name: &str) {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '@' | '-');
+    if name.is_empty() {
+        cx.err(
+            Pos::NONE,
+            "",
+            "the service name (the file name without .toml) is empty",
+            "name the file after the service, e.g. web.toml",
+        );
+    } else if let Some(bad) = name.chars().find(|&c| !ok(c)) {
+        let fixed: String = name.chars().map(|c| if ok(c) { c } else { '-' }).collect();
+        cx.err(
+            Pos::NONE,
+            "",
+            format!("service name {name:?} (the file name without .toml) contains {bad:?}"),
+            format!(
+                "use only letters, digits and _ . @ - in the file name, e.g. rename it to {fixed}.toml"
+            ),
+        );
+    } else if name.starts_with('.') {
+        cx.err(
+            Pos::NONE,
+            "",
+            format!("service name {name:?} starts with a dot"),
+            "start the file name with a letter or digit",
+        );
+    }
+}
+
+/// A table (or inline table) and where it sits.
+struct Tbl<'a> {
+    t: &'a dyn TableLike,
+    /// Its key path, e.g. `service` or `socket[1]`; empty for the root.
+    path: String,
+    pos: Pos,
+}
+
+impl Tbl<'_> {
+    fn child(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key_segment(key)
+        } else {
+            format!("{}.{}", self.path, key_segment(key))
+        }
+    }
+}
+
+/// One key/value pair being read.
+#[derive(Clone)]
+struct Field<'a> {
+    item: Node<'a>,
+    /// The key path, e.g. `service.exec`.
+    path: String,
+    /// Where the value is (the key when the value has no place).
+    pos: Pos,
+    /// Where the key is.
+    key_pos: Pos,
+}
+
+struct Cx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    lines: LineIndex<'a>,
+    diags: Vec<Diagnostic>,
+}
+
+impl<'a> Cx<'a> {
+    fn at(&self, span: Option<Range<usize>>) -> Pos {
+        span.map_or(Pos { line: 1, column: 1 }, |r| self.lines.pos(r.start))
+    }
+
+    fn err(
+        &mut self,
+        pos: Pos,
+        key: impl Into<String>,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) {
+        self.diags.push(pos.diag(self.file, key, message, hint));
+    }
+
+    /// The source text of a value, when it has a place.
+    fn raw(&self, item: Node<'_>) -> Option<&'a str> {
+        item.span().and_then(|r| self.text.get(r))
+    }
+
+    /// The fields of a table by name; unknown keys are reported.
+    fn fields<'t>(
+        &mut self,
+        tbl: &Tbl<'t>,
+        allowed: &[&'static str],
+        where_: &str,
+    ) -> HashMap<&'static str, Field<'t>> {
+        let mut out = HashMap::new();
+        for (name, item) in tbl.t.iter() {
+            let key_pos = tbl
+                .t
+                .get_key_value(name)
+                .and_then(|(k, _)| k.span())
+                .map_or(tbl.pos, |r| self.lines.pos(r.start));
+            let pos = item.span().map_or(key_pos, |r| self.lines.pos(r.start));
+            let path = tbl.child(name);
+            match allowed.iter().find(|a| **a == name) {
+                Some(known) => {
+                    out.insert(
+                        *known,
+                        Field {
+                            item: Node::Item(item),
+                            path,
+                            pos,
+                            key_pos,
+                        },
+                    );
+                }
+                None => {
+                    let hint = match suggest(name, allowed) {
+                        Some(s) => format!("did you mean `{s}`?"),
+                        None => format!("the keys allowed {where_} are: {}", allowed.join(", ")),
+                    };
+                    self.err(
+                        key_pos,
+                        path,
+                        format!("unknown key `{name}` {where_}"),
+                        hint,
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn type_error(&mut self, f: &Field<'_>, expected: &str, hint: &str) {
+        let found = match f.item.value() {
+            Some(v) => format!(
+                "{} {}",
+                article(v.type_name()),
+                shorten(self.raw(f.item).unwrap_or("").trim())
+            ),
+            None => article(f.item.type_name()),
+        };
+        self.err(
+            f.pos,
+            f.path.clone(),
+            format!("expected {expected}, found {}", found.trim_end()),
+            hint,
+        );
+    }
+
+    fn string(&mut self, f: &Field<'_>, example: &str) -> Option<String> {
+        match f.item.as_str() {
+            Some(s) if s.contains('\0') => {
+                self.err(
+                    f.pos,
+                    f.path.clone(),
+                    "contains a NUL character",
+                    "remove the \\u0000",
+                );
+                None
+            }
+            Some(s) => Some(s.to_string()),
+            None => {
+                self.type_error(
+                    f,
+                    "a string",
+                    &format!("write it in quotes, e.g. {example}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, f: &Field<'_>, options: &[(&'static str, T)]) -> Option<T> {
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        let list = names
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let s = self.string(f, &format!("\"{}\"", names[0]))?;
+        if let Some((_, v)) = options.iter().find(|(n, _)| *n == s) {
+            return Some(*v);
+        }
+        let hint = match suggest(&s, &names) {
+            Some(n) => format!("did you mean \"{n}\"? (one of {list})"),
+            None => format!("write one of {list}"),
+        };
+        self.err(f.pos, f.path.clone(), format!("unknown value {s:?}"), hint);
+        None
+    }
+
+    fn duration(&mut self, f: &Field<'_>) -> Option<Duration> {
+        match f.item.value() {
+            Some(toml_edit::Value::String(s)) => match humantime::parse_duration(s.value()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("{:?} is not a duration: {e}", s.value()),
+                        DURATION_HINT,
+                    );
+                    None
+                }
+            },
+            Some(toml_edit::Value::Integer(i)) => {
+                let n = i.value();
+                self.err(
+                    f.pos,
+                    f.path.clone(),
+                    format!("expected a duration string, found the number {n}"),
+                    format!("durations are strings with a unit: write \"{n}s\" or \"{n}ms\""),
+                );
+                None
+            }
+            _ => {
+                self.type_error(f, "a duration string", DURATION_HINT);
+                None
+            }
+        }
+    }
+
+    /// A duration that must be more than zero.
+    fn positive_duration(&mut self, f: &Field<'_>) -> Option<Duration> {
+        let d = self.duration(f)?;
+        if d.is_zero() {
+            self.err(
+                f.pos,
+                f.path.clone(),
+                "must be more than 0",
+                "write a positive duration, e.g. \"10s\"",
+            );
+            return None;
+        }
+        Some(d)
+    }
+
+    fn int(&mut self, f: &Field<'_>, min: i64, max: i64, example: i64) -> Option<i64> {
+        match f.item.value() {
+            Some(toml_edit::Value::Integer(i)) => {
+                let n = *i.value();
+                if n < min || n > max {
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("{n} is outside {min}-{max}"),
+                        format!("write a whole number between {min} and {max}, e.g. {example}"),
+                    );
+                    return None;
+                }
+                Some(n)
+            }
+            Some(toml_edit::Value::String(s)) if s.value().trim().parse::<i64>().is_ok() => {
+                self.err(
+                    f.pos,
+                    f.path.clone(),
+                    format!("expected an integer, found the string {:?}", s.value()),
+                    format!(
+                        "write the number without quotes, e.g. {} = {}",
+                        last_key(&f.path),
+                        s.value().trim()
+                    ),
+                );
+                None
+            }
+            _ => {
+                self.type_error(
+                    f,
+                    "an integer",
+                    &format!(
+                        "write a whole number, e.g. {} = {example}",
+                        last_key(&f.path)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn u32(&mut self, f: &Field<'_>, min: u32, max: u32, example: u32) -> Option<u32> {
+        self.int(f, min.into(), max.into(), example.into())
+            .and_then(|n| u32::try_from(n).ok())
+    }
+
+    fn bool(&mut self, f: &Field<'_>) -> Option<bool> {
+        if let Some(b) = f.item.as_bool() {
+            return Some(b);
+        }
+        let key = last_key(&f.path);
+        self.type_error(
+            f,
+            "a boolean",
+            &format!("write {key} = true or {key} = false, without quotes"),
+        );
+        None
+    }
+
+    /// An array; each element comes back as a field of its own (`key[i]`).
+    fn array<'t>(&mut self, f: &Field<'t>, hint: &str) -> Option<Vec<Field<'t>>> {
+        let Some(arr) = f.item.as_array() else {
+            self.type_error(f, "an array", hint);
+            return None;
+        };
+        Some(
+            arr.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    // Array elements are values; wrap each so the helpers above apply.
+                    let pos = v.span().map_or(f.pos, |r| self.lines.pos(r.start));
+                    Field {
+                        item: Node::Value(v),
+                        path: format!("{}[{i}]", f.path),
+                        pos,
+                        key_pos: pos,
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    fn service(&mut self, tbl: &Tbl<'_>) -> ServiceConfig {
+        let mut fs = self.fields(tbl, SERVICE_KEYS, "in [service]");
+        let mut take = |k: &str| fs.remove(k);
+        let exec_f = take("exec");
+        let exec = match &exec_f {
+            None => {
+                self.err(
+                    tbl.pos,
+                    "service.exec",
+                    "missing exec",
+                    "add exec = [\"/usr/bin/program\", \"--flag\"]: the program and its arguments",
+                );
+                Vec::new()
+            }
+            Some(f) => self.exec(f),
+        };
+        let mut svc = ServiceConfig {
+            exec,
+            kind: ServiceType::Simple,
+            restart: RestartPolicy::OnFailure,
+            restart_mode: RestartMode::StopStart,
+            restart_delay: DEFAULT_RESTART_DELAY,
+            restart_delay_max: DEFAULT_RESTART_DELAY_MAX,
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
+            start_timeout: DEFAULT_START_TIMEOUT,
+            start_limit_burst: DEFAULT_START_LIMIT_BURST,
+            start_limit_interval: DEFAULT_START_LIMIT_INTERVAL,
+            watchdog: None,
+            fd_store_max: 0,
+            environment: BTreeMap::new(),
+            working_directory: None,
+            user: None,
+            group: None,
+        };
+        if let Some(f) = take("type") {
+            let options = [
+                ("simple", ServiceType::Simple),
+                ("notify", ServiceType::Notify),
+            ];
+            svc.kind = self.choice(&f, &options).unwrap_or(svc.kind);
+        }
+        if let Some(f) = take("restart") {
+            let options = [
+                ("always", RestartPolicy::Always),
+                ("on-failure", RestartPolicy::OnFailure),
+                ("never", RestartPolicy::Never),
+            ];
+            svc.restart = self.choice(&f, &options).unwrap_or(svc.restart);
+        }
+        if let Some(f) = take("restart-mode") {
+            let options = [
+                ("stop-start", RestartMode::StopStart),
+                ("overlap", RestartMode::Overlap),
+            ];
+            svc.restart_mode = self.choice(&f, &options).unwrap_or(svc.restart_mode);
+        }
+        let delay_f = take("restart-delay");
+        if let Some(f) = &delay_f {
+            svc.restart_delay = self.duration(f).unwrap_or(svc.restart_delay);
+        }
+        match take("restart-delay-max") {
+            Some(f) => {
+                if let Some(max) = self.duration(&f) {
+                    svc.restart_delay_max = max;
+                    if max < svc.restart_delay {
+                        let delay = humantime::format_duration(svc.restart_delay);
+                        self.err(
+                            f.pos,
+                            f.path,
+                            format!(
+                                "restart-delay-max ({}) is less than restart-delay ({delay})",
+                                humantime::format_duration(max)
+                            ),
+                            format!("write restart-delay-max = \"{delay}\" or more"),
+                        );
+                    }
+                }
+            }
+            // Unset: the cap is never below the first delay.
+            None => svc.restart_delay_max = svc.restart_delay_max.max(svc.restart_delay),
+        }
+        if let Some(f) = take("stop-timeout") {
+            svc.stop_timeout = self.positive_duration(&f).unwrap_or(svc.stop_timeout);
+        }
+        if let Some(f) = take("start-timeout") {
+            svc.start_timeout = self.positive_duration(&f).unwrap_or(svc.start_timeout);
+        }
+        if let Some(f) = take("start-limit-burst") {
+            svc.start_limit_burst = self
+                .u32(&f, 1, u32::MAX, 5)
+                .unwrap_or(svc.start_limit_burst);
+        }
+        if let Some(f) = take("start-limit-interval") {
+            svc.start_limit_interval = self
+                .positive_duration(&f)
+                .unwrap_or(svc.start_limit_interval);
+        }
+        if let Some(f) = take("watchdog") {
+            // "0" turns the watchdog off, as systemd's WatchdogSec=0.
+            svc.watchdog = self.duration(&f).filter(|d| !d.is_zero());
+        }
+        if let Some(f) = take("fd-store-max") {
+            svc.fd_store_max = self.u32(&f, 0, 65536, 16).unwrap_or(0);
+        }
+        if let Some(f) = take("environment") {
+            svc.environment = self.environment(&f);
+        }
+        if let Some(f) = take("working-directory") {
+            if let Some(s) = self.string(&f, "working-directory = \"/var/lib/web\"") {
+                if Path::new(&s).is_absolute() {
+                    svc.working_directory = Some(PathBuf::from(s));
+                } else {
+                    self.err(
+                        f.pos,
+                        f.path,
+                        format!("{s:?} is not an absolute path"),
+                        format!(
+                            "write a path that starts with /, e.g. \"/{}\"",
+                            s.trim_start_matches("./")
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(f) = take("user") {
+            svc.user = self.account(&f, "user = \"www-data\"");
+        }
+        if let Some(f) = take("group") {
+            svc.group = self.account(&f, "group = \"www-data\"");
+        }
+        svc
+    }
+
+    fn exec(&mut self, f: &Field<'_>) -> Vec<String> {
+        let hint = "write the program and its arguments as an array of strings, e.g. exec = [\"/usr/bin/program\", \"--flag\"]";
+        let Some(items) = self.array(f, hint) else {
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.err(f.pos, f.path.clone(), "exec is empty", hint);
+            return Vec::new();
+        }
+        let mut argv = Vec::new();
+        for item in &items {
+            if let Some(s) = self.string(item, "\"--flag\"") {
+                argv.push(s);
+            }
+        }
+        if argv.len() == items.len() && argv[0].is_empty() {
+            self.err(
+                items[0].pos,
+                items[0].path.clone(),
+                "the program name is empty",
+                "write the program's path or name first, e.g. exec = [\"/usr/bin/program\"]",
+            );
+        }
+        argv
+    }
+
+    fn environment(&mut self, f: &Field<'_>) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        let Some(t) = f.item.as_table_like() else {
+            self.type_error(
+                f,
+                "a table",
+                "write environment = { NAME = \"value\" }, or a [service.environment] table",
+            );
+            return env;
+        };
+        let tbl = Tbl {
+            t,
+            path: f.path.clone(),
+            pos: f.pos,
+        };
+        for (name, item) in t.iter() {
+            let key_pos = t
+                .get_key_value(name)
+                .and_then(|(k, _)| k.span())
+                .map_or(tbl.pos, |r| self.lines.pos(r.start));
+            let vf = Field {
+                item: Node::Item(item),
+                path: tbl.child(name),
+                pos: item.span().map_or(key_pos, |r| self.lines.pos(r.start)),
+                key_pos,
+            };
+            let valid_name = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_name {
+                let fixed: String = name
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_uppercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                let fixed = if fixed.starts_with(|c: char| c.is_ascii_digit()) || fixed.is_empty() {
+                    format!("_{fixed}")
+                } else {
+                    fixed
+                };
+                self.err(
+                    vf.key_pos,
+                    vf.path.clone(),
+                    format!("{name:?} is not a valid environment variable name"),
+                    format!("use letters, digits and _, not starting with a digit, e.g. {fixed}"),
+                );
+                continue;
+            }
+            let value = match item.as_value() {
+                Some(toml_edit::Value::String(_)) => self.string(&vf, ""),
+                Some(
+                    v @ (toml_edit::Value::Integer(_)
+                    | toml_edit::Value::Float(_)
+                    | toml_edit::Value::Boolean(_)),
+                ) => {
+                    let shown = v.to_string();
+                    let shown = shown.trim();
+                    self.err(
+                        vf.pos,
+                        vf.path.clone(),
+                        format!(
+                            "expected a string, found {} {shown}",
+                            article(v.type_name())
+                        ),
+                        format!("environment values are strings: write {name} = \"{shown}\""),
+                    );
+                    None
+                }
+                _ => {
+                    self.type_error(&vf, "a string", &format!("write {name} = \"value\""));
+                    None
+                }
+            };
+            if let Some(v) = value {
+                env.insert(name.to_string(), v);
+            }
+        }
+        env
+    }
+
+    /// A user or group: a name or a numeric id.
+    fn account(&mut self, f: &Field<'_>, example: &str) -> Option<String> {
+        let s = self.string(f, example)?;
+        let bad = if s.is_empty() {
+            Some("is empty".to_string())
+        } else if s.chars().all(|c| c.is_ascii_digit()) {
+            s.parse::<u32>()
+                .is_err()
+                .then(|| format!("id {s} is too large")) // ids are 32 bits
+        } else if let Some(c) = s
+            .chars()
+            .find(|&c| c.is_whitespace() || c == ':' || c == '/')
+        {
+            Some(format!("{s:?} contains {c:?}"))
+        } else if s.starts_with('-') {
+            Some(format!("{s:?} starts with -"))
+        } else {
+            None
+        };
+        match bad {
+            Some(message) => {
+                self.err(
+                    f.pos,
+                    f.path.clone(),
+                    message,
+                    format!("write a name or a numeric id, e.g. {example} or \"33\""),
+                );
+                None
+            }
+            None => Some(s),
+        }
+    }
+
+    fn sockets(&mut self, f: &Field<'_>, service: &str) -> (Vec<SocketConfig>, UnitSpans) {
+        let mut tables: Vec<Tbl<'_>> = Vec::new();
+        match f.item {
+            Node::Item(Item::ArrayOfTables(aot)) => {
+                for (i, t) in aot.iter().enumerate() {
+                    tables.push(Tbl {
+                        t,
+                        path: format!("socket[{i}]"),
+                        pos: self.at(t.span()),
+                    });
+                }
+            }
+            Node::Item(Item::Value(toml_edit::Value::Array(arr))) => {
+                for (i, v) in arr.iter().enumerate() {
+                    let pos = v.span().map_or(f.pos, |r| self.lines.pos(r.start));
+                    match v.as_inline_table() {
+                        Some(t) => tables.push(Tbl {
+                            t,
+                            path: format!("socket[{i}]"),
+                            pos,
+                        }),
+                        None => self.err(
+                            pos,
+                            format!("socket[{i}]"),
+                            format!("expected a table, found {}", article(v.type_name())),
+                            "write each socket as a [[socket]] table",
+                        ),
+                    }
+                }
+            }
+            Node::Item(Item::Table(_) | Item::Value(toml_edit::Value::InlineTable(_))) => {
+                self.err(
+                    f.pos,
+                    "socket",
+                    "[socket] is a single table, but sockets are an array of tables",
+                    "write [[socket]] (two brackets): each [[socket]] is one socket",
+                );
+            }
+            _ => self.type_error(
+                f,
+                "[[socket]] tables",
+                "write each socket as a [[socket]] table",
+            ),
+        }
+        let mut sockets = Vec::new();
+        let mut spans = UnitSpans::default();
+        // Socket name → (index, where its name came from).
+        let mut names: HashMap<String, (usize, Pos)> = HashMap::new();
+        for (i, tbl) in tables.iter().enumerate() {
+            let (sock, sp, name_pos) = self.socket(tbl, service);
+            match names.get(&sock.name) {
+                Some((j, first)) => {
+                    let explicit = name_pos != tbl.pos;
+                    self.err(
+                        name_pos,
+                        format!("socket[{i}].name"),
+                        format!(
+                            "socket name {:?}{} is already used by socket[{j}] (line {})",
+                            sock.name,
+                            if explicit { "" } else { " (the default, the service name)" },
+                            first.line
+                        ),
+                        "give each [[socket]] its own name = \"...\"; the service sees it in LISTEN_FDNAMES",
+                    );
+                }
+                None => {
+                    names.insert(sock.name.clone(), (i, name_pos));
+                }
+            }
+            sockets.push(sock);
+            spans.sockets.push(sp);
+        }
+        (sockets, spans)
+    }
+
+    /// One `[[socket]]`; also returns where its name was written (the table when defaulted).
+    fn socket(&mut self, tbl: &Tbl<'_>, service: &str) -> (SocketConfig, SocketSpans, Pos) {
+        let mut fs = self.fields(tbl, SOCKET_KEYS, &format!("in [[socket]] ({})", tbl.path));
+        let mut spans = SocketSpans {
+            table: tbl.pos,
+            ..SocketSpans::default()
+        };
+        let protocol_f = fs.remove("protocol");
+        let protocol = match &protocol_f {
+            Some(f) => self.choice(
+                f,
+                &[
+                    ("tcp", Protocol::Tcp),
+                    ("udp", Protocol::Udp),
+                    ("unix-stream", Protocol::UnixStream),
+                    ("unix-dgram", Protocol::UnixDgram),
+                ],
+            ),
+            None => Some(Protocol::Tcp),
+        };
+        let mut sock = SocketConfig {
+            name: service.to_string(),
+            protocol: protocol.unwrap_or(Protocol::Tcp),
+            addresses: Vec::new(),
+            ports: Vec::new(),
+            path: None,
+            options: SocketOptions::default(),
+        };
+        let mut name_pos = tbl.pos;
+        if let Some(f) = fs.remove("name") {
+            name_pos = f.pos;
+            if let Some(s) = self.string(&f, "name = \"http\"") {
+                if let Some(problem) = fdname_problem(&s) {
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("socket name {s:?} {problem}"),
+                        "write printable ASCII without ':', at most 255 characters, e.g. name = \"http\"",
+                    );
+                }
+                sock.name = s;
+            }
+        }
+        let addresses_f = fs.remove("addresses");
+        if let Some(f) = &addresses_f {
+            let hint = format!("write a list of addresses or prefixes, e.g. addresses = [\"127.0.0.1\", \"2001:db8::/64\"]; {ADDRESS_HINT}");
+            sock.addresses = self.list(f, &hint, &mut spans.addresses, Self::prefix);
+        }
+        let ports_f = fs.remove("ports");
+        if let Some(f) = &ports_f {
+            let hint = "write a list of ports and ranges, e.g. ports = [\"8080\", \"8000-8099\"]";
+            sock.ports = self.list(f, hint, &mut spans.ports, Self::port_range);
+        }
+        let path_f = fs.remove("path");
+        if let Some(f) = &path_f {
+            spans.path = f.pos;
+            if let Some(s) = self.string(f, "path = \"/run/web.sock\"") {
+                if !s.starts_with('/') {
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("unix socket path {s:?} is not absolute"),
+                        format!(
+                            "write a path that starts with /, e.g. \"/run/{}\"",
+                            s.trim_start_matches("./")
+                        ),
+                    );
+                } else if s.len() > UNIX_PATH_MAX {
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("unix socket path is {} bytes long, more than the {UNIX_PATH_MAX} bind() takes", s.len()),
+                        "choose a shorter path, e.g. under /run",
+                    );
+                }
+                sock.path = Some(PathBuf::from(s));
+            }
+        }
+        let Some(protocol) = protocol else {
+            // The protocol is unknown, so which keys belong is unknown too.
+            self.socket_options(&fs, &mut sock.options);
+            return (sock, spans, name_pos);
+        };
+        let proto_note = match &protocol_f {
+            Some(_) => format!("this socket is {protocol}"),
+            None => "this socket is tcp (the default protocol)".to_string(),
+        };
+        // Options that mean nothing for this protocol: reported, then not read.
+        let mut misfits: Vec<(&str, Field<'_>)> = Vec::new();
+        fs.retain(|k, f| {
+            let fits = option_fits(k, protocol);
+            if !fits {
+                misfits.push((k, f.clone()));
+            }
+            fits
+        });
+        misfits.sort_by_key(|(_, f)| f.key_pos);
+        for (key, f) in misfits {
+            self.err(
+                f.key_pos,
+                f.path,
+                format!(
+                    "{key} applies only to {}, and {proto_note}",
+                    option_applies_to(key)
+                ),
+                format!("remove {key}"),
+            );
+        }
+        self.socket_options(&fs, &mut sock.options);
+        if protocol_f.is_none() && path_f.is_some() && addresses_f.is_none() && ports_f.is_none() {
+            self.err(
+                tbl.pos,
+                format!("{}.protocol", tbl.path),
+                "this socket has a path but no protocol, and the default protocol is tcp",
+                "add protocol = \"unix-stream\" (or \"unix-dgram\")",
+            );
+        } else if protocol.is_ip() {
+            let example = "[\"127.0.0.1\"] (one address) or a prefix such as [\"192.0.2.0/24\"]";
+            self.need_some(
+                tbl,
+                "addresses",
+                addresses_f.as_ref(),
+                protocol,
+                "address",
+                example,
+            );
+            let example = "[\"8080\"] or a range such as [\"8000-8099\"]";
+            self.need_some(tbl, "ports", ports_f.as_ref(), protocol, "port", example);
+            if let Some(f) = &path_f {
+                self.err(
+                    f.key_pos,
+                    f.path.clone(),
+                    format!("path is for unix sockets, and {proto_note}"),
+                    "remove path, or set protocol = \"unix-stream\" (or \"unix-dgram\")",
+                );
+            }
+        } else {
+            if path_f.is_none() {
+                self.err(
+                    tbl.pos,
+                    format!("{}.path", tbl.path),
+                    format!("a {protocol} socket needs a path"),
+                    "add path = \"/run/NAME.sock\"",
+                );
+            }
+            for f in [&addresses_f, &ports_f].into_iter().flatten() {
+                self.err(
+                    f.key_pos,
+                    f.path.clone(),
+                    format!(
+                        "{} are for tcp and udp sockets, and {proto_note}",
+                        last_key(&f.path)
+                    ),
+                    format!(
+                        "remove {}, or set protocol = \"tcp\" (or \"udp\")",
+                        last_key(&f.path)
+                    ),
+                );
+            }
+        }
+        (sock, spans, name_pos)
+    }
+
+    /// An IP socket's `addresses` or `ports`: missing or empty is a mistake.
+    fn need_some(
+        &mut self,
+        tbl: &Tbl<'_>,
+        key: &str,
+        f: Option<&Field<'_>>,
+        protocol: Protocol,
+        what: &str,
+        example: &str,
+    ) {
+        let message = format!("a {protocol} socket needs at least one {what}");
+        match f {
+            None => self.err(
+                tbl.pos,
+                format!("{}.{key}", tbl.path),
+                message,
+                format!("add {key} = {example}"),
+            ),
+            Some(f) if f.item.as_array().is_some_and(|a| a.is_empty()) => self.err(
+                f.pos,
+                f.path.clone(),
+                message,
+                format!("write {key} = {example}"),
+            ),
+            Some(_) => {}
+        }
+    }
+
+    /// An array of distinct entries, each read by `read`; records where each one is.
+    fn list<T: PartialEq + std::fmt::Display>(
+        &mut self,
+        f: &Field<'_>,
+        hint: &str,
+        places: &mut Vec<Pos>,
+        read: fn(&mut Self, &Field<'_>) -> Option<T>,
+    ) -> Vec<T> {
+        let mut out = Vec::new();
+        for item in self.array(f, hint).unwrap_or_default() {
+            places.push(item.pos);
+            if let Some(v) = read(self, &item) {
+                if out.contains(&v) {
+                    self.err(
+                        item.pos,
+                        item.path.clone(),
+                        format!("{v} is listed twice"),
+                        "remove one of them",
+                    );
+                }
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    fn socket_options(&mut self, fs: &HashMap<&'static str, Field<'_>>, o: &mut SocketOptions) {
+        const INT_MAX: u32 = i32::MAX as u32;
+        if let Some(f) = fs.get("backlog") {
+            o.backlog = self.u32(f, 1, INT_MAX, 128);
+        }
+        if let Some(f) = fs.get("receive-buffer") {
+            o.receive_buffer = self.u32(f, 1, INT_MAX, 262144);
+        }
+        if let Some(f) = fs.get("send-buffer") {
+            o.send_buffer = self.u32(f, 1, INT_MAX, 262144);
+        }
+        if let Some(f) = fs.get("mark") {
+            o.mark = self.u32(f, 0, u32::MAX, 1);
+        }
+        for (key, slot) in [
+            ("reuse-port", &mut o.reuse_port),
+            ("free-bind", &mut o.free_bind),
+            ("transparent", &mut o.transparent),
+            ("keep-alive", &mut o.keep_alive),
+            ("no-delay", &mut o.no_delay),
+        ] {
+            if let Some(f) = fs.get(key) {
+                *slot = self.bool(f).unwrap_or(false);
+            }
+        }
+        if let Some(f) = fs.get("ipv6-only") {
+            o.ipv6_only = self.bool(f);
+        }
+        if let Some(f) = fs.get("mode") {
+            o.mode = self.mode(f);
+        }
+    }
+
+    fn mode(&mut self, f: &Field<'_>) -> Option<u32> {
+        let hint = "write the mode in octal, as 0o660 or \"0660\"";
+        let (value, shown) = match f.item.value() {
+            Some(toml_edit::Value::Integer(i)) => {
+                let raw = self.raw(f.item).unwrap_or("").trim();
+                let n = *i.value();
+                if n != 0 && !raw.starts_with("0o") {
+                    // 660 in decimal is 0o1224: almost certainly meant as octal.
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("mode {raw} is not octal (TOML reads it as the number {n})"),
+                        format!("write 0o{raw} or \"0{raw}\""),
+                    );
+                    return None;
+                }
+                (u32::try_from(n).ok(), format!("0o{n:o}"))
+            }
+            Some(toml_edit::Value::String(s)) => {
+                let digits = s.value().strip_prefix("0o").unwrap_or(s.value());
+                let n = if !digits.is_empty() && digits.len() <= 6 {
+                    u32::from_str_radix(digits, 8).ok()
+                } else {
+                    None
+                };
+                if n.is_none() {
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("{:?} is not an octal file mode", s.value()),
+                        hint,
+                    );
+                    return None;
+                }
+                (n, format!("{:?}", s.value()))
+            }
+            _ => {
+                self.type_error(f, "a file mode", hint);
+                return None;
+            }
+        };
+        match value {
+            Some(m) if m <= 0o7777 => Some(m),
+            _ => {
+                self.err(
+                    f.pos,
+                    f.path.clone(),
+                    format!("mode {shown} is more than 0o7777"),
+                    hint,
+                );
+                None
+            }
+        }
+    }
+
+    fn prefix(&mut self, f: &Field<'_>) -> Option<IpPrefix> {
+        let Some(s) = f.item.as_str() else {
+            self.type_error(
+                f,
+                "a string",
+                &format!("write it in quotes; {ADDRESS_HINT}"),
+            );
+            return None;
+        };
+        match parse_prefix(s) {
+            Ok(p) => Some(p),
+            Err((message, hint)) => {
+                self.err(f.pos, f.path.clone(), message, hint);
+                None
+            }
+        }
+    }
+
+    fn port_range(&mut self, f: &Field<'_>) -> Option<PortRange> {
+        let parsed = match f.item.value() {
+            Some(toml_edit::Value::Integer(i)) => port(*i.value()),
+            Some(toml_edit::Value::String(s)) => parse_port_range(s.value()),
+            _ => {
+                self.type_error(f, "a port", PORT_HINT);
+                return None;
+            }
+        };
+        match parsed {
+            Ok(r) => Some(r),
+            Err((message, hint)) => {
+                self.err(f.pos, f.path.clone(), message, hint);
+                None
+            }
+        }
+    }
+}
+
+/// A value in the document: a table entry (`Item`) or an array element (`Value`).
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Item(&'a Item),
+    Value(&'a toml_edit::Value),
+}
+
+impl<'a> Node<'a> {
+    fn value(self) -> Option<&'a toml_edit::Value> {
+        match self {
+            Node::Item(i) => i.as_value(),
+            Node::Value(v) => Some(v),
+        }
+    }
+    fn as_str(self) -> Option<&'a str> {
+        self.value().and_then(|v| v.as_str())
+    }
+    fn as_bool(self) -> Option<bool> {
+        self.value().and_then(|v| v.as_bool())
+    }
+    fn as_array(self) -> Option<&'a toml_edit::Array> {
+        self.value().and_then(|v| v.as_array())
+    }
+    fn as_table_like(self) -> Option<&'a dyn TableLike> {
+        match self {
+            Node::Item(i) => i.as_table_like(),
+            Node::Value(v) => v.as_inline_table().map(|t| t as &dyn TableLike),
+        }
+    }
+    fn type_name(self) -> &'static str {
+        match self {
+            Node::Item(i) => i.type_name(),
+            Node::Value(v) => v.type_name(),
+        }
+    }
+    fn span(self) -> Option<Range<usize>> {
+        match self {
+            Node::Item(i) => i.span(),
+            Node::Value(v) => v.span(),
+        }
+    }
+}
+
+/// Whether a socket option means something for `protocol`.
+fn option_fits(key: &str, protocol: Protocol) -> bool {
+    match key {
+        "backlog" => matches!(protocol, Protocol::Tcp | Protocol::UnixStream),
+        "keep-alive" | "no-delay" => protocol == Protocol::Tcp,
+        "reuse-port" | "free-bind" | "transparent" | "ipv6-only" => protocol.is_ip(),
+        "mode" => !protocol.is_ip(),
+        _ => true,
+    }
+}
+
+fn option_applies_to(key: &str) -> &'static str {
+    match key {
+        "backlog" => "stream sockets (tcp, unix-stream)",
+        "keep-alive" | "no-delay" => "tcp sockets",
+        "reuse-port" | "free-bind" | "transparent" | "ipv6-only" => "tcp and udp sockets",
+        _ => "unix sockets",
+    }
+}
+
+type Problem = (String, String);
+
+fn port(n: i64) -> Result<PortRange, Problem> {
+    match u16::try_from(n) {
+        Ok(p) if p >= 1 => Ok(PortRange { first: p, last: p }),
+        _ => Err((
+            format!("port {n} is outside 1-65535"),
+            PORT_HINT.to_string(),
+        )),
+    }
+}
+
+/// `"8080"` or `"8000-8099"`.
+pub(crate) fn parse_port_range(s: &str) -> Result<PortRange, Problem> {
+    let number = |t: &str| -> Result<i64, Problem> {
+        if t.is_empty() || t.len() > 9 || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err((
+                format!("{s:?} is not a port or a port range"),
+                PORT_HINT.to_string(),
+            ));
+        }
+        Ok(t.parse().expect("at most 9 digits"))
+    };
+    match s.split_once('-') {
+        None => port(number(s)?),
+        Some((a, b)) => {
+            let first = port(number(a)?)?.first;
+            let last = port(number(b)?)?.first;
+            if first > last {
+                return Err((
+                    format!("port range {s:?} runs backwards"),
+                    format!("write the lower port first: \"{last}-{first}\""),
+                ));
+            }
+            Ok(PortRange { first, last })
+        }
+    }
+}
+
+/// `"192.0.2.0/24"`, `"2001:db8::/64"`, or a bare address (a /32 or /128).
+pub(crate) fn parse_prefix(s: &str) -> Result<IpPrefix, Problem> {
+    let (addr_s, len_s) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let addr: IpAddr = match addr_s.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            let hint = if addr_s.starts_with('[') {
+                format!(
+                    "write IPv6 addresses without brackets, e.g. \"{}\"",
+                    addr_s.trim_matches(|c| c == '[' || c == ']')
+                )
+            } else if let Some((a, p)) = addr_s
+                .rsplit_once(':')
+                .filter(|(a, _)| a.parse::<Ipv4Addr>().is_ok())
+            {
+                format!("write the address and the port apart: addresses = [\"{a}\"] and ports = [\"{p}\"]")
+            } else {
+                ADDRESS_HINT.to_string()
+            };
+            return Err((format!("{s:?} is not an IP address or prefix"), hint));
+        }
+    };
+    let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match len_s {
+        None => max,
+        Some(l) => match l.parse::<u8>() {
+            Ok(n) if n <= max && !l.starts_with('+') => n,
+            _ => {
+                return Err((
+                    format!(
+                        "prefix length {l:?} is not valid for {} (0 to {max})",
+                        if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+                    ),
+                    format!(
+                        "write e.g. \"{addr}/{}\"",
+                        if addr.is_ipv4() { 24 } else { 64 }
+                    ),
+                ))
+            }
+        },
+    };
+    if let IpAddr::V6(v6) = addr {
+        if let Some(v4) = v6.to_ipv4_mapped().filter(|_| len >= 96) {
+            let p4 = masked(IpAddr::V4(v4), len - 96);
+            return Err((
+                format!("{s:?} is an IPv4-mapped IPv6 address"),
+                format!("write the IPv4 form: \"{}\"", p4),
+            ));
+        }
+    }
+    let p = masked(addr, len);
+    if p.addr != addr {
+        return Err((
+            format!(
+                "{s:?} has host bits set: {}/{len} is the network, {addr} one host in it",
+                p.addr
+            ),
+            format!(
+                "write \"{}\" for the whole network, or \"{addr}\" for that one address",
+                p
+            ),
+        ));
+    }
+    Ok(p)
+}
+
+/// The prefix with its host bits cleared.
+pub(crate) fn masked(addr: IpAddr, len: u8) -> IpPrefix {
+    let addr = match addr {
+        IpAddr::V4(a) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
+    };
+    IpPrefix { addr, len }
+}
+
+/// Why `s` cannot be a LISTEN_FDNAMES entry, if it cannot.
+fn fdname_problem(s: &str) -> Option<String> {
+    if s.is_empty() {
+        Some("is empty".into())
+    } else if s.len() > 255 {
+        Some(format!("is {} characters long, more than 255", s.len()))
+    } else if s.contains(':') {
+        Some("contains ':', the LISTEN_FDNAMES separator".into())
+    } else {
+        s.chars()
+            .find(|c| !(' '..='~').contains(c))
+            .map(|c| format!("contains {c:?}, which is not printable ASCII"))
+    }
+}
+
+/// A value's text cut to one short line, for quoting in a message.
+fn shorten(raw: &str) -> String {
+    let line = raw.lines().next().unwrap_or("");
+    if line.len() < raw.len() || line.chars().count() > 40 {
+        format!("{}…", line.chars().take(40).collect::<String>())
+    } else {
+        line.to_string()
+    }
+}
+
+/// `"a"` or `"an"` before a TOML type name.
+fn article(type_name: &str) -> String {
+    let an = type_name.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {type_name}", if an { "an" } else { "a" })
+}
+
+/// The last segment of a key path: `socket[0].ports` → `ports`.
+fn last_key(path: &str) -> &str {
+    path.rsplit('.').next().unwrap_or(path)
+}
+
+/// A key as it is written in a key path: bare when TOML allows, else quoted.
+fn key_segment(key: &str) -> String {
+    if !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        key.to_string()
+    } else {
+        format!("{key:?}")
+    }
+}
+
+/// The allowed word closest to `word`, if one is close enough to be a typo.
+pub(crate) fn suggest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+    let norm = |s: &str| s.to_ascii_lowercase().replace('_', "-");
+    let w = norm(word);
+    let mut best: Option<(usize, &str)> = None;
+    for &c in candidates {
+        let d = if w == c {
+            0
+        } else if w.len() >= 3 && (c.starts_with(&w) || w.starts_with(c)) {
+            1
+        } else {
+            levenshtein(&w, c)
+        };
+        if best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    let (d, c) = best?;
+    let limit = (w.chars().count() / 3).max(2);
+    (d <= limit && d < w.chars().count()).then_some(c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
