@@ -1,3 +1,12 @@
-//! holdfast: a socket-activation supervisor. See ARCHITECTURE.md for the layering.
+//! holdfast: a socket-activation supervisor. See ARCHITECTURE.md for the layering:
+//! `unit` (files → validated units) and `listener` (sockets) know nothing of
+//! processes; `spawn` is the only door to fork/exec; `service` decides, the
+//! `supervisor` event loop acts; `control` carries requests and replies.
 
+pub mod control;
+pub mod dispatch;
+pub mod listener;
+pub mod service;
+pub mod spawn;
+pub mod supervisor;
 pub mod unit;

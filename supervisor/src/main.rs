@@ -1,1 +1,284 @@
-fn main() {}
+//! The `holdfast` command: the daemon (`run`) and the CLI that talks to it.
+//!
+//! Exit codes: 0 ok; 1 the operation failed (invalid units, a listener that
+//! cannot be created, an error reply); 2 usage error; 3 the control socket
+//! could not be reached.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use holdfast::control::{self, Reply, Request};
+use holdfast::supervisor;
+use holdfast::unit::{self, RestartMode};
+
+#[derive(Parser)]
+#[command(name = "holdfast", version, about = "A socket-activation supervisor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the supervisor in the foreground on a units directory.
+    Run {
+        /// The directory of NAME.toml unit files.
+        #[arg(long, default_value = "/etc/holdfast/units")]
+        units: PathBuf,
+        #[arg(long, default_value = "/run/holdfast")]
+        state_dir: PathBuf,
+        /// The network namespace to serve (e.g. /run/netns/NAME); default: holdfast's own.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        /// Never load BPF: bind every socket directly (one address, one port each).
+        #[arg(long)]
+        no_dispatcher: bool,
+        /// The dispatcher's name under /sys/fs/bpf/holdfast (default: netns-<inode>).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Log format: human (default) or json (one object per line).
+        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+        log_format: LogFormat,
+    },
+    /// Validate a units directory without starting anything.
+    Check { dir: PathBuf },
+    /// Show services: name, state, main pid, restarts, uptime, sockets.
+    Status {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "/run/holdfast")]
+        state_dir: PathBuf,
+    },
+    /// Start a stopped or failed service.
+    Start {
+        name: String,
+        #[arg(long, default_value = "/run/holdfast")]
+        state_dir: PathBuf,
+    },
+    /// Stop a service (SIGTERM, then SIGKILL after its stop-timeout); its sockets stay open.
+    Stop {
+        name: String,
+        #[arg(long, default_value = "/run/holdfast")]
+        state_dir: PathBuf,
+    },
+    /// List every binding: service, socket, protocol, prefix, ports, destination, counters.
+    Bindings {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "/run/holdfast")]
+        state_dir: PathBuf,
+    },
+    /// Restart a service; its sockets stay open, so no connection is refused.
+    Restart {
+        name: String,
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<RestartMode>,
+        #[arg(long, default_value = "/run/holdfast")]
+        state_dir: PathBuf,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<RestartMode, String> {
+    match s {
+        "overlap" => Ok(RestartMode::Overlap),
+        "stop-start" => Ok(RestartMode::StopStart),
+        _ => Err("write overlap or stop-start".into()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            units,
+            state_dir,
+            netns,
+            no_dispatcher,
+            instance,
+            log_format,
+        } => {
+            init_logging(log_format);
+            let opts = supervisor::Options {
+                units,
+                state_dir,
+                netns,
+                no_dispatcher,
+                instance,
+            };
+            match supervisor::run(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("holdfast: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Check { dir } => match unit::load_dir(&dir) {
+            Ok(units) => {
+                println!("{}: {} unit(s), all valid", dir.display(), units.len());
+                ExitCode::SUCCESS
+            }
+            Err(diags) => {
+                eprintln!("{diags}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Status {
+            name,
+            json,
+            state_dir,
+        } => request(&state_dir, &Request::Status { name }, |result| {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(result).unwrap_or_default()
+                );
+            } else {
+                print_status(result);
+            }
+        }),
+        Command::Bindings { json, state_dir } => {
+            request(&state_dir, &Request::Bindings, |result| {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(result).unwrap_or_default()
+                    );
+                } else {
+                    print_bindings(result);
+                }
+            })
+        }
+        Command::Start { name, state_dir } => request(&state_dir, &Request::Start { name }, |_| {}),
+        Command::Stop { name, state_dir } => request(&state_dir, &Request::Stop { name }, |_| {}),
+        Command::Restart {
+            name,
+            mode,
+            state_dir,
+        } => request(&state_dir, &Request::Restart { name, mode }, |_| {}),
+    }
+}
+
+/// Logs go to stderr, filtered by RUST_LOG (default: info).
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn request(state_dir: &Path, req: &Request, show: impl FnOnce(&serde_json::Value)) -> ExitCode {
+    match control::call(state_dir, req) {
+        Ok(Reply {
+            ok: true, result, ..
+        }) => {
+            show(&result.unwrap_or(serde_json::Value::Null));
+            ExitCode::SUCCESS
+        }
+        Ok(Reply { error, .. }) => {
+            eprintln!(
+                "holdfast: {}",
+                error.unwrap_or_else(|| "request failed".into())
+            );
+            ExitCode::from(1)
+        }
+        Err(e @ control::ControlError::Connect { .. }) => {
+            eprintln!("holdfast: {e}");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            eprintln!("holdfast: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_status(result: &serde_json::Value) {
+    let rows = result.as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<20} {:<9} {:>8} {:>8} {:>10}  SOCKETS",
+        "NAME", "STATE", "PID", "RESTARTS", "UPTIME"
+    );
+    for r in rows {
+        let s = |k: &str| r.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        let pid = s("pid")
+            .as_i64()
+            .map(|p| p.to_string())
+            .unwrap_or("-".into());
+        let uptime = s("uptime_secs")
+            .as_f64()
+            .map(|u| {
+                humantime::format_duration(std::time::Duration::from_secs(u as u64)).to_string()
+            })
+            .unwrap_or("-".into());
+        let sockets: Vec<String> = s("sockets")
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<20} {:<9} {:>8} {:>8} {:>10}  {}",
+            s("name").as_str().unwrap_or("?"),
+            s("state").as_str().unwrap_or("?"),
+            pid,
+            s("restarts"),
+            uptime,
+            sockets.join(",")
+        );
+    }
+}
+
+fn print_bindings(result: &serde_json::Value) {
+    println!(
+        "{:<16} {:<12} {:<5} {:<24} {:<12} {:>4} {:<7} {:>10} {:>8} {:>8}",
+        "SERVICE",
+        "SOCKET",
+        "PROTO",
+        "PREFIX",
+        "PORTS",
+        "DEST",
+        "SOCKET",
+        "LOOKUPS",
+        "MISSES",
+        "ERRORS"
+    );
+    for r in result.as_array().cloned().unwrap_or_default() {
+        let s = |k: &str| r.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        let text = |k: &str| s(k).as_str().unwrap_or("?").to_string();
+        println!(
+            "{:<16} {:<12} {:<5} {:<24} {:<12} {:>4} {:<7} {:>10} {:>8} {:>8}",
+            text("service"),
+            text("socket"),
+            text("protocol"),
+            text("prefix"),
+            text("ports"),
+            s("destination"),
+            if s("socket_present").as_bool() == Some(true) {
+                "present"
+            } else {
+                "MISSING"
+            },
+            s("lookups"),
+            s("misses"),
+            s("errors"),
+        );
+    }
+}

@@ -1,0 +1,401 @@
+//! Listening sockets: creating them with their options, in one of three
+//! placements. Owns nothing after creation: the caller keeps the fd for as long
+//! as the socket must live (a socket whose last fd closes also leaves the
+//! sockmap). Knows nothing of services or BPF.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{
+    self, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockProtocol, SockType,
+    SockaddrIn, SockaddrIn6, UnixAddr,
+};
+
+use crate::unit::{Protocol, SocketConfig};
+
+/// Where a socket is bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Bind mode: bound directly to its one address and port.
+    Bound(SocketAddr),
+    /// Steered by the sk_lookup dispatcher: bound to a loopback address on a
+    /// kernel-chosen port; traffic reaches it through the sockmap.
+    /// `dual_stack` when it serves IPv4 and IPv6: then it binds `[::]` on a
+    /// kernel-chosen port, since only a wildcard-bound IPv6 socket can stay
+    /// dual-stack.
+    Steered { ipv6: bool, dual_stack: bool },
+    /// A unix socket file.
+    Unix(PathBuf),
+}
+
+impl Placement {
+    /// The placement `cfg` gets: steered when a dispatcher is available (even
+    /// for a single address and port, so that longest-prefix precedence holds
+    /// against other services' wider bindings), else bound when it can be.
+    pub fn for_socket(cfg: &SocketConfig, dispatcher: bool) -> Result<Placement, PlacementError> {
+        if !cfg.protocol.is_ip() {
+            let path = cfg.path.clone().ok_or(PlacementError::NoPath)?;
+            return Ok(Placement::Unix(path));
+        }
+        if dispatcher {
+            let any_v4 = cfg.addresses.iter().any(|p| p.addr.is_ipv4());
+            let any_v6 = cfg.addresses.iter().any(|p| p.addr.is_ipv6());
+            let ipv6 = any_v6 || cfg.options.ipv6_only == Some(false);
+            return Ok(Placement::Steered {
+                ipv6,
+                dual_stack: ipv6 && any_v4,
+            });
+        }
+        match cfg.single_bind() {
+            Some((addr, port)) => Ok(Placement::Bound(SocketAddr::new(addr, port))),
+            None => Err(PlacementError::NeedsDispatcher),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlacementError {
+    #[error("needs the sk_lookup dispatcher: without it a socket can only be bound to exactly one address (a /32 or /128) and one port")]
+    NeedsDispatcher,
+    #[error("a unix socket needs a path")]
+    NoPath,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("{call} on {what}: {source}")]
+    Syscall {
+        call: &'static str,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn sys<T>(call: &'static str, what: &str, r: nix::Result<T>) -> Result<T, ListenerError> {
+    r.map_err(|e| ListenerError::Syscall {
+        call,
+        what: what.to_string(),
+        source: io::Error::from(e),
+    })
+}
+
+const DEFAULT_BACKLOG: i32 = 4096;
+
+/// Creates the socket `cfg` describes at `placement`: bound, listening (for
+/// stream sockets), CLOEXEC.
+pub fn create(cfg: &SocketConfig, placement: &Placement) -> Result<OwnedFd, ListenerError> {
+    match placement {
+        Placement::Unix(path) => create_unix(cfg, path),
+        Placement::Bound(addr) => create_ip(cfg, *addr, false, None),
+        Placement::Steered { ipv6, dual_stack } => {
+            // Binding to any specific IPv6 address makes the kernel set
+            // IPV6_V6ONLY, and bpf_sk_assign refuses a v6-only socket for IPv4
+            // packets: a dual-stack socket must bind the wildcard.
+            let addr = if *ipv6 && *dual_stack {
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)
+            } else if *ipv6 {
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0)
+            } else {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
+            };
+            create_ip(cfg, addr, true, Some(*dual_stack))
+        }
+    }
+}
+
+fn create_ip(
+    cfg: &SocketConfig,
+    addr: SocketAddr,
+    steered: bool,
+    dual_stack: Option<bool>,
+) -> Result<OwnedFd, ListenerError> {
+    let what = format!("{} socket {addr}", cfg.protocol);
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let (ty, proto) = match cfg.protocol {
+        Protocol::Udp => (SockType::Datagram, SockProtocol::Udp),
+        _ => (SockType::Stream, SockProtocol::Tcp),
+    };
+    let fd = sys(
+        "socket",
+        &what,
+        socket::socket(family, ty, SockFlag::SOCK_CLOEXEC, proto),
+    )?;
+    let o = &cfg.options;
+    if addr.is_ipv6() {
+        let v6only = match (o.ipv6_only, dual_stack) {
+            (Some(v), _) => v,
+            (None, Some(dual)) => !dual,
+            (None, None) => false,
+        };
+        sys(
+            "setsockopt(IPV6_V6ONLY)",
+            &what,
+            setsockopt(&fd, sockopt::Ipv6V6Only, &v6only),
+        )?;
+    }
+    if ty == SockType::Stream {
+        // A restarted holdfast must be able to bind while old connections sit in TIME_WAIT.
+        sys(
+            "setsockopt(SO_REUSEADDR)",
+            &what,
+            setsockopt(&fd, sockopt::ReuseAddr, &true),
+        )?;
+    }
+    if o.reuse_port {
+        sys(
+            "setsockopt(SO_REUSEPORT)",
+            &what,
+            setsockopt(&fd, sockopt::ReusePort, &true),
+        )?;
+    }
+    // A steered socket binds to loopback, which may be down in a fresh namespace.
+    if o.free_bind || steered {
+        if addr.is_ipv4() {
+            sys(
+                "setsockopt(IP_FREEBIND)",
+                &what,
+                setsockopt(&fd, sockopt::IpFreebind, &true),
+            )?;
+        } else {
+            set_int(&fd, libc::SOL_IPV6, libc::IPV6_FREEBIND, 1)
+                .map_err(|source| syscall_err("setsockopt(IPV6_FREEBIND)", &what, source))?;
+        }
+    }
+    if o.transparent {
+        if addr.is_ipv4() {
+            sys(
+                "setsockopt(IP_TRANSPARENT)",
+                &what,
+                setsockopt(&fd, sockopt::IpTransparent, &true),
+            )?;
+        } else {
+            set_int(&fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
+                .map_err(|source| syscall_err("setsockopt(IPV6_TRANSPARENT)", &what, source))?;
+        }
+    }
+    set_common(&fd, cfg, &what)?;
+    if ty == SockType::Stream {
+        if o.keep_alive {
+            sys(
+                "setsockopt(SO_KEEPALIVE)",
+                &what,
+                setsockopt(&fd, sockopt::KeepAlive, &true),
+            )?;
+        }
+        if o.no_delay {
+            sys(
+                "setsockopt(TCP_NODELAY)",
+                &what,
+                setsockopt(&fd, sockopt::TcpNoDelay, &true),
+            )?;
+        }
+    }
+    match addr {
+        SocketAddr::V4(a) => sys(
+            "bind",
+            &what,
+            socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
+        )?,
+        SocketAddr::V6(a) => sys(
+            "bind",
+            &what,
+            socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+        )?,
+    }
+    if ty == SockType::Stream {
+        listen(&fd, cfg, &what)?;
+    }
+    Ok(fd)
+}
+
+fn create_unix(cfg: &SocketConfig, path: &Path) -> Result<OwnedFd, ListenerError> {
+    let what = format!("{} socket {}", cfg.protocol, path.display());
+    let ty = match cfg.protocol {
+        Protocol::UnixDgram => SockType::Datagram,
+        _ => SockType::Stream,
+    };
+    let fd = sys(
+        "socket",
+        &what,
+        socket::socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None),
+    )?;
+    set_common(&fd, cfg, &what)?;
+    // A stale socket file from an earlier run would make bind fail; only a socket is removed.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| syscall_err("mkdir", &what, source))?;
+    }
+    let addr = sys("bind", &what, UnixAddr::new(path))?;
+    sys("bind", &what, socket::bind(fd.as_raw_fd(), &addr))?;
+    if let Some(mode) = cfg.options.mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|source| syscall_err("chmod", &what, source))?;
+    }
+    if ty == SockType::Stream {
+        listen(&fd, cfg, &what)?;
+    }
+    Ok(fd)
+}
+
+fn set_common(fd: &OwnedFd, cfg: &SocketConfig, what: &str) -> Result<(), ListenerError> {
+    let o = &cfg.options;
+    if let Some(n) = o.receive_buffer {
+        sys(
+            "setsockopt(SO_RCVBUF)",
+            what,
+            setsockopt(fd, sockopt::RcvBuf, &(n as usize)),
+        )?;
+    }
+    if let Some(n) = o.send_buffer {
+        sys(
+            "setsockopt(SO_SNDBUF)",
+            what,
+            setsockopt(fd, sockopt::SndBuf, &(n as usize)),
+        )?;
+    }
+    if let Some(mark) = o.mark {
+        sys(
+            "setsockopt(SO_MARK)",
+            what,
+            setsockopt(fd, sockopt::Mark, &mark),
+        )?;
+    }
+    Ok(())
+}
+
+fn listen(fd: &OwnedFd, cfg: &SocketConfig, what: &str) -> Result<(), ListenerError> {
+    let n = cfg
+        .options
+        .backlog
+        .map(|b| i32::try_from(b).unwrap_or(i32::MAX))
+        .unwrap_or(DEFAULT_BACKLOG);
+    let backlog = Backlog::new(n).unwrap_or(Backlog::MAXCONN);
+    sys("listen", what, socket::listen(fd, backlog))
+}
+
+fn syscall_err(call: &'static str, what: &str, source: io::Error) -> ListenerError {
+    ListenerError::Syscall {
+        call,
+        what: what.to_string(),
+        source,
+    }
+}
+
+fn set_int(fd: &impl AsFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: the fd is open for the duration of the call, and the option value
+    // is a plain int whose address and size are passed together.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The address a socket is bound to, for status output.
+pub fn local_addr(fd: &impl AsFd) -> Option<SocketAddr> {
+    let addr: socket::SockaddrStorage = socket::getsockname(fd.as_fd().as_raw_fd()).ok()?;
+    if let Some(a) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::from((a.ip(), a.port())));
+    }
+    addr.as_sockaddr_in6()
+        .map(|a| SocketAddr::from((a.ip(), a.port())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::unit::{IpPrefix, PortRange, SocketOptions};
+
+    fn tcp(addresses: &[&str], ports: &[(u16, u16)]) -> SocketConfig {
+        SocketConfig {
+            name: "web".into(),
+            protocol: Protocol::Tcp,
+            addresses: addresses
+                .iter()
+                .map(|a| {
+                    let (addr, len) = a.split_once('/').unwrap();
+                    IpPrefix {
+                        addr: addr.parse().unwrap(),
+                        len: len.parse().unwrap(),
+                    }
+                })
+                .collect(),
+            ports: ports
+                .iter()
+                .map(|&(first, last)| PortRange { first, last })
+                .collect(),
+            path: None,
+            options: SocketOptions::default(),
+        }
+    }
+
+    #[test]
+    fn placement_rules() {
+        let single = tcp(&["127.0.0.1/32"], &[(8080, 8080)]);
+        assert_eq!(
+            Placement::for_socket(&single, false),
+            Ok(Placement::Bound("127.0.0.1:8080".parse().unwrap()))
+        );
+        assert_eq!(
+            Placement::for_socket(&single, true),
+            Ok(Placement::Steered {
+                ipv6: false,
+                dual_stack: false
+            })
+        );
+        let range = tcp(&["127.0.0.1/32"], &[(8000, 8099)]);
+        assert_eq!(
+            Placement::for_socket(&range, false),
+            Err(PlacementError::NeedsDispatcher)
+        );
+        let wide = tcp(&["192.0.2.0/24"], &[(80, 80)]);
+        assert_eq!(
+            Placement::for_socket(&wide, false),
+            Err(PlacementError::NeedsDispatcher)
+        );
+        let dual = tcp(&["192.0.2.0/24", "2001:db8::/64"], &[(80, 80)]);
+        assert_eq!(
+            Placement::for_socket(&dual, true),
+            Ok(Placement::Steered {
+                ipv6: true,
+                dual_stack: true
+            })
+        );
+    }
+
+    #[test]
+    fn bound_socket_listens_with_its_options() {
+        let mut cfg = tcp(&["127.0.0.1/32"], &[(1, 1)]);
+        cfg.options.no_delay = true;
+        cfg.options.keep_alive = true;
+        // Port 0 asks the kernel for a free port; loopback exists in every namespace.
+        let fd = create(&cfg, &Placement::Bound("127.0.0.1:0".parse().unwrap())).unwrap();
+        let addr = local_addr(&fd).unwrap();
+        assert!(addr.port() != 0);
+        assert!(socket::getsockopt(&fd, sockopt::AcceptConn).unwrap());
+        assert!(socket::getsockopt(&fd, sockopt::KeepAlive).unwrap());
+        std::net::TcpStream::connect(addr).unwrap();
+    }
+}

@@ -1,0 +1,592 @@
+//! Starting a service process: the one door through which holdfast forks and
+//! execs. Everything the child needs (argv, environment, the fd layout, the
+//! credentials) is prepared before fork; between fork and exec the child only
+//! makes async-signal-safe system calls on that prepared memory, never
+//! allocating, so it is safe even if the supervisor has threads.
+//!
+//! The child gets: its own process group; stdin from /dev/null; stdout and
+//! stderr on the given pipes; its sockets as fds 3, 4, … with LISTEN_FDS,
+//! LISTEN_FDNAMES and LISTEN_PID (its own pid, written after fork into a
+//! buffer reserved before it); every other fd closed; an empty signal mask and
+//! default signal dispositions; then setgroups, setgid, setuid, chdir, execve.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use nix::unistd::Pid;
+
+/// The width reserved for LISTEN_PID's digits (a pid_t has at most 10).
+const PID_DIGITS: usize = 20;
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("program {program:?} not found in PATH")]
+    NotFound { program: String },
+    #[error("{what} contains a NUL byte")]
+    Nul { what: String },
+    #[error("user {user:?} not found")]
+    NoUser { user: String },
+    #[error("group {group:?} not found")]
+    NoGroup { group: String },
+    #[error("{call}: {source}")]
+    Syscall {
+        call: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{stage} failed in the child: {source}")]
+    Child {
+        stage: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Credentials to switch to before exec.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub groups: Vec<libc::gid_t>,
+    /// HOME, USER, LOGNAME, SHELL for the environment, when a user was named.
+    pub home: Option<PathBuf>,
+    pub user_name: Option<String>,
+    pub shell: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// Resolves `user` and `group` (names or numeric ids). With only a user,
+    /// the group is the user's primary group and the supplementary groups are
+    /// the user's memberships; with only a group, the uid stays and the
+    /// supplementary groups are dropped.
+    pub fn resolve(
+        user: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Option<Credentials>, SpawnError> {
+        use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
+        if user.is_none() && group.is_none() {
+            return Ok(None);
+        }
+        let (uid, entry) =
+            match user {
+                None => (Uid::current().as_raw(), None),
+                Some(u) => match u.parse::<u32>() {
+                    // A numeric uid with no passwd entry is still a valid uid.
+                    Ok(id) => (id, User::from_uid(Uid::from_raw(id)).ok().flatten()),
+                    Err(_) => {
+                        let entry = User::from_name(u).ok().flatten().ok_or_else(|| {
+                            SpawnError::NoUser {
+                                user: u.to_string(),
+                            }
+                        })?;
+                        (entry.uid.as_raw(), Some(entry))
+                    }
+                },
+            };
+        let gid = match group {
+            Some(g) => match g.parse::<u32>() {
+                Ok(id) => id,
+                Err(_) => Group::from_name(g)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| SpawnError::NoGroup {
+                        group: g.to_string(),
+                    })?
+                    .gid
+                    .as_raw(),
+            },
+            None => entry
+                .as_ref()
+                .map(|e| e.gid.as_raw())
+                .unwrap_or_else(|| Gid::current().as_raw()),
+        };
+        let groups = match &entry {
+            Some(e) => {
+                let name = cstring(e.name.as_bytes(), "user name")?;
+                let mut list: Vec<u32> = getgrouplist(&name, Gid::from_raw(gid))
+                    .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+                    .unwrap_or_else(|_| vec![gid]);
+                list.sort_unstable();
+                list.dedup();
+                list
+            }
+            None => vec![gid],
+        };
+        Ok(Some(Credentials {
+            uid,
+            gid,
+            groups,
+            home: entry.as_ref().map(|e| e.dir.clone()),
+            user_name: entry.as_ref().map(|e| e.name.clone()),
+            shell: entry.as_ref().map(|e| e.shell.clone()),
+        }))
+    }
+}
+
+/// Looks `program` up the way execvp does: a name with a slash is used as it
+/// is, otherwise each PATH entry is tried for an executable regular file.
+pub fn resolve_program(program: &str, path_var: Option<&OsStr>) -> Result<PathBuf, SpawnError> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let default = OsString::from("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let path_var = path_var.unwrap_or(&default);
+    for dir in std::env::split_paths(path_var) {
+        let candidate = dir.join(program);
+        if let Ok(meta) = std::fs::metadata(&candidate) {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(SpawnError::NotFound {
+        program: program.to_string(),
+    })
+}
+
+/// What a child is started with.
+pub struct Command<'a> {
+    pub program: &'a Path,
+    pub argv: &'a [String],
+    /// Besides LISTEN_* (added here); later entries win.
+    pub env: Vec<(String, OsString)>,
+    /// Handed over as fds 3, 4, …, named in LISTEN_FDNAMES.
+    pub fds: Vec<(BorrowedFd<'a>, &'a str)>,
+    pub stdout: BorrowedFd<'a>,
+    pub stderr: BorrowedFd<'a>,
+    pub credentials: Option<&'a Credentials>,
+    pub working_directory: Option<&'a Path>,
+}
+
+fn cstring(bytes: &[u8], what: &str) -> Result<CString, SpawnError> {
+    CString::new(bytes).map_err(|_| SpawnError::Nul {
+        what: what.to_string(),
+    })
+}
+
+/// Everything the child touches, prepared before fork.
+struct Prepared {
+    program: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _env: Vec<CString>,
+    /// "LISTEN_PID=" followed by PID_DIGITS + 1 bytes for the digits and NUL.
+    listen_pid: Vec<u8>,
+    envp: Vec<*const libc::c_char>,
+    /// (source fd, target fd): stdin, stdout, stderr, then the sockets.
+    moves: Vec<(RawFd, RawFd)>,
+    /// Scratch for the high duplicates, filled in by the child.
+    scratch: Vec<RawFd>,
+    first_free: RawFd,
+    groups: Vec<libc::gid_t>,
+    ids: Option<(libc::uid_t, libc::gid_t)>,
+    cwd: Option<CString>,
+}
+
+/// Forks and execs `cmd`. Returns once the child has exec'd (or failed to,
+/// reported through a CLOEXEC pipe as systemd and std do).
+pub fn spawn(cmd: &Command<'_>) -> Result<Pid, SpawnError> {
+    let devnull = std::fs::File::open("/dev/null").map_err(|source| SpawnError::Syscall {
+        call: "open(/dev/null)",
+        source,
+    })?;
+    let mut p = prepare(cmd, devnull.as_raw_fd())?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Syscall {
+            call: "pipe2",
+            source: e.into(),
+        })?;
+
+    // SAFETY: after fork the child only calls async-signal-safe functions on
+    // memory prepared above (see `child`), and never returns from `child`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SpawnError::Syscall {
+            call: "fork",
+            source: io::Error::last_os_error(),
+        });
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child; `child` execs or _exits.
+        unsafe { child(&mut p, err_w.as_raw_fd()) }
+    }
+    drop(err_w);
+    let mut report = [0u8; 8];
+    let n = read_full(&err_r, &mut report);
+    drop(devnull);
+    match n {
+        0 => Ok(Pid::from_raw(pid)),
+        8 => {
+            let stage = u32::from_ne_bytes(report[0..4].try_into().expect("4 bytes"));
+            let errno = i32::from_ne_bytes(report[4..8].try_into().expect("4 bytes"));
+            // Reap the child that failed before exec.
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+            Err(SpawnError::Child {
+                stage: STAGES.get(stage as usize).copied().unwrap_or("exec"),
+                source: io::Error::from_raw_os_error(errno),
+            })
+        }
+        _ => Ok(Pid::from_raw(pid)),
+    }
+}
+
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    done
+}
+
+fn prepare(cmd: &Command<'_>, devnull: RawFd) -> Result<Prepared, SpawnError> {
+    let program = cstring(cmd.program.as_os_str().as_bytes(), "program path")?;
+    let argv: Vec<CString> = cmd
+        .argv
+        .iter()
+        .map(|a| cstring(a.as_bytes(), "an exec argument"))
+        .collect::<Result<_, _>>()?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+
+    let mut vars: Vec<(String, OsString)> = Vec::new();
+    let mut set = |k: &str, v: OsString| {
+        vars.retain(|(key, _)| key != k);
+        vars.push((k.to_string(), v));
+    };
+    if let Some(c) = cmd.credentials {
+        if let Some(home) = &c.home {
+            set("HOME", home.clone().into_os_string());
+        }
+        if let Some(name) = &c.user_name {
+            set("USER", name.into());
+            set("LOGNAME", name.into());
+        }
+        if let Some(shell) = &c.shell {
+            set("SHELL", shell.clone().into_os_string());
+        }
+    }
+    for (k, v) in &cmd.env {
+        set(k, v.clone());
+    }
+    if !cmd.fds.is_empty() {
+        set("LISTEN_FDS", cmd.fds.len().to_string().into());
+        let names: Vec<&str> = cmd.fds.iter().map(|(_, n)| *n).collect();
+        set("LISTEN_FDNAMES", names.join(":").into());
+    }
+    let env: Vec<CString> = vars
+        .into_iter()
+        .filter(|(k, _)| k != "LISTEN_PID")
+        .map(|(k, v)| {
+            let mut bytes = k.into_bytes();
+            bytes.push(b'=');
+            bytes.extend_from_slice(&v.into_vec());
+            cstring(&bytes, "an environment variable")
+        })
+        .collect::<Result<_, _>>()?;
+    let mut listen_pid = LISTEN_PID_PREFIX.to_vec();
+    listen_pid.resize(LISTEN_PID_PREFIX.len() + PID_DIGITS + 1, 0);
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    if !cmd.fds.is_empty() {
+        envp.push(listen_pid.as_ptr().cast());
+    }
+    envp.push(std::ptr::null());
+
+    let mut moves = vec![
+        (devnull, 0),
+        (cmd.stdout.as_raw_fd(), 1),
+        (cmd.stderr.as_raw_fd(), 2),
+    ];
+    for (i, (fd, _)) in cmd.fds.iter().enumerate() {
+        moves.push((fd.as_raw_fd(), 3 + i as RawFd));
+    }
+    let first_free = 3 + cmd.fds.len() as RawFd;
+    let scratch = vec![-1; moves.len()];
+    let (groups, ids) = match cmd.credentials {
+        Some(c) => (c.groups.clone(), Some((c.uid, c.gid))),
+        None => (Vec::new(), None),
+    };
+    let cwd = cmd
+        .working_directory
+        .map(|d| cstring(d.as_os_str().as_bytes(), "working directory"))
+        .transpose()?;
+    Ok(Prepared {
+        program,
+        _argv: argv,
+        argv_ptrs,
+        _env: env,
+        listen_pid,
+        envp,
+        moves,
+        scratch,
+        first_free,
+        groups,
+        ids,
+        cwd,
+    })
+}
+
+const STAGES: &[&str] = &[
+    "setpgid",
+    "sigprocmask",
+    "dup",
+    "dup2",
+    "close_range",
+    "setgroups",
+    "setgid",
+    "setuid",
+    "chdir",
+    "execve",
+];
+
+/// The child between fork and exec: async-signal-safe calls only, on memory
+/// prepared before fork. Never returns.
+///
+/// # Safety
+/// Must be called only in a freshly forked child.
+unsafe fn child(p: &mut Prepared, err_w: RawFd) -> ! {
+    let fail = |stage: usize| -> ! {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let mut report = [0u8; 8];
+        report[0..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+        report[4..8].copy_from_slice(&errno.to_ne_bytes());
+        // SAFETY: write and _exit are async-signal-safe; the buffer is on the stack.
+        unsafe {
+            libc::write(err_w, report.as_ptr().cast(), report.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: all calls below are async-signal-safe system calls on prepared,
+    // live memory; the pointers stay valid because `p` outlives the exec.
+    unsafe {
+        if libc::setpgid(0, 0) != 0 {
+            fail(0);
+        }
+        // Default dispositions (Rust ignores SIGPIPE; handlers do not survive exec
+        // anyway, but ignored signals do) and an empty mask.
+        for sig in 1..libc::SIGRTMIN() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+            fail(1);
+        }
+        // Move every source above the targets first, so no dup2 clobbers a
+        // source still to be moved; then into place (dup2 clears CLOEXEC).
+        let high = p.first_free.max(err_w + 1);
+        for (i, (src, _)) in p.moves.iter().enumerate() {
+            let fd = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, high);
+            if fd < 0 {
+                fail(2);
+            }
+            p.scratch[i] = fd;
+        }
+        for (i, (_, target)) in p.moves.iter().enumerate() {
+            if libc::dup2(p.scratch[i], *target) < 0 {
+                fail(3);
+            }
+        }
+        // Everything above the handed-over fds is CLOEXEC already, except what
+        // the supervisor could not control; close it, keeping the error pipe.
+        if err_w > p.first_free {
+            libc::syscall(
+                libc::SYS_close_range,
+                p.first_free as libc::c_uint,
+                (err_w - 1) as libc::c_uint,
+                0 as libc::c_uint,
+            );
+        }
+        libc::syscall(
+            libc::SYS_close_range,
+            (err_w.max(p.first_free - 1) + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        );
+
+        if let Some((uid, gid)) = p.ids {
+            if libc::setgroups(p.groups.len(), p.groups.as_ptr()) != 0 {
+                fail(5);
+            }
+            if libc::setgid(gid) != 0 {
+                fail(6);
+            }
+            if libc::setuid(uid) != 0 {
+                fail(7);
+            }
+        }
+        if let Some(cwd) = &p.cwd {
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                fail(8);
+            }
+        }
+        // LISTEN_PID: our own pid, written into the reserved buffer.
+        let mut pid = libc::getpid() as u64;
+        let mut digits = [0u8; PID_DIGITS];
+        let mut n = 0;
+        loop {
+            digits[n] = b'0' + (pid % 10) as u8;
+            n += 1;
+            pid /= 10;
+            if pid == 0 {
+                break;
+            }
+        }
+        let base = LISTEN_PID_PREFIX.len();
+        for i in 0..n {
+            p.listen_pid[base + i] = digits[n - 1 - i];
+        }
+        p.listen_pid[base + n] = 0;
+
+        libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp.as_ptr());
+        fail(9)
+    }
+}
+
+/// A pipe whose read end the supervisor watches (non-blocking, CLOEXEC) and
+/// whose write end becomes a child's stdout or stderr.
+pub fn output_pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+        .map_err(|e| SpawnError::Syscall {
+        call: "pipe2",
+        source: e.into(),
+    })?;
+    // The child's end must block: a service writing to a full non-blocking
+    // stdout would see EAGAIN. O_NONBLOCK is per open file, so clear it on w.
+    nix::fcntl::fcntl(
+        w.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .map_err(|e| SpawnError::Syscall {
+        call: "fcntl(F_SETFL)",
+        source: e.into(),
+    })?;
+    Ok((r, w))
+}
+
+/// Makes sure fds 0, 1 and 2 are open (on /dev/null if not), so that no
+/// socket or pipe of ours is ever created on them.
+pub fn ensure_stdio() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD on any int is harmless; it only reports EBADF.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            if let Ok(f) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                let raw = f.as_raw_fd();
+                if raw != fd {
+                    // SAFETY: dup2 onto a closed low fd; `f` is closed on drop.
+                    unsafe { libc::dup2(raw, fd) };
+                } else {
+                    std::mem::forget(f);
+                }
+            }
+        }
+    }
+}
+
+/// Wraps a raw fd the caller owns.
+///
+/// # Safety
+/// `fd` must be open and owned by nobody else.
+pub unsafe fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_through_path() {
+        let p = resolve_program("sh", Some(OsStr::new("/nonexistent:/bin"))).unwrap();
+        assert_eq!(p, PathBuf::from("/bin/sh"));
+        assert!(resolve_program("no-such-program-here", Some(OsStr::new("/bin"))).is_err());
+        assert_eq!(resolve_program("./x", None).unwrap(), PathBuf::from("./x"));
+    }
+
+    #[test]
+    fn child_sees_listen_vars_and_only_its_fds() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (out_r, out_w) = output_pipe().unwrap();
+        let (_err_r, err_w) = output_pipe().unwrap();
+        let argv = vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            "echo $LISTEN_FDS $LISTEN_FDNAMES $LISTEN_PID $$; ls /proc/self/fd | sort -n | tr '\\n' ' '".to_string(),
+        ];
+        let program = PathBuf::from("/bin/sh");
+        let cmd = Command {
+            program: &program,
+            argv: &argv,
+            env: vec![("PATH".into(), "/bin:/usr/bin".into())],
+            fds: vec![(std::os::fd::AsFd::as_fd(&listener), "web")],
+            stdout: std::os::fd::AsFd::as_fd(&out_w),
+            stderr: std::os::fd::AsFd::as_fd(&err_w),
+            credentials: None,
+            working_directory: None,
+        };
+        let pid = spawn(&cmd).unwrap();
+        drop(out_w);
+        nix::sys::wait::waitpid(pid, None).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match nix::unistd::read(out_r.as_raw_fd(), &mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let out = String::from_utf8(out).unwrap();
+        let mut lines = out.lines();
+        let first: Vec<&str> = lines.next().unwrap().split(' ').collect();
+        assert_eq!(first[0], "1");
+        assert_eq!(first[1], "web");
+        assert_eq!(first[2], first[3], "LISTEN_PID is the child's pid");
+        assert_eq!(first[2], pid.to_string());
+        // 0-2, the socket on 3, and the fd `ls` itself opens on /proc/self/fd.
+        assert_eq!(lines.next().unwrap().trim(), "0 1 2 3 4");
+    }
+
+    #[test]
+    fn exec_failure_is_reported() {
+        let (_r, w) = output_pipe().unwrap();
+        let program = PathBuf::from("/nonexistent/program");
+        let argv = vec!["x".to_string()];
+        let cmd = Command {
+            program: &program,
+            argv: &argv,
+            env: vec![],
+            fds: vec![],
+            stdout: std::os::fd::AsFd::as_fd(&w),
+            stderr: std::os::fd::AsFd::as_fd(&w),
+            credentials: None,
+            working_directory: None,
+        };
+        match spawn(&cmd) {
+            Err(SpawnError::Child { stage, source }) => {
+                assert_eq!(stage, "execve");
+                assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
+            }
+            other => panic!("expected an execve failure, got {other:?}"),
+        }
+    }
+}
