@@ -262,6 +262,7 @@ mod tests {
             start_limit_interval: 10_000 * MS,
             watchdog: None,
             fd_store_max: 0,
+            single_instance: false,
             environment: Default::default(),
             working_directory: None,
             user: None,

@@ -43,6 +43,8 @@ pub struct ServiceConfig {
     pub watchdog: Option<Duration>,
     /// Upper bound on fds kept for the service through FDSTORE=1 (0: off).
     pub fd_store_max: u32,
+    /// The service cannot run twice at once: overlap restarts are refused.
+    pub single_instance: bool,
     pub environment: BTreeMap<String, String>,
     pub working_directory: Option<PathBuf>,
     pub user: Option<String>,

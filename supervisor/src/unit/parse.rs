@@ -38,6 +38,7 @@ const SERVICE_KEYS: &[&str] = &[
     "start-limit-interval",
     "watchdog",
     "fd-store-max",
+    "single-instance",
     "environment",
     "working-directory",
     "user",
@@ -530,6 +531,7 @@ impl<'a> Cx<'a> {
             start_limit_interval: DEFAULT_START_LIMIT_INTERVAL,
             watchdog: None,
             fd_store_max: 0,
+            single_instance: false,
             environment: BTreeMap::new(),
             working_directory: None,
             user: None,
@@ -604,6 +606,17 @@ impl<'a> Cx<'a> {
         }
         if let Some(f) = take("fd-store-max") {
             svc.fd_store_max = self.u32(&f, 0, 65536, 16).unwrap_or(0);
+        }
+        if let Some(f) = take("single-instance") {
+            svc.single_instance = self.bool(&f).unwrap_or(false);
+            if svc.single_instance && svc.restart_mode == RestartMode::Overlap {
+                self.err(
+                    f.pos,
+                    f.path,
+                    "a single-instance service cannot have restart-mode = \"overlap\": two instances would run at once".to_string(),
+                    "write restart-mode = \"stop-start\", or drop single-instance".to_string(),
+                );
+            }
         }
         if let Some(f) = take("environment") {
             svc.environment = self.environment(&f);

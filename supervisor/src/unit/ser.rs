@@ -44,6 +44,7 @@ pub fn to_toml(unit: &Unit) -> String {
         svc["watchdog"] = duration(w);
     }
     svc["fd-store-max"] = value(i64::from(s.fd_store_max));
+    svc["single-instance"] = value(s.single_instance);
     if let Some(d) = &s.working_directory {
         svc["working-directory"] = value(d.to_string_lossy().into_owned());
     }

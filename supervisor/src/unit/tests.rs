@@ -361,6 +361,7 @@ fn defaults(exec: &[&str]) -> ServiceConfig {
         start_limit_interval: Duration::from_secs(10),
         watchdog: None,
         fd_store_max: 0,
+        single_instance: false,
         environment: BTreeMap::new(),
         working_directory: None,
         user: None,
