@@ -1,0 +1,215 @@
+//! The programs and their maps. See `holdfast-common` for the map layout.
+
+use core::{
+    cell::UnsafeCell,
+    ffi::c_void,
+    ptr::{addr_of, read_volatile},
+};
+
+use aya_ebpf::{
+    bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action},
+    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
+    macros::{map, sk_lookup},
+    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
+    programs::SkLookupContext,
+};
+use holdfast_common::{
+    port_class_index, Counters, TrieKey, DEFAULT_TRIE_ENTRIES, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_DESTINATIONS, NO_DESTINATION, PORT_CLASS_ENTRIES, PROTO_TCP, PROTO_UDP, TRIE_FIXED_BITS,
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+#[map(name = "HF_GENERATION")]
+static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "HF_PORT_CLASS")]
+static PORT_CLASS: Array<u32> = Array::with_max_entries(PORT_CLASS_ENTRIES, 0);
+
+#[map(name = "HF_BINDINGS")]
+static BINDINGS: LpmTrie<TrieKey, u32> = LpmTrie::with_max_entries(DEFAULT_TRIE_ENTRIES, 0);
+
+/// A legacy map definition for the sockmap, written out because aya-ebpf's
+/// `SockMap` declares a 4-byte value: with an 8-byte value, a userspace lookup
+/// returns the socket's cookie, which is how `dispatch` asks the kernel whether a
+/// destination's socket is still there (a socket whose last fd closed leaves).
+#[repr(transparent)]
+struct RawMapDef(UnsafeCell<bpf_map_def>);
+
+// SAFETY: the loader rewrites the definition before the program runs; the
+// program only takes its address.
+unsafe impl Sync for RawMapDef {}
+
+impl RawMapDef {
+    const fn as_ptr(&self) -> *mut c_void {
+        self.0.get().cast()
+    }
+}
+
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = "HF_SOCKETS")]
+static SOCKETS: RawMapDef = RawMapDef(UnsafeCell::new(bpf_map_def {
+    type_: BPF_MAP_TYPE_SOCKMAP,
+    key_size: 4,
+    value_size: 8,
+    max_entries: MAX_DESTINATIONS,
+    map_flags: 0,
+    id: 0,
+    pinning: 0,
+}));
+
+enum Assign {
+    Done,
+    Missing,
+    Failed,
+}
+
+/// Looks `dest` up in the sockmap and selects its socket.
+#[inline(always)]
+fn assign(ctx: &SkLookupContext, dest: u32) -> Assign {
+    let key = dest;
+    // SAFETY: a map pointer and a pointer to a stack key of the map's key size.
+    let sk = unsafe { bpf_map_lookup_elem(SOCKETS.as_ptr(), addr_of!(key).cast()) };
+    if sk.is_null() {
+        return Assign::Missing;
+    }
+    // SAFETY: `sk` is a referenced socket from the sockmap lookup, released
+    // right after, on every path.
+    let ret = unsafe { bpf_sk_assign(ctx.lookup.cast(), sk, 0) };
+    // SAFETY: as above; releases the reference the lookup took.
+    unsafe { bpf_sk_release(sk) };
+    if ret == 0 {
+        Assign::Done
+    } else {
+        Assign::Failed
+    }
+}
+
+#[map(name = "HF_COUNTERS")]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_DESTINATIONS, 0);
+
+/// The fields of the context this program reads, each loaded at its fixed offset.
+struct Lookup {
+    family: u32,
+    protocol: u32,
+    local_ip4: u32,
+    local_ip6: [u32; 4],
+    local_port: u32,
+}
+
+/// Reads every field unconditionally, one volatile load per field at a constant
+/// offset from the context pointer: the verifier rejects a context load whose
+/// address was computed ("dereference of modified ctx ptr"), which is what the
+/// compiler produces if it may merge the IPv4 and IPv6 loads behind a branch.
+#[inline(always)]
+fn read_context(ctx: &SkLookupContext) -> Lookup {
+    let c: *const bpf_sk_lookup = ctx.lookup;
+    // SAFETY: the kernel passes a valid `struct bpf_sk_lookup`; every field read
+    // here is readable in sk_lookup programs (local_ip6 reads as zero for IPv4).
+    unsafe {
+        Lookup {
+            family: read_volatile(addr_of!((*c).family)),
+            protocol: read_volatile(addr_of!((*c).protocol)),
+            local_ip4: read_volatile(addr_of!((*c).local_ip4)),
+            local_ip6: [
+                read_volatile(addr_of!((*c).local_ip6[0])),
+                read_volatile(addr_of!((*c).local_ip6[1])),
+                read_volatile(addr_of!((*c).local_ip6[2])),
+                read_volatile(addr_of!((*c).local_ip6[3])),
+            ],
+            local_port: read_volatile(addr_of!((*c).local_port)),
+        }
+    }
+}
+
+#[sk_lookup]
+pub fn holdfast_lookup(ctx: SkLookupContext) -> u32 {
+    dispatch(&ctx)
+}
+
+/// The benchmark's baseline: the cost of running any sk_lookup program.
+#[sk_lookup]
+pub fn holdfast_empty(_ctx: SkLookupContext) -> u32 {
+    sk_action::SK_PASS
+}
+
+#[inline(always)]
+fn dispatch(ctx: &SkLookupContext) -> u32 {
+    let l = read_context(ctx);
+    let (proto_slot, ipproto) = match l.protocol {
+        p if p == u32::from(IPPROTO_TCP) => (PROTO_TCP, IPPROTO_TCP),
+        p if p == u32::from(IPPROTO_UDP) => (PROTO_UDP, IPPROTO_UDP),
+        _ => return sk_action::SK_PASS,
+    };
+    // The generation is read once; everything after uses this value.
+    let generation = match GENERATION.get(0) {
+        Some(g) => *g & 1,
+        None => return sk_action::SK_PASS,
+    };
+    let class = match PORT_CLASS.get(port_class_index(generation, proto_slot, l.local_port)) {
+        Some(c) if *c != 0 => *c,
+        _ => return sk_action::SK_PASS,
+    };
+    let mut addr = [0u8; 16];
+    if l.family == AF_INET {
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..16].copy_from_slice(&l.local_ip4.to_ne_bytes());
+    } else if l.family == AF_INET6 {
+        addr[0..4].copy_from_slice(&l.local_ip6[0].to_ne_bytes());
+        addr[4..8].copy_from_slice(&l.local_ip6[1].to_ne_bytes());
+        addr[8..12].copy_from_slice(&l.local_ip6[2].to_ne_bytes());
+        addr[12..16].copy_from_slice(&l.local_ip6[3].to_ne_bytes());
+    } else {
+        return sk_action::SK_PASS;
+    }
+    let key = Key::new(
+        TRIE_FIXED_BITS + 128,
+        TrieKey {
+            protocol: ipproto,
+            generation: generation as u8,
+            class: (class as u16).to_be_bytes(),
+            addr,
+        },
+    );
+    let dest = match BINDINGS.get(&key) {
+        Some(d) => *d,
+        None => return sk_action::SK_PASS,
+    };
+    if dest == NO_DESTINATION {
+        return sk_action::SK_PASS;
+    }
+    let counters = COUNTERS.get_ptr_mut(dest);
+    if let Some(c) = counters {
+        // SAFETY: a per-CPU array slot of this CPU; sk_lookup runs with
+        // migration disabled, so no other writer touches it concurrently.
+        unsafe { (*c).lookups += 1 };
+    }
+    match assign(ctx, dest) {
+        Assign::Done => sk_action::SK_PASS,
+        Assign::Missing => {
+            if let Some(c) = counters {
+                // SAFETY: as above.
+                unsafe { (*c).misses += 1 };
+            }
+            sk_action::SK_DROP
+        }
+        Assign::Failed => {
+            if let Some(c) = counters {
+                // SAFETY: as above.
+                unsafe { (*c).errors += 1 };
+            }
+            sk_action::SK_DROP
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,656 @@
+//! `dispatch` owns the BPF side of holdfast: it loads the sk_lookup program
+//! (`ebpf/holdfast-ebpf`, embedded at build time), creates and pins its maps,
+//! attaches it to a network namespace, compiles bindings into the lookup maps,
+//! puts sockets in the sockmap and reads the per-destination counters.
+//! It knows nothing of services or processes: the supervisor hands it
+//! [`Binding`]s and socket fds. It never closes or creates a service's socket.
+//!
+//! # Lookup
+//!
+//! For a packet (protocol, local address, local port) the program reads the live
+//! generation `g` (one-entry ARRAY), then the port class of the port in `g`
+//! (ARRAY of 2 generations × 2 protocols × 65536 ports; class 0: no binding,
+//! SK_PASS), then looks up {protocol, g, class, address} in an LPM trie (IPv4 as
+//! `::ffff:a.b.c.d`), giving a destination id, then the sockmap slot of that id:
+//! missing socket → SK_DROP and a miss; `bpf_sk_assign` failing → SK_DROP and an
+//! error; otherwise SK_PASS with the socket selected. The cost is a fixed number
+//! of map lookups whatever the number of bindings; memory grows with bindings
+//! times the port classes each spans, never with ports (see [`compile`]).
+//!
+//! # Atomicity of a change of bindings
+//!
+//! Every lookup sees the old set or the new set, never a mix:
+//! 1. The two generations live side by side in the same maps: the port class
+//!    array has a half per generation, and every trie key carries its generation.
+//!    [`Dispatcher::apply`] writes the whole new set into the *idle* generation,
+//!    which no lookup reads.
+//! 2. It then flips the live generation with one update of the one-entry ARRAY,
+//!    a single aligned 4-byte store: a lookup reads either the old or the new value.
+//! 3. The program reads the generation once, at its start, and uses that value
+//!    for both the port class and the trie key, so a lookup running across the
+//!    flip finishes entirely in the generation it started in.
+//! 4. Before deleting the old generation's entries, `apply` waits for every
+//!    program run that might still be using them to end: sk_lookup runs inside an
+//!    RCU read-side section, and `membarrier(MEMBARRIER_CMD_GLOBAL)` is
+//!    `synchronize_rcu()` (the kernel waits the same way after updating a
+//!    map-in-map). Only then is the old generation emptied, ready for the next change.
+//!
+//! If anything fails before the flip, the idle entries written so far are removed
+//! and the live set is untouched. Sockets are not generational: a destination id
+//! keeps its sockmap slot across changes.
+//!
+//! # Pins
+//!
+//! Program, link and maps are pinned under `/sys/fs/bpf/holdfast/<instance>`
+//! (bpffs is mounted if missing): staged in a temporary directory, then renamed
+//! into place under an `flock` on `/sys/fs/bpf/holdfast`. A stale directory left
+//! by a holdfast that died is replaced (unpinning its link detaches its program);
+//! [`Dispatcher::detach`] removes everything.
+
+mod bench;
+pub mod compile;
+mod pins;
+mod sys;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray};
+use aya::programs::{links::FdLink, SkLookup};
+use aya::{Ebpf, EbpfLoader};
+use holdfast_common::{
+    port_class_index, TrieKey, BINDINGS_MAP, COUNTERS_MAP, DEFAULT_TRIE_ENTRIES, EMPTY_PROGRAM,
+    GENERATION_MAP, LOOKUP_PROGRAM, MAX_DESTINATIONS, PORT_CLASS_MAP, SOCKETS_MAP, TRIE_FIXED_BITS,
+};
+
+pub use bench::{bench_lookup, BenchFigure, BenchReport};
+pub use compile::{compile, Compiled, TrieEntry};
+
+use crate::unit::{IpPrefix, PortRange, Protocol};
+
+/// The sockmap slot and counter index of one socket.
+pub type DestinationId = u32;
+
+/// One (protocol, prefix, port range) that steers traffic to a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub service: String,
+    pub socket: String,
+    /// Tcp or Udp.
+    pub protocol: Protocol,
+    pub prefix: IpPrefix,
+    pub ports: PortRange,
+    pub destination: DestinationId,
+}
+
+/// A destination's counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Lookups that matched one of its bindings.
+    pub lookups: u64,
+    /// ... whose socket was not in the sockmap (dropped).
+    pub misses: u64,
+    /// ... for which bpf_sk_assign failed (dropped).
+    pub errors: u64,
+}
+
+/// Errors of the dispatcher; each names the operation and the object.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("bpffs is not mounted at {path} and cannot be mounted: {source}")]
+    Bpffs { path: PathBuf, source: nix::Error },
+    #[error("the sk_lookup BPF object is empty: holdfast was built with AYA_BUILD_SKIP set")]
+    NotBuilt,
+    #[error("cannot load the BPF object (needs CAP_BPF, or root): {source}")]
+    LoadObject { source: aya::EbpfError },
+    #[error("cannot load BPF program {name} (needs CAP_BPF and CAP_NET_ADMIN): {source}")]
+    LoadProgram {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("the BPF object has no {kind} named {name}")]
+    MissingObject {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("cannot {op} BPF map {map}: {source}")]
+    Map {
+        op: &'static str,
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot {op} BPF map {map}: {source}")]
+    MapSyscall {
+        op: &'static str,
+        map: &'static str,
+        source: io::Error,
+    },
+    #[error("cannot open network namespace {path}: {source}")]
+    OpenNetns { path: PathBuf, source: io::Error },
+    #[error("cannot attach the sk_lookup program to network namespace {netns}: {source}")]
+    Attach {
+        netns: PathBuf,
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot pin {what} at {path}: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("cannot {op} BPF pin path {path}: {source}")]
+    Pins {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("invalid dispatcher instance name {instance:?}: one path component, without '.', not starting with '__'")]
+    InstanceName { instance: String },
+    #[error("bindings are equally specific and overlap: {first} and {second}")]
+    Ambiguous { first: String, second: String },
+    #[error("only tcp and udp can be steered: {binding}")]
+    UnsupportedProtocol { binding: String },
+    #[error("destination id out of range (max {max}): {binding}")]
+    DestinationOutOfRange { binding: String, max: u32 },
+    #[error("invalid port range: {binding}")]
+    InvalidPortRange { binding: String },
+    #[error("destination {destination} is out of range (max {max})")]
+    Destination {
+        destination: DestinationId,
+        max: u32,
+    },
+    #[error("cannot put the socket of destination {destination} in the sockmap: {source}")]
+    InsertSocket {
+        destination: DestinationId,
+        source: io::Error,
+    },
+    #[error("cannot remove the socket of destination {destination} from the sockmap: {source}")]
+    RemoveSocket {
+        destination: DestinationId,
+        source: io::Error,
+    },
+    #[error("cannot test-run BPF program {name}: {source}")]
+    TestRun {
+        name: &'static str,
+        source: io::Error,
+    },
+    #[error("cannot create the benchmark's {what}: {source}")]
+    BenchSetup {
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+/// The BPF object, built by build.rs through aya-build.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/holdfast-ebpf"));
+
+/// Can BPF be used here? Mounts bpffs if it is missing, then loads the program
+/// (without attaching it). The error says plainly what is missing.
+pub fn probe() -> Result<(), DispatchError> {
+    pins::ensure_bpffs()?;
+    Loaded::load(DEFAULT_TRIE_ENTRIES, None).map(drop)
+}
+
+/// The shadow of the port class array: `[generation][protocol slot * 65536 + port]`.
+type ClassShadow = [Vec<u16>; 2];
+
+/// The loaded object and the state of its maps; not attached, not pinned.
+struct Loaded {
+    ebpf: Ebpf,
+    generation: Array<MapData, u32>,
+    port_class: Array<MapData, u32>,
+    trie: LpmTrie<MapData, TrieKey, u32>,
+    sockets: MapData,
+    counters: PerCpuArray<MapData, holdfast_common::Counters>,
+    /// The live generation, 0 or 1.
+    live: u32,
+    /// Trie entries of the live generation.
+    live_entries: Vec<(TrieEntry, DestinationId)>,
+    /// Entries of the idle generation that could not be deleted yet.
+    idle_leftovers: Vec<TrieEntry>,
+    /// What the port class array holds, per generation (`u16::MAX`: unknown).
+    classes: ClassShadow,
+    bindings: Vec<Binding>,
+    sockets_inserted: BTreeSet<DestinationId>,
+}
+
+fn map_err(
+    op: &'static str,
+    map: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> DispatchError {
+    move |source| DispatchError::Map { op, map, source }
+}
+
+fn trie_key(e: &TrieEntry, generation: u32) -> Key<TrieKey> {
+    Key::new(
+        TRIE_FIXED_BITS + u32::from(e.prefix_len),
+        TrieKey {
+            protocol: e.protocol,
+            generation: generation as u8,
+            class: e.class.to_be_bytes(),
+            addr: e.addr,
+        },
+    )
+}
+
+impl Loaded {
+    /// Loads the object with a trie of `trie_capacity` entries (both generations
+    /// together), pinning the maps into `pin_dir` if given.
+    fn load(trie_capacity: u32, pin_dir: Option<&Path>) -> Result<Loaded, DispatchError> {
+        if OBJECT.is_empty() {
+            return Err(DispatchError::NotBuilt);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(BINDINGS_MAP, trie_capacity)
+            .load(OBJECT)
+            .map_err(|source| DispatchError::LoadObject { source })?;
+        for name in [LOOKUP_PROGRAM, EMPTY_PROGRAM] {
+            sk_lookup_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DispatchError::LoadProgram { name, source })?;
+        }
+        if let Some(dir) = pin_dir {
+            for name in [
+                GENERATION_MAP,
+                PORT_CLASS_MAP,
+                BINDINGS_MAP,
+                SOCKETS_MAP,
+                COUNTERS_MAP,
+            ] {
+                let path = dir.join(name);
+                take_ref(&ebpf, name)?
+                    .pin(&path)
+                    .map_err(|source| DispatchError::Pin {
+                        what: "map",
+                        path: path.clone(),
+                        source,
+                    })?;
+                pins::set_mode(&path, 0o640)?;
+            }
+        }
+        let generation = Array::try_from(take(&mut ebpf, GENERATION_MAP)?)
+            .map_err(map_err("open", GENERATION_MAP))?;
+        let port_class = Array::try_from(take(&mut ebpf, PORT_CLASS_MAP)?)
+            .map_err(map_err("open", PORT_CLASS_MAP))?;
+        let trie = LpmTrie::try_from(take(&mut ebpf, BINDINGS_MAP)?)
+            .map_err(map_err("open", BINDINGS_MAP))?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)
+            .map_err(map_err("open", COUNTERS_MAP))?;
+        let sockets = match take(&mut ebpf, SOCKETS_MAP)? {
+            Map::SockMap(data) => data,
+            _ => {
+                return Err(DispatchError::MissingObject {
+                    kind: "sockmap",
+                    name: SOCKETS_MAP,
+                })
+            }
+        };
+        Ok(Loaded {
+            ebpf,
+            generation,
+            port_class,
+            trie,
+            sockets,
+            counters,
+            live: 0,
+            live_entries: Vec::new(),
+            idle_leftovers: Vec::new(),
+            classes: [vec![0; 2 << 16], vec![0; 2 << 16]],
+            bindings: Vec::new(),
+            sockets_inserted: BTreeSet::new(),
+        })
+    }
+
+    /// A CLOEXEC duplicate of a loaded program's fd, for BPF_PROG_TEST_RUN.
+    fn program_fd(&mut self, name: &'static str) -> Result<OwnedFd, DispatchError> {
+        let fd = sk_lookup_program(&mut self.ebpf, name)?
+            .fd()
+            .map_err(|source| DispatchError::LoadProgram { name, source })?;
+        fd.as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DispatchError::TestRun { name, source })
+    }
+
+    fn apply(&mut self, bindings: &[Binding]) -> Result<(), DispatchError> {
+        let compiled = compile(bindings, MAX_DESTINATIONS)?;
+        let idle = self.live ^ 1;
+
+        // Empty the idle generation of anything an earlier change left behind.
+        while let Some(e) = self.idle_leftovers.last() {
+            match self.trie.remove(&trie_key(e, idle)) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_err("delete from", BINDINGS_MAP)(source)),
+            }
+            self.idle_leftovers.pop();
+        }
+
+        // 1. Port classes of the idle generation: write what differs.
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let shadow = &mut self.classes[idle as usize];
+        for (slot, classes) in compiled.classes.iter().enumerate() {
+            for (port, class) in classes.iter().enumerate() {
+                let i = (slot << 16) | port;
+                if shadow[i] != *class {
+                    keys.push(port_class_index(idle, slot as u32, port as u32));
+                    values.push(u32::from(*class));
+                }
+            }
+        }
+        if let Err(source) = sys::array_update_batch(self.port_class.inner_fd(), &keys, &values) {
+            shadow.fill(u16::MAX);
+            return Err(DispatchError::MapSyscall {
+                op: "batch-update",
+                map: PORT_CLASS_MAP,
+                source,
+            });
+        }
+        for (slot, classes) in compiled.classes.iter().enumerate() {
+            shadow[slot << 16..(slot + 1) << 16].copy_from_slice(classes);
+        }
+
+        // 2. Trie entries of the idle generation.
+        for (n, (entry, dest)) in compiled.entries.iter().enumerate() {
+            if let Err(source) = self.trie.insert(&trie_key(entry, idle), dest, 0) {
+                self.idle_leftovers
+                    .extend(compiled.entries[..n].iter().map(|(e, _)| *e));
+                return Err(map_err("insert into", BINDINGS_MAP)(source));
+            }
+        }
+
+        // 3. The flip: one 4-byte store.
+        if let Err(source) = self.generation.set(0, idle, 0) {
+            self.idle_leftovers
+                .extend(compiled.entries.iter().map(|(e, _)| *e));
+            return Err(map_err("update", GENERATION_MAP)(source));
+        }
+        let old = self.live;
+        self.live = idle;
+        let old_entries = std::mem::replace(&mut self.live_entries, compiled.entries);
+        self.bindings = bindings.to_vec();
+
+        // 4. Wait for lookups that read the old generation, then empty it.
+        if let Err(e) = sys::wait_for_running_programs() {
+            tracing::warn!(error = %e, "membarrier failed; waiting 50ms for running BPF programs instead");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.idle_leftovers
+            .extend(old_entries.iter().map(|(e, _)| *e));
+        while let Some(e) = self.idle_leftovers.last() {
+            match self.trie.remove(&trie_key(e, old)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                    self.idle_leftovers.pop();
+                }
+                Err(source) => {
+                    // The new set is live; the next apply retries the deletion.
+                    tracing::warn!(error = %source, "cannot delete an old BPF binding entry yet");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_destination(dest: DestinationId) -> Result<(), DispatchError> {
+        if dest < MAX_DESTINATIONS {
+            Ok(())
+        } else {
+            Err(DispatchError::Destination {
+                destination: dest,
+                max: MAX_DESTINATIONS,
+            })
+        }
+    }
+
+    fn insert_socket(
+        &mut self,
+        dest: DestinationId,
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), DispatchError> {
+        Self::check_destination(dest)?;
+        sys::sockmap_insert(self.sockets.fd().as_fd(), dest, fd).map_err(|source| {
+            DispatchError::InsertSocket {
+                destination: dest,
+                source,
+            }
+        })?;
+        self.sockets_inserted.insert(dest);
+        Ok(())
+    }
+
+    fn remove_socket(&mut self, dest: DestinationId) -> Result<(), DispatchError> {
+        Self::check_destination(dest)?;
+        sys::sockmap_remove(self.sockets.fd().as_fd(), dest).map_err(|source| {
+            DispatchError::RemoveSocket {
+                destination: dest,
+                source,
+            }
+        })?;
+        self.sockets_inserted.remove(&dest);
+        Ok(())
+    }
+
+    fn socket_present(&self, dest: DestinationId) -> bool {
+        dest < MAX_DESTINATIONS
+            && matches!(
+                sys::sockmap_cookie(self.sockets.fd().as_fd(), dest),
+                Ok(Some(_))
+            )
+    }
+
+    fn counters(&self) -> Result<BTreeMap<DestinationId, Counters>, DispatchError> {
+        let dests: BTreeSet<DestinationId> = self
+            .bindings
+            .iter()
+            .map(|b| b.destination)
+            .chain(self.sockets_inserted.iter().copied())
+            .collect();
+        let mut out = BTreeMap::new();
+        for dest in dests {
+            let per_cpu = self
+                .counters
+                .get(&dest, 0)
+                .map_err(map_err("read", COUNTERS_MAP))?;
+            let sum = per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+                lookups: a.lookups + c.lookups,
+                misses: a.misses + c.misses,
+                errors: a.errors + c.errors,
+            });
+            out.insert(dest, sum);
+        }
+        Ok(out)
+    }
+
+    fn trie_entries(&self) -> Result<usize, DispatchError> {
+        let mut n = 0;
+        for key in self.trie.keys() {
+            key.map_err(map_err("iterate", BINDINGS_MAP))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+fn sk_lookup_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SkLookup, DispatchError> {
+    ebpf.program_mut(name)
+        .ok_or(DispatchError::MissingObject {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| DispatchError::LoadProgram { name, source })
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DispatchError> {
+    ebpf.take_map(name)
+        .ok_or(DispatchError::MissingObject { kind: "map", name })
+}
+
+fn take_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Map, DispatchError> {
+    ebpf.map(name)
+        .ok_or(DispatchError::MissingObject { kind: "map", name })
+}
+
+/// The fd of a typed map, for the raw syscalls in [`sys`].
+trait InnerFd {
+    fn inner_fd(&self) -> BorrowedFd<'_>;
+}
+
+impl InnerFd for Array<MapData, u32> {
+    fn inner_fd(&self) -> BorrowedFd<'_> {
+        // aya 0.14's typed maps expose their MapData only through IterableMap.
+        use aya::maps::IterableMap;
+        self.map().fd().as_fd()
+    }
+}
+
+/// The sk_lookup program attached to one network namespace, with its pins.
+pub struct Dispatcher {
+    loaded: Loaded,
+    instance: String,
+    dir: PathBuf,
+    /// The attached link; also pinned, so it outlives this process unless detached.
+    link: Option<FdLink>,
+}
+
+impl Dispatcher {
+    /// Loads the program, creates and pins its maps, attaches it to the network
+    /// namespace at `netns` (e.g. `/proc/self/ns/net`) and pins the link, under
+    /// `/sys/fs/bpf/holdfast/<instance>`, replacing a stale instance.
+    pub fn attach(instance: &str, netns: &Path) -> Result<Dispatcher, DispatchError> {
+        pins::check_instance(instance)?;
+        pins::ensure_bpffs()?;
+        let netns_file = File::open(netns).map_err(|source| DispatchError::OpenNetns {
+            path: netns.to_path_buf(),
+            source,
+        })?;
+        let lock = pins::lock_root()?;
+        let staging = pins::create_staging(&lock, instance)?;
+        let result = Self::attach_into(&staging, &netns_file, netns);
+        let (loaded, link) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                let _ = pins::remove_tree(&staging);
+                return Err(e);
+            }
+        };
+        let dir = match pins::commit(&lock, &staging, instance) {
+            Ok(dir) => dir,
+            Err(e) => {
+                let _ = pins::remove_tree(&staging);
+                return Err(e);
+            }
+        };
+        drop(lock);
+        tracing::info!(instance, netns = %netns.display(), pins = %dir.display(), "sk_lookup dispatcher attached");
+        Ok(Dispatcher {
+            loaded,
+            instance: instance.to_string(),
+            dir,
+            link: Some(link),
+        })
+    }
+
+    fn attach_into(
+        staging: &Path,
+        netns_file: &File,
+        netns: &Path,
+    ) -> Result<(Loaded, FdLink), DispatchError> {
+        let mut loaded = Loaded::load(DEFAULT_TRIE_ENTRIES, Some(staging))?;
+        let prog = sk_lookup_program(&mut loaded.ebpf, LOOKUP_PROGRAM)?;
+        let prog_path = staging.join(LOOKUP_PROGRAM);
+        prog.pin(&prog_path).map_err(|source| DispatchError::Pin {
+            what: "program",
+            path: prog_path.clone(),
+            source,
+        })?;
+        pins::set_mode(&prog_path, 0o640)?;
+        let attach = |source| DispatchError::Attach {
+            netns: netns.to_path_buf(),
+            source,
+        };
+        let link_id = prog.attach(netns_file).map_err(attach)?;
+        let link: FdLink = prog.take_link(link_id).map_err(attach)?.into();
+        let link_path = staging.join(pins::LINK);
+        let pinned = link.pin(&link_path).map_err(|source| DispatchError::Pin {
+            what: "link",
+            path: link_path.clone(),
+            source,
+        })?;
+        pins::set_mode(&link_path, 0o640)?;
+        Ok((loaded, pinned.into()))
+    }
+
+    /// The instance name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// `/sys/fs/bpf/holdfast/<instance>`.
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Replaces the whole binding set; every lookup sees the old or the new set
+    /// (see the module docs). Rejects ambiguous or invalid sets, changing nothing.
+    pub fn apply(&mut self, bindings: &[Binding]) -> Result<(), DispatchError> {
+        self.loaded.apply(bindings)
+    }
+
+    /// The binding set last applied.
+    pub fn bindings(&self) -> &[Binding] {
+        &self.loaded.bindings
+    }
+
+    /// Puts a socket (a TCP listener or an unconnected UDP socket) in the
+    /// sockmap at `dest`, replacing any socket there. The kernel keeps its own
+    /// reference, but drops the socket from the map when its last fd closes:
+    /// the caller must keep `fd` open.
+    pub fn insert_socket(
+        &mut self,
+        dest: DestinationId,
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), DispatchError> {
+        self.loaded.insert_socket(dest, fd)
+    }
+
+    /// Empties the sockmap slot `dest`; traffic for its bindings is then dropped
+    /// and counted as misses.
+    pub fn remove_socket(&mut self, dest: DestinationId) -> Result<(), DispatchError> {
+        self.loaded.remove_socket(dest)
+    }
+
+    /// Per destination (of the bindings and the inserted sockets), summed over CPUs.
+    pub fn counters(&self) -> Result<BTreeMap<DestinationId, Counters>, DispatchError> {
+        self.loaded.counters()
+    }
+
+    /// Whether the kernel's sockmap holds a socket at `dest` now.
+    pub fn socket_present(&self, dest: DestinationId) -> bool {
+        self.loaded.socket_present(dest)
+    }
+
+    /// Entries in the LPM trie (the live generation once `apply` has returned).
+    pub fn trie_entries(&self) -> Result<usize, DispatchError> {
+        self.loaded.trie_entries()
+    }
+
+    /// Detaches the program, unpins everything and removes the instance directory.
+    pub fn detach(mut self) -> Result<(), DispatchError> {
+        let lock = pins::lock_root()?;
+        pins::remove_tree(&self.dir)?;
+        // The last reference to the link: the program leaves the namespace.
+        drop(self.link.take());
+        pins::remove_root_if_empty(&lock);
+        tracing::info!(instance = %self.instance, "sk_lookup dispatcher detached");
+        Ok(())
+    }
+}

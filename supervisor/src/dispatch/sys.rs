@@ -1,0 +1,289 @@
+//! The raw syscalls of `dispatch` that aya 0.14 does not offer: the sockmap with
+//! an 8-byte value (insert by fd, delete, lookup → socket cookie), batched array
+//! updates, BPF_PROG_TEST_RUN for sk_lookup, and membarrier to wait out an RCU
+//! grace period. Nothing else in `dispatch` calls `libc::syscall`.
+
+use std::ffi::CString;
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// `BPF_ANY`: create or replace.
+const BPF_ANY: u64 = 0;
+
+/// `union bpf_attr` for BPF_MAP_*_ELEM.
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` for BPF_OBJ_GET.
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `union bpf_attr` for BPF_LINK_DETACH.
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// `union bpf_attr` for BPF_MAP_*_BATCH.
+#[repr(C)]
+#[derive(Default)]
+struct MapBatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` for BPF_PROG_TEST_RUN.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// `struct bpf_sk_lookup` as BPF_PROG_TEST_RUN takes it. Every byte, padding
+/// included, is a named field so that `Default` zeroes all of it: the kernel
+/// rejects a context whose bytes after `local_port` are not zero.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+pub struct SkLookupCtx {
+    pub cookie: u64,
+    pub family: u32,
+    pub protocol: u32,
+    pub remote_ip4: u32,
+    pub remote_ip6: [u32; 4],
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_ip4: u32,
+    pub local_ip6: [u32; 4],
+    pub local_port: u32,
+    pub ingress_ifindex: u32,
+    pub _tail: u32,
+}
+
+const _: () = assert!(size_of::<SkLookupCtx>() == 72);
+const _: () = assert!(size_of::<TestRunAttr>() == 80);
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, fully initialised `union bpf_attr` prefix of
+    // `size_of::<T>()` bytes for `cmd`; the pointers inside it were set by the
+    // callers to buffers that outlive this call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Opens the BPF object pinned at `path` (BPF_OBJ_GET); the fd is CLOEXEC.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: BPF_OBJ_GET returned a new fd (O_CLOEXEC, as every bpf() fd) that
+    // nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches a link now (BPF_LINK_DETACH), rather than when its last reference
+/// goes, which the kernel does asynchronously.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+/// Puts the socket `sock` in the sockmap `map` at `index`.
+pub fn sockmap_insert(map: BorrowedFd<'_>, index: u32, sock: BorrowedFd<'_>) -> io::Result<()> {
+    let value =
+        u64::try_from(sock.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: &index as *const u32 as u64,
+        value: &value as *const u64 as u64,
+        flags: BPF_ANY,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+/// Removes `index` from the sockmap `map`; absent is not an error.
+pub fn sockmap_remove(map: BorrowedFd<'_>, index: u32) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: &index as *const u32 as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+/// The cookie of the socket at `index` in the sockmap `map`, `None` when empty.
+pub fn sockmap_cookie(map: BorrowedFd<'_>, index: u32) -> io::Result<Option<u64>> {
+    let mut cookie = 0u64;
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: &index as *const u32 as u64,
+        value: &mut cookie as *mut u64 as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(cookie)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `values[i]` at `keys[i]` in the `u32 → u32` array `map`, in one
+/// BPF_MAP_UPDATE_BATCH per chunk.
+pub fn array_update_batch(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len());
+    for (k, v) in keys.chunks(1 << 16).zip(values.chunks(1 << 16)) {
+        let mut attr = MapBatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        if attr.count as usize != k.len() {
+            return Err(io::Error::other(format!(
+                "batch update wrote {} of {} entries",
+                attr.count,
+                k.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Result of one BPF_PROG_TEST_RUN.
+#[derive(Debug, Clone, Copy)]
+pub struct TestRun {
+    /// The program's return value of the last run.
+    pub retval: u32,
+    /// Mean nanoseconds per run, as the kernel measured it.
+    pub ns_per_run: u32,
+    /// Cookie of the socket selected in the last run, 0 for none.
+    pub cookie: u64,
+}
+
+/// Runs the sk_lookup program `prog` `repeat` times on `ctx`.
+pub fn test_run_sk_lookup(
+    prog: BorrowedFd<'_>,
+    ctx: &SkLookupCtx,
+    repeat: u32,
+) -> io::Result<TestRun> {
+    let ctx_in = *ctx;
+    let mut ctx_out = SkLookupCtx::default();
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        repeat,
+        ctx_size_in: size_of::<SkLookupCtx>() as u32,
+        ctx_size_out: size_of::<SkLookupCtx>() as u32,
+        ctx_in: &ctx_in as *const SkLookupCtx as u64,
+        ctx_out: &mut ctx_out as *mut SkLookupCtx as u64,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(TestRun {
+        retval: attr.retval,
+        ns_per_run: attr.duration,
+        cookie: ctx_out.cookie,
+    })
+}
+
+/// Waits until every CPU has passed a quiescent state, i.e. every BPF program
+/// run that started before this call has finished (sk_lookup programs run in
+/// RCU read-side critical sections). `MEMBARRIER_CMD_GLOBAL` is
+/// `synchronize_rcu()` in the kernel.
+pub fn wait_for_running_programs() -> io::Result<()> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let ret = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The cookie of a socket (SO_COOKIE).
+pub fn socket_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(cookie)
+    }
+}

@@ -1,0 +1,683 @@
+//! Privileged tests of the dispatcher: the real program in the real kernel, in
+//! a network namespace each test makes for itself (`ip netns add`), entered by
+//! the test's own thread (network namespaces are per thread) and deleted on
+//! drop. Under CI=true a test that cannot get its namespace or load BPF fails;
+//! elsewhere it is skipped with the failed probe named.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sched::{setns, CloneFlags};
+
+use super::*;
+use crate::unit::{IpPrefix, PortRange, Protocol};
+
+/// Skips (outside CI) or fails (CI=true) naming the probe.
+fn unavailable(probe: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("privileged test cannot run under CI: {probe}");
+    }
+    eprintln!("skipping privileged test: {probe}");
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Enters the namespace at `path` on the calling thread.
+fn enter(path: &Path) {
+    let f = File::open(path).expect("open netns");
+    setns(f.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// A fresh network namespace, entered by the creating thread; left and deleted on drop.
+struct Netns {
+    name: String,
+    orig: File,
+}
+
+impl Netns {
+    fn new() -> Option<Netns> {
+        let seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!("hf-{}-{seed:08x}", std::process::id());
+        let orig = match File::open("/proc/thread-self/ns/net") {
+            Ok(f) => f,
+            Err(e) => {
+                unavailable(&format!("open /proc/thread-self/ns/net: {e}"));
+                return None;
+            }
+        };
+        if let Err(e) = ip(&["netns", "add", &name]) {
+            unavailable(&e);
+            return None;
+        }
+        let ns = Netns { name, orig };
+        let n = ns.name.as_str();
+        for args in [
+            vec!["-n", n, "link", "set", "lo", "up"],
+            vec![
+                "-n",
+                n,
+                "route",
+                "add",
+                "local",
+                "192.0.0.0/16",
+                "dev",
+                "lo",
+            ],
+            vec![
+                "-n",
+                n,
+                "route",
+                "add",
+                "local",
+                "198.51.100.0/24",
+                "dev",
+                "lo",
+            ],
+            vec![
+                "-n",
+                n,
+                "-6",
+                "route",
+                "add",
+                "local",
+                "2001:db8::/32",
+                "dev",
+                "lo",
+            ],
+        ] {
+            ip(&args).expect("configure test netns");
+        }
+        enter(&ns.path());
+        Some(ns)
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = setns(self.orig.as_fd(), CloneFlags::CLONE_NEWNET);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Detaches on drop, so a failing test leaves no pins.
+struct Attached(Option<Dispatcher>);
+
+impl Attached {
+    fn get(&mut self) -> &mut Dispatcher {
+        self.0.as_mut().unwrap()
+    }
+    fn detach(mut self) -> Result<(), DispatchError> {
+        self.0.take().unwrap().detach()
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = d.detach();
+        }
+    }
+}
+
+/// A netns and a dispatcher attached to it (dropped in that reverse order).
+fn setup() -> Option<(Attached, Netns)> {
+    let ns = Netns::new()?;
+    match Dispatcher::attach(&ns.name, &ns.path()) {
+        Ok(d) => Some((Attached(Some(d)), ns)),
+        Err(e) => {
+            unavailable(&format!("attach sk_lookup: {e}"));
+            None
+        }
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        Rng(t | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn range(&mut self, lo: u32, hi: u32) -> u32 {
+        lo + (self.next() % u64::from(hi - lo + 1)) as u32
+    }
+}
+
+fn prefix(s: &str) -> IpPrefix {
+    let (a, l) = s.split_once('/').unwrap();
+    IpPrefix {
+        addr: a.parse().unwrap(),
+        len: l.parse().unwrap(),
+    }
+}
+
+fn binding(protocol: Protocol, pfx: &str, first: u16, last: u16, dest: u32) -> Binding {
+    Binding {
+        service: format!("svc{dest}"),
+        socket: "sock".into(),
+        protocol,
+        prefix: prefix(pfx),
+        ports: PortRange { first, last },
+        destination: dest,
+    }
+}
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn v6(s: &str) -> IpAddr {
+    IpAddr::V6(s.parse::<Ipv6Addr>().unwrap())
+}
+
+/// A TCP listener; connections are checked by accepting and reading a tag.
+fn tcp_listener(addr: &str) -> TcpListener {
+    let l = TcpListener::bind(addr).unwrap();
+    l.set_nonblocking(true).unwrap();
+    l
+}
+
+/// Connects to `to`; `Ok(())` when `listener` accepted it with `to` as its local address.
+fn tcp_reaches(listener: &TcpListener, to: SocketAddr) -> Result<(), String> {
+    let mut c = TcpStream::connect_timeout(&to, Duration::from_millis(400))
+        .map_err(|e| format!("connect {to}: {e}"))?;
+    c.write_all(b"x").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                let local = s.local_addr().unwrap();
+                let mut b = [0u8; 1];
+                s.set_nonblocking(false).unwrap();
+                s.read_exact(&mut b).unwrap();
+                let canonical = SocketAddr::new(local.ip().to_canonical(), local.port());
+                return if canonical == to {
+                    Ok(())
+                } else {
+                    Err(format!("accepted with local address {local}, sent to {to}"))
+                };
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(format!("{to}: connected but not accepted here: {e}")),
+        }
+    }
+}
+
+/// Sends a datagram to `to`; `true` when `server` receives it.
+fn udp_reaches(server: &UdpSocket, to: SocketAddr, tag: u64) -> bool {
+    let client = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+    client.send_to(&tag.to_be_bytes(), to).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    loop {
+        match server.recv_from(&mut buf) {
+            Ok((8, _)) if u64::from_be_bytes(buf) == tag => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn tcp_ipv4_and_ipv6_ranges() {
+    let Some((mut d, _ns)) = setup() else { return };
+    let l4 = tcp_listener("127.0.0.1:0");
+    let l6 = tcp_listener("[::1]:0");
+    d.get()
+        .apply(&[
+            binding(Protocol::Tcp, "192.0.2.0/24", 80, 80, 1),
+            binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8099, 1),
+            binding(Protocol::Tcp, "2001:db8:1::/64", 8000, 8099, 2),
+        ])
+        .unwrap();
+    d.get().insert_socket(1, l4.as_fd()).unwrap();
+    d.get().insert_socket(2, l6.as_fd()).unwrap();
+    assert!(d.get().socket_present(1) && d.get().socket_present(2));
+    let mut rng = Rng::new();
+    for _ in 0..20 {
+        let host = rng.range(1, 254) as u8;
+        let port = rng.range(8000, 8099) as u16;
+        tcp_reaches(&l4, SocketAddr::new(v4(192, 0, 2, host), port)).unwrap();
+        let a = v6(&format!("2001:db8:1::{:x}", rng.range(1, 0xffff)));
+        tcp_reaches(&l6, SocketAddr::new(a, port)).unwrap();
+    }
+    tcp_reaches(&l4, SocketAddr::new(v4(192, 0, 2, 9), 80)).unwrap();
+    for to in [
+        SocketAddr::new(v4(192, 0, 2, 9), 7999),
+        SocketAddr::new(v4(192, 0, 2, 9), 8100),
+        SocketAddr::new(v4(192, 0, 3, 9), 8050),
+        SocketAddr::new(v6("2001:db8:1::1"), 7999),
+        SocketAddr::new(v6("2001:db8:1::1"), 8100),
+        SocketAddr::new(v6("2001:db8:2::1"), 8050),
+    ] {
+        let err = TcpStream::connect_timeout(&to, Duration::from_millis(400))
+            .expect_err(&format!("{to} must not be steered"));
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{to}: {err}");
+    }
+    let c = d.get().counters().unwrap();
+    assert_eq!(c[&1].lookups, 21);
+    assert_eq!(c[&2].lookups, 20);
+    assert_eq!((c[&1].misses, c[&1].errors), (0, 0));
+}
+
+#[test]
+fn udp_ipv4_and_ipv6_ranges() {
+    let Some((mut d, _ns)) = setup() else { return };
+    let s4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s6 = UdpSocket::bind("[::1]:0").unwrap();
+    d.get()
+        .apply(&[
+            binding(Protocol::Udp, "192.0.2.0/24", 8000, 8099, 1),
+            binding(Protocol::Udp, "2001:db8:1::/64", 8000, 8099, 2),
+        ])
+        .unwrap();
+    d.get().insert_socket(1, s4.as_fd()).unwrap();
+    d.get().insert_socket(2, s6.as_fd()).unwrap();
+    let mut rng = Rng::new();
+    for i in 0..20u64 {
+        let port = rng.range(8000, 8099) as u16;
+        let to4 = SocketAddr::new(v4(192, 0, 2, rng.range(1, 254) as u8), port);
+        assert!(udp_reaches(&s4, to4, i), "{to4}");
+        let to6 = SocketAddr::new(v6(&format!("2001:db8:1::{:x}", rng.range(1, 0xffff))), port);
+        assert!(udp_reaches(&s6, to6, i), "{to6}");
+    }
+    for (server, to) in [
+        (&s4, SocketAddr::new(v4(192, 0, 2, 9), 7999)),
+        (&s4, SocketAddr::new(v4(192, 0, 2, 9), 8100)),
+        (&s4, SocketAddr::new(v4(192, 0, 3, 9), 8050)),
+        (&s6, SocketAddr::new(v6("2001:db8:1::1"), 8100)),
+        (&s6, SocketAddr::new(v6("2001:db8:2::1"), 8050)),
+    ] {
+        assert!(!udp_reaches(server, to, 99), "{to} must not be steered");
+    }
+    // TCP traffic on the same ports is not steered to UDP bindings.
+    let err = TcpStream::connect_timeout(
+        &SocketAddr::new(v4(192, 0, 2, 9), 8050),
+        Duration::from_millis(400),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+}
+
+#[test]
+fn precedence_prefix_then_range() {
+    let Some((mut d, _ns)) = setup() else { return };
+    let wide = tcp_listener("127.0.0.1:0");
+    let half = tcp_listener("127.0.0.1:0");
+    let single = tcp_listener("127.0.0.1:0");
+    d.get()
+        .apply(&[
+            binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8099, 1),
+            binding(Protocol::Tcp, "192.0.2.128/25", 8000, 8099, 2),
+            binding(Protocol::Tcp, "192.0.2.0/24", 8042, 8042, 3),
+        ])
+        .unwrap();
+    for (dest, l) in [(1, &wide), (2, &half), (3, &single)] {
+        d.get().insert_socket(dest, l.as_fd()).unwrap();
+    }
+    let cases = [
+        (v4(192, 0, 2, 5), 8000, &wide, "the /24"),
+        (v4(192, 0, 2, 127), 8099, &wide, "the /24"),
+        (v4(192, 0, 2, 128), 8000, &half, "the /25 inside the /24"),
+        (v4(192, 0, 2, 250), 8050, &half, "the /25 inside the /24"),
+        (
+            v4(192, 0, 2, 5),
+            8042,
+            &single,
+            "the single port inside the range",
+        ),
+        (
+            v4(192, 0, 2, 200),
+            8042,
+            &half,
+            "the longer prefix before the narrower range",
+        ),
+    ];
+    for (addr, port, l, why) in cases {
+        tcp_reaches(l, SocketAddr::new(addr, port)).unwrap_or_else(|e| panic!("{why}: {e}"));
+    }
+}
+
+#[test]
+fn dual_stack_socket_serves_both_families() {
+    let Some((mut d, _ns)) = setup() else { return };
+    let l = tcp_listener("[::]:0");
+    let u = UdpSocket::bind("[::]:0").unwrap();
+    d.get()
+        .apply(&[
+            binding(Protocol::Tcp, "192.0.2.0/24", 9000, 9009, 7),
+            binding(Protocol::Tcp, "2001:db8::/64", 9000, 9009, 7),
+            binding(Protocol::Udp, "192.0.2.0/24", 9000, 9009, 8),
+            binding(Protocol::Udp, "2001:db8::/64", 9000, 9009, 8),
+        ])
+        .unwrap();
+    d.get().insert_socket(7, l.as_fd()).unwrap();
+    d.get().insert_socket(8, u.as_fd()).unwrap();
+    tcp_reaches(&l, SocketAddr::new(v4(192, 0, 2, 33), 9003)).unwrap();
+    tcp_reaches(&l, SocketAddr::new(v6("2001:db8::33"), 9004)).unwrap();
+    assert!(udp_reaches(&u, SocketAddr::new(v4(192, 0, 2, 33), 9005), 1));
+    assert!(udp_reaches(
+        &u,
+        SocketAddr::new(v6("2001:db8::33"), 9006),
+        2
+    ));
+}
+
+/// A listener plainly bound where a binding points: a dispatched connection must
+/// never fall through to it.
+fn fallthrough(port: u16) -> TcpListener {
+    tcp_listener(&format!("0.0.0.0:{port}"))
+}
+
+/// For TCP, the kernel answers a lookup that ends in SK_DROP as if no socket
+/// were there: the client gets a reset. What matters is that the connection is
+/// not served by anything else bound on that address and port.
+fn assert_dropped(to: SocketAddr, plain: &TcpListener) {
+    let err = TcpStream::connect_timeout(&to, Duration::from_millis(400))
+        .expect_err(&format!("{to} must be dropped"));
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{to}: {err}");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        plain.accept().map_err(|e| e.kind()).err(),
+        Some(ErrorKind::WouldBlock),
+        "{to} fell through to the plainly bound listener"
+    );
+}
+
+#[test]
+fn missing_socket_drops_and_counts_a_miss() {
+    let Some((mut d, _ns)) = setup() else { return };
+    let plain = fallthrough(8000);
+    d.get()
+        .apply(&[
+            binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8099, 4),
+            binding(Protocol::Udp, "192.0.2.0/24", 8000, 8099, 4),
+        ])
+        .unwrap();
+    assert!(!d.get().socket_present(4));
+    let to = SocketAddr::new(v4(192, 0, 2, 1), 8000);
+    // Without a binding the plain listener would take it.
+    let mut unbound = SocketAddr::new(v4(192, 0, 3, 1), 8000);
+    tcp_reaches(&plain, unbound).unwrap();
+    assert_dropped(to, &plain);
+    let plain_udp = UdpSocket::bind("0.0.0.0:8000").unwrap();
+    assert!(!udp_reaches(&plain_udp, to, 1), "udp fell through");
+    unbound.set_port(8000);
+    assert!(udp_reaches(&plain_udp, unbound, 2));
+    let c = d.get().counters().unwrap()[&4];
+    assert!(c.lookups >= 2 && c.misses >= 2 && c.errors == 0, "{c:?}");
+
+    // A socket whose last fd closes leaves the sockmap.
+    let l = tcp_listener("127.0.0.1:0");
+    d.get().insert_socket(4, l.as_fd()).unwrap();
+    assert!(d.get().socket_present(4));
+    tcp_reaches(&l, to).unwrap();
+    drop(l);
+    assert!(!d.get().socket_present(4));
+    d.get().insert_socket(4, plain.as_fd()).unwrap();
+    d.get().remove_socket(4).unwrap();
+    assert!(!d.get().socket_present(4));
+}
+
+#[test]
+fn wrong_protocol_socket_counts_an_error() {
+    let Some((mut d, _ns)) = setup() else { return };
+    let plain = fallthrough(8000);
+    // A UDP socket behind a TCP binding: bpf_sk_assign fails with EPROTOTYPE.
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    d.get()
+        .apply(&[binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8000, 5)])
+        .unwrap();
+    d.get().insert_socket(5, u.as_fd()).unwrap();
+    assert_dropped(SocketAddr::new(v4(192, 0, 2, 1), 8000), &plain);
+    let c = d.get().counters().unwrap()[&5];
+    assert!(c.errors >= 1 && c.misses == 0, "{c:?}");
+}
+
+#[test]
+fn all_ports_binding_costs_one_entry() {
+    let Some((mut d, _ns)) = setup() else { return };
+    let l = tcp_listener("127.0.0.1:0");
+    d.get().insert_socket(1, l.as_fd()).unwrap();
+    d.get()
+        .apply(&[binding(Protocol::Tcp, "192.0.2.0/24", 80, 80, 1)])
+        .unwrap();
+    assert_eq!(d.get().trie_entries().unwrap(), 1);
+    d.get()
+        .apply(&[binding(Protocol::Tcp, "192.0.2.0/24", 1, 65535, 1)])
+        .unwrap();
+    assert_eq!(d.get().trie_entries().unwrap(), 1);
+    let mut rng = Rng::new();
+    for port in [
+        1,
+        65535,
+        rng.range(2, 65534) as u16,
+        rng.range(2, 65534) as u16,
+    ] {
+        tcp_reaches(&l, SocketAddr::new(v4(192, 0, 2, 77), port)).unwrap();
+    }
+}
+
+/// Flips between two binding sets while a client connects in a loop to an
+/// address both sets steer: a half-visible change would refuse a connection.
+#[test]
+fn apply_is_atomic() {
+    let Some((mut d, ns)) = setup() else { return };
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let common = binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8099, 1);
+    // Set B differs in every map: another class layout and more trie entries.
+    let set_a = vec![common.clone()];
+    let set_b = vec![
+        common.clone(),
+        binding(Protocol::Tcp, "192.0.2.0/25", 8050, 8050, 2),
+        binding(Protocol::Tcp, "192.0.2.0/24", 7000, 9000, 2),
+        binding(Protocol::Udp, "192.0.2.0/24", 8000, 8099, 2),
+    ];
+    let other = tcp_listener("127.0.0.1:0");
+    d.get().insert_socket(1, l.as_fd()).unwrap();
+    d.get().insert_socket(2, other.as_fd()).unwrap();
+    d.get().apply(&set_a).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let wake = l.local_addr().unwrap();
+    let acceptor = {
+        let (l, stop, served) = (l.try_clone().unwrap(), stop.clone(), served.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if l.accept().is_ok() {
+                    served.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let client = {
+        let (path, stop) = (ns.path(), stop.clone());
+        std::thread::spawn(move || {
+            enter(&path);
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let mut port = 8000;
+            while !stop.load(Ordering::Relaxed) {
+                // 192.0.2.200:8000-8099 reaches destination 1 in both sets.
+                let to = SocketAddr::new(v4(192, 0, 2, 200), port);
+                port = if port == 8099 { 8000 } else { port + 1 };
+                // A refusal is what a half-visible change would cause (no socket
+                // selected and none bound). Linger 0: the close sends a reset
+                // and leaves no TIME_WAIT whose 4-tuple a later SYN could hit.
+                match TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
+                    Ok(c) => {
+                        let linger = libc::linger {
+                            l_onoff: 1,
+                            l_linger: 0,
+                        };
+                        nix::sys::socket::setsockopt(
+                            &c,
+                            nix::sys::socket::sockopt::Linger,
+                            &linger,
+                        )
+                        .unwrap();
+                        ok += 1;
+                    }
+                    Err(e) => failed.push(format!("{to}: {e}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let started = Instant::now();
+    let mut flips = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        d.get().apply(&set_b).unwrap();
+        d.get().apply(&set_a).unwrap();
+        flips += 2;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = client.join().unwrap();
+    let _ = TcpStream::connect(wake);
+    acceptor.join().unwrap();
+    let c = d.get().counters().unwrap()[&1];
+    assert!(
+        failed.is_empty() && c.misses == 0 && c.errors == 0,
+        "{} failures, e.g. {:?}; {c:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        served.load(Ordering::Relaxed) > 0,
+        "the steered listener accepted"
+    );
+    assert!(
+        ok > 100 && flips > 20,
+        "too little traffic: {ok} connections, {flips} flips"
+    );
+    assert_eq!(d.get().trie_entries().unwrap(), 1, "old generation emptied");
+    eprintln!("apply_is_atomic: {ok} connections across {flips} flips, 0 refused");
+}
+
+#[test]
+fn detach_leaves_nothing_and_restart_replaces_stale_pins() {
+    let Some((mut d, ns)) = setup() else { return };
+    let l = tcp_listener("127.0.0.1:0");
+    d.get()
+        .apply(&[binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8000, 1)])
+        .unwrap();
+    d.get().insert_socket(1, l.as_fd()).unwrap();
+    let dir = d.get().pin_dir().to_path_buf();
+    let mut pinned: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pinned.sort();
+    assert_eq!(
+        pinned,
+        [
+            "HF_BINDINGS",
+            "HF_COUNTERS",
+            "HF_GENERATION",
+            "HF_PORT_CLASS",
+            "HF_SOCKETS",
+            "holdfast_lookup",
+            "link"
+        ]
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o750
+    );
+    assert_eq!(
+        std::fs::metadata(dir.join("link"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o640
+    );
+    let to = SocketAddr::new(v4(192, 0, 2, 1), 8000);
+    tcp_reaches(&l, to).unwrap();
+
+    // A holdfast that dies leaves its pins: the program stays attached.
+    let crashed = d.0.take().unwrap();
+    drop(crashed);
+    tcp_reaches(&l, to).unwrap();
+    // Its successor replaces them: the stale program is gone.
+    let again = Attached(Some(Dispatcher::attach(&ns.name, &ns.path()).unwrap()));
+    let err = TcpStream::connect_timeout(&to, Duration::from_millis(400)).unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::ConnectionRefused,
+        "stale program still attached"
+    );
+    again.detach().unwrap();
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    let leftovers: Vec<_> = std::fs::read_dir(pins::root())
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(&ns.name))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn rejects_ambiguous_bindings_and_keeps_the_live_set() {
+    let Some((mut d, _ns)) = setup() else { return };
+    let l = tcp_listener("127.0.0.1:0");
+    d.get().insert_socket(1, l.as_fd()).unwrap();
+    d.get()
+        .apply(&[binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8099, 1)])
+        .unwrap();
+    let err = d
+        .get()
+        .apply(&[
+            binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8099, 1),
+            binding(Protocol::Tcp, "192.0.2.0/24", 8050, 8149, 2),
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("svc1") && err.contains("svc2"), "{err}");
+    tcp_reaches(&l, SocketAddr::new(v4(192, 0, 2, 1), 8001)).unwrap();
+}
