@@ -1,0 +1,303 @@
+//! Idempotent set-up of what a fresh machine (Rust stable via rustup, gcc, Debian base, root)
+//! lacks: rustup components, bpf-linker, the Debian packages the tests use, and bpffs.
+//! Every item is probed first (a file, a command on PATH, a version string, /proc/self/mounts),
+//! so a run on a machine that has everything forks two processes and changes nothing.
+//! It prints one line per thing it installs and nothing else when all is there.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::shell::{self, Workspace};
+
+/// A Debian package and what proves it is installed: absolute paths must exist, bare names
+/// must be commands on PATH. Add a package here when a test or example starts to need it.
+pub struct AptPackage {
+    pub name: &'static str,
+    pub provides: &'static [&'static str],
+}
+
+pub const APT_PACKAGES: &[AptPackage] = &[
+    // `ip netns`, `ip route add local PREFIX dev lo` in the privileged tests.
+    AptPackage {
+        name: "iproute2",
+        provides: &["ip"],
+    },
+    // Real peers and small services in the tests.
+    AptPackage {
+        name: "python3",
+        provides: &["python3"],
+    },
+    AptPackage {
+        name: "curl",
+        provides: &["curl"],
+    },
+    // Real LISTEN_FDS / NOTIFY_SOCKET consumers and senders.
+    AptPackage {
+        name: "systemd",
+        provides: &[
+            "/usr/bin/systemd-socket-activate",
+            "/lib/systemd/systemd-socket-proxyd",
+            "systemd-notify",
+        ],
+    },
+    AptPackage {
+        name: "procps",
+        provides: &["ps", "pgrep"],
+    },
+    // The load generator of the restart tests and `cargo xtask bench`.
+    AptPackage {
+        name: "wrk",
+        provides: &["wrk"],
+    },
+    // The `nc` lines `cargo xtask run` prints for the echo service.
+    AptPackage {
+        name: "netcat-openbsd",
+        provides: &["nc"],
+    },
+];
+
+/// The BPF linker aya-build drives; newer releases need a newer rustc than these machines have.
+pub const BPF_LINKER_VERSION: &str = "0.10.0";
+
+/// rustup components of the active toolchain, and the file in its sysroot that proves each.
+/// rust-src: the BPF crate builds with `-Z build-std=core`; rustfmt and clippy: `xtask test`.
+const RUST_COMPONENTS: &[(&str, &str)] = &[
+    ("rust-src", "lib/rustlib/src/rust/library/core/Cargo.toml"),
+    ("rustfmt", "bin/rustfmt"),
+    ("clippy", "bin/cargo-clippy"),
+];
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// What building needs: rustup components and bpf-linker. Never needs root.
+    Toolchain,
+    /// Also what running and testing need: Debian packages (root) and bpffs (root).
+    Full,
+}
+
+/// Ensures everything in `scope`; returns one line per thing it installed.
+pub fn ensure(ws: &Workspace, scope: Scope) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    rust_components(&mut done)?;
+    bpf_linker(ws, &mut done)?;
+    if scope == Scope::Full {
+        apt_packages(&mut done)?;
+        bpffs(&mut done)?;
+    }
+    Ok(done)
+}
+
+fn installing(done: &mut Vec<String>, line: String) {
+    eprintln!("bootstrap: {line}");
+    done.push(line);
+}
+
+/// Something that needs root cannot be done: an error under CI, a warning elsewhere
+/// (the privileged tests then skip, naming what they lack).
+fn cannot(what: &str) -> Result<()> {
+    if shell::in_ci() {
+        bail!("{what} (CI=true: set-up must not be skipped)");
+    }
+    eprintln!("bootstrap: warning: {what}; continuing without it");
+    Ok(())
+}
+
+fn rust_components(done: &mut Vec<String>) -> Result<()> {
+    let out = shell::run_quiet(Command::new("rustc").args(["--print", "sysroot"]))?;
+    let sysroot = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    let missing: Vec<&str> = RUST_COMPONENTS
+        .iter()
+        .filter(|(_, proof)| !sysroot.join(proof).exists())
+        .map(|(name, _)| *name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for name in &missing {
+        installing(done, format!("installing rustup component {name}"));
+    }
+    shell::run_quiet(
+        Command::new("rustup")
+            .args(["component", "add"])
+            .args(&missing),
+    )
+    .context("rustup component add")?;
+    Ok(())
+}
+
+/// `Some(version)` from `bpf-linker --version` ("bpf-linker 0.10.0"), `None` when absent.
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    parse_bpf_linker_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_bpf_linker_version(stdout: &str) -> Option<String> {
+    let line = stdout.lines().next()?;
+    line.strip_prefix("bpf-linker ")
+        .map(|v| v.split_whitespace().next().unwrap_or_default().to_string())
+}
+
+fn bpf_linker(ws: &Workspace, done: &mut Vec<String>) -> Result<()> {
+    let found = bpf_linker_version();
+    if found.as_deref() == Some(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    let was = found.map_or_else(|| "not found".to_string(), |v| format!("found {v}"));
+    installing(
+        done,
+        format!(
+            "installing bpf-linker {BPF_LINKER_VERSION} ({was}; cargo install, about a minute)"
+        ),
+    );
+    let mut cmd = ws.cargo([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--locked",
+        "--force",
+    ]);
+    // Its own throw-away target dir, not the workspace's.
+    cmd.env_remove("CARGO_TARGET_DIR");
+    shell::run_quiet(&mut cmd)?;
+    match bpf_linker_version() {
+        Some(v) if v == BPF_LINKER_VERSION => Ok(()),
+        other => bail!(
+            "bpf-linker {BPF_LINKER_VERSION} was installed but `bpf-linker --version` reports {other:?}: \
+             is $CARGO_HOME/bin (usually ~/.cargo/bin) first on PATH?"
+        ),
+    }
+}
+
+fn is_present(proof: &str) -> bool {
+    if proof.starts_with('/') {
+        Path::new(proof).exists()
+    } else {
+        shell::find_command(proof).is_some()
+    }
+}
+
+/// The packages some proof of which is missing.
+fn missing_packages(present: impl Fn(&str) -> bool) -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .filter(|p| !p.provides.iter().all(|proof| present(proof)))
+        .map(|p| p.name)
+        .collect()
+}
+
+fn apt_packages(done: &mut Vec<String>) -> Result<()> {
+    let missing = missing_packages(is_present);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !shell::is_root() {
+        return cannot(&format!(
+            "Debian packages {} are missing and installing them needs root",
+            missing.join(", ")
+        ));
+    }
+    for name in &missing {
+        installing(done, format!("installing Debian package {name}"));
+    }
+    // One update, only because something is missing.
+    shell::run_quiet(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    shell::run_quiet(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    let still = missing_packages(is_present);
+    if !still.is_empty() {
+        bail!(
+            "apt-get installed {} but some of what they should provide is still missing: {}",
+            missing.join(", "),
+            still.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Whether /proc/self/mounts has a bpf filesystem mounted at `at`.
+fn bpffs_mounted(mounts: &str, at: &str) -> bool {
+    mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let (_source, target, fstype) = (fields.next(), fields.next(), fields.next());
+        target == Some(at) && fstype == Some("bpf")
+    })
+}
+
+fn bpffs(done: &mut Vec<String>) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+    if bpffs_mounted(&mounts, BPFFS) {
+        return Ok(());
+    }
+    if !shell::is_root() {
+        return cannot(&format!(
+            "bpffs is not mounted at {BPFFS} and mounting it needs root"
+        ));
+    }
+    installing(done, format!("mounting bpffs at {BPFFS}"));
+    if let Err(e) = shell::run_quiet(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])) {
+        return cannot(&format!("mount bpffs at {BPFFS}: {e:#}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bpf_linker_version_is_read_from_its_first_line() {
+        let cases = [
+            ("bpf-linker 0.10.0\n", Some("0.10.0")),
+            ("bpf-linker 0.9.13 (abc)\n", Some("0.9.13")),
+            ("", None),
+            ("error: something\n", None),
+        ];
+        for (stdout, want) in cases {
+            assert_eq!(
+                parse_bpf_linker_version(stdout).as_deref(),
+                want,
+                "{stdout:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_package_is_missing_when_any_of_its_proofs_is() {
+        assert!(missing_packages(|_| true).is_empty());
+        let all: Vec<_> = APT_PACKAGES.iter().map(|p| p.name).collect();
+        assert_eq!(missing_packages(|_| false), all);
+        let no_proxyd = missing_packages(|p| p != "/lib/systemd/systemd-socket-proxyd");
+        assert_eq!(no_proxyd, ["systemd"]);
+    }
+
+    #[test]
+    fn every_package_has_a_proof() {
+        for p in APT_PACKAGES {
+            assert!(!p.provides.is_empty(), "{} has nothing to probe", p.name);
+        }
+    }
+
+    #[test]
+    fn bpffs_is_found_only_with_type_bpf_at_the_place() {
+        let mounts = "sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw,relatime 0 0\n";
+        assert!(bpffs_mounted(mounts, "/sys/fs/bpf"));
+        assert!(!bpffs_mounted("sysfs /sys sysfs rw 0 0\n", "/sys/fs/bpf"));
+        assert!(!bpffs_mounted(
+            "tmpfs /sys/fs/bpf tmpfs rw 0 0\n",
+            "/sys/fs/bpf"
+        ));
+    }
+}
