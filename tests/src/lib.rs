@@ -1,1 +1,179 @@
-//! Test support: network namespaces, the holdfast binary, temporary unit dirs.
+//! Test support for the privileged integration tests: a fresh network namespace per
+//! test, the real `holdfast` binary running inside it, temporary unit directories,
+//! and small real services (Python 3 scripts) that report what they were handed.
+//!
+//! A typical test:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use holdfast_tests::{netns_or_skip, ask_tcp, Holdfast, Sandbox};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let Some(ns) = netns_or_skip() else { return Ok(()) };   // root + `ip netns add`
+//! let sandbox = Sandbox::new()?;
+//! let exec = sandbox.serve_exec("web")?;                    // serve.py, report in out/web.json
+//! sandbox.write_unit("web", &format!(r#"
+//!     [service]
+//!     exec = {exec}
+//!     [[socket]]
+//!     protocol = "tcp"
+//!     addresses = ["127.0.0.1/32"]
+//!     ports = ["8080"]
+//! "#))?;
+//! let mut hf = Holdfast::start_in(&ns, sandbox)?;               // `holdfast run` inside ns
+//! let pid = hf.wait_running("web", Duration::from_secs(5))?;
+//! let _inside = ns.enter()?;                                // this thread joins ns
+//! let answer = ask_tcp("127.0.0.1:8080".parse()?, Duration::from_secs(5))?;
+//! assert_eq!(answer, format!("web {pid}\n"));
+//! hf.stop()?;                                               // SIGTERM, exit 0
+//! # Ok(()) }
+//! ```
+//!
+//! Privilege policy (house rules): a test that cannot get what it needs (root, a
+//! namespace, a system tool) calls [`require`]: under `CI=true` that panics with the
+//! reason; elsewhere it prints `skipped: <probe>: <error>` and the test returns early.
+
+mod daemon;
+mod handoff;
+mod netns;
+mod peer;
+mod sandbox;
+
+use std::fmt::Display;
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub use daemon::{
+    holdfast_bin, holdfast_cli, Holdfast, CLI_TIMEOUT, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
+};
+pub use handoff::{check_handoff, ExpectSocket};
+pub use netns::{Netns, NetnsGuard};
+pub use peer::{
+    ask_tcp, ask_udp, ask_unix, control_request_as, proc_state, process_gone, PeerOutcome,
+};
+pub use sandbox::{toml_array, toml_str, Sandbox, PYTHON, SERVE_PY};
+
+/// True under `CI=true`, where privileged tests must fail rather than skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// The skip policy: `Some(value)` when the probe succeeded. When it failed: under
+/// CI, panics naming the probe and the error; elsewhere prints
+/// `skipped: <probe>: <error>` and returns `None` so the test can return early.
+pub fn require<T, E: Display>(probe: &str, result: Result<T, E>) -> Option<T> {
+    match result {
+        Ok(v) => Some(v),
+        Err(e) if in_ci() => panic!("{probe}: {e:#} (CI=true: privileged tests may not skip)"),
+        Err(e) => {
+            eprintln!("skipped: {probe}: {e:#}");
+            None
+        }
+    }
+}
+
+/// Probes that the test runs as root (euid 0) under [`require`]'s policy; `probe`
+/// says what the test needs root for. Returns false when the test must return.
+pub fn require_root(probe: &str) -> bool {
+    let euid = nix::unistd::geteuid();
+    require(
+        probe,
+        if euid.is_root() {
+            Ok(())
+        } else {
+            Err(format!("running as uid {euid}, not root"))
+        },
+    )
+    .is_some()
+}
+
+/// Root and a fresh [`Netns`], under [`require`]'s policy: `None` means skip.
+pub fn netns_or_skip() -> Option<Netns> {
+    if !require_root("root, for network namespaces") {
+        return None;
+    }
+    require("ip netns add", Netns::new())
+}
+
+/// Probes that `path` exists (a system tool a test runs), under [`require`]'s policy.
+pub fn require_file(path: &str) -> bool {
+    let p = std::path::Path::new(path);
+    require(
+        &format!("{path} present"),
+        if p.exists() {
+            Ok(())
+        } else {
+            Err("no such file (apt-get install the package that ships it)")
+        },
+    )
+    .is_some()
+}
+
+/// Polls `probe` every 20 ms until it returns `Some`, for at most `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `cmd` to completion with stdout and stderr captured, killing it (and
+/// failing) if it runs longer than `timeout`.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {what}"))?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stdout.read_to_end(&mut b);
+        b
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stderr.read_to_end(&mut b);
+        b
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child
+            .try_wait()
+            .with_context(|| format!("wait for {what}"))?
+        {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = err_reader.join().unwrap_or_default();
+            bail!(
+                "{what} still running after {timeout:?}, killed; stderr: {}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    })
+}

@@ -1,0 +1,313 @@
+//! The real `holdfast` binary: the daemon (`holdfast run`) spawned inside a test's
+//! network namespace with its log captured to a file, and the CLI talking to it.
+
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::{run_bounded, wait_for, Netns, Sandbox};
+
+/// How long `holdfast run` may take to create its control socket and answer.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a CLI command may take.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the daemon may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// An fd the daemon inherits without CLOEXEC, as from a careless parent: no
+/// service may see it ("every other fd of the supervisor is closed in the child").
+pub const STRAY_FD: i32 = 77;
+
+/// The binary under test: `$HOLDFAST_BIN`, else `<workspace>/target/debug/holdfast`.
+/// Panics with a hint when it does not exist (a missing binary is a broken setup,
+/// not a missing privilege, so it never skips).
+pub fn holdfast_bin() -> PathBuf {
+    let bin = std::env::var_os("HOLDFAST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/holdfast")
+        });
+    assert!(
+        bin.is_file(),
+        "holdfast binary not found at {} (set HOLDFAST_BIN, or run `cargo build -p holdfast` / `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `holdfast ARGS…` (no daemon involved, e.g. `check`), bounded by [`CLI_TIMEOUT`].
+pub fn holdfast_cli(args: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(holdfast_bin());
+    cmd.args(args).env("NO_COLOR", "1");
+    run_bounded(cmd, CLI_TIMEOUT)
+}
+
+/// A `holdfast run --units <sandbox>/units --state-dir <sandbox>/state --no-dispatcher`
+/// running inside a [`Netns`], stdout and stderr in `<sandbox>/holdfast.log`,
+/// with a stray inherited fd ([`STRAY_FD`]).
+///
+/// Dropping it prints the daemon's log (libtest shows it when the test fails),
+/// then, if it still runs, sends SIGTERM, and SIGKILL after 5 s.
+#[derive(Debug)]
+pub struct Holdfast {
+    sandbox: Sandbox,
+    child: Child,
+    exited: Option<ExitStatus>,
+    log: PathBuf,
+}
+
+impl Holdfast {
+    /// Writes `units` into a fresh [`Sandbox`], starts the daemon in `ns` and waits
+    /// until it answers `holdfast status`.
+    pub fn start(ns: &Netns, units: &[(&str, &str)]) -> Result<Holdfast> {
+        let sandbox = Sandbox::new()?;
+        sandbox.write_units(units)?;
+        Holdfast::start_in(ns, sandbox)
+    }
+
+    /// Starts the daemon on a prepared sandbox and waits until it answers.
+    pub fn start_in(ns: &Netns, sandbox: Sandbox) -> Result<Holdfast> {
+        let mut hf = Holdfast::spawn(ns, sandbox)?;
+        hf.wait_ready(READY_TIMEOUT)?;
+        Ok(hf)
+    }
+
+    /// Spawns the daemon on a prepared sandbox without waiting for anything (for
+    /// tests that expect it to fail: see [`Holdfast::wait_exit`]).
+    pub fn spawn(ns: &Netns, sandbox: Sandbox) -> Result<Holdfast> {
+        let log = sandbox.path().join("holdfast.log");
+        let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone().context("dup the log file")?;
+        let netns = ns.open()?;
+        let netns_fd = netns.as_raw_fd();
+        let mut cmd = Command::new(holdfast_bin());
+        cmd.arg("run")
+            .arg("--units")
+            .arg(sandbox.units_dir())
+            .arg("--state-dir")
+            .arg(sandbox.state_dir())
+            .arg("--no-dispatcher")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // SAFETY: the closure runs in the child between fork and exec; it makes
+        // async-signal-safe system calls (setns, dup2) on an fd opened before the
+        // fork (closed at exec by O_CLOEXEC), and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::dup2(netns_fd, STRAY_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("spawn holdfast run")?;
+        drop(netns);
+        Ok(Holdfast {
+            sandbox,
+            child,
+            exited: None,
+            log,
+        })
+    }
+
+    /// Waits until `<state>/control.sock` exists and `holdfast status --json`
+    /// exits 0; fails early, with the log, if the daemon exits.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let sock = self.sandbox.control_socket();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                bail!(
+                    "holdfast run exited with {status} before it was ready; its log:\n{}",
+                    self.log()
+                );
+            }
+            if sock.exists() {
+                if let Ok(out) = self.cli(&["status", "--json"]) {
+                    if out.status.success() {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "holdfast run not ready within {timeout:?} (control socket {} {}); its log:\n{}",
+                    sock.display(),
+                    if sock.exists() { "exists but status fails" } else { "missing" },
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything the daemon has logged so far.
+    pub fn log(&self) -> String {
+        fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
+    }
+
+    /// Runs `holdfast ARGS… --state-dir <state>`, bounded by [`CLI_TIMEOUT`].
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(holdfast_bin());
+        cmd.args(args)
+            .arg("--state-dir")
+            .arg(self.sandbox.state_dir())
+            .env("NO_COLOR", "1");
+        run_bounded(cmd, CLI_TIMEOUT)
+    }
+
+    /// Like [`Holdfast::cli`] but fails unless it exits 0; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "holdfast {} exited with {}; stderr: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `holdfast status --json`: the JSON array of services.
+    pub fn status(&self) -> Result<Value> {
+        let text = self.cli_ok(&["status", "--json"])?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("status --json printed no JSON: {text:?}"))?;
+        if !v.is_array() {
+            bail!("status --json printed no array: {v}");
+        }
+        Ok(v)
+    }
+
+    /// The status object of service `name`.
+    pub fn service(&self, name: &str) -> Result<Value> {
+        let all = self.status()?;
+        all.as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no service {name:?} in status: {all}"))
+    }
+
+    /// Polls the status of `name` until `accept` likes it; returns that status.
+    pub fn wait_service(
+        &self,
+        name: &str,
+        timeout: Duration,
+        accept: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let mut last = Value::Null;
+        wait_for(&format!("service {name}"), timeout, || {
+            let s = self.service(name).ok()?;
+            if accept(&s) {
+                return Some(s);
+            }
+            last = s;
+            None
+        })
+        .with_context(|| format!("last status of {name}: {last}"))
+    }
+
+    /// Waits until `name` is in `state`; returns its status.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Result<Value> {
+        self.wait_service(name, timeout, |s| s["state"] == state)
+    }
+
+    /// Waits until `name` is running with a pid; returns the pid.
+    pub fn wait_running(&self, name: &str, timeout: Duration) -> Result<i32> {
+        let s = self.wait_service(name, timeout, |s| {
+            s["state"] == "running" && s["pid"].is_i64()
+        })?;
+        Ok(s["pid"].as_i64().expect("checked above") as i32)
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.pid()), signal).context("signal holdfast")
+    }
+
+    /// The exit status, if the daemon has exited.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().context("wait for holdfast")?;
+        }
+        Ok(self.exited)
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "holdfast still running after {timeout:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (bounded by [`STOP_TIMEOUT`]) and fails
+    /// unless it is exit code 0. Returns the log. The sandbox stays until drop.
+    pub fn stop(&mut self) -> Result<String> {
+        self.signal(Signal::SIGTERM)?;
+        let status = self.wait_exit(STOP_TIMEOUT)?;
+        if status.code() != Some(0) {
+            bail!(
+                "holdfast exited with {status} after SIGTERM (want exit 0); its log:\n{}",
+                self.log()
+            );
+        }
+        Ok(self.log())
+    }
+}
+
+impl Drop for Holdfast {
+    fn drop(&mut self) {
+        if !matches!(self.try_wait(), Ok(Some(_))) {
+            let _ = self.signal(Signal::SIGTERM);
+            if self.wait_exit(Duration::from_secs(5)).is_err() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        // libtest shows a test's captured output only when the test fails (by a
+        // panic or by returning Err), so the log is always printed.
+        eprintln!(
+            "---- holdfast log ({}) ----\n{}---- end of holdfast log ----",
+            self.log.display(),
+            self.log()
+        );
+    }
+}

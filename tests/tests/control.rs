@@ -1,0 +1,261 @@
+//! The control socket and the CLI: only root is served, bad requests get error
+//! replies without disturbing the daemon, `status --json` has the contract's
+//! fields, start/stop/restart keep the sockets open, SIGTERM stops everything
+//! gracefully, and the exit codes are the contract's.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use holdfast_tests::{
+    ask_tcp, control_request_as, holdfast_cli, netns_or_skip, process_gone, wait_for, Holdfast,
+    PeerOutcome, Sandbox,
+};
+use nix::errno::Errno;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(10);
+
+/// One request line from root, one reply line back.
+fn ask_control(hf: &Holdfast, request: &[u8]) -> Result<Value> {
+    let mut s = UnixStream::connect(hf.sandbox().control_socket())?;
+    s.set_read_timeout(Some(T))?;
+    s.set_write_timeout(Some(T))?;
+    // The daemon may answer (and close) before it has read everything we send.
+    let _ = s.write_all(request);
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    serde_json::from_str(&line).with_context(|| format!("reply {line:?}"))
+}
+
+#[test]
+fn non_root_peer_is_refused() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_serve_unit("web", 8080, "")?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let sock = hf.sandbox().control_socket();
+    let mode = std::fs::metadata(&sock)?.permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "control socket mode {mode:o}");
+    let request = b"{\"command\":\"status\",\"name\":null}\n";
+
+    // (a) The file mode keeps others out.
+    let got = control_request_as(65534, 65534, &sock, request)?;
+    assert_eq!(got, PeerOutcome::ConnectFailed(Errno::EACCES));
+
+    // (b) With the mode opened up, SO_PEERCRED still keeps them out.
+    std::fs::set_permissions(hf.sandbox().state_dir(), PermissionsExt::from_mode(0o755))?;
+    std::fs::set_permissions(&sock, PermissionsExt::from_mode(0o666))?;
+    let got = control_request_as(65534, 65534, &sock, request)?;
+    let PeerOutcome::Reply(reply) = got else {
+        panic!("uid 65534 could not connect to a 0666 socket: {got:?}")
+    };
+    let reply: Value = serde_json::from_str(&reply).with_context(|| format!("reply {reply:?}"))?;
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("permission denied")),
+        "{reply}"
+    );
+    assert!(reply.get("result").is_none_or(Value::is_null), "{reply}");
+
+    // And root is still served.
+    assert_eq!(hf.service("web")?["state"], "running");
+    hf.stop()?;
+    Ok(())
+}
+
+#[test]
+fn malformed_idle_and_oversized_requests_do_not_disturb_the_daemon() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_serve_unit("web", 8080, "")?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = hf.wait_running("web", T)?;
+
+    // A client that connects and says nothing must not block the others.
+    let idle = UnixStream::connect(hf.sandbox().control_socket())?;
+    idle.set_write_timeout(Some(T))?;
+    (&idle).write_all(b"{\"command\":")?;
+
+    for request in [
+        &b"this is not json\n"[..],
+        b"{\"command\":\"frobnicate\"}\n",
+        b"{\"command\":\"stop\",\"name\":\"no-such-service\"}\n",
+        b"[1,2,3]\n",
+        b"\n",
+    ] {
+        let reply = ask_control(&hf, request)?;
+        assert_eq!(
+            reply["ok"],
+            false,
+            "request {:?} got {reply}",
+            String::from_utf8_lossy(request)
+        );
+        assert!(reply["error"].is_string(), "{reply}");
+    }
+    // 4 MiB without a newline.
+    let reply = ask_control(&hf, &vec![b'x'; 4 << 20])?;
+    assert_eq!(reply["ok"], false, "oversized request got {reply}");
+
+    // A good request on the raw protocol.
+    let reply = ask_control(&hf, b"{\"command\":\"status\",\"name\":null}\n")?;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(reply["result"].is_array(), "{reply}");
+
+    drop(idle);
+    let now = hf.service("web")?;
+    assert_eq!(now["pid"], pid, "the service was disturbed: {now}");
+    hf.stop()?;
+    Ok(())
+}
+
+#[test]
+fn status_fields_and_sigterm_stops_every_service_gracefully() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_serve_unit("alpha", 8081, "")?;
+    sandbox.write_serve_unit("beta", 8082, "")?;
+    sandbox.write_unit("idle", "[service]\nexec = [\"sleep\", \"1000\"]\n")?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let alpha = hf.wait_running("alpha", T)?;
+    let beta = hf.wait_running("beta", T)?;
+    let idle = hf.wait_running("idle", T)?;
+    // Their reports say the SIGTERM handlers are in place.
+    hf.sandbox()
+        .wait_report("alpha", T, |r| r["pid"] == alpha)?;
+    hf.sandbox().wait_report("beta", T, |r| r["pid"] == beta)?;
+
+    let all = hf.status()?;
+    let all = all.as_array().expect("array");
+    let mut names: Vec<&str> = all.iter().filter_map(|s| s["name"].as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["alpha", "beta", "idle"]);
+    for s in all {
+        assert_eq!(s["state"], "running", "{s}");
+        assert!(s["pid"].as_i64().is_some_and(|p| p > 1), "pid: {s}");
+        assert_eq!(s["restarts"], 0, "restarts: {s}");
+        assert!(
+            s["uptime_secs"].as_f64().is_some_and(|u| u >= 0.0),
+            "uptime_secs: {s}"
+        );
+        assert!(s["sockets"].is_array(), "sockets: {s}");
+    }
+    let one = hf.cli_ok(&["status", "alpha", "--json"])?;
+    let one: Value = serde_json::from_str(&one)?;
+    assert_eq!(
+        one.as_array().map(Vec::len),
+        Some(1),
+        "status alpha --json: {one}"
+    );
+    assert_eq!(one[0]["name"], "alpha");
+    assert_eq!(one[0]["sockets"], serde_json::json!(["alpha"]));
+    assert_eq!(hf.service("idle")?["sockets"], serde_json::json!([]));
+    let table = hf.cli_ok(&["status"])?;
+    for name in ["alpha", "beta", "idle"] {
+        assert!(table.contains(name), "the table lacks {name}:\n{table}");
+    }
+
+    // A stopped service: pid and uptime null; it was asked with SIGTERM.
+    hf.cli_ok(&["stop", "beta"])?;
+    let b = hf.service("beta")?;
+    assert_eq!(b["state"], "stopped", "{b}");
+    assert_eq!(b["pid"], Value::Null, "{b}");
+    assert_eq!(b["uptime_secs"], Value::Null, "{b}");
+    let beta_term = hf.sandbox().out("beta.term");
+    assert_eq!(
+        std::fs::read_to_string(&beta_term).ok(),
+        Some(format!("{beta}\n")),
+        "beta was not stopped with SIGTERM"
+    );
+
+    // SIGTERM to the daemon: every service stopped gracefully, exit 0.
+    let alpha_term = hf.sandbox().out("alpha.term");
+    hf.stop()?;
+    assert_eq!(
+        std::fs::read_to_string(&alpha_term).ok(),
+        Some(format!("{alpha}\n")),
+        "alpha was not stopped with SIGTERM"
+    );
+    for pid in [alpha, idle] {
+        assert!(process_gone(pid), "pid {pid} survived the daemon");
+    }
+    ns.expect_empty()?;
+    Ok(())
+}
+
+#[test]
+fn stop_start_restart_keep_the_sockets_open() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_serve_unit("web", 8080, "")?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let first = hf.wait_running("web", T)?;
+    let addr: SocketAddr = "127.0.0.1:8080".parse()?;
+
+    hf.cli_ok(&["restart", "web"])?;
+    let second = hf.wait_running("web", T)?;
+    assert_ne!(second, first, "restart kept the old pid");
+    wait_for("the old instance to go", T, || {
+        process_gone(first).then_some(())
+    })?;
+    let answer = ns.run(|| ask_tcp(addr, T))??;
+    assert_eq!(answer, format!("web {second}\n"));
+
+    // Stopped: the socket stays open, a connection waits for the next start.
+    hf.cli_ok(&["stop", "web"])?;
+    assert_eq!(hf.service("web")?["state"], "stopped");
+    let mut waiting = ns.run(|| TcpStream::connect_timeout(&addr, T))??;
+    hf.cli_ok(&["start", "web"])?;
+    let third = hf.wait_running("web", T)?;
+    waiting.set_read_timeout(Some(T))?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut waiting, &mut answer)?;
+    assert_eq!(answer, format!("web {third}\n"), "the waiting connection");
+
+    // An unknown service is an error reply: exit 1.
+    let out = hf.cli(&["stop", "no-such-service"])?;
+    assert_eq!(out.status.code(), Some(1), "stop no-such-service: {out:?}");
+    assert!(!out.stderr.is_empty(), "no message for an unknown service");
+    hf.stop()?;
+    Ok(())
+}
+
+#[test]
+fn cli_exit_codes() -> Result<()> {
+    // 3: nothing listens on the control socket.
+    let sandbox = Sandbox::new()?;
+    let state = sandbox.state_dir();
+    let out = holdfast_cli(&["status", "--state-dir", &state.to_string_lossy()])?;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "status without a daemon: {out:?}"
+    );
+    // 2: usage errors.
+    let out = holdfast_cli(&["frobnicate"])?;
+    assert_eq!(out.status.code(), Some(2), "unknown subcommand: {out:?}");
+    let out = holdfast_cli(&["stop"])?;
+    assert_eq!(out.status.code(), Some(2), "stop without a name: {out:?}");
+    // 1: invalid units (details in units.rs).
+    sandbox.write_unit("bad", "[service]\nexec = []\n")?;
+    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "check on an invalid unit: {out:?}"
+    );
+    Ok(())
+}

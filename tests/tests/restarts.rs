@@ -1,0 +1,297 @@
+//! Restarts and stops: sockets stay open while a service is down (no connection
+//! refused), a crash loop backs off and ends `failed` without disturbing the
+//! others, and a service that ignores SIGTERM is SIGKILLed with its whole group.
+
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use holdfast_tests::{ask_tcp, netns_or_skip, process_gone, toml_str, wait_for, Holdfast, Sandbox};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const T: Duration = Duration::from_secs(10);
+
+/// The pid in a serve.py answer `"NAME PID\n"`.
+fn answer_pid(answer: &str, name: &str) -> Result<i32> {
+    let rest = answer
+        .strip_prefix(name)
+        .and_then(|r| r.strip_prefix(' '))
+        .with_context(|| format!("answer {answer:?} is not from {name}"))?;
+    rest.trim()
+        .parse()
+        .with_context(|| format!("answer {answer:?}"))
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    answered: u32,
+    refused: u32,
+    /// Accepted by an instance that was killed before it answered: not holdfast's doing.
+    lost: Vec<String>,
+}
+
+#[test]
+fn kill_9_in_a_loop_refuses_no_connection() -> Result<()> {
+    const KILLS: usize = 20;
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_serve_unit(
+        "web",
+        8080,
+        r#"restart = "always"
+restart-delay = "100ms"
+restart-delay-max = "300ms"
+start-limit-burst = 1000
+start-limit-interval = "10s""#,
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    hf.wait_running("web", T)?;
+    let addr: SocketAddr = "127.0.0.1:8080".parse()?;
+
+    // A client connecting in a loop the whole time.
+    let done = Arc::new(AtomicBool::new(false));
+    let background = {
+        let done = done.clone();
+        let ns_file = ns.open()?;
+        std::thread::spawn(move || -> Result<Tally> {
+            nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let mut tally = Tally::default();
+            while !done.load(Ordering::Relaxed) {
+                match ask_tcp(addr, T) {
+                    Ok(a) if a.starts_with("web ") => tally.answered += 1,
+                    Ok(a) => tally.lost.push(format!("answer {a:?}")),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => tally.refused += 1,
+                    Err(e) => tally.lost.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(tally)
+        })
+    };
+
+    let _inside = ns.enter()?;
+    let started = Instant::now();
+    let mut previous = 0;
+    for round in 0..KILLS {
+        let pid = answer_pid(&ask_tcp(addr, T)?, "web")?;
+        ensure!(
+            pid != previous,
+            "round {round}: still answered by the killed {pid}"
+        );
+        kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+        wait_for(&format!("pid {pid} to die"), T, || {
+            process_gone(pid).then_some(())
+        })?;
+        // The service is down now: these connect to the backlog held by holdfast…
+        let mut waiting = Vec::new();
+        for i in 0..3 {
+            waiting.push(
+                TcpStream::connect_timeout(&addr, T)
+                    .with_context(|| format!("round {round}: connection {i} while down"))?,
+            );
+        }
+        // …and the next instance answers every one of them.
+        for (i, mut s) in waiting.into_iter().enumerate() {
+            s.set_read_timeout(Some(T))?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)
+                .with_context(|| format!("round {round}: connection {i} made while down"))?;
+            let next = answer_pid(&answer, "web")
+                .with_context(|| format!("round {round}: connection {i} made while down"))?;
+            ensure!(
+                next != pid,
+                "round {round}: answered by the killed instance"
+            );
+        }
+        previous = pid;
+    }
+    done.store(true, Ordering::Relaxed);
+    let tally = background.join().expect("client thread")?;
+    eprintln!(
+        "{KILLS} kills in {:?}; loop client: {tally:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        tally.refused, 0,
+        "connections refused during restarts: {tally:?}"
+    );
+    assert!(
+        tally.answered > 0,
+        "the loop client was never answered: {tally:?}"
+    );
+    assert!(
+        tally.lost.len() <= KILLS,
+        "more connections lost than instances killed: {tally:?}"
+    );
+    let status = hf.service("web")?;
+    assert!(
+        status["restarts"].as_u64().unwrap_or(0) >= KILLS as u64,
+        "restarts not counted: {status}"
+    );
+    drop(_inside);
+    hf.stop()?;
+    Ok(())
+}
+
+/// One start of the crash-looping service: when holdfast forked it and when it
+/// was about to exit, in seconds since boot (10 ms resolution), so that the delay
+/// between an exit and the next fork is measured without the start-up time of
+/// the shell, which is long and erratic on a busy machine.
+#[derive(Debug, Clone, Copy)]
+struct Start {
+    forked: f64,
+    exiting: f64,
+}
+
+#[test]
+fn crash_loop_backs_off_and_fails_while_others_keep_running() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    let starts = sandbox.out("starts");
+    // Field 22 of /proc/PID/stat: start time in clock ticks since boot; /proc/uptime
+    // is read last, just before exit.
+    let script = format!(
+        "st=$(cut -d' ' -f22 /proc/$$/stat); read up _ < /proc/uptime; echo \"$st $up\" >> {}; exit 3",
+        starts.display()
+    );
+    sandbox.write_unit(
+        "crash",
+        &format!(
+            r#"[service]
+exec = ["/bin/sh", "-c", {script}]
+restart = "always"
+restart-delay = "300ms"
+restart-delay-max = "10s"
+start-limit-burst = 3
+start-limit-interval = "30s"
+"#,
+            script = toml_str(&script)
+        ),
+    )?;
+    sandbox.write_serve_unit("steady", 8080, "")?;
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let steady = hf.wait_running("steady", T)?;
+    let failed = hf.wait_state("crash", "failed", Duration::from_secs(15))?;
+    let read_starts = || -> Result<Vec<Start>> {
+        let text = std::fs::read_to_string(&starts)?;
+        text.lines()
+            .map(|l| -> Result<Start> {
+                let (st, up) = l.split_once(' ').with_context(|| format!("line {l:?}"))?;
+                Ok(Start {
+                    forked: st.parse::<f64>()? / tick,
+                    exiting: up.parse()?,
+                })
+            })
+            .collect()
+    };
+    let times = read_starts()?;
+    ensure!(
+        (3..=4).contains(&times.len()),
+        "start-limit-burst 3, yet {} starts: {times:?}",
+        times.len()
+    );
+    // From an exit to the next fork: the restart delay holdfast applied.
+    let delays: Vec<f64> = times
+        .windows(2)
+        .map(|w| w[1].forked - w[0].exiting)
+        .collect();
+    eprintln!("restart delays (s): {delays:?}; final status {failed}");
+    ensure!(
+        delays[0] >= 0.3 - 0.03,
+        "restart-delay 300ms not respected: {delays:?}"
+    );
+    for w in delays.windows(2) {
+        ensure!(
+            w[1] >= w[0] * 1.5,
+            "the restart delay does not back off (it should double): {delays:?}"
+        );
+    }
+    assert_eq!(failed["pid"], serde_json::Value::Null, "{failed}");
+
+    // Left alone once failed.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        read_starts()?.len(),
+        times.len(),
+        "started again after failed"
+    );
+    assert_eq!(hf.service("crash")?["state"], "failed");
+
+    // The other service never noticed.
+    let now = hf.service("steady")?;
+    assert_eq!(now["state"], "running", "{now}");
+    assert_eq!(now["pid"], steady, "{now}");
+    assert_eq!(now["restarts"], 0, "{now}");
+    let answer = ns.run(|| ask_tcp("127.0.0.1:8080".parse().expect("literal"), T))??;
+    assert_eq!(answer, format!("steady {steady}\n"));
+    hf.stop()?;
+    Ok(())
+}
+
+#[test]
+fn sigterm_ignored_means_sigkill_after_stop_timeout_for_the_whole_group() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    let main_file = sandbox.out("main");
+    let grandchild_file = sandbox.out("grandchild");
+    sandbox.write_unit(
+        "stubborn",
+        &format!(
+            r#"[service]
+exec = ["/bin/sh", "-c", "trap '' TERM; echo $$ > {main}; sleep 1000 & echo $! > {grandchild}; wait"]
+restart = "always"
+stop-timeout = "1s"
+"#,
+            main = main_file.display(),
+            grandchild = grandchild_file.display()
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let main = hf.wait_running("stubborn", T)?;
+    let read_pid = |p: &std::path::Path| -> Option<i32> {
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    };
+    let grandchild = wait_for("the grandchild's pid", T, || read_pid(&grandchild_file))?;
+    assert_eq!(
+        read_pid(&main_file),
+        Some(main),
+        "status pid is not the service's"
+    );
+    assert!(!process_gone(grandchild), "the grandchild is not running");
+
+    let asked = Instant::now();
+    hf.cli_ok(&["stop", "stubborn"])?;
+    let took = asked.elapsed();
+    if took < Duration::from_millis(900) {
+        bail!("stopped after {took:?}: SIGKILL came before stop-timeout (1s)");
+    }
+    if took > Duration::from_secs(6) {
+        bail!("stop took {took:?} with stop-timeout 1s");
+    }
+    let status = hf.service("stubborn")?;
+    assert_eq!(status["state"], "stopped", "{status}");
+    assert_eq!(status["pid"], serde_json::Value::Null, "{status}");
+    wait_for("the service to be gone", Duration::from_secs(2), || {
+        process_gone(main).then_some(())
+    })?;
+    wait_for("the grandchild to be gone", Duration::from_secs(2), || {
+        process_gone(grandchild).then_some(())
+    })?;
+    // An explicit stop is not a failure: restart = "always" does not bring it back.
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = hf.service("stubborn")?;
+    assert_eq!(status["state"], "stopped", "restarted after stop: {status}");
+    hf.stop()?;
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! What a service runs with and what becomes of its output: stdout and stderr in
+//! holdfast's log line by line with the service name; `user`/`group` drop
+//! privileges (supplementary groups included); `environment` and
+//! `working-directory` apply; a relative `exec` is found through PATH.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use holdfast_tests::{netns_or_skip, toml_str, wait_for, Holdfast, Sandbox};
+use nix::unistd::{Group, User};
+
+const T: Duration = Duration::from_secs(10);
+
+#[test]
+fn service_output_is_logged_line_by_line_with_its_name() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let mut hf = Holdfast::start(
+        &ns,
+        &[
+            (
+                "chatty",
+                // `sh` is relative: found through PATH.
+                r#"[service]
+exec = ["sh", "-c", "echo out-line-one; echo out-line-two; echo err-line-one >&2; exec sleep 1000"]
+"#,
+            ),
+            ("quiet", "[service]\nexec = [\"sleep\", \"1000\"]\n"),
+        ],
+    )?;
+    hf.wait_running("chatty", T)?;
+    let lines = wait_for("the service's output in the log", T, || {
+        let log = hf.log();
+        let wanted = ["out-line-one", "out-line-two", "err-line-one"];
+        let found: Vec<String> = wanted
+            .iter()
+            .filter_map(|w| log.lines().find(|l| l.contains(w)).map(String::from))
+            .collect();
+        (found.len() == wanted.len()).then_some(found)
+    })?;
+    for l in &lines {
+        assert!(l.contains("chatty"), "logged without the service name: {l}");
+        assert!(!l.contains("quiet"), "logged under the wrong service: {l}");
+    }
+    // Line by line: the two stdout lines are two log lines.
+    assert_ne!(lines[0], lines[1], "two output lines logged as one");
+    hf.stop()?;
+    Ok(())
+}
+
+/// `Uid:`/`Gid:`/`Groups:` of a `/proc/PID/status` text.
+fn ids(status: &str) -> BTreeMap<String, Vec<u32>> {
+    status
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| ["Uid", "Gid", "Groups"].contains(k))
+        .map(|(k, v)| {
+            (
+                k.to_owned(),
+                v.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn user_and_group_drop_privileges() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let nobody = User::from_name("nobody")?.context("no user nobody")?;
+    let daemon = Group::from_name("daemon")?.context("no group daemon")?;
+    let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let sandbox = Sandbox::new()?;
+    let dump = |tag: &str| {
+        format!(
+            r#"["/bin/sh", "-c", "cat /proc/self/status > {}; exec sleep 1000"]"#,
+            sandbox.out(&format!("{tag}.status")).display()
+        )
+    };
+    sandbox.write_units(&[
+        (
+            "as-nobody",
+            &format!(
+                "[service]\nexec = {}\nuser = \"nobody\"\n",
+                dump("as-nobody")
+            ),
+        ),
+        (
+            "as-nobody-daemon",
+            &format!(
+                "[service]\nexec = {}\nuser = \"nobody\"\ngroup = \"daemon\"\n",
+                dump("as-nobody-daemon")
+            ),
+        ),
+    ])?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    for (tag, want_gid) in [
+        ("as-nobody", gid),
+        ("as-nobody-daemon", daemon.gid.as_raw()),
+    ] {
+        hf.wait_running(tag, T)?;
+        let path = hf.sandbox().out(&format!("{tag}.status"));
+        let status = wait_for(&format!("{}", path.display()), T, || {
+            std::fs::read_to_string(&path)
+                .ok()
+                .filter(|s| s.contains("Groups:"))
+        })?;
+        let ids = ids(&status);
+        assert_eq!(
+            ids["Uid"], [uid; 4],
+            "{tag}: real, effective, saved, fs uid"
+        );
+        assert_eq!(
+            ids["Gid"], [want_gid; 4],
+            "{tag}: real, effective, saved, fs gid"
+        );
+        // Root's supplementary groups are dropped (the primary group may be listed).
+        assert!(
+            ids["Groups"].iter().all(|&g| g == want_gid),
+            "{tag}: supplementary groups kept: {:?}",
+            ids["Groups"]
+        );
+    }
+    hf.stop()?;
+    Ok(())
+}
+
+#[test]
+fn environment_and_working_directory_apply() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    let exec = sandbox.serve_exec("env")?;
+    let cwd = sandbox.out_dir();
+    sandbox.write_unit(
+        "env",
+        &format!(
+            r#"[service]
+exec = {exec}
+working-directory = {cwd}
+environment = {{ GREETING = "hello there", EMPTY = "" }}
+"#,
+            cwd = toml_str(&cwd.to_string_lossy())
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = hf.wait_running("env", T)?;
+    let report = hf.sandbox().wait_report("env", T, |r| r["pid"] == pid)?;
+    assert_eq!(report["env"]["GREETING"], "hello there", "{report}");
+    assert_eq!(report["env"]["EMPTY"], "", "{report}");
+    assert_eq!(report["cwd"], cwd.to_string_lossy().as_ref(), "{report}");
+    // No sockets: no LISTEN_* at all.
+    for k in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        assert!(
+            report["env"].get(k).is_none(),
+            "{k} set without sockets: {report}"
+        );
+    }
+    hf.stop()?;
+    Ok(())
+}
