@@ -56,9 +56,10 @@ pub use peer::{
 };
 pub use sandbox::{toml_array, toml_str, Sandbox, PYTHON, SERVE_PY};
 
-/// True under `CI=true`, where privileged tests must fail rather than skip.
+/// True under `CI=true` (or `CI=1`, as xtask also accepts), where privileged
+/// tests must fail rather than skip.
 pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 /// The skip policy: `Some(value)` when the probe succeeded. When it failed: under

@@ -12,12 +12,23 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use holdfast_tests::{
     ask_tcp, control_request_as, holdfast_cli, netns_or_skip, process_gone, wait_for, Holdfast,
-    PeerOutcome, Sandbox,
+    Netns, PeerOutcome, Sandbox,
 };
 use nix::errno::Errno;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(10);
+
+/// A daemon with one serve.py service `web` on TCP 127.0.0.1:8080, running and
+/// past its start-up (its report is written, its SIGTERM handler in place).
+fn web_daemon(ns: &Netns) -> Result<(Holdfast, i32)> {
+    let sandbox = Sandbox::new()?;
+    sandbox.write_serve_unit("web", 8080, "")?;
+    let hf = Holdfast::start_in(ns, sandbox)?;
+    let pid = hf.wait_running("web", T)?;
+    hf.sandbox().wait_report("web", T, |r| r["pid"] == pid)?;
+    Ok((hf, pid))
+}
 
 /// One request line from root, one reply line back.
 fn ask_control(hf: &Holdfast, request: &[u8]) -> Result<Value> {
@@ -36,9 +47,7 @@ fn non_root_peer_is_refused() -> Result<()> {
     let Some(ns) = netns_or_skip() else {
         return Ok(());
     };
-    let sandbox = Sandbox::new()?;
-    sandbox.write_serve_unit("web", 8080, "")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let (mut hf, _) = web_daemon(&ns)?;
     let sock = hf.sandbox().control_socket();
     let mode = std::fs::metadata(&sock)?.permissions().mode() & 0o7777;
     assert_eq!(mode, 0o600, "control socket mode {mode:o}");
@@ -76,10 +85,7 @@ fn malformed_idle_and_oversized_requests_do_not_disturb_the_daemon() -> Result<(
     let Some(ns) = netns_or_skip() else {
         return Ok(());
     };
-    let sandbox = Sandbox::new()?;
-    sandbox.write_serve_unit("web", 8080, "")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    let (mut hf, pid) = web_daemon(&ns)?;
 
     // A client that connects and says nothing must not block the others.
     let idle = UnixStream::connect(hf.sandbox().control_socket())?;
@@ -199,10 +205,7 @@ fn stop_start_restart_keep_the_sockets_open() -> Result<()> {
     let Some(ns) = netns_or_skip() else {
         return Ok(());
     };
-    let sandbox = Sandbox::new()?;
-    sandbox.write_serve_unit("web", 8080, "")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let first = hf.wait_running("web", T)?;
+    let (mut hf, first) = web_daemon(&ns)?;
     let addr: SocketAddr = "127.0.0.1:8080".parse()?;
 
     hf.cli_ok(&["restart", "web"])?;
@@ -257,5 +260,23 @@ fn cli_exit_codes() -> Result<()> {
         Some(1),
         "check on an invalid unit: {out:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn sigint_stops_gracefully_too() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let (mut hf, pid) = web_daemon(&ns)?;
+    hf.signal(nix::sys::signal::Signal::SIGINT)?;
+    let status = hf.wait_exit(holdfast_tests::STOP_TIMEOUT)?;
+    assert_eq!(status.code(), Some(0), "after SIGINT: {status}");
+    assert_eq!(
+        std::fs::read_to_string(hf.sandbox().out("web.term")).ok(),
+        Some(format!("{pid}\n")),
+        "web was not stopped with SIGTERM"
+    );
+    ns.expect_empty()?;
     Ok(())
 }

@@ -165,3 +165,56 @@ environment = {{ GREETING = "hello there", EMPTY = "" }}
     hf.stop()?;
     Ok(())
 }
+
+#[test]
+fn orphans_are_adopted_and_reaped_by_holdfast() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    let orphan_file = sandbox.out("orphan");
+    // The inner shell starts a sleep and exits at once: the sleep is orphaned.
+    let script = format!(
+        "sh -c 'sleep 1 & echo $! > {}'; exec sleep 1000",
+        orphan_file.display()
+    );
+    sandbox.write_unit(
+        "parent",
+        &format!(
+            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
+            toml_str(&script)
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    hf.wait_running("parent", T)?;
+    let orphan: i32 = wait_for("the orphan's pid", T, || {
+        std::fs::read_to_string(&orphan_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })?;
+    // Adopted by holdfast, the child subreaper, once its parent has exited…
+    let ppid = wait_for("the orphan's new parent", T, || {
+        let status = std::fs::read_to_string(format!("/proc/{orphan}/status")).ok()?;
+        let ppid: i32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        (ppid != 0 && !is_shell_of(ppid)).then_some(ppid)
+    })?;
+    assert_eq!(ppid, hf.pid(), "the orphan was not adopted by holdfast");
+    // …and reaped when it exits: no zombie left.
+    wait_for("the orphan to be reaped", Duration::from_secs(5), || {
+        holdfast_tests::proc_state(orphan).is_none().then_some(())
+    })?;
+    hf.stop()?;
+    Ok(())
+}
+
+/// True while `pid` is a shell (the orphan's original parent, not yet exited).
+fn is_shell_of(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sh")
+}
