@@ -6,7 +6,9 @@
 //! - [`GENERATION_MAP`]: ARRAY, one `u32`: the live generation (0 or 1).
 //! - [`PORT_CLASS_MAP`]: ARRAY of `u32` port classes, indexed by
 //!   [`port_class_index`] (generation × protocol × port); class 0 means no binding.
-//! - [`BINDINGS_MAP`]: LPM_TRIE from `Key<`[`TrieKey`]`>` to a destination id.
+//! - [`LENGTHS_MAP`]: ARRAY of [`LengthSlot`]s, [`LENGTH_SLOTS`] per generation:
+//!   the distinct prefix lengths of the bindings, longest first, then an end slot.
+//! - [`BINDINGS_MAP`]: HASH from [`BindingKey`] to a destination id.
 //! - [`SOCKETS_MAP`]: SOCKMAP from destination id to socket.
 //! - [`COUNTERS_MAP`]: PERCPU_ARRAY of [`Counters`] per destination id.
 #![no_std]
@@ -19,6 +21,7 @@ pub const EMPTY_PROGRAM: &str = "holdfast_empty";
 pub const GENERATION_MAP: &str = "HF_GENERATION";
 pub const PORT_CLASS_MAP: &str = "HF_PORT_CLASS";
 pub const BINDINGS_MAP: &str = "HF_BINDINGS";
+pub const LENGTHS_MAP: &str = "HF_LENGTHS";
 pub const SOCKETS_MAP: &str = "HF_SOCKETS";
 pub const COUNTERS_MAP: &str = "HF_COUNTERS";
 
@@ -27,8 +30,12 @@ pub const MAX_DESTINATIONS: u32 = 4096;
 /// A trie value meaning "no binding": the program passes (used to keep IPv6
 /// prefixes such as `::/0` from matching IPv4 traffic).
 pub const NO_DESTINATION: u32 = u32::MAX;
-/// Default LPM trie capacity (both generations together); userspace may raise it at load.
-pub const DEFAULT_TRIE_ENTRIES: u32 = 1 << 21;
+/// Default capacity of the bindings hash (both generations together); userspace
+/// sets it at load. The kernel allocates entries as they are inserted
+/// (BPF_F_NO_PREALLOC) but its bucket array (16 bytes each) up front.
+pub const DEFAULT_BINDING_ENTRIES: u32 = 1 << 16;
+/// Prefix lengths 0..=128, plus the end slot.
+pub const LENGTH_SLOTS: u32 = 130;
 
 /// Protocol slots in the port class array.
 pub const PROTO_TCP: u32 = 0;
@@ -45,28 +52,62 @@ pub const fn port_class_index(generation: u32, proto: u32, port: u32) -> u32 {
     (((generation & 1) << 1 | (proto & 1)) << 16) | (port & 0xffff)
 }
 
-/// IPPROTO numbers, as they appear in the sk_lookup context and in [`TrieKey::protocol`].
+/// IPPROTO numbers, as they appear in the sk_lookup context and in [`BindingKey::protocol`].
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// The LPM trie key data after the prefix length. Every field before `addr` is
-/// always matched in full, so a trie prefix length is [`TRIE_FIXED_BITS`] plus the
-/// address prefix length in the IPv4-mapped IPv6 space.
+/// The key of one binding entry: the address is masked to `prefix_len` bits.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TrieKey {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BindingKey {
     /// IPPROTO_TCP or IPPROTO_UDP.
     pub protocol: u8,
     /// 0 or 1.
     pub generation: u8,
-    /// The port class, big-endian.
-    pub class: [u8; 2],
-    /// The local address as 16 bytes; IPv4 as `::ffff:a.b.c.d`.
-    pub addr: [u8; 16],
+    pub class: u16,
+    /// In the IPv4-mapped IPv6 space, 0..=128.
+    pub prefix_len: u8,
+    pub _pad: [u8; 3],
+    /// The address's high and low 64 bits (as numbers); IPv4 as `::ffff:a.b.c.d`.
+    pub addr_hi: u64,
+    pub addr_lo: u64,
 }
 
-/// Bits of [`TrieKey`] before the address.
-pub const TRIE_FIXED_BITS: u32 = 32;
+/// One prefix length to try, with its masks (precomputed so that the program
+/// has no branches in its loop), or the end of the list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LengthSlot {
+    pub mask_hi: u64,
+    pub mask_lo: u64,
+    pub prefix_len: u32,
+    /// Non-zero: no more lengths.
+    pub end: u32,
+}
+
+impl LengthSlot {
+    pub const END: LengthSlot = LengthSlot {
+        mask_hi: 0,
+        mask_lo: 0,
+        prefix_len: 0,
+        end: 1,
+    };
+
+    pub const fn new(prefix_len: u8) -> LengthSlot {
+        let len = prefix_len as u32;
+        let mask: u128 = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        };
+        LengthSlot {
+            mask_hi: (mask >> 64) as u64,
+            mask_lo: mask as u64,
+            prefix_len: len,
+            end: 0,
+        }
+    }
+}
 
 /// Per-destination counters, one copy per CPU.
 #[repr(C)]
@@ -82,9 +123,14 @@ pub struct Counters {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: TrieKey is repr(C), Copy, made only of byte fields: no padding, any bit
-    // pattern is valid.
-    unsafe impl aya::Pod for super::TrieKey {}
+    // SAFETY: BindingKey is repr(C), Copy, its padding is an explicit field: no
+    // implicit padding, any bit pattern is valid.
+    unsafe impl aya::Pod for super::BindingKey {}
+    // SAFETY: LengthSlot is repr(C), Copy, two u64 and two u32: no padding.
+    unsafe impl aya::Pod for super::LengthSlot {}
     // SAFETY: Counters is repr(C), Copy, three u64: no padding, any bit pattern is valid.
     unsafe impl aya::Pod for super::Counters {}
 }
+
+const _: () = assert!(core::mem::size_of::<BindingKey>() == 24);
+const _: () = assert!(core::mem::size_of::<LengthSlot>() == 24);

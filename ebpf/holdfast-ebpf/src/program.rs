@@ -7,15 +7,17 @@ use core::{
 };
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action},
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
     macros::{map, sk_lookup},
-    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::SkLookupContext,
 };
 use holdfast_common::{
-    port_class_index, Counters, TrieKey, DEFAULT_TRIE_ENTRIES, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_DESTINATIONS, NO_DESTINATION, PORT_CLASS_ENTRIES, PROTO_TCP, PROTO_UDP, TRIE_FIXED_BITS,
+    port_class_index, BindingKey, Counters, LengthSlot, DEFAULT_BINDING_ENTRIES, IPPROTO_TCP,
+    IPPROTO_UDP, LENGTH_SLOTS, MAX_DESTINATIONS, NO_DESTINATION, PORT_CLASS_ENTRIES, PROTO_TCP,
+    PROTO_UDP,
 };
 
 const AF_INET: u32 = 2;
@@ -27,8 +29,12 @@ static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "HF_PORT_CLASS")]
 static PORT_CLASS: Array<u32> = Array::with_max_entries(PORT_CLASS_ENTRIES, 0);
 
+#[map(name = "HF_LENGTHS")]
+static LENGTHS: Array<LengthSlot> = Array::with_max_entries(2 * LENGTH_SLOTS, 0);
+
 #[map(name = "HF_BINDINGS")]
-static BINDINGS: LpmTrie<TrieKey, u32> = LpmTrie::with_max_entries(DEFAULT_TRIE_ENTRIES, 0);
+static BINDINGS: HashMap<BindingKey, u32> =
+    HashMap::with_max_entries(DEFAULT_BINDING_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// A legacy map definition for the sockmap, written out because aya-ebpf's
 /// `SockMap` declares a 4-byte value: with an 8-byte value, a userspace lookup
@@ -151,32 +157,49 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
         Some(c) if *c != 0 => *c,
         _ => return sk_action::SK_PASS,
     };
-    let mut addr = [0u8; 16];
-    if l.family == AF_INET {
-        addr[10] = 0xff;
-        addr[11] = 0xff;
-        addr[12..16].copy_from_slice(&l.local_ip4.to_ne_bytes());
+    // The address as two 64-bit numbers; IPv4 as ::ffff:a.b.c.d.
+    let (hi, lo) = if l.family == AF_INET {
+        (
+            0u64,
+            0xffff_0000_0000u64 | u64::from(u32::from_be(l.local_ip4)),
+        )
     } else if l.family == AF_INET6 {
-        addr[0..4].copy_from_slice(&l.local_ip6[0].to_ne_bytes());
-        addr[4..8].copy_from_slice(&l.local_ip6[1].to_ne_bytes());
-        addr[8..12].copy_from_slice(&l.local_ip6[2].to_ne_bytes());
-        addr[12..16].copy_from_slice(&l.local_ip6[3].to_ne_bytes());
+        let w = |i: usize| u64::from(u32::from_be(l.local_ip6[i]));
+        ((w(0) << 32) | w(1), (w(2) << 32) | w(3))
     } else {
         return sk_action::SK_PASS;
-    }
-    let key = Key::new(
-        TRIE_FIXED_BITS + 128,
-        TrieKey {
-            protocol: ipproto,
-            generation: generation as u8,
-            class: (class as u16).to_be_bytes(),
-            addr,
-        },
-    );
-    let dest = match BINDINGS.get(&key) {
-        Some(d) => *d,
-        None => return sk_action::SK_PASS,
     };
+    let mut key = BindingKey {
+        protocol: ipproto,
+        generation: generation as u8,
+        class: class as u16,
+        ..BindingKey::default()
+    };
+    // Longest prefix first: the first length with an entry wins. The compiler
+    // stored, for each (class, prefix), the narrowest binding, so this is
+    // "longest prefix, then narrowest range". At most 129 hash lookups, however
+    // many bindings there are; as many as distinct prefix lengths are in use.
+    let base = generation * LENGTH_SLOTS;
+    let mut dest = NO_DESTINATION;
+    let mut i = 0;
+    while i < LENGTH_SLOTS {
+        let slot = match LENGTHS.get(base + i) {
+            Some(s) => s,
+            None => return sk_action::SK_PASS,
+        };
+        if slot.end != 0 {
+            return sk_action::SK_PASS;
+        }
+        key.prefix_len = slot.prefix_len as u8;
+        key.addr_hi = hi & slot.mask_hi;
+        key.addr_lo = lo & slot.mask_lo;
+        if let Some(d) = BINDINGS.get_ptr(&key) {
+            // SAFETY: a value pointer from a successful lookup, valid in this run.
+            dest = unsafe { *d };
+            break;
+        }
+        i += 1;
+    }
     if dest == NO_DESTINATION {
         return sk_action::SK_PASS;
     }

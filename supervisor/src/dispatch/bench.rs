@@ -20,7 +20,7 @@ const PORT: u16 = 8080;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchFigure {
     pub bindings: usize,
-    pub trie_entries: usize,
+    pub binding_entries: usize,
     /// ns per run of the lookup program on a hit that selects a socket.
     pub hit_ns: u32,
     /// ns per run of the empty program in the same rounds.
@@ -35,7 +35,7 @@ pub struct BenchReport {
     pub repeat: u32,
     pub rounds: u32,
     pub figures: Vec<BenchFigure>,
-    /// Trie entries for one binding on ports 1-65535 …
+    /// Binding entries for one binding on ports 1-65535 …
     pub entries_all_ports: usize,
     /// … and for one binding on a single port.
     pub entries_one_port: usize,
@@ -68,7 +68,7 @@ fn median(mut v: Vec<u32>) -> u32 {
 }
 
 /// Measures a hit at each of `sizes` binding counts, `rounds` rounds of
-/// `repeat` runs each (lookup and empty program alternating), and counts trie
+/// `repeat` runs each (lookup and empty program alternating), and counts binding
 /// entries for an all-ports binding against a single-port one. Needs CAP_BPF.
 pub fn bench_lookup(
     sizes: &[usize],
@@ -78,7 +78,7 @@ pub fn bench_lookup(
     let largest = sizes.iter().copied().max().unwrap_or(1);
     // Both generations coexist during a change.
     let capacity = u32::try_from(2 * largest + 1024).unwrap_or(u32::MAX);
-    let mut loaded = Loaded::load(capacity.max(holdfast_common::DEFAULT_TRIE_ENTRIES), None)?;
+    let mut loaded = Loaded::load(capacity.max(holdfast_common::DEFAULT_BINDING_ENTRIES), None)?;
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|source| DispatchError::BenchSetup {
             what: "listener",
@@ -102,9 +102,9 @@ pub fn bench_lookup(
             last: 65535,
         },
     )])?;
-    let entries_all_ports = loaded.trie_entries()?;
+    let entries_all_ports = loaded.binding_entries()?;
     loaded.apply(&[binding(nth_address(0), one_port)])?;
-    let entries_one_port = loaded.trie_entries()?;
+    let entries_one_port = loaded.binding_entries()?;
 
     let mut figures = Vec::new();
     for &n in sizes {
@@ -146,7 +146,7 @@ pub fn bench_lookup(
         let (hit_ns, empty_ns) = (median(hits), median(empties));
         figures.push(BenchFigure {
             bindings: n,
-            trie_entries: loaded.live_entries.len(),
+            binding_entries: loaded.live_entries.len(),
             hit_ns,
             empty_ns,
             ratio: f64::from(hit_ns) / f64::from(empty_ns.max(1)),

@@ -1,18 +1,18 @@
 //! The bindings compiler: turns a set of [`Binding`]s into the contents of the
-//! lookup maps (a port → port class table per protocol, and LPM trie entries
+//! lookup maps (a port → port class table per protocol, and binding entries
 //! keyed by protocol, port class and address prefix). Pure: no syscalls, so
 //! every precedence rule is tested here without root.
 //!
 //! Port classes are the elementary intervals of all declared port ranges of a
 //! protocol: two ports share a class exactly when every range contains both or
-//! neither. A binding costs one trie entry per class its range spans, so a range
+//! neither. A binding costs one entry per class its range spans, so a range
 //! that no other range cuts (e.g. 1-65535 alone) costs one entry however many
 //! ports it covers.
 //!
 //! Precedence is resolved here, not in the program: for each (class, prefix) the
 //! entry holds the narrowest binding with that prefix whose range contains the
-//! class; the trie's longest-prefix match then gives "longest prefix first, then
-//! narrowest range". Two bindings with the same prefix, overlapping ranges of the
+//! class; the program's longest-prefix-first search then gives "longest prefix
+//! first, then narrowest range". Two bindings with the same prefix, overlapping ranges of the
 //! same width and different destinations are ambiguous and rejected.
 
 use std::collections::HashMap;
@@ -23,16 +23,16 @@ use holdfast_common::{IPPROTO_TCP, IPPROTO_UDP};
 use super::{Binding, DestinationId, DispatchError};
 use crate::unit::{IpPrefix, Protocol};
 
-/// A trie value meaning "no binding here": the program lets the kernel's normal
+/// An entry value meaning "no binding here": the program lets the kernel's normal
 /// lookup go on. Shadows IPv6 prefixes such as `::/0` in the IPv4-mapped space.
 pub use holdfast_common::NO_DESTINATION;
 
 /// Number of port-class slots: one per protocol.
 pub const PROTOCOLS: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
 
-/// One LPM trie entry, independent of the generation it is written to.
+/// One binding entry, independent of the generation it is written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TrieEntry {
+pub struct BindingEntry {
     /// IPPROTO_TCP or IPPROTO_UDP.
     pub protocol: u8,
     pub class: u16,
@@ -48,8 +48,8 @@ pub struct Compiled {
     /// Port → class (0: no binding), indexed `[protocol slot][port]`, slots in
     /// [`PROTOCOLS`] order.
     pub classes: [Vec<u16>; 2],
-    /// Sorted trie entries and their destination (or [`NO_DESTINATION`]).
-    pub entries: Vec<(TrieEntry, DestinationId)>,
+    /// Sorted entries and their destination (or [`NO_DESTINATION`]).
+    pub entries: Vec<(BindingEntry, DestinationId)>,
 }
 
 impl Compiled {
@@ -194,7 +194,7 @@ pub fn compile(bindings: &[Binding], max_destinations: u32) -> Result<Compiled, 
         out.entries
             .extend(best.into_iter().map(|((class, prefix_len, addr), c)| {
                 (
-                    TrieEntry {
+                    BindingEntry {
                         protocol: ipproto,
                         class,
                         prefix_len,
@@ -570,6 +570,9 @@ mod tests {
                 assert_eq!(c.lookup(Tcp, addr, port), want, "{addr} port {port}");
             }
         }
-        assert!(compiled_rounds > 10, "only {compiled_rounds} unambiguous draws");
+        assert!(
+            compiled_rounds > 10,
+            "only {compiled_rounds} unambiguous draws"
+        );
     }
 }

@@ -10,24 +10,33 @@
 //! For a packet (protocol, local address, local port) the program reads the live
 //! generation `g` (one-entry ARRAY), then the port class of the port in `g`
 //! (ARRAY of 2 generations × 2 protocols × 65536 ports; class 0: no binding,
-//! SK_PASS), then looks up {protocol, g, class, address} in an LPM trie (IPv4 as
-//! `::ffff:a.b.c.d`), giving a destination id, then the sockmap slot of that id:
-//! missing socket → SK_DROP and a miss; `bpf_sk_assign` failing → SK_DROP and an
-//! error; otherwise SK_PASS with the socket selected. The cost is a fixed number
-//! of map lookups whatever the number of bindings; memory grows with bindings
-//! times the port classes each spans, never with ports (see [`compile`]).
+//! SK_PASS). Then, for each prefix length in use, longest first (an ARRAY per
+//! generation lists them, with their masks), it looks up {protocol, g, class,
+//! length, address masked to length} in a HASH (IPv4 as `::ffff:a.b.c.d`); the
+//! first hit is the destination id. Its sockmap slot is then selected: missing
+//! socket → SK_DROP and a miss; `bpf_sk_assign` failing → SK_DROP and an error;
+//! otherwise SK_PASS with the socket selected.
+//!
+//! A lookup costs one hash lookup per distinct prefix length in use (at most
+//! 129), whatever the number of bindings; an LPM trie, tried first, costs one
+//! node per bit of depth, which grows with the number of bindings (the
+//! benchmark measured 2.6× from 1 to 100k bindings). Memory grows with
+//! bindings times the port classes each spans, never with ports (see
+//! [`compile`]): entries are allocated as inserted (BPF_F_NO_PREALLOC); only the
+//! hash's bucket array is sized up front by its capacity.
 //!
 //! # Atomicity of a change of bindings
 //!
 //! Every lookup sees the old set or the new set, never a mix:
 //! 1. The two generations live side by side in the same maps: the port class
-//!    array has a half per generation, and every trie key carries its generation.
+//!    array and the prefix-length array have a half per generation, and every
+//!    binding key carries its generation.
 //!    [`Dispatcher::apply`] writes the whole new set into the *idle* generation,
 //!    which no lookup reads.
 //! 2. It then flips the live generation with one update of the one-entry ARRAY,
 //!    a single aligned 4-byte store: a lookup reads either the old or the new value.
 //! 3. The program reads the generation once, at its start, and uses that value
-//!    for both the port class and the trie key, so a lookup running across the
+//!    for the port class, the prefix lengths and the binding keys, so a lookup running across the
 //!    flip finishes entirely in the generation it started in.
 //! 4. Before deleting the old generation's entries, `apply` waits for every
 //!    program run that might still be using them to end: sk_lookup runs inside an
@@ -60,16 +69,17 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::{links::FdLink, SkLookup};
 use aya::{Ebpf, EbpfLoader};
 use holdfast_common::{
-    port_class_index, TrieKey, BINDINGS_MAP, COUNTERS_MAP, DEFAULT_TRIE_ENTRIES, EMPTY_PROGRAM,
-    GENERATION_MAP, LOOKUP_PROGRAM, MAX_DESTINATIONS, PORT_CLASS_MAP, SOCKETS_MAP, TRIE_FIXED_BITS,
+    port_class_index, BindingKey, LengthSlot, BINDINGS_MAP, COUNTERS_MAP, EMPTY_PROGRAM,
+    GENERATION_MAP, LENGTHS_MAP, LENGTH_SLOTS, LOOKUP_PROGRAM, PORT_CLASS_MAP, SOCKETS_MAP,
 };
 
 pub use bench::{bench_lookup, BenchFigure, BenchReport};
-pub use compile::{compile, Compiled, TrieEntry};
+pub use compile::{compile, BindingEntry, Compiled};
+pub use holdfast_common::{DEFAULT_BINDING_ENTRIES, MAX_DESTINATIONS};
 
 use crate::unit::{IpPrefix, PortRange, Protocol};
 
@@ -193,7 +203,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ho
 /// (without attaching it). The error says plainly what is missing.
 pub fn probe() -> Result<(), DispatchError> {
     pins::ensure_bpffs()?;
-    Loaded::load(DEFAULT_TRIE_ENTRIES, None).map(drop)
+    Loaded::load(DEFAULT_BINDING_ENTRIES, None).map(drop)
 }
 
 /// The shadow of the port class array: `[generation][protocol slot * 65536 + port]`.
@@ -204,15 +214,16 @@ struct Loaded {
     ebpf: Ebpf,
     generation: Array<MapData, u32>,
     port_class: Array<MapData, u32>,
-    trie: LpmTrie<MapData, TrieKey, u32>,
+    lengths: Array<MapData, LengthSlot>,
+    entries: HashMap<MapData, BindingKey, u32>,
     sockets: MapData,
     counters: PerCpuArray<MapData, holdfast_common::Counters>,
     /// The live generation, 0 or 1.
     live: u32,
-    /// Trie entries of the live generation.
-    live_entries: Vec<(TrieEntry, DestinationId)>,
+    /// Binding entries of the live generation.
+    live_entries: Vec<(BindingEntry, DestinationId)>,
     /// Entries of the idle generation that could not be deleted yet.
-    idle_leftovers: Vec<TrieEntry>,
+    idle_leftovers: Vec<BindingEntry>,
     /// What the port class array holds, per generation (`u16::MAX`: unknown).
     classes: ClassShadow,
     bindings: Vec<Binding>,
@@ -226,27 +237,28 @@ fn map_err(
     move |source| DispatchError::Map { op, map, source }
 }
 
-fn trie_key(e: &TrieEntry, generation: u32) -> Key<TrieKey> {
-    Key::new(
-        TRIE_FIXED_BITS + u32::from(e.prefix_len),
-        TrieKey {
-            protocol: e.protocol,
-            generation: generation as u8,
-            class: e.class.to_be_bytes(),
-            addr: e.addr,
-        },
-    )
+fn binding_key(e: &BindingEntry, generation: u32) -> BindingKey {
+    let addr = u128::from_be_bytes(e.addr);
+    BindingKey {
+        protocol: e.protocol,
+        generation: generation as u8,
+        class: e.class,
+        prefix_len: e.prefix_len,
+        _pad: [0; 3],
+        addr_hi: (addr >> 64) as u64,
+        addr_lo: addr as u64,
+    }
 }
 
 impl Loaded {
-    /// Loads the object with a trie of `trie_capacity` entries (both generations
-    /// together), pinning the maps into `pin_dir` if given.
-    fn load(trie_capacity: u32, pin_dir: Option<&Path>) -> Result<Loaded, DispatchError> {
+    /// Loads the object with room for `capacity` binding entries (both
+    /// generations together), pinning the maps into `pin_dir` if given.
+    fn load(capacity: u32, pin_dir: Option<&Path>) -> Result<Loaded, DispatchError> {
         if OBJECT.is_empty() {
             return Err(DispatchError::NotBuilt);
         }
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(BINDINGS_MAP, trie_capacity)
+            .map_max_entries(BINDINGS_MAP, capacity)
             .load(OBJECT)
             .map_err(|source| DispatchError::LoadObject { source })?;
         for name in [LOOKUP_PROGRAM, EMPTY_PROGRAM] {
@@ -258,6 +270,7 @@ impl Loaded {
             for name in [
                 GENERATION_MAP,
                 PORT_CLASS_MAP,
+                LENGTHS_MAP,
                 BINDINGS_MAP,
                 SOCKETS_MAP,
                 COUNTERS_MAP,
@@ -277,7 +290,9 @@ impl Loaded {
             .map_err(map_err("open", GENERATION_MAP))?;
         let port_class = Array::try_from(take(&mut ebpf, PORT_CLASS_MAP)?)
             .map_err(map_err("open", PORT_CLASS_MAP))?;
-        let trie = LpmTrie::try_from(take(&mut ebpf, BINDINGS_MAP)?)
+        let lengths =
+            Array::try_from(take(&mut ebpf, LENGTHS_MAP)?).map_err(map_err("open", LENGTHS_MAP))?;
+        let entries = HashMap::try_from(take(&mut ebpf, BINDINGS_MAP)?)
             .map_err(map_err("open", BINDINGS_MAP))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)
             .map_err(map_err("open", COUNTERS_MAP))?;
@@ -294,7 +309,8 @@ impl Loaded {
             ebpf,
             generation,
             port_class,
-            trie,
+            lengths,
+            entries,
             sockets,
             counters,
             live: 0,
@@ -322,7 +338,7 @@ impl Loaded {
 
         // Empty the idle generation of anything an earlier change left behind.
         while let Some(e) = self.idle_leftovers.last() {
-            match self.trie.remove(&trie_key(e, idle)) {
+            match self.entries.remove(&binding_key(e, idle)) {
                 Ok(()) => {}
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(source) => return Err(map_err("delete from", BINDINGS_MAP)(source)),
@@ -354,9 +370,21 @@ impl Loaded {
             shadow[slot << 16..(slot + 1) << 16].copy_from_slice(classes);
         }
 
-        // 2. Trie entries of the idle generation.
+        // 2. Prefix lengths, longest first, then entries of the idle generation.
+        let mut lengths: Vec<u8> = compiled.entries.iter().map(|(e, _)| e.prefix_len).collect();
+        lengths.sort_unstable_by(|a, b| b.cmp(a));
+        lengths.dedup();
+        let slots = lengths
+            .iter()
+            .map(|l| LengthSlot::new(*l))
+            .chain(std::iter::once(LengthSlot::END));
+        for (i, slot) in slots.enumerate() {
+            self.lengths
+                .set(idle * LENGTH_SLOTS + i as u32, slot, 0)
+                .map_err(map_err("update", LENGTHS_MAP))?;
+        }
         for (n, (entry, dest)) in compiled.entries.iter().enumerate() {
-            if let Err(source) = self.trie.insert(&trie_key(entry, idle), dest, 0) {
+            if let Err(source) = self.entries.insert(binding_key(entry, idle), dest, 0) {
                 self.idle_leftovers
                     .extend(compiled.entries[..n].iter().map(|(e, _)| *e));
                 return Err(map_err("insert into", BINDINGS_MAP)(source));
@@ -382,7 +410,7 @@ impl Loaded {
         self.idle_leftovers
             .extend(old_entries.iter().map(|(e, _)| *e));
         while let Some(e) = self.idle_leftovers.last() {
-            match self.trie.remove(&trie_key(e, old)) {
+            match self.entries.remove(&binding_key(e, old)) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
                     self.idle_leftovers.pop();
                 }
@@ -466,9 +494,9 @@ impl Loaded {
         Ok(out)
     }
 
-    fn trie_entries(&self) -> Result<usize, DispatchError> {
+    fn binding_entries(&self) -> Result<usize, DispatchError> {
         let mut n = 0;
-        for key in self.trie.keys() {
+        for key in self.entries.keys() {
             key.map_err(map_err("iterate", BINDINGS_MAP))?;
             n += 1;
         }
@@ -526,6 +554,18 @@ impl Dispatcher {
     /// namespace at `netns` (e.g. `/proc/self/ns/net`) and pins the link, under
     /// `/sys/fs/bpf/holdfast/<instance>`, replacing a stale instance.
     pub fn attach(instance: &str, netns: &Path) -> Result<Dispatcher, DispatchError> {
+        Self::attach_with_capacity(instance, netns, DEFAULT_BINDING_ENTRIES)
+    }
+
+    /// [`Dispatcher::attach`] with room for `capacity` binding entries, both
+    /// generations together (so a set may use half); the default is
+    /// [`DEFAULT_BINDING_ENTRIES`]. The kernel allocates 16 bytes per slot of
+    /// capacity up front (hash buckets) and each entry as it is inserted.
+    pub fn attach_with_capacity(
+        instance: &str,
+        netns: &Path,
+        capacity: u32,
+    ) -> Result<Dispatcher, DispatchError> {
         pins::check_instance(instance)?;
         pins::ensure_bpffs()?;
         let netns_file = File::open(netns).map_err(|source| DispatchError::OpenNetns {
@@ -534,7 +574,7 @@ impl Dispatcher {
         })?;
         let lock = pins::lock_root()?;
         let staging = pins::create_staging(&lock, instance)?;
-        let result = Self::attach_into(&staging, &netns_file, netns);
+        let result = Self::attach_into(&staging, &netns_file, netns, capacity);
         let (loaded, link) = match result {
             Ok(ok) => ok,
             Err(e) => {
@@ -563,8 +603,9 @@ impl Dispatcher {
         staging: &Path,
         netns_file: &File,
         netns: &Path,
+        capacity: u32,
     ) -> Result<(Loaded, FdLink), DispatchError> {
-        let mut loaded = Loaded::load(DEFAULT_TRIE_ENTRIES, Some(staging))?;
+        let mut loaded = Loaded::load(capacity, Some(staging))?;
         let prog = sk_lookup_program(&mut loaded.ebpf, LOOKUP_PROGRAM)?;
         let prog_path = staging.join(LOOKUP_PROGRAM);
         prog.pin(&prog_path).map_err(|source| DispatchError::Pin {
@@ -638,9 +679,10 @@ impl Dispatcher {
         self.loaded.socket_present(dest)
     }
 
-    /// Entries in the LPM trie (the live generation once `apply` has returned).
-    pub fn trie_entries(&self) -> Result<usize, DispatchError> {
-        self.loaded.trie_entries()
+    /// Entries in the bindings hash, as the kernel counts them (the live
+    /// generation only, once `apply` has returned).
+    pub fn binding_entries(&self) -> Result<usize, DispatchError> {
+        self.loaded.binding_entries()
     }
 
     /// Detaches the program, unpins everything and removes the instance directory.

@@ -483,11 +483,11 @@ fn all_ports_binding_costs_one_entry() {
     d.get()
         .apply(&[binding(Protocol::Tcp, "192.0.2.0/24", 80, 80, 1)])
         .unwrap();
-    assert_eq!(d.get().trie_entries().unwrap(), 1);
+    assert_eq!(d.get().binding_entries().unwrap(), 1);
     d.get()
         .apply(&[binding(Protocol::Tcp, "192.0.2.0/24", 1, 65535, 1)])
         .unwrap();
-    assert_eq!(d.get().trie_entries().unwrap(), 1);
+    assert_eq!(d.get().binding_entries().unwrap(), 1);
     let mut rng = Rng::new();
     for port in [
         1,
@@ -591,7 +591,11 @@ fn apply_is_atomic() {
         ok > 100 && flips > 20,
         "too little traffic: {ok} connections, {flips} flips"
     );
-    assert_eq!(d.get().trie_entries().unwrap(), 1, "old generation emptied");
+    assert_eq!(
+        d.get().binding_entries().unwrap(),
+        1,
+        "old generation emptied"
+    );
     eprintln!("apply_is_atomic: {ok} connections across {flips} flips, 0 refused");
 }
 
@@ -615,6 +619,7 @@ fn detach_leaves_nothing_and_restart_replaces_stale_pins() {
             "HF_BINDINGS",
             "HF_COUNTERS",
             "HF_GENERATION",
+            "HF_LENGTHS",
             "HF_PORT_CLASS",
             "HF_SOCKETS",
             "holdfast_lookup",
