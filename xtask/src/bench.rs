@@ -61,9 +61,8 @@ type Step = fn(&Bench) -> Result<Vec<Row>>;
 /// Every benchmark, in the order they run. `--only NAME` picks some.
 pub const STEPS: &[(&str, Step)] = &[("holdfast-bench", holdfast_bench)];
 
-/// Runs the chosen steps (all when `only` is empty) and prints the table (or JSON lines).
-/// Returns whether every step that ran succeeded.
-pub fn run(bench: &Bench, only: &[String], json: bool) -> Result<bool> {
+/// Every name in `only` is a step (checked before anything is built).
+pub fn check_steps(only: &[String]) -> Result<()> {
     for name in only {
         if !STEPS.iter().any(|(n, _)| n == name) {
             let known: Vec<_> = STEPS.iter().map(|(n, _)| *n).collect();
@@ -73,6 +72,13 @@ pub fn run(bench: &Bench, only: &[String], json: bool) -> Result<bool> {
             );
         }
     }
+    Ok(())
+}
+
+/// Runs the chosen steps (all when `only` is empty) and prints the table (or JSON lines).
+/// Returns whether every step that ran succeeded.
+pub fn run(bench: &Bench, only: &[String], json: bool) -> Result<bool> {
+    check_steps(only)?;
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let mut ok = true;
@@ -247,6 +253,13 @@ mod tests {
         assert!(parse_row(r#"{"value":1}"#).is_err());
         assert!(parse_row(r#"{"name":"x","value":"fast"}"#).is_err());
         assert!(parse_row("{not json").is_err());
+    }
+
+    #[test]
+    fn unknown_steps_are_refused() {
+        assert!(check_steps(&["holdfast-bench".to_string()]).is_ok());
+        let err = check_steps(&["nope".to_string()]).unwrap_err().to_string();
+        assert!(err.contains("holdfast-bench"), "{err}");
     }
 
     #[test]

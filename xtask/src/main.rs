@@ -111,6 +111,7 @@ fn dispatch(command: Cmd) -> Result<ExitCode> {
         }
         Cmd::Test { no_lint, args } => test(&ws, no_lint, &args)?,
         Cmd::Bench { only, json, args } => {
+            bench::check_steps(&only)?;
             bootstrap::ensure(&ws, Scope::Full)?;
             build(&ws, Profile::Release)?;
             let b = bench::Bench {

@@ -185,17 +185,14 @@ pub fn run(ws: &Workspace, units: Option<PathBuf>, extra: Vec<OsString>) -> Resu
     };
     let bin_dir = ws.bin_dir(Profile::Release);
     let holdfast = bin_dir.join("holdfast");
-    let state_dir_given = extra
-        .iter()
-        .any(|a| a.to_string_lossy().starts_with("--state-dir"));
-
     let mut cmd = Command::new(&holdfast);
     cmd.arg("run").arg("--units").arg(&units);
-    let state_dir = if state_dir_given {
-        "DIR".to_string()
-    } else {
-        cmd.args(["--state-dir", DEFAULT_STATE_DIR]);
-        DEFAULT_STATE_DIR.to_string()
+    let state_dir = match state_dir_in(&extra) {
+        Some(dir) => dir,
+        None => {
+            cmd.args(["--state-dir", DEFAULT_STATE_DIR]);
+            DEFAULT_STATE_DIR.to_string()
+        }
     };
     cmd.args(&extra)
         .env("PATH", ws.path_with(&bin_dir)?)
@@ -204,6 +201,20 @@ pub fn run(ws: &Workspace, units: Option<PathBuf>, extra: Vec<OsString>) -> Resu
     print_hints(&units, &read_units(&units)?, &holdfast, &state_dir);
     let status = run_in_foreground(&mut cmd)?;
     Ok(exit_code(status))
+}
+
+/// The value of `--state-dir DIR` or `--state-dir=DIR` among the extra arguments.
+fn state_dir_in(args: &[OsString]) -> Option<String> {
+    let mut args = args.iter().map(|a| a.to_string_lossy());
+    while let Some(arg) = args.next() {
+        if arg == "--state-dir" {
+            return Some(args.next().map(|d| d.into_owned()).unwrap_or_default());
+        }
+        if let Some(dir) = arg.strip_prefix("--state-dir=") {
+            return Some(dir.to_string());
+        }
+    }
+    None
 }
 
 /// Spawns `cmd` and waits for it, surviving SIGINT (which the terminal sends to the child as
@@ -338,6 +349,20 @@ path = "/run/echo.sock"
         let text = "[service]\nexec=[\"x\"]\n[[socket]]\nports=[\"80\"]\n";
         assert_eq!(commands("x", text), [None]);
         assert!(unit_hints("x", "not = [toml").is_err());
+    }
+
+    #[test]
+    fn state_dir_is_found_in_either_spelling() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            state_dir_in(&args(&["--state-dir", "/s"])).as_deref(),
+            Some("/s")
+        );
+        assert_eq!(
+            state_dir_in(&args(&["-v", "--state-dir=/t"])).as_deref(),
+            Some("/t")
+        );
+        assert_eq!(state_dir_in(&args(&["--no-dispatcher"])), None);
     }
 
     #[test]
