@@ -1,7 +1,8 @@
 //! Idempotent set-up of what a fresh machine (Rust stable via rustup, gcc, Debian base, root)
 //! lacks: rustup components, bpf-linker, the Debian packages the tests use, and bpffs.
 //! Every item is probed first (a file, a command on PATH, a version string, /proc/self/mounts),
-//! so a run on a machine that has everything forks two processes and changes nothing.
+//! so a run on a machine that has everything forks three short processes (rustc, rustup,
+//! bpf-linker, each for a version or a path) and changes nothing.
 //! It prints one line per thing it installs and nothing else when all is there.
 
 use std::path::{Path, PathBuf};
@@ -62,7 +63,7 @@ pub const APT_PACKAGES: &[AptPackage] = &[
 pub const BPF_LINKER_VERSION: &str = "0.10.0";
 
 /// rustup components of the active toolchain, and the file in its sysroot that proves each.
-/// rust-src: the BPF crate builds with `-Z build-std=core`; rustfmt and clippy: `xtask test`.
+/// rust-src (first): the BPF crate builds with `-Z build-std=core`; rustfmt, clippy: `xtask test`.
 const RUST_COMPONENTS: &[(&str, &str)] = &[
     ("rust-src", "lib/rustlib/src/rust/library/core/Cargo.toml"),
     ("rustfmt", "bin/rustfmt"),
@@ -106,10 +107,45 @@ fn cannot(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// supervisor/build.rs builds the BPF crate with `rustup run $HOLDFAST_BPF_TOOLCHAIN`
+/// (default `stable`), which needs rust-src too when it is not the active toolchain.
+const BPF_TOOLCHAIN_ENV: &str = "HOLDFAST_BPF_TOOLCHAIN";
+const BPF_TOOLCHAIN_DEFAULT: &str = "stable";
+
 fn rust_components(done: &mut Vec<String>) -> Result<()> {
-    let out = shell::run_quiet(Command::new("rustc").args(["--print", "sysroot"]))?;
-    let sysroot = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-    let missing: Vec<&str> = RUST_COMPONENTS
+    let active = sysroot(None)?;
+    add_components(None, &active, RUST_COMPONENTS, done)?;
+    let bpf = std::env::var(BPF_TOOLCHAIN_ENV).unwrap_or_else(|_| BPF_TOOLCHAIN_DEFAULT.into());
+    let bpf_sysroot = sysroot(Some(&bpf)).with_context(|| {
+        format!("the BPF build's toolchain {bpf:?} (from {BPF_TOOLCHAIN_ENV}, default {BPF_TOOLCHAIN_DEFAULT:?})")
+    })?;
+    if bpf_sysroot != active {
+        add_components(Some(&bpf), &bpf_sysroot, &RUST_COMPONENTS[..1], done)?;
+    }
+    Ok(())
+}
+
+/// The sysroot of the active toolchain, or of `toolchain` through `rustup run`.
+fn sysroot(toolchain: Option<&str>) -> Result<PathBuf> {
+    let mut cmd = match toolchain {
+        None => Command::new("rustc"),
+        Some(t) => {
+            let mut cmd = Command::new("rustup");
+            cmd.args(["run", t, "rustc"]);
+            cmd
+        }
+    };
+    let out = shell::run_quiet(cmd.args(["--print", "sysroot"]))?;
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+fn add_components(
+    toolchain: Option<&str>,
+    sysroot: &Path,
+    components: &[(&str, &str)],
+    done: &mut Vec<String>,
+) -> Result<()> {
+    let missing: Vec<&str> = components
         .iter()
         .filter(|(_, proof)| !sysroot.join(proof).exists())
         .map(|(name, _)| *name)
@@ -117,15 +153,16 @@ fn rust_components(done: &mut Vec<String>) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    let of = toolchain.map_or_else(String::new, |t| format!(" of toolchain {t}"));
     for name in &missing {
-        installing(done, format!("installing rustup component {name}"));
+        installing(done, format!("installing rustup component {name}{of}"));
     }
-    shell::run_quiet(
-        Command::new("rustup")
-            .args(["component", "add"])
-            .args(&missing),
-    )
-    .context("rustup component add")?;
+    let mut cmd = Command::new("rustup");
+    cmd.args(["component", "add"]).args(&missing);
+    if let Some(t) = toolchain {
+        cmd.args(["--toolchain", t]);
+    }
+    shell::run_quiet(&mut cmd).context("rustup component add")?;
     Ok(())
 }
 
