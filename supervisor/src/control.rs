@@ -42,6 +42,16 @@ pub enum Request {
         mode: Option<RestartMode>,
     },
     Bindings,
+    Metrics,
+    Reload,
+    /// A service's captured output: the last `lines`, or those after sequence number `after`.
+    Logs {
+        name: String,
+        #[serde(default)]
+        lines: Option<usize>,
+        #[serde(default)]
+        after: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -6,6 +6,8 @@
 pub mod control;
 pub mod dispatch;
 pub mod listener;
+pub mod metrics;
+pub mod notify;
 pub mod service;
 pub mod spawn;
 pub mod supervisor;

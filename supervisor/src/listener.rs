@@ -313,6 +313,26 @@ fn set_int(fd: &impl AsFd, level: i32, name: i32, value: i32) -> io::Result<()> 
     }
 }
 
+/// A TCP listener's accept queue: (connections waiting, limit), from
+/// TCP_INFO (for a listener the kernel reports them as unacked and sacked).
+pub fn accept_queue(fd: &impl AsFd) -> Option<(u32, u32)> {
+    // SAFETY: tcp_info is plain old data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the buffer and its length are passed together and outlive the call.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // TCP_LISTEN is state 10.
+    (r == 0 && info.tcpi_state == 10).then_some((info.tcpi_unacked, info.tcpi_sacked))
+}
+
 /// The address a socket is bound to, for status output.
 pub fn local_addr(fd: &impl AsFd) -> Option<SocketAddr> {
     let addr: socket::SockaddrStorage = socket::getsockname(fd.as_fd().as_raw_fd()).ok()?;

@@ -43,6 +43,9 @@ enum Command {
         /// The dispatcher's name under /sys/fs/bpf/holdfast (default: netns-<inode>).
         #[arg(long)]
         instance: Option<String>,
+        /// Serve Prometheus metrics over HTTP at ADDR:PORT (GET /metrics).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// Log format: human (default) or json (one object per line).
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
@@ -76,6 +79,30 @@ enum Command {
         #[arg(long, default_value = "/run/holdfast")]
         state_dir: PathBuf,
     },
+    /// Print Prometheus text exposition (or, with --json, the same figures as JSON).
+    Metrics {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "/run/holdfast")]
+        state_dir: PathBuf,
+    },
+    /// Re-read the units directory and apply the difference (SIGHUP does the same).
+    Reload {
+        #[arg(long, default_value = "/run/holdfast")]
+        state_dir: PathBuf,
+    },
+    /// Show a service's captured output (the last 1000 lines are kept).
+    Logs {
+        name: String,
+        /// Only the last N lines.
+        #[arg(short = 'n', long)]
+        lines: Option<usize>,
+        /// Keep printing new lines as they come.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[arg(long, default_value = "/run/holdfast")]
+        state_dir: PathBuf,
+    },
     /// Restart a service; its sockets stay open, so no connection is refused.
     Restart {
         name: String,
@@ -103,6 +130,7 @@ fn main() -> ExitCode {
             netns,
             no_dispatcher,
             instance,
+            metrics_listen,
             log_format,
         } => {
             init_logging(log_format);
@@ -112,6 +140,7 @@ fn main() -> ExitCode {
                 netns,
                 no_dispatcher,
                 instance,
+                metrics_listen,
             };
             match supervisor::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -157,6 +186,28 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Metrics { json, state_dir } => request(&state_dir, &Request::Metrics, |result| {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&result["snapshot"]).unwrap_or_default()
+                );
+            } else {
+                print!("{}", result["text"].as_str().unwrap_or_default());
+            }
+        }),
+        Command::Reload { state_dir } => request(&state_dir, &Request::Reload, |result| {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(result).unwrap_or_default()
+            );
+        }),
+        Command::Logs {
+            name,
+            lines,
+            follow,
+            state_dir,
+        } => logs(&state_dir, name, lines, follow),
         Command::Start { name, state_dir } => request(&state_dir, &Request::Start { name }, |_| {}),
         Command::Stop { name, state_dir } => request(&state_dir, &Request::Stop { name }, |_| {}),
         Command::Restart {
@@ -280,5 +331,40 @@ fn print_bindings(result: &serde_json::Value) {
             s("misses"),
             s("errors"),
         );
+    }
+}
+
+/// Prints a service's captured lines; with `follow`, polls for new ones.
+fn logs(state_dir: &Path, name: String, lines: Option<usize>, follow: bool) -> ExitCode {
+    let mut after: Option<u64> = None;
+    loop {
+        let req = Request::Logs {
+            name: name.clone(),
+            lines: if after.is_none() { lines } else { None },
+            after,
+        };
+        let reply: serde_json::Value = match control::call(state_dir, &req) {
+            Ok(Reply {
+                ok: true,
+                result: Some(r),
+                ..
+            }) => r,
+            Ok(Reply { error, .. }) => {
+                eprintln!("holdfast: {}", error.unwrap_or_default());
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("holdfast: {e}");
+                return ExitCode::from(3);
+            }
+        };
+        for line in reply["lines"].as_array().into_iter().flatten() {
+            println!("{}", line.as_str().unwrap_or_default());
+        }
+        if !follow {
+            return ExitCode::SUCCESS;
+        }
+        after = reply["next"].as_u64();
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }

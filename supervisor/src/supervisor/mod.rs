@@ -1,0 +1,391 @@
+//! The daemon: one thread that owns every service's state and drives it from
+//! one poll loop over the signal pipe, the control socket, the services'
+//! notify sockets and output pipes, and the timers. The only module that joins
+//! units, listeners, the dispatcher, processes and the control socket.
+//!
+//! - `sockets`: opening listeners, destination ids, bindings for the dispatcher.
+//! - `services`: instances, start/stop/restart (stop-start and overlap),
+//!   readiness, watchdog, exits, output.
+//! - `requests`: control requests, the replies that wait for a state, status.
+//! - `reload`: applying a changed units directory.
+
+mod reload;
+mod requests;
+mod services;
+mod sockets;
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+use crate::control;
+use crate::dispatch::{self, Binding, Dispatcher};
+use crate::metrics;
+use crate::spawn;
+use crate::unit;
+
+use requests::Waiter;
+use services::{Output, Service};
+use sockets::Destinations;
+
+/// Lines of output kept per service for `holdfast logs`.
+pub const LOG_RING_LINES: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub units: PathBuf,
+    pub state_dir: PathBuf,
+    pub netns: Option<PathBuf>,
+    /// `--no-dispatcher`: bind mode only, never load BPF.
+    pub no_dispatcher: bool,
+    /// The dispatcher's pin directory name; default `netns-<inode>`.
+    pub instance: Option<String>,
+    /// Serve Prometheus metrics over HTTP here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("{0}")]
+    Units(#[from] unit::Diagnostics),
+    #[error("cannot create the listeners:\n{}", .0.join("\n"))]
+    Listeners(Vec<String>),
+    #[error("cannot apply the bindings: {0}")]
+    Bindings(#[source] dispatch::DispatchError),
+    #[error("{what}: {source}")]
+    Setup {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Setup { what, source }
+}
+
+struct Signals {
+    pipe: OwnedFd,
+    terminate: Arc<AtomicBool>,
+    hangup: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn register() -> Result<Signals, SupervisorError> {
+        let (r, w) = std::os::unix::net::UnixStream::pair().map_err(setup("signal pipe"))?;
+        r.set_nonblocking(true).map_err(setup("signal pipe"))?;
+        w.set_nonblocking(true).map_err(setup("signal pipe"))?;
+        let terminate = Arc::new(AtomicBool::new(false));
+        let hangup = Arc::new(AtomicBool::new(false));
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            signal_hook::flag::register(sig, terminate.clone()).map_err(setup("signal handler"))?;
+        }
+        signal_hook::flag::register(libc::SIGHUP, hangup.clone())
+            .map_err(setup("signal handler"))?;
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
+            let w = w.try_clone().map_err(setup("signal pipe"))?;
+            signal_hook::low_level::pipe::register(sig, w).map_err(setup("signal handler"))?;
+        }
+        Ok(Signals {
+            pipe: OwnedFd::from(r),
+            terminate,
+            hangup,
+        })
+    }
+
+    fn drain(&self) {
+        let mut buf = [0u8; 256];
+        while matches!(nix::unistd::read(self.pipe.as_raw_fd(), &mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// Everything the daemon owns.
+pub struct Supervisor {
+    opts: Options,
+    services: Vec<Service>,
+    /// Services removed by a reload, kept until their processes are gone.
+    retiring: Vec<Service>,
+    outputs: Vec<Output>,
+    waiters: Vec<Waiter>,
+    server: Option<control::Server>,
+    shutting_down: bool,
+    base_path: Option<OsString>,
+    dispatcher: Option<Dispatcher>,
+    /// Why there is no dispatcher, for error messages.
+    why_not: String,
+    destinations: Destinations,
+    bindings: Vec<Binding>,
+    metrics: Option<metrics::Endpoint>,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT has stopped every service.
+pub fn run(opts: &Options) -> Result<(), SupervisorError> {
+    spawn::ensure_stdio();
+    let units = unit::load_dir(&opts.units)?;
+    if let Some(netns) = &opts.netns {
+        sockets::enter_netns(netns)?;
+    }
+    std::fs::create_dir_all(&opts.state_dir)
+        .map_err(setup(format!("state dir {}", opts.state_dir.display())))?;
+
+    let (dispatcher, why_not) = if opts.no_dispatcher {
+        (None, "--no-dispatcher was given".to_string())
+    } else {
+        let instance = opts
+            .instance
+            .clone()
+            .unwrap_or_else(sockets::default_instance);
+        match Dispatcher::attach(&instance, Path::new("/proc/self/ns/net")) {
+            Ok(d) => (Some(d), String::new()),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "BPF is not available: falling back to bind mode, where a socket can only have one address and one port"
+                );
+                (None, format!("BPF is not available ({e})"))
+            }
+        }
+    };
+    let mut sup = Supervisor {
+        opts: opts.clone(),
+        services: Vec::new(),
+        retiring: Vec::new(),
+        outputs: Vec::new(),
+        waiters: Vec::new(),
+        server: None,
+        shutting_down: false,
+        base_path: std::env::var_os("PATH"),
+        dispatcher,
+        why_not,
+        destinations: Destinations::default(),
+        bindings: Vec::new(),
+        metrics: None,
+    };
+    if let Err(e) = sup.open_all(units) {
+        sup.detach();
+        return Err(e);
+    }
+
+    if let Some(addr) = opts.metrics_listen {
+        match metrics::Endpoint::serve(addr) {
+            Ok(e) => {
+                tracing::info!(addr = %e.addr(), "serving metrics at http://{}/metrics", e.addr());
+                sup.metrics = Some(e);
+            }
+            Err(e) => {
+                sup.detach();
+                return Err(setup(format!("--metrics-listen {addr}"))(
+                    std::io::Error::other(e.to_string()),
+                ));
+            }
+        }
+    }
+    let signals = Signals::register()?;
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an int flag and no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        sup.detach();
+        return Err(setup("prctl(PR_SET_CHILD_SUBREAPER)")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let now = Instant::now();
+    for i in 0..sup.services.len() {
+        sup.start(i, now);
+    }
+    match control::Server::bind(&opts.state_dir) {
+        Ok(s) => sup.server = Some(s),
+        Err(e) => {
+            sup.shutting_down = true;
+            sup.stop_all();
+            sup.event_loop(&signals);
+            sup.detach();
+            return Err(setup(format!(
+                "control socket in {}",
+                opts.state_dir.display()
+            ))(e));
+        }
+    }
+    tracing::info!(
+        services = sup.services.len(),
+        control = %control::socket_path(&opts.state_dir).display(),
+        "holdfast is up"
+    );
+    sup.event_loop(&signals);
+    tracing::info!("every service is down; exiting");
+    sup.detach();
+    Ok(())
+}
+
+impl Supervisor {
+    /// Opens every unit's sockets before any service starts, and steers the
+    /// steered ones; on any failure reports all of them and starts nothing.
+    fn open_all(&mut self, units: Vec<unit::Unit>) -> Result<(), SupervisorError> {
+        let mut errors = Vec::new();
+        for unit in units {
+            let mut socks = Vec::new();
+            for cfg in &unit.sockets {
+                match sockets::open(
+                    &unit,
+                    cfg,
+                    self.dispatcher.is_some(),
+                    &self.why_not,
+                    &mut self.destinations,
+                ) {
+                    Ok(s) => socks.push(s),
+                    Err(e) => errors.push(e),
+                }
+            }
+            match Service::new(unit, socks, &self.opts.state_dir) {
+                Ok(svc) => self.services.push(svc),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(SupervisorError::Listeners(errors));
+        }
+        self.bindings = sockets::bindings_of(&self.services);
+        if let Some(d) = self.dispatcher.as_mut() {
+            let all: Vec<&sockets::Socket> =
+                self.services.iter().flat_map(|s| &s.sockets).collect();
+            sockets::steer(d, &all, &self.bindings)?;
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self) {
+        if let Some(d) = self.dispatcher.take() {
+            if let Err(e) = d.detach() {
+                tracing::warn!(error = %e, "cannot detach the dispatcher cleanly");
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.services.len() {
+            self.stop(i, now);
+        }
+    }
+
+    fn event_loop(&mut self, signals: &Signals) {
+        loop {
+            self.retiring.retain(|s| s.has_processes());
+            if self.shutting_down
+                && self.services.iter().all(|s| !s.has_processes())
+                && self.retiring.is_empty()
+            {
+                return;
+            }
+            let timeout = self.next_deadline().map_or(1000, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .clamp(1, 1000) as u16
+            });
+            let ready = self.poll(signals, timeout);
+            if ready.signal {
+                signals.drain();
+            }
+            if signals.terminate.swap(false, Ordering::SeqCst) && !self.shutting_down {
+                tracing::info!("stopping every service");
+                self.shutting_down = true;
+                self.stop_all();
+            }
+            if signals.hangup.swap(false, Ordering::SeqCst) && !self.shutting_down {
+                match self.reload() {
+                    Ok(summary) => tracing::info!(%summary, "SIGHUP: reloaded"),
+                    Err(e) => tracing::error!(
+                        "SIGHUP: reload refused, the running configuration stays:\n{e}"
+                    ),
+                }
+            }
+            self.reap();
+            if ready.metrics {
+                if let Some(m) = &self.metrics {
+                    let text = metrics::render(&self.snapshot());
+                    m.answer(|| text.clone());
+                }
+            }
+            self.read_notifications(&ready.notify);
+            self.read_outputs(&ready.outputs);
+            self.serve_control();
+            self.run_timers(Instant::now());
+            self.answer_waiters();
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.services
+            .iter()
+            .chain(&self.retiring)
+            .filter_map(|s| s.next_deadline())
+            .min()
+    }
+
+    fn poll(&self, signals: &Signals, timeout_ms: u16) -> Ready {
+        let mut fds = vec![PollFd::new(signals.pipe.as_fd(), PollFlags::POLLIN)];
+        if let Some(server) = &self.server {
+            for (fd, write) in server.poll_fds() {
+                let flags = if write {
+                    PollFlags::POLLOUT
+                } else {
+                    PollFlags::POLLIN
+                };
+                fds.push(PollFd::new(fd, flags));
+            }
+        }
+        let metrics_at = fds.len();
+        if let Some(m) = &self.metrics {
+            fds.push(PollFd::new(m.wake_fd(), PollFlags::POLLIN));
+        }
+        let first_notify = fds.len();
+        for s in &self.services {
+            if let Some(n) = &s.notify {
+                fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
+            }
+        }
+        let first_output = fds.len();
+        for o in &self.outputs {
+            fds.push(PollFd::new(o.fd.as_fd(), PollFlags::POLLIN));
+        }
+        match nix::poll::poll(&mut fds, PollTimeout::from(timeout_ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => tracing::warn!(error = %e, "poll failed"),
+        }
+        let readable = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        let mut notify = Vec::new();
+        let mut k = first_notify;
+        for s in &self.services {
+            if s.notify.is_some() {
+                if readable(&fds[k]) {
+                    notify.push(s.unit.name.clone());
+                }
+                k += 1;
+            }
+        }
+        Ready {
+            signal: readable(&fds[0]),
+            metrics: self.metrics.is_some() && readable(&fds[metrics_at]),
+            notify,
+            outputs: fds[first_output..].iter().map(readable).collect(),
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.services.iter().position(|s| s.unit.name == name)
+    }
+}
+
+struct Ready {
+    signal: bool,
+    /// The metrics endpoint has requests.
+    metrics: bool,
+    /// Services whose notify socket is readable.
+    notify: Vec<String>,
+    outputs: Vec<bool>,
+}

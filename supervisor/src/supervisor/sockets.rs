@@ -1,0 +1,177 @@
+//! The supervisor's sockets: opening a unit's listeners in the placement the
+//! dispatcher allows, numbering steered sockets (destination ids), and
+//! turning them into the dispatcher's bindings.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use crate::dispatch::{Binding, DestinationId, Dispatcher};
+use crate::listener::{self, Placement, PlacementError};
+use crate::unit::{Protocol, SocketConfig, Unit};
+
+use super::{Service, SupervisorError};
+
+/// A socket holdfast keeps open for a service, whatever the service does.
+pub(super) struct Socket {
+    pub name: String,
+    pub protocol: Protocol,
+    pub placement: Placement,
+    /// Its sockmap slot, when steered.
+    pub destination: Option<DestinationId>,
+    /// What it was created from: a reload keeps the socket while this is unchanged.
+    pub config: SocketConfig,
+    pub fd: OwnedFd,
+}
+
+impl Socket {
+    /// Whether `cfg` can be served by this very socket: everything but the
+    /// bindings (addresses, ports) must be the same.
+    pub fn serves(&self, cfg: &SocketConfig) -> bool {
+        let mut a = self.config.clone();
+        let mut b = cfg.clone();
+        if matches!(self.placement, Placement::Steered { .. }) {
+            // Steered: bindings may change freely as long as the family fits.
+            let fam = |c: &SocketConfig| {
+                (
+                    c.addresses.iter().any(|p| p.addr.is_ipv4()),
+                    c.addresses.iter().any(|p| p.addr.is_ipv6()),
+                )
+            };
+            if fam(&a) != fam(&b) {
+                return false;
+            }
+            a.addresses.clear();
+            a.ports.clear();
+            b.addresses.clear();
+            b.ports.clear();
+        }
+        a == b
+    }
+}
+
+/// Hands out sockmap slots and takes them back.
+#[derive(Default)]
+pub(super) struct Destinations {
+    next: DestinationId,
+    free: Vec<DestinationId>,
+}
+
+impl Destinations {
+    pub fn take(&mut self) -> DestinationId {
+        self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+    pub fn give_back(&mut self, id: DestinationId) {
+        self.free.push(id);
+    }
+}
+
+/// Opens one socket of `unit`; the error names the unit file and the socket.
+pub(super) fn open(
+    unit: &Unit,
+    cfg: &SocketConfig,
+    dispatcher: bool,
+    why_not: &str,
+    destinations: &mut Destinations,
+) -> Result<Socket, String> {
+    let placement = match Placement::for_socket(cfg, dispatcher) {
+        Ok(p) => p,
+        Err(e @ PlacementError::NeedsDispatcher) => {
+            return Err(format!(
+                "{}: service {}: socket {:?}: {e}; {why_not}; declare one address (a /32 or /128) and one port, or run where BPF is available",
+                unit.path.display(),
+                unit.name,
+                cfg.name
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "{}: service {}: socket {:?}: {e}",
+                unit.path.display(),
+                unit.name,
+                cfg.name
+            ))
+        }
+    };
+    match listener::create(cfg, &placement) {
+        Ok(fd) => Ok(Socket {
+            name: cfg.name.clone(),
+            protocol: cfg.protocol,
+            destination: matches!(placement, Placement::Steered { .. })
+                .then(|| destinations.take()),
+            placement,
+            config: cfg.clone(),
+            fd,
+        }),
+        Err(e) => Err(format!(
+            "{}: service {}: socket {:?}: {e}",
+            unit.path.display(),
+            unit.name,
+            cfg.name
+        )),
+    }
+}
+
+/// Every steered socket's bindings: `addresses × ports`.
+pub(super) fn bindings_of(services: &[Service]) -> Vec<Binding> {
+    services
+        .iter()
+        .flat_map(|svc| {
+            svc.sockets
+                .iter()
+                .flat_map(|sock| bindings(&svc.unit.name, &sock.config, sock))
+        })
+        .collect()
+}
+
+/// The bindings `cfg` gives socket `sock` (none unless it is steered).
+pub(super) fn bindings(service: &str, cfg: &SocketConfig, sock: &Socket) -> Vec<Binding> {
+    let Some(destination) = sock.destination else {
+        return Vec::new();
+    };
+    cfg.bindings()
+        .map(|(prefix, ports)| Binding {
+            service: service.to_string(),
+            socket: cfg.name.clone(),
+            protocol: cfg.protocol,
+            prefix,
+            ports,
+            destination,
+        })
+        .collect()
+}
+
+/// Puts every steered socket in the sockmap (sockets first, so no binding
+/// ever points at an empty slot), then publishes the bindings atomically.
+pub(super) fn steer(
+    d: &mut Dispatcher,
+    sockets: &[&Socket],
+    bindings: &[Binding],
+) -> Result<(), SupervisorError> {
+    for sock in sockets {
+        if let Some(dest) = sock.destination {
+            if !d.socket_present(dest) {
+                d.insert_socket(dest, sock.fd.as_fd())
+                    .map_err(SupervisorError::Bindings)?;
+            }
+        }
+    }
+    d.apply(bindings).map_err(SupervisorError::Bindings)
+}
+
+/// The default dispatcher instance: one per network namespace.
+pub(super) fn default_instance() -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata("/proc/self/ns/net") {
+        Ok(m) => format!("netns-{}", m.ino()),
+        Err(_) => "default".to_string(),
+    }
+}
+
+pub(super) fn enter_netns(path: &Path) -> Result<(), SupervisorError> {
+    let f = std::fs::File::open(path).map_err(super::setup(format!("netns {}", path.display())))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| super::setup(format!("setns({})", path.display()))(e.into()))
+}
