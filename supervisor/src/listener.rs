@@ -333,6 +333,14 @@ pub fn accept_queue(fd: &impl AsFd) -> Option<(u32, u32)> {
     (r == 0 && info.tcpi_state == 10).then_some((info.tcpi_unacked, info.tcpi_sacked))
 }
 
+/// Makes a socket non-blocking (for the sockets holdfast accepts on itself).
+pub fn set_nonblocking(fd: &impl AsFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let raw = fd.as_fd().as_raw_fd();
+    let flags = OFlag::from_bits_truncate(fcntl(raw, FcntlArg::F_GETFL)?);
+    fcntl(raw, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
+}
+
 /// The address a socket is bound to, for status output.
 pub fn local_addr(fd: &impl AsFd) -> Option<SocketAddr> {
     let addr: socket::SockaddrStorage = socket::getsockname(fd.as_fd().as_raw_fd()).ok()?;

@@ -46,6 +46,12 @@ pub struct ServiceMetrics {
     pub uptime_seconds: f64,
     /// The exit code, or 128 + the signal number, as a shell shows it.
     pub last_exit_status: Option<i64>,
+    /// Accept services: per-connection instances running now.
+    pub instances: u64,
+    /// Accept services: connections accepted since holdfast started.
+    pub connections_total: u64,
+    /// Connections refused by allow/deny or the per-source limit.
+    pub denied_total: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -120,6 +126,21 @@ pub fn render(s: &Snapshot) -> String {
         "service_last_exit_status",
         "The last exit status (code, or 128 + signal)",
     );
+    let instances = gauge(
+        &mut r,
+        "service_instances",
+        "Per-connection instances running (accept services)",
+    );
+    let conns = counter(
+        &mut r,
+        "service_connections",
+        "Connections accepted by holdfast (accept services)",
+    );
+    let denied = counter(
+        &mut r,
+        "service_denied_connections",
+        "Connections refused by allow/deny or the per-source limit",
+    );
     let lookups = counter(
         &mut r,
         "destination_lookups",
@@ -160,6 +181,9 @@ pub fn render(s: &Snapshot) -> String {
         restarts.get_or_create(&l).inc_by(m.restarts);
         ready.get_or_create(&l).set(if m.ready { 1.0 } else { 0.0 });
         uptime.get_or_create(&l).set(m.uptime_seconds);
+        instances.get_or_create(&l).set(m.instances as f64);
+        conns.get_or_create(&l).inc_by(m.connections_total);
+        denied.get_or_create(&l).inc_by(m.denied_total);
         if let Some(e) = m.last_exit_status {
             exit.get_or_create(&l).set(e as f64);
         }
@@ -286,6 +310,9 @@ mod tests {
                 ready: true,
                 uptime_seconds: 12.5,
                 last_exit_status: Some(137),
+                instances: 0,
+                connections_total: 0,
+                denied_total: 0,
             }],
             destinations: vec![DestinationMetrics {
                 service: "web".into(),

@@ -24,12 +24,16 @@ pub enum State {
     Stopped,
     /// Hit its start limit (or could not be spawned); left alone until asked.
     Failed,
+    /// Waiting for traffic: an on-demand service not running, or an accept
+    /// service (its per-connection instances are counted apart).
+    Listening,
 }
 
 impl State {
     pub fn as_str(self) -> &'static str {
         match self {
             State::Starting => "starting",
+            State::Listening => "listening",
             State::Running => "running",
             State::Stopping => "stopping",
             State::Waiting => "waiting",
@@ -263,6 +267,7 @@ mod tests {
             watchdog: None,
             fd_store_max: 0,
             single_instance: false,
+            on_demand: false,
             environment: Default::default(),
             working_directory: None,
             user: None,

@@ -157,6 +157,8 @@ pub struct Command<'a> {
     pub env: Vec<(String, OsString)>,
     /// Handed over as fds 3, 4, …, named in LISTEN_FDNAMES.
     pub fds: Vec<(BorrowedFd<'a>, &'a str)>,
+    /// stdin: /dev/null when `None` (an inetd-style connection otherwise).
+    pub stdin: Option<BorrowedFd<'a>>,
     pub stdout: BorrowedFd<'a>,
     pub stderr: BorrowedFd<'a>,
     pub credentials: Option<&'a Credentials>,
@@ -302,7 +304,7 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd) -> Result<Prepared, SpawnError> {
     envp.push(std::ptr::null());
 
     let mut moves = vec![
-        (devnull, 0),
+        (cmd.stdin.map_or(devnull, |fd| fd.as_raw_fd()), 0),
         (cmd.stdout.as_raw_fd(), 1),
         (cmd.stderr.as_raw_fd(), 2),
     ];
@@ -535,6 +537,7 @@ mod tests {
             argv: &argv,
             env: vec![("PATH".into(), "/bin:/usr/bin".into())],
             fds: vec![(std::os::fd::AsFd::as_fd(&listener), "web")],
+            stdin: None,
             stdout: std::os::fd::AsFd::as_fd(&out_w),
             stderr: std::os::fd::AsFd::as_fd(&err_w),
             credentials: None,
@@ -576,6 +579,7 @@ mod tests {
             argv: &argv,
             env: vec![],
             fds: vec![],
+            stdin: None,
             stdout: std::os::fd::AsFd::as_fd(&w),
             stderr: std::os::fd::AsFd::as_fd(&w),
             credentials: None,

@@ -9,6 +9,7 @@
 //! - `requests`: control requests, the replies that wait for a state, status.
 //! - `reload`: applying a changed units directory.
 
+mod inetd;
 mod reload;
 mod requests;
 mod services;
@@ -196,7 +197,11 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     }
     let now = Instant::now();
     for i in 0..sup.services.len() {
-        sup.start(i, now);
+        if sup.services[i].traffic_started() {
+            sup.services[i].life.state = crate::service::State::Listening;
+        } else {
+            sup.start(i, now);
+        }
     }
     match control::Server::bind(&opts.state_dir) {
         Ok(s) => sup.server = Some(s),
@@ -312,6 +317,12 @@ impl Supervisor {
                 }
             }
             self.read_notifications(&ready.notify);
+            let now = Instant::now();
+            for name in &ready.traffic {
+                if let Some(i) = self.find(name) {
+                    self.traffic(i, now);
+                }
+            }
             self.read_outputs(&ready.outputs);
             self.serve_control();
             self.run_timers(Instant::now());
@@ -349,6 +360,19 @@ impl Supervisor {
                 fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
             }
         }
+        let first_traffic = fds.len();
+        let now = Instant::now();
+        let mut watched = Vec::new();
+        if !self.shutting_down {
+            for s in &self.services {
+                if s.wants_traffic(now) {
+                    for k in &s.sockets {
+                        fds.push(PollFd::new(k.fd.as_fd(), PollFlags::POLLIN));
+                        watched.push(s.unit.name.clone());
+                    }
+                }
+            }
+        }
         let first_output = fds.len();
         for o in &self.outputs {
             fds.push(PollFd::new(o.fd.as_fd(), PollFlags::POLLIN));
@@ -368,7 +392,14 @@ impl Supervisor {
                 k += 1;
             }
         }
+        let mut traffic: Vec<String> = Vec::new();
+        for (k, name) in watched.into_iter().enumerate() {
+            if readable(&fds[first_traffic + k]) && !traffic.contains(&name) {
+                traffic.push(name);
+            }
+        }
         Ready {
+            traffic,
             signal: readable(&fds[0]),
             metrics: self.metrics.is_some() && readable(&fds[metrics_at]),
             notify,
@@ -387,5 +418,7 @@ struct Ready {
     metrics: bool,
     /// Services whose notify socket is readable.
     notify: Vec<String>,
+    /// Traffic-started services with traffic waiting.
+    traffic: Vec<String>,
     outputs: Vec<bool>,
 }

@@ -74,8 +74,17 @@ impl Supervisor {
                     return Some(Reply::error("holdfast is shutting down"));
                 }
                 let svc = &mut self.services[i];
+                if svc.traffic_started() {
+                    if matches!(svc.life.state, State::Stopped | State::Failed) {
+                        svc.life.reset();
+                        svc.life.state = State::Listening;
+                    }
+                    return Some(Reply::ok(status_of(svc, now)));
+                }
                 match svc.life.state {
-                    State::Running => return Some(Reply::ok(status_of(svc, now))),
+                    State::Running | State::Listening => {
+                        return Some(Reply::ok(status_of(svc, now)))
+                    }
                     State::Starting => {}
                     State::Stopping => {
                         // Start again once it is down.
@@ -215,6 +224,9 @@ impl Supervisor {
                 uptime_seconds: main
                     .map(|m| now.saturating_duration_since(m.started_at).as_secs_f64())
                     .unwrap_or(0.0),
+                instances: svc.acceptor.connections.len() as u64,
+                connections_total: svc.acceptor.total,
+                denied_total: svc.acceptor.denied,
                 last_exit_status: svc.last_exit.map(|e| match e {
                     Exit::Code(c) => i64::from(c),
                     Exit::Signal(n) => 128 + i64::from(n),
@@ -318,6 +330,9 @@ pub(super) fn status_of(s: &Service, now: Instant) -> serde_json::Value {
         "uptime_secs": main.map(|m| now.saturating_duration_since(m.started_at).as_secs_f64()),
         "last_exit": s.last_exit.map(|e| e.to_string()),
         "status_text": s.status_text,
+        "instances": s.acceptor.connections.len(),
+        "connections_total": s.acceptor.total,
+        "denied_total": s.acceptor.denied,
         "failure": s.failure,
         "errno": s.errno,
         "next_pid": s.next.as_ref().map(|n| n.pid.as_raw()),

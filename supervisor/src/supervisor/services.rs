@@ -17,6 +17,7 @@ use crate::service::{AfterExit, Exit, Lifecycle, State};
 use crate::spawn::{self, Credentials};
 use crate::unit::{ServiceType, Unit};
 
+use super::inetd::Acceptor;
 use super::sockets::Socket;
 use super::{Supervisor, LOG_RING_LINES};
 
@@ -94,6 +95,8 @@ pub(super) struct Service {
     pub fd_store: FdStore,
     /// The uid its processes run as (for the notify socket's sender check).
     pub uid: u32,
+    /// Per-connection instances of an accept service.
+    pub acceptor: Acceptor,
     pub log: VecDeque<String>,
     /// The sequence number the next captured line gets.
     pub log_next: u64,
@@ -128,6 +131,7 @@ impl Service {
             notify: Some(notify),
             fd_store,
             uid: 0,
+            acceptor: Acceptor::default(),
             log: VecDeque::new(),
             log_next: 0,
         })
@@ -138,7 +142,15 @@ impl Service {
     }
 
     pub fn has_processes(&self) -> bool {
-        self.main.is_some() || self.next.is_some() || !self.draining.is_empty()
+        self.main.is_some()
+            || self.next.is_some()
+            || !self.draining.is_empty()
+            || !self.acceptor.connections.is_empty()
+    }
+
+    /// Started by traffic (accept or on-demand) rather than at boot.
+    pub fn traffic_started(&self) -> bool {
+        self.accept_socket().is_some() || self.unit.service.on_demand
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -148,6 +160,7 @@ impl Service {
             .chain(&self.draining)
             .filter_map(Instance::deadline)
             .chain(self.next_start)
+            .chain(self.acceptor.paused_until)
             .min()
     }
 
@@ -191,20 +204,16 @@ pub(super) struct Output {
 }
 
 impl Supervisor {
-    /// Spawns a new instance of service `i` with its sockets and stored fds.
-    fn spawn_instance(&mut self, i: usize, now: Instant) -> Result<Instance, spawn::SpawnError> {
-        let base_path = self.base_path.clone();
+    /// The PATH a service's program is looked up in, and the environment
+    /// every instance of it gets before its unit's `environment`.
+    pub(super) fn base_env(&self, i: usize) -> (Option<OsString>, Vec<(String, OsString)>) {
         let svc = &self.services[i];
         let cfg = &svc.unit.service;
         let path_var: Option<OsString> = cfg
             .environment
             .get("PATH")
             .map(OsString::from)
-            .or(base_path);
-        let program = spawn::resolve_program(&cfg.exec[0], path_var.as_deref())?;
-        let credentials = Credentials::resolve(cfg.user.as_deref(), cfg.group.as_deref())?;
-        let (out_r, out_w) = spawn::output_pipe()?;
-        let (err_r, err_w) = spawn::output_pipe()?;
+            .or_else(|| self.base_path.clone());
         let mut env: Vec<(String, OsString)> = Vec::new();
         if let Some(p) = &path_var {
             env.push(("PATH".into(), p.clone()));
@@ -215,6 +224,18 @@ impl Supervisor {
         if let Some(w) = cfg.watchdog {
             env.push(("WATCHDOG_USEC".into(), w.as_micros().to_string().into()));
         }
+        (path_var, env)
+    }
+
+    /// Spawns a new instance of service `i` with its sockets and stored fds.
+    fn spawn_instance(&mut self, i: usize, now: Instant) -> Result<Instance, spawn::SpawnError> {
+        let (path_var, mut env) = self.base_env(i);
+        let svc = &self.services[i];
+        let cfg = &svc.unit.service;
+        let program = spawn::resolve_program(&cfg.exec[0], path_var.as_deref())?;
+        let credentials = Credentials::resolve(cfg.user.as_deref(), cfg.group.as_deref())?;
+        let (out_r, out_w) = spawn::output_pipe()?;
+        let (err_r, err_w) = spawn::output_pipe()?;
         for (k, v) in &cfg.environment {
             env.push((k.clone(), v.into()));
         }
@@ -229,6 +250,7 @@ impl Supervisor {
             argv: &cfg.exec,
             env,
             fds,
+            stdin: None,
             stdout: out_w.as_fd(),
             stderr: err_w.as_fd(),
             credentials: credentials.as_ref(),
@@ -369,6 +391,7 @@ impl Supervisor {
     pub(super) fn stop(&mut self, i: usize, now: Instant) {
         let svc = &mut self.services[i];
         svc.next_start = None;
+        Self::stop_connections(svc);
         let timeout = svc.unit.service.stop_timeout;
         let name = svc.unit.name.clone();
         if let Some(mut next) = svc.next.take() {
@@ -385,7 +408,7 @@ impl Supervisor {
             None => {
                 if matches!(
                     svc.life.state,
-                    State::Waiting | State::Starting | State::Running
+                    State::Waiting | State::Starting | State::Running | State::Listening
                 ) {
                     svc.life.state = State::Stopped;
                 }
@@ -443,6 +466,9 @@ impl Supervisor {
 
     fn exited(&mut self, pid: Pid, exit: Exit) {
         let now = Instant::now();
+        if self.connection_exited(pid) {
+            return;
+        }
         // Old instances (draining, or of a retired service) just go.
         for svc in self.services.iter_mut().chain(self.retiring.iter_mut()) {
             if let Some(k) = svc.draining.iter().position(|d| d.pid == pid) {
@@ -503,6 +529,16 @@ impl Supervisor {
             return;
         }
         let asked = svc.life.restart_requested;
+        // An on-demand service waits for traffic again, unless it was stopped
+        // or is to be restarted at once.
+        if svc.unit.service.on_demand && !shutting_down && !svc.life.stop_requested && !asked {
+            svc.life.state = State::Listening;
+            tracing::info!(service = %svc.unit.name, pid = pid.as_raw(), %exit, "exited; listening for traffic again (on-demand)");
+            if !svc.has_processes() {
+                svc.old_sockets.clear();
+            }
+            return;
+        }
         let after = if shutting_down {
             svc.life.stop_requested = false;
             AfterExit::Stay(State::Stopped)

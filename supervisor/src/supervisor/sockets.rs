@@ -96,6 +96,12 @@ pub(super) fn open(
         }
     };
     match listener::create(cfg, &placement) {
+        Ok(fd) if cfg.options.accept && listener::set_nonblocking(&fd).is_err() => Err(format!(
+            "{}: service {}: socket {:?}: cannot make it non-blocking",
+            unit.path.display(),
+            unit.name,
+            cfg.name
+        )),
         Ok(fd) => Ok(Socket {
             name: cfg.name.clone(),
             protocol: cfg.protocol,

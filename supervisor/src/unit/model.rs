@@ -45,6 +45,10 @@ pub struct ServiceConfig {
     pub fd_store_max: u32,
     /// The service cannot run twice at once: overlap restarts are refused.
     pub single_instance: bool,
+    /// Started when traffic first arrives on one of its sockets, and again
+    /// after it exits (xinetd's `wait = yes`, systemd's socket activation),
+    /// instead of at boot.
+    pub on_demand: bool,
     pub environment: BTreeMap<String, String>,
     pub working_directory: Option<PathBuf>,
     pub user: Option<String>,
@@ -155,6 +159,31 @@ pub struct SocketOptions {
     pub ipv6_only: Option<bool>,
     /// Unix socket file mode, e.g. 0o660.
     pub mode: Option<u32>,
+    /// holdfast accepts and starts one instance per connection (inetd's
+    /// `wait = no`, systemd's `Accept=yes`). Stream sockets only.
+    pub accept: bool,
+    /// accept: instances at once (default 64); further connections wait in the backlog.
+    pub max_connections: Option<u32>,
+    /// accept: instances at once from one source address (none: unlimited).
+    pub max_connections_per_source: Option<u32>,
+    /// accept: connections per second before accepting pauses (none: unlimited).
+    pub max_connection_rate: Option<u32>,
+    /// accept: how long accepting pauses when the rate is exceeded (default 10s).
+    pub rate_limit_pause: Option<Duration>,
+    /// Source prefixes that may connect (empty: any).
+    pub allow: Vec<IpPrefix>,
+    /// Source prefixes that may not connect (wins over `allow`).
+    pub deny: Vec<IpPrefix>,
+}
+
+impl SocketOptions {
+    /// Whether a source address may reach this socket under allow/deny.
+    pub fn admits(&self, source: IpAddr) -> bool {
+        if self.deny.iter().any(|p| p.contains(source)) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.iter().any(|p| p.contains(source))
+    }
 }
 
 /// An address prefix with its host bits zero: `192.0.2.0/24`, `2001:db8::/64`.

@@ -39,6 +39,7 @@ const SERVICE_KEYS: &[&str] = &[
     "watchdog",
     "fd-store-max",
     "single-instance",
+    "on-demand",
     "environment",
     "working-directory",
     "user",
@@ -59,6 +60,13 @@ const SOCKET_KEYS: &[&str] = &[
     "mark",
     "keep-alive",
     "no-delay",
+    "accept",
+    "max-connections",
+    "max-connections-per-source",
+    "max-connection-rate",
+    "rate-limit-pause",
+    "allow",
+    "deny",
     "ipv6-only",
     "mode",
 ];
@@ -532,6 +540,7 @@ impl<'a> Cx<'a> {
             watchdog: None,
             fd_store_max: 0,
             single_instance: false,
+            on_demand: false,
             environment: BTreeMap::new(),
             working_directory: None,
             user: None,
@@ -617,6 +626,9 @@ impl<'a> Cx<'a> {
                     "write restart-mode = \"stop-start\", or drop single-instance".to_string(),
                 );
             }
+        }
+        if let Some(f) = take("on-demand") {
+            svc.on_demand = self.bool(&f).unwrap_or(false);
         }
         if let Some(f) = take("environment") {
             svc.environment = self.environment(&f);
@@ -864,6 +876,18 @@ impl<'a> Cx<'a> {
             }
             sockets.push(sock);
             spans.sockets.push(sp);
+        }
+        if sockets.len() > 1 {
+            for (i, (sock, tbl)) in sockets.iter().zip(&tables).enumerate() {
+                if sock.options.accept {
+                    self.err(
+                        tbl.pos,
+                        format!("socket[{i}].accept"),
+                        "a socket with accept = true starts one instance per connection, so it must be its unit's only socket",
+                        "move this socket and its [service] into a unit file of its own",
+                    );
+                }
+            }
         }
         (sockets, spans)
     }
@@ -1116,6 +1140,28 @@ impl<'a> Cx<'a> {
         if let Some(f) = fs.get("mode") {
             o.mode = self.mode(f);
         }
+        if let Some(f) = fs.get("accept") {
+            o.accept = self.bool(f).unwrap_or(false);
+        }
+        if let Some(f) = fs.get("max-connections") {
+            o.max_connections = self.u32(f, 1, 65536, 64);
+        }
+        if let Some(f) = fs.get("max-connections-per-source") {
+            o.max_connections_per_source = self.u32(f, 1, 65536, 8);
+        }
+        if let Some(f) = fs.get("max-connection-rate") {
+            o.max_connection_rate = self.u32(f, 1, 1_000_000, 100);
+        }
+        if let Some(f) = fs.get("rate-limit-pause") {
+            o.rate_limit_pause = self.positive_duration(f);
+        }
+        for (key, slot) in [("allow", &mut o.allow), ("deny", &mut o.deny)] {
+            if let Some(f) = fs.get(key) {
+                let hint = format!("write a list of source prefixes, e.g. {key} = [\"192.0.2.0/24\", \"2001:db8::/32\"]");
+                let mut spans = Vec::new();
+                *slot = self.list(f, &hint, &mut spans, Self::prefix);
+            }
+        }
     }
 
     fn mode(&mut self, f: &Field<'_>) -> Option<u32> {
@@ -1260,6 +1306,12 @@ fn option_fits(key: &str, protocol: Protocol) -> bool {
         "keep-alive" | "no-delay" => protocol == Protocol::Tcp,
         "reuse-port" | "free-bind" | "transparent" | "ipv6-only" => protocol.is_ip(),
         "mode" => !protocol.is_ip(),
+        "accept"
+        | "max-connections"
+        | "max-connections-per-source"
+        | "max-connection-rate"
+        | "rate-limit-pause" => matches!(protocol, Protocol::Tcp | Protocol::UnixStream),
+        "allow" | "deny" => protocol.is_ip(),
         _ => true,
     }
 }
@@ -1268,7 +1320,13 @@ fn option_applies_to(key: &str) -> &'static str {
     match key {
         "backlog" => "stream sockets (tcp, unix-stream)",
         "keep-alive" | "no-delay" => "tcp sockets",
-        "reuse-port" | "free-bind" | "transparent" | "ipv6-only" => "tcp and udp sockets",
+        "reuse-port" | "free-bind" | "transparent" | "ipv6-only" | "allow" | "deny" => {
+            "tcp and udp sockets"
+        }
+        "accept" | "max-connections" | "max-connections-per-source" | "max-connection-rate"
+        | "rate-limit-pause" => {
+            "stream sockets (tcp, unix-stream); for udp, set on-demand = true in [service] (xinetd's wait = yes)"
+        }
         _ => "unix sockets",
     }
 }

@@ -45,6 +45,7 @@ pub fn to_toml(unit: &Unit) -> String {
     }
     svc["fd-store-max"] = value(i64::from(s.fd_store_max));
     svc["single-instance"] = value(s.single_instance);
+    svc["on-demand"] = value(s.on_demand);
     if let Some(d) = &s.working_directory {
         svc["working-directory"] = value(d.to_string_lossy().into_owned());
     }
@@ -107,6 +108,27 @@ pub fn to_toml(unit: &Unit) -> String {
         }
         if let Some(m) = o.mode {
             t["mode"] = value(format!("{m:04o}"));
+        }
+        if o.accept {
+            t["accept"] = value(true);
+        }
+        for (key, n) in [
+            ("max-connections", o.max_connections),
+            ("max-connections-per-source", o.max_connections_per_source),
+            ("max-connection-rate", o.max_connection_rate),
+        ] {
+            if let Some(n) = n {
+                t[key] = value(i64::from(n));
+            }
+        }
+        if let Some(d) = o.rate_limit_pause {
+            t["rate-limit-pause"] = value(humantime::format_duration(d).to_string());
+        }
+        for (key, list) in [("allow", &o.allow), ("deny", &o.deny)] {
+            if !list.is_empty() {
+                let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
+                t[key] = strings(shown.iter().map(String::as_str));
+            }
         }
         sockets.push(t);
     }

@@ -362,6 +362,7 @@ fn defaults(exec: &[&str]) -> ServiceConfig {
         watchdog: None,
         fd_store_max: 0,
         single_instance: false,
+        on_demand: false,
         environment: BTreeMap::new(),
         working_directory: None,
         user: None,
@@ -518,6 +519,7 @@ mode = "0600"
                     no_delay: true,
                     ipv6_only: Some(false),
                     mode: None,
+                    ..SocketOptions::default()
                 },
             },
             unix(
