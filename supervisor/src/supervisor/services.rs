@@ -571,6 +571,10 @@ impl Supervisor {
     pub(super) fn run_timers(&mut self, now: Instant) {
         for svc in self.services.iter_mut().chain(self.retiring.iter_mut()) {
             let name = svc.unit.name.clone();
+            if svc.acceptor.paused_until.is_some_and(|t| t <= now) {
+                svc.acceptor.paused_until = None;
+                tracing::info!(service = %name, "rate-limit pause over: accepting again");
+            }
             for inst in svc
                 .main
                 .iter_mut()
