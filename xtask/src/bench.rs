@@ -59,7 +59,10 @@ impl std::error::Error for Skip {}
 type Step = fn(&Bench) -> Result<Vec<Row>>;
 
 /// Every benchmark, in the order they run. `--only NAME` picks some.
-pub const STEPS: &[(&str, Step)] = &[("holdfast-bench", holdfast_bench)];
+pub const STEPS: &[(&str, Step)] = &[
+    ("holdfast-bench", holdfast_bench),
+    ("restarts", crate::bench_restarts::restarts),
+];
 
 /// Every name in `only` is a step (checked before anything is built).
 pub fn check_steps(only: &[String]) -> Result<()> {

@@ -52,6 +52,11 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         name: "wrk",
         provides: &["wrk"],
     },
+    // A real third-party LISTEN_FDS + NOTIFY_SOCKET service for `cargo xtask bench --only restarts`.
+    AptPackage {
+        name: "gunicorn",
+        provides: &["gunicorn"],
+    },
     // The `nc` lines `cargo xtask run` prints for the echo service.
     AptPackage {
         name: "netcat-openbsd",
