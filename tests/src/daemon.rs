@@ -50,9 +50,23 @@ pub fn holdfast_cli(args: &[&str]) -> Result<Output> {
     run_bounded(cmd, CLI_TIMEOUT)
 }
 
+/// What [`Holdfast::spawn_with`] adds to the default `holdfast run` command line.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Load the sk_lookup dispatcher: leave out `--no-dispatcher`. (Where BPF is
+    /// not available the daemon falls back to bind mode; a test that needs the
+    /// dispatcher checks that `holdfast bindings` answers.)
+    pub dispatcher: bool,
+    /// More arguments for `holdfast run`, e.g. `["--log-format", "json"]`.
+    pub args: Vec<String>,
+    /// More environment for the daemon, e.g. `("RUST_LOG", "debug")`.
+    pub env: Vec<(String, String)>,
+}
+
 /// A `holdfast run --units <sandbox>/units --state-dir <sandbox>/state --no-dispatcher`
 /// running inside a [`Netns`], stdout and stderr in `<sandbox>/holdfast.log`,
-/// with a stray inherited fd ([`STRAY_FD`]).
+/// with a stray inherited fd ([`STRAY_FD`]). [`RunOptions`] change the command
+/// line (the dispatcher on, more arguments, more environment).
 ///
 /// Dropping it prints the daemon's log (libtest shows it when the test fails),
 /// then, if it still runs, sends SIGTERM, and SIGKILL after 5 s.
@@ -80,9 +94,46 @@ impl Holdfast {
         Ok(hf)
     }
 
+    /// [`Holdfast::start_in`] with [`RunOptions`].
+    pub fn start_with(ns: &Netns, sandbox: Sandbox, opts: &RunOptions) -> Result<Holdfast> {
+        let mut hf = Holdfast::spawn_with(ns, sandbox, opts)?;
+        hf.wait_ready(READY_TIMEOUT)?;
+        Ok(hf)
+    }
+
+    /// [`Holdfast::start_with`] with the dispatcher on, under [`crate::require`]'s
+    /// policy: `Ok(None)` (skip) when the daemon had to fall back to bind mode
+    /// because BPF is not available, or `holdfast bindings` does not answer.
+    pub fn start_dispatched(
+        ns: &Netns,
+        sandbox: Sandbox,
+        opts: &RunOptions,
+    ) -> Result<Option<Holdfast>> {
+        let opts = RunOptions {
+            dispatcher: true,
+            ..opts.clone()
+        };
+        let mut hf = Holdfast::spawn_with(ns, sandbox, &opts)?;
+        let ready = hf.wait_ready(READY_TIMEOUT);
+        let probe = match &ready {
+            Err(_) if hf.log().contains("BPF is not available") => Err(anyhow!(
+                "BPF is not available; the daemon's log:\n{}",
+                hf.log()
+            )),
+            Err(e) => bail!("{e:#}"),
+            Ok(()) => hf.cli_ok(&["bindings", "--json"]).map(drop),
+        };
+        Ok(crate::require("the sk_lookup dispatcher (holdfast bindings)", probe).map(|()| hf))
+    }
+
     /// Spawns the daemon on a prepared sandbox without waiting for anything (for
     /// tests that expect it to fail: see [`Holdfast::wait_exit`]).
     pub fn spawn(ns: &Netns, sandbox: Sandbox) -> Result<Holdfast> {
+        Holdfast::spawn_with(ns, sandbox, &RunOptions::default())
+    }
+
+    /// [`Holdfast::spawn`] with [`RunOptions`].
+    pub fn spawn_with(ns: &Netns, sandbox: Sandbox, opts: &RunOptions) -> Result<Holdfast> {
         let log = sandbox.path().join("holdfast.log");
         let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone().context("dup the log file")?;
@@ -93,8 +144,12 @@ impl Holdfast {
             .arg("--units")
             .arg(sandbox.units_dir())
             .arg("--state-dir")
-            .arg(sandbox.state_dir())
-            .arg("--no-dispatcher")
+            .arg(sandbox.state_dir());
+        if !opts.dispatcher {
+            cmd.arg("--no-dispatcher");
+        }
+        cmd.args(&opts.args)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)

@@ -35,6 +35,7 @@
 
 mod daemon;
 mod handoff;
+mod loop_client;
 mod netns;
 mod peer;
 mod sandbox;
@@ -47,9 +48,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub use daemon::{
-    holdfast_bin, holdfast_cli, Holdfast, CLI_TIMEOUT, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
+    holdfast_bin, holdfast_cli, Holdfast, RunOptions, CLI_TIMEOUT, READY_TIMEOUT, STOP_TIMEOUT,
+    STRAY_FD,
 };
 pub use handoff::{check_handoff, ExpectSocket};
+pub use loop_client::{parse_answer, LoopClient, Tally};
 pub use netns::{Netns, NetnsGuard};
 pub use peer::{
     ask_tcp, ask_udp, ask_unix, control_request_as, proc_state, process_gone, PeerOutcome,

@@ -122,22 +122,47 @@ impl Sandbox {
     /// socket named NAME on TCP 127.0.0.1:`port`.
     pub fn write_serve_unit(&self, name: &str, port: u16, service_extra: &str) -> Result<()> {
         let exec = self.serve_exec(name)?;
-        self.write_unit(
+        self.write_tcp_unit(
             name,
-            &format!(
-                r#"[service]
-exec = {exec}
-{service_extra}
-
-[[socket]]
-name = "{name}"
-protocol = "tcp"
-addresses = ["127.0.0.1/32"]
-ports = ["{port}"]
-"#
-            ),
+            &format!("exec = {exec}\n{service_extra}"),
+            name,
+            &["127.0.0.1/32"],
+            &[&port.to_string()],
+            "",
         )?;
         Ok(())
+    }
+
+    /// Writes `units/NAME.toml`: `[service]` with the `service` lines (`exec = …`
+    /// included), and one TCP `[[socket]]` named `socket` on `addresses` × `ports`,
+    /// with the `socket_extra` lines (options such as `backlog = 16`) added.
+    pub fn write_tcp_unit(
+        &self,
+        name: &str,
+        service: &str,
+        socket: &str,
+        addresses: &[&str],
+        ports: &[&str],
+        socket_extra: &str,
+    ) -> Result<PathBuf> {
+        let mut text = format!(
+            r#"[service]
+{service}
+
+[[socket]]
+name = "{socket}"
+protocol = "tcp"
+addresses = {addresses}
+ports = {ports}
+"#,
+            addresses = toml_array(addresses),
+            ports = toml_array(ports),
+        );
+        if !socket_extra.is_empty() {
+            text.push_str(socket_extra);
+            text.push('\n');
+        }
+        self.write_unit(name, &text)
     }
 
     /// Waits until `out/TAG.json` exists and `accept` likes it; returns it.

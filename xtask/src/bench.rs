@@ -62,6 +62,8 @@ type Step = fn(&Bench) -> Result<Vec<Row>>;
 pub const STEPS: &[(&str, Step)] = &[
     ("holdfast-bench", holdfast_bench),
     ("restarts", crate::bench_restarts::restarts),
+    ("reload-10k", crate::bench_reload::reload_10k),
+    ("rss-100", crate::bench_reload::rss_100),
 ];
 
 /// Every name in `only` is a step (checked before anything is built).

@@ -57,6 +57,11 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         name: "gunicorn",
         provides: &["gunicorn"],
     },
+    // A real Prometheus/OpenMetrics parser for the metrics tests (tests/tests/observability.rs).
+    AptPackage {
+        name: "python3-prometheus-client",
+        provides: &["/usr/lib/python3/dist-packages/prometheus_client"],
+    },
     // The `nc` lines `cargo xtask run` prints for the echo service.
     AptPackage {
         name: "netcat-openbsd",

@@ -1,0 +1,725 @@
+//! Observability: `holdfast metrics` and the `--metrics-listen` endpoint read by
+//! a real Prometheus/OpenMetrics parser (Python's prometheus_client) with values
+//! that follow the services (state, restarts, exit status, lookups through the
+//! dispatcher, the accept queue of a stopped service); `holdfast logs` (the last
+//! N lines, the 1000-line ring, `-f`); `--log-format json` and RUST_LOG; and the
+//! `--json` outputs of status, bindings and metrics.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use holdfast_tests::{
+    ask_tcp, holdfast_bin, netns_or_skip, process_gone, require_file, toml_str, wait_for, Holdfast,
+    RunOptions, Sandbox, PYTHON,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Where Debian's python3-prometheus-client installs the parser.
+const PROMETHEUS_CLIENT: &str = "/usr/lib/python3/dist-packages/prometheus_client";
+
+/// Reads exposition text on stdin and prints what both parsers of
+/// prometheus_client make of it: `{"openmetrics": [family…], "prometheus": [family…]}`,
+/// a family being `{"name", "type", "samples": [{"name", "labels", "value"}]}`.
+/// Any parse error is an exception: exit status 1 and a traceback.
+const PARSE_PY: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+from prometheus_client.parser import text_string_to_metric_families as prometheus
+text = sys.stdin.read()
+out = {}
+for label, parse in (("openmetrics", openmetrics), ("prometheus", prometheus)):
+    out[label] = [
+        {"name": f.name, "type": f.type,
+         "samples": [{"name": s.name, "labels": s.labels, "value": float(s.value)} for s in f.samples]}
+        for f in parse(text)
+    ]
+json.dump(out, sys.stdout)
+"#;
+
+/// Every family the issue asks for, with its OpenMetrics type.
+const FAMILIES: &[(&str, &str)] = &[
+    ("holdfast_service_state", "gauge"),
+    ("holdfast_service_restarts", "counter"),
+    ("holdfast_service_ready", "gauge"),
+    ("holdfast_service_uptime_seconds", "gauge"),
+    ("holdfast_service_last_exit_status", "gauge"),
+    ("holdfast_destination_lookups", "counter"),
+    ("holdfast_destination_misses", "counter"),
+    ("holdfast_destination_errors", "counter"),
+    ("holdfast_destination_socket_present", "gauge"),
+    ("holdfast_socket_backlog_queued", "gauge"),
+    ("holdfast_socket_backlog_limit", "gauge"),
+];
+
+/// The states of the one-series-per-state gauge (the contract's, plus "reloading").
+const STATES: &[&str] = &[
+    "starting",
+    "running",
+    "reloading",
+    "stopping",
+    "waiting",
+    "stopped",
+    "failed",
+];
+
+/// Exposition text as prometheus_client's OpenMetrics parser read it.
+struct Metrics {
+    families: Vec<Value>,
+}
+
+impl Metrics {
+    /// Parses `text` with both parsers; fails if either fails, or if the plain
+    /// Prometheus parser sees other samples than the OpenMetrics one.
+    fn parse(text: &str) -> Result<Metrics> {
+        let mut child = Command::new(PYTHON)
+            .args(["-I", "-c", PARSE_PY])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start the python parser")?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        let input = text.to_string();
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let out = child.wait_with_output().context("run the python parser")?;
+        writer
+            .join()
+            .expect("writer thread")
+            .context("feed the parser")?;
+        if !out.status.success() {
+            bail!(
+                "prometheus_client cannot parse the metrics ({}):\n{}\n---- the text ----\n{text}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).context("the parser's JSON")?;
+        let samples = |parser: &str| -> BTreeSet<String> {
+            v[parser]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|f| f["samples"].as_array().cloned().unwrap_or_default())
+                .map(|s| s.to_string())
+                .collect()
+        };
+        ensure!(
+            samples("openmetrics") == samples("prometheus"),
+            "the two parsers disagree:\nopenmetrics {:?}\nprometheus {:?}",
+            samples("openmetrics"),
+            samples("prometheus")
+        );
+        Ok(Metrics {
+            families: v["openmetrics"].as_array().cloned().unwrap_or_default(),
+        })
+    }
+
+    fn family(&self, name: &str) -> Option<&Value> {
+        self.families.iter().find(|f| f["name"] == name)
+    }
+
+    /// The value of the one sample named `name` whose labels include `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        let found: Vec<&Value> = self
+            .families
+            .iter()
+            .flat_map(|f| f["samples"].as_array().into_iter().flatten())
+            .filter(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][k] == *v))
+            .collect();
+        match found.as_slice() {
+            [one] => one["value"].as_f64().context("a numeric value"),
+            _ => bail!(
+                "{} samples {name}{labels:?} (want exactly one); families: {:?}",
+                found.len(),
+                self.families
+            ),
+        }
+    }
+
+    /// Fails unless every family of [`FAMILIES`] is there with its type (but
+    /// `holdfast_service_last_exit_status` only once a service has exited, so
+    /// only when `exited`).
+    fn expect_families(&self, exited: bool) -> Result<()> {
+        for (name, kind) in FAMILIES {
+            if !exited && *name == "holdfast_service_last_exit_status" {
+                continue;
+            }
+            let f = self.family(name).with_context(|| {
+                let names: Vec<&Value> = self.families.iter().map(|f| &f["name"]).collect();
+                format!("no family {name} among {names:?}")
+            })?;
+            ensure!(f["type"] == *kind, "{name} is a {}, want {kind}", f["type"]);
+        }
+        Ok(())
+    }
+
+    /// Fails unless `service` is in `state` (1) and no other state (0).
+    fn expect_state(&self, service: &str, state: &str) -> Result<()> {
+        for st in STATES {
+            let v = self.value(
+                "holdfast_service_state",
+                &[("service", service), ("state", st)],
+            )?;
+            let want = if *st == state { 1.0 } else { 0.0 };
+            ensure!(
+                v == want,
+                "holdfast_service_state{{{service},{st}}} = {v}, want {want}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `holdfast metrics`, parsed.
+fn cli_metrics(hf: &Holdfast) -> Result<Metrics> {
+    Metrics::parse(&hf.cli_ok(&["metrics"])?)
+}
+
+/// One HTTP/1.1 GET from the calling thread: (status code, headers, body).
+fn http_get(addr: &str, path: &str) -> Result<(u16, String, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(T))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let raw = String::from_utf8(raw).context("the HTTP reply is not UTF-8")?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in {raw:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("status line of {head:?}"))?;
+    Ok((code, head.to_lowercase(), body.to_string()))
+}
+
+#[test]
+fn metrics_follow_the_services_in_the_cli_and_over_http() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    if !require_file(PROMETHEUS_CLIENT) {
+        return Ok(());
+    }
+    let sandbox = Sandbox::new()?;
+    let exec = sandbox.serve_exec("web")?;
+    let service = format!("exec = {exec}\nrestart = \"always\"");
+    sandbox.write_tcp_unit("web", &service, "http", &["192.0.2.0/24"], &["80"], "")?;
+    ns.add_local_route("192.0.2.0/24")?;
+    let opts = RunOptions {
+        args: vec!["--metrics-listen".into(), "127.0.0.1:9100".into()],
+        ..RunOptions::default()
+    };
+    let Some(mut hf) = Holdfast::start_dispatched(&ns, sandbox, &opts)? else {
+        return Ok(());
+    };
+    let pid = hf.wait_running("web", T)?;
+    let dest = [("service", "web"), ("socket", "http")];
+
+    let m = cli_metrics(&hf)?;
+    m.expect_families(false)?;
+    m.expect_state("web", "running")?;
+    let web = [("service", "web")];
+    assert_eq!(m.value("holdfast_service_ready", &web)?, 1.0);
+    assert_eq!(m.value("holdfast_service_restarts_total", &web)?, 0.0);
+    let uptime = m.value("holdfast_service_uptime_seconds", &web)?;
+    ensure!(uptime > 0.0 && uptime < 60.0, "uptime {uptime}");
+    assert_eq!(m.value("holdfast_destination_socket_present", &dest)?, 1.0);
+    assert_eq!(m.value("holdfast_destination_misses_total", &dest)?, 0.0);
+    assert_eq!(m.value("holdfast_destination_errors_total", &dest)?, 0.0);
+    let lookups = m.value("holdfast_destination_lookups_total", &dest)?;
+    let limit = m.value("holdfast_socket_backlog_limit", &dest)?;
+    ensure!(limit > 0.0, "backlog limit {limit}");
+
+    // Connections through the dispatcher are counted.
+    ns.run(|| -> Result<()> {
+        for i in 0..5 {
+            let answer = ask_tcp(format!("192.0.2.{}:80", 10 + i).parse()?, T)?;
+            ensure!(answer == format!("http {pid}\n"), "{answer:?}");
+        }
+        Ok(())
+    })??;
+    let m = cli_metrics(&hf)?;
+    let now = m.value("holdfast_destination_lookups_total", &dest)?;
+    ensure!(
+        now >= lookups + 5.0,
+        "5 connections, yet lookups went from {lookups} to {now}"
+    );
+
+    // A kill -9: restarts_total 1, last exit status 128 + 9.
+    kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+    let next = hf.wait_service("web", T, |s| {
+        s["state"] == "running" && s["pid"].is_i64() && s["pid"] != pid
+    })?;
+    let m = cli_metrics(&hf)?;
+    m.expect_families(true)?;
+    m.expect_state("web", "running")?;
+    assert_eq!(
+        m.value("holdfast_service_restarts_total", &web)?,
+        1.0,
+        "{next}"
+    );
+    assert_eq!(m.value("holdfast_service_last_exit_status", &web)?, 137.0);
+
+    // The same over HTTP, from inside the namespace.
+    let (code, head, body) = ns.run(|| http_get("127.0.0.1:9100", "/metrics"))??;
+    assert_eq!(code, 200, "{head}\n{body}");
+    ensure!(
+        head.contains("content-type: application/openmetrics-text")
+            || head.contains("content-type: text/plain"),
+        "no exposition content type: {head}"
+    );
+    let m = Metrics::parse(&body)?;
+    m.expect_families(true)?;
+    m.expect_state("web", "running")?;
+    assert_eq!(m.value("holdfast_service_restarts_total", &web)?, 1.0);
+    assert_eq!(m.value("holdfast_service_last_exit_status", &web)?, 137.0);
+    ensure!(m.value("holdfast_destination_lookups_total", &dest)? >= now);
+    let (code, _, _) = ns.run(|| http_get("127.0.0.1:9100", "/nothing-here"))??;
+    assert_eq!(code, 404);
+
+    // A stopped service: state stopped, not ready.
+    hf.cli_ok(&["stop", "web"])?;
+    let m = cli_metrics(&hf)?;
+    m.expect_state("web", "stopped")?;
+    assert_eq!(m.value("holdfast_service_ready", &web)?, 0.0);
+    hf.stop()?;
+    Ok(())
+}
+
+#[test]
+fn backlog_queued_shows_the_connections_a_stopped_service_has_waiting() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    if !require_file(PROMETHEUS_CLIENT) {
+        return Ok(());
+    }
+    let sandbox = Sandbox::new()?;
+    let exec = sandbox.serve_exec("web")?;
+    let service = format!("exec = {exec}");
+    sandbox.write_tcp_unit(
+        "web",
+        &service,
+        "web",
+        &["127.0.0.1/32"],
+        &["8080"],
+        "backlog = 8",
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    hf.wait_running("web", T)?;
+    let sock = [("service", "web"), ("socket", "web"), ("protocol", "tcp")];
+    let m = cli_metrics(&hf)?;
+    assert_eq!(m.value("holdfast_socket_backlog_queued", &sock)?, 0.0);
+    assert_eq!(m.value("holdfast_socket_backlog_limit", &sock)?, 8.0);
+
+    hf.cli_ok(&["stop", "web"])?;
+    let _inside = ns.enter()?;
+    let waiting: Vec<TcpStream> = (0..3)
+        .map(|i| {
+            TcpStream::connect_timeout(&"127.0.0.1:8080".parse().expect("literal"), T)
+                .with_context(|| format!("connection {i} to the stopped service"))
+        })
+        .collect::<Result<_>>()?;
+    let m = cli_metrics(&hf)?;
+    assert_eq!(m.value("holdfast_socket_backlog_queued", &sock)?, 3.0);
+    m.expect_state("web", "stopped")?;
+
+    hf.cli_ok(&["start", "web"])?;
+    let pid = hf.wait_running("web", T)?;
+    for (i, mut s) in waiting.into_iter().enumerate() {
+        s.set_read_timeout(Some(T))?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .with_context(|| format!("connection {i} made while stopped"))?;
+        assert_eq!(answer, format!("web {pid}\n"), "connection {i}");
+    }
+    let m = cli_metrics(&hf)?;
+    assert_eq!(m.value("holdfast_socket_backlog_queued", &sock)?, 0.0);
+    drop(_inside);
+    hf.stop()?;
+    Ok(())
+}
+
+/// A service that prints `line 1` … `line 1200` on stdout, then, once `out/go1`
+/// exists, `an error` on stderr, then, once `out/go2` exists, `line 1201` …
+/// `line 1205` 200 ms apart; then sleeps.
+fn write_chatty_unit(sandbox: &Sandbox) -> Result<()> {
+    let go1 = sandbox.out("go1");
+    let go2 = sandbox.out("go2");
+    let script = format!(
+        r#"i=1
+while [ $i -le 1200 ]; do echo "line $i"; i=$((i+1)); done
+while [ ! -e {go1} ]; do sleep 0.05; done
+echo "an error" >&2
+while [ ! -e {go2} ]; do sleep 0.05; done
+while [ $i -le 1205 ]; do echo "line $i"; i=$((i+1)); sleep 0.2; done
+exec sleep 1000
+"#,
+        go1 = go1.display(),
+        go2 = go2.display()
+    );
+    sandbox.write_unit(
+        "chatty",
+        &format!(
+            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
+            toml_str(&script)
+        ),
+    )?;
+    Ok(())
+}
+
+/// `holdfast logs chatty ARGS…`: its lines.
+fn logs(hf: &Holdfast, args: &[&str]) -> Result<Vec<String>> {
+    let mut all = vec!["logs", "chatty"];
+    all.extend_from_slice(args);
+    Ok(hf.cli_ok(&all)?.lines().map(String::from).collect())
+}
+
+fn numbered(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    range.map(|i| format!("line {i}")).collect()
+}
+
+#[test]
+fn logs_show_the_last_lines_keep_1000_and_follow() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    write_chatty_unit(&sandbox)?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    hf.wait_running("chatty", T)?;
+    wait_for("the 1200th line to be captured", T, || {
+        (logs(&hf, &["-n", "1"]).ok()? == ["line 1200"]).then_some(())
+    })?;
+    // The ring keeps the last 1000 lines.
+    assert_eq!(logs(&hf, &[])?, numbered(201..=1200));
+    assert_eq!(logs(&hf, &["-n", "5"])?, numbered(1196..=1200));
+
+    // stderr is captured too.
+    std::fs::write(hf.sandbox().out("go1"), "")?;
+    wait_for("the stderr line to be captured", T, || {
+        (logs(&hf, &["-n", "1"]).ok()? == ["an error"]).then_some(())
+    })?;
+
+    // -f: the last lines, then new ones as they come.
+    let mut follow = Command::new(holdfast_bin())
+        .args(["logs", "chatty", "-f", "-n", "2", "--state-dir"])
+        .arg(hf.sandbox().state_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn holdfast logs -f")?;
+    let follow_pid = Pid::from_raw(follow.id() as i32);
+    let stdout = follow.stdout.take().context("stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let result = (|| -> Result<()> {
+        let mut expect = |want: &str| -> Result<()> {
+            let got = rx
+                .recv_timeout(T)
+                .with_context(|| format!("logs -f printed nothing more after {seen:?}"))?;
+            seen.push(got.clone());
+            ensure!(
+                got == want,
+                "logs -f printed {got:?}, want {want:?} (so far {seen:?})"
+            );
+            Ok(())
+        };
+        expect("line 1200")?;
+        expect("an error")?;
+        std::fs::write(hf.sandbox().out("go2"), "")?;
+        for i in 1201..=1205 {
+            expect(&format!("line {i}"))?;
+        }
+        Ok(())
+    })();
+    let _ = kill(follow_pid, Signal::SIGKILL);
+    let _ = follow.wait();
+    let _ = reader.join();
+    result?;
+    // -f printed no line twice: nothing more came while it ran.
+    ensure!(
+        rx.try_recv().is_err(),
+        "logs -f printed more than was logged"
+    );
+    hf.stop()?;
+    Ok(())
+}
+
+/// The daemon's log as JSON objects, one per line; fails on any other line.
+fn json_lines(log: &str) -> Result<Vec<Value>> {
+    log.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("a log line is not JSON: {l:?}")))
+        .collect()
+}
+
+#[test]
+fn json_log_lines_parse_and_name_their_service() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_serve_unit("web", 8080, "restart = \"always\"")?;
+    let opts = RunOptions {
+        args: vec!["--log-format".into(), "json".into()],
+        env: vec![("RUST_LOG".into(), "debug".into())],
+        ..RunOptions::default()
+    };
+    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
+    let pid = hf.wait_running("web", T)?;
+    wait_for("web's first line", T, || {
+        let out = hf.cli_ok(&["logs", "web"]).ok()?;
+        out.contains(&format!("serving pid {pid}")).then_some(())
+    })?;
+    kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+    let next = hf.wait_service("web", T, |s| s["pid"].is_i64() && s["pid"] != pid)?;
+    let next = next["pid"].as_i64().context("pid")?;
+    let log = hf.stop()?;
+    let lines = json_lines(&log)?;
+    ensure!(lines.len() >= 5, "only {} log lines:\n{log}", lines.len());
+
+    for line in &lines {
+        ensure!(
+            line["level"].is_string() && line["fields"].is_object(),
+            "a JSON log line without level or fields: {line}"
+        );
+        // A line about one of the service's processes names the service.
+        let about = line["fields"]["pid"].as_i64();
+        if about == Some(i64::from(pid)) || about == Some(next) {
+            ensure!(
+                line["fields"]["service"] == "web",
+                "a line about web's pid {about:?} does not carry service=web: {line}"
+            );
+        }
+    }
+    let about_web = |needle: &str| {
+        lines.iter().any(|l| {
+            l["fields"]["service"] == "web"
+                && l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(needle))
+        })
+    };
+    // Holdfast's own lines and the service's captured output alike.
+    ensure!(about_web("started"), "no line says web started:\n{log}");
+    ensure!(about_web("exited"), "no line says web exited:\n{log}");
+    ensure!(
+        about_web(&format!("serving pid {pid}")),
+        "web's output is not logged with its name:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn rust_log_sets_the_level() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_serve_unit("web", 8080, "")?;
+    // Ignores SIGTERM: its stop ends in a SIGKILL, which is worth a warning.
+    sandbox.write_unit(
+        "stubborn",
+        "[service]\nexec = [\"/bin/sh\", \"-c\", \"trap '' TERM; while :; do sleep 0.1; done\"]\nstop-timeout = \"300ms\"\n",
+    )?;
+    let opts = RunOptions {
+        args: vec!["--log-format".into(), "json".into()],
+        env: vec![("RUST_LOG".into(), "warn".into())],
+        ..RunOptions::default()
+    };
+    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
+    let pid = hf.wait_running("web", T)?;
+    wait_for("web's output", T, || {
+        let out = hf.cli_ok(&["logs", "web"]).ok()?;
+        out.contains(&format!("serving pid {pid}")).then_some(())
+    })?;
+    hf.wait_running("stubborn", T)?;
+    let log = hf.stop()?;
+    let lines = json_lines(&log)?;
+    for line in &lines {
+        ensure!(
+            line["level"] == "WARN" || line["level"] == "ERROR",
+            "RUST_LOG=warn, yet: {line}"
+        );
+    }
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "WARN" && l["fields"]["service"] == "stubborn"),
+        "no warning about the SIGKILL of stubborn:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn json_outputs_have_the_documented_fields() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    let exec = sandbox.serve_exec("web")?;
+    let service = format!("exec = {exec}");
+    let ports = ["80", "8000-8009"];
+    sandbox.write_tcp_unit("web", &service, "http", &["192.0.2.0/24"], &ports, "")?;
+    sandbox.write_unit("idle", "[service]\nexec = [\"/bin/sleep\", \"1000\"]\n")?;
+    ns.add_local_route("192.0.2.0/24")?;
+    let Some(mut hf) = Holdfast::start_dispatched(&ns, sandbox, &RunOptions::default())? else {
+        return Ok(());
+    };
+    let pid = hf.wait_running("web", T)?;
+    hf.wait_running("idle", T)?;
+    hf.cli_ok(&["stop", "idle"])?;
+
+    let json = |args: &[&str]| -> Result<Value> {
+        let text = hf.cli_ok(args)?;
+        serde_json::from_str(&text).with_context(|| format!("{args:?} printed {text:?}"))
+    };
+    let has = |v: &Value, keys: &[&str]| -> Result<()> {
+        for k in keys {
+            ensure!(v.get(k).is_some(), "no {k:?} in {v}");
+        }
+        Ok(())
+    };
+
+    // status --json: an array of {name, state, pid, restarts, uptime_secs, sockets}.
+    let status = json(&["status", "--json"])?;
+    let rows = status.as_array().context("status --json: an array")?;
+    assert_eq!(rows.len(), 2, "{status}");
+    for r in rows {
+        has(
+            r,
+            &["name", "state", "pid", "restarts", "uptime_secs", "sockets"],
+        )?;
+    }
+    let web = rows.iter().find(|r| r["name"] == "web").context("web")?;
+    assert_eq!(web["state"], "running");
+    assert_eq!(web["pid"], pid);
+    assert_eq!(web["restarts"], 0);
+    ensure!(
+        web["uptime_secs"].as_f64().is_some_and(|u| u >= 0.0),
+        "{web}"
+    );
+    assert_eq!(web["sockets"], serde_json::json!(["http"]));
+    let idle = rows.iter().find(|r| r["name"] == "idle").context("idle")?;
+    assert_eq!(idle["state"], "stopped");
+    assert_eq!(idle["pid"], Value::Null, "{idle}");
+    assert_eq!(idle["uptime_secs"], Value::Null, "{idle}");
+    assert_eq!(idle["sockets"], serde_json::json!([]));
+    let one = json(&["status", "web", "--json"])?;
+    assert_eq!(one.as_array().map(Vec::len), Some(1), "{one}");
+    assert_eq!(one[0]["name"], "web");
+
+    // bindings --json: one row per prefix × port range.
+    ns.run(|| ask_tcp("192.0.2.1:8005".parse().expect("literal"), T))??;
+    let bindings = json(&["bindings", "--json"])?;
+    let rows = bindings.as_array().context("bindings --json: an array")?;
+    assert_eq!(rows.len(), 2, "{bindings}");
+    for r in rows {
+        has(
+            r,
+            &[
+                "service",
+                "socket",
+                "protocol",
+                "prefix",
+                "ports",
+                "destination",
+                "socket_present",
+                "lookups",
+                "misses",
+                "errors",
+            ],
+        )?;
+        assert_eq!(r["service"], "web");
+        assert_eq!(r["socket"], "http");
+        assert_eq!(r["protocol"], "tcp");
+        assert_eq!(r["prefix"], "192.0.2.0/24");
+        assert_eq!(r["socket_present"], true);
+    }
+    let ports: BTreeSet<&str> = rows.iter().filter_map(|r| r["ports"].as_str()).collect();
+    assert_eq!(ports, BTreeSet::from(["80", "8000-8009"]));
+    let range = rows
+        .iter()
+        .find(|r| r["ports"] == "8000-8009")
+        .context("range")?;
+    ensure!(range["lookups"].as_u64() >= Some(1), "{range}");
+
+    // metrics --json: {services, destinations, sockets}.
+    let m = json(&["metrics", "--json"])?;
+    has(&m, &["services", "destinations", "sockets"])?;
+    let services = m["services"].as_array().context("services")?;
+    assert_eq!(services.len(), 2, "{m}");
+    for s in services {
+        has(
+            s,
+            &[
+                "service",
+                "state",
+                "restarts",
+                "ready",
+                "uptime_seconds",
+                "last_exit_status",
+            ],
+        )?;
+    }
+    let web = services
+        .iter()
+        .find(|s| s["service"] == "web")
+        .context("web")?;
+    assert_eq!(web["state"], "running");
+    assert_eq!(web["ready"], true);
+    let dests = m["destinations"].as_array().context("destinations")?;
+    assert_eq!(dests.len(), 1, "{m}");
+    has(
+        &dests[0],
+        &[
+            "service",
+            "socket",
+            "destination",
+            "socket_present",
+            "lookups",
+            "misses",
+            "errors",
+        ],
+    )?;
+    ensure!(dests[0]["lookups"].as_u64() >= Some(1), "{m}");
+    let sockets = m["sockets"].as_array().context("sockets")?;
+    assert_eq!(sockets.len(), 1, "{m}");
+    has(
+        &sockets[0],
+        &[
+            "service",
+            "socket",
+            "protocol",
+            "backlog_queued",
+            "backlog_limit",
+        ],
+    )?;
+    assert_eq!(sockets[0]["backlog_queued"], 0);
+    hf.stop()?;
+    ensure!(process_gone(pid), "web outlived the daemon");
+    Ok(())
+}
