@@ -1,0 +1,1079 @@
+//! sk_lookup dispatch through the real daemon (issue 3): `holdfast run` with the
+//! dispatcher (the default), the example services (`echo`, `hello-http`, from
+//! PATH as `cargo xtask test` sets it) and serve.py, real clients in a fresh
+//! network namespace per test. Addresses and ports are drawn at random inside
+//! the declared ranges (the seed is printed; `HOLDFAST_TEST_SEED=N` replays it),
+//! and the ones just outside (port 7999, 8100, the next prefix) are made local
+//! too, so that "not steered" shows as a refusal, not as an unreachable address.
+//!
+//! Every daemon gets its own `--instance`, and a clean stop must leave nothing
+//! under `/sys/fs/bpf/holdfast/<instance>`.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use holdfast_tests::{
+    ask_tcp, ask_udp, holdfast_bin, holdfast_cli, netns_or_skip, parse_answer, process_gone,
+    require, require_file, toml_array, toml_str, wait_for, Holdfast, LoopClient, Netns, RunOptions,
+    Sandbox, READY_TIMEOUT, STOP_TIMEOUT,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Bound on every connection and wait that should succeed.
+const T: Duration = Duration::from_secs(10);
+/// Random samples per range and family.
+const SAMPLES: usize = 8;
+/// Where holdfast pins its dispatchers.
+const PIN_ROOT: &str = "/sys/fs/bpf/holdfast";
+
+// ---- randomness ------------------------------------------------------------
+
+/// xorshift64*: enough to spread samples; the seed is printed for a replay.
+struct Rng(u64);
+
+impl Rng {
+    fn new(test: &str) -> Rng {
+        let seed = std::env::var("HOLDFAST_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                let t = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
+            })
+            | 1;
+        eprintln!("{test}: seed {seed} (HOLDFAST_TEST_SEED={seed} replays it)");
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    fn port(&mut self, lo: u16, hi: u16) -> u16 {
+        self.range(u64::from(lo), u64::from(hi)) as u16
+    }
+
+    /// A random address in `prefix` ("192.0.2.0/24", "2001:db8:1::/64"),
+    /// neither its first nor (for IPv4) its last address.
+    fn addr_in(&mut self, prefix: &str) -> IpAddr {
+        let (base, len) = prefix.split_once('/').expect("a prefix has a length");
+        let len: u32 = len.parse().expect("a prefix length");
+        match base.parse::<IpAddr>().expect("a prefix address") {
+            IpAddr::V4(a) => {
+                let host_bits = 32 - len;
+                let host = self.range(1, (1u64 << host_bits) - 2) as u32;
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) | host))
+            }
+            IpAddr::V6(a) => {
+                let host_bits = 128 - len;
+                let r = (u128::from(self.next()) << 64) | u128::from(self.next());
+                let mask = if host_bits == 128 {
+                    u128::MAX
+                } else {
+                    (1u128 << host_bits) - 1
+                };
+                let host = (r & mask).max(1);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) | host))
+            }
+        }
+    }
+}
+
+// ---- the daemon ------------------------------------------------------------
+
+/// A fresh namespace (under the skip policy) with every prefix of `routes` local.
+fn netns_with_routes(routes: &[&str]) -> Result<Option<Netns>> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(None);
+    };
+    for r in routes {
+        ns.add_local_route(r)?;
+    }
+    Ok(Some(ns))
+}
+
+/// A dispatcher instance name no other test (or test run) uses.
+fn instance(tag: &str) -> String {
+    format!("test-{}-{tag}", std::process::id())
+}
+
+fn pin_dir(instance: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(instance)
+}
+
+/// `holdfast run --instance INSTANCE` with the dispatcher; `None`: skip (no BPF,
+/// outside CI).
+fn start_dispatched(ns: &Netns, sandbox: Sandbox, instance: &str) -> Result<Option<Holdfast>> {
+    let opts = RunOptions {
+        args: vec!["--instance".into(), instance.into()],
+        ..RunOptions::default()
+    };
+    let hf = Holdfast::start_dispatched(ns, sandbox, &opts)?;
+    if let Some(hf) = &hf {
+        ensure!(
+            pin_dir(instance).is_dir(),
+            "holdfast runs with the dispatcher but nothing is pinned at {}; its log:\n{}",
+            pin_dir(instance).display(),
+            hf.log()
+        );
+    }
+    Ok(hf)
+}
+
+/// SIGTERM, exit 0, and nothing left under the instance's pin directory.
+fn stop_leaves_no_pins(hf: &mut Holdfast, instance: &str) -> Result<()> {
+    hf.stop()?;
+    let dir = pin_dir(instance);
+    if dir.exists() {
+        let left: Vec<_> = walk(&dir);
+        bail!("a clean exit left {} behind: {left:?}", dir.display());
+    }
+    Ok(())
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_owned()];
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            out.extend(walk(&e.path()));
+        }
+    }
+    out
+}
+
+/// `holdfast bindings --json`.
+fn bindings(hf: &Holdfast) -> Result<Vec<Value>> {
+    let text = hf.cli_ok(&["bindings", "--json"])?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("bindings --json: {text:?}"))?;
+    v.as_array()
+        .cloned()
+        .ok_or_else(|| anyhow!("bindings --json printed no array: {v}"))
+}
+
+/// The `(prefix, ports)` of service `name`'s bindings, sorted.
+fn bindings_of(all: &[Value], name: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = all
+        .iter()
+        .filter(|b| b["service"] == name)
+        .map(|b| {
+            (
+                b["prefix"].as_str().unwrap_or("?").to_string(),
+                b["ports"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The directory of the example binaries: where PATH finds `hello-http`, which
+/// must also hold the example's `echo` (cargo xtask test puts target/debug first).
+fn examples_dir() -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dir = std::env::split_paths(&path)
+        .find(|d| d.join("hello-http").is_file())
+        .context("hello-http is not on PATH (cargo xtask test puts target/debug first)")?;
+    ensure!(
+        dir.join("echo").is_file(),
+        "no example echo beside {}",
+        dir.join("hello-http").display()
+    );
+    Ok(dir)
+}
+
+// ---- clients ---------------------------------------------------------------
+
+/// What a probe got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Got {
+    Answer(String),
+    Refused,
+    Failed(String),
+}
+
+fn got(r: io::Result<String>) -> Got {
+    match r {
+        Ok(a) => Got::Answer(a),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Got::Refused,
+        Err(e) => Got::Failed(e.to_string()),
+    }
+}
+
+/// A TCP connection to serve.py or nothing: its answer, or the refusal.
+fn tcp(addr: SocketAddr) -> Got {
+    got(ask_tcp(addr, T))
+}
+
+/// A *connected* UDP client sends `payload` and reads one datagram: only a
+/// reply from exactly `addr` gets through; nothing listening there shows as
+/// a refusal (the ICMP port unreachable reaches a connected socket).
+fn udp_connected(addr: SocketAddr, payload: &[u8]) -> Got {
+    got((|| {
+        let local: SocketAddr = if addr.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let s = UdpSocket::bind(local)?;
+        s.connect(addr)?;
+        s.set_read_timeout(Some(T))?;
+        s.send(payload)?;
+        let mut buf = [0u8; 2048];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })())
+}
+
+/// Sends a line over TCP and reads the echo of that many bytes.
+fn tcp_echo(addr: SocketAddr, line: &str) -> Got {
+    got((|| {
+        let mut s = TcpStream::connect_timeout(&addr, T)?;
+        s.set_read_timeout(Some(T))?;
+        s.write_all(line.as_bytes())?;
+        let mut buf = vec![0u8; line.len()];
+        s.read_exact(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    })())
+}
+
+/// `GET /` from hello-http: the body of a 200, which names the service.
+fn http_get(addr: SocketAddr) -> Got {
+    got((|| {
+        let mut s = TcpStream::connect_timeout(&addr, T)?;
+        s.set_read_timeout(Some(T))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        match text.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200 ") => Ok(body.trim().to_string()),
+            _ => Err(io::Error::other(format!("not a 200 response: {text:?}"))),
+        }
+    })())
+}
+
+/// Probes every target and fails naming each one whose outcome is not `want(target)`.
+fn expect_all(
+    what: &str,
+    targets: &[SocketAddr],
+    probe: impl Fn(SocketAddr) -> Got,
+    want: impl Fn(SocketAddr) -> Got,
+) -> Result<()> {
+    let wrong: Vec<String> = targets
+        .iter()
+        .filter_map(|&a| {
+            let (got, want) = (probe(a), want(a));
+            (got != want).then(|| format!("{a}: got {got:?}, want {want:?}"))
+        })
+        .collect();
+    ensure!(
+        wrong.is_empty(),
+        "{what}: {} of {} cases wrong:\n  {}",
+        wrong.len(),
+        targets.len(),
+        wrong.join("\n  ")
+    );
+    Ok(())
+}
+
+/// Samples inside `prefixes` × `ports` (each range's ends included).
+fn inside(rng: &mut Rng, prefixes: &[&str], ports: &[(u16, u16)]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for p in prefixes {
+        for &(lo, hi) in ports {
+            out.push(SocketAddr::new(rng.addr_in(p), lo));
+            out.push(SocketAddr::new(rng.addr_in(p), hi));
+            for _ in 0..SAMPLES {
+                out.push(SocketAddr::new(rng.addr_in(p), rng.port(lo, hi)));
+            }
+        }
+    }
+    out
+}
+
+/// `n` random addresses and ports on V4 and V6 (alternating) × 8000-8099.
+fn random_targets(rng: &mut Rng, n: usize) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|i| SocketAddr::new(rng.addr_in([V4, V6][i % 2]), rng.port(8000, 8099)))
+        .collect()
+}
+
+// ---- tests -----------------------------------------------------------------
+
+const V4: &str = "192.0.2.0/24";
+const V6: &str = "2001:db8:1::/64";
+/// The prefixes just after V4 and V6, local too but declared by no unit.
+const V4_NEXT: &str = "192.0.3.0/24";
+const V6_NEXT: &str = "2001:db8:1:1::/64";
+/// Routes covering V4, V6 and the prefixes just after them.
+const ROUTES: &[&str] = &["192.0.2.0/23", "2001:db8:1::/63"];
+
+/// A serve.py unit with one IP socket named after the service.
+fn serve_unit(
+    sandbox: &Sandbox,
+    name: &str,
+    protocol: &str,
+    addresses: &[&str],
+    ports: &[&str],
+    extra: &str,
+) -> Result<()> {
+    let exec = sandbox.serve_exec(name)?;
+    sandbox.write_unit(
+        name,
+        &format!(
+            "[service]\nexec = {exec}\n{extra}\n\n[[socket]]\nname = {}\nprotocol = {}\naddresses = {}\nports = {}\n",
+            toml_str(name),
+            toml_str(protocol),
+            toml_array(addresses),
+            toml_array(ports),
+        ),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Result<()> {
+    let Some(ns) = netns_with_routes(ROUTES)? else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    let ports = ["80", "8000-8099"];
+    serve_unit(&sandbox, "web", "tcp", &[V4, V6], &ports, "")?;
+    serve_unit(&sandbox, "dns", "udp", &[V4, V6], &ports, "")?;
+    let inst = instance("ranges");
+    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
+        return Ok(());
+    };
+    let web = hf.wait_running("web", T)?;
+    let dns = hf.wait_running("dns", T)?;
+    let mut rng = Rng::new("ranges");
+    let targets = inside(&mut rng, &[V4, V6], &[(80, 80), (8000, 8099)]);
+    let mut outside = Vec::new();
+    for p in [V4, V6] {
+        for port in [79, 81, 7999, 8100] {
+            outside.push(SocketAddr::new(rng.addr_in(p), port));
+        }
+    }
+    for p in [V4_NEXT, V6_NEXT] {
+        for port in [80, 8000, rng.port(8000, 8099), 8099] {
+            outside.push(SocketAddr::new(rng.addr_in(p), port));
+        }
+    }
+
+    ns.run(|| -> Result<()> {
+        let want_web = format!("web {web}\n");
+        let want_dns = format!("dns {dns}\n");
+        expect_all("tcp inside", &targets, tcp, |_| {
+            Got::Answer(want_web.clone())
+        })?;
+        expect_all(
+            "udp inside",
+            &targets,
+            |a| got(ask_udp(a, T)),
+            |_| Got::Answer(want_dns.clone()),
+        )?;
+        expect_all("tcp outside", &outside, tcp, |_| Got::Refused)?;
+        expect_all(
+            "udp outside",
+            &outside,
+            |a| udp_connected(a, b"ping"),
+            |_| Got::Refused,
+        )
+    })??;
+
+    let all = bindings(&hf)?;
+    let want: Vec<(String, String)> = {
+        let mut w = Vec::new();
+        for p in [V4, V6] {
+            for ports in ["80", "8000-8099"] {
+                w.push((p.to_string(), ports.to_string()));
+            }
+        }
+        w.sort();
+        w
+    };
+    assert_eq!(bindings_of(&all, "web"), want, "{all:?}");
+    assert_eq!(bindings_of(&all, "dns"), want, "{all:?}");
+    for b in &all {
+        assert_eq!(b["socket_present"], true, "{b}");
+        assert_eq!(b["misses"], 0, "{b}");
+        assert_eq!(b["errors"], 0, "{b}");
+        let proto = if b["service"] == "web" { "tcp" } else { "udp" };
+        assert_eq!(b["protocol"], proto, "{b}");
+    }
+    // Counters are per destination: each socket's rows show its whole count.
+    for svc in ["web", "dns"] {
+        let row = all
+            .iter()
+            .find(|b| b["service"] == svc)
+            .expect("checked above");
+        let lookups = row["lookups"].as_u64().unwrap_or(0);
+        assert!(
+            lookups >= targets.len() as u64,
+            "{svc}: {lookups} lookups counted for {} connections: {row}",
+            targets.len()
+        );
+    }
+    stop_leaves_no_pins(&mut hf, &inst)
+}
+
+#[test]
+fn echo_answers_tcp_and_connected_udp_clients_from_the_address_and_port_they_used() -> Result<()> {
+    let Some(ns) = netns_with_routes(ROUTES)? else {
+        return Ok(());
+    };
+    let Some(dir) = require("the example binaries on PATH", examples_dir()) else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    let echo = dir.join("echo");
+    let mut unit = format!(
+        "[service]\nexec = {}\n",
+        toml_array(&[&echo.to_string_lossy()])
+    );
+    for (name, protocol) in [("echo-tcp", "tcp"), ("echo-udp", "udp")] {
+        unit += &format!(
+            "\n[[socket]]\nname = {}\nprotocol = {}\naddresses = {}\nports = [\"8000-8099\"]\n",
+            toml_str(name),
+            toml_str(protocol),
+            toml_array(&[V4, V6]),
+        );
+    }
+    sandbox.write_unit("echo", &unit)?;
+    let inst = instance("echo");
+    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
+        return Ok(());
+    };
+    hf.wait_running("echo", T)?;
+    let mut rng = Rng::new("echo");
+    let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
+    let outside: Vec<SocketAddr> = [V4, V6]
+        .iter()
+        .flat_map(|p| [7999, 8100].map(|port| SocketAddr::new(rng.addr_in(p), port)))
+        .collect();
+    ns.run(|| -> Result<()> {
+        let line = |a: SocketAddr| format!("to {a}\n");
+        expect_all(
+            "tcp echo",
+            &targets,
+            |a| tcp_echo(a, &line(a)),
+            |a| Got::Answer(line(a)),
+        )?;
+        // A connected client drops a datagram from any other address or port:
+        // the echo arriving proves it left from exactly `a`.
+        let datagram = |a: SocketAddr| format!("datagram to {a}");
+        expect_all(
+            "connected udp echo",
+            &targets,
+            |a| udp_connected(a, datagram(a).as_bytes()),
+            |a| Got::Answer(datagram(a)),
+        )?;
+        expect_all(
+            "tcp outside",
+            &outside,
+            |a| tcp_echo(a, "x\n"),
+            |_| Got::Refused,
+        )?;
+        expect_all(
+            "udp outside",
+            &outside,
+            |a| udp_connected(a, b"x"),
+            |_| Got::Refused,
+        )
+    })??;
+    stop_leaves_no_pins(&mut hf, &inst)
+}
+
+#[test]
+fn longer_prefix_wins_then_narrower_port_range() -> Result<()> {
+    let Some(ns) = netns_with_routes(ROUTES)? else {
+        return Ok(());
+    };
+    let Some(dir) = require("the example binaries on PATH", examples_dir()) else {
+        return Ok(());
+    };
+    // wide: the /24 and /64 on 8000-8099; narrow: their upper halves (/25,
+    // /65) on the same ports; single: the /24 and /64 on 8080 alone.
+    const V4_HIGH: &str = "192.0.2.128/25";
+    const V4_LOW: &str = "192.0.2.0/25";
+    const V6_HIGH: &str = "2001:db8:1:0:8000::/65";
+    const V6_LOW: &str = "2001:db8:1::/65";
+    let units = [
+        ("wide", [V4, V6], "8000-8099"),
+        ("narrow", [V4_HIGH, V6_HIGH], "8000-8099"),
+        ("single", [V4, V6], "8080"),
+    ];
+    let sandbox = Sandbox::new()?;
+    let hello = dir.join("hello-http");
+    for (name, addresses, ports) in units {
+        sandbox.write_unit(
+            name,
+            &format!(
+                "[service]\nexec = {}\ntype = \"notify\"\n\n[[socket]]\nname = \"http\"\nprotocol = \"tcp\"\naddresses = {}\nports = [{}]\n",
+                toml_array(&[&hello.to_string_lossy(), "--name", name]),
+                toml_array(&addresses),
+                toml_str(ports),
+            ),
+        )?;
+    }
+    let inst = instance("precedence");
+    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
+        return Ok(());
+    };
+    let mut pids = std::collections::BTreeMap::new();
+    for (name, _, _) in units {
+        pids.insert(name, hf.wait_running(name, T)?);
+    }
+    let mut rng = Rng::new("precedence");
+    let mut cases: Vec<(SocketAddr, &str)> = Vec::new();
+    for (low, high) in [(V4_LOW, V4_HIGH), (V6_LOW, V6_HIGH)] {
+        for _ in 0..SAMPLES {
+            let other_port = loop {
+                let p = rng.port(8000, 8099);
+                if p != 8080 {
+                    break p;
+                }
+            };
+            // The range of the /24 (/64) only.
+            cases.push((SocketAddr::new(rng.addr_in(low), other_port), "wide"));
+            // The /25 (/65) is longer than the /24 (/64).
+            cases.push((SocketAddr::new(rng.addr_in(high), other_port), "narrow"));
+            // Equal prefixes: the single port is narrower than the range.
+            cases.push((SocketAddr::new(rng.addr_in(low), 8080), "single"));
+            // The longer prefix beats the narrower port range.
+            cases.push((SocketAddr::new(rng.addr_in(high), 8080), "narrow"));
+        }
+    }
+    ns.run(|| {
+        let addrs: Vec<SocketAddr> = cases.iter().map(|c| c.0).collect();
+        expect_all("precedence", &addrs, http_get, |a| {
+            let name = cases.iter().find(|c| c.0 == a).expect("a case").1;
+            Got::Answer(format!("hello from {name} pid {}", pids[name]))
+        })
+    })??;
+    stop_leaves_no_pins(&mut hf, &inst)
+}
+
+#[test]
+fn equally_specific_overlap_is_refused_naming_both_units() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    serve_unit(&sandbox, "first", "tcp", &[V4], &["8000-8099"], "")?;
+    serve_unit(
+        &sandbox,
+        "second",
+        "tcp",
+        &["192.0.2.0/24"],
+        &["8050-8149"],
+        "",
+    )?;
+    let opts = RunOptions {
+        dispatcher: true,
+        args: vec!["--instance".into(), instance("overlap")],
+        ..RunOptions::default()
+    };
+    let mut hf = Holdfast::spawn_with(&ns, sandbox, &opts)?;
+    let status = hf.wait_exit(T)?;
+    let log = hf.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    for unit in ["first.toml", "second.toml"] {
+        assert!(log.contains(unit), "the error does not name {unit}: {log}");
+    }
+    assert!(
+        !hf.sandbox().out("first.json").exists() && !hf.sandbox().out("second.json").exists(),
+        "a service started although the units were refused"
+    );
+    assert!(!pin_dir(&instance("overlap")).exists(), "pins left behind");
+    Ok(())
+}
+
+#[test]
+fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
+    let Some(ns) = netns_with_routes(ROUTES)? else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    serve_unit(&sandbox, "dual", "tcp", &[V4, V6], &["8000-8099"], "")?;
+    let inst = instance("dual");
+    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
+        return Ok(());
+    };
+    let pid = hf.wait_running("dual", T)?;
+    let report = hf.sandbox().wait_report("dual", T, |r| r["pid"] == pid)?;
+    let sockets = report["sockets"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        sockets.len(),
+        1,
+        "one socket for both families: {sockets:?}"
+    );
+    assert_eq!(sockets[0]["family"], "AF_INET6", "{sockets:?}");
+    assert_eq!(
+        sockets[0]["address"][0], "::",
+        "dual-stack needs [::]: {sockets:?}"
+    );
+
+    let mut rng = Rng::new("dual");
+    let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
+    let want = format!("dual {pid}\n");
+    ns.run(|| expect_all("dual-stack", &targets, tcp, |_| Got::Answer(want.clone())))??;
+    let all = bindings(&hf)?;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0]["destination"], all[1]["destination"], "{all:?}");
+    let families: Vec<&str> = all.iter().filter_map(|b| b["prefix"].as_str()).collect();
+    assert!(families.contains(&V4) && families.contains(&V6), "{all:?}");
+    stop_leaves_no_pins(&mut hf, &inst)
+}
+
+#[test]
+fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
+    const KILLS: usize = 10;
+    let Some(ns) = netns_with_routes(ROUTES)? else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    serve_unit(
+        &sandbox,
+        "web",
+        "tcp",
+        &[V4, V6],
+        &["8000-8099"],
+        "restart = \"always\"\nrestart-delay = \"50ms\"\nrestart-delay-max = \"200ms\"\nstart-limit-burst = 1000",
+    )?;
+    let inst = instance("kill9");
+    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
+        return Ok(());
+    };
+    hf.wait_running("web", T)?;
+    let mut rng = Rng::new("kill9");
+    let background: Vec<(SocketAddr, String)> = random_targets(&mut rng, 10)
+        .into_iter()
+        .map(|a| (a, "web".to_string()))
+        .collect();
+    let client = LoopClient::start(&ns, background, Duration::from_millis(2), T)?;
+    let started = Instant::now();
+    let mut previous = 0;
+    let mut queued = 0usize;
+    {
+        let _inside = ns.enter()?;
+        for round in 0..KILLS {
+            let pid = hf.wait_service("web", T, |s| {
+                s["state"] == "running" && s["pid"].as_i64().is_some_and(|p| p as i32 != previous)
+            })?["pid"]
+                .as_i64()
+                .expect("checked") as i32;
+            kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+            wait_for(&format!("pid {pid} to die"), T, || {
+                process_gone(pid).then_some(())
+            })?;
+            // The service is down (or just coming back): these wait in the
+            // steered socket's backlog, and the next instance answers each.
+            let mut waiting = Vec::new();
+            for a in random_targets(&mut rng, 6) {
+                let s = TcpStream::connect_timeout(&a, T)
+                    .with_context(|| format!("round {round}: connect {a} while web is down"))?;
+                waiting.push((a, s));
+            }
+            for (a, mut s) in waiting {
+                s.set_read_timeout(Some(T))?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)
+                    .with_context(|| format!("round {round}: {a} queued while down"))?;
+                match parse_answer(&answer) {
+                    Some(("web", next)) if next != pid => queued += 1,
+                    _ => bail!(
+                        "round {round}: {a} queued while down got {answer:?} (killed pid {pid})"
+                    ),
+                }
+            }
+            previous = pid;
+        }
+    }
+    let tally = client.finish()?;
+    eprintln!(
+        "{KILLS} kills in {:?}; {queued} connections queued while down, all answered; loop client: {tally:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        tally.refused, 0,
+        "refused during kill -9 restarts: {tally:?}"
+    );
+    // A connection that an instance accepted just before its SIGKILL ends
+    // unanswered (EOF, or a reset): at most one per kill, none of holdfast's
+    // doing. Any other answer is a misroute.
+    let (cut, misrouted): (Vec<&String>, Vec<&String>) =
+        tally.misrouted.iter().partition(|m| m.ends_with(": \"\""));
+    assert!(misrouted.is_empty(), "{tally:?}");
+    assert!(cut.len() + tally.failed.len() <= KILLS, "{tally:?}");
+    assert!(
+        tally.answered > 0 && tally.pids_of("web").len() >= 2,
+        "{tally:?}"
+    );
+    let all = bindings(&hf)?;
+    assert!(
+        all.iter()
+            .all(|b| b["misses"] == 0 && b["errors"] == 0 && b["socket_present"] == true),
+        "{all:?}"
+    );
+    stop_leaves_no_pins(&mut hf, &inst)
+}
+
+#[test]
+fn a_binding_on_all_ports_serves_any_port() -> Result<()> {
+    let Some(ns) = netns_with_routes(ROUTES)? else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    serve_unit(&sandbox, "any", "tcp", &[V4, V6], &["1-65535"], "")?;
+    let inst = instance("allports");
+    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
+        return Ok(());
+    };
+    let pid = hf.wait_running("any", T)?;
+    let mut rng = Rng::new("allports");
+    let targets = inside(&mut rng, &[V4, V6], &[(1, 65535)]);
+    let want = format!("any {pid}\n");
+    ns.run(|| expect_all("all ports", &targets, tcp, |_| Got::Answer(want.clone())))??;
+    let all = bindings(&hf)?;
+    let want = [V4, V6].map(|p| (p.to_string(), "1-65535".to_string()));
+    assert_eq!(bindings_of(&all, "any"), want, "{all:?}");
+    // The map entries of an all-ports binding equal a single port's: the
+    // dispatcher's own test (dispatch::tests::all_ports_binding_costs_one_entry)
+    // counts them with Dispatcher::binding_entries, which the CLI does not show.
+    stop_leaves_no_pins(&mut hf, &inst)
+}
+
+// ---- without the harness's spawn: dropped capabilities, --netns --------------
+
+/// A `holdfast run` this file spawns itself (the harness always enters the
+/// namespace and runs the binary directly). Killed on drop.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    state: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Runs `prefix… holdfast run --units U --state-dir S ARGS…` (prefix: e.g.
+    /// setpriv and its options), after entering `ns` when given.
+    fn spawn(
+        sandbox: &Sandbox,
+        ns: Option<&Netns>,
+        prefix: &[&str],
+        args: &[&str],
+    ) -> Result<Daemon> {
+        let log = sandbox.path().join("holdfast.log");
+        let out = fs::File::create(&log)?;
+        let bin = holdfast_bin();
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("run")
+            .arg("--units")
+            .arg(sandbox.units_dir())
+            .arg("--state-dir")
+            .arg(sandbox.state_dir())
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let netns = ns.map(Netns::open).transpose()?;
+        if let Some(f) = &netns {
+            let fd = f.as_raw_fd();
+            // SAFETY: runs in the child between fork and exec; setns is
+            // async-signal-safe and `fd` was opened before the fork (O_CLOEXEC).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().context("spawn holdfast run")?;
+        Ok(Daemon {
+            child,
+            log,
+            state: sandbox.state_dir(),
+            exited: None,
+        })
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut all = args.to_vec();
+        let state = self.state.to_string_lossy().into_owned();
+        all.extend(["--state-dir", &state]);
+        holdfast_cli(&all)
+    }
+
+    fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait()?;
+        }
+        Ok(self.exited)
+    }
+
+    /// Waits until `holdfast status --json` answers; fails (with the log) if it exits.
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(s) = self.try_wait()? {
+                bail!(
+                    "holdfast exited with {s} before it was ready; its log:\n{}",
+                    self.log()
+                );
+            }
+            if self
+                .cli(&["status", "--json"])
+                .is_ok_and(|o| o.status.success())
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "holdfast not ready within {READY_TIMEOUT:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        wait_for("holdfast to exit", timeout, || {
+            self.try_wait().ok().flatten()
+        })
+        .with_context(|| format!("its log:\n{}", self.log()))
+    }
+
+    /// The running pid of `service`, polled from `holdfast status`.
+    fn wait_running(&self, service: &str) -> Result<i32> {
+        wait_for(&format!("{service} running"), T, || {
+            let out = self.cli(&["status", "--json"]).ok()?;
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let s = v.as_array()?.iter().find(|s| s["name"] == service)?.clone();
+            (s["state"] == "running")
+                .then(|| s["pid"].as_i64())
+                .flatten()
+        })
+        .map(|p| p as i32)
+        .with_context(|| format!("log:\n{}", self.log()))
+    }
+
+    /// SIGTERM; exit 0 within the harness's bound.
+    fn stop(&mut self) -> Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        let s = self.wait_exit(STOP_TIMEOUT)?;
+        ensure!(
+            s.code() == Some(0),
+            "holdfast exited with {s} after SIGTERM; its log:\n{}",
+            self.log()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if !matches!(self.try_wait(), Ok(Some(_))) {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+            if self.wait_exit(Duration::from_secs(5)).is_err() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        eprintln!(
+            "---- holdfast log ----\n{}---- end of holdfast log ----",
+            self.log()
+        );
+    }
+}
+
+/// setpriv dropping what BPF needs (and what mounting bpffs needs) from the
+/// bounding and inheritable sets, so the root daemon's permitted and effective
+/// sets lack them after exec.
+const WITHOUT_BPF: &[&str] = &[
+    "setpriv",
+    "--bounding-set=-bpf,-sys_admin,-perfmon,-net_admin",
+    "--inh-caps=-bpf,-sys_admin,-perfmon,-net_admin",
+    "--",
+];
+
+#[test]
+fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    if !require_file("/usr/bin/setpriv") {
+        return Ok(());
+    }
+    let sandbox = Sandbox::new()?;
+    serve_unit(&sandbox, "plain", "tcp", &["127.0.0.1/32"], &["8080"], "")?;
+    let inst = instance("nobpf");
+    let mut d = Daemon::spawn(&sandbox, Some(&ns), WITHOUT_BPF, &["--instance", &inst])?;
+    d.wait_ready()?;
+    let pid = d.wait_running("plain")?;
+    let status = fs::read_to_string(format!("/proc/{}/status", d.child.id()))?;
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or("?")
+        .to_string();
+    let log = d.log();
+    assert!(
+        log.contains("BPF is not available") && log.contains("falling back to bind mode"),
+        "no plain warning (CapEff {cap_eff}): {log}"
+    );
+    let answer = ns.run(|| ask_tcp("127.0.0.1:8080".parse().expect("literal"), T))??;
+    assert_eq!(answer, format!("plain {pid}\n"));
+    let b = d.cli(&["bindings", "--json"])?;
+    assert_eq!(
+        b.status.code(),
+        Some(1),
+        "bindings without a dispatcher: {b:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&b.stderr).contains("dispatcher is not active"),
+        "{b:?}"
+    );
+    assert!(!pin_dir(&inst).exists(), "pins without BPF?");
+    d.stop()
+}
+
+#[test]
+fn without_bpf_a_range_unit_is_refused_naming_unit_socket_and_reason() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    if !require_file("/usr/bin/setpriv") {
+        return Ok(());
+    }
+    let sandbox = Sandbox::new()?;
+    let exec = sandbox.serve_exec("ranged")?;
+    sandbox.write_unit(
+        "ranged",
+        &format!(
+            "[service]\nexec = {exec}\n\n[[socket]]\nname = \"wide\"\nprotocol = \"tcp\"\naddresses = [\"{V4}\"]\nports = [\"8000-8099\"]\n"
+        ),
+    )?;
+    let mut d = Daemon::spawn(
+        &sandbox,
+        Some(&ns),
+        WITHOUT_BPF,
+        &["--instance", &instance("norange")],
+    )?;
+    let status = d.wait_exit(T)?;
+    let log = d.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("needs the sk_lookup dispatcher"))
+        .with_context(|| format!("no \"needs the sk_lookup dispatcher\" in the log:\n{log}"))?;
+    for name in ["ranged.toml", "ranged", "\"wide\""] {
+        assert!(
+            line.contains(name),
+            "the refusal does not name {name}: {line}"
+        );
+    }
+    assert!(
+        log.contains("BPF is not available"),
+        "the reason is missing: {log}"
+    );
+    assert!(!sandbox.out("ranged.json").exists(), "the service started");
+    Ok(())
+}
+
+#[test]
+fn netns_flag_serves_inside_the_named_namespace() -> Result<()> {
+    let Some(ns) = netns_with_routes(ROUTES)? else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    serve_unit(&sandbox, "web", "tcp", &[V4, V6], &["8000-8099"], "")?;
+    let inst = instance("netnsflag");
+    let ns_path = ns.path().to_string_lossy().into_owned();
+    // Spawned from this thread's namespace (the host's, or the test runner's),
+    // not the test's: holdfast must enter it by itself.
+    let mut d = Daemon::spawn(
+        &sandbox,
+        None,
+        &[],
+        &["--netns", &ns_path, "--instance", &inst],
+    )?;
+    d.wait_ready()?;
+    let pid = d.wait_running("web")?;
+    let ino = |p: &str| fs::metadata(p).map(|m| m.ino());
+    assert_eq!(
+        ino(&format!("/proc/{}/ns/net", d.child.id()))?,
+        ino(&ns_path)?,
+        "the daemon is not in {ns_path}"
+    );
+    assert_eq!(
+        ino(&format!("/proc/{pid}/ns/net"))?,
+        ino(&ns_path)?,
+        "the service is not in {ns_path}"
+    );
+    let probe = d.cli(&["bindings", "--json"])?;
+    if require(
+        "the sk_lookup dispatcher (holdfast bindings)",
+        if probe.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{probe:?}; log:\n{}", d.log()))
+        },
+    )
+    .is_none()
+    {
+        return Ok(());
+    }
+    assert!(
+        pin_dir(&inst).is_dir(),
+        "nothing pinned at {}",
+        pin_dir(&inst).display()
+    );
+    let mut rng = Rng::new("netnsflag");
+    let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
+    let want = format!("web {pid}\n");
+    ns.run(|| expect_all("--netns", &targets, tcp, |_| Got::Answer(want.clone())))??;
+    d.stop()?;
+    assert!(
+        !pin_dir(&inst).exists(),
+        "a clean exit left {}",
+        pin_dir(&inst).display()
+    );
+    Ok(())
+}
