@@ -35,8 +35,10 @@
 
 mod daemon;
 mod handoff;
+mod load;
 mod loop_client;
 mod netns;
+mod notifier;
 mod peer;
 mod sandbox;
 
@@ -52,8 +54,10 @@ pub use daemon::{
     STRAY_FD,
 };
 pub use handoff::{check_handoff, ExpectSocket};
+pub use load::{wrk, WrkReport};
 pub use loop_client::{parse_answer, LoopClient, Tally};
 pub use netns::{Netns, NetnsGuard};
+pub use notifier::{reply_pid, send_notify_as, send_notify_from_here, tell, NOTIFIER_PY};
 pub use peer::{
     ask_tcp, ask_udp, ask_unix, control_request_as, proc_state, process_gone, PeerOutcome,
 };

@@ -1,0 +1,143 @@
+//! gunicorn (Debian's, installed by `cargo xtask bootstrap`) under holdfast,
+//! unchanged: a Python service that takes its listener from LISTEN_FDS (its
+//! `gunicorn.systemd`, when LISTEN_PID is its own pid) and writes READY=1 and
+//! STATUS= to NOTIFY_SOCKET itself. It becomes ready, answers, and an overlap
+//! restart under a looping client costs no request.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use holdfast_tests::{
+    netns_or_skip, process_gone, require_file, toml_array, wait_for, Holdfast, Sandbox,
+};
+
+const T: Duration = Duration::from_secs(10);
+const GUNICORN: &str = "/usr/bin/gunicorn";
+
+const APP: &str = "import os\n\
+def app(environ, start_response):\n\
+\x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
+\x20   return [b'hello from gunicorn worker %d\\n' % os.getpid()]\n";
+
+/// One HTTP/1.0 GET; returns the status line and the body.
+fn get(addr: SocketAddr) -> Result<(String, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, T).context("connect")?;
+    s.set_read_timeout(Some(T))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).context("read the response")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP response: {text:?}"))?;
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    Ok((status, body.to_owned()))
+}
+
+#[test]
+fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    if !require_file(GUNICORN) {
+        return Ok(());
+    }
+    let sandbox = Sandbox::new()?;
+    sandbox.write_script("app.py", APP)?;
+    let dir = sandbox.path().to_string_lossy().into_owned();
+    // No --bind: gunicorn takes the LISTEN_FDS socket.
+    let exec = toml_array(&[GUNICORN, "--workers", "2", "--chdir", &dir, "app:app"]);
+    sandbox.write_unit(
+        "gunicorn",
+        &format!(
+            r#"[service]
+exec = {exec}
+type = "notify"
+restart = "always"
+start-timeout = "20s"
+
+[[socket]]
+name = "http"
+protocol = "tcp"
+addresses = ["127.0.0.1/32"]
+ports = ["8080"]
+"#
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let old = hf.wait_running("gunicorn", Duration::from_secs(20))?;
+    let s = hf.service("gunicorn")?;
+    assert_eq!(s["status_text"], "Gunicorn arbiter booted", "{s}");
+    let addr: SocketAddr = "127.0.0.1:8080".parse()?;
+    let (status, body) = ns.run(|| get(addr))??;
+    assert!(status.ends_with(" 200 OK"), "{status}: {body}");
+    assert!(body.starts_with("hello from gunicorn worker "), "{body:?}");
+    // Its own line about what it listens on: the socket holdfast made, not its
+    // default 127.0.0.1:8000.
+    assert!(
+        hf.log()
+            .contains(&format!("Listening at: http://127.0.0.1:8080 ({old})")),
+        "gunicorn did not take the LISTEN_FDS socket:\n{}",
+        hf.log()
+    );
+
+    // A client loops (a new connection per request) during an overlap restart.
+    let done = AtomicBool::new(false);
+    let (out, tally) = std::thread::scope(|scope| -> Result<_> {
+        let client = scope.spawn(|| {
+            ns.run(|| {
+                let (mut ok, mut errors) = (0u32, Vec::new());
+                while !done.load(Ordering::Relaxed) {
+                    match get(addr) {
+                        Ok((status, _)) if status.contains(" 200 ") => ok += 1,
+                        Ok((status, body)) => errors.push(format!("{status}: {body}")),
+                        Err(e) => errors.push(format!("{e:#}")),
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                (ok, errors)
+            })
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let out = hf.cli(&["restart", "gunicorn", "--mode", "overlap"]);
+        // Long enough for the new workers to have booted and answered.
+        std::thread::sleep(Duration::from_millis(1500));
+        done.store(true, Ordering::Relaxed);
+        let tally = client.join().expect("client thread")?;
+        Ok((out?, tally))
+    })?;
+    let (answered, errors) = tally;
+    eprintln!(
+        "client during the overlap restart: {answered} answered, {} errors",
+        errors.len()
+    );
+    if !out.status.success() {
+        bail!(
+            "overlap restart of gunicorn: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ensure!(
+        errors.is_empty(),
+        "client errors during the overlap restart: {errors:?}"
+    );
+    ensure!(answered > 10, "only {answered} requests answered");
+
+    let s = hf.service("gunicorn")?;
+    let new = s["pid"].as_i64().context("pid")? as i32;
+    ensure!(
+        new != old && s["state"] == "running" && s["ready"] == true,
+        "{s}"
+    );
+    wait_for(
+        "the old arbiter to be gone",
+        Duration::from_secs(15),
+        || process_gone(old).then_some(()),
+    )?;
+    let (status, _) = ns.run(|| get(addr))??;
+    assert!(status.ends_with(" 200 OK"), "{status}");
+    hf.stop()?;
+    Ok(())
+}

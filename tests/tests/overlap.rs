@@ -1,0 +1,285 @@
+//! Overlap restarts (`holdfast restart NAME --mode overlap`, or `restart-mode =
+//! "overlap"` in the unit): the new instance starts on the same sockets and the old
+//! one is stopped only once the new one said READY=1. A new instance that never
+//! gets ready, or exits, is stopped and the old one keeps serving (the CLI exits 1
+//! saying so); a `single-instance` service refuses an overlap restart. A client
+//! loops throughout and sees no error.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use holdfast_tests::{
+    netns_or_skip, process_gone, reply_pid, tell, wait_for, Holdfast, Netns, Sandbox,
+};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(10);
+
+fn web() -> SocketAddr {
+    "127.0.0.1:8080".parse().expect("literal")
+}
+
+/// What the looping client got: the pids that answered, and every error.
+#[derive(Debug, Default)]
+struct Seen {
+    answers: u64,
+    pids: BTreeSet<i32>,
+    errors: Vec<String>,
+}
+
+/// Asks "web" for its pid in a loop, from a thread in `ns`, until stopped.
+struct Client {
+    done: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Seen>>,
+}
+
+impl Client {
+    fn start(ns: &Netns) -> Result<Client> {
+        let done = Arc::new(AtomicBool::new(false));
+        let ns_file = ns.open()?;
+        let stop = done.clone();
+        let thread = std::thread::spawn(move || -> Result<Seen> {
+            nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let mut seen = Seen::default();
+            while !stop.load(Ordering::Relaxed) {
+                match tell(web(), "pid").and_then(|a| reply_pid(&a)) {
+                    Ok(pid) => {
+                        seen.answers += 1;
+                        seen.pids.insert(pid);
+                    }
+                    Err(e) => seen.errors.push(format!("{e:#}")),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(seen)
+        });
+        Ok(Client { done, thread })
+    }
+
+    fn finish(self) -> Result<Seen> {
+        self.done.store(true, Ordering::Relaxed);
+        let seen = self.thread.join().expect("client thread")?;
+        ensure!(seen.answers > 0, "the client was never answered: {seen:?}");
+        Ok(seen)
+    }
+}
+
+/// Runs `holdfast restart ARGS…` on a thread while this one records every overlap
+/// candidate (`next_pid`) that status shows; returns the CLI's output and those pids.
+fn restart_watching(hf: &Holdfast, args: &[&str]) -> Result<(Output, BTreeSet<i32>)> {
+    let mut cli = vec!["restart"];
+    cli.extend_from_slice(args);
+    std::thread::scope(|scope| {
+        let running = scope.spawn(|| hf.cli(&cli));
+        let mut candidates = BTreeSet::new();
+        while !running.is_finished() {
+            if let Some(p) = hf.service("web").ok().and_then(|s| s["next_pid"].as_i64()) {
+                candidates.insert(p as i32);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok((running.join().expect("cli thread")?, candidates))
+    })
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The old instance kept serving and nothing else changed: same pid, running, no
+/// candidate or draining instance left, no restart counted; only `old` answered.
+fn old_one_kept(hf: &Holdfast, old: i32, seen: &Seen) -> Result<Value> {
+    let s = hf.wait_service("web", T, |s| s["draining_pids"] == json!([]))?;
+    ensure!(
+        (&s["state"], &s["pid"], &s["next_pid"], &s["restarts"])
+            == (&json!("running"), &json!(old), &Value::Null, &json!(0)),
+        "after the failed overlap restart: {s}"
+    );
+    ensure!(seen.errors.is_empty(), "client errors: {seen:?}");
+    ensure!(
+        seen.pids == BTreeSet::from([old]),
+        "answered by {:?}, want {old} only",
+        seen.pids
+    );
+    Ok(s)
+}
+
+/// An overlap restart whose new instance (every start after the first: notifier.py
+/// `--later LATER`) fails: the CLI (`restart ARGS…`) exits 1 with every one of
+/// `reasons`, the old instance kept serving a looping client without an error, and
+/// the candidate, which status showed as `next_pid`, is gone.
+fn failed_overlap(later: &str, unit_extra: &str, args: &[&str], reasons: &[&str]) -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_notifier_unit("web", 8080, &["--ready", "--later", later], unit_extra)?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let old = hf.wait_running("web", T)?;
+    let client = Client::start(&ns)?;
+    let (out, candidates) = restart_watching(&hf, args)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = client.finish()?;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "restart: {err}");
+    for part in reasons {
+        assert!(err.contains(part), "restart said {err:?}, want {part:?}");
+    }
+    let starts = hf.sandbox().starts("web");
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert!(
+        candidates.is_subset(&BTreeSet::from([starts[1]])),
+        "status next_pid {candidates:?}, the candidate was {}",
+        starts[1]
+    );
+    old_one_kept(&hf, old, &seen)?;
+    wait_for("the candidate to be gone", T, || {
+        process_gone(starts[1]).then_some(())
+    })?;
+    eprintln!("client during the restart: {} answers", seen.answers);
+    hf.stop()?;
+    Ok(())
+}
+
+#[test]
+fn overlap_restart_whose_new_instance_never_gets_ready_keeps_the_old_one() -> Result<()> {
+    // It never says READY=1 (and accepts nothing); no --mode: the unit's restart-mode.
+    failed_overlap(
+        "never-ready",
+        "restart-mode = \"overlap\"\nstart-timeout = \"1s\"",
+        &["web"],
+        &[
+            "did not send READY=1 within start-timeout",
+            "old instance keeps serving",
+        ],
+    )
+}
+
+#[test]
+fn overlap_restart_whose_new_instance_exits_keeps_the_old_one() -> Result<()> {
+    failed_overlap(
+        "exit",
+        "start-timeout = \"20s\"",
+        &["web", "--mode", "overlap"],
+        &[
+            "exited before it was ready",
+            "exit code 1",
+            "old instance keeps serving",
+        ],
+    )
+}
+
+#[test]
+fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_notifier_unit("web", 8080, &["--ready", "--ready-after", "0.5"], "")?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let old = hf.wait_running("web", T)?;
+    let client = Client::start(&ns)?;
+    let (out, candidates) = restart_watching(&hf, &["web", "--mode", "overlap"])?;
+    assert_eq!(out.status.code(), Some(0), "restart: {}", stderr(&out));
+    let s = hf.service("web")?;
+    let new = s["pid"].as_i64().context("pid")? as i32;
+    assert_ne!(new, old, "{s}");
+    assert_eq!(
+        candidates,
+        BTreeSet::from([new]),
+        "status next_pid while it got ready"
+    );
+    assert_eq!(
+        (&s["state"], &s["restarts"]),
+        (&json!("running"), &json!(1)),
+        "{s}"
+    );
+    wait_for("the old instance to be gone", T, || {
+        process_gone(old).then_some(())
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = client.finish()?;
+    assert!(seen.errors.is_empty(), "client errors: {seen:?}");
+    assert!(
+        seen.pids.contains(&new),
+        "the new instance never answered: {seen:?}"
+    );
+    assert!(seen.pids.is_subset(&BTreeSet::from([old, new])), "{seen:?}");
+    hf.stop()?;
+    Ok(())
+}
+
+#[test]
+fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_notifier_unit("web", 8080, &["--ready"], "single-instance = true")?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let old = hf.wait_running("web", T)?;
+    let out = hf.cli(&["restart", "web", "--mode", "overlap"])?;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "restart: {err}");
+    assert!(err.contains("single-instance"), "no reason given: {err:?}");
+    let s = hf.service("web")?;
+    assert_eq!((&s["pid"], &s["restarts"]), (&json!(old), &json!(0)), "{s}");
+    assert_eq!(hf.sandbox().starts("web").len(), 1);
+    // stop-start is still allowed.
+    hf.cli_ok(&["restart", "web", "--mode", "stop-start"])?;
+    let s = hf.service("web")?;
+    assert_ne!(s["pid"], old, "{s}");
+    hf.stop()?;
+    Ok(())
+}
+
+/// The old instance of an overlap restart says STOPPING=1 and STATUS=draining as
+/// it drains (hello-http does, through the sd-notify crate). That is news about
+/// the old instance, not the service: the service, whose new instance is ready,
+/// must stay "running" with the new instance's status text, and `holdfast start`
+/// must see it running. holdfast applies it to the service (services.rs
+/// `notified`: a draining instance counts as `is_main`), leaving it "stopping"
+/// for good, status_text "draining", and `holdfast start` then waits forever.
+/// Daemon bug, reported; run with `--ignored` to see it.
+#[test]
+#[ignore = "daemon bug: STOPPING=1/STATUS= from a draining instance are applied to the service"]
+fn a_draining_instance_does_not_speak_for_the_service() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_notifier_unit(
+        "web",
+        8080,
+        &["--ready", "--status", "serving", "--stopping"],
+        "",
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let old = hf.wait_running("web", T)?;
+    hf.cli_ok(&["restart", "web", "--mode", "overlap"])?;
+    wait_for("the old instance to be gone", T, || {
+        process_gone(old).then_some(())
+    })?;
+    let s = hf.wait_service("web", T, |s| s["draining_pids"] == json!([]))?;
+    ensure!(
+        (&s["state"], &s["ready"], &s["status_text"])
+            == (&json!("running"), &json!(true), &json!("serving")),
+        "after the old instance drained: {s}"
+    );
+    let started = std::time::Instant::now();
+    let out = hf.cli(&["start", "web"])?;
+    ensure!(
+        out.status.success() && started.elapsed() < Duration::from_secs(5),
+        "holdfast start on the running service: {} after {:?}",
+        stderr(&out),
+        started.elapsed()
+    );
+    hf.stop()?;
+    Ok(())
+}
