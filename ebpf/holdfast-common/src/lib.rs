@@ -11,6 +11,12 @@
 //! - [`BINDINGS_MAP`]: HASH from [`BindingKey`] to a destination id.
 //! - [`SOCKETS_MAP`]: SOCKMAP from destination id to socket.
 //! - [`COUNTERS_MAP`]: PERCPU_ARRAY of [`Counters`] per destination id.
+//! - [`RULE_STATE_MAP`]: ARRAY, one `u32` per destination id: 0 when it has no
+//!   source rules, else 1 + the phase (0 or 1) whose rule entries are live.
+//! - [`RULES_MAP`]: LPM_TRIE from {[`rule_tag`]\(destination, phase), source
+//!   address} to [`RULE_ADMIT`] or [`RULE_REFUSE`]; the longest matching entry
+//!   is the verdict. Every rule set has an entry of length [`RULE_TAG_BITS`]
+//!   (any source) holding its default.
 #![no_std]
 
 /// The sk_lookup program that dispatches.
@@ -24,6 +30,8 @@ pub const BINDINGS_MAP: &str = "HF_BINDINGS";
 pub const LENGTHS_MAP: &str = "HF_LENGTHS";
 pub const SOCKETS_MAP: &str = "HF_SOCKETS";
 pub const COUNTERS_MAP: &str = "HF_COUNTERS";
+pub const RULE_STATE_MAP: &str = "HF_RULE_STATE";
+pub const RULES_MAP: &str = "HF_RULES";
 
 /// Destination ids are `0..MAX_DESTINATIONS` (sockmap and counters size).
 pub const MAX_DESTINATIONS: u32 = 4096;
@@ -36,6 +44,26 @@ pub const NO_DESTINATION: u32 = u32::MAX;
 pub const DEFAULT_BINDING_ENTRIES: u32 = 1 << 16;
 /// Prefix lengths 0..=128, plus the end slot.
 pub const LENGTH_SLOTS: u32 = 130;
+
+/// Capacity of the source rules trie (both phases of every destination
+/// together). An LPM trie allocates each entry as it is inserted, so the
+/// capacity costs nothing up front.
+pub const RULE_ENTRIES: u32 = 1 << 16;
+/// Verdicts in the source rules trie.
+pub const RULE_ADMIT: u32 = 1;
+pub const RULE_REFUSE: u32 = 2;
+/// Bits of a rule key before the address: the [`rule_tag`]. A rule on a
+/// source prefix of length `l` (in the IPv4-mapped space) has trie prefix
+/// length `RULE_TAG_BITS + l`; a lookup uses `RULE_TAG_BITS + 128`.
+pub const RULE_TAG_BITS: u32 = 32;
+
+/// The tag that starts every rule key of `destination`'s rules in `phase`
+/// (0 or 1), as a number; keys hold it big-endian (`to_be`), so that the
+/// trie's bit order matches.
+#[inline(always)]
+pub const fn rule_tag(destination: u32, phase: u32) -> u32 {
+    (destination << 1) | (phase & 1)
+}
 
 /// Protocol slots in the port class array.
 pub const PROTO_TCP: u32 = 0;
@@ -109,6 +137,19 @@ impl LengthSlot {
     }
 }
 
+/// The data of a source rules trie key (after the trie's `prefix_len`).
+/// Every field is in network byte order, so that the bytes in memory are the
+/// bits the trie matches, most significant first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleData {
+    /// [`rule_tag`], big-endian.
+    pub tag: u32,
+    /// The source address in the IPv4-mapped IPv6 space (`::ffff:a.b.c.d`),
+    /// as four big-endian words; host bits zero in stored keys.
+    pub addr: [u32; 4],
+}
+
 /// Per-destination counters, one copy per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -119,6 +160,8 @@ pub struct Counters {
     pub misses: u64,
     /// ... for which bpf_sk_assign failed (packet dropped).
     pub errors: u64,
+    /// ... whose source address its allow/deny rules refuse (packet dropped).
+    pub denied: u64,
 }
 
 #[cfg(feature = "user")]
@@ -128,9 +171,12 @@ mod user {
     unsafe impl aya::Pod for super::BindingKey {}
     // SAFETY: LengthSlot is repr(C), Copy, two u64 and two u32: no padding.
     unsafe impl aya::Pod for super::LengthSlot {}
-    // SAFETY: Counters is repr(C), Copy, three u64: no padding, any bit pattern is valid.
+    // SAFETY: Counters is repr(C), Copy, four u64: no padding, any bit pattern is valid.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: RuleData is repr(C), Copy, five u32: no padding, any bit pattern is valid.
+    unsafe impl aya::Pod for super::RuleData {}
 }
 
 const _: () = assert!(core::mem::size_of::<BindingKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LengthSlot>() == 24);
+const _: () = assert!(core::mem::size_of::<RuleData>() * 8 == RULE_TAG_BITS as usize + 128);

@@ -1,4 +1,7 @@
 //! The programs and their maps. See `holdfast-common` for the map layout.
+//! Order of one lookup: port class, binding (longest prefix first), counters,
+//! the destination's source rules (refused: SK_DROP, counted as denied), then
+//! the socket.
 
 use core::{
     cell::UnsafeCell,
@@ -11,13 +14,17 @@ use aya_ebpf::{
     bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action},
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
     macros::{map, sk_lookup},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, PerCpuArray,
+    },
     programs::SkLookupContext,
 };
 use holdfast_common::{
-    port_class_index, BindingKey, Counters, LengthSlot, DEFAULT_BINDING_ENTRIES, IPPROTO_TCP,
-    IPPROTO_UDP, LENGTH_SLOTS, MAX_DESTINATIONS, NO_DESTINATION, PORT_CLASS_ENTRIES, PROTO_TCP,
-    PROTO_UDP,
+    port_class_index, rule_tag, BindingKey, Counters, LengthSlot, RuleData,
+    DEFAULT_BINDING_ENTRIES, IPPROTO_TCP, IPPROTO_UDP, LENGTH_SLOTS, MAX_DESTINATIONS,
+    NO_DESTINATION, PORT_CLASS_ENTRIES, PROTO_TCP, PROTO_UDP, RULE_ADMIT, RULE_ENTRIES,
+    RULE_TAG_BITS,
 };
 
 const AF_INET: u32 = 2;
@@ -94,6 +101,56 @@ fn assign(ctx: &SkLookupContext, dest: u32) -> Assign {
 
 #[map(name = "HF_COUNTERS")]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_DESTINATIONS, 0);
+
+#[map(name = "HF_RULE_STATE")]
+static RULE_STATE: Array<u32> = Array::with_max_entries(MAX_DESTINATIONS, 0);
+
+#[map(name = "HF_RULES")]
+static RULES: LpmTrie<RuleData, u32> = LpmTrie::with_max_entries(RULE_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Whether `dest`'s source rules refuse the packet's remote address. No rules:
+/// admitted, at the cost of one array read. With rules: one trie lookup in the
+/// live phase of `dest`'s rules; the longest matching entry is the verdict (the
+/// supervisor compiled allow/deny so that this equals "refused when a deny
+/// prefix contains the source, else admitted when allow is empty or an allow
+/// prefix contains it"). No entry at all (never the case: every rule set has a
+/// default entry) refuses: a filter fails closed.
+#[inline(always)]
+fn refused(ctx: &SkLookupContext, family: u32, dest: u32) -> bool {
+    let state = match RULE_STATE.get(dest) {
+        Some(s) if *s != 0 => *s,
+        _ => return false,
+    };
+    let c: *const bpf_sk_lookup = ctx.lookup;
+    // SAFETY: as in `read_context`: fixed-offset loads of fields readable in
+    // sk_lookup programs (remote_ip6 reads as zero for IPv4), every one
+    // unconditional so that no load's address depends on the family.
+    let (ip4, ip6) = unsafe {
+        (
+            read_volatile(addr_of!((*c).remote_ip4)),
+            [
+                read_volatile(addr_of!((*c).remote_ip6[0])),
+                read_volatile(addr_of!((*c).remote_ip6[1])),
+                read_volatile(addr_of!((*c).remote_ip6[2])),
+                read_volatile(addr_of!((*c).remote_ip6[3])),
+            ],
+        )
+    };
+    // The context holds the addresses in network byte order, as the key wants.
+    let addr = if family == AF_INET {
+        [0, 0, 0xffffu32.to_be(), ip4]
+    } else {
+        ip6
+    };
+    let key = Key::new(
+        RULE_TAG_BITS + 128,
+        RuleData {
+            tag: rule_tag(dest, state - 1).to_be(),
+            addr,
+        },
+    );
+    !matches!(RULES.get(&key), Some(v) if *v == RULE_ADMIT)
+}
 
 /// The fields of the context this program reads, each loaded at its fixed offset.
 struct Lookup {
@@ -208,6 +265,13 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
         // SAFETY: a per-CPU array slot of this CPU; sk_lookup runs with
         // migration disabled, so no other writer touches it concurrently.
         unsafe { (*c).lookups += 1 };
+    }
+    if refused(ctx, l.family, dest) {
+        if let Some(c) = counters {
+            // SAFETY: as above.
+            unsafe { (*c).denied += 1 };
+        }
+        return sk_action::SK_DROP;
     }
     match assign(ctx, dest) {
         Assign::Done => sk_action::SK_PASS,

@@ -14,6 +14,9 @@
 //! class; the program's longest-prefix-first search then gives "longest prefix
 //! first, then narrowest range". Two bindings with the same prefix, overlapping ranges of the
 //! same width and different destinations are ambiguous and rejected.
+//!
+//! It also compiles a destination's source rules (allow/deny) into the entries
+//! of the rules trie, see [`compile_rules`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -108,6 +111,92 @@ fn masked(addr: u128, len: u8) -> u128 {
         0 => 0,
         l => addr & (u128::MAX << (128 - u32::from(l.min(128)))),
     }
+}
+
+/// One entry of a destination's compiled source rules: a source prefix and
+/// the verdict for sources it contains, unless a longer entry also contains them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleEntry {
+    /// In the IPv4-mapped IPv6 space, 0..=128; 0 is the rule set's default.
+    pub prefix_len: u8,
+    /// Address with the host bits cleared, IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    pub refuse: bool,
+}
+
+/// Compiles a destination's `allow` and `deny` source prefixes into trie
+/// entries whose longest match is the verdict of
+/// [`SocketOptions::admits`](crate::unit::SocketOptions::admits): a source is
+/// refused when any deny prefix contains it, else admitted when `allow` is
+/// empty or any allow prefix contains it. Whatever the lengths, deny wins.
+///
+/// A longest match gives that answer once the entries are: a default (length 0)
+/// refusing when `allow` is non-empty, else admitting; every deny prefix,
+/// refusing; every allow prefix that no deny prefix contains, admitting. (Two
+/// prefixes that contain the same source are nested, so a source in a deny
+/// prefix matches either that deny entry or a longer one inside it: a longer
+/// deny, or an allow that a deny contains — and those were left out.) A prefix
+/// of length 0 replaces the default.
+///
+/// Both lists empty: no entries, the destination has no rules.
+pub fn compile_rules(
+    destination: DestinationId,
+    allow: &[IpPrefix],
+    deny: &[IpPrefix],
+) -> Result<Vec<RuleEntry>, DispatchError> {
+    if allow.is_empty() && deny.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mapped = |p: &IpPrefix| -> Result<(u8, u128), DispatchError> {
+        let max = if p.addr.is_ipv4() { 32 } else { 128 };
+        if p.len > max {
+            return Err(DispatchError::InvalidSourcePrefix {
+                destination,
+                prefix: p.to_string(),
+            });
+        }
+        let len = p.mapped_len();
+        Ok((len, masked(u128::from(p.mapped_addr()), len)))
+    };
+    let deny: Vec<(u8, u128)> = deny.iter().map(mapped).collect::<Result<_, _>>()?;
+    let allow: Vec<(u8, u128)> = allow.iter().map(mapped).collect::<Result<_, _>>()?;
+    let within = |(len, addr): (u8, u128), (outer_len, outer): (u8, u128)| {
+        outer_len <= len && masked(addr, outer_len) == outer
+    };
+    // Keyed by (length, address); later inserts replace earlier ones.
+    let mut entries: std::collections::BTreeMap<(u8, u128), bool> = Default::default();
+    entries.insert((0, 0), !allow.is_empty());
+    for a in &allow {
+        if !deny.iter().any(|d| within(*a, *d)) {
+            entries.insert(*a, false);
+        }
+    }
+    for d in &deny {
+        entries.insert(*d, true);
+    }
+    Ok(entries
+        .into_iter()
+        .map(|((prefix_len, addr), refuse)| RuleEntry {
+            prefix_len,
+            addr: addr.to_be_bytes(),
+            refuse,
+        })
+        .collect())
+}
+
+/// What the program answers for `source` under compiled rules: the longest
+/// matching entry's verdict; no rules admit; rules with no matching entry
+/// refuse (the program fails closed). Mirrors `ebpf/holdfast-ebpf`.
+pub fn rules_admit(entries: &[RuleEntry], source: IpAddr) -> bool {
+    if entries.is_empty() {
+        return true;
+    }
+    let a = u128::from(mapped(source));
+    entries
+        .iter()
+        .filter(|e| masked(a, e.prefix_len) == u128::from_be_bytes(e.addr))
+        .max_by_key(|e| e.prefix_len)
+        .is_some_and(|e| !e.refuse)
 }
 
 /// A binding as it is named in errors.
@@ -520,16 +609,217 @@ mod tests {
         assert_eq!(c.entries.len(), 1);
     }
 
-    /// Random binding sets: the compiled lookup equals the rule applied directly.
+    fn options(allow: &[&str], deny: &[&str]) -> crate::unit::SocketOptions {
+        crate::unit::SocketOptions {
+            allow: allow.iter().map(|p| prefix(p)).collect(),
+            deny: deny.iter().map(|p| prefix(p)).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// (name, allow, deny, probes: (source, admitted)).
+    type RuleCase = (
+        &'static str,
+        Vec<&'static str>,
+        Vec<&'static str>,
+        Vec<(&'static str, bool)>,
+    );
+
     #[test]
-    fn compiled_lookup_matches_the_rule() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
+    fn source_rules_table() {
+        let cases: Vec<RuleCase> = vec![
+            (
+                "no rules admit everything",
+                vec![],
+                vec![],
+                vec![("192.0.2.1", true), ("2001:db8::1", true)],
+            ),
+            (
+                "allow only",
+                vec!["192.0.2.0/25"],
+                vec![],
+                vec![
+                    ("192.0.2.1", true),
+                    ("192.0.2.127", true),
+                    ("192.0.2.128", false),
+                    ("2001:db8::1", false),
+                ],
+            ),
+            (
+                "deny only",
+                vec![],
+                vec!["198.51.100.0/24"],
+                vec![
+                    ("198.51.100.7", false),
+                    ("198.51.101.7", true),
+                    ("2001:db8::1", true),
+                ],
+            ),
+            (
+                "a longer allow inside a deny is still refused",
+                vec!["198.51.100.0/25"],
+                vec!["198.51.100.0/24"],
+                vec![("198.51.100.7", false), ("198.51.100.200", false)],
+            ),
+            (
+                "a longer deny inside an allow refuses its part",
+                vec!["198.51.100.0/24"],
+                vec!["198.51.100.128/25"],
+                vec![
+                    ("198.51.100.7", true),
+                    ("198.51.100.200", false),
+                    ("198.51.101.1", false),
+                ],
+            ),
+            (
+                "the same prefix in both is refused",
+                vec!["198.51.100.0/24", "2001:db8::/32"],
+                vec!["198.51.100.0/24"],
+                vec![("198.51.100.7", false), ("2001:db8::7", true)],
+            ),
+            (
+                "deny everything",
+                vec!["198.51.100.0/24"],
+                vec!["::/0"],
+                vec![("198.51.100.7", false), ("2001:db8::7", false)],
+            ),
+            (
+                "allow everything but one host",
+                vec!["::/0"],
+                vec!["2001:db8::7/128", "198.51.100.7/32"],
+                vec![
+                    ("2001:db8::7", false),
+                    ("2001:db8::8", true),
+                    ("198.51.100.7", false),
+                    ("198.51.100.8", true),
+                ],
+            ),
+            (
+                "0.0.0.0/0 is every IPv4 source and no IPv6 one",
+                vec!["0.0.0.0/0"],
+                vec![],
+                vec![("203.0.113.9", true), ("2001:db8::1", false)],
+            ),
+            (
+                "::/0 contains IPv4 sources too, as in admits()",
+                vec![],
+                vec!["::/0"],
+                vec![("203.0.113.9", false), ("2001:db8::1", false)],
+            ),
+        ];
+        for (name, allow, deny, probes) in cases {
+            let o = options(&allow, &deny);
+            let entries = compile_rules(1, &o.allow, &o.deny).unwrap();
+            for (src, want) in probes {
+                let src: IpAddr = src.parse().unwrap();
+                assert_eq!(
+                    o.admits(src),
+                    want,
+                    "{name}: admits({src}) disagrees with the table"
+                );
+                assert_eq!(rules_admit(&entries, src), want, "{name}: {src}");
+            }
+        }
+    }
+
+    #[test]
+    fn source_rules_entries() {
+        let o = options(&["198.51.100.0/25", "2001:db8::/32"], &["198.51.100.0/24"]);
+        let entries = compile_rules(1, &o.allow, &o.deny).unwrap();
+        let got: Vec<(u8, bool)> = entries.iter().map(|e| (e.prefix_len, e.refuse)).collect();
+        // Default refuse; the allow inside the deny is left out.
+        assert_eq!(got, vec![(0, true), (32, false), (120, true)]);
+        assert!(compile_rules(1, &[], &[]).unwrap().is_empty());
+        let bad = IpPrefix {
+            addr: "192.0.2.0".parse().unwrap(),
+            len: 33,
+        };
+        let err = compile_rules(7, &[bad], &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("192.0.2.0/33") && err.contains("destination 7"),
+            "{err}"
+        );
+    }
+
+    /// Random allow/deny lists: the compiled rules agree with `admits()`.
+    #[test]
+    fn compiled_rules_match_admits() {
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+        // Addresses from a small space, so that prefixes nest and collide often.
+        let addr = |next: &mut dyn FnMut() -> u64| -> IpAddr {
+            let r = next();
+            if r.is_multiple_of(3) {
+                IpAddr::V6(Ipv6Addr::from(
+                    (0x2001_0db8u128 << 96) | (u128::from((r >> 40) & 0xff) << 88),
+                ))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(0xc633_6400 | ((r >> 32) as u32 & 0x00ff)))
+            }
+        };
+        let pfx = |a: IpAddr, len: u8| {
+            let len = if a.is_ipv4() {
+                len.min(32)
+            } else {
+                len.min(128)
+            };
+            let masked_addr = match a {
+                IpAddr::V4(v) => IpAddr::V4(Ipv4Addr::from(
+                    u32::from(v) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0),
+                )),
+                IpAddr::V6(v) => IpAddr::V6(Ipv6Addr::from(masked(u128::from(v), len))),
+            };
+            IpPrefix {
+                addr: masked_addr,
+                len,
+            }
+        };
+        for _round in 0..300 {
+            let mut lists = [Vec::new(), Vec::new()];
+            for list in lists.iter_mut() {
+                for _ in 0..(next() % 4) {
+                    let a = addr(&mut next);
+                    let len = if a.is_ipv4() {
+                        [0u8, 24, 25, 26, 30, 32][(next() % 6) as usize]
+                    } else {
+                        [0u8, 32, 36, 40, 128][(next() % 5) as usize]
+                    };
+                    list.push(pfx(a, len));
+                }
+            }
+            let [allow, deny] = lists;
+            let o = crate::unit::SocketOptions {
+                allow,
+                deny,
+                ..Default::default()
+            };
+            let entries = compile_rules(3, &o.allow, &o.deny).unwrap();
+            for _ in 0..100 {
+                let src = addr(&mut next);
+                assert_eq!(
+                    rules_admit(&entries, src),
+                    o.admits(src),
+                    "{src} under allow {:?} deny {:?}",
+                    o.allow,
+                    o.deny
+                );
+            }
+        }
+    }
+
+    /// A xorshift generator: the same draws on every run.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed
-        };
+        }
+    }
+
+    /// Random binding sets: the compiled lookup equals the rule applied directly.
+    #[test]
+    fn compiled_lookup_matches_the_rule() {
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let mut compiled_rounds = 0;
         for _round in 0..50 {
             let mut bindings = Vec::new();

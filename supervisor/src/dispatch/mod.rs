@@ -48,6 +48,45 @@
 //! and the live set is untouched. Sockets are not generational: a destination id
 //! keeps its sockmap slot across changes.
 //!
+//! # Source rules (allow/deny)
+//!
+//! A destination may have source rules, set by [`Dispatcher::set_source_rules`]
+//! with the `allow` and `deny` prefixes of its socket. They are checked after
+//! the binding matched and before the socket is selected: a refused packet is
+//! dropped (SK_DROP; a TCP client sees its connection refused, nothing reaches
+//! the socket) and counted in [`Counters::denied`] (and in `lookups`, since a
+//! binding matched). The verdict is the one of
+//! [`SocketOptions::admits`](crate::unit::SocketOptions::admits), so the
+//! program and holdfast's own accept path agree: a source is refused when any
+//! deny prefix contains it, else admitted when allow is empty or any allow
+//! prefix contains it — deny wins whatever the lengths. Sources are matched in
+//! the IPv4-mapped space, as the bindings are (`::/0` contains IPv4 sources,
+//! `0.0.0.0/0` no IPv6 one), exactly as `IpPrefix::contains` does.
+//!
+//! Cost: a destination without rules pays one ARRAY read (its rule state, 0);
+//! one with rules pays that and one LPM trie lookup, keyed {destination, phase,
+//! source address}. The longest match is the verdict: [`compile::compile_rules`]
+//! turns allow/deny into entries for which longest match equals `admits()` (a
+//! default entry of length 0 that refuses when allow is non-empty; every deny
+//! prefix; every allow prefix that no deny prefix contains). The trie's depth
+//! is bounded by its 160 key bits and grows with the number of rules, never
+//! with the number of bindings; a lookup that matches no binding pays nothing.
+//!
+//! Rules are per destination and change on their own, not with the binding
+//! generation, so that setting one socket's rules costs its few entries rather
+//! than a rewrite of every binding. Each destination has two phases of rule
+//! entries and one ARRAY slot saying which phase is live (0: no rules). A
+//! change writes the new entries into the idle phase, then flips the slot with
+//! one 4-byte store: a lookup reads the slot once and sees the destination's
+//! old rules or its new ones, never a mix. The old phase's entries are deleted
+//! only after a grace period (the same `membarrier` wait as above) has passed
+//! since the flip: at the next [`Dispatcher::apply`], or at the next change of
+//! that destination's rules, which waits first if it must reuse that phase
+//! sooner. Setting rules where there were none never waits. The caller sets a
+//! socket's rules before its socket and bindings are published, so that no
+//! packet reaches it unfiltered; a destination id handed to another socket
+//! keeps its rules until they are set again (empty lists clear them).
+//!
 //! # Pins
 //!
 //! Program, link and maps are pinned under `/sys/fs/bpf/holdfast/<instance>`
@@ -69,16 +108,18 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::{links::FdLink, SkLookup};
 use aya::{Ebpf, EbpfLoader};
 use holdfast_common::{
-    port_class_index, BindingKey, LengthSlot, BINDINGS_MAP, COUNTERS_MAP, EMPTY_PROGRAM,
-    GENERATION_MAP, LENGTHS_MAP, LENGTH_SLOTS, LOOKUP_PROGRAM, PORT_CLASS_MAP, SOCKETS_MAP,
+    port_class_index, rule_tag, BindingKey, LengthSlot, RuleData, BINDINGS_MAP, COUNTERS_MAP,
+    EMPTY_PROGRAM, GENERATION_MAP, LENGTHS_MAP, LENGTH_SLOTS, LOOKUP_PROGRAM, PORT_CLASS_MAP,
+    RULES_MAP, RULE_ADMIT, RULE_REFUSE, RULE_STATE_MAP, RULE_TAG_BITS, SOCKETS_MAP,
 };
 
 pub use bench::{bench_lookup, BenchFigure, BenchReport};
-pub use compile::{compile, BindingEntry, Compiled};
+pub use compile::{compile, compile_rules, BindingEntry, Compiled, RuleEntry};
 pub use holdfast_common::{DEFAULT_BINDING_ENTRIES, MAX_DESTINATIONS};
 
 use crate::unit::{IpPrefix, PortRange, Protocol};
@@ -107,6 +148,15 @@ pub struct Counters {
     pub misses: u64,
     /// ... for which bpf_sk_assign failed (dropped).
     pub errors: u64,
+    /// ... whose source its allow/deny rules refused (dropped).
+    pub denied: u64,
+}
+
+/// A destination's source rules, as given to [`Dispatcher::set_source_rules`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SourceRules {
+    pub allow: Vec<IpPrefix>,
+    pub deny: Vec<IpPrefix>,
 }
 
 /// Errors of the dispatcher; each names the operation and the object.
@@ -169,6 +219,11 @@ pub enum DispatchError {
     DestinationOutOfRange { binding: String, max: u32 },
     #[error("invalid port range: {binding}")]
     InvalidPortRange { binding: String },
+    #[error("invalid source prefix {prefix} in the rules of destination {destination}")]
+    InvalidSourcePrefix {
+        destination: DestinationId,
+        prefix: String,
+    },
     #[error("destination {destination} is out of range (max {max})")]
     Destination {
         destination: DestinationId,
@@ -228,6 +283,45 @@ struct Loaded {
     classes: ClassShadow,
     bindings: Vec<Binding>,
     sockets_inserted: BTreeSet<DestinationId>,
+    rule_state: Array<MapData, u32>,
+    rules: LpmTrie<MapData, RuleData, u32>,
+    /// The live rules of each destination that has some.
+    source_rules: BTreeMap<DestinationId, LiveRules>,
+    /// Rule entries no longer live, still in the trie until a grace period
+    /// has passed since they stopped being live.
+    stale_rules: Vec<StaleRule>,
+    /// Grace periods waited so far (see [`Loaded::wait_grace`]).
+    grace_periods: u64,
+}
+
+/// One destination's live source rules.
+struct LiveRules {
+    rules: SourceRules,
+    entries: Vec<RuleEntry>,
+    /// The phase (0 or 1) its entries are written in.
+    phase: u32,
+}
+
+/// A rule entry that a lookup may still be reading: deletable once
+/// `grace_periods > since`.
+struct StaleRule {
+    destination: DestinationId,
+    phase: u32,
+    entry: RuleEntry,
+    since: u64,
+}
+
+fn rule_key(destination: DestinationId, phase: u32, e: &RuleEntry) -> Key<RuleData> {
+    // The address words keep the bytes' order in memory: network order.
+    let word =
+        |i: usize| u32::from_ne_bytes([e.addr[i], e.addr[i + 1], e.addr[i + 2], e.addr[i + 3]]);
+    Key::new(
+        RULE_TAG_BITS + u32::from(e.prefix_len),
+        RuleData {
+            tag: rule_tag(destination, phase).to_be(),
+            addr: [word(0), word(4), word(8), word(12)],
+        },
+    )
 }
 
 fn map_err(
@@ -274,6 +368,8 @@ impl Loaded {
                 BINDINGS_MAP,
                 SOCKETS_MAP,
                 COUNTERS_MAP,
+                RULE_STATE_MAP,
+                RULES_MAP,
             ] {
                 let path = dir.join(name);
                 take_ref(&ebpf, name)?
@@ -296,6 +392,10 @@ impl Loaded {
             .map_err(map_err("open", BINDINGS_MAP))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)
             .map_err(map_err("open", COUNTERS_MAP))?;
+        let rule_state = Array::try_from(take(&mut ebpf, RULE_STATE_MAP)?)
+            .map_err(map_err("open", RULE_STATE_MAP))?;
+        let rules =
+            LpmTrie::try_from(take(&mut ebpf, RULES_MAP)?).map_err(map_err("open", RULES_MAP))?;
         let sockets = match take(&mut ebpf, SOCKETS_MAP)? {
             Map::SockMap(data) => data,
             _ => {
@@ -319,6 +419,11 @@ impl Loaded {
             classes: [vec![0; 2 << 16], vec![0; 2 << 16]],
             bindings: Vec::new(),
             sockets_inserted: BTreeSet::new(),
+            rule_state,
+            rules,
+            source_rules: BTreeMap::new(),
+            stale_rules: Vec::new(),
+            grace_periods: 0,
         })
     }
 
@@ -403,10 +508,7 @@ impl Loaded {
         self.bindings = bindings.to_vec();
 
         // 4. Wait for lookups that read the old generation, then empty it.
-        if let Err(e) = sys::wait_for_running_programs() {
-            tracing::warn!(error = %e, "membarrier failed; waiting 50ms for running BPF programs instead");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        self.wait_grace();
         self.idle_leftovers
             .extend(old_entries.iter().map(|(e, _)| *e));
         while let Some(e) = self.idle_leftovers.last() {
@@ -421,7 +523,127 @@ impl Loaded {
                 }
             }
         }
+        self.purge_stale_rules();
         Ok(())
+    }
+
+    /// Waits until every program run that started before this call has ended
+    /// (sk_lookup runs in an RCU read-side section; see [`sys::wait_for_running_programs`]).
+    fn wait_grace(&mut self) {
+        if let Err(e) = sys::wait_for_running_programs() {
+            tracing::warn!(error = %e, "membarrier failed; waiting 50ms for running BPF programs instead");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.grace_periods += 1;
+    }
+
+    /// Deletes the stale rule entries that no lookup can be reading any more.
+    fn purge_stale_rules(&mut self) {
+        let (grace, rules) = (self.grace_periods, &mut self.rules);
+        self.stale_rules.retain(|s| {
+            if s.since >= grace {
+                return true;
+            }
+            match rules.remove(&rule_key(s.destination, s.phase, &s.entry)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => false,
+                Err(source) => {
+                    tracing::warn!(error = %source, destination = s.destination, "cannot delete an old BPF source rule entry yet");
+                    true
+                }
+            }
+        });
+    }
+
+    fn set_source_rules(
+        &mut self,
+        dest: DestinationId,
+        allow: &[IpPrefix],
+        deny: &[IpPrefix],
+    ) -> Result<(), DispatchError> {
+        Self::check_destination(dest)?;
+        let entries = compile_rules(dest, allow, deny)?;
+        let rules = SourceRules {
+            allow: allow.to_vec(),
+            deny: deny.to_vec(),
+        };
+        let live = self.source_rules.get_mut(&dest);
+        match live {
+            Some(l) if l.entries == entries => {
+                l.rules = rules;
+                return Ok(());
+            }
+            None if entries.is_empty() => return Ok(()),
+            _ => {}
+        }
+        let phase = self.source_rules.get(&dest).map_or(0, |l| l.phase ^ 1);
+        if !entries.is_empty() {
+            // Entries left in this phase by an earlier change may still be read
+            // by a lookup that started before it: wait, then delete them.
+            let in_phase = |s: &StaleRule| s.destination == dest && s.phase == phase;
+            if self
+                .stale_rules
+                .iter()
+                .any(|s| in_phase(s) && s.since >= self.grace_periods)
+            {
+                self.wait_grace();
+            }
+            self.purge_stale_rules();
+            if self.stale_rules.iter().any(in_phase) {
+                return Err(DispatchError::MapSyscall {
+                    op: "delete from",
+                    map: RULES_MAP,
+                    source: io::Error::other(format!(
+                        "old source rule entries of destination {dest} remain"
+                    )),
+                });
+            }
+            for (n, e) in entries.iter().enumerate() {
+                let verdict = if e.refuse { RULE_REFUSE } else { RULE_ADMIT };
+                if let Err(source) = self.rules.insert(&rule_key(dest, phase, e), verdict, 0) {
+                    // Never live, and nothing reads this phase: delete at once.
+                    self.remove_rule_entries(dest, phase, &entries[..n]);
+                    return Err(map_err("insert into", RULES_MAP)(source));
+                }
+            }
+        }
+        // The flip: one 4-byte store.
+        let state = if entries.is_empty() { 0 } else { phase + 1 };
+        if let Err(source) = self.rule_state.set(dest, state, 0) {
+            self.remove_rule_entries(dest, phase, &entries);
+            return Err(map_err("update", RULE_STATE_MAP)(source));
+        }
+        if let Some(old) = self.source_rules.remove(&dest) {
+            let since = self.grace_periods;
+            self.stale_rules
+                .extend(old.entries.iter().map(|e| StaleRule {
+                    destination: dest,
+                    phase: old.phase,
+                    entry: *e,
+                    since,
+                }));
+        }
+        if !entries.is_empty() {
+            self.source_rules.insert(
+                dest,
+                LiveRules {
+                    rules,
+                    entries,
+                    phase,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes entries that were never live.
+    fn remove_rule_entries(&mut self, dest: DestinationId, phase: u32, entries: &[RuleEntry]) {
+        for e in entries {
+            let _ = self.rules.remove(&rule_key(dest, phase, e));
+        }
+    }
+
+    fn rule_entries(&self) -> Result<usize, DispatchError> {
+        count_keys(self.rules.keys(), RULES_MAP)
     }
 
     fn check_destination(dest: DestinationId) -> Result<(), DispatchError> {
@@ -477,6 +699,7 @@ impl Loaded {
             .iter()
             .map(|b| b.destination)
             .chain(self.sockets_inserted.iter().copied())
+            .chain(self.source_rules.keys().copied())
             .collect();
         let mut out = BTreeMap::new();
         for dest in dests {
@@ -488,6 +711,7 @@ impl Loaded {
                 lookups: a.lookups + c.lookups,
                 misses: a.misses + c.misses,
                 errors: a.errors + c.errors,
+                denied: a.denied + c.denied,
             });
             out.insert(dest, sum);
         }
@@ -495,13 +719,21 @@ impl Loaded {
     }
 
     fn binding_entries(&self) -> Result<usize, DispatchError> {
-        let mut n = 0;
-        for key in self.entries.keys() {
-            key.map_err(map_err("iterate", BINDINGS_MAP))?;
-            n += 1;
-        }
-        Ok(n)
+        count_keys(self.entries.keys(), BINDINGS_MAP)
     }
+}
+
+/// The number of keys a map iteration yields, as the kernel counts them.
+fn count_keys<K>(
+    keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
+    map: &'static str,
+) -> Result<usize, DispatchError> {
+    let mut n = 0;
+    for key in keys {
+        key.map_err(map_err("iterate", map))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn sk_lookup_program<'a>(
@@ -649,6 +881,35 @@ impl Dispatcher {
     /// The binding set last applied.
     pub fn bindings(&self) -> &[Binding] {
         &self.loaded.bindings
+    }
+
+    /// Replaces the source rules of destination `dest` with `allow` and `deny`
+    /// (a socket's `SocketOptions::allow` / `deny`); both empty: no rules, every
+    /// source admitted. Takes effect at once, for that destination only, and
+    /// atomically: a lookup sees its old rules or its new ones (see the module
+    /// docs). Call it for every steered socket, empty lists included, before
+    /// its socket and bindings are published (`insert_socket`, `apply`), and
+    /// again when a reload changes its allow/deny or hands its destination id
+    /// to another socket. Unchanged rules cost nothing. Rejects a prefix
+    /// longer than its family allows, changing nothing.
+    pub fn set_source_rules(
+        &mut self,
+        dest: DestinationId,
+        allow: &[IpPrefix],
+        deny: &[IpPrefix],
+    ) -> Result<(), DispatchError> {
+        self.loaded.set_source_rules(dest, allow, deny)
+    }
+
+    /// The source rules of `dest`, `None` when it has none.
+    pub fn source_rules(&self, dest: DestinationId) -> Option<&SourceRules> {
+        self.loaded.source_rules.get(&dest).map(|l| &l.rules)
+    }
+
+    /// Entries in the source rules trie, as the kernel counts them (live ones
+    /// only, once an `apply` has returned since the last change).
+    pub fn rule_entries(&self) -> Result<usize, DispatchError> {
+        self.loaded.rule_entries()
     }
 
     /// Puts a socket (a TCP listener or an unconnected UDP socket) in the
