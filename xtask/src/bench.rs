@@ -64,6 +64,7 @@ pub const STEPS: &[(&str, Step)] = &[
     ("restarts", crate::bench_restarts::restarts),
     ("reload-10k", crate::bench_reload::reload_10k),
     ("rss-100", crate::bench_reload::rss_100),
+    ("inetd", crate::bench_inetd::inetd),
 ];
 
 /// Every name in `only` is a step (checked before anything is built).

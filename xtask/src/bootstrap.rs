@@ -62,6 +62,11 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         name: "python3-prometheus-client",
         provides: &["/usr/lib/python3/dist-packages/prometheus_client"],
     },
+    // A real inetd-style (accept = true) program served unchanged in tests/tests/inetd.rs.
+    AptPackage {
+        name: "micro-httpd",
+        provides: &["/usr/sbin/micro-httpd"],
+    },
     // The `nc` lines `cargo xtask run` prints for the echo service.
     AptPackage {
         name: "netcat-openbsd",

@@ -4,6 +4,7 @@
 //! is one call to `cargo xtask test`.
 
 mod bench;
+mod bench_inetd;
 mod bench_reload;
 mod bench_restarts;
 mod bootstrap;

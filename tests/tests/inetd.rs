@@ -1,0 +1,1129 @@
+//! inetd mode (issue 6), end to end: `accept = true` (an instance per connection, the
+//! connection as stdin, stdout and fd 3, REMOTE_*/LOCAL_* in the environment), its limits
+//! (`max-connections`, `max-connections-per-source`, `max-connection-rate` with
+//! `rate-limit-pause`, `allow`/`deny`) in bind mode and with the sk_lookup dispatcher,
+//! `on-demand = true` (inetd's `wait = yes`) for UDP and TCP with the echo example, and a
+//! real inetd program from Debian (micro-httpd) served unchanged.
+//!
+//! Clients bind to chosen source addresses (198.51.100.0/24 and 127.0.0.0/8, made local in
+//! the test's namespace) so that per-source limits and allow/deny see distinct sources.
+
+use std::collections::BTreeSet;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use holdfast_tests::{
+    ask_udp, holdfast_bin, holdfast_cli, netns_or_skip, require, require_file, run_bounded,
+    toml_array, toml_str, wait_for, Holdfast, Netns, RunOptions, Sandbox, PYTHON,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{
+    bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+};
+use nix::sys::time::TimeVal;
+use nix::unistd::Pid;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(10);
+/// The destination prefix the dispatcher tests steer (made local in the namespace).
+const DEST_PREFIX: &str = "192.0.2.0/24";
+/// Client source addresses (made local in the namespace).
+const SOURCE_PREFIX: &str = "198.51.100.0/24";
+
+fn v4(s: &str) -> IpAddr {
+    s.parse().expect("a literal address")
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("a literal socket address")
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients.
+
+/// What one client connection got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// A full line came back (without its newline).
+    Served(String),
+    /// Connected, then closed (EOF or reset) before a full line came back; the bytes that
+    /// did come, if any.
+    Closed(String),
+    /// `connect()` was refused.
+    Refused,
+    /// Nothing within the timeout (connect or read): `what`.
+    TimedOut(String),
+    /// Any other error.
+    Failed(String),
+}
+
+/// A TCP connection to `dst`, from `src` (port chosen by the kernel) when given,
+/// bounded by `timeout` (connect via SO_SNDTIMEO, reads via SO_RCVTIMEO).
+fn connect_from(src: Option<IpAddr>, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let (IpAddr::V4(dst_ip), Some(src_ip)) = (dst.ip(), src) else {
+        let s = TcpStream::connect_timeout(&dst, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        return Ok(s);
+    };
+    let IpAddr::V4(src_ip) = src_ip else {
+        return Err(io::Error::other("IPv4 sources only"));
+    };
+    let fd: OwnedFd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let tv = TimeVal::new(timeout.as_secs() as i64, i64::from(timeout.subsec_micros()));
+    setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+    setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(src_ip, 0)),
+    )?;
+    match connect(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(dst_ip, dst.port())),
+    ) {
+        Ok(()) => {}
+        // A blocking connect with SO_SNDTIMEO reports its timeout as EINPROGRESS.
+        Err(nix::errno::Errno::EINPROGRESS) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect {dst} from {src_ip}: no answer within {timeout:?}"),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// Sends `line` + "\n" and reads until a newline or EOF (the stream's read timeout bounds it).
+fn exchange(s: &mut TcpStream, line: &str) -> Outcome {
+    if let Err(e) = s.write_all(format!("{line}\n").as_bytes()) {
+        return match e.kind() {
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                Outcome::Closed(String::new())
+            }
+            _ => Outcome::Failed(format!("write: {e}")),
+        };
+    }
+    read_line(s)
+}
+
+/// Reads until a newline or EOF.
+fn read_line(s: &mut TcpStream) -> Outcome {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Outcome::Closed(String::from_utf8_lossy(&got).into_owned()),
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if let Some(end) = got.iter().position(|&b| b == b'\n') {
+                    return Outcome::Served(String::from_utf8_lossy(&got[..end]).into_owned());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                return Outcome::Closed(String::from_utf8_lossy(&got).into_owned())
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Outcome::TimedOut(format!("read: {e}"))
+            }
+            Err(e) => return Outcome::Failed(format!("read: {e}")),
+        }
+    }
+}
+
+/// One connection from `src` to `dst` that sends `line` and reads the answer line.
+/// Runs in the calling thread's namespace.
+fn try_line(src: Option<IpAddr>, dst: SocketAddr, line: &str, timeout: Duration) -> Outcome {
+    match connect_from(src, dst, timeout) {
+        Ok(mut s) => exchange(&mut s, line),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Outcome::Refused,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Outcome::TimedOut(e.to_string()),
+        Err(e) => Outcome::Failed(format!("connect {dst}: {e}")),
+    }
+}
+
+/// A connection kept open: connected from `src`, `line` echoed back. Fails otherwise.
+fn open_echo(src: IpAddr, dst: SocketAddr, line: &str) -> Result<TcpStream> {
+    let mut s =
+        connect_from(Some(src), dst, T).with_context(|| format!("connect {dst} from {src}"))?;
+    match exchange(&mut s, line) {
+        Outcome::Served(got) if got == line => Ok(s),
+        other => bail!("{src} -> {dst}: sent {line:?}, got {other:?}"),
+    }
+}
+
+/// Asserts that the connection was turned away by holdfast: not served.
+fn assert_turned_away(outcome: &Outcome, what: &str) {
+    assert!(
+        matches!(outcome, Outcome::Closed(got) if got.is_empty()),
+        "{what}: want the connection closed without an answer, got {outcome:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Set-up.
+
+/// A fresh namespace with [`DEST_PREFIX`] and [`SOURCE_PREFIX`] local.
+fn netns_with_routes() -> Result<Option<Netns>> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(None);
+    };
+    ns.add_local_route(DEST_PREFIX)?;
+    ns.add_local_route(SOURCE_PREFIX)?;
+    Ok(Some(ns))
+}
+
+/// `holdfast run` with the dispatcher under a dispatcher name no other test uses;
+/// `None`: skip (no BPF, outside CI).
+fn start_dispatched(ns: &Netns, sandbox: Sandbox, tag: &str) -> Result<Option<Holdfast>> {
+    let opts = RunOptions {
+        args: vec![
+            "--instance".into(),
+            format!("inetd-{}-{tag}", std::process::id()),
+        ],
+        ..RunOptions::default()
+    };
+    Holdfast::start_dispatched(ns, sandbox, &opts)
+}
+
+/// An accept unit: `[service]` with `exec` (and `service_extra`), one tcp socket on
+/// `addresses` × `ports` with `accept = true` and `socket_extra`.
+fn accept_unit(
+    exec: &[&str],
+    service_extra: &str,
+    addresses: &[&str],
+    ports: &[&str],
+    socket_extra: &str,
+) -> String {
+    format!(
+        "[service]\nexec = {}\n{service_extra}\n\n[[socket]]\nprotocol = \"tcp\"\naddresses = {}\nports = {}\naccept = true\n{socket_extra}\n",
+        toml_array(exec),
+        toml_array(addresses),
+        toml_array(ports),
+    )
+}
+
+/// A sandbox with one unit, "cat": `/bin/cat` per connection on `addresses` × `ports`,
+/// with `socket_extra` in its socket.
+fn cat_sandbox(addresses: &[&str], ports: &[&str], socket_extra: &str) -> Result<Sandbox> {
+    let sandbox = Sandbox::new()?;
+    sandbox.write_unit(
+        "cat",
+        &accept_unit(&["/bin/cat"], "", addresses, ports, socket_extra),
+    )?;
+    Ok(sandbox)
+}
+
+/// Runs `client(k)` for k in 0..n, each on its own thread inside `ns`, all let go at once.
+fn burst<T: Send>(ns: &Netns, n: usize, client: impl Fn(usize) -> T + Sync) -> Result<Vec<T>> {
+    let barrier = Barrier::new(n);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..n)
+            .map(|k| {
+                let (barrier, client) = (&barrier, &client);
+                scope.spawn(move || -> Result<T> {
+                    let _inside = ns.enter()?;
+                    barrier.wait();
+                    Ok(client(k))
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("client thread"))
+            .collect()
+    })
+}
+
+/// A status field of `svc` as an integer (panics naming it when missing).
+fn int(svc: &Value, key: &str) -> u64 {
+    svc[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status has no integer {key:?}: {svc}"))
+}
+
+/// Waits until `name` has no per-connection instance left; returns its status.
+fn wait_idle(hf: &Holdfast, name: &str) -> Result<Value> {
+    hf.wait_service(name, T, |s| s["instances"] == 0)
+}
+
+/// The value of the sample `family{service="name"}` in `holdfast metrics`.
+fn metric(hf: &Holdfast, family: &str, name: &str) -> Result<f64> {
+    let text = hf.cli_ok(&["metrics"])?;
+    let want = format!("{family}{{service=\"{name}\"}}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no sample {want} in holdfast metrics:\n{text}"))
+}
+
+/// The fd-3 service: reads a line from `socket.socket(fileno=3)` and answers, on fd 3, one
+/// JSON line saying what it was handed.
+const WHO_PY: &str = r#"
+import json, os, socket, sys
+conn = socket.socket(fileno=3)
+line = b""
+while not line.endswith(b"\n"):
+    chunk = conn.recv(4096)
+    if not chunk:
+        break
+    line += chunk
+ident = lambda fd: [os.fstat(fd).st_dev, os.fstat(fd).st_ino]
+names = ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID",
+         "REMOTE_ADDR", "REMOTE_PORT", "LOCAL_ADDR", "LOCAL_PORT"]
+report = {
+    "pid": os.getpid(),
+    "env": {n: os.environ.get(n) for n in names},
+    "stdin_is_fd3": ident(0) == ident(3),
+    "stdout_is_fd3": ident(1) == ident(3),
+    "fd4_open": os.path.exists("/proc/self/fd/4"),
+    "peer": list(conn.getpeername()[:2]),
+    "local": list(conn.getsockname()[:2]),
+    "line": line.decode().strip(),
+}
+conn.sendall((json.dumps(report) + "\n").encode())
+print(f"who served pid {os.getpid()}", file=sys.stderr, flush=True)
+"#;
+
+// ---------------------------------------------------------------------------------------
+// accept = true: what an instance gets.
+
+/// `cat` (stdin/stdout) and the fd-3 service, each `accept = true`, reached at `cat_targets`
+/// and `who_targets` from `sources`; every connection its own instance with the right
+/// environment.
+fn check_cat_and_who(
+    ns: &Netns,
+    hf: &Holdfast,
+    cat_targets: &[SocketAddr],
+    who_targets: &[SocketAddr],
+    sources: &[IpAddr],
+) -> Result<()> {
+    assert_eq!(hf.service("cat")?["state"], "listening");
+    assert_eq!(hf.service("who")?["state"], "listening");
+    assert_eq!(hf.service("who")?["pid"], Value::Null);
+
+    for (k, dst) in cat_targets.iter().enumerate() {
+        let src = sources[k % sources.len()];
+        let line = format!("line {k} to {dst} from {src}");
+        let got = ns.run(|| try_line(Some(src), *dst, &line, T))?;
+        assert_eq!(got, Outcome::Served(line), "cat at {dst}");
+    }
+
+    let mut pids = BTreeSet::new();
+    for (k, dst) in who_targets.iter().enumerate() {
+        let src = sources[k % sources.len()];
+        let (client_port, got) = ns.run(|| -> Result<(u16, Outcome)> {
+            let mut s = connect_from(Some(src), *dst, T)?;
+            let port = s.local_addr()?.port();
+            Ok((port, exchange(&mut s, "who are you")))
+        })??;
+        let Outcome::Served(json) = got else {
+            bail!("who at {dst} from {src}: {got:?}");
+        };
+        let r: Value = serde_json::from_str(&json).with_context(|| format!("who said {json}"))?;
+        let pid = r["pid"].as_i64().context("pid")?;
+        let env = &r["env"];
+        let want = serde_json::json!({
+            "LISTEN_FDS": "1",
+            "LISTEN_FDNAMES": "connection",
+            "LISTEN_PID": pid.to_string(),
+            "REMOTE_ADDR": src.to_string(),
+            "REMOTE_PORT": client_port.to_string(),
+            "LOCAL_ADDR": dst.ip().to_string(),
+            "LOCAL_PORT": dst.port().to_string(),
+        });
+        assert_eq!(env, &want, "environment of the instance for {src} -> {dst}");
+        assert_eq!(r["stdin_is_fd3"], true, "{r}");
+        assert_eq!(r["stdout_is_fd3"], true, "{r}");
+        assert_eq!(r["fd4_open"], false, "only fd 3 is handed over: {r}");
+        assert_eq!(r["line"], "who are you");
+        assert_eq!(
+            r["peer"],
+            serde_json::json!([src.to_string(), client_port]),
+            "fd 3 is the connection"
+        );
+        assert!(pids.insert(pid), "pid {pid} served two connections");
+    }
+
+    // Each instance's stderr reaches holdfast's log, named by its service.
+    let log = wait_for("the instances' stderr in the log", T, || {
+        let log = hf.log();
+        pids.iter()
+            .all(|p| {
+                log.lines().any(|l| {
+                    l.contains(&format!("who served pid {p}")) && l.contains("service=who")
+                })
+            })
+            .then_some(log)
+    });
+    if let Err(e) = log {
+        bail!("{e:#}; the log:\n{}", hf.log());
+    }
+
+    let cat = wait_idle(hf, "cat")?;
+    assert_eq!(
+        int(&cat, "connections_total"),
+        cat_targets.len() as u64,
+        "{cat}"
+    );
+    assert_eq!(int(&cat, "denied_total"), 0, "{cat}");
+    assert_eq!(cat["state"], "listening", "{cat}");
+    let who = wait_idle(hf, "who")?;
+    assert_eq!(
+        int(&who, "connections_total"),
+        who_targets.len() as u64,
+        "{who}"
+    );
+    assert_eq!(who["state"], "listening", "{who}");
+    assert_eq!(
+        metric(hf, "holdfast_service_connections_total", "who")?,
+        who_targets.len() as f64
+    );
+    assert_eq!(metric(hf, "holdfast_service_instances", "who")?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn accept_serves_stdin_stdout_and_fd3_services_on_a_port_range_and_prefix() -> Result<()> {
+    let Some(ns) = netns_with_routes()? else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    let who = sandbox.write_script("who.py", WHO_PY)?;
+    let who = who.to_string_lossy();
+    sandbox.write_unit(
+        "cat",
+        &accept_unit(&["/bin/cat"], "", &[DEST_PREFIX], &["7000-7009"], ""),
+    )?;
+    sandbox.write_unit(
+        "who",
+        &accept_unit(&[PYTHON, &who], "", &[DEST_PREFIX], &["7100-7109"], ""),
+    )?;
+    let Some(mut hf) = start_dispatched(&ns, sandbox, "range")? else {
+        return Ok(());
+    };
+    check_cat_and_who(
+        &ns,
+        &hf,
+        &[
+            sa("192.0.2.1:7000"),
+            sa("192.0.2.77:7005"),
+            sa("192.0.2.254:7009"),
+        ],
+        &[
+            sa("192.0.2.9:7100"),
+            sa("192.0.2.200:7109"),
+            sa("192.0.2.33:7104"),
+        ],
+        &[v4("198.51.100.10"), v4("198.51.100.11")],
+    )?;
+    // Outside the range: nobody is steered there.
+    let outside = ns.run(|| try_line(None, sa("192.0.2.1:7010"), "x", Duration::from_secs(2)))?;
+    assert!(
+        !matches!(outside, Outcome::Served(_)),
+        "port 7010 is outside 7000-7009 but was served: {outside:?}"
+    );
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+#[test]
+fn accept_serves_stdin_stdout_and_fd3_services_in_bind_mode() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    let who = sandbox.write_script("who.py", WHO_PY)?;
+    let who = who.to_string_lossy();
+    sandbox.write_unit(
+        "cat",
+        &accept_unit(&["/bin/cat"], "", &["127.0.0.1/32"], &["7000"], ""),
+    )?;
+    sandbox.write_unit(
+        "who",
+        &accept_unit(&[PYTHON, &who], "", &["127.0.0.1/32"], &["7100"], ""),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    check_cat_and_who(
+        &ns,
+        &hf,
+        &[sa("127.0.0.1:7000"), sa("127.0.0.1:7000")],
+        &[sa("127.0.0.1:7100"), sa("127.0.0.1:7100")],
+        &[v4("127.0.0.1"), v4("127.0.0.5")],
+    )?;
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+// ---------------------------------------------------------------------------------------
+// max-connections.
+
+/// Per connection: records start and end (ns since the epoch) in OUT/conn.PID, echoes one
+/// line after a pause, so that instances overlap.
+const SLOW_ECHO_SH: &str = r#"#!/bin/sh
+start=$(date +%s%N)
+IFS= read -r line
+sleep 0.2
+printf '%s\n' "$line"
+echo "$start $(date +%s%N)" > "$OUT/conn.$$"
+"#;
+
+/// The most intervals `[start, end]` that overlap at one time.
+fn max_overlap(intervals: &[(u128, u128)]) -> usize {
+    let mut edges: Vec<(u128, i32)> = intervals
+        .iter()
+        .flat_map(|&(s, e)| [(s, 1), (e, -1)])
+        .collect();
+    // At equal times, ends before starts: touching intervals do not overlap.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+#[test]
+fn overlap_counts_intervals_that_share_a_time() {
+    assert_eq!(max_overlap(&[]), 0);
+    assert_eq!(max_overlap(&[(0, 10), (10, 20)]), 1);
+    assert_eq!(max_overlap(&[(0, 10), (5, 15), (6, 7), (20, 30)]), 3);
+}
+
+#[test]
+fn max_connections_bounds_instances_and_every_connection_is_served() -> Result<()> {
+    const CLIENTS: usize = 200;
+    const MAX: u64 = 10;
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    let script = sandbox.write_script("slow-echo.sh", SLOW_ECHO_SH)?;
+    let out = sandbox.out_dir();
+    sandbox.write_unit(
+        "slow",
+        &accept_unit(
+            &["/bin/sh", &script.to_string_lossy()],
+            &format!(
+                "environment = {{ OUT = {} }}",
+                toml_str(&out.to_string_lossy())
+            ),
+            &["127.0.0.1/32"],
+            &["7200"],
+            &format!("max-connections = {MAX}\nbacklog = 512"),
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let dst = sa("127.0.0.1:7200");
+
+    let done = AtomicBool::new(false);
+    let (outcomes, sampled) = std::thread::scope(|scope| -> Result<_> {
+        // Sample the instance count while the clients run.
+        let sampler = scope.spawn(|| {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                if let Ok(s) = hf.service("slow") {
+                    seen.push(int(&s, "instances"));
+                }
+            }
+            seen
+        });
+        let outcomes = burst(&ns, CLIENTS, |k| {
+            try_line(None, dst, &format!("client {k}"), Duration::from_secs(90))
+        });
+        done.store(true, Ordering::Relaxed);
+        Ok((outcomes?, sampler.join().expect("sampler thread")))
+    })?;
+
+    let wrong: Vec<String> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(k, o)| **o != Outcome::Served(format!("client {k}")))
+        .map(|(k, o)| format!("client {k}: {o:?}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {CLIENTS} connections not served: {wrong:?}",
+        wrong.len()
+    );
+    let most_sampled = sampled.iter().copied().max().unwrap_or(0);
+    assert!(
+        most_sampled <= MAX,
+        "status showed {most_sampled} instances at once (max-connections = {MAX}); samples {sampled:?}"
+    );
+    assert_eq!(
+        most_sampled,
+        MAX,
+        "with {CLIENTS} clients waiting the limit should be reached; {} samples: {sampled:?}",
+        sampled.len()
+    );
+
+    // Every instance recorded its run; none overlapped more than MAX others.
+    let intervals = wait_for("every instance's record", T, || {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(&out).ok()? {
+            let text = std::fs::read_to_string(e.ok()?.path()).ok()?;
+            let mut it = text.split_whitespace().map(|n| n.parse::<u128>());
+            match (it.next(), it.next()) {
+                (Some(Ok(s)), Some(Ok(e))) => v.push((s, e)),
+                _ => return None, // still being written
+            }
+        }
+        (v.len() == CLIENTS).then_some(v)
+    })?;
+    let overlap = max_overlap(&intervals);
+    assert!(
+        overlap <= MAX as usize,
+        "{overlap} instances ran at once (max-connections = {MAX})"
+    );
+    let svc = wait_idle(&hf, "slow")?;
+    assert_eq!(int(&svc, "connections_total"), CLIENTS as u64, "{svc}");
+    assert_eq!(int(&svc, "denied_total"), 0, "{svc}");
+    eprintln!(
+        "max-connections: {} status samples, most {most_sampled}; most overlapping records {overlap}",
+        sampled.len()
+    );
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+// ---------------------------------------------------------------------------------------
+// max-connections-per-source, max-connection-rate.
+
+#[test]
+fn per_source_limit_closes_a_sources_extra_connections_only() -> Result<()> {
+    let Some(ns) = netns_with_routes()? else {
+        return Ok(());
+    };
+    let sandbox = cat_sandbox(
+        &["198.51.100.1/32"],
+        &["7300"],
+        "max-connections-per-source = 2",
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let dst = sa("198.51.100.1:7300");
+    let (a, b) = (v4("198.51.100.2"), v4("198.51.100.3"));
+
+    ns.run(|| -> Result<()> {
+        let a1 = open_echo(a, dst, "a1")?;
+        let _a2 = open_echo(a, dst, "a2")?;
+        // The third from a: closed by holdfast.
+        assert_turned_away(
+            &try_line(Some(a), dst, "a3", T),
+            "a third connection from a",
+        );
+        // Another source still gets its two.
+        let _b1 = open_echo(b, dst, "b1")?;
+        let _b2 = open_echo(b, dst, "b2")?;
+        let svc = hf.wait_service("cat", T, |s| s["instances"] == 4)?;
+        assert_eq!(int(&svc, "denied_total"), 1, "{svc}");
+        assert_eq!(int(&svc, "connections_total"), 4, "{svc}");
+        // Once one of a's ends, a may connect again.
+        drop(a1);
+        hf.wait_service("cat", T, |s| s["instances"] == 3)?;
+        let _a4 = open_echo(a, dst, "a4")?;
+        assert_turned_away(
+            &try_line(Some(a), dst, "a5", T),
+            "a third connection from a again",
+        );
+        let svc = hf.service("cat")?;
+        assert_eq!(int(&svc, "denied_total"), 2, "{svc}");
+        assert_eq!(int(&svc, "connections_total"), 5, "{svc}");
+        Ok(())
+    })??;
+    assert_eq!(
+        metric(&hf, "holdfast_service_denied_connections_total", "cat")?,
+        2.0
+    );
+    let log = hf.log();
+    assert!(
+        log.contains("max-connections-per-source"),
+        "the log should say why a connection was closed:\n{log}"
+    );
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+#[test]
+fn rate_limit_pauses_accepting_and_the_burst_is_served_after_the_pause() -> Result<()> {
+    const BURST: usize = 20;
+    const RATE: usize = 5;
+    let pause = Duration::from_secs(2);
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = cat_sandbox(
+        &["127.0.0.1/32"],
+        &["7400"],
+        &format!("max-connection-rate = {RATE}\nrate-limit-pause = \"2s\""),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let dst = sa("127.0.0.1:7400");
+
+    let start = Instant::now();
+    let results = burst(&ns, BURST, |k| {
+        let o = try_line(None, dst, &format!("burst {k}"), Duration::from_secs(30));
+        (o, start.elapsed())
+    })?;
+    for (k, (o, _)) in results.iter().enumerate() {
+        assert_eq!(o, &Outcome::Served(format!("burst {k}")), "connection {k}");
+    }
+    let mut times: Vec<f64> = results.iter().map(|(_, t)| t.as_secs_f64()).collect();
+    times.sort_by(f64::total_cmp);
+    // At most RATE connections start in the first second; the rest wait out the pause.
+    let early = times.iter().filter(|t| **t < 1.0).count();
+    let late = times
+        .iter()
+        .filter(|t| **t >= pause.as_secs_f64() * 0.9)
+        .count();
+    assert!(
+        (1..=RATE).contains(&early),
+        "{early} of {BURST} answered in the first second, more than max-connection-rate = {RATE}; answer times {times:?}"
+    );
+    assert_eq!(
+        early + late,
+        BURST,
+        "every connection is answered either at once or after the {pause:?} pause; answer times {times:?}"
+    );
+    eprintln!(
+        "rate limit: {early} answered in the first second, {late} after the pause; times {times:?}"
+    );
+    let svc = wait_idle(&hf, "cat")?;
+    assert_eq!(int(&svc, "connections_total"), BURST as u64, "{svc}");
+    assert_eq!(int(&svc, "denied_total"), 0, "{svc}");
+    let log = hf.log();
+    assert!(
+        log.contains("max-connection-rate") && log.contains("accepting pauses"),
+        "the log should say accepting paused:\n{log}"
+    );
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+// ---------------------------------------------------------------------------------------
+// stop / start of an accept service.
+
+#[test]
+fn stop_ends_the_instances_and_connections_wait_for_start_not_refused() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = cat_sandbox(&["127.0.0.1/32"], &["7800"], "")?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let dst = sa("127.0.0.1:7800");
+    let local = v4("127.0.0.1");
+    ns.run(|| -> Result<()> {
+        let mut open = open_echo(local, dst, "before stop")?;
+        hf.wait_service("cat", T, |s| s["instances"] == 1)?;
+        hf.cli_ok(&["stop", "cat"])?;
+        // The instance was stopped: its connection ends.
+        assert_eq!(read_line(&mut open), Outcome::Closed(String::new()));
+        let svc = hf.wait_service("cat", T, |s| s["instances"] == 0)?;
+        assert_eq!(svc["state"], "stopped", "{svc}");
+        // While stopped, a connection waits in the backlog: not refused, not served.
+        let mut waiting = connect_from(Some(local), dst, T).context("connect while stopped")?;
+        waiting.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let got = exchange(&mut waiting, "while stopped");
+        assert!(
+            matches!(got, Outcome::TimedOut(_)),
+            "a connection made while the service is stopped waits: {got:?}"
+        );
+        hf.cli_ok(&["start", "cat"])?;
+        waiting.set_read_timeout(Some(T))?;
+        assert_eq!(
+            read_line(&mut waiting),
+            Outcome::Served("while stopped".into()),
+            "the waiting connection is served once the service is started"
+        );
+        assert_eq!(hf.service("cat")?["state"], "listening");
+        Ok(())
+    })??;
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+/// Per connection: ignores SIGTERM (inherited through exec by cat) and echoes.
+const STUBBORN: &str = "trap '' TERM; exec /bin/cat";
+
+#[test]
+fn stop_kills_instances_that_ignore_sigterm_after_stop_timeout() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_unit(
+        "stubborn",
+        &accept_unit(
+            &["/bin/sh", "-c", STUBBORN],
+            "stop-timeout = \"1s\"",
+            &["127.0.0.1/32"],
+            &["7801"],
+            "",
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let dst = sa("127.0.0.1:7801");
+    let mut open = ns.run(|| open_echo(v4("127.0.0.1"), dst, "hold"))??;
+    hf.wait_service("stubborn", T, |s| s["instances"] == 1)?;
+    let asked = Instant::now();
+    hf.cli_ok(&["stop", "stubborn"])?;
+    open.set_read_timeout(Some(T))?;
+    let got = read_line(&mut open);
+    let took = asked.elapsed();
+    assert_eq!(
+        got,
+        Outcome::Closed(String::new()),
+        "the instance ignoring SIGTERM is SIGKILLed after stop-timeout (1s); after {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "ended after {took:?}");
+    hf.wait_service("stubborn", T, |s| s["instances"] == 0)?;
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+#[test]
+fn shutdown_ends_instances_that_ignore_sigterm() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_unit(
+        "stubborn",
+        &accept_unit(
+            &["/bin/sh", "-c", STUBBORN],
+            "stop-timeout = \"1s\"",
+            &["127.0.0.1/32"],
+            &["7802"],
+            "",
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let _open = ns.run(|| open_echo(v4("127.0.0.1"), sa("127.0.0.1:7802"), "hold"))??;
+    hf.wait_service("stubborn", T, |s| s["instances"] == 1)?;
+    // SIGTERM to holdfast: it exits 0 (within its stop timeout) with no instance left.
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+// ---------------------------------------------------------------------------------------
+// allow / deny.
+
+#[test]
+fn allow_and_deny_close_what_they_refuse_in_bind_mode() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let sandbox = cat_sandbox(
+        &["127.0.0.1/32"],
+        &["7500"],
+        "allow = [\"127.0.0.0/29\"]\ndeny = [\"127.0.0.3/32\"]",
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let dst = sa("127.0.0.1:7500");
+    ns.run(|| {
+        assert_eq!(
+            try_line(Some(v4("127.0.0.2")), dst, "allowed", T),
+            Outcome::Served("allowed".into())
+        );
+        assert_turned_away(
+            &try_line(Some(v4("127.0.0.3")), dst, "denied", T),
+            "127.0.0.3 (deny wins over allow)",
+        );
+        assert_turned_away(
+            &try_line(Some(v4("127.0.0.9")), dst, "not allowed", T),
+            "127.0.0.9 (outside allow)",
+        );
+        assert_eq!(
+            try_line(Some(v4("127.0.0.7")), dst, "allowed too", T),
+            Outcome::Served("allowed too".into())
+        );
+    })?;
+    let svc = wait_idle(&hf, "cat")?;
+    assert_eq!(int(&svc, "denied_total"), 2, "{svc}");
+    assert_eq!(int(&svc, "connections_total"), 2, "{svc}");
+    assert_eq!(
+        metric(&hf, "holdfast_service_denied_connections_total", "cat")?,
+        2.0
+    );
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+#[test]
+fn allow_and_deny_refuse_sources_with_the_dispatcher() -> Result<()> {
+    let Some(ns) = netns_with_routes()? else {
+        return Ok(());
+    };
+    let sandbox = cat_sandbox(
+        &[DEST_PREFIX],
+        &["7600-7609"],
+        "allow = [\"198.51.100.0/25\"]\ndeny = [\"198.51.100.7/32\"]",
+    )?;
+    let Some(mut hf) = start_dispatched(&ns, sandbox, "allow")? else {
+        return Ok(());
+    };
+    // Denied connections may be closed by holdfast after accept, or dropped by the
+    // dispatcher before (then connect times out): either way, never served.
+    let short = Duration::from_secs(3);
+    ns.run(|| {
+        assert_eq!(
+            try_line(Some(v4("198.51.100.8")), sa("192.0.2.1:7600"), "ok", T),
+            Outcome::Served("ok".into())
+        );
+        for (src, dst) in [
+            ("198.51.100.7", "192.0.2.2:7605"),
+            ("198.51.100.200", "192.0.2.3:7609"),
+        ] {
+            let got = try_line(Some(v4(src)), sa(dst), "no", short);
+            assert!(
+                matches!(&got, Outcome::Closed(s) if s.is_empty())
+                    || matches!(got, Outcome::TimedOut(_) | Outcome::Refused),
+                "{src} -> {dst} should not be served: {got:?}"
+            );
+        }
+        assert_eq!(
+            try_line(Some(v4("198.51.100.100")), sa("192.0.2.4:7603"), "ok 2", T),
+            Outcome::Served("ok 2".into())
+        );
+    })?;
+    let svc = wait_idle(&hf, "cat")?;
+    // The dispatcher may count a dropped SYN and its retransmissions; at least both count.
+    assert!(
+        int(&svc, "denied_total") >= 2,
+        "both refused sources count as denied: {svc}"
+    );
+    assert_eq!(int(&svc, "connections_total"), 2, "{svc}");
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+// ---------------------------------------------------------------------------------------
+// on-demand (wait = yes).
+
+/// Probes that the `echo` PATH finds first is the example built beside the holdfast binary
+/// under test (not /bin/echo), under the skip policy.
+fn example_echo_on_path() -> bool {
+    let dir = holdfast_bin()
+        .parent()
+        .expect("a file has a parent")
+        .to_owned();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let first = std::env::split_paths(&path)
+        .map(|d| d.join("echo"))
+        .find(|p| p.is_file());
+    require(
+        "the echo example first on PATH",
+        match first {
+            Some(p) if p.parent() == Some(dir.as_path()) => Ok(()),
+            other => Err(format!(
+                "the first echo on PATH is {other:?}, not {}/echo (cargo xtask test puts it first)",
+                dir.display()
+            )),
+        },
+    )
+    .is_some()
+}
+
+/// The echo example, `on-demand = true`, on one `protocol` socket at 127.0.0.1:`port`.
+fn on_demand_echo(protocol: &str, port: u16) -> String {
+    format!(
+        "[service]\nexec = [\"echo\"]\non-demand = true\n\n[[socket]]\nprotocol = \"{protocol}\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"{port}\"]\n"
+    )
+}
+
+/// Waits until `name` listens for traffic again with no main instance.
+fn wait_listening(hf: &Holdfast, name: &str) -> Result<()> {
+    hf.wait_service(name, T, |s| s["state"] == "listening" && s["pid"].is_null())
+        .map(drop)
+}
+
+/// The on-demand cycle: started by the first packet, back to listening after it exits, started
+/// again by the next; stopped and started by the CLI, and started again by traffic.
+fn check_on_demand(ns: &Netns, hf: &Holdfast, ask: &dyn Fn() -> Result<String>) -> Result<()> {
+    wait_listening(hf, "echo")?;
+    // Nothing runs before traffic: only the daemon is in the namespace.
+    assert_eq!(
+        ns.pids()?,
+        vec![hf.pid()],
+        "only holdfast runs before traffic"
+    );
+
+    assert_eq!(ask()?, "ping", "the first packet is answered");
+    let p1 = hf.wait_running("echo", T)?;
+
+    kill(Pid::from_raw(p1), Signal::SIGTERM)?;
+    wait_listening(hf, "echo")?;
+    assert_eq!(ask()?, "ping", "the next packet after an exit is answered");
+    let p2 = hf.wait_running("echo", T)?;
+    assert_ne!(p1, p2, "a new instance");
+
+    hf.cli_ok(&["stop", "echo"])?;
+    hf.wait_state("echo", "stopped", T)?;
+    hf.cli_ok(&["start", "echo"])?;
+    wait_listening(hf, "echo")?;
+    assert_eq!(ask()?, "ping", "traffic after stop + start is answered");
+    let p3 = hf.wait_running("echo", T)?;
+    assert!(p3 != p1 && p3 != p2, "a new instance");
+    let log = hf.log();
+    assert!(
+        log.contains("listening for traffic again"),
+        "the log should say the service waits for traffic again:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn on_demand_udp_echo_starts_on_the_first_datagram_and_again_after_it_exits() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    if !example_echo_on_path() {
+        return Ok(());
+    }
+    let mut hf = Holdfast::start(&ns, &[("echo", &on_demand_echo("udp", 7700))])?;
+    check_on_demand(&ns, &hf, &|| {
+        Ok(ns.run(|| ask_udp(sa("127.0.0.1:7700"), T))??)
+    })?;
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+#[test]
+fn on_demand_tcp_echo_starts_on_the_first_connection_and_again_after_it_exits() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    if !example_echo_on_path() {
+        return Ok(());
+    }
+    let mut hf = Holdfast::start(&ns, &[("echo", &on_demand_echo("tcp", 7701))])?;
+    check_on_demand(&ns, &hf, &|| match ns
+        .run(|| try_line(None, sa("127.0.0.1:7701"), "ping", T))?
+    {
+        Outcome::Served(s) => Ok(s),
+        other => bail!("echo over tcp: {other:?}"),
+    })?;
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+#[test]
+fn accept_on_udp_is_refused_pointing_to_on_demand() -> Result<()> {
+    let sandbox = Sandbox::new()?;
+    sandbox.write_unit(
+        "dns",
+        "[service]\nexec = [\"/bin/cat\"]\n\n[[socket]]\nprotocol = \"udp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"53\"]\naccept = true\n",
+    )?;
+    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "holdfast check: {err}");
+    assert!(
+        err.contains("dns") && err.contains("accept") && err.contains("on-demand = true"),
+        "the error names the unit and the key and points to on-demand = true: {err}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// A real inetd program.
+
+const MICRO_HTTPD: &str = "/usr/sbin/micro-httpd";
+
+#[test]
+fn debian_micro_httpd_is_served_unchanged_per_connection() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    if !require_file(MICRO_HTTPD) || !require_file("/usr/bin/curl") {
+        return Ok(());
+    }
+    let sandbox = Sandbox::new()?;
+    let www = sandbox.path().join("www");
+    std::fs::create_dir(&www)?;
+    std::fs::write(
+        www.join("hello.txt"),
+        "hello from micro-httpd via holdfast\n",
+    )?;
+    std::fs::write(www.join("index.html"), "<p>index</p>\n")?;
+    // As Debian's own micro-httpd@.service runs it: as www-data, the connection on stdin/stdout.
+    sandbox.write_unit(
+        "web",
+        &accept_unit(
+            &[MICRO_HTTPD, &www.to_string_lossy()],
+            "user = \"www-data\"\ngroup = \"www-data\"",
+            &["127.0.0.1/32"],
+            &["8080"],
+            "",
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let curl = |path: &str| -> Result<(String, String)> {
+        ns.run(|| -> Result<(String, String)> {
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+                .arg(format!("http://127.0.0.1:8080{path}"));
+            let out = run_bounded(cmd, T)?;
+            ensure!(
+                out.status.success(),
+                "curl {path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n').context("curl -w output")?;
+            Ok((code.to_string(), body.to_string()))
+        })?
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            curl("/hello.txt")?,
+            ("200".into(), "hello from micro-httpd via holdfast\n".into())
+        );
+    }
+    assert_eq!(curl("/")?, ("200".into(), "<p>index</p>\n".into()));
+    assert_eq!(curl("/missing")?.0, "404");
+    let svc = wait_idle(&hf, "web")?;
+    assert_eq!(int(&svc, "connections_total"), 5, "{svc}");
+    assert_eq!(svc["state"], "listening", "{svc}");
+    assert!(Path::new(MICRO_HTTPD).is_file());
+    hf.stop()?;
+    ns.expect_empty()
+}
+
+#[test]
+fn outcome_reading_tells_served_from_closed() -> Result<()> {
+    // A plain local pair (no namespace needed): a server that answers, one that closes.
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = l.local_addr()?;
+    let server = std::thread::spawn(move || -> io::Result<()> {
+        let (mut a, _) = l.accept()?;
+        let mut buf = [0u8; 16];
+        let n = a.read(&mut buf)?;
+        a.write_all(&buf[..n])?;
+        let (b, _) = l.accept()?;
+        drop(b);
+        Ok(())
+    });
+    assert_eq!(try_line(None, addr, "x", T), Outcome::Served("x".into()));
+    assert_turned_away(&try_line(None, addr, "y", T), "a connection closed at once");
+    server.join().expect("server thread")?;
+    Ok(())
+}
