@@ -59,6 +59,8 @@ const PLAIN_SERVICE: &str = "hello own socket";
 /// How long the daemon, a service or a plain instance may take to come up or go.
 const UP_TIMEOUT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(5);
+/// How long a `holdfast` CLI command may take (a restart returns once the service is ready).
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// The least time between the end of one disturbance (the service ready again) and the next.
 /// gunicorn sends READY=1 before it forks its workers, and a SIGTERM that reaches a worker
 /// between its fork and its own signal set-up is lost: the old instance then never exits and
@@ -709,14 +711,34 @@ impl<'a> Daemon<'a> {
         Ok(daemon)
     }
 
+    /// `holdfast ARGS… --state-dir STATE`, killed after [`CLI_TIMEOUT`]: a daemon that never
+    /// answers must not hang the benchmark.
     fn cli(&self, args: &[&str]) -> Result<Output> {
-        Command::new(&self.tools.holdfast)
+        let what = format!("holdfast {}", args.join(" "));
+        let mut child = Command::new(&self.tools.holdfast)
             .args(args)
             .arg("--state-dir")
             .arg(&self.state)
             .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("run holdfast {}", args.join(" ")))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("run {what}"))?;
+        let deadline = Instant::now() + CLI_TIMEOUT;
+        while child.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{what} got no answer within {CLI_TIMEOUT:?}; the daemon's log is {}",
+                    self.log.display()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+        child
+            .wait_with_output()
+            .with_context(|| format!("read the output of {what}"))
     }
 
     /// `holdfast status NAME --json`.
@@ -1079,10 +1101,8 @@ fn load(
                 Ok(()) => break,
                 Err(e) => {
                     failures.push(format!("{} #{}: {e:#}", disturb.what(), k + 1));
-                    // A service that did not come back would turn every later try into noise.
-                    if disturb == Disturb::Kill9 || disturb == Disturb::PlainStopStart {
-                        break;
-                    }
+                    // A restart that did not finish would turn every later try into noise.
+                    break;
                 }
             }
         }
