@@ -276,6 +276,52 @@ fn set_common(fd: &OwnedFd, cfg: &SocketConfig, what: &str) -> Result<(), Listen
     Ok(())
 }
 
+/// Whether a live socket made from `from` can be changed in place to
+/// `to`: the two differ at most in the options Linux lets a listening socket
+/// change (the backlog, by listen() again; buffers and mark, set, not unset;
+/// keep-alive and no-delay, inherited by sockets accepted afterwards).
+pub fn adjustable(from: &SocketConfig, to: &SocketConfig) -> bool {
+    let (a, b) = (&from.options, &to.options);
+    let settable = |old: Option<u32>, new: Option<u32>| old.is_none() || new.is_some();
+    if !(settable(a.receive_buffer, b.receive_buffer)
+        && settable(a.send_buffer, b.send_buffer)
+        && settable(a.mark, b.mark))
+    {
+        return false;
+    }
+    let mut same = from.clone();
+    same.options.backlog = b.backlog;
+    same.options.receive_buffer = b.receive_buffer;
+    same.options.send_buffer = b.send_buffer;
+    same.options.mark = b.mark;
+    same.options.keep_alive = b.keep_alive;
+    same.options.no_delay = b.no_delay;
+    same == *to
+}
+
+/// Changes a live socket's options to `cfg`'s (see [`adjustable`]).
+pub fn adjust(fd: &OwnedFd, cfg: &SocketConfig) -> Result<(), ListenerError> {
+    let what = format!("{} socket {:?}", cfg.protocol, cfg.name);
+    set_common(fd, cfg, &what)?;
+    let stream = !matches!(cfg.protocol, Protocol::Udp | Protocol::UnixDgram);
+    if stream {
+        if cfg.protocol == Protocol::Tcp {
+            sys(
+                "setsockopt(SO_KEEPALIVE)",
+                &what,
+                setsockopt(fd, sockopt::KeepAlive, &cfg.options.keep_alive),
+            )?;
+            sys(
+                "setsockopt(TCP_NODELAY)",
+                &what,
+                setsockopt(fd, sockopt::TcpNoDelay, &cfg.options.no_delay),
+            )?;
+        }
+        listen(fd, cfg, &what)?;
+    }
+    Ok(())
+}
+
 fn listen(fd: &OwnedFd, cfg: &SocketConfig, what: &str) -> Result<(), ListenerError> {
     let n = cfg
         .options

@@ -262,8 +262,8 @@ fn request(state_dir: &Path, req: &Request, show: impl FnOnce(&serde_json::Value
 fn print_status(result: &serde_json::Value) {
     let rows = result.as_array().cloned().unwrap_or_default();
     println!(
-        "{:<20} {:<9} {:>8} {:>8} {:>10}  SOCKETS",
-        "NAME", "STATE", "PID", "RESTARTS", "UPTIME"
+        "{:<20} {:<9} {:>8} {:>8} {:>10}  {:<24} STATUS",
+        "NAME", "STATE", "PID", "RESTARTS", "UPTIME", "SOCKETS"
     );
     for r in rows {
         let s = |k: &str| r.get(k).cloned().unwrap_or(serde_json::Value::Null);
@@ -285,14 +285,18 @@ fn print_status(result: &serde_json::Value) {
                     .collect()
             })
             .unwrap_or_default();
+        // What the service said (STATUS=), or why it failed.
+        let (text, failure) = (s("status_text"), s("failure"));
+        let status = text.as_str().or(failure.as_str()).unwrap_or("-");
         println!(
-            "{:<20} {:<9} {:>8} {:>8} {:>10}  {}",
+            "{:<20} {:<9} {:>8} {:>8} {:>10}  {:<24} {}",
             s("name").as_str().unwrap_or("?"),
             s("state").as_str().unwrap_or("?"),
             pid,
             s("restarts"),
             uptime,
-            sockets.join(",")
+            sockets.join(","),
+            status
         );
     }
 }

@@ -63,6 +63,8 @@ pub struct DestinationMetrics {
     pub lookups: u64,
     pub misses: u64,
     pub errors: u64,
+    /// Hits whose source the socket's allow/deny refused (dropped).
+    pub denied: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,6 +158,11 @@ pub fn render(s: &Snapshot) -> String {
         "destination_errors",
         "Hits dropped because bpf_sk_assign failed",
     );
+    let dest_denied = counter(
+        &mut r,
+        "destination_denied",
+        "Hits dropped because the socket's allow/deny rules refused the source",
+    );
     let present = gauge(
         &mut r,
         "destination_socket_present",
@@ -198,6 +205,7 @@ pub fn render(s: &Snapshot) -> String {
         lookups.get_or_create(&l).inc_by(d.lookups);
         misses.get_or_create(&l).inc_by(d.misses);
         errors.get_or_create(&l).inc_by(d.errors);
+        dest_denied.get_or_create(&l).inc_by(d.denied);
         present
             .get_or_create(&l)
             .set(if d.socket_present { 1.0 } else { 0.0 });
@@ -322,6 +330,7 @@ mod tests {
                 lookups: 10,
                 misses: 1,
                 errors: 0,
+                denied: 0,
             }],
             sockets: vec![SocketMetrics {
                 service: "web".into(),

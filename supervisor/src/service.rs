@@ -185,8 +185,10 @@ impl Lifecycle {
         }
     }
 
-    /// Decides what follows an exit after `uptime`.
-    pub fn after_exit(&mut self, exit: Exit, uptime: Duration, now: Instant) -> AfterExit {
+    /// Decides what follows a main process's exit after `uptime`. `failed`: the run
+    /// failed (a non-zero exit, a signal, or stopped by holdfast for a
+    /// start or watchdog timeout, whatever its exit status).
+    pub fn after_exit(&mut self, failed: bool, uptime: Duration, now: Instant) -> AfterExit {
         if self.stop_requested {
             self.stop_requested = false;
             self.restart_requested = false;
@@ -199,14 +201,14 @@ impl Lifecycle {
         }
         let wanted = match self.restart {
             RestartPolicy::Always => true,
-            RestartPolicy::OnFailure => !exit.success(),
+            RestartPolicy::OnFailure => failed,
             RestartPolicy::Never => false,
         };
         if !wanted {
-            return AfterExit::Stay(if exit.success() {
-                State::Stopped
-            } else {
+            return AfterExit::Stay(if failed {
                 State::Failed
+            } else {
+                State::Stopped
             });
         }
         AfterExit::RestartAt(now + self.backoff.next_delay(uptime))
@@ -288,24 +290,26 @@ mod tests {
         ];
         for (policy, exit, restarts) in cases {
             let mut l = Lifecycle::new(&cfg(policy));
-            let got = l.after_exit(exit, MS, now);
+            let got = l.after_exit(!exit.success(), MS, now);
             assert_eq!(
                 matches!(got, AfterExit::RestartAt(_)),
                 restarts,
                 "{policy:?} after {exit:?}: {got:?}"
             );
         }
+        // Stopped by holdfast (start timeout, watchdog): a failure even after exit 0.
+        let mut l = Lifecycle::new(&cfg(RestartPolicy::OnFailure));
+        assert!(matches!(
+            l.after_exit(true, MS, now),
+            AfterExit::RestartAt(_)
+        ));
+        let mut l = Lifecycle::new(&cfg(RestartPolicy::Never));
+        assert_eq!(l.after_exit(true, MS, now), AfterExit::Stay(State::Failed));
         let mut l = Lifecycle::new(&cfg(RestartPolicy::Always));
         l.stop_requested = true;
-        assert_eq!(
-            l.after_exit(Exit::Signal(15), MS, now),
-            AfterExit::Stay(State::Stopped)
-        );
+        assert_eq!(l.after_exit(true, MS, now), AfterExit::Stay(State::Stopped));
         let mut l = Lifecycle::new(&cfg(RestartPolicy::Never));
         l.restart_requested = true;
-        assert_eq!(
-            l.after_exit(Exit::Signal(15), MS, now),
-            AfterExit::RestartAt(now)
-        );
+        assert_eq!(l.after_exit(true, MS, now), AfterExit::RestartAt(now));
     }
 }

@@ -881,8 +881,8 @@ fn allow_and_deny_refuse_sources_with_the_dispatcher() -> Result<()> {
     let Some(mut hf) = start_dispatched(&ns, sandbox, "allow")? else {
         return Ok(());
     };
-    // Denied connections may be closed by holdfast after accept, or dropped by the
-    // dispatcher before (then connect times out): either way, never served.
+    // Denied connections are dropped by the dispatcher's sk_lookup program
+    // before they reach the socket: refused (or timed out), never accepted.
     let short = Duration::from_secs(3);
     ns.run(|| {
         assert_eq!(
@@ -895,9 +895,8 @@ fn allow_and_deny_refuse_sources_with_the_dispatcher() -> Result<()> {
         ] {
             let got = try_line(Some(v4(src)), sa(dst), "no", short);
             assert!(
-                matches!(&got, Outcome::Closed(s) if s.is_empty())
-                    || matches!(got, Outcome::TimedOut(_) | Outcome::Refused),
-                "{src} -> {dst} should not be served: {got:?}"
+                matches!(got, Outcome::TimedOut(_) | Outcome::Refused),
+                "{src} -> {dst} should be dropped before accept: {got:?}"
             );
         }
         assert_eq!(
@@ -912,6 +911,20 @@ fn allow_and_deny_refuse_sources_with_the_dispatcher() -> Result<()> {
         "both refused sources count as denied: {svc}"
     );
     assert_eq!(int(&svc, "connections_total"), 2, "{svc}");
+    // The sk_lookup program counted them, per binding.
+    let rows: Value = serde_json::from_str(&hf.cli_ok(&["bindings", "--json"])?)?;
+    let bpf_denied: u64 = rows
+        .as_array()
+        .context("bindings --json is an array")?
+        .iter()
+        .filter_map(|r| r["denied"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(bpf_denied >= 2, "the dispatcher's denied counter: {rows}");
+    assert!(
+        metric(&hf, "holdfast_service_denied_connections_total", "cat")? >= 2.0,
+        "denied connections in the metrics"
+    );
     hf.stop()?;
     ns.expect_empty()
 }

@@ -243,12 +243,9 @@ fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
 /// it drains (hello-http does, through the sd-notify crate). That is news about
 /// the old instance, not the service: the service, whose new instance is ready,
 /// must stay "running" with the new instance's status text, and `holdfast start`
-/// must see it running. holdfast applies it to the service (services.rs
-/// `notified`: a draining instance counts as `is_main`), leaving it "stopping"
-/// for good, status_text "draining", and `holdfast start` then waits forever.
-/// Daemon bug, reported; run with `--ignored` to see it.
+/// must see it running (a draining instance's STOPPING=1 once left the service
+/// "stopping" for good and `holdfast start` waiting forever).
 #[test]
-#[ignore = "daemon bug: STOPPING=1/STATUS= from a draining instance are applied to the service"]
 fn a_draining_instance_does_not_speak_for_the_service() -> Result<()> {
     let Some(ns) = netns_or_skip() else {
         return Ok(());

@@ -385,11 +385,9 @@ fn never_ready_is_stopped_at_start_timeout_and_restarted() -> Result<()> {
 }
 
 /// systemd counts a start timeout as a failure (result "timeout") whatever the
-/// exit status, so `Restart=on-failure` restarts the service. holdfast looks only
-/// at the exit status: a service that exits 0 on the SIGTERM is left "stopped",
-/// `failure` null. Daemon bug, reported; run with `--ignored` to see it.
+/// exit status, so `Restart=on-failure` restarts the service; so does holdfast,
+/// even when the service exits 0 on the SIGTERM.
 #[test]
-#[ignore = "daemon bug: a start timeout followed by exit 0 is not a failure, so on-failure does not restart"]
 fn never_ready_that_exits_0_on_sigterm_is_restarted_too() -> Result<()> {
     let Some(ns) = netns_or_skip() else {
         return Ok(());
@@ -472,11 +470,9 @@ fn foreign_senders_are_ignored() -> Result<()> {
     Ok(())
 }
 
-/// The issue: STATUS= is "shown by `holdfast status`". The JSON has it
-/// (`status_text`, checked above); the table `holdfast status` prints has no
-/// column for it. CLI gap, reported; run with `--ignored` to see it.
+/// The issue: STATUS= is "shown by `holdfast status`": in the JSON
+/// (`status_text`, checked above) and in the table's STATUS column.
 #[test]
-#[ignore = "CLI gap: the holdfast status table does not show STATUS= text"]
 fn status_text_is_shown_by_the_status_table() -> Result<()> {
     let Some(ns) = netns_or_skip() else {
         return Ok(());

@@ -96,6 +96,15 @@ impl FdStore {
         self.max
     }
 
+    /// Changes the bound (a reload's `fd-store-max`); stored fds over the
+    /// new bound, the newest, are closed. Returns how many.
+    pub fn set_max(&mut self, max: usize) -> usize {
+        self.max = max;
+        let over = self.entries.len().saturating_sub(max);
+        self.entries.truncate(max);
+        over
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

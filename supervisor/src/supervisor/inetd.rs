@@ -37,6 +37,8 @@ pub const DEFAULT_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(10);
 pub(super) struct Connection {
     pub pid: Pid,
     pub source: Option<IpAddr>,
+    /// SIGTERM was sent; SIGKILL to its process group at this instant.
+    pub kill_at: Option<Instant>,
 }
 
 /// A service's accept bookkeeping.
@@ -99,10 +101,34 @@ impl Supervisor {
             let svc = &mut self.services[i];
             let sock = svc.accept_socket().expect("an accept service");
             let opts = sock.config.options.clone();
+            let listening = sock.fd.as_raw_fd();
+            // The rate limit: with `max-connection-rate` accepts already in
+            // the last second, a waiting connection pauses accepting before
+            // it is accepted; it waits in the backlog for the pause to end.
+            if let Some(rate) = opts.max_connection_rate {
+                let window = Duration::from_secs(1);
+                let recent = &mut svc.acceptor.recent;
+                while recent
+                    .front()
+                    .is_some_and(|t| now.saturating_duration_since(*t) >= window)
+                {
+                    recent.pop_front();
+                }
+                if recent.len() >= rate as usize {
+                    if !connection_waiting(listening) {
+                        return;
+                    }
+                    let pause = opts.rate_limit_pause.unwrap_or(DEFAULT_RATE_LIMIT_PAUSE);
+                    svc.acceptor.paused_until = Some(now + pause);
+                    svc.acceptor.recent.clear();
+                    tracing::warn!(service = %svc.unit.name, rate, pause = %humantime::format_duration(pause), "connection rate over max-connection-rate: accepting pauses (new connections wait in the backlog)");
+                    return;
+                }
+            }
             // SAFETY: accept4 on our listening socket; a returned fd is owned by us.
             let fd = unsafe {
                 libc::accept4(
-                    sock.fd.as_raw_fd(),
+                    listening,
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
                     libc::SOCK_CLOEXEC,
@@ -148,29 +174,15 @@ impl Supervisor {
                 }
             }
             svc.acceptor.total += 1;
-            if let Some(rate) = opts.max_connection_rate {
-                let window = Duration::from_secs(1);
-                while svc
-                    .acceptor
-                    .recent
-                    .front()
-                    .is_some_and(|t| now.saturating_duration_since(*t) >= window)
-                {
-                    svc.acceptor.recent.pop_front();
-                }
+            if opts.max_connection_rate.is_some() {
                 svc.acceptor.recent.push_back(now);
-                if svc.acceptor.recent.len() > rate as usize {
-                    let pause = opts.rate_limit_pause.unwrap_or(DEFAULT_RATE_LIMIT_PAUSE);
-                    svc.acceptor.paused_until = Some(now + pause);
-                    svc.acceptor.recent.clear();
-                    tracing::warn!(service = %name, rate, pause = %humantime::format_duration(pause), "connection rate over max-connection-rate: accepting pauses (new connections wait in the backlog)");
-                }
             }
             match self.spawn_connection(i, &conn, peer, local) {
-                Ok(pid) => self.services[i]
-                    .acceptor
-                    .connections
-                    .push(Connection { pid, source }),
+                Ok(pid) => self.services[i].acceptor.connections.push(Connection {
+                    pid,
+                    source,
+                    kill_at: None,
+                }),
                 Err(e) => {
                     tracing::error!(service = %name, error = %e, "cannot start an instance for a connection");
                     return;
@@ -238,13 +250,39 @@ impl Supervisor {
         false
     }
 
-    /// Stops every per-connection instance of a service.
-    pub(super) fn stop_connections(svc: &mut Service) {
-        for c in &svc.acceptor.connections {
+    /// Stops every per-connection instance of a service: SIGTERM now,
+    /// SIGKILL to those still there after `stop-timeout`.
+    pub(super) fn stop_connections(svc: &mut Service, now: Instant) {
+        let timeout = svc.unit.service.stop_timeout;
+        for c in &mut svc.acceptor.connections {
+            if c.kill_at.is_some() {
+                continue;
+            }
             let _ = killpg(c.pid, Signal::SIGTERM);
             let _ = killpg(c.pid, Signal::SIGCONT);
+            c.kill_at = Some(now + timeout);
         }
     }
+
+    /// SIGKILL to per-connection instances whose stop timeout has passed.
+    pub(super) fn kill_late_connections(svc: &mut Service, now: Instant) {
+        let name = &svc.unit.name;
+        for c in &mut svc.acceptor.connections {
+            if c.kill_at.is_some_and(|t| t <= now) {
+                tracing::warn!(service = %name, pid = c.pid.as_raw(), "connection instance did not stop in time: SIGKILL to its process group");
+                let _ = killpg(c.pid, Signal::SIGKILL);
+                c.kill_at = Some(now + Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
+/// Whether a connection waits to be accepted on listening socket `fd`.
+fn connection_waiting(fd: std::os::fd::RawFd) -> bool {
+    // SAFETY: `fd` is the service's listening socket, open for this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 fn ip_of(addr: SockaddrStorage) -> Option<SocketAddr> {

@@ -248,7 +248,7 @@ impl Supervisor {
             }
             match Service::new(unit, socks, &self.opts.state_dir) {
                 Ok(svc) => self.services.push(svc),
-                Err(e) => errors.push(e),
+                Err((e, _)) => errors.push(e),
             }
         }
         if !errors.is_empty() {
@@ -256,8 +256,12 @@ impl Supervisor {
         }
         self.bindings = sockets::bindings_of(&self.services);
         if let Some(d) = self.dispatcher.as_mut() {
-            let all: Vec<&sockets::Socket> =
-                self.services.iter().flat_map(|s| &s.sockets).collect();
+            let all: Vec<(&sockets::Socket, &unit::SocketConfig)> = self
+                .services
+                .iter()
+                .flat_map(|s| &s.sockets)
+                .map(|k| (k, &k.config))
+                .collect();
             sockets::steer(d, &all, &self.bindings)?;
         }
         Ok(())
@@ -309,6 +313,9 @@ impl Supervisor {
                     ),
                 }
             }
+            // Notifications before exits: a message an instance sent just
+            // before it exited is read while its pid still names it.
+            self.read_notifications(&ready.notify);
             self.reap();
             if ready.metrics {
                 if let Some(m) = &self.metrics {
@@ -316,7 +323,6 @@ impl Supervisor {
                     m.answer(|| text.clone());
                 }
             }
-            self.read_notifications(&ready.notify);
             let now = Instant::now();
             for name in &ready.traffic {
                 if let Some(i) = self.find(name) {

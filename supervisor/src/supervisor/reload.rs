@@ -17,6 +17,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::dispatch::Binding;
+use crate::listener::Placement;
 use crate::unit::{self, RestartMode, Unit};
 
 use super::services::Service;
@@ -52,10 +53,11 @@ impl std::fmt::Display for ReloadSummary {
 /// For one new unit: which of the service's current sockets each of its
 /// sockets reuses, or the socket opened for it.
 enum Plan {
-    Add(Unit, Vec<Socket>),
+    /// A new service, with its sockets and notify socket, not started.
+    Add(Box<Service>),
     Change {
         index: usize,
-        unit: Unit,
+        unit: Box<Unit>,
         /// Per new socket: an old socket's index to reuse, or a new socket.
         sockets: Vec<Result<usize, Socket>>,
     },
@@ -74,6 +76,7 @@ impl Supervisor {
         for unit in units {
             let Some(index) = self.find(&unit.name) else {
                 let mut socks = Vec::new();
+                let mut opened = true;
                 for cfg in &unit.sockets {
                     match sockets::open(
                         &unit,
@@ -83,10 +86,23 @@ impl Supervisor {
                         &mut self.destinations,
                     ) {
                         Ok(s) => socks.push(s),
-                        Err(e) => errors.push(e),
+                        Err(e) => {
+                            errors.push(e);
+                            opened = false;
+                        }
                     }
                 }
-                plans.push(Plan::Add(unit, socks));
+                if !opened {
+                    self.give_back(socks);
+                    continue;
+                }
+                match Service::new(unit, socks, &self.opts.state_dir) {
+                    Ok(svc) => plans.push(Plan::Add(Box::new(svc))),
+                    Err((e, socks)) => {
+                        errors.push(e);
+                        self.give_back(socks);
+                    }
+                }
                 continue;
             };
             let old = &self.services[index];
@@ -116,13 +132,24 @@ impl Supervisor {
                         &mut self.destinations,
                     ) {
                         Ok(s) => socks.push(Err(s)),
-                        Err(e) => errors.push(e),
+                        Err(e) => {
+                            let bound_before = old.sockets.iter().any(|s| {
+                                s.name == cfg.name && matches!(s.placement, Placement::Bound(_))
+                            });
+                            errors.push(if bound_before {
+                                format!(
+                                    "{e}\n  the change needs a new socket (only backlog, buffers, mark, keep-alive, no-delay and the allow/deny/limit keys change in place), and a bound socket's replacement cannot bind while the old one holds the address: remove the unit, reload, add it back and reload again, or run holdfast with the dispatcher (sk_lookup), where sockets are replaced without a gap"
+                                )
+                            } else {
+                                e
+                            });
+                        }
                     },
                 }
             }
             plans.push(Plan::Change {
                 index,
-                unit,
+                unit: Box::new(unit),
                 sockets: socks,
             });
         }
@@ -148,7 +175,9 @@ impl Supervisor {
             .filter(|i| !kept_names.contains(&self.services[*i].unit.name.as_str()))
             .collect();
         let mut new_bindings: Vec<Binding> = Vec::new();
-        let mut new_sockets: Vec<&Socket> = Vec::new();
+        // Sockets to steer, with the configuration they will have: new
+        // ones, and kept ones whose allow/deny may have changed.
+        let mut new_sockets: Vec<(&Socket, &unit::SocketConfig)> = Vec::new();
         for p in &plans {
             match p {
                 Plan::Keep(i) => new_bindings.extend(
@@ -157,10 +186,10 @@ impl Supervisor {
                         .filter(|b| b.service == self.services[*i].unit.name)
                         .cloned(),
                 ),
-                Plan::Add(unit, socks) => {
-                    for (cfg, s) in unit.sockets.iter().zip(socks) {
-                        new_bindings.extend(sockets::bindings(&unit.name, cfg, s));
-                        new_sockets.push(s);
+                Plan::Add(svc) => {
+                    for (cfg, s) in svc.unit.sockets.iter().zip(&svc.sockets) {
+                        new_bindings.extend(sockets::bindings(&svc.unit.name, cfg, s));
+                        new_sockets.push((s, cfg));
                     }
                 }
                 Plan::Change {
@@ -171,11 +200,9 @@ impl Supervisor {
                     for (cfg, s) in unit.sockets.iter().zip(sockets) {
                         let s = match s {
                             Ok(k) => &self.services[*index].sockets[*k],
-                            Err(s) => {
-                                new_sockets.push(s);
-                                s
-                            }
+                            Err(s) => s,
                         };
+                        new_sockets.push((s, cfg));
                         new_bindings.extend(sockets::bindings(&unit.name, cfg, s));
                     }
                 }
@@ -183,8 +210,18 @@ impl Supervisor {
         }
         if let Some(d) = self.dispatcher.as_mut() {
             if let Err(e) = sockets::steer(d, &new_sockets, &new_bindings) {
-                for s in &new_sockets {
-                    if let Some(dest) = s.destination {
+                // Undo: new sockets leave the sockmap, kept ones get their
+                // rules back.
+                for (s, _) in &new_sockets {
+                    let Some(dest) = s.destination else { continue };
+                    let kept = self
+                        .services
+                        .iter()
+                        .any(|svc| svc.sockets.iter().any(|k| k.destination == Some(dest)));
+                    if kept {
+                        let o = &s.config.options;
+                        let _ = d.set_source_rules(dest, &o.allow, &o.deny);
+                    } else {
                         let _ = d.remove_socket(dest);
                     }
                 }
@@ -209,9 +246,9 @@ impl Supervisor {
                     unit,
                     sockets,
                 } => {
-                    changes.insert(index, (unit, sockets));
+                    changes.insert(index, (*unit, sockets));
                 }
-                Plan::Add(unit, socks) => additions.push((unit, socks)),
+                Plan::Add(svc) => additions.push(svc),
             }
         }
         for (index, (unit, new_socks)) in changes {
@@ -228,7 +265,9 @@ impl Supervisor {
                     Ok(k) => old[k].take().expect("each old socket is reused once"),
                     Err(s) => s,
                 };
-                s.config = cfg.clone();
+                if let Err(e) = s.adjust(cfg) {
+                    tracing::error!(service = %unit.name, socket = %cfg.name, error = %e, "cannot change the socket's options in place; it keeps its old ones");
+                }
                 svc.sockets.push(s);
             }
             for s in old.into_iter().flatten() {
@@ -240,6 +279,12 @@ impl Supervisor {
             }
             if !svc.has_processes() {
                 svc.old_sockets.clear();
+            }
+            if unit.service.fd_store_max != svc.unit.service.fd_store_max {
+                let closed = svc.fd_store.set_max(unit.service.fd_store_max as usize);
+                if closed > 0 {
+                    tracing::warn!(service = %unit.name, closed, max = unit.service.fd_store_max, "fd-store-max lowered: the newest stored fds over it are closed");
+                }
             }
             if service_changed {
                 svc.life.restart = unit.service.restart;
@@ -257,7 +302,7 @@ impl Supervisor {
             svc.unit = unit;
             if service_changed || !same_fds {
                 if svc.main.is_some() {
-                    to_restart.push(index);
+                    to_restart.push(name.clone());
                 }
                 summary.restarted.push(name);
             } else {
@@ -278,23 +323,24 @@ impl Supervisor {
             let k = self.retiring.len() - 1;
             self.retire(k, now);
         }
-        for (unit, socks) in additions {
-            let name = unit.name.clone();
-            match Service::new(unit, socks, &self.opts.state_dir) {
-                Ok(svc) => {
-                    self.services.push(svc);
-                    to_start.push(name.clone());
-                    summary.added.push(name);
-                }
-                Err(e) => tracing::error!(service = %name, "cannot add: {e}"),
-            }
+        for svc in additions {
+            let name = svc.unit.name.clone();
+            self.services.push(*svc);
+            to_start.push(name.clone());
+            summary.added.push(name);
         }
         for name in to_start {
             if let Some(i) = self.find(&name) {
-                self.start(i, now);
+                if self.services[i].traffic_started() {
+                    // Accept and on-demand services wait for traffic, as at boot.
+                    self.services[i].life.state = crate::service::State::Listening;
+                } else {
+                    self.start(i, now);
+                }
             }
         }
-        for i in to_restart {
+        for name in to_restart {
+            let Some(i) = self.find(&name) else { continue };
             let svc = &self.services[i];
             let overlap = svc.unit.service.restart_mode == RestartMode::Overlap
                 && !svc.unit.service.single_instance;
@@ -312,16 +358,21 @@ impl Supervisor {
     fn discard(&mut self, plans: Vec<Plan>) {
         for p in plans {
             let socks: Vec<Socket> = match p {
-                Plan::Add(_, s) => s,
+                Plan::Add(mut svc) => std::mem::take(&mut svc.sockets),
                 Plan::Change { sockets, .. } => {
                     sockets.into_iter().filter_map(Result::err).collect()
                 }
                 Plan::Keep(_) => Vec::new(),
             };
-            for s in socks {
-                if let Some(dest) = s.destination {
-                    self.destinations.give_back(dest);
-                }
+            self.give_back(socks);
+        }
+    }
+
+    /// Closes sockets that will not be used and frees their sockmap slots.
+    fn give_back(&mut self, socks: Vec<Socket>) {
+        for s in socks {
+            if let Some(dest) = s.destination {
+                self.destinations.give_back(dest);
             }
         }
     }

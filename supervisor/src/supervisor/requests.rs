@@ -37,6 +37,9 @@ impl Supervisor {
             return;
         };
         let requests = server.service();
+        if !requests.is_empty() {
+            self.refresh_dispatcher_denied();
+        }
         let now = Instant::now();
         for (conn, request) in requests {
             if let Some(reply) = self.handle(conn, request, now) {
@@ -200,10 +203,28 @@ impl Supervisor {
                     "lookups": c.lookups,
                     "misses": c.misses,
                     "errors": c.errors,
+                    "denied": c.denied,
                 })
             })
             .collect();
         Reply::ok(json!(rows))
+    }
+
+    /// Reads the dispatcher's `denied` counters into each service's
+    /// `dispatcher_denied` (sources its sockets' allow/deny dropped in the
+    /// sk_lookup program, before holdfast could count them itself).
+    pub(super) fn refresh_dispatcher_denied(&mut self) {
+        let Some(d) = &self.dispatcher else { return };
+        let Ok(counters) = d.counters() else { return };
+        for svc in &mut self.services {
+            svc.dispatcher_denied = svc
+                .sockets
+                .iter()
+                .filter_map(|k| k.destination)
+                .filter_map(|dest| counters.get(&dest))
+                .map(|c| c.denied)
+                .sum();
+        }
     }
 
     /// What the metrics show, read now (BPF counters and accept queues included).
@@ -226,7 +247,7 @@ impl Supervisor {
                     .unwrap_or(0.0),
                 instances: svc.acceptor.connections.len() as u64,
                 connections_total: svc.acceptor.total,
-                denied_total: svc.acceptor.denied,
+                denied_total: svc.acceptor.denied + svc.dispatcher_denied,
                 last_exit_status: svc.last_exit.map(|e| match e {
                     Exit::Code(c) => i64::from(c),
                     Exit::Signal(n) => 128 + i64::from(n),
@@ -257,6 +278,7 @@ impl Supervisor {
                         lookups: c.lookups,
                         misses: c.misses,
                         errors: c.errors,
+                        denied: c.denied,
                     });
                 }
             }
@@ -275,8 +297,9 @@ impl Supervisor {
             let state = svc.life.state;
             let exit = || svc.last_exit.map(|e| format!(" ({e})")).unwrap_or_default();
             let reply = match w.until {
-                Until::Down => matches!(state, State::Stopped | State::Failed)
-                    .then(|| Reply::ok(status_of(svc, now))),
+                Until::Down => (matches!(state, State::Stopped | State::Failed)
+                    && svc.acceptor.connections.is_empty())
+                .then(|| Reply::ok(status_of(svc, now))),
                 Until::Up { not } => {
                     let main = svc.main.as_ref();
                     if let Some(why) = &svc.overlap_failure {
@@ -332,7 +355,7 @@ pub(super) fn status_of(s: &Service, now: Instant) -> serde_json::Value {
         "status_text": s.status_text,
         "instances": s.acceptor.connections.len(),
         "connections_total": s.acceptor.total,
-        "denied_total": s.acceptor.denied,
+        "denied_total": s.acceptor.denied + s.dispatcher_denied,
         "failure": s.failure,
         "errno": s.errno,
         "next_pid": s.next.as_ref().map(|n| n.pid.as_raw()),

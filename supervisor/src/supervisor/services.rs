@@ -36,6 +36,9 @@ pub(super) struct Instance {
     pub watchdog_at: Option<Instant>,
     /// SIGTERM was sent; SIGKILL to the group at this instant.
     pub kill_at: Option<Instant>,
+    /// Why holdfast stopped it (start timeout, watchdog): its exit is a
+    /// failure whatever its status, as systemd counts it.
+    pub failed: Option<String>,
 }
 
 impl Instance {
@@ -97,19 +100,51 @@ pub(super) struct Service {
     pub uid: u32,
     /// Per-connection instances of an accept service.
     pub acceptor: Acceptor,
+    /// Sources its sockets' allow/deny refused in the sk_lookup program, as
+    /// last read from the dispatcher's counters.
+    pub dispatcher_denied: u64,
     pub log: VecDeque<String>,
     /// The sequence number the next captured line gets.
     pub log_next: u64,
+    /// Main pids of instances that have exited, newest last: a late
+    /// notification from one of them is not the current instance speaking.
+    pub gone_pids: VecDeque<i32>,
+}
+
+/// How many exited main pids a service remembers (see `gone_pids`).
+const GONE_PIDS: usize = 32;
+
+/// Which of a service's instances a notification came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Main,
+    /// The overlap candidate.
+    Next,
+    /// An old instance told to stop.
+    Draining,
 }
 
 impl Service {
-    pub fn new(unit: Unit, sockets: Vec<Socket>, state_dir: &Path) -> Result<Service, String> {
-        let notify = NotifySocket::bind(state_dir, &unit.name).map_err(|e| {
-            format!(
-                "service {}: cannot create its notify socket: {e}",
-                unit.name
-            )
-        })?;
+    /// A service not yet started, with its sockets; on failure (its notify
+    /// socket) the sockets are given back with the error.
+    pub fn new(
+        unit: Unit,
+        sockets: Vec<Socket>,
+        state_dir: &Path,
+    ) -> Result<Service, (String, Vec<Socket>)> {
+        let notify = match NotifySocket::bind(state_dir, &unit.name) {
+            Ok(n) => n,
+            Err(e) => {
+                return Err((
+                    format!(
+                        "{}: service {}: cannot create its notify socket: {e}",
+                        unit.path.display(),
+                        unit.name
+                    ),
+                    sockets,
+                ))
+            }
+        };
         let life = Lifecycle::new(&unit.service);
         let fd_store = FdStore::new(unit.service.fd_store_max as usize);
         Ok(Service {
@@ -132,8 +167,10 @@ impl Service {
             fd_store,
             uid: 0,
             acceptor: Acceptor::default(),
+            dispatcher_denied: 0,
             log: VecDeque::new(),
             log_next: 0,
+            gone_pids: VecDeque::new(),
         })
     }
 
@@ -161,6 +198,7 @@ impl Service {
             .filter_map(Instance::deadline)
             .chain(self.next_start)
             .chain(self.acceptor.paused_until)
+            .chain(self.acceptor.connections.iter().filter_map(|c| c.kill_at))
             .min()
     }
 
@@ -168,25 +206,38 @@ impl Service {
         self.main.iter().chain(&self.next).chain(&self.draining)
     }
 
-    /// The instance a notification from `pid` is about: the one whose
-    /// process group holds it; if the sender is already gone (a short-lived
-    /// `systemd-notify`), the newest instance.
-    fn instance_of(&mut self, pid: i32) -> Option<&mut Instance> {
+    /// The instance a notification from `pid` is about, and its role: the
+    /// one whose main pid it is or whose process group holds it. A sender
+    /// already reaped (a short-lived `systemd-notify`) is taken for the
+    /// newest instance, unless it is the main pid of an instance that has
+    /// exited: an old instance's last words are not the new one's.
+    fn instance_of(&mut self, pid: i32) -> Option<(&mut Instance, Role)> {
         let pgid = nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok();
         let matches = |i: &Instance| i.pid.as_raw() == pid || Some(i.pgid) == pgid;
         if self.next.as_ref().is_some_and(matches) {
-            return self.next.as_mut();
+            return self.next.as_mut().map(|i| (i, Role::Next));
         }
         if self.main.as_ref().is_some_and(matches) {
-            return self.main.as_mut();
+            return self.main.as_mut().map(|i| (i, Role::Main));
         }
         if let Some(k) = self.draining.iter().position(matches) {
-            return self.draining.get_mut(k);
+            return self.draining.get_mut(k).map(|i| (i, Role::Draining));
         }
-        if pgid.is_none() {
-            return self.next.as_mut().or(self.main.as_mut());
+        if pgid.is_none() && !self.gone_pids.contains(&pid) {
+            if let Some(next) = self.next.as_mut() {
+                return Some((next, Role::Next));
+            }
+            return self.main.as_mut().map(|i| (i, Role::Main));
         }
         None
+    }
+
+    /// Remembers the main pid of an instance that has exited.
+    fn gone(&mut self, pid: Pid) {
+        if self.gone_pids.len() >= GONE_PIDS {
+            self.gone_pids.pop_front();
+        }
+        self.gone_pids.push_back(pid.as_raw());
     }
 
     fn set_waiting(&mut self, t: Instant) {
@@ -268,6 +319,7 @@ impl Supervisor {
             watchdog: cfg.watchdog,
             watchdog_at: cfg.watchdog.map(|w| now + w),
             kill_at: None,
+            failed: None,
         };
         let name = svc.unit.name.clone();
         self.services[i].uid = uid;
@@ -325,7 +377,7 @@ impl Supervisor {
                 tracing::error!(service = %svc.name(), error = %e, "cannot start");
                 svc.failure = Some(format!("cannot start: {e}"));
                 svc.last_exit = Some(Exit::Code(127));
-                match svc.life.after_exit(Exit::Code(127), Duration::ZERO, now) {
+                match svc.life.after_exit(true, Duration::ZERO, now) {
                     AfterExit::RestartAt(t) => svc.set_waiting(t),
                     AfterExit::Stay(_) => svc.life.state = State::Failed,
                 }
@@ -391,7 +443,7 @@ impl Supervisor {
     pub(super) fn stop(&mut self, i: usize, now: Instant) {
         let svc = &mut self.services[i];
         svc.next_start = None;
-        Self::stop_connections(svc);
+        Self::stop_connections(svc, now);
         let timeout = svc.unit.service.stop_timeout;
         let name = svc.unit.name.clone();
         if let Some(mut next) = svc.next.take() {
@@ -423,6 +475,10 @@ impl Supervisor {
         let name = svc.unit.name.clone();
         svc.next_start = None;
         svc.life.state = State::Stopping;
+        // Its notify socket goes now, so that a unit of the same name can be
+        // added back while these processes are still stopping.
+        svc.notify = None;
+        Self::stop_connections(svc, now);
         for mut inst in svc.next.take().into_iter().chain(svc.main.take()) {
             inst.terminate(&name, now, timeout);
             svc.draining.push(inst);
@@ -474,8 +530,12 @@ impl Supervisor {
             if let Some(k) = svc.draining.iter().position(|d| d.pid == pid) {
                 let d = svc.draining.remove(k);
                 let _ = killpg(d.pgid, Signal::SIGKILL);
+                svc.gone(d.pid);
                 tracing::info!(service = %svc.unit.name, pid = pid.as_raw(), %exit, "old instance exited");
-                if !svc.has_processes() {
+                // Sockets a reload replaced are held for the instances started
+                // before it: once none drains and no restart is under way, the
+                // main instance (if any) runs on the new sockets.
+                if svc.draining.is_empty() && svc.next.is_none() && !svc.life.restart_requested {
                     svc.old_sockets.clear();
                 }
                 return;
@@ -485,6 +545,7 @@ impl Supervisor {
             if svc.main.as_ref().is_some_and(|m| m.pid == pid) {
                 let m = svc.main.take().expect("checked");
                 let _ = killpg(m.pgid, Signal::SIGKILL);
+                svc.gone(m.pid);
                 tracing::info!(service = %svc.unit.name, pid = pid.as_raw(), %exit, "removed service exited");
                 return;
             }
@@ -500,6 +561,7 @@ impl Supervisor {
             let svc = &mut self.services[i];
             let next = svc.next.take().expect("checked");
             let _ = killpg(next.pgid, Signal::SIGKILL);
+            svc.gone(next.pid);
             svc.draining.retain(|d| d.pid != pid);
             tracing::error!(service = %svc.unit.name, pid = pid.as_raw(), %exit, "overlap restart: the new instance exited before it was ready; the old one keeps serving");
             svc.overlap_failure = Some(format!(
@@ -512,6 +574,7 @@ impl Supervisor {
         let main = svc.main.take().expect("checked");
         // Whatever the main process left behind in its group goes with it.
         let _ = killpg(main.pgid, Signal::SIGKILL);
+        svc.gone(main.pid);
         let uptime = now.saturating_duration_since(main.started_at);
         svc.last_exit = Some(exit);
         svc.reloading = false;
@@ -543,7 +606,8 @@ impl Supervisor {
             svc.life.stop_requested = false;
             AfterExit::Stay(State::Stopped)
         } else {
-            svc.life.after_exit(exit, uptime, now)
+            let failed = !exit.success() || main.failed.is_some();
+            svc.life.after_exit(failed, uptime, now)
         };
         match after {
             AfterExit::RestartAt(t) => {
@@ -557,6 +621,9 @@ impl Supervisor {
             }
             AfterExit::Stay(state) => {
                 svc.life.state = state;
+                if state == State::Failed && svc.failure.is_none() {
+                    svc.failure = main.failed.clone();
+                }
                 tracing::info!(service = %svc.unit.name, pid = pid.as_raw(), %exit, state = state.as_str(), "exited");
             }
         }
@@ -575,6 +642,7 @@ impl Supervisor {
                 svc.acceptor.paused_until = None;
                 tracing::info!(service = %name, "rate-limit pause over: accepting again");
             }
+            Self::kill_late_connections(svc, now);
             for inst in svc
                 .main
                 .iter_mut()
@@ -613,6 +681,10 @@ impl Supervisor {
                 if !main.ready && main.ready_by.is_some_and(|t| t <= now) {
                     tracing::error!(service = %name, pid = main.pid.as_raw(), timeout = %humantime::format_duration(start_timeout), "did not send READY=1 within start-timeout: stopping it");
                     main.terminate(&name, now, timeout);
+                    main.failed = Some(format!(
+                        "did not send READY=1 within start-timeout ({})",
+                        humantime::format_duration(start_timeout)
+                    ));
                     svc.life.state = State::Stopping;
                 }
                 if main.watchdog_at.is_some_and(|t| t <= now) {
@@ -620,6 +692,7 @@ impl Supervisor {
                     let _ = kill(main.pid, Signal::SIGABRT);
                     main.watchdog_at = None;
                     main.kill_at = Some(now + timeout);
+                    main.failed = Some("watchdog timeout: no WATCHDOG=1 in time".into());
                     svc.life.state = State::Stopping;
                 }
             }
@@ -655,17 +728,16 @@ impl Supervisor {
         let now = Instant::now();
         let stop_timeout = self.services[i].unit.service.stop_timeout;
         let mut became_ready = false;
-        let is_next;
+        let role;
         {
             let svc = &mut self.services[i];
             let name = svc.unit.name.clone();
             let pid = m.sender.pid;
-            let next_pid = svc.next.as_ref().map(|n| n.pid);
-            let Some(inst) = svc.instance_of(pid) else {
+            let Some((inst, r)) = svc.instance_of(pid) else {
                 tracing::warn!(service = %name, pid, "notification from a process of no current instance: ignored");
                 return;
             };
-            is_next = Some(inst.pid) == next_pid;
+            role = r;
             let mut fds = std::mem::take(&mut m.fds).into_iter();
             let mut store_requests = Vec::new();
             let mut main_state: Option<State> = None;
@@ -719,6 +791,7 @@ impl Supervisor {
                         let _ = kill(inst.pid, Signal::SIGABRT);
                         inst.watchdog_at = None;
                         inst.kill_at = Some(now + stop_timeout);
+                        inst.failed = Some("WATCHDOG=trigger".into());
                     }
                     Notification::WatchdogUsec(d) => {
                         if d.is_zero() {
@@ -742,11 +815,13 @@ impl Supervisor {
                     }
                 }
             }
-            let is_main = !is_next;
+            // What an old instance says while it drains is about it, not
+            // the service: its STATUS=, ERRNO= and STOPPING=1 are not shown.
+            let speaks_for_service = role != Role::Draining;
             for (what, value) in store_requests {
                 match what {
-                    "status" => svc.status_text = Some(value),
-                    "errno" => svc.errno = value.parse().ok(),
+                    "status" if speaks_for_service => svc.status_text = Some(value),
+                    "errno" if speaks_for_service => svc.errno = value.parse().ok(),
                     "fdstore" => {
                         for fd in fds.by_ref() {
                             if let Err(e) = svc.fd_store.add(&value, fd) {
@@ -763,7 +838,7 @@ impl Supervisor {
                     _ => {}
                 }
             }
-            if is_main {
+            if role == Role::Main {
                 match main_state {
                     Some(State::Running) => {
                         svc.reloading = false;
@@ -781,7 +856,7 @@ impl Supervisor {
                 }
             }
         }
-        if became_ready && is_next {
+        if became_ready && role == Role::Next {
             self.promote(i, now);
         }
     }

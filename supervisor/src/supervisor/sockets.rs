@@ -24,11 +24,23 @@ pub(super) struct Socket {
 }
 
 impl Socket {
-    /// Whether `cfg` can be served by this very socket: everything but the
-    /// bindings (addresses, ports) must be the same.
+    /// Whether `cfg` can be served by this very socket. Never needing a new
+    /// socket: the bindings of a steered socket (as long as its address
+    /// family fits), holdfast's own policy (allow, deny, the accept limits),
+    /// and, for a bound or unix socket, the options Linux lets a listening
+    /// socket change ([`Socket::adjust`] applies them).
     pub fn serves(&self, cfg: &SocketConfig) -> bool {
         let mut a = self.config.clone();
         let mut b = cfg.clone();
+        for c in [&mut a, &mut b] {
+            let o = &mut c.options;
+            o.allow.clear();
+            o.deny.clear();
+            o.max_connections = None;
+            o.max_connections_per_source = None;
+            o.max_connection_rate = None;
+            o.rate_limit_pause = None;
+        }
         if matches!(self.placement, Placement::Steered { .. }) {
             // Steered: bindings may change freely as long as the family fits.
             let fam = |c: &SocketConfig| {
@@ -44,8 +56,30 @@ impl Socket {
             a.ports.clear();
             b.addresses.clear();
             b.ports.clear();
+            a == b
+        } else {
+            // Bound: a new socket could not bind while this one holds the
+            // address, so what can change in place does.
+            listener::adjustable(&a, &b)
         }
-        a == b
+    }
+
+    /// Takes `cfg` (which it [`serves`](Socket::serves)) as its
+    /// configuration, changing the live socket's options where they differ.
+    pub fn adjust(&mut self, cfg: &SocketConfig) -> Result<(), listener::ListenerError> {
+        let mut old = self.config.options.clone();
+        old.allow = cfg.options.allow.clone();
+        old.deny = cfg.options.deny.clone();
+        old.max_connections = cfg.options.max_connections;
+        old.max_connections_per_source = cfg.options.max_connections_per_source;
+        old.max_connection_rate = cfg.options.max_connection_rate;
+        old.rate_limit_pause = cfg.options.rate_limit_pause;
+        let changed = old != cfg.options;
+        if changed && !matches!(self.placement, Placement::Steered { .. }) {
+            listener::adjust(&self.fd, cfg)?;
+        }
+        self.config = cfg.clone();
+        Ok(())
     }
 }
 
@@ -149,15 +183,19 @@ pub(super) fn bindings(service: &str, cfg: &SocketConfig, sock: &Socket) -> Vec<
         .collect()
 }
 
-/// Puts every steered socket in the sockmap (sockets first, so no binding
-/// ever points at an empty slot), then publishes the bindings atomically.
+/// Gives every steered socket its source rules (allow/deny of `cfg`, which
+/// may be newer than the socket's own during a reload) and puts it in the
+/// sockmap (sockets first, so no binding ever points at an empty slot), then
+/// publishes the bindings atomically.
 pub(super) fn steer(
     d: &mut Dispatcher,
-    sockets: &[&Socket],
+    sockets: &[(&Socket, &SocketConfig)],
     bindings: &[Binding],
 ) -> Result<(), SupervisorError> {
-    for sock in sockets {
+    for (sock, cfg) in sockets {
         if let Some(dest) = sock.destination {
+            d.set_source_rules(dest, &cfg.options.allow, &cfg.options.deny)
+                .map_err(SupervisorError::Bindings)?;
             if !d.socket_present(dest) {
                 d.insert_socket(dest, sock.fd.as_fd())
                     .map_err(SupervisorError::Bindings)?;
