@@ -929,6 +929,57 @@ fn allow_and_deny_refuse_sources_with_the_dispatcher() -> Result<()> {
     ns.expect_empty()
 }
 
+/// A reload that changes only allow/deny keeps the socket (holdfast's policy,
+/// not a socket option) and the dispatcher's rules follow at once.
+#[test]
+fn reload_changes_allow_and_deny_in_place() -> Result<()> {
+    let Some(ns) = netns_with_routes()? else {
+        return Ok(());
+    };
+    let unit = |rules: &str| accept_unit(&["/bin/cat"], "", &[DEST_PREFIX], &["7610"], rules);
+    let sandbox = Sandbox::new()?;
+    sandbox.write_unit("cat", &unit("deny = [\"198.51.100.7/32\"]"))?;
+    let Some(hf) = start_dispatched(&ns, sandbox, "reallow")? else {
+        return Ok(());
+    };
+    let dst = sa("192.0.2.1:7610");
+    let (seven, eight) = (v4("198.51.100.7"), v4("198.51.100.8"));
+    let short = Duration::from_secs(3);
+    let dropped = |o: &Outcome| matches!(o, Outcome::TimedOut(_) | Outcome::Refused);
+    ns.run(|| {
+        assert!(dropped(&try_line(Some(seven), dst, "no", short)));
+        assert_eq!(
+            try_line(Some(eight), dst, "yes", T),
+            Outcome::Served("yes".into())
+        );
+    })?;
+    let before = hf.cli_ok(&["status", "--json"])?;
+
+    hf.sandbox()
+        .write_unit("cat", &unit("deny = [\"198.51.100.8/32\"]"))?;
+    let summary: Value = serde_json::from_str(&hf.cli_ok(&["reload"])?)?;
+    assert_eq!(summary["rebound"], serde_json::json!(["cat"]), "{summary}");
+    ns.run(|| {
+        assert_eq!(
+            try_line(Some(seven), dst, "now yes", T),
+            Outcome::Served("now yes".into())
+        );
+        assert!(dropped(&try_line(Some(eight), dst, "now no", short)));
+    })?;
+    let listeners = |text: &str| -> Result<Value> {
+        let v: Value = serde_json::from_str(text)?;
+        Ok(v[0]["listeners"].clone())
+    };
+    assert_eq!(
+        listeners(&before)?,
+        listeners(&hf.cli_ok(&["status", "--json"])?)?,
+        "the same socket (kernel address) and destination"
+    );
+    let mut hf = hf;
+    hf.stop()?;
+    ns.expect_empty()
+}
+
 // ---------------------------------------------------------------------------------------
 // on-demand (wait = yes).
 

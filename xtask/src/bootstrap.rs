@@ -55,7 +55,7 @@ pub const APT_PACKAGES: &[AptPackage] = &[
     // A real third-party LISTEN_FDS + NOTIFY_SOCKET service for `cargo xtask bench --only restarts`.
     AptPackage {
         name: "gunicorn",
-        provides: &["gunicorn"],
+        provides: &["/usr/bin/gunicorn"],
     },
     // A real Prometheus/OpenMetrics parser for the metrics tests (tests/tests/observability.rs).
     AptPackage {

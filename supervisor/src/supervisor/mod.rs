@@ -145,11 +145,19 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         match Dispatcher::attach(&instance, Path::new("/proc/self/ns/net")) {
             Ok(d) => (Some(d), String::new()),
             Err(e) => {
+                // The whole chain: the cause (EPERM, no bpffs…) is what says why.
+                let mut why = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    why.push_str(": ");
+                    why.push_str(&cause.to_string());
+                    source = cause.source();
+                }
                 tracing::warn!(
-                    error = %e,
+                    error = %why,
                     "BPF is not available: falling back to bind mode, where a socket can only have one address and one port"
                 );
-                (None, format!("BPF is not available ({e})"))
+                (None, format!("BPF is not available ({why})"))
             }
         }
     };

@@ -202,6 +202,11 @@ pub(super) fn steer(
             }
         }
     }
+    // A reload that leaves the bindings as they are (the same list: reloads
+    // keep unchanged units' bindings in place) costs no flip.
+    if d.bindings() == bindings {
+        return Ok(());
+    }
     d.apply(bindings).map_err(SupervisorError::Bindings)
 }
 
