@@ -49,6 +49,10 @@ impl Placement {
                 dual_stack: ipv6 && any_v4,
             });
         }
+        let rules = !cfg.options.allow.is_empty() || !cfg.options.deny.is_empty();
+        if rules && !cfg.options.accept {
+            return Err(PlacementError::RulesNeedDispatcher);
+        }
         match cfg.single_bind() {
             Some((addr, port)) => Ok(Placement::Bound(SocketAddr::new(addr, port))),
             None => Err(PlacementError::NeedsDispatcher),
@@ -60,6 +64,10 @@ impl Placement {
 pub enum PlacementError {
     #[error("needs the sk_lookup dispatcher: without it a socket can only be bound to exactly one address (a /32 or /128) and one port")]
     NeedsDispatcher,
+    /// allow/deny on a socket the service accepts on itself: without the
+    /// dispatcher nothing in holdfast sees its connections.
+    #[error("allow/deny need the sk_lookup dispatcher on a socket the service accepts itself: in bind mode holdfast enforces them only where it accepts (accept = true)")]
+    RulesNeedDispatcher,
     #[error("a unix socket needs a path")]
     NoPath,
 }
@@ -448,6 +456,22 @@ mod tests {
         assert_eq!(
             Placement::for_socket(&wide, false),
             Err(PlacementError::NeedsDispatcher)
+        );
+        // allow/deny: enforced by the dispatcher, or by holdfast where it accepts.
+        let mut ruled = single.clone();
+        ruled.options.deny = tcp(&["192.0.2.7/32"], &[]).addresses;
+        assert_eq!(
+            Placement::for_socket(&ruled, false),
+            Err(PlacementError::RulesNeedDispatcher)
+        );
+        assert!(matches!(
+            Placement::for_socket(&ruled, true),
+            Ok(Placement::Steered { .. })
+        ));
+        ruled.options.accept = true;
+        assert_eq!(
+            Placement::for_socket(&ruled, false),
+            Ok(Placement::Bound("127.0.0.1:8080".parse().unwrap()))
         );
         let dual = tcp(&["192.0.2.0/24", "2001:db8::/64"], &[(80, 80)]);
         assert_eq!(

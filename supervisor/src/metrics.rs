@@ -281,7 +281,8 @@ impl Endpoint {
         self.wake.as_fd()
     }
 
-    /// Answers every pending request with `render()` (for GET /metrics) or 404.
+    /// Answers every pending request with `render()` (for GET /metrics) or 404,
+    /// each reply written by a short-lived thread of its own.
     pub fn answer(&self, render: impl Fn() -> String) {
         let mut buf = [0u8; 64];
         while matches!(nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&self.wake), &mut buf), Ok(n) if n > 0)
@@ -299,7 +300,16 @@ impl Endpoint {
             } else {
                 tiny_http::Response::from_string("not found: try /metrics\n").with_status_code(404)
             };
-            let _ = req.respond(response);
+            // Written off the event loop: a scraper that reads slowly must
+            // not stall the supervisor. The thread owns only the response.
+            let spawned = std::thread::Builder::new()
+                .name("metrics-reply".into())
+                .spawn(move || {
+                    let _ = req.respond(response);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "metrics: cannot start a thread to write the reply");
+            }
         }
     }
 }

@@ -120,6 +120,14 @@ pub(super) fn open(
                 cfg.name
             ))
         }
+        Err(e @ PlacementError::RulesNeedDispatcher) => {
+            return Err(format!(
+                "{}: service {}: socket {:?}: {e}; {why_not}; remove allow/deny, set accept = true, or run where BPF is available",
+                unit.path.display(),
+                unit.name,
+                cfg.name
+            ))
+        }
         Err(e) => {
             return Err(format!(
                 "{}: service {}: socket {:?}: {e}",
