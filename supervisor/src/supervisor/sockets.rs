@@ -112,21 +112,18 @@ pub(super) fn open(
 ) -> Result<Socket, String> {
     let placement = match Placement::for_socket(cfg, dispatcher) {
         Ok(p) => p,
-        Err(e @ PlacementError::NeedsDispatcher) => {
+        Err(e @ (PlacementError::NeedsDispatcher | PlacementError::RulesNeedDispatcher)) => {
+            let instead = if e == PlacementError::NeedsDispatcher {
+                "declare one address (a /32 or /128) and one port"
+            } else {
+                "remove allow/deny, or set accept = true"
+            };
             return Err(format!(
-                "{}: service {}: socket {:?}: {e}; {why_not}; declare one address (a /32 or /128) and one port, or run where BPF is available",
+                "{}: service {}: socket {:?}: {e}; {why_not}; {instead}, or run where BPF is available",
                 unit.path.display(),
                 unit.name,
                 cfg.name
-            ))
-        }
-        Err(e @ PlacementError::RulesNeedDispatcher) => {
-            return Err(format!(
-                "{}: service {}: socket {:?}: {e}; {why_not}; remove allow/deny, set accept = true, or run where BPF is available",
-                unit.path.display(),
-                unit.name,
-                cfg.name
-            ))
+            ));
         }
         Err(e) => {
             return Err(format!(
