@@ -293,7 +293,7 @@ fn print_status(result: &serde_json::Value) {
             s("name").as_str().unwrap_or("?"),
             s("state").as_str().unwrap_or("?"),
             pid,
-            s("restarts"),
+            s("restarts").to_string(),
             uptime,
             sockets.join(","),
             status
@@ -303,7 +303,7 @@ fn print_status(result: &serde_json::Value) {
 
 fn print_bindings(result: &serde_json::Value) {
     println!(
-        "{:<16} {:<12} {:<5} {:<24} {:<12} {:>4} {:<7} {:>10} {:>8} {:>8}",
+        "{:<16} {:<12} {:<5} {:<24} {:<12} {:>4} {:<7} {:>10} {:>8} {:>8} {:>8}",
         "SERVICE",
         "SOCKET",
         "PROTO",
@@ -313,27 +313,31 @@ fn print_bindings(result: &serde_json::Value) {
         "SOCKET",
         "LOOKUPS",
         "MISSES",
-        "ERRORS"
+        "ERRORS",
+        "DENIED"
     );
     for r in result.as_array().cloned().unwrap_or_default() {
         let s = |k: &str| r.get(k).cloned().unwrap_or(serde_json::Value::Null);
         let text = |k: &str| s(k).as_str().unwrap_or("?").to_string();
+        // serde_json's Display ignores width: numbers are padded as strings.
+        let num = |k: &str| s(k).to_string();
         println!(
-            "{:<16} {:<12} {:<5} {:<24} {:<12} {:>4} {:<7} {:>10} {:>8} {:>8}",
+            "{:<16} {:<12} {:<5} {:<24} {:<12} {:>4} {:<7} {:>10} {:>8} {:>8} {:>8}",
             text("service"),
             text("socket"),
             text("protocol"),
             text("prefix"),
             text("ports"),
-            s("destination"),
+            num("destination"),
             if s("socket_present").as_bool() == Some(true) {
                 "present"
             } else {
                 "MISSING"
             },
-            s("lookups"),
-            s("misses"),
-            s("errors"),
+            num("lookups"),
+            num("misses"),
+            num("errors"),
+            num("denied"),
         );
     }
 }

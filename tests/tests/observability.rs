@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -604,14 +605,16 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
         Ok(())
     };
 
-    // status --json: an array of {name, state, pid, restarts, uptime_secs, sockets}.
+    // status --json: an array of objects with every field docs/json.md lists.
     let status = json(&["status", "--json"])?;
     let rows = status.as_array().context("status --json: an array")?;
     assert_eq!(rows.len(), 2, "{status}");
+    let status_fields = documented_fields("## `holdfast status")?;
+    assert!(status_fields.len() >= 18, "{status_fields:?}");
     for r in rows {
         has(
             r,
-            &["name", "state", "pid", "restarts", "uptime_secs", "sockets"],
+            &status_fields.iter().map(String::as_str).collect::<Vec<_>>(),
         )?;
     }
     let web = rows.iter().find(|r| r["name"] == "web").context("web")?;
@@ -637,21 +640,15 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
     let bindings = json(&["bindings", "--json"])?;
     let rows = bindings.as_array().context("bindings --json: an array")?;
     assert_eq!(rows.len(), 2, "{bindings}");
+    let binding_fields = documented_fields("## `holdfast bindings")?;
+    assert!(binding_fields.len() >= 11, "{binding_fields:?}");
     for r in rows {
         has(
             r,
-            &[
-                "service",
-                "socket",
-                "protocol",
-                "prefix",
-                "ports",
-                "destination",
-                "socket_present",
-                "lookups",
-                "misses",
-                "errors",
-            ],
+            &binding_fields
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
         )?;
         assert_eq!(r["service"], "web");
         assert_eq!(r["socket"], "http");
@@ -682,6 +679,9 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
                 "ready",
                 "uptime_seconds",
                 "last_exit_status",
+                "instances",
+                "connections_total",
+                "denied_total",
             ],
         )?;
     }
@@ -703,6 +703,7 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
             "lookups",
             "misses",
             "errors",
+            "denied",
         ],
     )?;
     ensure!(dests[0]["lookups"].as_u64() >= Some(1), "{m}");
@@ -722,4 +723,25 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
     hf.stop()?;
     ensure!(process_gone(pid), "web outlived the daemon");
     Ok(())
+}
+
+/// The field names in the first column of the table under `heading` in
+/// docs/json.md (a cell may name several: "`service`, `socket`").
+fn documented_fields(heading: &str) -> Result<Vec<String>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/json.md");
+    let doc = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let section = doc
+        .split("\n## ")
+        .find(|s| format!("## {s}").starts_with(heading))
+        .with_context(|| format!("no {heading:?} section in {}", path.display()))?;
+    let mut fields = Vec::new();
+    for line in section.lines().filter(|l| l.starts_with("| `")) {
+        let cell = line.split('|').nth(1).unwrap_or_default();
+        fields.extend(
+            cell.split(',')
+                .filter_map(|f| f.trim().strip_prefix('`')?.strip_suffix('`'))
+                .map(String::from),
+        );
+    }
+    Ok(fields)
 }
