@@ -22,7 +22,22 @@ use crate::unit::{self, RestartMode, Unit};
 
 use super::services::Service;
 use super::sockets::{self, Socket};
-use super::Supervisor;
+use super::{Supervisor, SupervisorError};
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The units directory does not validate: every mistake, with its fix.
+    #[error("{0}")]
+    Units(#[from] unit::Diagnostics),
+    /// Sockets (or notify sockets) that could not be created, each naming
+    /// its unit file and socket.
+    #[error("reload refused, nothing changed:\n{}", .0.join("\n"))]
+    Sockets(Vec<String>),
+    /// The dispatcher refused the new binding set.
+    #[error("reload refused, nothing changed: {0}")]
+    Bindings(#[source] SupervisorError),
+}
 
 /// What a reload did, by service name.
 #[derive(Debug, Default, Serialize)]
@@ -67,8 +82,8 @@ enum Plan {
 impl Supervisor {
     /// Re-reads the units and applies the difference; on any error nothing
     /// changes and every error is returned.
-    pub(super) fn reload(&mut self) -> Result<ReloadSummary, String> {
-        let units = unit::load_dir(&self.opts.units).map_err(|d| d.to_string())?;
+    pub(super) fn reload(&mut self) -> Result<ReloadSummary, ReloadError> {
+        let units = unit::load_dir(&self.opts.units)?;
 
         // Phase 1: plan, opening the sockets that must be new.
         let mut plans = Vec::new();
@@ -155,10 +170,7 @@ impl Supervisor {
         }
         if !errors.is_empty() {
             self.discard(plans);
-            return Err(format!(
-                "reload refused, nothing changed:\n{}",
-                errors.join("\n")
-            ));
+            return Err(ReloadError::Sockets(errors));
         }
 
         // Phase 2: the new binding set, published atomically.
@@ -226,7 +238,7 @@ impl Supervisor {
                     }
                 }
                 self.discard(plans);
-                return Err(format!("reload refused, nothing changed: {e}"));
+                return Err(ReloadError::Bindings(e));
             }
         }
         self.bindings = new_bindings;

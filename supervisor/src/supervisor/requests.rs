@@ -141,7 +141,7 @@ impl Supervisor {
             }
             Request::Reload => Some(match self.reload() {
                 Ok(summary) => Reply::ok(json!(summary)),
-                Err(e) => Reply::error(e),
+                Err(e) => Reply::error(e.to_string()),
             }),
             Request::Logs { name, lines, after } => Some(match named(&name) {
                 Ok(i) => {
