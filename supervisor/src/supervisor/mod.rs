@@ -145,12 +145,16 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         match Dispatcher::attach(&instance, Path::new("/proc/self/ns/net")) {
             Ok(d) => (Some(d), String::new()),
             Err(e) => {
-                // The whole chain: the cause (EPERM, no bpffs…) is what says why.
+                // The whole chain: the cause (EPERM, no bpffs…) is what says
+                // why. A message that already quotes its cause is not repeated.
                 let mut why = e.to_string();
                 let mut source = std::error::Error::source(&e);
                 while let Some(cause) = source {
-                    why.push_str(": ");
-                    why.push_str(&cause.to_string());
+                    let text = cause.to_string();
+                    if !why.contains(&text) {
+                        why.push_str(": ");
+                        why.push_str(&text);
+                    }
                     source = cause.source();
                 }
                 tracing::warn!(

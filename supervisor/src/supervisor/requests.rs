@@ -1,12 +1,14 @@
 //! Control requests: answering them, and holding the replies of those that
 //! wait for a service to reach a state (start, stop, restart).
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use nix::unistd::Pid;
 use serde_json::json;
 
 use crate::control::{ConnectionId, Reply, Request};
+use crate::dispatch::{Counters, DestinationId};
 use crate::listener::{self, Placement};
 use crate::metrics;
 use crate::service::Exit;
@@ -217,13 +219,7 @@ impl Supervisor {
         let Some(d) = &self.dispatcher else { return };
         let Ok(counters) = d.counters() else { return };
         for svc in &mut self.services {
-            svc.dispatcher_denied = svc
-                .sockets
-                .iter()
-                .filter_map(|k| k.destination)
-                .filter_map(|dest| counters.get(&dest))
-                .map(|c| c.denied)
-                .sum();
+            svc.dispatcher_denied = dispatcher_denied(svc, &counters);
         }
     }
 
@@ -231,6 +227,13 @@ impl Supervisor {
     pub(super) fn snapshot(&self) -> metrics::Snapshot {
         let now = Instant::now();
         let mut s = metrics::Snapshot::default();
+        // Read once, for the destinations and each service's denied total
+        // (the HTTP endpoint is answered without a refresh of the services').
+        let counters = self
+            .dispatcher
+            .as_ref()
+            .map(|d| d.counters().unwrap_or_default())
+            .unwrap_or_default();
         for svc in &self.services {
             let main = svc.main.as_ref();
             s.services.push(metrics::ServiceMetrics {
@@ -247,7 +250,7 @@ impl Supervisor {
                     .unwrap_or(0.0),
                 instances: svc.acceptor.connections.len() as u64,
                 connections_total: svc.acceptor.total,
-                denied_total: svc.acceptor.denied + svc.dispatcher_denied,
+                denied_total: svc.acceptor.denied + dispatcher_denied(svc, &counters),
                 last_exit_status: svc.last_exit.map(|e| match e {
                     Exit::Code(c) => i64::from(c),
                     Exit::Signal(n) => 128 + i64::from(n),
@@ -265,7 +268,6 @@ impl Supervisor {
             }
         }
         if let Some(d) = &self.dispatcher {
-            let counters = d.counters().unwrap_or_default();
             for svc in &self.services {
                 for k in &svc.sockets {
                     let Some(dest) = k.destination else { continue };
@@ -340,6 +342,16 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// What the sk_lookup program's allow/deny dropped for `svc`'s sockets.
+fn dispatcher_denied(svc: &Service, counters: &BTreeMap<DestinationId, Counters>) -> u64 {
+    svc.sockets
+        .iter()
+        .filter_map(|k| k.destination)
+        .filter_map(|dest| counters.get(&dest))
+        .map(|c| c.denied)
+        .sum()
 }
 
 pub(super) fn status_of(s: &Service, now: Instant) -> serde_json::Value {

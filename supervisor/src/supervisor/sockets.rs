@@ -32,15 +32,8 @@ impl Socket {
     pub fn serves(&self, cfg: &SocketConfig) -> bool {
         let mut a = self.config.clone();
         let mut b = cfg.clone();
-        for c in [&mut a, &mut b] {
-            let o = &mut c.options;
-            o.allow.clear();
-            o.deny.clear();
-            o.max_connections = None;
-            o.max_connections_per_source = None;
-            o.max_connection_rate = None;
-            o.rate_limit_pause = None;
-        }
+        a.options = a.options.without_policy();
+        b.options = b.options.without_policy();
         if matches!(self.placement, Placement::Steered { .. }) {
             // Steered: bindings may change freely as long as the family fits.
             let fam = |c: &SocketConfig| {
@@ -67,14 +60,7 @@ impl Socket {
     /// Takes `cfg` (which it [`serves`](Socket::serves)) as its
     /// configuration, changing the live socket's options where they differ.
     pub fn adjust(&mut self, cfg: &SocketConfig) -> Result<(), listener::ListenerError> {
-        let mut old = self.config.options.clone();
-        old.allow = cfg.options.allow.clone();
-        old.deny = cfg.options.deny.clone();
-        old.max_connections = cfg.options.max_connections;
-        old.max_connections_per_source = cfg.options.max_connections_per_source;
-        old.max_connection_rate = cfg.options.max_connection_rate;
-        old.rate_limit_pause = cfg.options.rate_limit_pause;
-        let changed = old != cfg.options;
+        let changed = self.config.options.without_policy() != cfg.options.without_policy();
         if changed && !matches!(self.placement, Placement::Steered { .. }) {
             listener::adjust(&self.fd, cfg)?;
         }

@@ -184,6 +184,20 @@ impl SocketOptions {
         }
         self.allow.is_empty() || self.allow.iter().any(|p| p.contains(source))
     }
+
+    /// These options without holdfast's own policy (allow, deny and the
+    /// accept limits): what the kernel socket itself is made with.
+    pub fn without_policy(&self) -> SocketOptions {
+        SocketOptions {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_connections: None,
+            max_connections_per_source: None,
+            max_connection_rate: None,
+            rate_limit_pause: None,
+            ..self.clone()
+        }
+    }
 }
 
 /// An address prefix with its host bits zero: `192.0.2.0/24`, `2001:db8::/64`.
