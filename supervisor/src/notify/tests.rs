@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,7 +38,16 @@ fn wait_readable(sock: &NotifySocket, timeout: Duration) -> bool {
 
 /// Runs this test binary again as the sender `scenario`.
 fn sender(scenario: &str, sock: &NotifySocket) -> Command {
-    let mut c = Command::new(std::env::current_exe().expect("current_exe"));
+    sender_at(
+        &std::env::current_exe().expect("current_exe"),
+        scenario,
+        sock,
+    )
+}
+
+/// Like [`sender`], running the test binary copied to `exe`.
+fn sender_at(exe: &Path, scenario: &str, sock: &NotifySocket) -> Command {
+    let mut c = Command::new(exe);
     c.args([
         "--exact",
         "notify::tests::sender_child",
@@ -575,8 +585,13 @@ fn exited_sender_is_judged_by_uid() {
     // The service's user must reach the socket through the state dir.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let sock = NotifySocket::bind(dir.path(), "web").unwrap();
+    // nobody may not reach the test binary where it was built (a checkout
+    // in a 0700 directory): it runs a copy in the 0755 directory.
+    let exe = dir.path().join("sender");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let run_as_nobody = || {
-        let status = sender("states", &sock)
+        let status = sender_at(&exe, "states", &sock)
             .uid(NOBODY)
             .gid(NOBODY)
             .status()
