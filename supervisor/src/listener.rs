@@ -149,14 +149,16 @@ fn create_ip(
             setsockopt(&fd, sockopt::Ipv6V6Only, &v6only),
         )?;
     }
-    if ty == SockType::Stream {
-        // A restarted holdfast must be able to bind while old connections sit in TIME_WAIT.
-        sys(
-            "setsockopt(SO_REUSEADDR)",
-            &what,
-            setsockopt(&fd, sockopt::ReuseAddr, &true),
-        )?;
-    }
+    // Stream sockets: a restarted holdfast must be able to bind while old
+    // connections sit in TIME_WAIT. Datagram sockets get it too, as systemd
+    // gives every socket unit (ReuseAddress= is on for both): a service that
+    // opens its own socket on the same address next to the passed one, or a
+    // second holdfast instance taking over, can bind.
+    sys(
+        "setsockopt(SO_REUSEADDR)",
+        &what,
+        setsockopt(&fd, sockopt::ReuseAddr, &true),
+    )?;
     if o.reuse_port {
         sys(
             "setsockopt(SO_REUSEPORT)",
@@ -481,6 +483,26 @@ mod tests {
                 dual_stack: true
             })
         );
+    }
+
+    #[test]
+    fn udp_and_tcp_sockets_get_so_reuseaddr_as_under_systemd() {
+        for protocol in [Protocol::Udp, Protocol::Tcp] {
+            let mut cfg = tcp(&["127.0.0.1/32"], &[(1, 1)]);
+            cfg.protocol = protocol;
+            let fd = create(&cfg, &Placement::Bound("127.0.0.1:0".parse().unwrap())).unwrap();
+            assert!(
+                socket::getsockopt(&fd, sockopt::ReuseAddr).unwrap(),
+                "{protocol}: SO_REUSEADDR is off"
+            );
+        }
+        // What it is for: another SO_REUSEADDR datagram socket can bind the
+        // same address and port (without it: EADDRINUSE).
+        let mut cfg = tcp(&["127.0.0.1/32"], &[(1, 1)]);
+        cfg.protocol = Protocol::Udp;
+        let first = create(&cfg, &Placement::Bound("127.0.0.1:0".parse().unwrap())).unwrap();
+        let addr = local_addr(&first).unwrap();
+        create(&cfg, &Placement::Bound(addr)).expect("a second udp socket on the same address");
     }
 
     #[test]

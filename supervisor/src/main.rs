@@ -123,6 +123,9 @@ fn parse_mode(s: &str) -> Result<RestartMode, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        die_quietly_on_broken_pipe();
+    }
     match cli.command {
         Command::Run {
             units,
@@ -215,6 +218,18 @@ fn main() -> ExitCode {
             mode,
             state_dir,
         } => request(&state_dir, &Request::Restart { name, mode }, |_| {}),
+    }
+}
+
+/// The CLI is killed by SIGPIPE when its reader leaves (`holdfast status |
+/// head -1`), quietly, as coreutils are; Rust ignores SIGPIPE, which would
+/// turn that into a panic on the next print. `run` keeps ignoring it: a
+/// client hanging up must not kill the daemon.
+fn die_quietly_on_broken_pipe() {
+    // SAFETY: signal(2) with SIG_DFL has no preconditions; it runs at start-up,
+    // before any thread or handler exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -9,6 +9,20 @@ use serde::Serialize;
 
 use crate::unit::{RestartPolicy, ServiceConfig};
 
+/// How far ahead [`deadline`] reaches when `now + d` cannot be represented:
+/// about 100 years, "never" for any service.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `now + d` without the panic `Instant + Duration` gives on overflow: a
+/// deadline too far to represent becomes [`FAR_FUTURE`] from now (and `now`
+/// itself only if even that overflows). Every deadline the supervisor
+/// computes from a configured or notified duration goes through here.
+pub fn deadline(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
 /// Where a service is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -211,7 +225,7 @@ impl Lifecycle {
                 State::Stopped
             });
         }
-        AfterExit::RestartAt(now + self.backoff.next_delay(uptime))
+        AfterExit::RestartAt(deadline(now, self.backoff.next_delay(uptime)))
     }
 
     /// An explicit `start`: clears the failure and the start limit.
@@ -238,6 +252,26 @@ mod tests {
         // Stayed up long enough: back to the base delay.
         assert_eq!(b.next_delay(10_000 * MS).as_millis(), 100);
         assert_eq!(b.next_delay(quick).as_millis(), 200);
+    }
+
+    #[test]
+    fn deadlines_saturate_instead_of_panicking() {
+        let now = Instant::now();
+        assert_eq!(deadline(now, 5 * MS), now + 5 * MS);
+        let far = deadline(now, Duration::MAX);
+        assert_eq!(far, now + FAR_FUTURE);
+        assert_eq!(
+            deadline(now, Duration::from_secs(u64::MAX)),
+            far,
+            "18446744073709551615s"
+        );
+        // A restart delay that overflows `Instant` (the backoff caps at
+        // restart-delay-max, which the unit bounds; a hand-built config may not).
+        let mut c = cfg(RestartPolicy::Always);
+        c.restart_delay = Duration::MAX;
+        c.restart_delay_max = Duration::MAX;
+        let mut l = Lifecycle::new(&c);
+        assert_eq!(l.after_exit(true, MS, now), AfterExit::RestartAt(far));
     }
 
     #[test]

@@ -32,7 +32,10 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
 pub use fdstore::{Added, FdStore, FdStoreError};
-pub use parse::{fd_name_is_valid, parse, Notification, DEFAULT_FD_NAME, MAX_FD_NAME, MAX_MESSAGE};
+pub use parse::{
+    fd_name_is_valid, parse, Notification, Parsed, DEFAULT_FD_NAME, MAX_FD_NAME, MAX_MESSAGE,
+    MAX_USEC_DURATION,
+};
 
 /// The directory in the state dir that holds the notify sockets.
 pub const SOCKET_DIR: &str = "notify";
@@ -68,8 +71,8 @@ pub enum NotifyError {
     },
     #[error("message of {len} bytes is over the {MAX_MESSAGE}-byte limit")]
     Oversized { len: usize },
-    #[error("message is not UTF-8")]
-    NotUtf8,
+    #[error("line {line:?} is not UTF-8")]
+    NotUtf8 { line: String },
     #[error("message contains a NUL byte")]
     Nul,
     #[error("line {line:?} is not KEY=VALUE")]
@@ -80,7 +83,7 @@ pub enum NotifyError {
     BadValue { key: String, value: String },
     #[error("invalid FDNAME {name:?}: use 1 to 255 printable ASCII characters, no ':' or space")]
     BadFdName { name: String },
-    #[error("FDSTOREREMOVE=1 without FDNAME=")]
+    #[error("FDSTOREREMOVE=1 without a valid FDNAME=")]
     NoFdName,
 }
 
@@ -252,7 +255,8 @@ impl NotifySocket {
     /// the accepted ones, in order. A message is ignored, with a warning
     /// naming the service, when it has no credentials, `belongs` refuses its
     /// sender, it is over [`MAX_MESSAGE`] bytes or its control data was
-    /// truncated, or [`parse`] refuses it; an empty one is ignored quietly.
+    /// truncated, or [`parse`] refuses it whole; an empty one is ignored
+    /// quietly. A field [`parse`] ignores is logged and the rest applied.
     /// The fds of an ignored message, and of an accepted one without
     /// FDSTORE=1, are closed.
     pub fn receive(&self, belongs: &dyn Fn(Sender) -> bool) -> Vec<Message> {
@@ -307,7 +311,12 @@ impl NotifySocket {
             return None;
         }
         let items = match parse(&payload[..d.len]) {
-            Ok(items) => items,
+            Ok(parsed) => {
+                for e in &parsed.ignored {
+                    tracing::warn!(service = %service, pid, error = %e, "notify: field ignored, the rest applied");
+                }
+                parsed.items
+            }
             Err(e) => {
                 tracing::warn!(service = %service, pid, error = %e, "notify: malformed message ignored");
                 return None;

@@ -72,95 +72,121 @@ pub fn fd_name_is_valid(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
-/// Parses one datagram's payload. The whole message is refused when any line
-/// is malformed: not UTF-8, a NUL byte, a line without `=`, a key that is
+/// The longest duration EXTEND_TIMEOUT_USEC= and WATCHDOG_USEC= give: a
+/// larger value (up to systemd's "infinity", u64::MAX) is taken as one year,
+/// so every deadline the supervisor computes from it stays representable.
+pub const MAX_USEC_DURATION: Duration = Duration::from_secs(31_557_600);
+
+/// What one datagram says: the items it carries, in order, and each field
+/// that was ignored with why (for the socket side to log).
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub items: Vec<Notification>,
+    pub ignored: Vec<NotifyError>,
+}
+
+/// Parses one datagram's payload field by field, as systemd does: a
+/// malformed field (a line that is not UTF-8 or has no `=`, a key that is
 /// not `[A-Za-z_][A-Za-z0-9_]*`, a known key with a bad value, an invalid
-/// FDNAME, FDSTOREREMOVE=1 without FDNAME, or more than [`MAX_MESSAGE`]
-/// bytes. Empty lines are skipped; an empty payload gives no items. When
+/// FDNAME, FDSTOREREMOVE=1 without a valid FDNAME) is ignored and reported in
+/// [`Parsed::ignored`]; the other fields apply. FDSTORE=1 with an invalid
+/// FDNAME stores under [`DEFAULT_FD_NAME`], as in systemd. Only a message of
+/// more than [`MAX_MESSAGE`] bytes, or one with a NUL byte, is refused
+/// whole. Empty lines are skipped; an empty payload gives no items. When
 /// FDNAME= appears more than once the first counts, as in systemd.
-pub fn parse(payload: &[u8]) -> Result<Vec<Notification>, NotifyError> {
+pub fn parse(payload: &[u8]) -> Result<Parsed, NotifyError> {
     if payload.len() > MAX_MESSAGE {
         return Err(NotifyError::Oversized { len: payload.len() });
     }
     if payload.contains(&0) {
         return Err(NotifyError::Nul);
     }
-    let text = std::str::from_utf8(payload).map_err(|_| NotifyError::NotUtf8)?;
+    let mut parsed = Parsed::default();
+    let ignored = &mut parsed.ignored;
     let mut lines = Vec::new();
-    for line in text.split('\n').filter(|l| !l.is_empty()) {
-        let (key, value) = line.split_once('=').ok_or_else(|| NotifyError::BadLine {
-            line: line.to_string(),
-        })?;
+    for raw in payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let Ok(line) = std::str::from_utf8(raw) else {
+            ignored.push(NotifyError::NotUtf8 {
+                line: String::from_utf8_lossy(raw).into_owned(),
+            });
+            continue;
+        };
+        let Some((key, value)) = line.split_once('=') else {
+            ignored.push(NotifyError::BadLine {
+                line: line.to_string(),
+            });
+            continue;
+        };
         let mut bytes = key.bytes();
         let key_ok = bytes
             .next()
             .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
             && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !key_ok {
-            return Err(NotifyError::BadKey {
+            ignored.push(NotifyError::BadKey {
                 key: key.to_string(),
             });
+            continue;
         }
         lines.push((key, value));
     }
     let fd_name = match lines.iter().find(|(k, _)| *k == "FDNAME") {
         Some((_, name)) if !fd_name_is_valid(name) => {
-            return Err(NotifyError::BadFdName {
+            ignored.push(NotifyError::BadFdName {
                 name: name.to_string(),
-            })
+            });
+            None
         }
         Some((_, name)) => Some(name.to_string()),
         None => None,
     };
-    let mut items = Vec::new();
+    let usec = |value: &str| number(value).map(|n| Duration::from_micros(n).min(MAX_USEC_DURATION));
     for (key, value) in lines {
-        let bad = || NotifyError::BadValue {
-            key: key.to_string(),
-            value: value.to_string(),
-        };
-        let one = |item: Notification| if value == "1" { Ok(item) } else { Err(bad()) };
+        let flag = |item: Notification| (value == "1").then_some(item);
         let item = match key {
-            "READY" => one(Notification::Ready)?,
-            "RELOADING" => one(Notification::Reloading)?,
-            "STOPPING" => one(Notification::Stopping)?,
-            "BARRIER" => one(Notification::Barrier)?,
-            "STATUS" => Notification::Status(value.to_string()),
-            "MAINPID" => match number(value).and_then(|n| i32::try_from(n).ok()) {
-                Some(pid) if pid > 0 => Notification::MainPid(pid),
-                _ => return Err(bad()),
-            },
-            "EXTEND_TIMEOUT_USEC" => {
-                Notification::ExtendTimeout(Duration::from_micros(number(value).ok_or_else(bad)?))
-            }
+            "READY" => flag(Notification::Ready),
+            "RELOADING" => flag(Notification::Reloading),
+            "STOPPING" => flag(Notification::Stopping),
+            "BARRIER" => flag(Notification::Barrier),
+            "STATUS" => Some(Notification::Status(value.to_string())),
+            "MAINPID" => number(value)
+                .and_then(|n| i32::try_from(n).ok())
+                .filter(|&pid| pid > 0)
+                .map(Notification::MainPid),
+            "EXTEND_TIMEOUT_USEC" => usec(value).map(Notification::ExtendTimeout),
             "WATCHDOG" => match value {
-                "1" => Notification::Watchdog,
-                "trigger" => Notification::WatchdogTrigger,
-                _ => return Err(bad()),
+                "1" => Some(Notification::Watchdog),
+                "trigger" => Some(Notification::WatchdogTrigger),
+                _ => None,
             },
-            "WATCHDOG_USEC" => {
-                Notification::WatchdogUsec(Duration::from_micros(number(value).ok_or_else(bad)?))
-            }
-            "ERRNO" => match number(value).and_then(|n| i32::try_from(n).ok()) {
-                Some(e) if e <= MAX_ERRNO => Notification::Errno(e),
-                _ => return Err(bad()),
-            },
-            "FDSTORE" => one(Notification::FdStore {
+            "WATCHDOG_USEC" => usec(value).map(Notification::WatchdogUsec),
+            "ERRNO" => number(value)
+                .and_then(|n| i32::try_from(n).ok())
+                .filter(|&e| e <= MAX_ERRNO)
+                .map(Notification::Errno),
+            "FDSTORE" => flag(Notification::FdStore {
                 name: fd_name.clone(),
-            })?,
-            "FDSTOREREMOVE" => {
-                if value != "1" {
-                    return Err(bad());
+            }),
+            "FDSTOREREMOVE" if value == "1" => match &fd_name {
+                Some(name) => Some(Notification::FdStoreRemove { name: name.clone() }),
+                None => {
+                    ignored.push(NotifyError::NoFdName);
+                    continue;
                 }
-                Notification::FdStoreRemove {
-                    name: fd_name.clone().ok_or(NotifyError::NoFdName)?,
-                }
-            }
+            },
+            "FDSTOREREMOVE" => None,
             "FDNAME" => continue,
-            _ => Notification::Other(key.to_string(), value.to_string()),
+            _ => Some(Notification::Other(key.to_string(), value.to_string())),
         };
-        items.push(item);
+        match item {
+            Some(item) => parsed.items.push(item),
+            None => ignored.push(NotifyError::BadValue {
+                key: key.to_string(),
+                value: value.to_string(),
+            }),
+        }
     }
-    Ok(items)
+    Ok(parsed)
 }
 
 /// A plain decimal number: digits only, no sign, no spaces.
@@ -246,18 +272,31 @@ mod tests {
         ];
         for (payload, want) in cases {
             let got = parse(payload.as_bytes()).unwrap_or_else(|e| panic!("{payload:?}: {e}"));
-            assert_eq!(got, want, "payload {payload:?}");
+            assert_eq!(got.items, want, "payload {payload:?}");
+            assert!(got.ignored.is_empty(), "{payload:?}: {:?}", got.ignored);
         }
     }
 
     #[test]
-    fn parse_refuses_malformed_messages_whole() {
-        let long_name = format!("FDSTORE=1\nFDNAME={}", "n".repeat(256));
-        let just_fits = "x".repeat(MAX_MESSAGE);
-        let too_long = "x".repeat(MAX_MESSAGE + 1);
+    fn a_bad_field_is_ignored_and_the_rest_applied() {
+        // The issue's own datagrams: systemd applies READY=1 and STATUS=.
+        let got = parse(b"READY=1\nMAINPID=0\nSTATUS=one").unwrap();
+        assert_eq!(got.items, vec![N::Ready, N::Status("one".into())]);
+        assert!(
+            matches!(&got.ignored[..], [NotifyError::BadValue { key, value }] if key == "MAINPID" && value == "0"),
+            "{:?}",
+            got.ignored
+        );
+        let got = parse(b"READY=1\ngarbage\nSTATUS=two\n").unwrap();
+        assert_eq!(got.items, vec![N::Ready, N::Status("two".into())]);
+        assert!(matches!(&got.ignored[..], [NotifyError::BadLine { line }] if line == "garbage"));
+
+        let long_name = format!("FDNAME={}", "n".repeat(256));
+        // Each bad field between two good ones: the good ones apply, the bad
+        // one comes back once, with a message.
         let cases: Vec<(&[u8], &str)> = vec![
             (b"READY", "line without ="),
-            (b"READY=1\ngarbage", "line without ="),
+            (b"garbage", "line without ="),
             (b"=1", "empty key"),
             (b"1KEY=1", "key starting with a digit"),
             (b"RE ADY=1", "space in key"),
@@ -269,7 +308,7 @@ mod tests {
             (b"BARRIER=0", "BARRIER other than 1"),
             (b"FDSTORE=0", "FDSTORE other than 1"),
             (b"FDSTOREREMOVE=1", "FDSTOREREMOVE without FDNAME"),
-            (b"FDSTOREREMOVE=yes\nFDNAME=a", "FDSTOREREMOVE other than 1"),
+            (b"FDSTOREREMOVE=yes", "FDSTOREREMOVE other than 1"),
             (b"MAINPID=0", "pid zero"),
             (b"MAINPID=-5", "negative pid"),
             (b"MAINPID=+5", "signed pid"),
@@ -286,30 +325,62 @@ mod tests {
             (b"ERRNO=-1", "negative errno"),
             (b"ERRNO=4096", "errno over 4095"),
             (b"ERRNO=ENOENT", "errno by name"),
-            (b"FDSTORE=1\nFDNAME=", "empty fd name"),
-            (b"FDSTORE=1\nFDNAME=a:b", "colon in fd name"),
-            (b"FDSTORE=1\nFDNAME=a b", "space in fd name"),
-            (b"FDSTORE=1\nFDNAME=a\tb", "control char in fd name"),
-            ("FDSTORE=1\nFDNAME=é".as_bytes(), "non-ASCII fd name"),
+            (b"FDNAME=", "empty fd name"),
+            (b"FDNAME=a:b", "colon in fd name"),
+            (b"FDNAME=a b", "space in fd name"),
+            (b"FDNAME=a\tb", "control char in fd name"),
+            ("FDNAME=é".as_bytes(), "non-ASCII fd name"),
             (long_name.as_bytes(), "fd name over 255"),
-            (b"READY=1\xff", "not UTF-8"),
+            (b"STATUS=\xff", "not UTF-8"),
             (b"\xc3\x28", "not UTF-8"),
-            (b"READY=1\0STATUS=x", "NUL byte"),
-            (too_long.as_bytes(), "over 4096 bytes"),
         ];
-        for (payload, why) in cases {
-            let shown = String::from_utf8_lossy(&payload[..payload.len().min(40)]);
-            match parse(payload) {
-                Ok(items) => panic!("{why}: {shown:?} parsed as {items:?}"),
-                Err(e) => assert!(!e.to_string().is_empty(), "{why}"),
-            }
+        for (bad, why) in cases {
+            let payload = [&b"STATUS=before\n"[..], bad, b"\nWATCHDOG=1"].concat();
+            let shown = String::from_utf8_lossy(&bad[..bad.len().min(40)]);
+            let got =
+                parse(&payload).unwrap_or_else(|e| panic!("{why}: {shown:?} refused whole: {e}"));
+            assert_eq!(
+                got.items,
+                vec![N::Status("before".into()), N::Watchdog],
+                "{why}: {shown:?}"
+            );
+            assert_eq!(got.ignored.len(), 1, "{why}: {shown:?}: {:?}", got.ignored);
+            assert!(!got.ignored[0].to_string().is_empty(), "{why}");
         }
+        // FDSTORE=1 with an invalid FDNAME stores under the default name, as systemd.
+        let got = parse(b"FDSTORE=1\nFDNAME=a:b").unwrap();
+        assert_eq!(got.items, vec![N::FdStore { name: None }]);
+        assert!(matches!(&got.ignored[..], [NotifyError::BadFdName { .. }]));
+        // FDSTOREREMOVE=1 with an invalid FDNAME removes nothing.
+        let got = parse(b"FDSTOREREMOVE=1\nFDNAME=a b").unwrap();
+        assert_eq!(got.items, vec![]);
+        assert_eq!(got.ignored.len(), 2, "{:?}", got.ignored);
+    }
+
+    #[test]
+    fn huge_usec_values_are_capped_not_overflowing() {
+        for key in ["EXTEND_TIMEOUT_USEC", "WATCHDOG_USEC"] {
+            let got = parse(format!("{key}=18446744073709551615").as_bytes()).unwrap();
+            let d = match got.items[..] {
+                [N::ExtendTimeout(d) | N::WatchdogUsec(d)] => d,
+                _ => panic!("{key}: {:?}", got.items),
+            };
+            assert_eq!(d, MAX_USEC_DURATION, "{key}");
+            // A deadline from it is representable.
+            assert!(std::time::Instant::now().checked_add(d).is_some());
+        }
+    }
+
+    #[test]
+    fn only_nul_and_oversized_messages_are_refused_whole() {
+        let just_fits = "x".repeat(MAX_MESSAGE);
+        let too_long = "x".repeat(MAX_MESSAGE + 1);
+        assert!(matches!(parse(b"READY=1\0STATUS=x"), Err(NotifyError::Nul)));
         // The limit is inclusive: exactly MAX_MESSAGE bytes is a (malformed
         // here) message, not an oversized one.
-        assert!(matches!(
-            parse(just_fits.as_bytes()),
-            Err(NotifyError::BadLine { .. })
-        ));
+        let got = parse(just_fits.as_bytes()).unwrap();
+        assert!(got.items.is_empty());
+        assert!(matches!(&got.ignored[..], [NotifyError::BadLine { .. }]));
         assert!(matches!(
             parse(too_long.as_bytes()),
             Err(NotifyError::Oversized { len }) if len == MAX_MESSAGE + 1

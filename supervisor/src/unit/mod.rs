@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 pub use check::validate_set;
 pub use diag::{Diagnostic, Diagnostics};
 pub use model::*;
-pub use parse::parse_unit;
+pub use parse::{parse_unit, MAX_DURATION};
 pub use ser::to_toml;
 
 use diag::Pos;

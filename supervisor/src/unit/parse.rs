@@ -20,6 +20,10 @@ pub(crate) const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_START_LIMIT_BURST: u32 = 5;
 pub(crate) const DEFAULT_START_LIMIT_INTERVAL: Duration = Duration::from_secs(10);
+/// The longest duration any key takes: humantime's "1year" (365.25 days,
+/// 31 557 600 s, well inside u32 seconds). Every deadline the supervisor
+/// computes from a unit is then far from `Instant`'s overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 
 /// The longest unix socket path bind() takes (sun_path is 108 bytes with its NUL).
 const UNIX_PATH_MAX: usize = 107;
@@ -384,6 +388,20 @@ impl<'a> Cx<'a> {
     fn duration(&mut self, f: &Field<'_>) -> Option<Duration> {
         match f.item.value() {
             Some(toml_edit::Value::String(s)) => match humantime::parse_duration(s.value()) {
+                Ok(d) if d > MAX_DURATION => {
+                    let max = humantime::format_duration(MAX_DURATION);
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!(
+                            "{:?} is more than the largest duration allowed, {max} ({}s)",
+                            s.value(),
+                            MAX_DURATION.as_secs()
+                        ),
+                        format!("write a duration of at most \"{max}\""),
+                    );
+                    None
+                }
                 Ok(d) => Some(d),
                 Err(e) => {
                     self.err(

@@ -123,6 +123,13 @@ fn each_kind_of_mistake_is_placed_and_explained() {
         ("bad duration string", "web",
          "[service]\nexec = [\"/bin/true\"]\nstop-timeout = \"5 secs please\"\n",
          &[(3, 16, "service.stop-timeout", "\"5 secs please\" is not a duration", "\"100ms\", \"5s\"")]),
+        ("huge durations, each bounded where it is written", "web",
+         "[service]\nexec = [\"/bin/true\"]\nstop-timeout = \"18446744073709551615s\"\nstart-timeout = \"18446744073709551615s\"\nrestart-delay = \"18446744073709551615s\"\nwatchdog = \"2years\"\n[[socket]]\naddresses = [\"127.0.0.1\"]\nports = [80]\nrate-limit-pause = \"1year 1s\"\n",
+         &[(3, 16, "service.stop-timeout", "\"18446744073709551615s\" is more than the largest duration allowed, 1year (31557600s)", "at most \"1year\""),
+           (4, 17, "service.start-timeout", "is more than the largest duration allowed, 1year", "at most \"1year\""),
+           (5, 17, "service.restart-delay", "is more than the largest duration allowed, 1year", "at most \"1year\""),
+           (6, 12, "service.watchdog", "\"2years\" is more than the largest duration allowed", "at most \"1year\""),
+           (10, 20, "socket[0].rate-limit-pause", "\"1year 1s\" is more than the largest duration allowed", "at most \"1year\"")]),
         ("zero stop timeout", "web",
          "[service]\nexec = [\"/bin/true\"]\nstop-timeout = \"0s\"\n",
          &[(3, 16, "service.stop-timeout", "must be more than 0", "positive duration")]),
@@ -719,7 +726,7 @@ const VALID: &[&str] = &[
     "[service]\nexec = [\"a\"]\nrestart = \"never\"\nenvironment = { A = \"=\", B_2 = \"line\\nbreak\", _ = \"\\t\" }\nuser = \"0\"\ngroup = \"wheel\"\nworking-directory = \"/\"\n",
     "[service]\nexec = [\"a\"]\n[[socket]]\nname = \"dns\"\nprotocol = \"udp\"\naddresses = [\"0.0.0.0/0\", \"::/0\", \"fe80::/10\"]\nports = [53, \"5300-5399\", \"1-65535\"]\nmark = 0\nipv6-only = true\nreceive-buffer = 1\nsend-buffer = 2147483647\n",
     "[service]\nexec = [\"a\"]\n[[socket]]\nname = \"with space ~!\"\nprotocol = \"unix-stream\"\npath = \"/run/a b.sock\"\nbacklog = 1\nmode = 0\n[[socket]]\nname = \"\\\"q\\\"\"\nprotocol = \"unix-dgram\"\npath = \"/tmp/x\"\nmode = \"7777\"\n",
-    "[service]\nexec = [\"a\"]\nfd-store-max = 65536\nstart-limit-burst = 4294967295\nrestart-delay = \"1year\"\nrestart-delay-max = \"2years\"\n[[socket]]\naddresses = [\"255.255.255.255\", \"::/95\", \"64:ff9b::/96\", \"::1.2.3.4\"]\nports = [\"65535\"]\nreuse-port = true\n",
+    "[service]\nexec = [\"a\"]\nfd-store-max = 65536\nstart-limit-burst = 4294967295\nrestart-delay = \"1year\"\nrestart-delay-max = \"1year\"\n[[socket]]\naddresses = [\"255.255.255.255\", \"::/95\", \"64:ff9b::/96\", \"::1.2.3.4\"]\nports = [\"65535\"]\nreuse-port = true\n",
 ];
 
 #[test]
