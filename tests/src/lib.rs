@@ -1,12 +1,30 @@
-//! Test support for the privileged integration tests: a fresh network namespace per
-//! test, the real `holdfast` binary running inside it, temporary unit directories,
-//! and small real services (Python 3 scripts) that report what they were handed.
+//! holdfast-testkit: the one test kit of the workspace, used by the privileged integration
+//! tests (`tests/tests/integration`, one binary), the example services' tests and the
+//! benchmarks. What it offers:
+//!
+//! - [`Netns`]: a fresh, uniquely named network namespace (`lo` up, [`Netns::add_local_route`]),
+//!   entered per thread ([`Netns::enter`] → [`NetnsGuard`], or [`Netns::run`]); dropping it
+//!   SIGKILLs what is left inside and deletes it. [`netns_or_skip`] adds the skip policy.
+//! - [`Holdfast`]: the daemon launcher. The real binary ([`holdfast_bin`]) started with the
+//!   units of a [`Sandbox`] (a temp dir: units/, state/, out/) in its own namespace, waited
+//!   for until its control socket answers; the CLI against it ([`Holdfast::cli`],
+//!   [`Holdfast::status`], [`Holdfast::wait_state`], …); SIGTERM, exit 0 and clean-up
+//!   ([`Holdfast::stop`], or on drop).
+//! - [`wrk`] / [`WrkReport`]: the one wrk runner and parser (requests, non-2xx responses,
+//!   socket errors by kind, cross-checked against wrk's own summary).
+//! - [`LoopClient`]: the one load client: connects in a loop while a test restarts or
+//!   reloads, and tallies answered / refused / misrouted / failed connections.
+//! - Services that report what they were handed: [`SERVE_PY`], [`NOTIFIER_PY`] (with
+//!   [`tell`]), checked by [`check_handoff`]; [`HandedFds`] (a program with the test's own
+//!   sockets at fds 3…) and [`Activated`] (under `systemd-socket-activate`).
+//! - Peers and probes: [`ask_tcp`], [`ask_udp`], [`ask_unix`], [`control_request_as`] (an
+//!   unprivileged peer), [`process_gone`], [`wait_for`], [`run_bounded`].
 //!
 //! A typical test:
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use holdfast_tests::{netns_or_skip, ask_tcp, Holdfast, Sandbox};
+//! use holdfast_testkit::{netns_or_skip, ask_tcp, Holdfast, Sandbox};
 //!
 //! # fn main() -> anyhow::Result<()> {
 //! let Some(ns) = netns_or_skip() else { return Ok(()) };   // root + `ip netns add`
@@ -33,6 +51,7 @@
 //! namespace, a system tool) calls [`require`]: under `CI=true` that panics with the
 //! reason; elsewhere it prints `skipped: <probe>: <error>` and the test returns early.
 
+mod activate;
 mod daemon;
 mod handoff;
 mod load;
@@ -49,6 +68,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub use activate::{free_port, loopback4, loopback6, Activated, HandedFds, SOCKET_ACTIVATE};
 pub use daemon::{
     holdfast_bin, holdfast_cli, Holdfast, RunOptions, CLI_TIMEOUT, READY_TIMEOUT, STOP_TIMEOUT,
     STRAY_FD,

@@ -57,12 +57,12 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         name: "gunicorn",
         provides: &["/usr/bin/gunicorn"],
     },
-    // A real Prometheus/OpenMetrics parser for the metrics tests (tests/tests/observability.rs).
+    // A real Prometheus/OpenMetrics parser for the metrics tests (tests/tests/integration/observability.rs).
     AptPackage {
         name: "python3-prometheus-client",
         provides: &["/usr/lib/python3/dist-packages/prometheus_client"],
     },
-    // A real inetd-style (accept = true) program served unchanged in tests/tests/inetd.rs.
+    // A real inetd-style (accept = true) program served unchanged in tests/tests/integration/inetd.rs.
     AptPackage {
         name: "micro-httpd",
         provides: &["/usr/sbin/micro-httpd"],

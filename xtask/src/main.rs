@@ -57,7 +57,7 @@ enum Cmd {
         /// Skip the fmt and clippy checks (for a quick local loop; CI always runs them).
         #[arg(long)]
         no_lint: bool,
-        /// More arguments for `cargo test` (e.g. `-p holdfast-tests restart -- --nocapture`).
+        /// More arguments for `cargo test` (e.g. `-p holdfast-testkit --test integration restart -- --nocapture`).
         #[arg(last = true)]
         args: Vec<OsString>,
     },

@@ -2,18 +2,15 @@
 //! dual-stack), with a mix of sockets handed over the way holdfast hands them, and, in a network
 //! namespace, answering UDP from the address the client used on a wildcard-bound socket.
 
-mod netns;
-#[path = "../../hello-http/tests/support/mod.rs"]
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-use std::process::Stdio;
 use std::time::Duration;
 
-use support::{spawn_with_fds, v4, v6, wait_for, Activated};
+use holdfast_testkit::{
+    loopback4 as v4, loopback6 as v6, netns_or_skip, wait_for, Activated, HandedFds,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_echo");
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,7 +57,8 @@ fn echoes_tcp_over_ipv4_and_ipv6_under_systemd_socket_activate() {
         .into_iter()
         .chain(args.map(String::from))
         .collect()
-    });
+    })
+    .unwrap();
     let (addr4, addr6) = (v4(service.ports[0]), v6(service.ports[1]));
     check_tcp(addr4, "first");
     // Concurrent connections on both families.
@@ -91,7 +89,8 @@ fn echoes_udp_over_ipv4_ipv6_and_dual_stack_under_systemd_socket_activate() {
             .map(|l| format!("--listen={l}"))
             .chain(args.map(String::from))
             .collect()
-    });
+    })
+    .unwrap();
     let [p4, p6, p46] = [service.ports[0], service.ports[1], service.ports[2]];
     check_udp("127.0.0.1:0", v4(p4));
     check_udp("[::1]:0", v6(p6));
@@ -117,9 +116,8 @@ fn serves_every_passed_fd_by_its_type() {
     let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
     notify.set_read_timeout(Some(TIMEOUT)).unwrap();
 
-    let mut child = spawn_with_fds(
+    let mut handed = HandedFds::new(
         BIN,
-        &[],
         &[
             tcp.as_fd(),
             udp4.as_fd(),
@@ -129,9 +127,12 @@ fn serves_every_passed_fd_by_its_type() {
             unix_dgram.as_fd(),
         ],
         &["tcp", "udp4", "pipe", "udp46", "ustream", "udgram"],
-        &[("NOTIFY_SOCKET", dir.join("notify.sock").to_str().unwrap())],
-        Stdio::inherit(),
-    );
+    )
+    .unwrap();
+    handed
+        .command()
+        .env("NOTIFY_SOCKET", dir.join("notify.sock"));
+    let mut child = handed.spawn().unwrap();
     let mut buf = [0u8; 4096];
     let n = notify.recv(&mut buf).expect("READY=1 on NOTIFY_SOCKET");
     let message = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -164,11 +165,14 @@ fn serves_every_passed_fd_by_its_type() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = wait_for(TIMEOUT, || child.try_wait().unwrap()).expect("echo exits on SIGTERM");
+    let status = wait_for("echo to exit on SIGTERM", TIMEOUT, || {
+        child.try_wait().unwrap()
+    })
+    .unwrap();
     assert!(status.success(), "{status:?}");
     // The sockets it was handed are still usable by their owner (nothing was shut down).
-    let again = spawn_with_fds(BIN, &[], &[tcp.as_fd()], &["tcp"], &[], Stdio::inherit());
-    let mut again = KillOnDrop(again);
+    let again = HandedFds::new(BIN, &[tcp.as_fd()], &["tcp"]).unwrap();
+    let mut again = KillOnDrop(again.spawn().unwrap());
     check_tcp(tcp.local_addr().unwrap(), "second instance");
     let _ = again.0.kill();
 }
@@ -179,17 +183,19 @@ fn serves_every_passed_fd_by_its_type() {
 /// the destination), and the connected client would drop it.
 #[test]
 fn wildcard_socket_answers_from_the_address_the_client_used() {
-    let test = "wildcard_socket_answers_from_the_address_the_client_used";
-    let Some(ns) = netns::netns_or_skip(test, &["192.0.2.0/24", "2001:db8::/64"]) else {
+    let Some(ns) = netns_or_skip() else {
         return;
     };
-    let _inside = ns.enter();
+    ns.add_local_route("192.0.2.0/24").unwrap();
+    ns.add_local_route("2001:db8::/64").unwrap();
+    let _inside = ns.enter().unwrap();
     let service = Activated::start(1, |p| {
         let args = ["--datagram", "--", BIN];
         std::iter::once(format!("--listen={}", p[0]))
             .chain(args.map(String::from))
             .collect()
-    });
+    })
+    .unwrap();
     let port = service.ports[0];
     check_udp("192.0.2.1:0", SocketAddr::from(([192, 0, 2, 7], port)));
     check_udp("192.0.2.1:0", SocketAddr::from(([192, 0, 2, 200], port)));

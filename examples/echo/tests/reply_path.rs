@@ -9,13 +9,11 @@
 //! from exactly the address and port it is connected to: it receives the echo only if the
 //! reply left from there.
 
-mod netns;
-
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use echo::udp::{ReplyPath, UdpEcho};
-use netns::netns_or_skip;
+use holdfast_testkit::netns_or_skip;
 
 struct Case {
     /// Where the steered socket is bound (port 0: any).
@@ -58,13 +56,12 @@ const CASES: &[Case] = &[
 
 #[test]
 fn steered_datagrams_are_answered_from_the_original_destination() {
-    let Some(ns) = netns_or_skip(
-        "steered_datagrams_are_answered_from_the_original_destination",
-        &["192.0.2.0/24", "2001:db8::/64"],
-    ) else {
+    let Some(ns) = netns_or_skip() else {
         return;
     };
-    let _inside = ns.enter();
+    ns.add_local_route("192.0.2.0/24").unwrap();
+    ns.add_local_route("2001:db8::/64").unwrap();
+    let _inside = ns.enter().unwrap();
     for case in CASES {
         let orig_dst: SocketAddr = case.orig_dst.parse().unwrap();
         let mut echo = UdpEcho::new(UdpSocket::bind(case.bind).unwrap()).unwrap();
@@ -125,13 +122,11 @@ fn steered_datagrams_are_answered_from_the_original_destination() {
 
 #[test]
 fn reply_sockets_never_take_the_traffic_they_are_bound_to() {
-    let Some(ns) = netns_or_skip(
-        "reply_sockets_never_take_the_traffic_they_are_bound_to",
-        &["192.0.2.0/24"],
-    ) else {
+    let Some(ns) = netns_or_skip() else {
         return;
     };
-    let _inside = ns.enter();
+    ns.add_local_route("192.0.2.0/24").unwrap();
+    let _inside = ns.enter().unwrap();
     let orig_dst: SocketAddr = "192.0.2.9:8044".parse().unwrap();
     let reply = echo::udp::bind_reply_socket(orig_dst).unwrap();
     // SO_REUSEADDR: a second reply socket (another instance's) binds the same address.

@@ -1,8 +1,6 @@
 //! hello-http as a real process: under `systemd-socket-activate`, with sockets handed over the
 //! way holdfast hands them, restarted under load, and on its own with `--listen`.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -12,9 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use holdfast_testkit::{
+    free_port, loopback4 as v4, loopback6 as v6, wait_for, Activated, HandedFds,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use support::{spawn_with_fds, v4, v6, wait_for, Activated};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hello-http");
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,8 +83,8 @@ fn get_once(addr: SocketAddr) -> Reply {
     get(&mut connect(addr).expect("connect"), true).expect("GET /")
 }
 
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    wait_for(timeout, || child.try_wait().expect("waitpid"))
+fn wait_exit(child: &mut Child, timeout: Duration) -> anyhow::Result<ExitStatus> {
+    wait_for("the exit", timeout, || child.try_wait().expect("waitpid"))
 }
 
 fn sigterm(child: &Child) {
@@ -101,7 +101,8 @@ fn answers_with_fdname_and_pid_under_systemd_socket_activate() {
             "--".into(),
             BIN.into(),
         ]
-    });
+    })
+    .unwrap();
     let (addr4, addr6) = (v4(service.ports[0]), v6(service.ports[1]));
     let expected = format!("hello from web pid {}\n", service.pid());
 
@@ -164,7 +165,8 @@ fn name_and_greeting_flags_override_the_fdname() {
         std::iter::once(listen)
             .chain(args.map(String::from))
             .collect()
-    });
+    })
+    .unwrap();
     let reply = get_once(v4(service.ports[0]));
     assert_eq!(reply.body, format!("hi from api pid {}\n", service.pid()));
 }
@@ -176,7 +178,8 @@ fn sigterm_answers_the_request_on_its_way_then_exits_zero() {
         std::iter::once(format!("--listen=127.0.0.1:{}", p[0]))
             .chain(args.map(String::from))
             .collect()
-    });
+    })
+    .unwrap();
     let addr = v4(service.ports[0]);
     let mut conn = connect(addr).unwrap();
     let first = get(&mut conn, false).expect("first GET");
@@ -222,14 +225,14 @@ fn sigterm_answers_the_request_on_its_way_then_exits_zero() {
 #[test]
 fn listen_flag_binds_without_a_manager() {
     for _attempt in 0..5 {
-        let port = support::free_port();
+        let port = free_port().unwrap();
         let mut child = Command::new(BIN)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env_remove("LISTEN_FDS")
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let reply = wait_for(Duration::from_secs(10), || {
+        let reply = wait_for("an answer", Duration::from_secs(10), || {
             if child.try_wait().unwrap().is_some() {
                 return Some(None); // the port was taken meanwhile: try another
             }
@@ -237,7 +240,7 @@ fn listen_flag_binds_without_a_manager() {
         });
         let _ = child.kill();
         let _ = child.wait();
-        if let Some(Some(reply)) = reply {
+        if let Ok(Some(reply)) = reply {
             assert_eq!(
                 reply.body,
                 format!("hello from hello-http pid {}\n", child.id())
@@ -251,15 +254,10 @@ fn listen_flag_binds_without_a_manager() {
 #[test]
 fn listen_fds_for_another_pid_are_ignored() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    // `env` execs in place: LISTEN_PID names a process that is not hello-http.
-    let child = spawn_with_fds(
-        "/usr/bin/env",
-        &["LISTEN_PID=1", BIN],
-        &[listener.as_fd()],
-        &["web"],
-        &[],
-        Stdio::piped(),
-    );
+    // LISTEN_PID names a process that is not hello-http.
+    let mut handed = HandedFds::for_another_pid(BIN, &[listener.as_fd()], &["web"], 1).unwrap();
+    handed.command().stderr(Stdio::piped());
+    let child = handed.spawn().unwrap();
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
@@ -338,15 +336,13 @@ fn restarts_under_load_lose_no_request() {
     let notify_env = notify_path.to_str().unwrap().to_owned();
 
     let start = || {
-        let child = spawn_with_fds(
-            BIN,
-            &[],
-            &[listener.as_fd()],
-            &["web"],
-            &[("NOTIFY_SOCKET", &notify_env)],
-            Stdio::null(),
-        );
-        let ready = wait_for(Duration::from_secs(15), || {
+        let mut handed = HandedFds::new(BIN, &[listener.as_fd()], &["web"]).unwrap();
+        handed
+            .command()
+            .env("NOTIFY_SOCKET", &notify_env)
+            .stderr(Stdio::null());
+        let child = handed.spawn().unwrap();
+        let ready = wait_for("READY=1", Duration::from_secs(15), || {
             let mut buf = [0u8; 4096];
             let n = notify.recv(&mut buf).ok()?;
             String::from_utf8_lossy(&buf[..n])
@@ -355,7 +351,7 @@ fn restarts_under_load_lose_no_request() {
                 .then_some(())
         });
         assert!(
-            ready.is_some(),
+            ready.is_ok(),
             "no READY=1 on NOTIFY_SOCKET from pid {}",
             child.id()
         );

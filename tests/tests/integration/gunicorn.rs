@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use holdfast_tests::{
+use holdfast_testkit::{
     netns_or_skip, process_gone, require_file, toml_array, wait_for, Holdfast, Sandbox,
 };
 

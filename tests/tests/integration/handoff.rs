@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use anyhow::Result;
-use holdfast_tests::{
+use holdfast_testkit::{
     ask_tcp, ask_udp, ask_unix, check_handoff, netns_or_skip, require_file, toml_str, ExpectSocket,
     Holdfast, Sandbox,
 };

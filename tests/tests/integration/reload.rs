@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use holdfast_tests::{
+use holdfast_testkit::{
     ask_tcp, netns_or_skip, process_gone, toml_array, wait_for, Holdfast, LoopClient, Netns,
     RunOptions, Sandbox, PYTHON,
 };

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use holdfast_tests::{
+use holdfast_testkit::{
     ask_tcp, control_request_as, holdfast_cli, netns_or_skip, process_gone, wait_for, Holdfast,
     Netns, PeerOutcome, Sandbox,
 };
@@ -270,7 +270,7 @@ fn sigint_stops_gracefully_too() -> Result<()> {
     };
     let (mut hf, pid) = web_daemon(&ns)?;
     hf.signal(nix::sys::signal::Signal::SIGINT)?;
-    let status = hf.wait_exit(holdfast_tests::STOP_TIMEOUT)?;
+    let status = hf.wait_exit(holdfast_testkit::STOP_TIMEOUT)?;
     assert_eq!(status.code(), Some(0), "after SIGINT: {status}");
     assert_eq!(
         std::fs::read_to_string(hf.sandbox().out("web.term")).ok(),

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use holdfast_tests::{netns_or_skip, tell, Holdfast, Sandbox};
+use holdfast_testkit::{netns_or_skip, tell, Holdfast, Sandbox};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(10);

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use holdfast_tests::{
+use holdfast_testkit::{
     ask_tcp, holdfast_bin, netns_or_skip, process_gone, require_file, toml_str, wait_for, Holdfast,
     RunOptions, Sandbox, PYTHON,
 };

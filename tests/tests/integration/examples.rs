@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use holdfast_tests::{holdfast_cli, netns_or_skip, require, run_bounded, Holdfast, Sandbox};
+use holdfast_testkit::{holdfast_cli, netns_or_skip, require, run_bounded, Holdfast, Sandbox};
 
 const T: Duration = Duration::from_secs(10);
 

@@ -20,7 +20,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use holdfast_tests::{
+use holdfast_testkit::{
     ask_tcp, ask_udp, holdfast_bin, holdfast_cli, netns_or_skip, parse_answer, process_gone,
     require, require_file, toml_array, toml_str, wait_for, Holdfast, LoopClient, Netns, RunOptions,
     Sandbox, READY_TIMEOUT, STOP_TIMEOUT,

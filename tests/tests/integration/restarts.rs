@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use holdfast_tests::{ask_tcp, netns_or_skip, process_gone, toml_str, wait_for, Holdfast, Sandbox};
+use holdfast_testkit::{
+    ask_tcp, netns_or_skip, process_gone, toml_str, wait_for, Holdfast, Sandbox,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use holdfast_tests::{holdfast_cli, netns_or_skip, Holdfast, Netns, Sandbox};
+use holdfast_testkit::{holdfast_cli, netns_or_skip, Holdfast, Netns, Sandbox};
 
 /// One kind of mistake: a unit file and where its diagnostic must point.
 struct Case {

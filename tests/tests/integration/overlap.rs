@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use holdfast_tests::{
+use holdfast_testkit::{
     netns_or_skip, process_gone, reply_pid, tell, wait_for, Holdfast, Netns, Sandbox,
 };
 use serde_json::{json, Value};

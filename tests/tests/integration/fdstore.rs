@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use holdfast_tests::{netns_or_skip, tell, Holdfast, Sandbox};
+use holdfast_testkit::{netns_or_skip, tell, Holdfast, Sandbox};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -114,7 +114,7 @@ fn fd_store_max_bounds_the_store() -> Result<()> {
         Ok(())
     })??;
     // The third message is read after the first two: once it is logged, it is settled.
-    holdfast_tests::wait_for("the refusal in the log", T, || {
+    holdfast_testkit::wait_for("the refusal in the log", T, || {
         hf.log()
             .lines()
             .any(|l| l.contains("fd store refused an fd") && l.contains("three"))

@@ -5,16 +5,15 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use holdfast_tests::{
+use holdfast_testkit::{
     ask_tcp, ask_udp, check_handoff, control_request_as, netns_or_skip, process_gone, require_root,
-    ExpectSocket, PeerOutcome, Sandbox,
+    ExpectSocket, HandedFds, PeerOutcome, Sandbox,
 };
 use nix::errno::Errno;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
@@ -107,59 +106,28 @@ fn dropping_netns_deletes_it_and_kills_what_is_left_inside() -> Result<()> {
 }
 
 /// Spawns serve.py with `fds` at 3, 4, … and LISTEN_FDS = `count`, the way a
-/// correct supervisor would (LISTEN_PID set by a shell to its own pid, which exec
-/// keeps) or, with `own_pid` false, with LISTEN_PID=1.
+/// correct supervisor would (LISTEN_PID its own pid) or, with `own_pid` false,
+/// with LISTEN_PID=1.
 fn spawn_reference(
     sandbox: &Sandbox,
-    fds: &[RawFd],
+    fds: &[BorrowedFd<'_>],
     count: usize,
-    names: &str,
+    names: &[&str],
     own_pid: bool,
 ) -> Result<Child> {
-    // Move the fds out of the way of 3.. first, so the dup2s cannot clobber them.
-    let high: Vec<OwnedFd> = fds
-        .iter()
-        .map(|&fd| {
-            let new = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))?;
-            // SAFETY: fcntl just returned this new fd, owned by nobody else.
-            Ok(unsafe { OwnedFd::from_raw_fd(new) })
-        })
-        .collect::<Result<_, Errno>>()?;
-    let raw: Vec<RawFd> = high.iter().map(|f| f.as_raw_fd()).collect();
     let exec = sandbox.serve_exec("ref")?;
     let argv: Vec<String> = serde_json::from_str(&exec)?;
-    let script = if own_pid {
-        "LISTEN_PID=$$ exec \"$@\""
+    let mut handed = if own_pid {
+        HandedFds::new(&argv[0], fds, names)?
     } else {
-        "LISTEN_PID=1 exec \"$@\""
+        HandedFds::for_another_pid(&argv[0], fds, names, 1)?
     };
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(script)
-        .arg("sh")
-        .args(&argv)
+    handed
+        .command()
+        .args(&argv[1..])
         .env("LISTEN_FDS", count.to_string())
-        .env("LISTEN_FDNAMES", names)
-        .stdin(Stdio::null())
         .stdout(Stdio::null());
-    // SAFETY: dup2 and close_range are async-signal-safe system calls; `raw` was
-    // built before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (i, &fd) in raw.iter().enumerate() {
-                if libc::dup2(fd, 3 + i as RawFd) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // Whatever this test process inherited without CLOEXEC (cargo's
-            // jobserver pipe …) is not the service's business.
-            libc::close_range(3 + raw.len() as u32, u32::MAX, 0);
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
-    drop(high);
-    Ok(child)
+    handed.spawn()
 }
 
 #[test]
@@ -176,9 +144,9 @@ fn reference_service_confirms_a_correct_handoff() -> Result<()> {
     })??;
     let mut child = spawn_reference(
         &sandbox,
-        &[tcp.as_raw_fd(), udp.as_raw_fd()],
+        &[tcp.as_fd(), udp.as_fd()],
         2,
-        "web:dns",
+        &["web", "dns"],
         true,
     )?;
     drop((tcp, udp));
@@ -219,7 +187,7 @@ fn reference_service_exposes_a_wrong_handoff() -> Result<()> {
         ))
     })??;
     // LISTEN_PID=1, and fd 4 leaks in uncounted.
-    let mut child = spawn_reference(&sandbox, &[a.as_raw_fd(), b.as_raw_fd()], 1, "web", false)?;
+    let mut child = spawn_reference(&sandbox, &[a.as_fd(), b.as_fd()], 1, &["web"], false)?;
     let report = sandbox.wait_report("ref", T, |_| true)?;
     child.kill()?;
     child.wait()?;
@@ -271,7 +239,7 @@ fn process_gone_sees_exit_and_zombies() -> Result<()> {
     assert!(!process_gone(pid));
     child.kill()?;
     // Not reaped yet: a zombie counts as gone.
-    holdfast_tests::wait_for("zombie", T, || process_gone(pid).then_some(()))?;
+    holdfast_testkit::wait_for("zombie", T, || process_gone(pid).then_some(()))?;
     child.wait()?;
     assert!(process_gone(pid));
     Ok(())

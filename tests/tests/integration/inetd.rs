@@ -19,7 +19,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use holdfast_tests::{
+use holdfast_testkit::{
     ask_udp, holdfast_bin, holdfast_cli, netns_or_skip, require, require_file, run_bounded,
     toml_array, toml_str, wait_for, Holdfast, Netns, RunOptions, Sandbox, PYTHON,
 };

@@ -8,7 +8,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
-use holdfast_tests::{netns_or_skip, require, toml_str, wrk, Holdfast, Netns, Sandbox, WrkReport};
+use holdfast_testkit::{
+    netns_or_skip, require, toml_str, wrk, Holdfast, Netns, Sandbox, WrkReport,
+};
 
 const T: Duration = Duration::from_secs(10);
 const URL: &str = "http://127.0.0.1:8080/";

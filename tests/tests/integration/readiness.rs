@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use holdfast_tests::{
+use holdfast_testkit::{
     netns_or_skip, process_gone, reply_pid, require_file, send_notify_as, send_notify_from_here,
     tell, toml_str, wait_for, Holdfast, Sandbox,
 };

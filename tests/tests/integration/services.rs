@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use holdfast_tests::{netns_or_skip, toml_str, wait_for, Holdfast, Sandbox};
+use holdfast_testkit::{netns_or_skip, toml_str, wait_for, Holdfast, Sandbox};
 use nix::unistd::{Group, User};
 
 const T: Duration = Duration::from_secs(10);
@@ -208,7 +208,7 @@ fn orphans_are_adopted_and_reaped_by_holdfast() -> Result<()> {
     assert_eq!(ppid, hf.pid(), "the orphan was not adopted by holdfast");
     // …and reaped when it exits: no zombie left.
     wait_for("the orphan to be reaped", Duration::from_secs(5), || {
-        holdfast_tests::proc_state(orphan).is_none().then_some(())
+        holdfast_testkit::proc_state(orphan).is_none().then_some(())
     })?;
     hf.stop()?;
     Ok(())

@@ -1,0 +1,22 @@
+//! The privileged integration tests: the real `holdfast` binary, real sockets and real
+//! services, each test in a fresh network namespace (see the `holdfast_testkit` crate).
+//! One test binary with a module per area, so the suite links once:
+//! `cargo test -p holdfast-testkit --test integration AREA::` runs one area.
+
+mod control;
+mod dispatch;
+mod examples;
+mod fdstore;
+mod gunicorn;
+mod handoff;
+mod harness;
+mod inetd;
+mod observability;
+mod overlap;
+mod readiness;
+mod reload;
+mod restart_load;
+mod restarts;
+mod services;
+mod units;
+mod watchdog;
