@@ -8,14 +8,18 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
 use crate::unit::RestartMode;
 
 /// The largest request accepted; a longer one gets an error reply.
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long the control socket is left out of the poll set after accept
+/// failed for lack of fds.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 /// The control socket's file name in the state dir.
 pub const SOCKET_NAME: &str = "control.sock";
 
@@ -142,6 +146,10 @@ pub struct Server {
     path: PathBuf,
     connections: Vec<Connection>,
     next_id: u64,
+    /// Set while accept fails for lack of fds: the listener is not polled.
+    accept_pause: AcceptPause,
+    /// accept's warnings: a few per 10 s, then "repeated N times".
+    accept_errors: LogLimiter,
 }
 
 /// A connection's id, to answer it later.
@@ -176,6 +184,8 @@ impl Server {
             path,
             connections: Vec::new(),
             next_id: 1,
+            accept_pause: AcceptPause::new(ACCEPT_PAUSE),
+            accept_errors: LogLimiter::new(5, Duration::from_secs(10)),
         })
     }
 
@@ -183,9 +193,19 @@ impl Server {
         &self.path
     }
 
-    /// The fds to poll, with whether each wants writability.
+    /// While accepting pauses for lack of fds, when it resumes: the event
+    /// loop should wake by then to poll the listener again.
+    pub fn resumes_at(&self) -> Option<Instant> {
+        self.accept_pause.resumes_at(Instant::now())
+    }
+
+    /// The fds to poll, with whether each wants writability. The listener
+    /// is left out while accepting pauses (see [`Server::resumes_at`]).
     pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, bool)> {
-        let mut fds = vec![(self.listener.as_fd(), false)];
+        let mut fds = Vec::new();
+        if !self.accept_pause.is_paused(Instant::now()) {
+            fds.push((self.listener.as_fd(), false));
+        }
         for c in &self.connections {
             match c.phase {
                 Phase::Reading => fds.push((c.stream.as_fd(), false)),
@@ -233,6 +253,16 @@ impl Server {
     }
 
     fn accept(&mut self) {
+        let now = Instant::now();
+        if let Some(repeated) = self.accept_errors.take_suppressed(now) {
+            tracing::warn!(
+                repeated,
+                "control: accept failed (the last message repeated {repeated} times)"
+            );
+        }
+        if self.accept_pause.is_paused(now) {
+            return;
+        }
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
@@ -273,7 +303,15 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "control: accept failed");
+                    let now = Instant::now();
+                    let exhausted = self.accept_pause.on_error(&e, now);
+                    if let Some(repeated) = self.accept_errors.allow(now) {
+                        if exhausted {
+                            tracing::warn!(error = %e, repeated, "control: accept failed: {EXHAUSTION_HINT}");
+                        } else {
+                            tracing::warn!(error = %e, repeated, "control: accept failed");
+                        }
+                    }
                     break;
                 }
             }

@@ -8,6 +8,7 @@ pub mod dispatch;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
+pub mod ratelimit;
 pub mod service;
 pub mod spawn;
 pub mod supervisor;

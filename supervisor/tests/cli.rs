@@ -1,11 +1,13 @@
-//! The `holdfast` command as a user runs it: `check` on bad units, and the
-//! CLI whose reader goes away (`holdfast status | head -1`), which must end
-//! quietly as coreutils do (killed by SIGPIPE), not panic.
+//! The `holdfast` binary as a user runs it: `check` on bad units, the CLI
+//! whose reader goes away (`holdfast status | head -1`), which must end
+//! quietly as coreutils do (killed by SIGPIPE), not panic, and the daemon at
+//! its fd limit.
 //!
 //! The daemon-backed cases need root (the control socket serves root only);
 //! outside CI they are skipped with the reason, under CI=true they fail.
 
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -124,20 +126,40 @@ struct Daemon {
 
 impl Daemon {
     fn start(tag: &str, units: &[(&str, &str)]) -> Daemon {
+        Self::start_limited(tag, units, None)
+    }
+
+    /// With RLIMIT_NOFILE at `max_fds`, when given; stderr goes to `stderr.log` in the state dir.
+    fn start_limited(tag: &str, units: &[(&str, &str)], max_fds: Option<u64>) -> Daemon {
         let dir = TempDir::new(&format!("{tag}-units"));
         for (name, text) in units {
             std::fs::write(dir.0.join(name), text).unwrap();
         }
         let state = TempDir::new(&format!("{tag}-state"));
-        let child = Command::new(BIN)
-            .args(["run", "--no-dispatcher", "--units"])
+        let log = std::fs::File::create(state.0.join("stderr.log")).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--no-dispatcher", "--units"])
             .arg(&dir.0)
             .arg("--state-dir")
             .arg(&state.0)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::from(log));
+        if let Some(n) = max_fds {
+            // SAFETY: setrlimit is async-signal-safe and allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().unwrap();
         let d = Daemon {
             child,
             state,
@@ -151,6 +173,20 @@ impl Daemon {
     }
     fn state_dir(&self) -> &Path {
         &self.state.0
+    }
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.state.0.join("stderr.log")).unwrap_or_default()
+    }
+    /// User + system CPU time the daemon has used.
+    fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // After the ")" closing the command name: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / hz)
     }
 }
 
@@ -199,4 +235,43 @@ fn status_and_logs_follow_with_their_reader_gone_die_of_sigpipe_quietly() {
         assert!(out.status.success(), "{cmd}: {:?} {stderr}", out.status);
         assert!(stderr.is_empty(), "{cmd}: {stderr}");
     }
+}
+
+#[test]
+fn control_connections_at_the_fd_limit_do_not_spin_the_daemon() {
+    if !root_or_skip("control accept at EMFILE") {
+        return;
+    }
+    let d = Daemon::start_limited("emfile", &[], Some(24));
+    let path = holdfast::control::socket_path(d.state_dir());
+    // More idle connections than the daemon has fds: the rest wait in the
+    // backlog, the listener stays readable and accept gets EMFILE.
+    let idle: Vec<UnixStream> = (0..40)
+        .map(|_| UnixStream::connect(&path).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = d.cpu_time();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = d.cpu_time() - before;
+    let stderr = d.stderr();
+    let accept_lines = stderr
+        .lines()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    assert!(
+        used < Duration::from_millis(400),
+        "the daemon used {used:?} of CPU in 2 s at its fd limit (a busy loop); {accept_lines} accept lines"
+    );
+    assert!(
+        (1..=10).contains(&accept_lines),
+        "{accept_lines} \"accept failed\" lines, want a few (rate-limited):\n{}",
+        &stderr[..stderr.len().min(2000)]
+    );
+    assert!(stderr.contains("out of file descriptors"), "{stderr}");
+    // Once the idle clients leave, the daemon answers again.
+    drop(idle);
+    assert!(
+        holdfast::control::wait_ready(d.state_dir(), Duration::from_secs(5)),
+        "no answer after the idle connections closed"
+    );
 }
