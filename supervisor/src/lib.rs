@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod dispatch;
+pub mod import;
 pub mod listener;
 pub mod metrics;
 pub mod notify;

@@ -52,6 +52,21 @@ enum Command {
     },
     /// Validate a units directory without starting anything.
     Check { dir: PathBuf },
+    /// Translate systemd units (FILE.socket [FILE.service], or FILE.service) into DIR/NAME.toml.
+    /// Exit 0: all translated; 1: some directives were not (each is listed); 2: usage.
+    Import {
+        /// FILE.socket [FILE.service], or FILE.service.
+        #[arg(required = true, num_args = 1..=2)]
+        files: Vec<PathBuf>,
+        #[arg(long, default_value = ".")]
+        output: PathBuf,
+        /// The instance of a template (foo@.socket): what %i stands for.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Replace DIR/NAME.toml if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Show services: name, state, main pid, restarts, uptime, sockets.
     Status {
         name: Option<String>,
@@ -163,6 +178,15 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Import {
+            files,
+            output,
+            instance,
+            force,
+        } => {
+            let req = holdfast::import::Request { files, instance };
+            ExitCode::from(holdfast::import::run(&req, &output, force))
+        }
         Command::Status {
             name,
             json,

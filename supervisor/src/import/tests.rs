@@ -1,0 +1,400 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pretty_assertions::assert_eq;
+
+use super::values::{self, Specifiers};
+use super::{import, ini, run, ImportError, Request};
+use crate::unit::{IpPrefix, Protocol, RestartPolicy, ServiceType};
+
+fn entries(text: &str) -> Vec<(String, String, String, usize)> {
+    ini::parse(Path::new("x.service"), text)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.section, e.key, e.value, e.line))
+        .collect()
+}
+
+#[test]
+fn reader_keeps_lines_repeats_and_joins_continuations() {
+    let text = "# comment\n; other comment\n[Service]\nExecStart=/bin/prog \\\n# inside\n  --flag \\\n  arg\nEnvironment=A=1\nEnvironment=\n  Environment = B=2  \n[Install]\nWantedBy=multi-user.target\n";
+    let s = |a: &str| a.to_string();
+    assert_eq!(
+        entries(text),
+        vec![
+            (s("Service"), s("ExecStart"), s("/bin/prog  --flag  arg"), 4),
+            (s("Service"), s("Environment"), s("A=1"), 8),
+            (s("Service"), s("Environment"), s(""), 9),
+            (s("Service"), s("Environment"), s("B=2"), 10),
+            (s("Install"), s("WantedBy"), s("multi-user.target"), 12),
+        ]
+    );
+}
+
+#[test]
+fn reader_refuses_what_is_not_a_unit_file_naming_the_line() {
+    for (text, line, what) in [
+        ("Key=1\n", 1, "before any [Section]"),
+        ("[Service]\njust words\n", 2, "neither a [Section]"),
+        ("[Service\n", 1, "no closing ]"),
+    ] {
+        match ini::parse(Path::new("f.socket"), text) {
+            Err(ImportError::Syntax { place, message }) => {
+                assert_eq!(place, format!("f.socket:{line}"), "{text:?}");
+                assert!(message.contains(what), "{message}");
+            }
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn words_follow_systemds_quoting_and_escapes() {
+    let cases: &[(&str, &[&str])] = &[
+        ("/bin/a b  c", &["/bin/a", "b", "c"]),
+        ("a \"b c\" 'd e'", &["a", "b c", "d e"]),
+        ("a\\sb \\x41\\101 \"q\\\"x\"", &["a b", "AA", "q\"x"]),
+        ("pre\"mid dle\"post", &["premid dlepost"]),
+        ("", &[]),
+    ];
+    for (input, want) in cases {
+        assert_eq!(values::split_words(input).unwrap(), *want, "{input:?}");
+    }
+    assert!(values::split_words("a \"open").is_err());
+    assert!(values::split_words("trailing\\").is_err());
+}
+
+#[test]
+fn exec_prefixes_are_read_in_any_order() {
+    let l = values::exec_line("-@/usr/sbin/sshd sshd -i").unwrap();
+    assert!(l.ignore_failure && l.argv0 && !l.no_env);
+    assert_eq!(l.words, ["/usr/sbin/sshd", "sshd", "-i"]);
+    let l = values::exec_line(":+!/bin/x").unwrap();
+    assert!(l.no_env);
+    assert_eq!(l.unsupported, ['+', '!']);
+    assert!(values::exec_line("-").is_err());
+    assert!(values::exec_line("/bin/a ; /bin/b").is_err());
+}
+
+#[test]
+fn variables_expand_as_systemd_does() {
+    let env = [("OPTS", "-a  -b"), ("DIR", "/var/x y")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let words: Vec<String> = ["/bin/p", "$OPTS", "--dir=${DIR}", "$MISSING", "a$OPTS"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (out, missing) = values::expand_env(&words, &env);
+    assert_eq!(out, ["/bin/p", "-a", "-b", "--dir=/var/x y", "a$OPTS"]);
+    assert_eq!(missing, ["MISSING"]);
+}
+
+#[test]
+fn time_spans_sizes_and_booleans() {
+    let ms = Duration::from_millis;
+    for (s, want) in [
+        ("5", Some(ms(5000))),
+        ("100ms", Some(ms(100))),
+        ("1min 30s", Some(ms(90_000))),
+        ("1min30s", Some(ms(90_000))),
+        ("1.5s", Some(ms(1500))),
+        ("2h", Some(ms(7_200_000))),
+        ("infinity", None),
+    ] {
+        assert_eq!(values::timespan(s).unwrap(), want, "{s:?}");
+    }
+    assert!(values::timespan("5 parsecs").is_err());
+    assert!(values::timespan("").is_err());
+    assert_eq!(values::size("8K").unwrap(), 8192);
+    assert_eq!(values::size("1M").unwrap(), 1 << 20);
+    assert!(values::size("1X").is_err());
+    assert_eq!(values::boolean("on"), Ok(true));
+    assert_eq!(values::boolean("0"), Ok(false));
+    assert!(values::boolean("maybe").is_err());
+}
+
+#[test]
+fn specifiers_that_mean_something_here_expand_and_host_ones_are_refused() {
+    let spec = Specifiers {
+        full_name: "getty@tty1.service".into(),
+        instance: Some("tty1".into()),
+    };
+    assert_eq!(
+        spec.expand("%n %N %p %i %t/%p %%").unwrap(),
+        "getty@tty1.service getty@tty1 getty tty1 /run/getty %"
+    );
+    let escaped = Specifiers {
+        full_name: "dev-sda\\x2d1.service".into(),
+        instance: None,
+    };
+    assert_eq!(escaped.expand("%P").unwrap(), "dev/sda-1");
+    assert!(spec.expand("%H").unwrap_err().contains("host"));
+    assert!(escaped.expand("%i").unwrap_err().contains("not a template"));
+    assert!(spec.expand("50%").is_err());
+}
+
+/// A directory with the given unit files in it.
+fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
+}
+
+fn req(dir: &Path, files: &[&str]) -> Request {
+    Request {
+        files: files.iter().map(|f| dir.join(f)).collect(),
+        instance: None,
+    }
+}
+
+#[test]
+fn a_socket_and_its_service_become_one_unit() {
+    let dir = dir_with(&[
+        (
+            "web.socket",
+            "[Socket]\nListenStream=127.0.0.1:8080\nListenStream=[::1]:8080\nListenDatagram=5353\n\
+             ListenStream=/run/web.sock\nBacklog=512\nNoDelay=yes\nReceiveBuffer=64K\nSocketMode=0660\n\
+             FileDescriptorName=http\nIPAddressDeny=any\nIPAddressAllow=localhost 192.0.2.0/24\n",
+        ),
+        (
+            "web.service",
+            "[Unit]\nDescription=The web\nAfter=network.target\n[Service]\nType=notify\n\
+             Environment=\"GREETING=hello world\" MODE=fast\nExecStart=/usr/bin/web --mode $MODE \"--greet=${GREETING}\"\n\
+             Restart=always\nRestartSec=2\nRestartMaxDelaySec=1min\nTimeoutStopSec=5s\nWatchdogSec=10\n\
+             User=www-data\nGroup=www-data\nWorkingDirectory=/srv\nFileDescriptorStoreMax=4\n\
+             [Install]\nWantedBy=multi-user.target\n",
+        ),
+    ]);
+    let got = import(&req(dir.path(), &["web.socket"])).unwrap();
+    assert_eq!(got.dropped, vec![], "nothing dropped");
+    let s = &got.unit.service;
+    assert_eq!(
+        s.exec,
+        ["/usr/bin/web", "--mode", "fast", "--greet=hello world"]
+    );
+    assert_eq!(s.kind, ServiceType::Notify);
+    assert_eq!(s.restart, RestartPolicy::Always);
+    assert_eq!(s.restart_delay, Duration::from_secs(2));
+    assert_eq!(s.restart_delay_max, Duration::from_secs(60));
+    assert_eq!(s.stop_timeout, Duration::from_secs(5));
+    assert_eq!(
+        s.start_timeout,
+        Duration::from_secs(90),
+        "systemd's default"
+    );
+    assert_eq!(s.watchdog, Some(Duration::from_secs(10)));
+    assert_eq!(s.user.as_deref(), Some("www-data"));
+    assert_eq!(s.working_directory, Some(PathBuf::from("/srv")));
+    assert_eq!(s.fd_store_max, 4);
+    assert!(!s.on_demand, "the service is enabled on its own");
+    let socks = &got.unit.sockets;
+    let names: Vec<&str> = socks.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["http", "http-2", "http-3", "http-4"]);
+    let protos: Vec<Protocol> = socks.iter().map(|s| s.protocol).collect();
+    assert_eq!(
+        protos,
+        [
+            Protocol::Tcp,
+            Protocol::Tcp,
+            Protocol::Udp,
+            Protocol::UnixStream
+        ]
+    );
+    let shown = |s: &[IpPrefix]| s.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(shown(&socks[0].addresses), ["127.0.0.1/32"]);
+    assert_eq!(shown(&socks[1].addresses), ["::1/128"]);
+    assert_eq!(shown(&socks[2].addresses), ["0.0.0.0/0", "::/0"]);
+    assert_eq!(socks[3].path, Some(PathBuf::from("/run/web.sock")));
+    let o = &socks[0].options;
+    assert_eq!(
+        (o.backlog, o.no_delay, o.receive_buffer),
+        (Some(512), true, Some(65536))
+    );
+    assert_eq!(
+        shown(&o.allow),
+        ["127.0.0.0/8", "::1/128", "192.0.2.0/24"],
+        "deny any + allow: allow"
+    );
+    assert!(o.deny.is_empty());
+    assert_eq!(socks[2].options.backlog, None, "no backlog on udp");
+    assert!(!socks[2].options.no_delay, "no-delay is tcp only");
+    assert_eq!(socks[3].options.mode, Some(0o660));
+    assert!(got.toml.starts_with("# Written by `holdfast import` from:"));
+    assert!(got.toml.contains("# The web\n"));
+}
+
+#[test]
+fn accept_yes_pairs_with_the_template_and_stdin_socket_is_translated() {
+    let dir = dir_with(&[
+        (
+            "sshd.socket",
+            "[Socket]\nListenStream=2222\nAccept=yes\nMaxConnections=10\nMaxConnectionsPerSource=2\n",
+        ),
+        (
+            "sshd@.service",
+            "[Service]\nExecStart=-/usr/sbin/sshd -i\nStandardInput=socket\n",
+        ),
+    ]);
+    let got = import(&req(dir.path(), &["sshd.socket"])).unwrap();
+    assert_eq!(got.dropped, vec![]);
+    assert_eq!(got.unit.name, "sshd");
+    assert_eq!(got.unit.service.exec, ["/usr/sbin/sshd", "-i"]);
+    let o = &got.unit.sockets[0].options;
+    assert!(o.accept);
+    assert_eq!(
+        (o.max_connections, o.max_connections_per_source),
+        (Some(10), Some(2))
+    );
+    assert!(
+        !got.unit.service.on_demand,
+        "accept sockets start instances themselves"
+    );
+}
+
+#[test]
+fn a_socket_activated_service_not_enabled_on_its_own_starts_on_demand() {
+    let dir = dir_with(&[
+        ("d.socket", "[Socket]\nListenStream=/run/d.sock\n"),
+        ("d.service", "[Service]\nExecStart=/usr/sbin/d\n"),
+    ]);
+    let got = import(&req(dir.path(), &["d.socket"])).unwrap();
+    assert!(got.unit.service.on_demand);
+    assert_eq!(
+        got.unit.service.restart,
+        RestartPolicy::Never,
+        "systemd's Restart=no"
+    );
+}
+
+#[test]
+fn what_is_not_translated_is_listed_with_file_line_and_why() {
+    let dir = dir_with(&[(
+        "x.service",
+        "[Unit]\nAfter=postgresql.service\n[Service]\nExecStartPre=/bin/true\nExecStart=+/bin/x %H\n\
+         ExecStart=/bin/x\nExecStart=\nExecStart=/bin/y\nLimitNOFILE=1024\nType=forking\nProtectSystem=strict\n",
+    )]);
+    let got = import(&req(dir.path(), &["x.service"])).unwrap();
+    let place = |f: &super::Finding| f.place.rsplit(':').next().unwrap().to_string();
+    let lines: Vec<String> = got.dropped.iter().map(place).collect();
+    assert_eq!(
+        lines,
+        ["2", "4", "5", "9", "10", "11"],
+        "{:#?}",
+        got.dropped
+    );
+    let why: Vec<&str> = got.dropped.iter().map(|f| f.why.as_str()).collect();
+    assert!(why[0].contains("postgresql.service"));
+    assert!(why[1].contains("exec-start-pre"));
+    assert!(why[2].contains("host"), "%H: {}", why[2]);
+    assert!(why[3].contains("limit-nofile"));
+    assert!(why[4].contains("foreground"));
+    assert_eq!(got.dropped[3].directive, "LimitNOFILE=1024");
+    assert_eq!(
+        got.unit.service.exec,
+        ["/bin/y"],
+        "the reset cleared the earlier lines"
+    );
+}
+
+#[test]
+fn ip_rules_that_deny_wins_cannot_express_are_dropped() {
+    let dir = dir_with(&[
+        (
+            "r.socket",
+            "[Socket]\nListenStream=80\nIPAddressDeny=10.0.0.0/8\nIPAddressAllow=10.1.0.0/16\n",
+        ),
+        ("r.service", "[Service]\nExecStart=/bin/r\n"),
+        (
+            "s.socket",
+            "[Socket]\nListenStream=81\nIPAddressDeny=10.0.0.0/8\nIPAddressAllow=192.0.2.1\n",
+        ),
+        ("s.service", "[Service]\nExecStart=/bin/s\n"),
+    ]);
+    let r = import(&req(dir.path(), &["r.socket"])).unwrap();
+    assert_eq!(r.dropped.len(), 2, "{:#?}", r.dropped);
+    let s = import(&req(dir.path(), &["s.socket"])).unwrap();
+    assert_eq!(s.dropped, vec![]);
+    let deny: Vec<String> = s.unit.sockets[0]
+        .options
+        .deny
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(deny, ["10.0.0.0/8"]);
+}
+
+#[test]
+fn templates_need_an_instance_and_drop_ins_are_read() {
+    let dir = dir_with(&[
+        ("echo@.socket", "[Socket]\nListenStream=/run/echo-%i.sock\n"),
+        (
+            "echo@.service",
+            "[Service]\nExecStart=/bin/echo-server --name %i\n",
+        ),
+        (
+            "echo@.service.d/override.conf",
+            "[Service]\nExecStart=\nExecStart=/bin/echo-server --name %i --debug\n",
+        ),
+    ]);
+    match import(&req(dir.path(), &["echo@.socket"])) {
+        Err(ImportError::Usage(m)) => assert!(m.contains("--instance"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let mut r = req(dir.path(), &["echo@.socket"]);
+    r.instance = Some("a".into());
+    let got = import(&r).unwrap();
+    assert_eq!(got.unit.name, "echo@a");
+    assert_eq!(
+        got.unit.sockets[0].path,
+        Some(PathBuf::from("/run/echo-a.sock"))
+    );
+    assert_eq!(
+        got.unit.service.exec,
+        ["/bin/echo-server", "--name", "a", "--debug"]
+    );
+    assert_eq!(got.sources.len(), 3, "{:?}", got.sources);
+}
+
+#[test]
+fn exit_codes_and_the_written_file() {
+    let dir = dir_with(&[
+        ("ok.service", "[Service]\nExecStart=/bin/ok\n"),
+        ("bad.service", "[Service]\nExecStart=/bin/bad\nUMask=0077\n"),
+        ("none.service", "[Service]\nType=simple\n"),
+    ]);
+    let out = tempfile::tempdir().unwrap();
+    assert_eq!(run(&req(dir.path(), &["ok.service"]), out.path(), false), 0);
+    let text = std::fs::read_to_string(out.path().join("ok.toml")).unwrap();
+    crate::unit::parse_unit("ok", Path::new("ok.toml"), &text).unwrap();
+    assert_eq!(
+        run(&req(dir.path(), &["ok.service"]), out.path(), false),
+        2,
+        "exists"
+    );
+    assert_eq!(
+        run(&req(dir.path(), &["ok.service"]), out.path(), true),
+        0,
+        "--force"
+    );
+    assert_eq!(
+        run(&req(dir.path(), &["bad.service"]), out.path(), false),
+        1
+    );
+    assert_eq!(
+        run(&req(dir.path(), &["none.service"]), out.path(), false),
+        1
+    );
+    assert!(!out.path().join("none.toml").exists());
+    assert_eq!(
+        run(&req(dir.path(), &["missing.service"]), out.path(), false),
+        2
+    );
+    assert_eq!(run(&req(dir.path(), &["ok.timer"]), out.path(), false), 2);
+    crate::unit::load_dir(out.path()).unwrap();
+}
