@@ -107,6 +107,7 @@ fn time_spans_sizes_and_booleans() {
     }
     assert!(values::timespan("5 parsecs").is_err());
     assert!(values::timespan("").is_err());
+    assert!(values::timespan("2y").unwrap_err().contains("year"));
     assert_eq!(values::size("8K").unwrap(), 8192);
     assert_eq!(values::size("1M").unwrap(), 1 << 20);
     assert!(values::size("1X").is_err());

@@ -118,6 +118,12 @@ pub fn timespan(s: &str) -> Result<Option<Duration>, String> {
         total += number * seconds;
         rest = &rest[unit_end..];
     }
+    // holdfast takes durations up to a year (unit::parse's MAX_DURATION).
+    if total > 31_557_600.0 {
+        return Err(format!(
+            "{s:?} is longer than a year, the most holdfast takes"
+        ));
+    }
     Duration::try_from_secs_f64(total)
         .map(Some)
         .map_err(|_| bad())
