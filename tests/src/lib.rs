@@ -4,7 +4,8 @@
 //!
 //! - [`Netns`]: a fresh, uniquely named network namespace (`lo` up, [`Netns::add_local_route`]),
 //!   entered per thread ([`Netns::enter`] → [`NetnsGuard`], or [`Netns::run`]); dropping it
-//!   SIGKILLs what is left inside and deletes it. [`netns_or_skip`] adds the skip policy.
+//!   SIGKILLs what is left inside and deletes it. [`netns_or_skip`] adds the skip policy,
+//!   [`skip_unless!`] the early return.
 //! - [`Holdfast`]: the daemon launcher. The real binary ([`holdfast_bin`]) started with the
 //!   units of a [`Sandbox`] (a temp dir: units/, state/, out/) in its own namespace, waited
 //!   for until its control socket answers; the CLI against it ([`Holdfast::cli`],
@@ -24,11 +25,10 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use holdfast_testkit::{netns_or_skip, ask_tcp, Holdfast, Sandbox};
+//! use holdfast_testkit::{ask_tcp, netns_and_sandbox, skip_unless, Holdfast};
 //!
 //! # fn main() -> anyhow::Result<()> {
-//! let Some(ns) = netns_or_skip() else { return Ok(()) };   // root + `ip netns add`
-//! let sandbox = Sandbox::new()?;
+//! let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);   // root + `ip netns add`, a temp dir
 //! let exec = sandbox.serve_exec("web")?;                    // serve.py, report in out/web.json
 //! sandbox.write_unit("web", &format!(r#"
 //!     [service]
@@ -124,6 +124,35 @@ pub fn netns_or_skip() -> Option<Netns> {
         return None;
     }
     require("ip netns add", Netns::new())
+}
+
+/// [`netns_or_skip`] and a fresh [`Sandbox`], the start of most daemon tests:
+/// `Ok(None)` means skip.
+pub fn netns_and_sandbox() -> Result<Option<(Netns, Sandbox)>> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(None);
+    };
+    Ok(Some((ns, Sandbox::new()?)))
+}
+
+/// `skip_unless!(probe)`: the value inside `probe`'s `Some`, or, when a probe under
+/// [`require`]'s policy said skip (`None`), `return Ok(())` from the calling test.
+///
+/// ```no_run
+/// # use holdfast_testkit::{netns_and_sandbox, netns_or_skip, skip_unless};
+/// # fn a_test() -> anyhow::Result<()> {
+/// let ns = skip_unless!(netns_or_skip());
+/// let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+/// # Ok(()) }
+/// ```
+#[macro_export]
+macro_rules! skip_unless {
+    ($probe:expr) => {
+        match $probe {
+            Some(value) => value,
+            None => return Ok(()),
+        }
+    };
 }
 
 /// Probes that `path` exists (a system tool a test runs), under [`require`]'s policy.

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use holdfast_testkit::{
-    ask_tcp, control_request_as, holdfast_cli, netns_or_skip, process_gone, wait_for, Holdfast,
-    Netns, PeerOutcome, Sandbox,
+    ask_tcp, control_request_as, holdfast_cli, netns_and_sandbox, netns_or_skip, process_gone,
+    skip_unless, wait_for, Holdfast, Netns, PeerOutcome, Sandbox,
 };
 use nix::errno::Errno;
 use serde_json::Value;
@@ -44,9 +44,7 @@ fn ask_control(hf: &Holdfast, request: &[u8]) -> Result<Value> {
 
 #[test]
 fn non_root_peer_is_refused() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let (mut hf, _) = web_daemon(&ns)?;
     let sock = hf.sandbox().control_socket();
     let mode = std::fs::metadata(&sock)?.permissions().mode() & 0o7777;
@@ -82,9 +80,7 @@ fn non_root_peer_is_refused() -> Result<()> {
 
 #[test]
 fn malformed_idle_and_oversized_requests_do_not_disturb_the_daemon() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let (mut hf, pid) = web_daemon(&ns)?;
 
     // A client that connects and says nothing must not block the others.
@@ -126,10 +122,7 @@ fn malformed_idle_and_oversized_requests_do_not_disturb_the_daemon() -> Result<(
 
 #[test]
 fn status_fields_and_sigterm_stops_every_service_gracefully() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_serve_unit("alpha", 8081, "")?;
     sandbox.write_serve_unit("beta", 8082, "")?;
     sandbox.write_unit("idle", "[service]\nexec = [\"sleep\", \"1000\"]\n")?;
@@ -202,9 +195,7 @@ fn status_fields_and_sigterm_stops_every_service_gracefully() -> Result<()> {
 
 #[test]
 fn stop_start_restart_keep_the_sockets_open() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let (mut hf, first) = web_daemon(&ns)?;
     let addr: SocketAddr = "127.0.0.1:8080".parse()?;
 
@@ -265,9 +256,7 @@ fn cli_exit_codes() -> Result<()> {
 
 #[test]
 fn sigint_stops_gracefully_too() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let (mut hf, pid) = web_daemon(&ns)?;
     hf.signal(nix::sys::signal::Signal::SIGINT)?;
     let status = hf.wait_exit(holdfast_testkit::STOP_TIMEOUT)?;

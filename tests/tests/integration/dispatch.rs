@@ -21,9 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, ask_udp, holdfast_bin, holdfast_cli, netns_or_skip, parse_answer, process_gone,
-    require, require_file, toml_array, toml_str, wait_for, Holdfast, LoopClient, Netns, RunOptions,
-    Sandbox, READY_TIMEOUT, STOP_TIMEOUT,
+    ask_tcp, ask_udp, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip, parse_answer,
+    process_gone, require, require_file, skip_unless, toml_array, toml_str, wait_for, Holdfast,
+    LoopClient, Netns, RunOptions, Sandbox, READY_TIMEOUT, STOP_TIMEOUT,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -353,17 +353,13 @@ fn serve_unit(
 
 #[test]
 fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Result<()> {
-    let Some(ns) = netns_with_routes(ROUTES)? else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes(ROUTES)?);
     let sandbox = Sandbox::new()?;
     let ports = ["80", "8000-8099"];
     serve_unit(&sandbox, "web", "tcp", &[V4, V6], &ports, "")?;
     serve_unit(&sandbox, "dns", "udp", &[V4, V6], &ports, "")?;
     let inst = instance("ranges");
-    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
     let web = hf.wait_running("web", T)?;
     let dns = hf.wait_running("dns", T)?;
     let mut rng = Rng::new("ranges");
@@ -439,12 +435,8 @@ fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Res
 
 #[test]
 fn echo_answers_tcp_and_connected_udp_clients_from_the_address_and_port_they_used() -> Result<()> {
-    let Some(ns) = netns_with_routes(ROUTES)? else {
-        return Ok(());
-    };
-    let Some(dir) = require("the example binaries on PATH", examples_dir()) else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes(ROUTES)?);
+    let dir = skip_unless!(require("the example binaries on PATH", examples_dir()));
     let sandbox = Sandbox::new()?;
     let echo = dir.join("echo");
     let mut unit = format!(
@@ -461,9 +453,7 @@ fn echo_answers_tcp_and_connected_udp_clients_from_the_address_and_port_they_use
     }
     sandbox.write_unit("echo", &unit)?;
     let inst = instance("echo");
-    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
     hf.wait_running("echo", T)?;
     let mut rng = Rng::new("echo");
     let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
@@ -506,12 +496,8 @@ fn echo_answers_tcp_and_connected_udp_clients_from_the_address_and_port_they_use
 
 #[test]
 fn longer_prefix_wins_then_narrower_port_range() -> Result<()> {
-    let Some(ns) = netns_with_routes(ROUTES)? else {
-        return Ok(());
-    };
-    let Some(dir) = require("the example binaries on PATH", examples_dir()) else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes(ROUTES)?);
+    let dir = skip_unless!(require("the example binaries on PATH", examples_dir()));
     // wide: the /24 and /64 on 8000-8099; narrow: their upper halves (/25,
     // /65) on the same ports; single: the /24 and /64 on 8080 alone.
     const V4_HIGH: &str = "192.0.2.128/25";
@@ -537,9 +523,7 @@ fn longer_prefix_wins_then_narrower_port_range() -> Result<()> {
         )?;
     }
     let inst = instance("precedence");
-    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
     let mut pids = std::collections::BTreeMap::new();
     for (name, _, _) in units {
         pids.insert(name, hf.wait_running(name, T)?);
@@ -576,10 +560,7 @@ fn longer_prefix_wins_then_narrower_port_range() -> Result<()> {
 
 #[test]
 fn equally_specific_overlap_is_refused_naming_both_units() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     serve_unit(&sandbox, "first", "tcp", &[V4], &["8000-8099"], "")?;
     serve_unit(
         &sandbox,
@@ -611,15 +592,11 @@ fn equally_specific_overlap_is_refused_naming_both_units() -> Result<()> {
 
 #[test]
 fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
-    let Some(ns) = netns_with_routes(ROUTES)? else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes(ROUTES)?);
     let sandbox = Sandbox::new()?;
     serve_unit(&sandbox, "dual", "tcp", &[V4, V6], &["8000-8099"], "")?;
     let inst = instance("dual");
-    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
     let pid = hf.wait_running("dual", T)?;
     let report = hf.sandbox().wait_report("dual", T, |r| r["pid"] == pid)?;
     let sockets = report["sockets"].as_array().cloned().unwrap_or_default();
@@ -649,9 +626,7 @@ fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
 #[test]
 fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
     const KILLS: usize = 10;
-    let Some(ns) = netns_with_routes(ROUTES)? else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes(ROUTES)?);
     let sandbox = Sandbox::new()?;
     serve_unit(
         &sandbox,
@@ -662,9 +637,7 @@ fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
         "restart = \"always\"\nrestart-delay = \"50ms\"\nrestart-delay-max = \"200ms\"\nstart-limit-burst = 1000",
     )?;
     let inst = instance("kill9");
-    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
     hf.wait_running("web", T)?;
     let mut rng = Rng::new("kill9");
     let background: Vec<(SocketAddr, String)> = random_targets(&mut rng, 10)
@@ -741,15 +714,11 @@ fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
 
 #[test]
 fn a_binding_on_all_ports_serves_any_port() -> Result<()> {
-    let Some(ns) = netns_with_routes(ROUTES)? else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes(ROUTES)?);
     let sandbox = Sandbox::new()?;
     serve_unit(&sandbox, "any", "tcp", &[V4, V6], &["1-65535"], "")?;
     let inst = instance("allports");
-    let Some(mut hf) = start_dispatched(&ns, sandbox, &inst)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
     let pid = hf.wait_running("any", T)?;
     let mut rng = Rng::new("allports");
     let targets = inside(&mut rng, &[V4, V6], &[(1, 65535)]);
@@ -934,9 +903,7 @@ const WITHOUT_BPF: &[&str] = &[
 
 #[test]
 fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !require_file("/usr/bin/setpriv") {
         return Ok(());
     }
@@ -976,9 +943,7 @@ fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
 
 #[test]
 fn without_bpf_a_range_unit_is_refused_naming_unit_socket_and_reason() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !require_file("/usr/bin/setpriv") {
         return Ok(());
     }
@@ -1019,9 +984,7 @@ fn without_bpf_a_range_unit_is_refused_naming_unit_socket_and_reason() -> Result
 
 #[test]
 fn netns_flag_serves_inside_the_named_namespace() -> Result<()> {
-    let Some(ns) = netns_with_routes(ROUTES)? else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes(ROUTES)?);
     let sandbox = Sandbox::new()?;
     serve_unit(&sandbox, "web", "tcp", &[V4, V6], &["8000-8099"], "")?;
     let inst = instance("netnsflag");

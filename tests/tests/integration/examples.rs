@@ -9,7 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use holdfast_testkit::{holdfast_cli, netns_or_skip, require, run_bounded, Holdfast, Sandbox};
+use holdfast_testkit::{
+    holdfast_cli, netns_or_skip, require, run_bounded, skip_unless, Holdfast, Sandbox,
+};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -53,9 +55,7 @@ fn repository_units_are_valid() -> Result<()> {
 
 #[test]
 fn repository_units_serve_curl_and_echo_clients() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if require("the example binaries on PATH", examples_on_path()).is_none() {
         return Ok(());
     }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use holdfast_testkit::{netns_or_skip, tell, Holdfast, Sandbox};
+use holdfast_testkit::{netns_and_sandbox, skip_unless, tell, Holdfast};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -30,10 +30,7 @@ fn next_instance(hf: &Holdfast, old: i32) -> Result<(i32, Value)> {
 
 #[test]
 fn stored_fds_come_back_after_a_crash_under_their_names() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit(
         "web",
         8080,
@@ -100,10 +97,7 @@ fn stored_fds_come_back_after_a_crash_under_their_names() -> Result<()> {
 
 #[test]
 fn fd_store_max_bounds_the_store() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("web", 8080, &["--ready"], "fd-store-max = 2")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let first = hf.wait_running("web", T)?;

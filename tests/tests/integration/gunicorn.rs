@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    netns_or_skip, process_gone, require_file, toml_array, wait_for, Holdfast, Sandbox,
+    netns_or_skip, process_gone, require_file, skip_unless, toml_array, wait_for, Holdfast, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -38,9 +38,7 @@ fn get(addr: SocketAddr) -> Result<(String, String)> {
 
 #[test]
 fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !require_file(GUNICORN) {
         return Ok(());
     }

@@ -7,18 +7,15 @@ use std::time::Duration;
 
 use anyhow::Result;
 use holdfast_testkit::{
-    ask_tcp, ask_udp, ask_unix, check_handoff, netns_or_skip, require_file, toml_str, ExpectSocket,
-    Holdfast, Sandbox,
+    ask_tcp, ask_udp, ask_unix, check_handoff, netns_and_sandbox, netns_or_skip, require_file,
+    skip_unless, toml_str, ExpectSocket, Holdfast,
 };
 
 const T: Duration = Duration::from_secs(10);
 
 #[test]
 fn one_socket_is_fd_3_with_exact_listen_env() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let exec = sandbox.serve_exec("one")?;
     // No `name`: the LISTEN_FDNAMES entry defaults to the service name.
     sandbox.write_unit(
@@ -47,10 +44,7 @@ ports = ["8001"]
 
 #[test]
 fn three_sockets_are_fds_3_4_5_in_unit_order() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let exec = sandbox.serve_exec("three")?;
     let unix_path = sandbox.path().join("ctl.sock");
     let unix_path_str = unix_path.to_string_lossy().into_owned();
@@ -111,9 +105,7 @@ path = {path}
 #[test]
 fn systemd_socket_proxyd_works_unchanged() -> Result<()> {
     const PROXYD: &str = "/lib/systemd/systemd-socket-proxyd";
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !require_file(PROXYD) {
         return Ok(());
     }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use holdfast_testkit::{
-    ask_tcp, ask_udp, check_handoff, control_request_as, netns_or_skip, process_gone, require_root,
-    ExpectSocket, HandedFds, PeerOutcome, Sandbox,
+    ask_tcp, ask_udp, check_handoff, control_request_as, netns_and_sandbox, netns_or_skip,
+    process_gone, require_root, skip_unless, ExpectSocket, HandedFds, PeerOutcome, Sandbox,
 };
 use nix::errno::Errno;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
@@ -29,12 +29,8 @@ fn current_netns() -> String {
 
 #[test]
 fn netns_is_private_entered_per_thread_and_restored() -> Result<()> {
-    let Some(a) = netns_or_skip() else {
-        return Ok(());
-    };
-    let Some(b) = netns_or_skip() else {
-        return Ok(());
-    };
+    let a = skip_unless!(netns_or_skip());
+    let b = skip_unless!(netns_or_skip());
     let before = current_netns();
     // A thread that already exists keeps its namespace when this one moves.
     let (go, wait) = std::sync::mpsc::channel::<()>();
@@ -68,9 +64,7 @@ fn netns_is_private_entered_per_thread_and_restored() -> Result<()> {
 
 #[test]
 fn local_routes_make_a_whole_prefix_local() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     ns.add_local_route("192.0.2.0/24")?;
     ns.add_local_route("2001:db8::/64")?;
     ns.run(|| -> Result<()> {
@@ -92,9 +86,7 @@ fn local_routes_make_a_whole_prefix_local() -> Result<()> {
 
 #[test]
 fn dropping_netns_deletes_it_and_kills_what_is_left_inside() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let path = ns.path().to_owned();
     let mut sleeper = ns.run(|| Command::new("sleep").arg("1000").spawn())??;
     assert_eq!(ns.pids()?, vec![sleeper.id() as i32]);
@@ -132,10 +124,7 @@ fn spawn_reference(
 
 #[test]
 fn reference_service_confirms_a_correct_handoff() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let (tcp, udp) = ns.run(|| -> Result<_> {
         Ok((
             TcpListener::bind("127.0.0.1:8001")?,
@@ -176,10 +165,7 @@ fn reference_service_confirms_a_correct_handoff() -> Result<()> {
 
 #[test]
 fn reference_service_exposes_a_wrong_handoff() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let (a, b) = ns.run(|| -> Result<_> {
         Ok((
             TcpListener::bind("127.0.0.1:8001")?,

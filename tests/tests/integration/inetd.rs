@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_udp, holdfast_bin, holdfast_cli, netns_or_skip, require, require_file, run_bounded,
-    toml_array, toml_str, wait_for, Holdfast, Netns, RunOptions, Sandbox, PYTHON,
+    ask_udp, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip, require, require_file,
+    run_bounded, skip_unless, toml_array, toml_str, wait_for, Holdfast, Netns, RunOptions, Sandbox,
+    PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{
@@ -403,9 +404,7 @@ fn check_cat_and_who(
 
 #[test]
 fn accept_serves_stdin_stdout_and_fd3_services_on_a_port_range_and_prefix() -> Result<()> {
-    let Some(ns) = netns_with_routes()? else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes()?);
     let sandbox = Sandbox::new()?;
     let who = sandbox.write_script("who.py", WHO_PY)?;
     let who = who.to_string_lossy();
@@ -417,9 +416,7 @@ fn accept_serves_stdin_stdout_and_fd3_services_on_a_port_range_and_prefix() -> R
         "who",
         &accept_unit(&[PYTHON, &who], "", &[DEST_PREFIX], &["7100-7109"], ""),
     )?;
-    let Some(mut hf) = start_dispatched(&ns, sandbox, "range")? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, "range")?);
     check_cat_and_who(
         &ns,
         &hf,
@@ -447,10 +444,7 @@ fn accept_serves_stdin_stdout_and_fd3_services_on_a_port_range_and_prefix() -> R
 
 #[test]
 fn accept_serves_stdin_stdout_and_fd3_services_in_bind_mode() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let who = sandbox.write_script("who.py", WHO_PY)?;
     let who = who.to_string_lossy();
     sandbox.write_unit(
@@ -513,10 +507,7 @@ fn overlap_counts_intervals_that_share_a_time() {
 fn max_connections_bounds_instances_and_every_connection_is_served() -> Result<()> {
     const CLIENTS: usize = 200;
     const MAX: u64 = 10;
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let script = sandbox.write_script("slow-echo.sh", SLOW_ECHO_SH)?;
     let out = sandbox.out_dir();
     sandbox.write_unit(
@@ -611,9 +602,7 @@ fn max_connections_bounds_instances_and_every_connection_is_served() -> Result<(
 
 #[test]
 fn per_source_limit_closes_a_sources_extra_connections_only() -> Result<()> {
-    let Some(ns) = netns_with_routes()? else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes()?);
     let sandbox = cat_sandbox(
         &["198.51.100.1/32"],
         &["7300"],
@@ -668,9 +657,7 @@ fn rate_limit_pauses_accepting_and_the_burst_is_served_after_the_pause() -> Resu
     const BURST: usize = 20;
     const RATE: usize = 5;
     let pause = Duration::from_secs(2);
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let sandbox = cat_sandbox(
         &["127.0.0.1/32"],
         &["7400"],
@@ -724,9 +711,7 @@ fn rate_limit_pauses_accepting_and_the_burst_is_served_after_the_pause() -> Resu
 
 #[test]
 fn stop_ends_the_instances_and_connections_wait_for_start_not_refused() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let sandbox = cat_sandbox(&["127.0.0.1/32"], &["7800"], "")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let dst = sa("127.0.0.1:7800");
@@ -766,10 +751,7 @@ const STUBBORN: &str = "trap '' TERM; exec /bin/cat";
 
 #[test]
 fn stop_kills_instances_that_ignore_sigterm_after_stop_timeout() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_unit(
         "stubborn",
         &accept_unit(
@@ -802,10 +784,7 @@ fn stop_kills_instances_that_ignore_sigterm_after_stop_timeout() -> Result<()> {
 
 #[test]
 fn shutdown_ends_instances_that_ignore_sigterm() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_unit(
         "stubborn",
         &accept_unit(
@@ -829,9 +808,7 @@ fn shutdown_ends_instances_that_ignore_sigterm() -> Result<()> {
 
 #[test]
 fn allow_and_deny_close_what_they_refuse_in_bind_mode() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let sandbox = cat_sandbox(
         &["127.0.0.1/32"],
         &["7500"],
@@ -870,17 +847,13 @@ fn allow_and_deny_close_what_they_refuse_in_bind_mode() -> Result<()> {
 
 #[test]
 fn allow_and_deny_refuse_sources_with_the_dispatcher() -> Result<()> {
-    let Some(ns) = netns_with_routes()? else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes()?);
     let sandbox = cat_sandbox(
         &[DEST_PREFIX],
         &["7600-7609"],
         "allow = [\"198.51.100.0/25\"]\ndeny = [\"198.51.100.7/32\"]",
     )?;
-    let Some(mut hf) = start_dispatched(&ns, sandbox, "allow")? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, "allow")?);
     // Denied connections are dropped by the dispatcher's sk_lookup program
     // before they reach the socket: refused (or timed out), never accepted.
     let short = Duration::from_secs(3);
@@ -933,15 +906,11 @@ fn allow_and_deny_refuse_sources_with_the_dispatcher() -> Result<()> {
 /// not a socket option) and the dispatcher's rules follow at once.
 #[test]
 fn reload_changes_allow_and_deny_in_place() -> Result<()> {
-    let Some(ns) = netns_with_routes()? else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_with_routes()?);
     let unit = |rules: &str| accept_unit(&["/bin/cat"], "", &[DEST_PREFIX], &["7610"], rules);
     let sandbox = Sandbox::new()?;
     sandbox.write_unit("cat", &unit("deny = [\"198.51.100.7/32\"]"))?;
-    let Some(hf) = start_dispatched(&ns, sandbox, "reallow")? else {
-        return Ok(());
-    };
+    let hf = skip_unless!(start_dispatched(&ns, sandbox, "reallow")?);
     let dst = sa("192.0.2.1:7610");
     let (seven, eight) = (v4("198.51.100.7"), v4("198.51.100.8"));
     let short = Duration::from_secs(3);
@@ -1057,9 +1026,7 @@ fn check_on_demand(ns: &Netns, hf: &Holdfast, ask: &dyn Fn() -> Result<String>) 
 
 #[test]
 fn on_demand_udp_echo_starts_on_the_first_datagram_and_again_after_it_exits() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !example_echo_on_path() {
         return Ok(());
     }
@@ -1073,9 +1040,7 @@ fn on_demand_udp_echo_starts_on_the_first_datagram_and_again_after_it_exits() ->
 
 #[test]
 fn on_demand_tcp_echo_starts_on_the_first_connection_and_again_after_it_exits() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !example_echo_on_path() {
         return Ok(());
     }
@@ -1114,9 +1079,7 @@ const MICRO_HTTPD: &str = "/usr/sbin/micro-httpd";
 
 #[test]
 fn debian_micro_httpd_is_served_unchanged_per_connection() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !require_file(MICRO_HTTPD) || !require_file("/usr/bin/curl") {
         return Ok(());
     }

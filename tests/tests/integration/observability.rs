@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, holdfast_bin, netns_or_skip, process_gone, require_file, toml_str, wait_for, Holdfast,
-    RunOptions, Sandbox, PYTHON,
+    ask_tcp, holdfast_bin, netns_and_sandbox, netns_or_skip, process_gone, require_file,
+    skip_unless, toml_str, wait_for, Holdfast, RunOptions, Sandbox, PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -209,9 +209,7 @@ fn http_get(addr: &str, path: &str) -> Result<(u16, String, String)> {
 
 #[test]
 fn metrics_follow_the_services_in_the_cli_and_over_http() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !require_file(PROMETHEUS_CLIENT) {
         return Ok(());
     }
@@ -224,9 +222,7 @@ fn metrics_follow_the_services_in_the_cli_and_over_http() -> Result<()> {
         args: vec!["--metrics-listen".into(), "127.0.0.1:9100".into()],
         ..RunOptions::default()
     };
-    let Some(mut hf) = Holdfast::start_dispatched(&ns, sandbox, &opts)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(Holdfast::start_dispatched(&ns, sandbox, &opts)?);
     let pid = hf.wait_running("web", T)?;
     let dest = [("service", "web"), ("socket", "http")];
 
@@ -303,9 +299,7 @@ fn metrics_follow_the_services_in_the_cli_and_over_http() -> Result<()> {
 
 #[test]
 fn backlog_queued_shows_the_connections_a_stopped_service_has_waiting() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !require_file(PROMETHEUS_CLIENT) {
         return Ok(());
     }
@@ -396,10 +390,7 @@ fn numbered(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
 
 #[test]
 fn logs_show_the_last_lines_keep_1000_and_follow() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     write_chatty_unit(&sandbox)?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     hf.wait_running("chatty", T)?;
@@ -479,10 +470,7 @@ fn json_lines(log: &str) -> Result<Vec<Value>> {
 
 #[test]
 fn json_log_lines_parse_and_name_their_service() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_serve_unit("web", 8080, "restart = \"always\"")?;
     let opts = RunOptions {
         args: vec!["--log-format".into(), "json".into()],
@@ -536,10 +524,7 @@ fn json_log_lines_parse_and_name_their_service() -> Result<()> {
 
 #[test]
 fn rust_log_sets_the_level() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_serve_unit("web", 8080, "")?;
     // Ignores SIGTERM: its stop ends in a SIGKILL, which is worth a warning.
     sandbox.write_unit(
@@ -577,19 +562,18 @@ fn rust_log_sets_the_level() -> Result<()> {
 
 #[test]
 fn json_outputs_have_the_documented_fields() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let exec = sandbox.serve_exec("web")?;
     let service = format!("exec = {exec}");
     let ports = ["80", "8000-8009"];
     sandbox.write_tcp_unit("web", &service, "http", &["192.0.2.0/24"], &ports, "")?;
     sandbox.write_unit("idle", "[service]\nexec = [\"/bin/sleep\", \"1000\"]\n")?;
     ns.add_local_route("192.0.2.0/24")?;
-    let Some(mut hf) = Holdfast::start_dispatched(&ns, sandbox, &RunOptions::default())? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(Holdfast::start_dispatched(
+        &ns,
+        sandbox,
+        &RunOptions::default()
+    )?);
     let pid = hf.wait_running("web", T)?;
     hf.wait_running("idle", T)?;
     hf.cli_ok(&["stop", "idle"])?;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    netns_or_skip, process_gone, reply_pid, tell, wait_for, Holdfast, Netns, Sandbox,
+    netns_and_sandbox, process_gone, reply_pid, skip_unless, tell, wait_for, Holdfast, Netns,
 };
 use serde_json::{json, Value};
 
@@ -115,10 +115,7 @@ fn old_one_kept(hf: &Holdfast, old: i32, seen: &Seen) -> Result<Value> {
 /// `reasons`, the old instance kept serving a looping client without an error, and
 /// the candidate, which status showed as `next_pid`, is gone.
 fn failed_overlap(later: &str, unit_extra: &str, args: &[&str], reasons: &[&str]) -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("web", 8080, &["--ready", "--later", later], unit_extra)?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let old = hf.wait_running("web", T)?;
@@ -177,10 +174,7 @@ fn overlap_restart_whose_new_instance_exits_keeps_the_old_one() -> Result<()> {
 
 #[test]
 fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("web", 8080, &["--ready", "--ready-after", "0.5"], "")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let old = hf.wait_running("web", T)?;
@@ -217,10 +211,7 @@ fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
 
 #[test]
 fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("web", 8080, &["--ready"], "single-instance = true")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let old = hf.wait_running("web", T)?;
@@ -247,10 +238,7 @@ fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
 /// "stopping" for good and `holdfast start` waiting forever).
 #[test]
 fn a_draining_instance_does_not_speak_for_the_service() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit(
         "web",
         8080,

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    netns_or_skip, process_gone, reply_pid, require_file, send_notify_as, send_notify_from_here,
-    tell, toml_str, wait_for, Holdfast, Sandbox,
+    netns_and_sandbox, netns_or_skip, process_gone, reply_pid, require_file, send_notify_as,
+    send_notify_from_here, skip_unless, tell, toml_str, wait_for, Holdfast, Sandbox,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -50,9 +50,7 @@ fn touch(p: &Path) -> Result<()> {
 
 #[test]
 fn systemd_notify_ready_and_status_from_a_shell_script() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !require_file("/usr/bin/systemd-notify") {
         return Ok(());
     }
@@ -99,9 +97,7 @@ fn systemd_notify_ready_and_status_from_a_shell_script() -> Result<()> {
 /// SIGSTOPped meanwhile so that the message is certainly read afterwards.
 #[test]
 fn systemd_notify_is_heard_when_its_sender_is_gone_before_the_read() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     if !require_file("/usr/bin/systemd-notify") {
         return Ok(());
     }
@@ -152,10 +148,7 @@ fn systemd_notify_is_heard_when_its_sender_is_gone_before_the_read() -> Result<(
 
 #[test]
 fn python_sender_ready_status_reloading_errno_stopping() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("py", 8080, &[], "start-timeout = \"25s\"")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let _inside = ns.enter()?;
@@ -207,10 +200,7 @@ fn python_sender_ready_status_reloading_errno_stopping() -> Result<()> {
 
 #[test]
 fn mainpid_moves_the_main_process_within_the_service_only() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("py", 8080, &["--ready"], "restart-delay = \"100ms\"")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let _inside = ns.enter()?;
@@ -260,10 +250,7 @@ fn mainpid_moves_the_main_process_within_the_service_only() -> Result<()> {
 
 #[test]
 fn extend_timeout_usec_extends_the_start_timeout() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     // Without the extension it would be stopped 1.5 s after it started.
     sandbox.write_notifier_unit(
         "slow",
@@ -291,10 +278,7 @@ fn extend_timeout_usec_extends_the_start_timeout() -> Result<()> {
 
 #[test]
 fn extend_timeout_usec_extends_the_stop_timeout() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     for (name, port) in [("extends", 8080), ("plain", 8081)] {
         sandbox.write_notifier_unit(name, port, &["--ready"], "stop-timeout = \"1s\"")?;
     }
@@ -370,10 +354,7 @@ fn never_running_and_restarted(hf: &Holdfast, name: &str) -> Result<()> {
 
 #[test]
 fn never_ready_is_stopped_at_start_timeout_and_restarted() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let starts = sandbox.out("mute.starts");
     // The shell dies of the SIGTERM.
     let script = format!("echo $$ >> {}; exec sleep 1000", starts.display());
@@ -389,10 +370,7 @@ fn never_ready_is_stopped_at_start_timeout_and_restarted() -> Result<()> {
 /// even when the service exits 0 on the SIGTERM.
 #[test]
 fn never_ready_that_exits_0_on_sigterm_is_restarted_too() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("polite", 8080, &[], NEVER_READY_POLICY)?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     never_running_and_restarted(&hf, "polite")?;
@@ -402,10 +380,7 @@ fn never_ready_that_exits_0_on_sigterm_is_restarted_too() -> Result<()> {
 
 #[test]
 fn foreign_senders_are_ignored() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("py", 8080, &[], "start-timeout = \"25s\"")?;
     let socket = sandbox.notify_socket("py");
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
@@ -474,10 +449,7 @@ fn foreign_senders_are_ignored() -> Result<()> {
 /// (`status_text`, checked above) and in the table's STATUS column.
 #[test]
 fn status_text_is_shown_by_the_status_table() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit(
         "py",
         8080,

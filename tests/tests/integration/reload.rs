@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, netns_or_skip, process_gone, toml_array, wait_for, Holdfast, LoopClient, Netns,
-    RunOptions, Sandbox, PYTHON,
+    ask_tcp, netns_and_sandbox, netns_or_skip, process_gone, skip_unless, toml_array, wait_for,
+    Holdfast, LoopClient, Netns, RunOptions, Sandbox, PYTHON,
 };
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
@@ -184,17 +184,12 @@ fn bindings_of(hf: &Holdfast, service: &str) -> Result<Vec<Value>> {
 
 #[test]
 fn reload_adds_and_removes_units_and_leaves_the_unchanged_alone() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     serve_unit(&sandbox, "keep", &["192.0.2.1/32"], &["80"], "", "")?;
     // `gone` ignores SIGTERM: its stop lasts its stop-timeout, time enough to see
     // that its binding is removed before the stop is over.
     let gone_socket_file = stubborn_unit(&sandbox, "gone", &["192.0.2.2/32"])?;
-    let Some(mut hf) = start_dispatched(&ns, sandbox)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
     let keep = hf.wait_running("keep", T)?;
     let gone = hf.wait_running("gone", T)?;
     let gone_socket = wait_for("gone's socket inode", T, || {
@@ -276,14 +271,9 @@ fn reload_adds_and_removes_units_and_leaves_the_unchanged_alone() -> Result<()> 
 
 #[test]
 fn rebinding_keeps_the_socket_and_the_process() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     serve_unit(&sandbox, "web", &["192.0.2.0/25"], &["80"], "", "")?;
-    let Some(mut hf) = start_dispatched(&ns, sandbox)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
     let pid = hf.wait_running("web", T)?;
     let (_, socket) = reported_socket(hf.sandbox(), "web", pid)?;
     let destination = bindings_of(&hf, "web")?[0]["destination"].clone();
@@ -371,9 +361,7 @@ fn service_change_restarts_in_overlap_mode_without_losing_a_connection() -> Resu
 }
 
 fn service_change_case(overlap: bool) -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let (mode, may_fail) = mode_lines(overlap);
     let sandbox = Sandbox::new()?;
     sandbox.write_serve_unit("web", 8080, mode)?;
@@ -443,9 +431,7 @@ fn socket_option_change_in_overlap_mode_closes_the_old_socket() -> Result<()> {
 /// A backlog change under a loop client: a new socket, a new instance on it, no
 /// connection refused; `old_closed`: also wait for the daemon to close the old socket.
 fn socket_option_case(overlap: bool, old_closed: bool) -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let (mode, may_fail) = mode_lines(overlap);
     let sandbox = Sandbox::new()?;
     serve_unit(
@@ -456,9 +442,7 @@ fn socket_option_case(overlap: bool, old_closed: bool) -> Result<()> {
         mode,
         "backlog = 16",
     )?;
-    let Some(mut hf) = start_dispatched(&ns, sandbox)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
     let old = hf.wait_running("web", T)?;
     let (_, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
     assert_eq!(backlog_limit(&hf, "web")?, Some(16));
@@ -512,9 +496,7 @@ fn socket_option_case(overlap: bool, old_closed: bool) -> Result<()> {
 /// reason and what to do, and the running configuration keeps serving.
 #[test]
 fn socket_option_change_without_the_dispatcher() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let web = |sandbox: &Sandbox, socket_extra: &str| {
         serve_unit(
             sandbox,
@@ -580,10 +562,7 @@ fn backlog_limit(hf: &Holdfast, service: &str) -> Result<Option<u64>> {
 
 #[test]
 fn a_reload_that_cannot_be_applied_changes_nothing_and_names_every_error() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_serve_unit("a", 8081, "")?;
     sandbox.write_serve_unit("b", 8082, "")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
@@ -690,10 +669,7 @@ fn expect_untouched(
 
 #[test]
 fn sighup_reloads_like_the_cli() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_serve_unit("a", 8081, "")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let a = hf.wait_running("a", T)?;
@@ -769,14 +745,9 @@ fn write_set(sandbox: &Sandbox, b: bool) -> Result<()> {
 #[test]
 fn bindings_change_atomically_while_a_client_connects_in_a_loop() -> Result<()> {
     const RELOADS: usize = 30;
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     write_set(&sandbox, false)?;
-    let Some(mut hf) = start_dispatched(&ns, sandbox)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
     let x = hf.wait_running("x", T)?;
     let z = hf.wait_running("z", T)?;
     let client = LoopClient::start(
@@ -835,16 +806,11 @@ fn bindings_change_atomically_while_a_client_connects_in_a_loop() -> Result<()> 
 /// the removal).
 #[test]
 fn a_unit_added_back_while_its_removal_is_stopping() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let socket_file = stubborn_unit(&sandbox, "w", &["192.0.2.0/25"])?;
     let unit = fs::read_to_string(sandbox.units_dir().join("w.toml"))?;
     serve_unit(&sandbox, "a", &["192.0.2.200/32"], &["80"], "", "")?;
-    let Some(mut hf) = start_dispatched(&ns, sandbox)? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
     let old = hf.wait_running("w", T)?;
     // Its SIGTERM handler is in place once it has written its socket's name.
     wait_for("w's socket inode", T, || {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use holdfast_testkit::{
-    netns_or_skip, require, toml_str, wrk, Holdfast, Netns, Sandbox, WrkReport,
+    netns_or_skip, require, skip_unless, toml_str, wrk, Holdfast, Netns, Sandbox, WrkReport,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -151,12 +151,8 @@ fn check(mode: &str, header: Option<&str>, r: &WrkReport) -> Result<()> {
 }
 
 fn restarts_under_wrk(mode: &str) -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let Some(mut hf) = start(&ns)? else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
+    let mut hf = skip_unless!(start(&ns)?);
     for header in [None, Some("Connection: close")] {
         let report = run_with_restarts(&ns, &hf, mode, header)?;
         check(mode, header, &report)?;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, netns_or_skip, process_gone, toml_str, wait_for, Holdfast, Sandbox,
+    ask_tcp, netns_and_sandbox, process_gone, skip_unless, toml_str, wait_for, Holdfast,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -39,10 +39,7 @@ struct Tally {
 #[test]
 fn kill_9_in_a_loop_refuses_no_connection() -> Result<()> {
     const KILLS: usize = 20;
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_serve_unit(
         "web",
         8080,
@@ -153,10 +150,7 @@ struct Start {
 
 #[test]
 fn crash_loop_backs_off_and_fails_while_others_keep_running() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let starts = sandbox.out("starts");
     // Field 22 of /proc/PID/stat: start time in clock ticks since boot; /proc/uptime
     // is read last, just before exit.
@@ -241,10 +235,7 @@ start-limit-interval = "30s"
 
 #[test]
 fn sigterm_ignored_means_sigkill_after_stop_timeout_for_the_whole_group() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let main_file = sandbox.out("main");
     let grandchild_file = sandbox.out("grandchild");
     sandbox.write_unit(

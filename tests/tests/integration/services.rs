@@ -7,16 +7,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use holdfast_testkit::{netns_or_skip, toml_str, wait_for, Holdfast, Sandbox};
+use holdfast_testkit::{
+    netns_and_sandbox, netns_or_skip, skip_unless, toml_str, wait_for, Holdfast, Sandbox,
+};
 use nix::unistd::{Group, User};
 
 const T: Duration = Duration::from_secs(10);
 
 #[test]
 fn service_output_is_logged_line_by_line_with_its_name() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let mut hf = Holdfast::start(
         &ns,
         &[
@@ -69,9 +69,7 @@ fn ids(status: &str) -> BTreeMap<String, Vec<u32>> {
 
 #[test]
 fn user_and_group_drop_privileges() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
+    let ns = skip_unless!(netns_or_skip());
     let nobody = User::from_name("nobody")?.context("no user nobody")?;
     let daemon = Group::from_name("daemon")?.context("no group daemon")?;
     let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
@@ -132,10 +130,7 @@ fn user_and_group_drop_privileges() -> Result<()> {
 
 #[test]
 fn environment_and_working_directory_apply() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let exec = sandbox.serve_exec("env")?;
     let cwd = sandbox.out_dir();
     sandbox.write_unit(
@@ -168,10 +163,7 @@ environment = {{ GREETING = "hello there", EMPTY = "" }}
 
 #[test]
 fn orphans_are_adopted_and_reaped_by_holdfast() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let orphan_file = sandbox.out("orphan");
     // The inner shell starts a sleep and exits at once: the sleep is orphaned.
     let script = format!(

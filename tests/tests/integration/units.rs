@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use holdfast_testkit::{holdfast_cli, netns_or_skip, Holdfast, Netns, Sandbox};
+use holdfast_testkit::{holdfast_cli, netns_and_sandbox, skip_unless, Holdfast, Netns, Sandbox};
 
 /// One kind of mistake: a unit file and where its diagnostic must point.
 struct Case {
@@ -382,10 +382,7 @@ fn run_expecting_refusal(ns: &Netns, sandbox: Sandbox, markers: &[PathBuf]) -> R
 
 #[test]
 fn run_on_invalid_units_starts_nothing_and_exits_1() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let marker = sandbox.out("started");
     sandbox.write_units(&[
         ("aa-good", &toucher(&marker, 8080, "web")),
@@ -408,10 +405,7 @@ fn run_on_invalid_units_starts_nothing_and_exits_1() -> Result<()> {
 
 #[test]
 fn listener_in_use_names_unit_and_socket_and_starts_nothing() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let markers = ["a", "m", "z"].map(|m| sandbox.out(&format!("{m}-started")));
     // Units on both sides of the busy one, whatever order holdfast goes in.
     sandbox.write_units(&[

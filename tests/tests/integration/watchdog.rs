@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use holdfast_testkit::{netns_or_skip, tell, Holdfast, Sandbox};
+use holdfast_testkit::{netns_and_sandbox, skip_unless, tell, Holdfast};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(10);
@@ -42,10 +42,7 @@ fn restarted_after_abort(hf: &Holdfast, name: &str, old: i32, within: Duration) 
 
 #[test]
 fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("dog", 8080, &["--ready", "--ping"], "watchdog = \"1s\"")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = hf.wait_running("dog", T)?;
@@ -73,10 +70,7 @@ fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
 
 #[test]
 fn watchdog_trigger_aborts_at_once() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("dog", 8080, &["--ready", "--ping"], "watchdog = \"20s\"")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = hf.wait_running("dog", T)?;
@@ -94,10 +88,7 @@ fn watchdog_trigger_aborts_at_once() -> Result<()> {
 
 #[test]
 fn watchdog_usec_changes_the_timeout_of_the_running_instance() -> Result<()> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(());
-    };
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     // "shorter" asks for 500 ms instead of 20 s, then goes quiet; "longer" for 60 s
     // instead of 1 s, then goes quiet.
     sandbox.write_notifier_unit(
