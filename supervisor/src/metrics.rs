@@ -1,16 +1,20 @@
 //! Metrics: a snapshot of what the supervisor knows, rendered as Prometheus
 //! text exposition (with the `prometheus-client` crate), and the optional
-//! HTTP endpoint (`--metrics-listen`, with `tiny_http`) that serves it.
+//! HTTP endpoint (`--metrics-listen`) that serves it.
 //!
-//! The endpoint's thread only accepts and parses HTTP; it hands each request
-//! to the event loop through a channel and wakes it through a socket pair, so
-//! the loop stays the only owner of the state and renders the reply itself.
+//! The endpoint's one thread accepts, parses (with `httparse`) and writes
+//! HTTP, with bounded connections and timeouts (see [`Endpoint`]); it asks
+//! the event loop for a render through a socket pair and gets the text back
+//! through a channel, so the loop stays the only owner of the state.
 
-use std::io;
-use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -18,6 +22,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
+
+use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
 
 /// Every state a service can be in, for the one-series-per-state gauge.
 pub const STATES: &[&str] = &[
@@ -230,46 +236,83 @@ pub fn render(s: &Snapshot) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("cannot serve metrics on {addr}: {message}")]
-    Listen { addr: SocketAddr, message: String },
-    #[error("cannot create the metrics wake-up pair: {0}")]
-    Wake(#[source] io::Error),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set up the metrics endpoint: {0}")]
+    Setup(#[source] io::Error),
 }
 
-/// The HTTP endpoint: requests arrive on `rx`, and `wake` becomes readable.
+/// Connections the endpoint keeps at once (so at most this many fds, plus
+/// the listener and two wake-up sockets). When full, a new connection
+/// evicts the oldest one that has not yet sent a whole request.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a client may take to send its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to read its reply (from the end of its request).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest request head read; longer is answered 431 and closed.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// How long accepting pauses after EMFILE/ENFILE.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The `--metrics-listen` endpoint, as the event loop sees it: a fd that
+/// is readable when scrapers wait for a reply, and [`Endpoint::answer`].
+///
+/// One thread (`metrics-http`) owns the listening socket and every
+/// connection and drives them with poll(2): HTTP/1.x GET parsed with
+/// `httparse`, at most [`MAX_CONNECTIONS`] connections,
+/// [`REQUEST_TIMEOUT`] / [`REPLY_TIMEOUT`] for idle and slow clients, a
+/// pause on EMFILE. So the endpoint uses one thread and a bounded number of
+/// fds however many clients come, and never takes the fds the services need.
+/// It stops when the `Endpoint` is dropped.
 pub struct Endpoint {
-    wake: OwnedFd,
-    rx: mpsc::Receiver<tiny_http::Request>,
     addr: SocketAddr,
+    /// Readable when the HTTP thread has requests waiting for a render.
+    wanted: UnixStream,
+    /// Rendered texts for the HTTP thread; a byte on `rendered_wake` says one is there.
+    rendered: mpsc::Sender<Arc<str>>,
+    rendered_wake: UnixStream,
 }
 
 impl Endpoint {
+    /// Binds `addr` and starts the HTTP thread.
     pub fn serve(addr: SocketAddr) -> Result<Endpoint, MetricsError> {
-        let server = tiny_http::Server::http(addr).map_err(|e| MetricsError::Listen {
-            addr,
-            message: e.to_string(),
-        })?;
-        let addr = server.server_addr().to_ip().unwrap_or(addr);
-        let (r, w) = UnixStream::pair().map_err(MetricsError::Wake)?;
-        r.set_nonblocking(true).map_err(MetricsError::Wake)?;
-        let (tx, rx) = mpsc::channel();
+        let listener =
+            TcpListener::bind(addr).map_err(|source| MetricsError::Listen { addr, source })?;
+        let addr = listener.local_addr().unwrap_or(addr);
+        listener
+            .set_nonblocking(true)
+            .map_err(MetricsError::Setup)?;
+        let (wanted, wanted_tx) = UnixStream::pair().map_err(MetricsError::Setup)?;
+        let (rendered_rx_wake, rendered_wake) = UnixStream::pair().map_err(MetricsError::Setup)?;
+        for s in [&wanted, &wanted_tx, &rendered_rx_wake, &rendered_wake] {
+            s.set_nonblocking(true).map_err(MetricsError::Setup)?;
+        }
+        let (rendered, rendered_rx) = mpsc::channel();
+        let http = Http {
+            listener,
+            connections: Vec::new(),
+            want: wanted_tx,
+            asked: false,
+            rendered: rendered_rx,
+            rendered_wake: rendered_rx_wake,
+            accept_pause: AcceptPause::new(ACCEPT_PAUSE),
+            accept_errors: LogLimiter::new(3, Duration::from_secs(60)),
+        };
         std::thread::Builder::new()
             .name("metrics-http".into())
-            .spawn(move || {
-                use std::io::Write;
-                let mut w = w;
-                for request in server.incoming_requests() {
-                    if tx.send(request).is_err() {
-                        return;
-                    }
-                    let _ = w.write(&[1]);
-                }
-            })
-            .map_err(MetricsError::Wake)?;
+            .spawn(move || http.run())
+            .map_err(MetricsError::Setup)?;
         Ok(Endpoint {
-            wake: OwnedFd::from(r),
-            rx,
             addr,
+            wanted,
+            rendered,
+            rendered_wake,
         })
     }
 
@@ -277,46 +320,381 @@ impl Endpoint {
         self.addr
     }
 
+    /// Poll it for POLLIN: scrapers are waiting for [`Endpoint::answer`].
     pub fn wake_fd(&self) -> BorrowedFd<'_> {
-        self.wake.as_fd()
+        self.wanted.as_fd()
     }
 
-    /// Answers every pending request with `render()` (for GET /metrics) or 404,
-    /// each reply written by a short-lived thread of its own.
+    /// Renders once for every scraper waiting (nothing when none is).
     pub fn answer(&self, render: impl Fn() -> String) {
         let mut buf = [0u8; 64];
-        while matches!(nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&self.wake), &mut buf), Ok(n) if n > 0)
-        {
+        let mut asked = false;
+        while matches!((&self.wanted).read(&mut buf), Ok(n) if n > 0) {
+            asked = true;
         }
-        while let Ok(req) = self.rx.try_recv() {
-            let path = req.url().split('?').next().unwrap_or("").to_string();
-            let response = if path == "/metrics" || path == "/" {
-                let header = tiny_http::Header::from_bytes(
-                    &b"Content-Type"[..],
-                    &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
-                )
-                .expect("a valid header");
-                tiny_http::Response::from_string(render()).with_header(header)
-            } else {
-                tiny_http::Response::from_string("not found: try /metrics\n").with_status_code(404)
-            };
-            // Written off the event loop: a scraper that reads slowly must
-            // not stall the supervisor. The thread owns only the response.
-            let spawned = std::thread::Builder::new()
-                .name("metrics-reply".into())
-                .spawn(move || {
-                    let _ = req.respond(response);
-                });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "metrics: cannot start a thread to write the reply");
+        if asked && self.rendered.send(Arc::from(render())).is_ok() {
+            let _ = (&self.rendered_wake).write(&[1]);
+        }
+    }
+}
+
+/// Where one HTTP connection is.
+enum Phase {
+    /// Reading the request head, until `deadline`.
+    Reading,
+    /// A GET /metrics is in, waiting for the event loop's render.
+    Waiting,
+    /// Writing `out` from `written`, until `deadline`.
+    Writing { out: Arc<[u8]>, written: usize },
+}
+
+struct Connection {
+    stream: TcpStream,
+    input: Vec<u8>,
+    phase: Phase,
+    deadline: Instant,
+}
+
+/// The HTTP thread's state; see [`Endpoint`].
+struct Http {
+    listener: TcpListener,
+    connections: Vec<Connection>,
+    /// A byte here asks the event loop for a render.
+    want: UnixStream,
+    /// A render has been asked for and not yet received.
+    asked: bool,
+    rendered: mpsc::Receiver<Arc<str>>,
+    rendered_wake: UnixStream,
+    accept_pause: AcceptPause,
+    accept_errors: LogLimiter,
+}
+
+impl Http {
+    fn run(mut self) {
+        loop {
+            let now = Instant::now();
+            let mut fds = vec![PollFd::new(self.rendered_wake.as_fd(), PollFlags::POLLIN)];
+            let listening = !self.accept_pause.is_paused(now);
+            if listening {
+                fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
+            }
+            let first_connection = fds.len();
+            for c in &self.connections {
+                let events = match c.phase {
+                    Phase::Reading => PollFlags::POLLIN,
+                    Phase::Waiting => PollFlags::empty(),
+                    Phase::Writing { .. } => PollFlags::POLLOUT,
+                };
+                fds.push(PollFd::new(c.stream.as_fd(), events));
+            }
+            let wake_at = self
+                .connections
+                .iter()
+                .filter(|c| !matches!(c.phase, Phase::Waiting))
+                .map(|c| c.deadline)
+                .chain(self.accept_pause.resumes_at(now))
+                .min();
+            let timeout = wake_at.map_or(PollTimeout::NONE, |t| {
+                let ms = t
+                    .saturating_duration_since(now)
+                    .as_millis()
+                    .clamp(1, 60_000);
+                PollTimeout::from(ms as u16)
+            });
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "metrics: poll failed; the endpoint stops");
+                    return;
+                }
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            let woken = ready(&fds[0]);
+            let accept = listening && ready(&fds[1]);
+            let active: Vec<bool> = fds[first_connection..].iter().map(ready).collect();
+            drop(fds);
+            if woken && !self.take_renders() {
+                return; // the Endpoint is gone
+            }
+            let now = Instant::now();
+            for (c, active) in self.connections.iter_mut().zip(active) {
+                if active {
+                    step(c, now);
+                }
+            }
+            self.connections
+                .retain(|c| c.deadline > now || matches!(c.phase, Phase::Waiting));
+            self.connections.retain(|c| !c.done());
+            if accept {
+                self.accept(now);
+            }
+            if !self.asked
+                && self
+                    .connections
+                    .iter()
+                    .any(|c| matches!(c.phase, Phase::Waiting))
+            {
+                self.asked = true;
+                let _ = (&self.want).write(&[1]);
+            }
+        }
+    }
+
+    /// Hands the newest render to every waiting connection; false when the
+    /// event loop's side is gone.
+    fn take_renders(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        if let Ok(0) = (&self.rendered_wake).read(&mut buf) {
+            return false;
+        }
+        let mut latest = None;
+        loop {
+            match self.rendered.try_recv() {
+                Ok(text) => latest = Some(text),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+        let Some(text) = latest else {
+            return true;
+        };
+        self.asked = false;
+        let reply: Arc<[u8]> = Arc::from(response(200, CONTENT_TYPE, text.as_bytes()));
+        let now = Instant::now();
+        for c in &mut self.connections {
+            if matches!(c.phase, Phase::Waiting) {
+                c.reply(reply.clone(), now);
+            }
+        }
+        true
+    }
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if self.connections.len() >= MAX_CONNECTIONS {
+                        // Full: the oldest client still not done sending goes.
+                        match self
+                            .connections
+                            .iter()
+                            .position(|c| matches!(c.phase, Phase::Reading))
+                        {
+                            Some(oldest) => {
+                                self.connections.remove(oldest);
+                            }
+                            None => continue, // every slot is being answered: drop this one
+                        }
+                    }
+                    self.connections.push(Connection {
+                        stream,
+                        input: Vec::new(),
+                        phase: Phase::Reading,
+                        deadline: now + REQUEST_TIMEOUT,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let exhausted = self.accept_pause.on_error(&e, now);
+                    if let Some(repeated) = self.accept_errors.allow(now) {
+                        if exhausted {
+                            tracing::warn!(error = %e, repeated, "metrics: accept failed: {EXHAUSTION_HINT}");
+                        } else {
+                            tracing::warn!(error = %e, repeated, "metrics: accept failed");
+                        }
+                    }
+                    return;
+                }
             }
         }
     }
 }
 
+impl Connection {
+    fn reply(&mut self, out: Arc<[u8]>, now: Instant) {
+        self.phase = Phase::Writing { out, written: 0 };
+        self.deadline = now + REPLY_TIMEOUT;
+        step(self, now);
+    }
+
+    /// Replied in full (or the client went away).
+    fn done(&self) -> bool {
+        matches!(&self.phase, Phase::Writing { out, written } if *written >= out.len())
+    }
+}
+
+/// Reads or writes what the connection is ready for.
+fn step(c: &mut Connection, now: Instant) {
+    match &mut c.phase {
+        Phase::Reading => {
+            let mut buf = [0u8; 2048];
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        c.finish();
+                        return;
+                    }
+                    Ok(n) => c.input.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        c.finish();
+                        return;
+                    }
+                }
+                if c.input.len() > MAX_REQUEST_HEAD {
+                    break;
+                }
+            }
+            match route(&c.input) {
+                Route::Incomplete => {}
+                Route::Metrics => c.phase = Phase::Waiting,
+                Route::Reply(out) => c.reply(Arc::from(out), now),
+            }
+        }
+        Phase::Waiting => {}
+        Phase::Writing { out, written } => {
+            while *written < out.len() {
+                match c.stream.write(&out[*written..]) {
+                    Ok(n) => *written += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(_) => {
+                        *written = out.len();
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Connection {
+    /// Nothing more to do for this connection: it goes at the next sweep.
+    fn finish(&mut self) {
+        self.phase = Phase::Writing {
+            out: Arc::from(Vec::new()),
+            written: 0,
+        };
+    }
+}
+
+/// What a request head asks for.
+enum Route {
+    /// Not all there yet.
+    Incomplete,
+    /// GET /metrics or /: the event loop renders.
+    Metrics,
+    /// Answered here (404, 405, 400, 431).
+    Reply(Vec<u8>),
+}
+
+fn route(input: &[u8]) -> Route {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let text = "text/plain; charset=utf-8";
+    match req.parse(input) {
+        Ok(httparse::Status::Complete(_)) => {
+            let path = req.path.unwrap_or("").split('?').next().unwrap_or("");
+            match (req.method, path) {
+                (Some("GET"), "/metrics" | "/") => Route::Metrics,
+                (Some("GET"), _) => Route::Reply(response(404, text, b"not found: try /metrics\n")),
+                _ => Route::Reply(response(405, text, b"only GET is served\n")),
+            }
+        }
+        Ok(httparse::Status::Partial) if input.len() > MAX_REQUEST_HEAD => {
+            Route::Reply(response(431, text, b"request head too large\n"))
+        }
+        Ok(httparse::Status::Partial) => Route::Incomplete,
+        // httparse refuses too many headers too: a request this endpoint does not serve.
+        Err(_) => Route::Reply(response(400, text, b"bad request\n")),
+    }
+}
+
+/// A whole HTTP/1.1 response; the connection closes after it.
+fn response(code: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Request Header Fields Too Large",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn endpoint_routes_requests_and_drops_idle_clients() {
+        let endpoint = Endpoint::serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.addr();
+        // The event loop's part, in a thread: poll the wake fd, answer.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let looping = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut fds = [PollFd::new(endpoint.wake_fd(), PollFlags::POLLIN)];
+                    let _ = nix::poll::poll(&mut fds, PollTimeout::from(50u16));
+                    endpoint.answer(|| "# EOF\n".to_string());
+                }
+            })
+        };
+        let idle = TcpStream::connect(addr).unwrap();
+        let ok = exchange(addr, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n");
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.contains("Content-Type: application/openmetrics-text"),
+            "{ok}"
+        );
+        assert!(ok.ends_with("\r\n\r\n# EOF\n"), "{ok}");
+        for (request, status) in [
+            (&b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"[..], "404"),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", "405"),
+            (b"\x01\x02 nonsense\r\n\r\n", "400"),
+        ] {
+            let got = exchange(addr, request);
+            assert!(got.starts_with(&format!("HTTP/1.1 {status} ")), "{got}");
+        }
+        let huge = [b"GET /metrics HTTP/1.1\r\nX: ".to_vec(), vec![b'a'; 10_000]].concat();
+        assert!(exchange(addr, &huge).starts_with("HTTP/1.1 431 "));
+        // The idle client is closed after REQUEST_TIMEOUT (5 s).
+        let started = Instant::now();
+        let mut idle = idle;
+        idle.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(idle.read(&mut buf).unwrap(), 0, "closed without a reply");
+        let waited = started.elapsed();
+        assert!(
+            waited < REQUEST_TIMEOUT + Duration::from_secs(2),
+            "{waited:?}"
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        looping.join().unwrap();
+    }
 
     #[test]
     fn renders_every_family_with_labels() {

@@ -297,6 +297,114 @@ fn metrics_follow_the_services_in_the_cli_and_over_http() -> Result<()> {
     Ok(())
 }
 
+/// Opens `argv[2]` connections to `argv[1]` (HOST:PORT) and holds them idle until
+/// stdin closes (60 s at most); prints how many it opened.
+const FLOOD_PY: &str = r#"
+import select, socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+held = []
+for _ in range(int(sys.argv[2])):
+    try:
+        held.append(socket.create_connection((host, int(port)), timeout=2))
+    except OSError:
+        pass
+print(len(held), flush=True)
+select.select([sys.stdin], [], [], 60)
+"#;
+
+/// holdfast::metrics::MAX_CONNECTIONS: the endpoint's connections at once.
+const METRICS_MAX_CONNECTIONS: usize = 32;
+
+/// (threads, open fds) of a process.
+fn threads_and_fds(pid: i32) -> Result<(usize, usize)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .context("no Threads: line")?
+        .trim()
+        .parse()?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    Ok((threads, fds))
+}
+
+#[test]
+fn an_idle_flood_leaves_the_metrics_endpoint_answering_and_holdfast_bounded() -> Result<()> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(());
+    };
+    let opts = RunOptions {
+        args: vec!["--metrics-listen".into(), "127.0.0.1:9100".into()],
+        ..RunOptions::default()
+    };
+    let mut hf = Holdfast::start_with(&ns, Sandbox::new()?, &opts)?;
+    let (code, _, _) = ns.run(|| http_get("127.0.0.1:9100", "/metrics"))??;
+    assert_eq!(code, 200);
+    let (threads_before, fds_before) = threads_and_fds(hf.pid())?;
+
+    // 600 idle connections from an unprivileged user (the issue saw tiny_http
+    // at 498 threads and 1022 fds after 559, then dead).
+    let mut flood = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+        ])
+        .args([
+            "--clear-groups",
+            PYTHON,
+            "-c",
+            FLOOD_PY,
+            "127.0.0.1:9100",
+            "600",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start the flooder as nobody")?;
+    let mut opened = String::new();
+    BufReader::new(flood.stdout.take().context("flooder stdout")?).read_line(&mut opened)?;
+    let opened: usize = opened
+        .trim()
+        .parse()
+        .with_context(|| format!("{opened:?}"))?;
+    ensure!(
+        opened >= 500,
+        "the flooder opened only {opened} connections"
+    );
+
+    // While they are held: the endpoint answers at once, threads and fds stay bounded.
+    let start = std::time::Instant::now();
+    let (code, _, body) = ns.run(|| http_get("127.0.0.1:9100", "/metrics"))??;
+    let took = start.elapsed();
+    assert_eq!(code, 200);
+    ensure!(body.contains("# EOF"), "{body}");
+    ensure!(
+        took < Duration::from_secs(2),
+        "a scrape under the flood took {took:?}"
+    );
+    let (threads, fds) = threads_and_fds(hf.pid())?;
+    ensure!(
+        threads <= threads_before,
+        "holdfast went from {threads_before} to {threads} threads under the flood"
+    );
+    ensure!(
+        fds <= fds_before + METRICS_MAX_CONNECTIONS,
+        "holdfast went from {fds_before} to {fds} fds under the flood"
+    );
+    eprintln!("under {opened} idle connections: a scrape took {took:?}; {threads_before} -> {threads} threads, {fds_before} -> {fds} fds");
+
+    drop(flood.stdin.take());
+    flood.wait()?;
+    let (code, _, _) = ns.run(|| http_get("127.0.0.1:9100", "/metrics"))??;
+    assert_eq!(code, 200, "the endpoint after the flood");
+    hf.stop()?;
+    Ok(())
+}
+
 #[test]
 fn backlog_queued_shows_the_connections_a_stopped_service_has_waiting() -> Result<()> {
     let ns = skip_unless!(netns_or_skip());
