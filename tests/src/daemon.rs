@@ -61,6 +61,8 @@ pub struct RunOptions {
     pub args: Vec<String>,
     /// More environment for the daemon, e.g. `("RUST_LOG", "debug")`.
     pub env: Vec<(String, String)>,
+    /// RLIMIT_NOFILE (soft and hard) for the daemon, e.g. to run it at its fd limit.
+    pub max_open_files: Option<u64>,
 }
 
 /// A `holdfast run --units <sandbox>/units --state-dir <sandbox>/state --no-dispatcher`
@@ -139,6 +141,10 @@ impl Holdfast {
         let err = out.try_clone().context("dup the log file")?;
         let netns = ns.open()?;
         let netns_fd = netns.as_raw_fd();
+        let nofile = opts.max_open_files.map(|n| libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        });
         let mut cmd = Command::new(holdfast_bin());
         cmd.arg("run")
             .arg("--units")
@@ -155,8 +161,9 @@ impl Holdfast {
             .stdout(out)
             .stderr(err);
         // SAFETY: the closure runs in the child between fork and exec; it makes
-        // async-signal-safe system calls (setns, dup2) on an fd opened before the
-        // fork (closed at exec by O_CLOEXEC), and allocates nothing.
+        // async-signal-safe system calls (setns, dup2, setrlimit) on an fd opened
+        // before the fork (closed at exec by O_CLOEXEC) and a limit built before it,
+        // and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
@@ -164,6 +171,11 @@ impl Holdfast {
                 }
                 if libc::dup2(netns_fd, STRAY_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(limit) = &nofile {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

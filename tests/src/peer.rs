@@ -62,6 +62,18 @@ pub fn proc_state(pid: i32) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
+/// The user + system CPU time `pid` has used (fields 14 and 15 of
+/// `/proc/PID/stat`), `None` when there is no such process.
+pub fn proc_cpu_time(pid: i32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "PID (COMM) ": the state is field 3, so utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    Some(Duration::from_millis(ticks * 1000 / hz.max(1)))
+}
+
 /// True when `pid` no longer runs: gone, or a zombie waiting to be reaped.
 pub fn process_gone(pid: i32) -> bool {
     matches!(proc_state(pid), None | Some('Z'))
