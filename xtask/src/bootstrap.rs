@@ -65,7 +65,37 @@ pub const APT_PACKAGES: &[AptPackage] = &[
     // A real inetd-style (accept = true) program served unchanged in tests/tests/integration/inetd.rs.
     AptPackage {
         name: "micro-httpd",
-        provides: &["/usr/sbin/micro-httpd"],
+        provides: &[
+            "/usr/sbin/micro-httpd",
+            "/lib/systemd/system/micro-httpd.socket",
+        ],
+    },
+    // Debian's .socket/.service pairs that `holdfast import` is tested on
+    // (tests/tests/integration/import.rs); sshd and uuidd also run under holdfast there.
+    AptPackage {
+        name: "openssh-server",
+        provides: &[
+            "/usr/sbin/sshd",
+            "/usr/bin/ssh",
+            "/usr/bin/ssh-keygen",
+            "/lib/systemd/system/ssh.socket",
+        ],
+    },
+    AptPackage {
+        name: "uuid-runtime",
+        provides: &["/usr/sbin/uuidd", "/lib/systemd/system/uuidd.socket"],
+    },
+    AptPackage {
+        name: "fcgiwrap",
+        provides: &["/lib/systemd/system/fcgiwrap.socket"],
+    },
+    AptPackage {
+        name: "rpcbind",
+        provides: &["/lib/systemd/system/rpcbind.socket"],
+    },
+    AptPackage {
+        name: "pcscd",
+        provides: &["/lib/systemd/system/pcscd.socket"],
     },
     // The `nc` lines `cargo xtask run` prints for the echo service.
     AptPackage {

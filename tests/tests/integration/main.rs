@@ -11,6 +11,7 @@ mod fdstore;
 mod gunicorn;
 mod handoff;
 mod harness;
+mod import;
 mod inetd;
 mod observability;
 mod overlap;
