@@ -6,11 +6,13 @@
 pub mod control;
 pub mod dispatch;
 pub mod import;
+pub mod instance_lock;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod ratelimit;
 pub mod service;
+pub mod signals;
 pub mod spawn;
 pub mod supervisor;
 pub mod unit;

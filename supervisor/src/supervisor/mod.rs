@@ -58,6 +58,8 @@ pub enum SupervisorError {
     Listeners(Vec<String>),
     #[error("cannot apply the bindings: {0}")]
     Bindings(#[source] dispatch::DispatchError),
+    #[error(transparent)]
+    Lock(#[from] crate::instance_lock::LockError),
     #[error("{what}: {source}")]
     Setup {
         what: String,
@@ -128,12 +130,14 @@ pub struct Supervisor {
 /// Runs the daemon until SIGTERM/SIGINT has stopped every service.
 pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     spawn::ensure_stdio();
+    let unused_signals = crate::signals::catch_unused().map_err(setup("signal handler"))?;
     let units = unit::load_dir(&opts.units)?;
     if let Some(netns) = &opts.netns {
         sockets::enter_netns(netns)?;
     }
-    std::fs::create_dir_all(&opts.state_dir)
-        .map_err(setup(format!("state dir {}", opts.state_dir.display())))?;
+    // Before anything a live holdfast uses (pins, links, sockets, state dir).
+    let netns_lock = (!opts.no_dispatcher).then_some(Path::new("/proc/thread-self/ns/net"));
+    let _instance_lock = crate::instance_lock::acquire(&opts.state_dir, netns_lock)?;
 
     let (dispatcher, why_not) = if opts.no_dispatcher {
         (None, "--no-dispatcher was given".to_string())
@@ -220,7 +224,7 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         Err(e) => {
             sup.shutting_down = true;
             sup.stop_all();
-            sup.event_loop(&signals);
+            sup.event_loop(&signals, &unused_signals);
             sup.detach();
             return Err(setup(format!(
                 "control socket in {}",
@@ -233,7 +237,7 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         control = %control::socket_path(&opts.state_dir).display(),
         "holdfast is up"
     );
-    sup.event_loop(&signals);
+    sup.event_loop(&signals, &unused_signals);
     tracing::info!("every service is down; exiting");
     sup.detach();
     Ok(())
@@ -294,7 +298,7 @@ impl Supervisor {
         }
     }
 
-    fn event_loop(&mut self, signals: &Signals) {
+    fn event_loop(&mut self, signals: &Signals, unused_signals: &crate::signals::Unused) {
         loop {
             self.retiring.retain(|s| s.has_processes());
             if self.shutting_down
@@ -312,6 +316,7 @@ impl Supervisor {
             if ready.signal {
                 signals.drain();
             }
+            unused_signals.log_received();
             if signals.terminate.swap(false, Ordering::SeqCst) && !self.shutting_down {
                 tracing::info!("stopping every service");
                 self.shutting_down = true;

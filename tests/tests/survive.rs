@@ -1,0 +1,247 @@
+//! holdfast survives itself (issue 11): a second `holdfast run` on a live one's
+//! state directory or network namespace changes nothing and names the live
+//! one's pid; no signal holdfast does not use kills it; after `kill -9`, a new
+//! holdfast finds the dead one's sk_lookup link through the kernel, whichever
+//! bpffs pinned it, and replaces it.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use holdfast_tests::{
+    ask_tcp, holdfast_bin, netns_or_skip, run_bounded, Holdfast, Netns, RunOptions, Sandbox,
+};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// Bound on every wait that should succeed.
+const T: Duration = Duration::from_secs(10);
+const ADDR: &str = "127.0.0.1:8080";
+
+/// A dispatcher instance name no other test (or test run) uses.
+fn instance(tag: &str) -> String {
+    format!("test-{}-{tag}", std::process::id())
+}
+
+/// How the second daemon enters the test's namespace.
+#[derive(Clone, Copy)]
+enum Enter {
+    /// setns() before exec: the same mount namespace (and bpffs) as the first.
+    Setns,
+    /// `ip netns exec`: a private mount namespace, with its own bpffs.
+    IpNetnsExec,
+}
+
+/// Runs a second `holdfast run ARGS…` in `ns` to completion (bounded).
+fn second_run(ns: &Netns, enter: Enter, args: &[&str]) -> Result<Output> {
+    let mut cmd = match enter {
+        Enter::IpNetnsExec => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns.name()]).arg(holdfast_bin());
+            c
+        }
+        Enter::Setns => {
+            let netns = ns.open()?;
+            let mut c = Command::new(holdfast_bin());
+            // SAFETY: setns is async-signal-safe; the fd was opened before the
+            // fork and is moved into the closure, living until exec.
+            unsafe {
+                c.pre_exec(move || {
+                    use std::os::fd::AsRawFd;
+                    if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            c
+        }
+    };
+    cmd.arg("run").args(args).env("NO_COLOR", "1");
+    run_bounded(cmd, Duration::from_secs(30))
+}
+
+/// A fresh namespace (`None`: skip) and a sandbox with serve.py as `web` on
+/// [`ADDR`].
+fn netns_with_web() -> Result<Option<(Netns, Sandbox)>> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(None);
+    };
+    let sandbox = Sandbox::new()?;
+    sandbox.write_serve_unit("web", 8080, "")?;
+    Ok(Some((ns, sandbox)))
+}
+
+/// What must not change while a second holdfast tries to start: the service's
+/// pid, the answers, the control socket.
+fn still_serving(ns: &Netns, hf: &Holdfast, pid: i32, what: &str) -> Result<()> {
+    let answer = ns.run(|| ask_tcp(ADDR.parse().expect("literal"), T))?;
+    let answer = answer.with_context(|| format!("{what}: the live daemon no longer serves"))?;
+    ensure!(
+        answer == format!("web {pid}\n"),
+        "{what}: answer {answer:?}, want web {pid}"
+    );
+    let s = hf.service("web")?;
+    ensure!(
+        s["state"] == "running" && s["pid"] == pid,
+        "{what}: the live daemon's service changed: {s}"
+    );
+    Ok(())
+}
+
+/// The second daemon exited 1, naming the live one's pid, and started nothing.
+fn refused(out: &Output, live_pid: i32, what: &str, words: &str) -> Result<()> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1),
+        "{what}: want exit 1, got {}; stderr:\n{stderr}",
+        out.status
+    );
+    ensure!(
+        stderr.contains(&format!("pid {live_pid}")) && stderr.contains(words),
+        "{what}: the refusal does not name pid {live_pid} and {words:?}:\n{stderr}"
+    );
+    for bad in ["replacing stale BPF pins", "starting", "spawned"] {
+        ensure!(
+            !stderr.contains(bad),
+            "{what}: the second daemon did something before refusing ({bad:?}):\n{stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_second_run_on_a_live_state_dir_changes_nothing_in_bind_mode() -> Result<()> {
+    let Some((ns, sandbox)) = netns_with_web()? else {
+        return Ok(());
+    };
+    let units = sandbox.units_dir();
+    let state = sandbox.state_dir();
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = hf.wait_running("web", T)?;
+    let out = second_run(
+        &ns,
+        Enter::Setns,
+        &[
+            "--units",
+            units.to_str().expect("utf-8"),
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+            "--no-dispatcher",
+        ],
+    )?;
+    refused(&out, hf.pid(), "second run, bind mode", "state directory")?;
+    still_serving(&ns, &hf, pid, "after the second run")
+}
+
+#[test]
+fn a_second_run_on_a_live_dispatcher_changes_nothing() -> Result<()> {
+    let Some((ns, sandbox)) = netns_with_web()? else {
+        return Ok(());
+    };
+    let units = sandbox.units_dir();
+    let state = sandbox.state_dir();
+    let inst = instance("second");
+    let opts = RunOptions {
+        args: vec!["--instance".into(), inst.clone()],
+        ..RunOptions::default()
+    };
+    let Some(hf) = Holdfast::start_dispatched(&ns, sandbox, &opts)? else {
+        return Ok(());
+    };
+    let pid = hf.wait_running("web", T)?;
+    still_serving(&ns, &hf, pid, "before")?;
+    let units = units.to_str().expect("utf-8");
+    // The same state dir and instance, as in the report: it used to replace
+    // the live pins, detaching the live dispatcher.
+    let out = second_run(
+        &ns,
+        Enter::Setns,
+        &[
+            "--units",
+            units,
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+            "--instance",
+            &inst,
+        ],
+    )?;
+    refused(&out, hf.pid(), "same state dir", "state directory")?;
+    still_serving(&ns, &hf, pid, "after a second run on the same state dir")?;
+    // Another state dir, under `ip netns exec` (whose bpffs cannot see the
+    // live pins): the network namespace itself is locked.
+    let other = tempfile::tempdir()?;
+    let out = second_run(
+        &ns,
+        Enter::IpNetnsExec,
+        &[
+            "--units",
+            units,
+            "--state-dir",
+            other.path().to_str().expect("utf-8"),
+        ],
+    )?;
+    refused(&out, hf.pid(), "another state dir", "network namespace")?;
+    still_serving(&ns, &hf, pid, "after a second run under ip netns exec")?;
+    let b: Value = serde_json::from_str(&hf.cli_ok(&["bindings", "--json"])?)?;
+    let dropped = |b: &Value| b["misses"].as_u64().unwrap_or(0) + b["errors"].as_u64().unwrap_or(0);
+    ensure!(
+        b.as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(|b| dropped(b) == 0)),
+        "lookups dropped, or no bindings: {b}"
+    );
+    Ok(())
+}
+
+#[test]
+fn no_unused_signal_kills_holdfast() -> Result<()> {
+    let Some((ns, sandbox)) = netns_with_web()? else {
+        return Ok(());
+    };
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = hf.wait_running("web", T)?;
+    let rt = |n: i32| libc::SIGRTMIN() + n;
+    let signals: Vec<(String, i32)> = [
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGQUIT,
+        Signal::SIGALRM,
+        Signal::SIGPIPE,
+        Signal::SIGVTALRM,
+        Signal::SIGPROF,
+        Signal::SIGIO,
+        Signal::SIGPWR,
+        Signal::SIGXCPU,
+        Signal::SIGXFSZ,
+        Signal::SIGSTKFLT,
+        Signal::SIGTSTP,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+        Signal::SIGURG,
+        Signal::SIGWINCH,
+    ]
+    .into_iter()
+    .map(|s| (s.as_str().to_string(), s as i32))
+    .chain([0, 1, 15].map(|n| (format!("SIGRTMIN+{n}"), rt(n))))
+    .chain([("SIGRTMAX".to_string(), libc::SIGRTMAX())])
+    .collect();
+    for (name, sig) in &signals {
+        // SAFETY: kill takes no pointers.
+        ensure!(unsafe { libc::kill(hf.pid(), *sig) } == 0, "kill {name}");
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(status) = hf.try_wait()? {
+            anyhow::bail!("{name} ended holdfast: {status}; its log:\n{}", hf.log());
+        }
+        let proc_state = holdfast_tests::proc_state(hf.pid());
+        ensure!(proc_state != Some('T'), "{name} stopped holdfast (state T)");
+        still_serving(&ns, &hf, pid, &format!("after {name}"))?;
+    }
+    let log = hf.log();
+    ensure!(
+        log.contains("received SIGUSR1") && log.contains("reserved for the in-place upgrade"),
+        "the ignored signals are not logged:\n{log}"
+    );
+    hf.stop()?;
+    Ok(())
+}
