@@ -20,5 +20,6 @@ mod reload;
 mod restart_load;
 mod restarts;
 mod services;
+mod survive;
 mod units;
 mod watchdog;

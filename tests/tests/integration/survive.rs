@@ -9,8 +9,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use holdfast_tests::{
-    ask_tcp, holdfast_bin, netns_or_skip, run_bounded, Holdfast, Netns, RunOptions, Sandbox,
+use holdfast_testkit::{
+    ask_tcp, holdfast_bin, netns_and_sandbox, run_bounded, skip_unless, Holdfast, Netns,
+    RunOptions, Sandbox,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -65,10 +66,9 @@ fn second_run(ns: &Netns, enter: Enter, args: &[&str]) -> Result<Output> {
 /// A fresh namespace (`None`: skip) and a sandbox with serve.py as `web` on
 /// [`ADDR`].
 fn netns_with_web() -> Result<Option<(Netns, Sandbox)>> {
-    let Some(ns) = netns_or_skip() else {
+    let Some((ns, sandbox)) = netns_and_sandbox()? else {
         return Ok(None);
     };
-    let sandbox = Sandbox::new()?;
     sandbox.write_serve_unit("web", 8080, "")?;
     Ok(Some((ns, sandbox)))
 }
@@ -113,9 +113,7 @@ fn refused(out: &Output, live_pid: i32, what: &str, words: &str) -> Result<()> {
 
 #[test]
 fn a_second_run_on_a_live_state_dir_changes_nothing_in_bind_mode() -> Result<()> {
-    let Some((ns, sandbox)) = netns_with_web()? else {
-        return Ok(());
-    };
+    let (ns, sandbox) = skip_unless!(netns_with_web()?);
     let units = sandbox.units_dir();
     let state = sandbox.state_dir();
     let hf = Holdfast::start_in(&ns, sandbox)?;
@@ -137,9 +135,7 @@ fn a_second_run_on_a_live_state_dir_changes_nothing_in_bind_mode() -> Result<()>
 
 #[test]
 fn a_second_run_on_a_live_dispatcher_changes_nothing() -> Result<()> {
-    let Some((ns, sandbox)) = netns_with_web()? else {
-        return Ok(());
-    };
+    let (ns, sandbox) = skip_unless!(netns_with_web()?);
     let units = sandbox.units_dir();
     let state = sandbox.state_dir();
     let inst = instance("second");
@@ -147,9 +143,7 @@ fn a_second_run_on_a_live_dispatcher_changes_nothing() -> Result<()> {
         args: vec!["--instance".into(), inst.clone()],
         ..RunOptions::default()
     };
-    let Some(hf) = Holdfast::start_dispatched(&ns, sandbox, &opts)? else {
-        return Ok(());
-    };
+    let hf = skip_unless!(Holdfast::start_dispatched(&ns, sandbox, &opts)?);
     let pid = hf.wait_running("web", T)?;
     still_serving(&ns, &hf, pid, "before")?;
     let units = units.to_str().expect("utf-8");
@@ -196,9 +190,7 @@ fn a_second_run_on_a_live_dispatcher_changes_nothing() -> Result<()> {
 
 #[test]
 fn no_unused_signal_kills_holdfast() -> Result<()> {
-    let Some((ns, sandbox)) = netns_with_web()? else {
-        return Ok(());
-    };
+    let (ns, sandbox) = skip_unless!(netns_with_web()?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = hf.wait_running("web", T)?;
     let rt = |n: i32| libc::SIGRTMIN() + n;
@@ -233,7 +225,7 @@ fn no_unused_signal_kills_holdfast() -> Result<()> {
         if let Some(status) = hf.try_wait()? {
             anyhow::bail!("{name} ended holdfast: {status}; its log:\n{}", hf.log());
         }
-        let proc_state = holdfast_tests::proc_state(hf.pid());
+        let proc_state = holdfast_testkit::proc_state(hf.pid());
         ensure!(proc_state != Some('T'), "{name} stopped holdfast (state T)");
         still_serving(&ns, &hf, pid, &format!("after {name}"))?;
     }
