@@ -10,6 +10,7 @@ pub mod instance_lock;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
+pub mod preflight;
 pub mod ratelimit;
 pub mod service;
 pub mod signals;

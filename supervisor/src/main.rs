@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use holdfast::control::{self, Reply, Request};
-use holdfast::supervisor;
 use holdfast::unit::{self, RestartMode};
+use holdfast::{preflight, supervisor};
 
 #[derive(Parser)]
 #[command(name = "holdfast", version, about = "A socket-activation supervisor")]
@@ -50,8 +50,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
     },
-    /// Validate a units directory without starting anything.
-    Check { dir: PathBuf },
+    /// Validate a units directory without starting anything: the files, and
+    /// what they name on this machine (users, groups, programs).
+    Check {
+        dir: PathBuf,
+        /// The state dir `holdfast run` will use (notify socket paths must fit under it).
+        #[arg(long, default_value = "/run/holdfast")]
+        state_dir: PathBuf,
+    },
     /// Translate systemd units (FILE.socket [FILE.service], or FILE.service) into DIR/NAME.toml.
     /// Exit 0: all translated; 1: some directives were not (each is listed); 2: usage.
     Import {
@@ -168,7 +174,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { dir } => match unit::load_dir(&dir) {
+        Command::Check { dir, state_dir } => match unit::load_dir(&dir).and_then(|units| {
+            let path = std::env::var_os("PATH");
+            preflight::check_units(&units, &state_dir, path.as_deref()).map(|()| units)
+        }) {
             Ok(units) => {
                 println!("{}: {} unit(s), all valid", dir.display(), units.len());
                 ExitCode::SUCCESS

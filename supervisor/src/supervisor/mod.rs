@@ -132,6 +132,7 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     spawn::ensure_stdio();
     let unused_signals = crate::signals::catch_unused().map_err(setup("signal handler"))?;
     let units = unit::load_dir(&opts.units)?;
+    crate::preflight::check_units(&units, &opts.state_dir, std::env::var_os("PATH").as_deref())?;
     if let Some(netns) = &opts.netns {
         sockets::enter_netns(netns)?;
     }

@@ -84,6 +84,7 @@ impl Supervisor {
     /// changes and every error is returned.
     pub(super) fn reload(&mut self) -> Result<ReloadSummary, ReloadError> {
         let units = unit::load_dir(&self.opts.units)?;
+        crate::preflight::check_units(&units, &self.opts.state_dir, self.base_path.as_deref())?;
 
         // Phase 1: plan, opening the sockets that must be new.
         let mut plans = Vec::new();

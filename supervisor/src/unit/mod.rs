@@ -3,7 +3,9 @@
 //!
 //! Entry points: [`load_dir`] (what `holdfast run` and `holdfast check` call),
 //! [`parse_unit`] for one file, [`validate_set`] for the checks that span
-//! units, and [`to_toml`] to write a unit back out.
+//! units, [`to_toml`] to write a unit back out, and [`diagnostic_at`] for
+//! checks made elsewhere (against the system: `preflight`) to place their
+//! mistakes in the file the same way.
 
 mod check;
 mod diag;
@@ -22,7 +24,7 @@ pub use model::*;
 pub use parse::{parse_unit, MAX_DURATION};
 pub use ser::to_toml;
 
-use diag::Pos;
+use diag::{LineIndex, Pos};
 
 /// Read every `*.toml` in `dir` (not hidden files), sorted by name, and
 /// validate each file and the set together. On failure, every mistake of
@@ -109,4 +111,47 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Unit>, Diagnostics> {
     diags.extend(check::check_spanned(&refs));
     Diagnostics::into_result(diags)?;
     Ok(parsed.into_iter().map(|(u, _)| u).collect())
+}
+
+/// A diagnostic about `key` of `unit` (a key path as diagnostics write it:
+/// `service.user`, `service.exec[0]`; empty for the file as a whole), placed
+/// at that value in the unit's file, so a check made outside this module
+/// (against the system) reads like the others. The file is read again; when
+/// it is gone, changed, or has no such key, the diagnostic has no line.
+pub fn diagnostic_at(
+    unit: &Unit,
+    key: &str,
+    message: impl Into<String>,
+    hint: impl Into<String>,
+) -> Diagnostic {
+    let pos = locate(&unit.path, key).unwrap_or(Pos::NONE);
+    pos.diag(&unit.path, key, message, hint)
+}
+
+/// Where the value at `key` starts in the file at `path`.
+fn locate(path: &Path, key: &str) -> Option<Pos> {
+    if key.is_empty() {
+        return None;
+    }
+    let text = fs::read_to_string(path).ok()?;
+    let doc = toml_edit::ImDocument::parse(text.as_str()).ok()?;
+    let mut item = doc.as_item();
+    let mut span = None;
+    let segments: Vec<&str> = key.split('.').collect();
+    for (i, segment) in segments.iter().enumerate() {
+        let (name, index) = match segment.split_once('[') {
+            Some((name, rest)) => (name, Some(rest.strip_suffix(']')?.parse::<usize>().ok()?)),
+            None => (*segment, None),
+        };
+        item = item.get(name)?;
+        span = item.span();
+        if let Some(index) = index {
+            // An array element is a value, not an item: only last in a path.
+            if i + 1 != segments.len() {
+                return None;
+            }
+            span = item.as_array()?.get(index)?.span();
+        }
+    }
+    Some(LineIndex::new(&text).pos(span?.start))
 }

@@ -147,3 +147,52 @@ fn control_connections_at_the_fd_limit_do_not_spin_the_daemon() -> Result<()> {
     hf.stop()?;
     Ok(())
 }
+
+/// A unit naming what this machine does not have.
+const MISSING_THINGS: &str = "[service]\nexec = [\"/nonexistent/prog\"]\nuser = \"no-such-user-hf\"\ngroup = \"no-such-group-hf\"\n";
+
+#[test]
+fn check_refuses_users_groups_and_programs_that_do_not_exist() -> Result<()> {
+    let sandbox = Sandbox::new()?;
+    let web = sandbox.write_unit("web", MISSING_THINGS)?;
+    sandbox.write_unit("ok", "[service]\nexec = [\"sh\"]\n")?;
+    let long = "n".repeat(82);
+    sandbox.write_unit(&long, "[service]\nexec = [\"sh\"]\n")?;
+    let units = sandbox.units_dir();
+    let out = holdfast_cli(&[
+        "check",
+        &units.to_string_lossy(),
+        "--state-dir",
+        "/run/holdfast",
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let web = web.display();
+    for want in [
+        format!("{web}:2:9: service.exec[0]: program /nonexistent/prog: No such file"),
+        format!("{web}:3:8: service.user: user \"no-such-user-hf\" does not exist"),
+        format!("{web}:4:9: service.group: group \"no-such-group-hf\" does not exist"),
+        format!("{long}.toml: the service name is too long for its notify socket"),
+    ] {
+        ensure!(stderr.contains(&want), "missing {want:?} in:\n{stderr}");
+    }
+    ensure!(!stderr.contains("ok.toml"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn reload_refuses_what_check_refuses_and_the_daemon_keeps_running() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    hf.sandbox().write_unit("web", MISSING_THINGS)?;
+    let out = hf.cli(&["reload"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    ensure!(
+        stderr.contains("user \"no-such-user-hf\" does not exist"),
+        "{stderr}"
+    );
+    hf.wait_ready(READY_TIMEOUT)?;
+    hf.stop()?;
+    Ok(())
+}
