@@ -4,12 +4,13 @@
 //! shape of requests, not what they do: the supervisor answers them.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use serde::{Deserialize, Serialize};
 
 use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
@@ -20,6 +21,8 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 /// How long the control socket is left out of the poll set after accept
 /// failed for lack of fds.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
+/// The listener's token in the server's epoll (connections use their ids, from 1).
+const LISTENER: u64 = 0;
 /// The control socket's file name in the state dir.
 pub const SOCKET_NAME: &str = "control.sock";
 
@@ -135,6 +138,8 @@ enum Phase {
 struct Connection {
     id: u64,
     stream: UnixStream,
+    /// What the server's epoll watches it for now.
+    interest: EpollFlags,
     input: Vec<u8>,
     output: Vec<u8>,
     phase: Phase,
@@ -142,6 +147,11 @@ struct Connection {
 
 /// The server side: a listening socket and its connections, non-blocking.
 pub struct Server {
+    /// The listener and every connection, each watched for what its phase
+    /// needs; the event loop watches this one fd.
+    epoll: Epoll,
+    /// Whether the listener is watched (not while accepting pauses).
+    listening: bool,
     listener: UnixListener,
     path: PathBuf,
     connections: Vec<Connection>,
@@ -179,7 +189,11 @@ impl Server {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         std::fs::rename(&tmp, &path)?;
         listener.set_nonblocking(true)?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
         Ok(Server {
+            epoll,
+            listening: true,
             listener,
             path,
             connections: Vec::new(),
@@ -199,26 +213,50 @@ impl Server {
         self.accept_pause.resumes_at(Instant::now())
     }
 
-    /// The fds to poll, with whether each wants writability. The listener
-    /// is left out while accepting pauses (see [`Server::resumes_at`]).
-    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, bool)> {
-        let mut fds = Vec::new();
-        if !self.accept_pause.is_paused(Instant::now()) {
-            fds.push((self.listener.as_fd(), false));
-        }
-        for c in &self.connections {
-            match c.phase {
-                Phase::Reading => fds.push((c.stream.as_fd(), false)),
-                Phase::Writing => fds.push((c.stream.as_fd(), true)),
-                Phase::Busy => {}
+    /// One fd for the event loop: readable when the listener or a
+    /// connection needs [`Server::service`].
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.0.as_fd()
+    }
+
+    /// Watches the listener unless accepting pauses, and each connection for
+    /// what its phase needs (nothing while busy); drops the finished ones.
+    fn rearm(&mut self) {
+        self.connections
+            .retain(|c| !(matches!(c.phase, Phase::Writing) && c.output.is_empty()));
+        let listen = !self.accept_pause.is_paused(Instant::now());
+        if listen != self.listening {
+            let flags = if listen {
+                EpollFlags::EPOLLIN
+            } else {
+                EpollFlags::empty()
+            };
+            let mut ev = EpollEvent::new(flags, LISTENER);
+            if self.epoll.modify(&self.listener, &mut ev).is_ok() {
+                self.listening = listen;
             }
         }
-        fds
+        for c in &mut self.connections {
+            let want = match c.phase {
+                Phase::Reading => EpollFlags::EPOLLIN,
+                Phase::Writing => EpollFlags::EPOLLOUT,
+                Phase::Busy => EpollFlags::empty(),
+            };
+            if want != c.interest {
+                let mut ev = EpollEvent::new(want, c.id);
+                if self.epoll.modify(&c.stream, &mut ev).is_ok() {
+                    c.interest = want;
+                }
+            }
+        }
     }
 
     /// Accepts, reads and writes whatever is ready; returns the complete
     /// requests to answer. Refuses non-root peers and bad requests itself.
     pub fn service(&mut self) -> Vec<(ConnectionId, Request)> {
+        // Empty the ready list; every connection is tried below.
+        let mut events = [EpollEvent::empty(); 32];
+        let _ = self.epoll.wait(&mut events, EpollTimeout::ZERO);
         self.accept();
         let mut requests = Vec::new();
         for c in &mut self.connections {
@@ -238,8 +276,7 @@ impl Server {
                 Phase::Busy => {}
             }
         }
-        self.connections
-            .retain(|c| !(matches!(c.phase, Phase::Writing) && c.output.is_empty()));
+        self.rearm();
         requests
     }
 
@@ -248,8 +285,7 @@ impl Server {
         if let Some(c) = self.connections.iter_mut().find(|c| c.id == id) {
             queue(c, reply);
         }
-        self.connections
-            .retain(|c| !(matches!(c.phase, Phase::Writing) && c.output.is_empty()));
+        self.rearm();
     }
 
     fn accept(&mut self) {
@@ -271,8 +307,14 @@ impl Server {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
+                    let ev = EpollEvent::new(EpollFlags::EPOLLIN, id);
+                    if let Err(e) = self.epoll.add(&stream, ev) {
+                        tracing::warn!(error = %e, "control: cannot watch a connection");
+                        continue;
+                    }
                     let mut c = Connection {
                         id,
+                        interest: EpollFlags::EPOLLIN,
                         stream,
                         input: Vec::new(),
                         output: Vec::new(),
@@ -390,23 +432,6 @@ fn flush(c: &mut Connection) {
             }
         }
     }
-}
-
-/// For tests and the CLI: wait for the control socket to answer.
-pub fn wait_ready(state_dir: &Path, timeout: Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if call(state_dir, &Request::Status { name: None }).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-/// The raw fd of a borrowed stream, for poll bookkeeping.
-pub fn raw(fd: BorrowedFd<'_>) -> i32 {
-    fd.as_raw_fd()
 }
 
 #[cfg(test)]

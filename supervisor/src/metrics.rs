@@ -25,19 +25,12 @@ use serde::Serialize;
 
 use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
 
-/// Every state a service can be in, for the one-series-per-state gauge.
-pub const STATES: &[&str] = &[
-    "starting",
-    "running",
-    "reloading",
-    "stopping",
-    "waiting",
-    "stopped",
-    "failed",
-];
-
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Snapshot {
+    /// Every state a service can be in (one `holdfast_service_state` series
+    /// each), from the one list the supervisor keeps.
+    #[serde(skip)]
+    pub states: Vec<&'static str>,
     pub services: Vec<ServiceMetrics>,
     pub destinations: Vec<DestinationMetrics>,
     pub sockets: Vec<SocketMetrics>,
@@ -185,7 +178,7 @@ pub fn render(s: &Snapshot) -> String {
         "The socket's accept queue limit",
     );
     for m in &s.services {
-        for st in STATES {
+        for st in &s.states {
             state
                 .get_or_create(&labels(&[("service", &m.service), ("state", st)]))
                 .set(if *st == m.state { 1.0 } else { 0.0 });
@@ -699,6 +692,7 @@ mod tests {
     #[test]
     fn renders_every_family_with_labels() {
         let s = Snapshot {
+            states: vec!["running", "failed"],
             services: vec![ServiceMetrics {
                 service: "web".into(),
                 state: "running".into(),

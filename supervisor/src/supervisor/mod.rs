@@ -1,15 +1,15 @@
 //! The daemon: one thread that owns every service's state and drives it from
-//! one poll loop over the signal pipe, the control socket, the services'
-//! notify sockets and output pipes, and the timers. The only module that joins
-//! units, listeners, the dispatcher, processes and the control socket.
-//!
-//! - `sockets`: opening listeners, destination ids, bindings for the dispatcher.
-//! - `services`: instances, start/stop/restart (stop-start and overlap),
-//!   readiness, watchdog, exits, output.
-//! - `requests`: control requests, the replies that wait for a state, status.
-//! - `reload`: applying a changed units directory.
+//! one epoll loop over the signal pipe, the control socket, the services'
+//! notify sockets, listeners and output pipes, and the timers. The only
+//! module that joins units, listeners, the dispatcher, processes and the
+//! control socket. What can happen to a service is decided in
+//! `crate::service::Machine`; this layer carries it out.
 
+mod acceptor;
 mod inetd;
+mod output;
+mod poller;
+mod registry;
 mod reload;
 mod requests;
 mod services;
@@ -22,20 +22,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
-
 use crate::control;
 use crate::dispatch::{self, Binding, Dispatcher};
 use crate::metrics;
 use crate::spawn;
 use crate::unit;
 
+use output::Outputs;
+use poller::{Poller, Token};
+use registry::{Registry, ServiceId};
 use requests::Waiter;
-use services::{Output, Service};
+use services::Service;
 use sockets::Destinations;
 
-/// Lines of output kept per service for `holdfast logs`.
-pub const LOG_RING_LINES: usize = 1000;
+pub use output::LOG_RING_LINES;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -111,10 +111,10 @@ impl Signals {
 /// Everything the daemon owns.
 pub struct Supervisor {
     opts: Options,
-    services: Vec<Service>,
-    /// Services removed by a reload, kept until their processes are gone.
-    retiring: Vec<Service>,
-    outputs: Vec<Output>,
+    /// Every service, live or retiring (removed by a reload, still stopping).
+    registry: Registry,
+    poller: Poller,
+    outputs: Outputs,
     waiters: Vec<Waiter>,
     server: Option<control::Server>,
     shutting_down: bool,
@@ -172,9 +172,9 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     };
     let mut sup = Supervisor {
         opts: opts.clone(),
-        services: Vec::new(),
-        retiring: Vec::new(),
-        outputs: Vec::new(),
+        registry: Registry::default(),
+        poller: Poller::new().map_err(setup("epoll"))?,
+        outputs: Outputs::default(),
         waiters: Vec::new(),
         server: None,
         shutting_down: false,
@@ -205,6 +205,14 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         }
     }
     let signals = Signals::register()?;
+    sup.poller
+        .add(signals.pipe.as_fd(), Token::Signal)
+        .map_err(setup("epoll"))?;
+    if let Some(m) = &sup.metrics {
+        sup.poller
+            .add(m.wake_fd(), Token::Metrics)
+            .map_err(setup("epoll"))?;
+    }
     // SAFETY: PR_SET_CHILD_SUBREAPER takes an int flag and no pointers.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         sup.detach();
@@ -213,15 +221,16 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         ));
     }
     let now = Instant::now();
-    for i in 0..sup.services.len() {
-        if sup.services[i].traffic_started() {
-            sup.services[i].life.state = crate::service::State::Listening;
-        } else {
-            sup.start(i, now);
-        }
+    for id in sup.registry.live_ids() {
+        sup.act(id, now, |m| m.boot(now));
     }
     match control::Server::bind(&opts.state_dir) {
-        Ok(s) => sup.server = Some(s),
+        Ok(s) => {
+            sup.poller
+                .add(s.as_fd(), Token::Control)
+                .map_err(setup("epoll"))?;
+            sup.server = Some(s)
+        }
         Err(e) => {
             sup.shutting_down = true;
             sup.stop_all();
@@ -234,7 +243,7 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         }
     }
     tracing::info!(
-        services = sup.services.len(),
+        services = sup.registry.live_count(),
         control = %control::socket_path(&opts.state_dir).display(),
         "holdfast is up"
     );
@@ -264,19 +273,21 @@ impl Supervisor {
                 }
             }
             match Service::new(unit, socks, &self.opts.state_dir) {
-                Ok(svc) => self.services.push(svc),
+                Ok(svc) => {
+                    self.add_service(svc);
+                }
                 Err((e, _)) => errors.push(e),
             }
         }
         if !errors.is_empty() {
             return Err(SupervisorError::Listeners(errors));
         }
-        self.bindings = sockets::bindings_of(&self.services);
+        self.bindings = sockets::bindings_of(self.registry.live().map(|(_, s)| s));
         if let Some(d) = self.dispatcher.as_mut() {
             let all: Vec<(&sockets::Socket, &unit::SocketConfig)> = self
-                .services
-                .iter()
-                .flat_map(|s| &s.sockets)
+                .registry
+                .live()
+                .flat_map(|(_, s)| s.sockets())
                 .map(|k| (k, &k.config))
                 .collect();
             sockets::steer(d, &all, &self.bindings)?;
@@ -292,29 +303,38 @@ impl Supervisor {
         }
     }
 
+    /// Adds a live service and watches its notify socket.
+    fn add_service(&mut self, svc: Service) -> ServiceId {
+        let id = self.registry.insert(svc);
+        if let Some(n) = self.registry.get(id).and_then(|s| s.notify()) {
+            if let Err(e) = self.poller.add(n.as_fd(), Token::Notify(id)) {
+                tracing::warn!(service = %n.path().display(), error = %e, "cannot watch the notify socket");
+            }
+        }
+        id
+    }
+
     fn stop_all(&mut self) {
         let now = Instant::now();
-        for i in 0..self.services.len() {
-            self.stop(i, now);
+        for id in self.registry.live_ids() {
+            self.stop(id, now);
         }
     }
 
     fn event_loop(&mut self, signals: &Signals, unused_signals: &crate::signals::Unused) {
         loop {
-            self.retiring.retain(|s| s.has_processes());
-            if self.shutting_down
-                && self.services.iter().all(|s| !s.has_processes())
-                && self.retiring.is_empty()
-            {
+            self.registry.sweep();
+            if self.shutting_down && !self.registry.any_processes() {
                 return;
             }
+            self.watch_traffic(Instant::now());
             let timeout = self.next_deadline().map_or(1000, |d| {
                 d.saturating_duration_since(Instant::now())
                     .as_millis()
                     .clamp(1, 1000) as u16
             });
-            let ready = self.poll(signals, timeout);
-            if ready.signal {
+            let ready = self.poller.wait(timeout);
+            if ready.contains(&Token::Signal) {
                 signals.drain();
             }
             unused_signals.log_received();
@@ -333,21 +353,26 @@ impl Supervisor {
             }
             // Notifications before exits: a message an instance sent just
             // before it exited is read while its pid still names it.
-            self.read_notifications(&ready.notify);
+            for token in &ready {
+                if let Token::Notify(id) = token {
+                    self.read_notifications(*id);
+                }
+            }
             self.reap();
-            if ready.metrics {
+            if ready.contains(&Token::Metrics) {
                 if let Some(m) = &self.metrics {
                     let text = metrics::render(&self.snapshot());
                     m.answer(|| text.clone());
                 }
             }
             let now = Instant::now();
-            for name in &ready.traffic {
-                if let Some(i) = self.find(name) {
-                    self.traffic(i, now);
+            for token in &ready {
+                match *token {
+                    Token::Traffic(id) => self.traffic(id, now),
+                    Token::Output(o) => self.read_output(o),
+                    _ => {}
                 }
             }
-            self.read_outputs(&ready.outputs);
             self.serve_control();
             self.run_timers(Instant::now());
             self.answer_waiters();
@@ -355,94 +380,6 @@ impl Supervisor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.services
-            .iter()
-            .chain(&self.retiring)
-            .filter_map(|s| s.next_deadline())
-            .min()
+        self.registry.all().filter_map(|(_, s)| s.deadline()).min()
     }
-
-    fn poll(&self, signals: &Signals, timeout_ms: u16) -> Ready {
-        let mut fds = vec![PollFd::new(signals.pipe.as_fd(), PollFlags::POLLIN)];
-        if let Some(server) = &self.server {
-            for (fd, write) in server.poll_fds() {
-                let flags = if write {
-                    PollFlags::POLLOUT
-                } else {
-                    PollFlags::POLLIN
-                };
-                fds.push(PollFd::new(fd, flags));
-            }
-        }
-        let metrics_at = fds.len();
-        if let Some(m) = &self.metrics {
-            fds.push(PollFd::new(m.wake_fd(), PollFlags::POLLIN));
-        }
-        let first_notify = fds.len();
-        for s in &self.services {
-            if let Some(n) = &s.notify {
-                fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
-            }
-        }
-        let first_traffic = fds.len();
-        let now = Instant::now();
-        let mut watched = Vec::new();
-        if !self.shutting_down {
-            for s in &self.services {
-                if s.wants_traffic(now) {
-                    for k in &s.sockets {
-                        fds.push(PollFd::new(k.fd.as_fd(), PollFlags::POLLIN));
-                        watched.push(s.unit.name.clone());
-                    }
-                }
-            }
-        }
-        let first_output = fds.len();
-        for o in &self.outputs {
-            fds.push(PollFd::new(o.fd.as_fd(), PollFlags::POLLIN));
-        }
-        match nix::poll::poll(&mut fds, PollTimeout::from(timeout_ms)) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => tracing::warn!(error = %e, "poll failed"),
-        }
-        let readable = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-        let mut notify = Vec::new();
-        let mut k = first_notify;
-        for s in &self.services {
-            if s.notify.is_some() {
-                if readable(&fds[k]) {
-                    notify.push(s.unit.name.clone());
-                }
-                k += 1;
-            }
-        }
-        let mut traffic: Vec<String> = Vec::new();
-        for (k, name) in watched.into_iter().enumerate() {
-            if readable(&fds[first_traffic + k]) && !traffic.contains(&name) {
-                traffic.push(name);
-            }
-        }
-        Ready {
-            traffic,
-            signal: readable(&fds[0]),
-            metrics: self.metrics.is_some() && readable(&fds[metrics_at]),
-            notify,
-            outputs: fds[first_output..].iter().map(readable).collect(),
-        }
-    }
-
-    fn find(&self, name: &str) -> Option<usize> {
-        self.services.iter().position(|s| s.unit.name == name)
-    }
-}
-
-struct Ready {
-    signal: bool,
-    /// The metrics endpoint has requests.
-    metrics: bool,
-    /// Services whose notify socket is readable.
-    notify: Vec<String>,
-    /// Traffic-started services with traffic waiting.
-    traffic: Vec<String>,
-    outputs: Vec<bool>,
 }

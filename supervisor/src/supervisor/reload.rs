@@ -11,7 +11,7 @@
 //!    a restart in their restart mode; added services start. A unit whose
 //!    bindings alone changed keeps its socket and its running process.
 
-use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -20,6 +20,7 @@ use crate::dispatch::Binding;
 use crate::listener::Placement;
 use crate::unit::{self, RestartMode, Unit};
 
+use super::registry::ServiceId;
 use super::services::Service;
 use super::sockets::{self, Socket};
 use super::{Supervisor, SupervisorError};
@@ -65,18 +66,33 @@ impl std::fmt::Display for ReloadSummary {
     }
 }
 
-/// For one new unit: which of the service's current sockets each of its
-/// sockets reuses, or the socket opened for it.
+/// Where a changed unit's socket comes from.
+enum SocketPlan {
+    /// The service's current socket at this index serves it as it is.
+    Reuse(usize),
+    /// A socket opened for it.
+    New(Socket),
+}
+
+/// For one unit of the new set.
 enum Plan {
     /// A new service, with its sockets and notify socket, not started.
     Add(Box<Service>),
     Change {
-        index: usize,
+        id: ServiceId,
         unit: Box<Unit>,
-        /// Per new socket: an old socket's index to reuse, or a new socket.
-        sockets: Vec<Result<usize, Socket>>,
+        sockets: Vec<SocketPlan>,
     },
-    Keep(usize),
+    Keep(ServiceId),
+}
+
+impl Plan {
+    fn kept(&self) -> Option<ServiceId> {
+        match self {
+            Plan::Keep(id) | Plan::Change { id, .. } => Some(*id),
+            Plan::Add(_) => None,
+        }
+    }
 }
 
 impl Supervisor {
@@ -85,135 +101,155 @@ impl Supervisor {
     pub(super) fn reload(&mut self) -> Result<ReloadSummary, ReloadError> {
         let units = unit::load_dir(&self.opts.units)?;
         crate::preflight::check_units(&units, &self.opts.state_dir, self.base_path.as_deref())?;
+        let plans = self.plan(units)?;
+        let removed: Vec<ServiceId> = self
+            .registry
+            .live_ids()
+            .into_iter()
+            .filter(|id| !plans.iter().any(|p| p.kept() == Some(*id)))
+            .collect();
+        if let Err(e) = self.publish(&plans) {
+            self.discard(plans);
+            return Err(ReloadError::Bindings(e));
+        }
+        let summary = self.commit(plans, removed, Instant::now());
+        tracing::info!(%summary, "reloaded");
+        Ok(summary)
+    }
 
-        // Phase 1: plan, opening the sockets that must be new.
+    /// Phase 1: a plan per unit, opening the sockets that must be new. On
+    /// any error, what was opened is closed and every error is returned.
+    fn plan(&mut self, units: Vec<Unit>) -> Result<Vec<Plan>, ReloadError> {
         let mut plans = Vec::new();
         let mut errors = Vec::new();
         for unit in units {
-            let Some(index) = self.find(&unit.name) else {
-                let mut socks = Vec::new();
-                let mut opened = true;
-                for cfg in &unit.sockets {
-                    match sockets::open(
-                        &unit,
-                        cfg,
-                        self.dispatcher.is_some(),
-                        &self.why_not,
-                        &mut self.destinations,
-                    ) {
-                        Ok(s) => socks.push(s),
-                        Err(e) => {
-                            errors.push(e);
-                            opened = false;
-                        }
-                    }
-                }
-                if !opened {
-                    self.give_back(socks);
-                    continue;
-                }
-                match Service::new(unit, socks, &self.opts.state_dir) {
-                    Ok(svc) => plans.push(Plan::Add(Box::new(svc))),
-                    Err((e, socks)) => {
-                        errors.push(e);
-                        self.give_back(socks);
-                    }
-                }
-                continue;
+            let result = match self.registry.find(&unit.name) {
+                None => self.plan_add(unit),
+                Some(id) => self.plan_change(id, unit),
             };
-            let old = &self.services[index];
-            if old.unit == unit {
-                plans.push(Plan::Keep(index));
-                continue;
+            match result {
+                Ok(p) => plans.push(p),
+                Err(mut e) => errors.append(&mut e),
             }
-            let mut socks = Vec::new();
-            let mut used = vec![false; old.sockets.len()];
-            for cfg in &unit.sockets {
-                let reuse = old
-                    .sockets
-                    .iter()
-                    .enumerate()
-                    .find(|(k, s)| !used[*k] && s.name == cfg.name && s.serves(cfg))
-                    .map(|(k, _)| k);
-                match reuse {
-                    Some(k) => {
-                        used[k] = true;
-                        socks.push(Ok(k));
-                    }
-                    None => match sockets::open(
-                        &unit,
-                        cfg,
-                        self.dispatcher.is_some(),
-                        &self.why_not,
-                        &mut self.destinations,
-                    ) {
-                        Ok(s) => socks.push(Err(s)),
-                        Err(e) => {
-                            let bound_before = old.sockets.iter().any(|s| {
-                                s.name == cfg.name && matches!(s.placement, Placement::Bound(_))
-                            });
-                            errors.push(if bound_before {
-                                format!(
-                                    "{e}\n  the change needs a new socket (only backlog, buffers, mark, keep-alive, no-delay and the allow/deny/limit keys change in place), and a bound socket's replacement cannot bind while the old one holds the address: remove the unit, reload, add it back and reload again, or run holdfast with the dispatcher (sk_lookup), where sockets are replaced without a gap"
-                                )
-                            } else {
-                                e
-                            });
-                        }
-                    },
-                }
-            }
-            plans.push(Plan::Change {
-                index,
-                unit: Box::new(unit),
-                sockets: socks,
-            });
         }
         if !errors.is_empty() {
             self.discard(plans);
             return Err(ReloadError::Sockets(errors));
         }
+        Ok(plans)
+    }
 
-        // Phase 2: the new binding set, published atomically.
-        let kept_names: Vec<&str> = plans
-            .iter()
-            .filter_map(|p| match p {
-                Plan::Keep(i) | Plan::Change { index: i, .. } => {
-                    Some(self.services[*i].unit.name.as_str())
-                }
-                Plan::Add(..) => None,
-            })
-            .collect();
-        let removed: Vec<usize> = (0..self.services.len())
-            .filter(|i| !kept_names.contains(&self.services[*i].unit.name.as_str()))
-            .collect();
+    fn open_socket(&mut self, unit: &Unit, cfg: &unit::SocketConfig) -> Result<Socket, String> {
+        sockets::open(
+            unit,
+            cfg,
+            self.dispatcher.is_some(),
+            &self.why_not,
+            &mut self.destinations,
+        )
+    }
+
+    fn plan_add(&mut self, unit: Unit) -> Result<Plan, Vec<String>> {
+        let mut socks = Vec::new();
+        let mut errors = Vec::new();
+        for cfg in &unit.sockets {
+            match self.open_socket(&unit, cfg) {
+                Ok(s) => socks.push(s),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            self.give_back(socks);
+            return Err(errors);
+        }
+        match Service::new(unit, socks, &self.opts.state_dir) {
+            Ok(svc) => Ok(Plan::Add(Box::new(svc))),
+            Err((e, socks)) => {
+                self.give_back(socks);
+                Err(vec![e])
+            }
+        }
+    }
+
+    fn plan_change(&mut self, id: ServiceId, unit: Unit) -> Result<Plan, Vec<String>> {
+        let old = self.registry.get(id).expect("a live service");
+        if *old.unit() == unit {
+            return Ok(Plan::Keep(id));
+        }
+        let mut used = vec![false; old.sockets().len()];
+        let mut reuse = Vec::new();
+        for cfg in &unit.sockets {
+            let k = old
+                .sockets()
+                .iter()
+                .enumerate()
+                .find(|(k, s)| !used[*k] && s.name == cfg.name && s.serves(cfg))
+                .map(|(k, _)| k);
+            if let Some(k) = k {
+                used[k] = true;
+            }
+            let bound_before = old
+                .sockets()
+                .iter()
+                .any(|s| s.name == cfg.name && matches!(s.placement, Placement::Bound(_)));
+            reuse.push((k, bound_before));
+        }
+        let mut socks = Vec::new();
+        let mut errors = Vec::new();
+        for (cfg, (k, bound_before)) in unit.sockets.iter().zip(reuse) {
+            if let Some(k) = k {
+                socks.push(SocketPlan::Reuse(k));
+                continue;
+            }
+            match self.open_socket(&unit, cfg) {
+                Ok(s) => socks.push(SocketPlan::New(s)),
+                Err(e) if bound_before => errors.push(format!(
+                    "{e}\n  the change needs a new socket (only backlog, buffers, mark, keep-alive, no-delay and the allow/deny/limit keys change in place), and a bound socket's replacement cannot bind while the old one holds the address: remove the unit, reload, add it back and reload again, or run holdfast with the dispatcher (sk_lookup), where sockets are replaced without a gap"
+                )),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            self.discard(vec![Plan::Change {
+                id,
+                unit: Box::new(unit),
+                sockets: socks,
+            }]);
+            return Err(errors);
+        }
+        Ok(Plan::Change {
+            id,
+            unit: Box::new(unit),
+            sockets: socks,
+        })
+    }
+
+    /// Phase 2: the whole new binding set, published in one flip, with the
+    /// new sockets in the sockmap first. On failure the new sockets leave the
+    /// sockmap and kept ones get their old rules back.
+    fn publish(&mut self, plans: &[Plan]) -> Result<(), SupervisorError> {
         let mut new_bindings: Vec<Binding> = Vec::new();
         // Sockets to steer, with the configuration they will have: new
         // ones, and kept ones whose allow/deny may have changed.
         let mut new_sockets: Vec<(&Socket, &unit::SocketConfig)> = Vec::new();
-        for p in &plans {
+        for p in plans {
             match p {
-                Plan::Keep(i) => new_bindings.extend(
-                    self.bindings
-                        .iter()
-                        .filter(|b| b.service == self.services[*i].unit.name)
-                        .cloned(),
-                ),
+                Plan::Keep(id) => {
+                    let name = self.registry.get(*id).expect("live").name();
+                    new_bindings.extend(self.bindings.iter().filter(|b| b.service == name).cloned())
+                }
                 Plan::Add(svc) => {
-                    for (cfg, s) in svc.unit.sockets.iter().zip(&svc.sockets) {
-                        new_bindings.extend(sockets::bindings(&svc.unit.name, cfg, s));
+                    for (cfg, s) in svc.unit().sockets.iter().zip(svc.sockets()) {
+                        new_bindings.extend(sockets::bindings(&svc.unit().name, cfg, s));
                         new_sockets.push((s, cfg));
                     }
                 }
-                Plan::Change {
-                    index,
-                    unit,
-                    sockets,
-                } => {
+                Plan::Change { id, unit, sockets } => {
+                    let current = self.registry.get(*id).expect("live").sockets();
                     for (cfg, s) in unit.sockets.iter().zip(sockets) {
                         let s = match s {
-                            Ok(k) => &self.services[*index].sockets[*k],
-                            Err(s) => s,
+                            SocketPlan::Reuse(k) => &current[*k],
+                            SocketPlan::New(s) => s,
                         };
                         new_sockets.push((s, cfg));
                         new_bindings.extend(sockets::bindings(&unit.name, cfg, s));
@@ -221,160 +257,168 @@ impl Supervisor {
                 }
             }
         }
-        if let Some(d) = self.dispatcher.as_mut() {
-            if let Err(e) = sockets::steer(d, &new_sockets, &new_bindings) {
-                // Undo: new sockets leave the sockmap, kept ones get their
-                // rules back.
-                for (s, _) in &new_sockets {
-                    let Some(dest) = s.destination else { continue };
-                    let kept = self
-                        .services
-                        .iter()
-                        .any(|svc| svc.sockets.iter().any(|k| k.destination == Some(dest)));
-                    if kept {
-                        let o = &s.config.options;
+        let Some(d) = self.dispatcher.as_mut() else {
+            self.bindings = new_bindings;
+            return Ok(());
+        };
+        if let Err(e) = sockets::steer(d, &new_sockets, &new_bindings) {
+            for (s, _) in &new_sockets {
+                let Some(dest) = s.destination else { continue };
+                let kept = self.registry.live().find_map(|(_, svc)| {
+                    svc.sockets().iter().find(|k| k.destination == Some(dest))
+                });
+                match kept {
+                    Some(k) => {
+                        let o = &k.config.options;
                         let _ = d.set_source_rules(dest, &o.allow, &o.deny);
-                    } else {
+                    }
+                    None => {
                         let _ = d.remove_socket(dest);
                     }
                 }
-                self.discard(plans);
-                return Err(ReloadError::Bindings(e));
             }
+            return Err(e);
         }
         self.bindings = new_bindings;
+        Ok(())
+    }
 
-        // Phase 3: commit.
-        let now = Instant::now();
+    /// Phase 3: changed services take their sockets (and restart when their
+    /// `[service]` or their fds changed), removed ones stop, added ones start.
+    fn commit(&mut self, plans: Vec<Plan>, removed: Vec<ServiceId>, now: Instant) -> ReloadSummary {
         let mut summary = ReloadSummary::default();
         let mut to_start = Vec::new();
         let mut to_restart = Vec::new();
-        let mut changes: BTreeMap<usize, (Unit, Vec<Result<usize, Socket>>)> = BTreeMap::new();
-        let mut additions = Vec::new();
         for p in plans {
             match p {
-                Plan::Keep(i) => summary.unchanged.push(self.services[i].unit.name.clone()),
-                Plan::Change {
-                    index,
-                    unit,
-                    sockets,
-                } => {
-                    changes.insert(index, (*unit, sockets));
+                Plan::Keep(id) => {
+                    summary.unchanged.push(self.registry.get(id).expect("live").name().into())
                 }
-                Plan::Add(svc) => additions.push(svc),
+                Plan::Change { id, unit, sockets } => {
+                    let name = unit.name.clone();
+                    let (restart, running) = self.change(id, *unit, sockets);
+                    if restart {
+                        if running {
+                            to_restart.push(id);
+                        }
+                        summary.restarted.push(name);
+                    } else {
+                        summary.rebound.push(name);
+                    }
+                }
+                Plan::Add(svc) => {
+                    summary.added.push(svc.name().to_string());
+                    to_start.push(*svc);
+                }
             }
         }
-        for (index, (unit, new_socks)) in changes {
-            let svc = &mut self.services[index];
-            let same_fds = new_socks.len() == svc.sockets.len()
-                && new_socks
-                    .iter()
-                    .enumerate()
-                    .all(|(k, s)| matches!(s, Ok(j) if *j == k));
-            let service_changed = svc.unit.service != unit.service;
-            let mut old: Vec<Option<Socket>> = svc.sockets.drain(..).map(Some).collect();
-            for (cfg, s) in unit.sockets.iter().zip(new_socks) {
-                let mut s = match s {
-                    Ok(k) => old[k].take().expect("each old socket is reused once"),
-                    Err(s) => s,
-                };
-                if let Err(e) = s.adjust(cfg) {
-                    tracing::error!(service = %unit.name, socket = %cfg.name, error = %e, "cannot change the socket's options in place; it keeps its old ones");
-                }
-                svc.sockets.push(s);
-            }
-            for s in old.into_iter().flatten() {
-                if let (Some(d), Some(dest)) = (self.dispatcher.as_mut(), s.destination) {
-                    let _ = d.remove_socket(dest);
-                    self.destinations.give_back(dest);
-                }
-                svc.old_sockets.push(s);
-            }
-            if !svc.has_processes() {
-                svc.old_sockets.clear();
-            }
-            if unit.service.fd_store_max != svc.unit.service.fd_store_max {
-                let closed = svc.fd_store.set_max(unit.service.fd_store_max as usize);
-                if closed > 0 {
-                    tracing::warn!(service = %unit.name, closed, max = unit.service.fd_store_max, "fd-store-max lowered: the newest stored fds over it are closed");
-                }
-            }
-            if service_changed {
-                svc.life.restart = unit.service.restart;
-                svc.life.backoff = crate::service::Backoff::new(
-                    unit.service.restart_delay,
-                    unit.service.restart_delay_max,
-                    unit.service.start_limit_interval,
-                );
-                svc.life.start_limit = crate::service::StartLimit::new(
-                    unit.service.start_limit_burst,
-                    unit.service.start_limit_interval,
-                );
-            }
-            let name = unit.name.clone();
-            svc.unit = unit;
-            if service_changed || !same_fds {
-                if svc.main.is_some() {
-                    to_restart.push(name.clone());
-                }
-                summary.restarted.push(name);
+        for id in removed {
+            self.remove(id, now);
+            summary
+                .removed
+                .push(self.registry.get(id).map(|s| s.name().to_string()).unwrap_or_default());
+        }
+        for svc in to_start {
+            let id = self.add_service(svc);
+            // Accept and on-demand services wait for traffic, as at boot.
+            self.act(id, now, |m| m.boot(now));
+        }
+        for id in to_restart {
+            let overlap = self.registry.get(id).is_some_and(|s| {
+                s.unit().service.restart_mode == RestartMode::Overlap
+                    && !s.unit().service.single_instance
+            });
+            let mode = if overlap {
+                RestartMode::Overlap
             } else {
-                summary.rebound.push(name);
+                RestartMode::StopStart
+            };
+            self.act(id, now, |m| m.restart(Some(mode), now).unwrap_or_default());
+        }
+        summary
+    }
+
+    /// A changed unit takes its sockets; returns (whether it must restart,
+    /// whether it has a main instance).
+    fn change(&mut self, id: ServiceId, unit: Unit, plans: Vec<SocketPlan>) -> (bool, bool) {
+        let svc = self.registry.get_mut(id).expect("live");
+        let same_fds = plans.len() == svc.sockets().len()
+            && plans
+                .iter()
+                .enumerate()
+                .all(|(k, s)| matches!(s, SocketPlan::Reuse(j) if *j == k));
+        let service_changed = svc.unit().service != unit.service;
+        let current = svc.take_sockets();
+        let fds: Vec<_> = current.iter().map(|s| s.fd.as_fd()).collect();
+        self.poller.forget_traffic(id, &fds);
+        let mut old: Vec<Option<Socket>> = current.into_iter().map(Some).collect();
+        let mut socks = Vec::new();
+        for (cfg, s) in unit.sockets.iter().zip(plans) {
+            let mut s = match s {
+                SocketPlan::Reuse(k) => old[k].take().expect("each old socket is reused once"),
+                SocketPlan::New(s) => s,
+            };
+            if let Err(e) = s.adjust(cfg) {
+                tracing::error!(service = %unit.name, socket = %cfg.name, error = %e, "cannot change the socket's options in place; it keeps its old ones");
+            }
+            socks.push(s);
+        }
+        let replaced: Vec<Socket> = old.into_iter().flatten().collect();
+        for s in &replaced {
+            self.unsteer(s);
+        }
+        let svc = self.registry.get_mut(id).expect("live");
+        svc.replace(unit, socks, replaced);
+        (
+            service_changed || !same_fds,
+            svc.machine().main().is_some(),
+        )
+    }
+
+    /// A unit removed: its bindings are already gone; its processes stop and
+    /// its sockets close once they have.
+    fn remove(&mut self, id: ServiceId, now: Instant) {
+        let Some(svc) = self.registry.get(id) else {
+            return;
+        };
+        let fds: Vec<_> = svc.sockets().iter().map(|s| s.fd.as_fd()).collect();
+        self.poller.forget_traffic(id, &fds);
+        let socks: Vec<(Option<crate::dispatch::DestinationId>,)> =
+            svc.sockets().iter().map(|s| (s.destination,)).collect();
+        for (dest,) in socks {
+            if let (Some(d), Some(dest)) = (self.dispatcher.as_mut(), dest) {
+                let _ = d.remove_socket(dest);
+                self.destinations.give_back(dest);
             }
         }
-        for i in removed.into_iter().rev() {
-            let mut svc = self.services.remove(i);
-            summary.removed.push(svc.unit.name.clone());
-            for s in &svc.sockets {
-                if let (Some(d), Some(dest)) = (self.dispatcher.as_mut(), s.destination) {
-                    let _ = d.remove_socket(dest);
-                    self.destinations.give_back(dest);
-                }
-            }
-            svc.life.stop_requested = true;
-            self.retiring.push(svc);
-            let k = self.retiring.len() - 1;
-            self.retire(k, now);
+        self.registry.retire(id);
+        self.stop_connections(id, now);
+        if let Some(svc) = self.registry.get_mut(id) {
+            svc.drop_notify();
         }
-        for svc in additions {
-            let name = svc.unit.name.clone();
-            self.services.push(*svc);
-            to_start.push(name.clone());
-            summary.added.push(name);
+        self.act(id, now, |m| m.retire(now));
+    }
+
+    /// A socket that leaves its service: out of the sockmap, its id freed.
+    fn unsteer(&mut self, s: &Socket) {
+        if let (Some(d), Some(dest)) = (self.dispatcher.as_mut(), s.destination) {
+            let _ = d.remove_socket(dest);
+            self.destinations.give_back(dest);
         }
-        for name in to_start {
-            if let Some(i) = self.find(&name) {
-                if self.services[i].traffic_started() {
-                    // Accept and on-demand services wait for traffic, as at boot.
-                    self.services[i].life.state = crate::service::State::Listening;
-                } else {
-                    self.start(i, now);
-                }
-            }
-        }
-        for name in to_restart {
-            let Some(i) = self.find(&name) else { continue };
-            let svc = &self.services[i];
-            let overlap = svc.unit.service.restart_mode == RestartMode::Overlap
-                && !svc.unit.service.single_instance;
-            if overlap {
-                let _ = self.start_overlap(i, now);
-            } else {
-                self.restart_stop_start(i, now);
-            }
-        }
-        tracing::info!(%summary, "reloaded");
-        Ok(summary)
     }
 
     /// Closes the sockets a refused reload had opened and frees their ids.
     fn discard(&mut self, plans: Vec<Plan>) {
         for p in plans {
             let socks: Vec<Socket> = match p {
-                Plan::Add(mut svc) => std::mem::take(&mut svc.sockets),
-                Plan::Change { sockets, .. } => {
-                    sockets.into_iter().filter_map(Result::err).collect()
-                }
+                Plan::Add(mut svc) => svc.take_sockets(),
+                Plan::Change { sockets, .. } => sockets
+                    .into_iter()
+                    .filter_map(|s| match s {
+                        SocketPlan::New(s) => Some(s),
+                        SocketPlan::Reuse(_) => None,
+                    })
+                    .collect(),
                 Plan::Keep(_) => Vec::new(),
             };
             self.give_back(socks);

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use nix::unistd::Pid;
 use serde_json::json;
 
 use crate::control::{ConnectionId, Reply, Request};
@@ -13,24 +12,23 @@ use crate::listener::{self, Placement};
 use crate::metrics;
 use crate::service::Exit;
 use crate::service::State;
-use crate::unit::RestartMode;
 
+use super::registry::ServiceId;
 use super::services::Service;
 use super::Supervisor;
 
 /// A control request waiting for a service to reach a state.
 pub(super) struct Waiter {
-    pub connection: ConnectionId,
-    pub service: String,
-    pub until: Until,
+    connection: ConnectionId,
+    service: ServiceId,
+    name: String,
+    until: Until,
 }
 
-pub(super) enum Until {
+enum Until {
     Down,
     /// Running and ready, with a main pid other than this one.
-    Up {
-        not: Option<Pid>,
-    },
+    Up { not: Option<i32> },
 }
 
 impl Supervisor {
@@ -52,111 +50,99 @@ impl Supervisor {
         }
     }
 
+    /// The live service of that name, or the error reply.
+    fn named(&self, name: &str) -> Result<ServiceId, Reply> {
+        self.registry
+            .find(name)
+            .ok_or_else(|| Reply::error(format!("no service named {name:?}")))
+    }
+
+    fn status_reply(&self, id: ServiceId, now: Instant) -> Reply {
+        match self.registry.get(id) {
+            Some(s) => Reply::ok(status_of(s, now)),
+            None => Reply::error("no such service"),
+        }
+    }
+
     /// Answers a request, or registers a waiter and returns `None`.
     fn handle(&mut self, conn: ConnectionId, request: Request, now: Instant) -> Option<Reply> {
-        let named = |name: &str| -> Result<usize, Reply> {
-            self.find(name)
-                .ok_or_else(|| Reply::error(format!("no service named {name:?}")))
-        };
         match request {
             Request::Status { name } => Some(match name {
                 None => Reply::ok(json!(self
-                    .services
-                    .iter()
-                    .map(|s| status_of(s, now))
+                    .registry
+                    .live()
+                    .map(|(_, s)| status_of(s, now))
                     .collect::<Vec<_>>())),
-                Some(n) => match named(&n) {
-                    Ok(i) => Reply::ok(json!([status_of(&self.services[i], now)])),
+                Some(n) => match self.named(&n) {
+                    Ok(id) => match self.status_reply(id, now) {
+                        Reply { ok: true, result: Some(r), .. } => Reply::ok(json!([r])),
+                        other => other,
+                    },
                     Err(r) => r,
                 },
             }),
             Request::Start { name } => {
-                let i = match named(&name) {
-                    Ok(i) => i,
+                let id = match self.named(&name) {
+                    Ok(id) => id,
                     Err(r) => return Some(r),
                 };
                 if self.shutting_down {
                     return Some(Reply::error("holdfast is shutting down"));
                 }
-                let svc = &mut self.services[i];
-                if svc.traffic_started() {
-                    if matches!(svc.life.state, State::Stopped | State::Failed) {
-                        svc.life.reset();
-                        svc.life.state = State::Listening;
-                    }
-                    return Some(Reply::ok(status_of(svc, now)));
+                let mut wait = false;
+                self.act(id, now, |m| {
+                    let (w, fx) = m.request_start(now);
+                    wait = w;
+                    fx
+                });
+                if !wait {
+                    return Some(self.status_reply(id, now));
                 }
-                match svc.life.state {
-                    State::Running | State::Listening => {
-                        return Some(Reply::ok(status_of(svc, now)))
-                    }
-                    State::Starting => {}
-                    State::Stopping => {
-                        // Start again once it is down.
-                        svc.life.stop_requested = false;
-                        svc.life.restart_requested = true;
-                    }
-                    State::Waiting | State::Stopped | State::Failed => {
-                        svc.life.reset();
-                        self.start_counted(i, now, false);
-                    }
-                }
-                self.wait(conn, name, Until::Up { not: None });
+                self.wait(conn, id, name, Until::Up { not: None });
                 None
             }
             Request::Stop { name } => {
-                let i = match named(&name) {
-                    Ok(i) => i,
+                let id = match self.named(&name) {
+                    Ok(id) => id,
                     Err(r) => return Some(r),
                 };
-                self.stop(i, now);
-                self.wait(conn, name, Until::Down);
+                self.stop(id, now);
+                self.wait(conn, id, name, Until::Down);
                 None
             }
             Request::Restart { name, mode } => {
-                let i = match named(&name) {
-                    Ok(i) => i,
+                let id = match self.named(&name) {
+                    Ok(id) => id,
                     Err(r) => return Some(r),
                 };
                 if self.shutting_down {
                     return Some(Reply::error("holdfast is shutting down"));
                 }
-                let svc = &mut self.services[i];
-                let mode = mode.unwrap_or(svc.unit.service.restart_mode);
-                let old = svc.main.as_ref().map(|m| m.pid);
-                svc.overlap_failure = None;
-                match mode {
-                    RestartMode::Overlap if svc.unit.service.single_instance => {
-                        return Some(Reply::error(format!(
-                            "service {name:?} refuses an overlap restart: its unit says single-instance = true (it cannot run twice); use --mode stop-start"
-                        )));
+                let svc = self.registry.get_mut(id)?;
+                let old = svc.machine().main().map(|m| m.pid);
+                let mut refused = None;
+                self.act(id, now, |m| match m.restart(mode, now) {
+                    Ok(fx) => fx,
+                    Err(e) => {
+                        refused = Some(e);
+                        Vec::new()
                     }
-                    RestartMode::Overlap if old.is_some() => {
-                        if let Err(e) = self.start_overlap(i, now) {
-                            return Some(Reply::error(e));
-                        }
-                    }
-                    _ => self.restart_stop_start(i, now),
+                });
+                if let Some(e) = refused {
+                    return Some(Reply::error(e));
                 }
-                self.wait(conn, name, Until::Up { not: old });
+                self.wait(conn, id, name, Until::Up { not: old });
                 None
             }
             Request::Reload => Some(match self.reload() {
                 Ok(summary) => Reply::ok(json!(summary)),
                 Err(e) => Reply::error(e.to_string()),
             }),
-            Request::Logs { name, lines, after } => Some(match named(&name) {
-                Ok(i) => {
-                    let svc = &self.services[i];
-                    let first_seq = svc.log_next - svc.log.len() as u64;
-                    let skip = match after {
-                        Some(a) => a.saturating_sub(first_seq).min(svc.log.len() as u64) as usize,
-                        None => svc.log.len() - lines.unwrap_or(svc.log.len()).min(svc.log.len()),
-                    };
-                    Reply::ok(json!({
-                        "lines": svc.log.iter().skip(skip).collect::<Vec<_>>(),
-                        "next": svc.log_next,
-                    }))
+            Request::Logs { name, lines, after } => Some(match self.named(&name) {
+                Ok(id) => {
+                    let svc = self.registry.get(id)?;
+                    let (lines, next) = svc.log().read(lines, after);
+                    Reply::ok(json!({ "lines": lines, "next": next }))
                 }
                 Err(r) => r,
             }),
@@ -171,10 +157,11 @@ impl Supervisor {
         }
     }
 
-    fn wait(&mut self, connection: ConnectionId, service: String, until: Until) {
+    fn wait(&mut self, connection: ConnectionId, service: ServiceId, name: String, until: Until) {
         self.waiters.push(Waiter {
             connection,
             service,
+            name,
             until,
         });
     }
@@ -218,15 +205,21 @@ impl Supervisor {
     pub(super) fn refresh_dispatcher_denied(&mut self) {
         let Some(d) = &self.dispatcher else { return };
         let Ok(counters) = d.counters() else { return };
-        for svc in &mut self.services {
-            svc.dispatcher_denied = dispatcher_denied(svc, &counters);
+        for id in self.registry.live_ids() {
+            if let Some(svc) = self.registry.get_mut(id) {
+                let denied = dispatcher_denied(svc, &counters);
+                svc.set_dispatcher_denied(denied);
+            }
         }
     }
 
     /// What the metrics show, read now (BPF counters and accept queues included).
     pub(super) fn snapshot(&self) -> metrics::Snapshot {
         let now = Instant::now();
-        let mut s = metrics::Snapshot::default();
+        let mut s = metrics::Snapshot {
+            states: state_names(),
+            ..Default::default()
+        };
         // Read once, for the destinations and each service's denied total
         // (the HTTP endpoint is answered without a refresh of the services').
         let counters = self
@@ -234,32 +227,30 @@ impl Supervisor {
             .as_ref()
             .map(|d| d.counters().unwrap_or_default())
             .unwrap_or_default();
-        for svc in &self.services {
-            let main = svc.main.as_ref();
+        for (_, svc) in self.registry.live() {
+            let m = svc.machine();
+            let main = m.main();
+            let (instances, total, denied) = acceptor_counts(svc);
             s.services.push(metrics::ServiceMetrics {
-                service: svc.unit.name.clone(),
-                state: if svc.reloading {
-                    "reloading".into()
-                } else {
-                    svc.life.state.as_str().into()
-                },
-                restarts: u64::from(svc.restarts),
+                service: svc.name().to_string(),
+                state: m.state().as_str().into(),
+                restarts: u64::from(m.restarts()),
                 ready: main.is_some_and(|m| m.ready),
                 uptime_seconds: main
                     .map(|m| now.saturating_duration_since(m.started_at).as_secs_f64())
                     .unwrap_or(0.0),
-                instances: svc.acceptor.connections.len() as u64,
-                connections_total: svc.acceptor.total,
-                denied_total: svc.acceptor.denied + dispatcher_denied(svc, &counters),
-                last_exit_status: svc.last_exit.map(|e| match e {
+                instances: instances as u64,
+                connections_total: total,
+                denied_total: denied + dispatcher_denied(svc, &counters),
+                last_exit_status: m.last_exit().map(|e| match e {
                     Exit::Code(c) => i64::from(c),
                     Exit::Signal(n) => 128 + i64::from(n),
                 }),
             });
-            for k in &svc.sockets {
+            for k in svc.sockets() {
                 let queue = listener::accept_queue(&k.fd);
                 s.sockets.push(metrics::SocketMetrics {
-                    service: svc.unit.name.clone(),
+                    service: svc.name().to_string(),
                     socket: k.name.clone(),
                     protocol: k.protocol.as_str().into(),
                     backlog_queued: queue.map(|q| u64::from(q.0)),
@@ -268,12 +259,12 @@ impl Supervisor {
             }
         }
         if let Some(d) = &self.dispatcher {
-            for svc in &self.services {
-                for k in &svc.sockets {
+            for (_, svc) in self.registry.live() {
+                for k in svc.sockets() {
                     let Some(dest) = k.destination else { continue };
                     let c = counters.get(&dest).copied().unwrap_or_default();
                     s.destinations.push(metrics::DestinationMetrics {
-                        service: svc.unit.name.clone(),
+                        service: svc.name().to_string(),
                         socket: k.name.clone(),
                         destination: dest,
                         socket_present: d.socket_present(dest),
@@ -290,63 +281,67 @@ impl Supervisor {
 
     pub(super) fn answer_waiters(&mut self) {
         let now = Instant::now();
-        let mut answered = Vec::new();
-        for (k, w) in self.waiters.iter().enumerate() {
-            let Some(svc) = self.services.iter().find(|s| s.unit.name == w.service) else {
-                answered.push((k, Reply::error(format!("service {:?} is gone", w.service))));
-                continue;
-            };
-            let state = svc.life.state;
-            let exit = || svc.last_exit.map(|e| format!(" ({e})")).unwrap_or_default();
-            let reply = match w.until {
-                Until::Down => (matches!(state, State::Stopped | State::Failed)
-                    && svc.acceptor.connections.is_empty())
-                .then(|| Reply::ok(status_of(svc, now))),
-                Until::Up { not } => {
-                    let main = svc.main.as_ref();
-                    if let Some(why) = &svc.overlap_failure {
-                        Some(Reply::error(format!(
-                            "restart of {:?} failed: {why}",
-                            w.service
-                        )))
-                    } else if state == State::Running
-                        && main.is_some_and(|m| m.ready && Some(m.pid) != not)
-                    {
-                        Some(Reply::ok(status_of(svc, now)))
-                    } else if state == State::Failed {
-                        Some(Reply::error(match &svc.failure {
-                            Some(why) => format!("service {:?} failed: {why}", w.service),
-                            None => format!("service {:?} failed{}", w.service, exit()),
-                        }))
-                    } else if state == State::Stopped {
-                        Some(Reply::error(format!(
-                            "service {:?} stopped{}",
-                            w.service,
-                            exit()
-                        )))
-                    } else if self.shutting_down {
-                        Some(Reply::error("holdfast is shutting down"))
-                    } else {
-                        None
+        let mut k = 0;
+        while k < self.waiters.len() {
+            match self.waiter_reply(&self.waiters[k], now) {
+                Some(reply) => {
+                    let w = self.waiters.remove(k);
+                    if let Some(server) = self.server.as_mut() {
+                        server.reply(w.connection, &reply);
                     }
                 }
-            };
-            if let Some(r) = reply {
-                answered.push((k, r));
+                None => k += 1,
             }
         }
-        for (k, reply) in answered.into_iter().rev() {
-            let w = self.waiters.remove(k);
-            if let Some(server) = self.server.as_mut() {
-                server.reply(w.connection, &reply);
+    }
+
+    /// The reply for a waiter, once its service has reached the state or cannot.
+    fn waiter_reply(&self, w: &Waiter, now: Instant) -> Option<Reply> {
+        let name = &w.name;
+        let Some(svc) = self.registry.get(w.service).filter(|_| self.registry.is_live(w.service))
+        else {
+            return Some(Reply::error(format!("service {name:?} is gone")));
+        };
+        let m = svc.machine();
+        let state = m.state();
+        let exit = || m.last_exit().map(|e| format!(" ({e})")).unwrap_or_default();
+        match w.until {
+            Until::Down => (matches!(state, State::Stopped | State::Failed)
+                && acceptor_counts(svc).0 == 0)
+                .then(|| Reply::ok(status_of(svc, now))),
+            Until::Up { not } => {
+                if let Some(why) = m.overlap_failure() {
+                    Some(Reply::error(format!("restart of {name:?} failed: {why}")))
+                } else if state == State::Running
+                    && m.main().is_some_and(|i| i.ready && Some(i.pid) != not)
+                {
+                    Some(Reply::ok(status_of(svc, now)))
+                } else if state == State::Failed {
+                    Some(Reply::error(match m.failure() {
+                        Some(why) => format!("service {name:?} failed: {why}"),
+                        None => format!("service {name:?} failed{}", exit()),
+                    }))
+                } else if state == State::Stopped {
+                    Some(Reply::error(format!("service {name:?} stopped{}", exit())))
+                } else if self.shutting_down {
+                    Some(Reply::error("holdfast is shutting down"))
+                } else {
+                    None
+                }
             }
         }
     }
 }
 
+/// An accept service's instances, connections and refusals (zeros otherwise).
+fn acceptor_counts(svc: &Service) -> (usize, u64, u64) {
+    svc.acceptor()
+        .map_or((0, 0, 0), |a| (a.instances(), a.total(), a.denied()))
+}
+
 /// What the sk_lookup program's allow/deny dropped for `svc`'s sockets.
 fn dispatcher_denied(svc: &Service, counters: &BTreeMap<DestinationId, Counters>) -> u64 {
-    svc.sockets
+    svc.sockets()
         .iter()
         .filter_map(|k| k.destination)
         .filter_map(|dest| counters.get(&dest))
@@ -355,26 +350,28 @@ fn dispatcher_denied(svc: &Service, counters: &BTreeMap<DestinationId, Counters>
 }
 
 pub(super) fn status_of(s: &Service, now: Instant) -> serde_json::Value {
-    let main = s.main.as_ref();
+    let m = s.machine();
+    let main = m.main();
+    let (instances, total, denied) = acceptor_counts(s);
     json!({
-        "name": s.unit.name,
-        "state": if s.reloading { "reloading" } else { s.life.state.as_str() },
-        "pid": main.map(|m| m.pid.as_raw()),
-        "ready": main.is_some_and(|m| m.ready),
-        "restarts": s.restarts,
-        "uptime_secs": main.map(|m| now.saturating_duration_since(m.started_at).as_secs_f64()),
-        "last_exit": s.last_exit.map(|e| e.to_string()),
-        "status_text": s.status_text,
-        "instances": s.acceptor.connections.len(),
-        "connections_total": s.acceptor.total,
-        "denied_total": s.acceptor.denied + s.dispatcher_denied,
-        "failure": s.failure,
-        "errno": s.errno,
-        "next_pid": s.next.as_ref().map(|n| n.pid.as_raw()),
-        "draining_pids": s.draining.iter().map(|d| d.pid.as_raw()).collect::<Vec<_>>(),
-        "fd_store": s.fd_store.fds().map(|(name, _)| name).collect::<Vec<_>>(),
-        "sockets": s.sockets.iter().map(|k| k.name.clone()).collect::<Vec<_>>(),
-        "listeners": s.sockets.iter().map(|k| json!({
+        "name": s.name(),
+        "state": m.state().as_str(),
+        "pid": main.map(|i| i.pid),
+        "ready": main.is_some_and(|i| i.ready),
+        "restarts": m.restarts(),
+        "uptime_secs": main.map(|i| now.saturating_duration_since(i.started_at).as_secs_f64()),
+        "last_exit": m.last_exit().map(|e| e.to_string()),
+        "status_text": m.status_text(),
+        "instances": instances,
+        "connections_total": total,
+        "denied_total": denied + s.dispatcher_denied(),
+        "failure": m.failure(),
+        "errno": m.errno(),
+        "next_pid": m.candidate().map(|n| n.pid),
+        "draining_pids": m.draining().iter().map(|d| d.pid).collect::<Vec<_>>(),
+        "fd_store": s.fd_store().fds().map(|(name, _)| name).collect::<Vec<_>>(),
+        "sockets": s.sockets().iter().map(|k| k.name.clone()).collect::<Vec<_>>(),
+        "listeners": s.sockets().iter().map(|k| json!({
             "name": k.name,
             "protocol": k.protocol.as_str(),
             "destination": k.destination,
@@ -388,4 +385,43 @@ pub(super) fn status_of(s: &Service, now: Instant) -> serde_json::Value {
             },
         })).collect::<Vec<_>>(),
     })
+}
+
+/// Every state's name, for the one-series-per-state gauge.
+fn state_names() -> Vec<&'static str> {
+    State::ALL.iter().map(|s| s.as_str()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `metrics::STATES` once lacked `listening`: a listening service
+    /// exported 0 for every state series.
+    #[test]
+    fn every_state_has_its_series() {
+        for state in State::ALL {
+            let s = metrics::Snapshot {
+                states: state_names(),
+                services: vec![metrics::ServiceMetrics {
+                    service: "web".into(),
+                    state: state.as_str().into(),
+                    restarts: 0,
+                    ready: false,
+                    uptime_seconds: 0.0,
+                    last_exit_status: None,
+                    instances: 0,
+                    connections_total: 0,
+                    denied_total: 0,
+                }],
+                ..Default::default()
+            };
+            let text = metrics::render(&s);
+            let want = format!(
+                "holdfast_service_state{{service=\"web\",state=\"{}\"}} 1",
+                state.as_str()
+            );
+            assert!(text.contains(&want), "missing {want:?} in\n{text}");
+        }
+    }
 }

@@ -146,13 +146,12 @@ pub(super) fn open(
 }
 
 /// Every steered socket's bindings: `addresses × ports`.
-pub(super) fn bindings_of(services: &[Service]) -> Vec<Binding> {
+pub(super) fn bindings_of<'a>(services: impl Iterator<Item = &'a Service>) -> Vec<Binding> {
     services
-        .iter()
         .flat_map(|svc| {
-            svc.sockets
+            svc.sockets()
                 .iter()
-                .flat_map(|sock| bindings(&svc.unit.name, &sock.config, sock))
+                .flat_map(|sock| bindings(svc.name(), &sock.config, sock))
         })
         .collect()
 }

@@ -1,0 +1,1076 @@
+//! Everything that can happen to one service, in one place: the state machine
+//! over its instances (the main one, an overlap candidate, old ones draining),
+//! readiness, the watchdog, stops, both kinds of restart, exits and the
+//! restart policy. Each event is a method that updates the bookkeeping and
+//! returns the [`Effect`]s the daemon must carry out (spawn, signal, release
+//! sockets); the daemon reports back what came of a spawn. No processes, no
+//! signals, no clock of its own: instants are passed in, so every path is
+//! tested without root.
+
+use std::time::{Duration, Instant};
+
+use crate::unit::{RestartMode, RestartPolicy, ServiceConfig, ServiceType};
+
+use super::{Backoff, Exit, StartLimit, State};
+
+/// Names one instance of one service for as long as the daemon runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceId(pub u64);
+
+/// Which instance a spawn is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpawnRole {
+    /// The service's main instance.
+    Main,
+    /// The new instance of an overlap restart, on the same sockets.
+    Candidate,
+}
+
+/// Which of a service's instances something came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Main,
+    /// The overlap candidate.
+    Candidate,
+    /// An old instance told to stop.
+    Draining,
+}
+
+/// What the daemon must do for the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Spawn an instance; report with [`Machine::spawned`] or [`Machine::spawn_failed`].
+    Spawn(SpawnRole),
+    /// Ask every process of the instance to stop (SIGTERM, then SIGCONT).
+    Terminate(InstanceId),
+    /// SIGKILL to every process of the instance.
+    Kill(InstanceId),
+    /// SIGABRT to the instance's main process (watchdog).
+    Abort(InstanceId),
+    /// The instance's main process moved from `old` to `new` (MAINPID=).
+    MainPid { instance: InstanceId, old: i32, new: i32 },
+    /// Sockets a reload replaced are no longer held by any instance.
+    ReleaseOldSockets,
+}
+
+/// What an instance said through its notify socket, as the machine needs it
+/// (the fd store is the daemon's; a MAINPID= is checked by the daemon first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Said {
+    Ready,
+    Reloading,
+    Stopping,
+    Status(String),
+    Errno(i32),
+    MainPid(i32),
+    ExtendTimeout(Duration),
+    Watchdog,
+    WatchdogTrigger,
+    WatchdogUsec(Duration),
+}
+
+/// One instance's bookkeeping.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: InstanceId,
+    /// The main pid (MAINPID= may move it).
+    pub pid: i32,
+    pub started_at: Instant,
+    pub ready: bool,
+    /// A notify service must say READY=1 by then.
+    ready_by: Option<Instant>,
+    watchdog: Option<Duration>,
+    watchdog_at: Option<Instant>,
+    /// Told to stop; SIGKILL at this instant.
+    kill_at: Option<Instant>,
+    /// Why holdfast stopped it (start timeout, watchdog): its exit is a
+    /// failure whatever its status, as systemd counts it.
+    failed: Option<String>,
+}
+
+impl Instance {
+    fn deadline(&self) -> Option<Instant> {
+        [
+            self.ready_by.filter(|_| !self.ready),
+            self.watchdog_at,
+            self.kill_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Asks it to stop, once; SIGKILL at `now + timeout`.
+    fn terminate(&mut self, now: Instant, timeout: Duration, fx: &mut Vec<Effect>) {
+        if self.kill_at.is_some() {
+            return;
+        }
+        self.kill_at = Some(deadline(now, timeout));
+        self.ready_by = None;
+        self.watchdog_at = None;
+        fx.push(Effect::Terminate(self.id));
+    }
+}
+
+/// `now + d` without the panic `Instant + Duration` gives on overflow: a
+/// deadline too far to represent becomes about 100 years from now ("never"
+/// for any service). Every deadline computed from a configured or notified
+/// duration goes through here.
+pub fn deadline(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
+/// How many exited main pids a service remembers (see [`Machine::knows_sender`]).
+const GONE_PIDS: usize = 32;
+
+/// The state machine of one service.
+#[derive(Debug)]
+pub struct Machine {
+    name: String,
+    cfg: ServiceConfig,
+    /// Accept or on-demand: waits for traffic instead of starting at boot.
+    traffic_started: bool,
+    state: State,
+    backoff: Backoff,
+    start_limit: StartLimit,
+    /// Set by `stop`: the next exit is final.
+    stop_requested: bool,
+    /// Set by `restart`: the next exit starts again at once.
+    restart_requested: bool,
+    main: Option<Instance>,
+    candidate: Option<Instance>,
+    draining: Vec<Instance>,
+    next_id: u64,
+    restarts: u32,
+    next_start: Option<Instant>,
+    last_exit: Option<Exit>,
+    status_text: Option<String>,
+    errno: Option<i32>,
+    /// Why the last overlap restart was abandoned, for the waiting request.
+    overlap_failure: Option<String>,
+    /// Why the service is `failed`.
+    failure: Option<String>,
+    /// Main pids of instances that have exited, newest last.
+    gone_pids: std::collections::VecDeque<i32>,
+}
+
+impl Machine {
+    pub fn new(name: &str, cfg: &ServiceConfig, traffic_started: bool) -> Machine {
+        Machine {
+            name: name.to_string(),
+            cfg: cfg.clone(),
+            traffic_started,
+            state: State::Stopped,
+            backoff: backoff_of(cfg),
+            start_limit: StartLimit::new(cfg.start_limit_burst, cfg.start_limit_interval),
+            stop_requested: false,
+            restart_requested: false,
+            main: None,
+            candidate: None,
+            draining: Vec::new(),
+            next_id: 1,
+            restarts: 0,
+            next_start: None,
+            last_exit: None,
+            status_text: None,
+            errno: None,
+            overlap_failure: None,
+            failure: None,
+            gone_pids: Default::default(),
+        }
+    }
+
+    // ---- what the daemon reads ----
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn config(&self) -> &ServiceConfig {
+        &self.cfg
+    }
+    pub fn state(&self) -> State {
+        self.state
+    }
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+    pub fn last_exit(&self) -> Option<Exit> {
+        self.last_exit
+    }
+    pub fn status_text(&self) -> Option<&str> {
+        self.status_text.as_deref()
+    }
+    pub fn errno(&self) -> Option<i32> {
+        self.errno
+    }
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+    pub fn overlap_failure(&self) -> Option<&str> {
+        self.overlap_failure.as_deref()
+    }
+    pub fn main(&self) -> Option<&Instance> {
+        self.main.as_ref()
+    }
+    pub fn candidate(&self) -> Option<&Instance> {
+        self.candidate.as_ref()
+    }
+    pub fn draining(&self) -> &[Instance] {
+        &self.draining
+    }
+    /// Every instance: main, candidate, draining.
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        self.main.iter().chain(&self.candidate).chain(&self.draining)
+    }
+    pub fn has_instances(&self) -> bool {
+        self.instances().next().is_some()
+    }
+    pub fn traffic_started(&self) -> bool {
+        self.traffic_started
+    }
+    /// A restart is under way (asked for, not yet started).
+    pub fn restart_pending(&self) -> bool {
+        self.restart_requested
+    }
+    /// The earliest instant at which [`Machine::timers`] has something to do.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.instances()
+            .filter_map(Instance::deadline)
+            .chain(self.next_start)
+            .min()
+    }
+
+    /// The instance and role a notification sender belongs to: `member`
+    /// says whether the sender is one of an instance's processes. A sender
+    /// that is gone (`alive` false) is taken for the newest instance unless
+    /// it is the main pid of an instance that has exited.
+    pub fn sender_role(
+        &self,
+        pid: i32,
+        alive: bool,
+        member: impl Fn(&Instance) -> bool,
+    ) -> Option<(InstanceId, Role)> {
+        let matches = |i: &Instance| i.pid == pid || member(i);
+        if let Some(c) = self.candidate.as_ref().filter(|i| matches(i)) {
+            return Some((c.id, Role::Candidate));
+        }
+        if let Some(m) = self.main.as_ref().filter(|i| matches(i)) {
+            return Some((m.id, Role::Main));
+        }
+        if let Some(d) = self.draining.iter().find(|i| matches(i)) {
+            return Some((d.id, Role::Draining));
+        }
+        if !alive && !self.gone_pids.contains(&pid) {
+            if let Some(c) = &self.candidate {
+                return Some((c.id, Role::Candidate));
+            }
+            return self.main.as_ref().map(|m| (m.id, Role::Main));
+        }
+        None
+    }
+
+    pub fn instance(&self, id: InstanceId) -> Option<&Instance> {
+        self.instances().find(|i| i.id == id)
+    }
+
+    // ---- events ----
+
+    /// A reload changed the `[service]` table: new policy, backoff, limits.
+    pub fn set_config(&mut self, cfg: &ServiceConfig) {
+        if *cfg != self.cfg {
+            self.backoff = backoff_of(cfg);
+            self.start_limit = StartLimit::new(cfg.start_limit_burst, cfg.start_limit_interval);
+            self.cfg = cfg.clone();
+        }
+    }
+
+    /// At boot or after an add by reload: start, or listen for traffic.
+    pub fn boot(&mut self, now: Instant) -> Vec<Effect> {
+        if self.traffic_started {
+            self.state = State::Listening;
+            Vec::new()
+        } else {
+            self.start(now, true)
+        }
+    }
+
+    /// Starts a main instance now. Automatic starts (`counted`) count
+    /// towards the start limit; those a user asked for do not.
+    pub fn start(&mut self, now: Instant, counted: bool) -> Vec<Effect> {
+        self.next_start = None;
+        self.failure = None;
+        if counted && !self.start_limit.try_start(now) {
+            let why = format!(
+                "start limit hit: more than {} starts within {}; left alone until `holdfast start`",
+                self.cfg.start_limit_burst,
+                humantime::format_duration(self.cfg.start_limit_interval)
+            );
+            tracing::error!(service = %self.name, "{why}");
+            self.failure = Some(why);
+            self.state = State::Failed;
+            return Vec::new();
+        }
+        vec![Effect::Spawn(SpawnRole::Main)]
+    }
+
+    /// Traffic arrived for an on-demand service with no instance running.
+    pub fn traffic(&mut self, now: Instant) -> Vec<Effect> {
+        if self.main.is_some() || self.state != State::Listening {
+            return Vec::new();
+        }
+        tracing::info!(service = %self.name, "traffic arrived: starting (on-demand)");
+        self.start(now, true)
+    }
+
+    /// The instance asked for by `Effect::Spawn(role)` runs as `pid`.
+    pub fn spawned(&mut self, role: SpawnRole, pid: i32, now: Instant) -> (InstanceId, Vec<Effect>) {
+        let id = InstanceId(self.next_id);
+        self.next_id += 1;
+        let notify = self.cfg.kind == ServiceType::Notify;
+        let inst = Instance {
+            id,
+            pid,
+            started_at: now,
+            ready: !notify,
+            ready_by: notify.then(|| deadline(now, self.cfg.start_timeout)),
+            watchdog: self.cfg.watchdog,
+            watchdog_at: self.cfg.watchdog.map(|w| deadline(now, w)),
+            kill_at: None,
+            failed: None,
+        };
+        tracing::info!(service = %self.name, pid, "started");
+        let mut fx = Vec::new();
+        match role {
+            SpawnRole::Main => {
+                self.state = if inst.ready {
+                    State::Running
+                } else {
+                    State::Starting
+                };
+                self.status_text = None;
+                self.main = Some(inst);
+            }
+            SpawnRole::Candidate => {
+                let ready = inst.ready;
+                self.candidate = Some(inst);
+                if ready {
+                    self.promote(now, &mut fx);
+                }
+            }
+        }
+        (id, fx)
+    }
+
+    /// The spawn asked for could not be done.
+    pub fn spawn_failed(&mut self, role: SpawnRole, why: &str, now: Instant) {
+        match role {
+            SpawnRole::Main => {
+                tracing::error!(service = %self.name, error = %why, "cannot start");
+                self.failure = Some(format!("cannot start: {why}"));
+                self.last_exit = Some(Exit::Code(127));
+                match self.after_exit(true, Duration::ZERO, now) {
+                    Some(t) => self.set_waiting(t),
+                    None => self.state = State::Failed,
+                }
+            }
+            SpawnRole::Candidate => {
+                tracing::error!(service = %self.name, error = %why, "overlap restart: cannot start the new instance; the old one keeps serving");
+                self.overlap_failure = Some(format!(
+                    "cannot start the new instance: {why}; the old one keeps serving"
+                ));
+            }
+        }
+    }
+
+    /// `holdfast start`: true when the reply must wait for the service to be up.
+    pub fn request_start(&mut self, now: Instant) -> (bool, Vec<Effect>) {
+        if self.traffic_started {
+            if matches!(self.state, State::Stopped | State::Failed) {
+                self.reset();
+                self.state = State::Listening;
+            }
+            return (false, Vec::new());
+        }
+        match self.state {
+            State::Running | State::Reloading | State::Listening => (false, Vec::new()),
+            State::Starting => (true, Vec::new()),
+            State::Stopping => {
+                // Start again once it is down.
+                self.stop_requested = false;
+                self.restart_requested = true;
+                (true, Vec::new())
+            }
+            State::Waiting | State::Stopped | State::Failed => {
+                self.reset();
+                (true, self.start(now, false))
+            }
+        }
+    }
+
+    /// Stops every instance; SIGKILL at the stop timeout.
+    pub fn stop(&mut self, now: Instant) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        self.next_start = None;
+        let timeout = self.cfg.stop_timeout;
+        if let Some(mut c) = self.candidate.take() {
+            c.terminate(now, timeout, &mut fx);
+            self.draining.push(c);
+        }
+        match self.main.as_mut() {
+            Some(main) => {
+                self.stop_requested = true;
+                self.restart_requested = false;
+                main.terminate(now, timeout, &mut fx);
+                self.state = State::Stopping;
+            }
+            None => {
+                if matches!(
+                    self.state,
+                    State::Waiting
+                        | State::Starting
+                        | State::Running
+                        | State::Reloading
+                        | State::Listening
+                ) {
+                    self.state = State::Stopped;
+                }
+            }
+        }
+        fx
+    }
+
+    /// The service's unit was removed: every instance drains.
+    pub fn retire(&mut self, now: Instant) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        self.next_start = None;
+        self.stop_requested = true;
+        self.state = State::Stopping;
+        let timeout = self.cfg.stop_timeout;
+        for mut inst in self.candidate.take().into_iter().chain(self.main.take()) {
+            inst.terminate(now, timeout, &mut fx);
+            self.draining.push(inst);
+        }
+        fx
+    }
+
+    /// `holdfast restart` (or a reload that changed the service) in `mode`
+    /// (the unit's when `None`). An error says why it is refused.
+    pub fn restart(
+        &mut self,
+        mode: Option<RestartMode>,
+        now: Instant,
+    ) -> Result<Vec<Effect>, String> {
+        self.overlap_failure = None;
+        let mode = mode.unwrap_or(self.cfg.restart_mode);
+        match mode {
+            RestartMode::Overlap if self.cfg.single_instance => Err(format!(
+                "service {:?} refuses an overlap restart: its unit says single-instance = true (it cannot run twice); use --mode stop-start",
+                self.name
+            )),
+            RestartMode::Overlap if self.main.is_some() => Ok(if self.candidate.is_some() {
+                Vec::new()
+            } else {
+                vec![Effect::Spawn(SpawnRole::Candidate)]
+            }),
+            _ => Ok(self.restart_stop_start(now)),
+        }
+    }
+
+    /// A stop-start restart: the sockets stay open while no instance runs.
+    fn restart_stop_start(&mut self, now: Instant) -> Vec<Effect> {
+        let timeout = self.cfg.stop_timeout;
+        match self.main.as_mut() {
+            Some(main) => {
+                let mut fx = Vec::new();
+                self.restart_requested = true;
+                self.stop_requested = false;
+                main.terminate(now, timeout, &mut fx);
+                self.state = State::Stopping;
+                fx
+            }
+            None => {
+                self.reset();
+                self.start(now, false)
+            }
+        }
+    }
+
+    /// The main process of instance `id` exited. `shutting_down`: holdfast
+    /// is stopping everything, so nothing restarts.
+    pub fn exited(
+        &mut self,
+        id: InstanceId,
+        exit: Exit,
+        now: Instant,
+        shutting_down: bool,
+    ) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if let Some(k) = self.draining.iter().position(|d| d.id == id) {
+            let d = self.draining.remove(k);
+            self.gone(d.pid);
+            tracing::info!(service = %self.name, pid = d.pid, %exit, "old instance exited");
+            // Sockets a reload replaced are held for the instances started
+            // before it: once none drains and no restart is under way, the
+            // main instance (if any) runs on the new sockets.
+            if self.draining.is_empty() && self.candidate.is_none() && !self.restart_requested {
+                fx.push(Effect::ReleaseOldSockets);
+            }
+            return fx;
+        }
+        if self.candidate.as_ref().is_some_and(|c| c.id == id) {
+            let c = self.candidate.take().expect("checked");
+            self.gone(c.pid);
+            tracing::error!(service = %self.name, pid = c.pid, %exit, "overlap restart: the new instance exited before it was ready; the old one keeps serving");
+            self.overlap_failure = Some(format!(
+                "the new instance exited before it was ready ({exit}); the old instance keeps serving"
+            ));
+            return fx;
+        }
+        let Some(main) = self.main.take_if(|m| m.id == id) else {
+            return fx;
+        };
+        self.gone(main.pid);
+        let uptime = now.saturating_duration_since(main.started_at);
+        self.last_exit = Some(exit);
+        // An overlap candidate takes over at once if the old one dies.
+        if self.candidate.is_some() && !shutting_down && !self.stop_requested {
+            tracing::warn!(service = %self.name, pid = main.pid, %exit, "exited during an overlap restart; the new instance takes over");
+            let c = self.candidate.take().expect("checked");
+            self.state = if c.ready {
+                State::Running
+            } else {
+                State::Starting
+            };
+            self.main = Some(c);
+            self.restarts += 1;
+            return fx;
+        }
+        let asked = self.restart_requested;
+        // An on-demand service waits for traffic again, unless it was stopped
+        // or is to be restarted at once.
+        if self.cfg.on_demand && !shutting_down && !self.stop_requested && !asked {
+            self.state = State::Listening;
+            tracing::info!(service = %self.name, pid = main.pid, %exit, "exited; listening for traffic again (on-demand)");
+            if !self.has_instances() {
+                fx.push(Effect::ReleaseOldSockets);
+            }
+            return fx;
+        }
+        let restart_at = if shutting_down {
+            self.stop_requested = false;
+            None
+        } else {
+            let failed = !exit.success() || main.failed.is_some();
+            match self.after_exit(failed, uptime, now) {
+                Some(t) => Some(t),
+                None => {
+                    if self.state == State::Failed && self.failure.is_none() {
+                        self.failure = main.failed.clone();
+                    }
+                    None
+                }
+            }
+        };
+        match restart_at {
+            Some(t) => {
+                self.restarts += 1;
+                self.set_waiting(t);
+                tracing::info!(
+                    service = %self.name, pid = main.pid, %exit,
+                    delay_ms = t.saturating_duration_since(now).as_millis() as u64,
+                    "exited; restarting"
+                );
+            }
+            None => {
+                if shutting_down {
+                    self.state = State::Stopped;
+                }
+                tracing::info!(service = %self.name, pid = main.pid, %exit, state = self.state.as_str(), "exited");
+            }
+        }
+        if !self.has_instances() {
+            fx.push(Effect::ReleaseOldSockets);
+        }
+        if self.next_start.is_some_and(|t| t <= now) {
+            fx.extend(self.start(now, !asked));
+        }
+        fx
+    }
+
+    /// What instance `id` said.
+    pub fn said(&mut self, id: InstanceId, role: Role, items: Vec<Said>, now: Instant) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let stop_timeout = self.cfg.stop_timeout;
+        let mut became_ready = false;
+        let mut main_state: Option<State> = None;
+        let mut status = None;
+        let mut errno = None;
+        {
+            let Some(inst) = self
+                .main
+                .iter_mut()
+                .chain(&mut self.candidate)
+                .chain(&mut self.draining)
+                .find(|i| i.id == id)
+            else {
+                return fx;
+            };
+            for item in items {
+                match item {
+                    Said::Ready => {
+                        if !inst.ready {
+                            inst.ready = true;
+                            inst.ready_by = None;
+                            became_ready = true;
+                            tracing::info!(service = %self.name, pid = inst.pid, "ready (READY=1)");
+                        }
+                        main_state = Some(State::Running);
+                    }
+                    Said::Reloading => main_state = Some(State::Reloading),
+                    Said::Stopping => main_state = Some(State::Stopping),
+                    Said::Status(s) => status = Some(s),
+                    Said::Errno(e) => errno = Some(e),
+                    Said::MainPid(p) => {
+                        tracing::info!(service = %self.name, old = inst.pid, new = p, "main pid changed (MAINPID=)");
+                        fx.push(Effect::MainPid {
+                            instance: inst.id,
+                            old: inst.pid,
+                            new: p,
+                        });
+                        inst.pid = p;
+                    }
+                    Said::ExtendTimeout(d) => {
+                        let t = deadline(now, d);
+                        for deadline in [&mut inst.ready_by, &mut inst.kill_at, &mut inst.watchdog_at]
+                            .into_iter()
+                            .flatten()
+                        {
+                            *deadline = (*deadline).max(t);
+                        }
+                    }
+                    Said::Watchdog => {
+                        if let Some(w) = inst.watchdog {
+                            inst.watchdog_at = Some(deadline(now, w));
+                        }
+                    }
+                    Said::WatchdogTrigger => {
+                        tracing::error!(service = %self.name, pid = inst.pid, "WATCHDOG=trigger: sending SIGABRT");
+                        fx.push(Effect::Abort(inst.id));
+                        inst.watchdog_at = None;
+                        inst.kill_at = Some(deadline(now, stop_timeout));
+                        inst.failed = Some("WATCHDOG=trigger".into());
+                    }
+                    Said::WatchdogUsec(d) => {
+                        if d.is_zero() {
+                            inst.watchdog = None;
+                            inst.watchdog_at = None;
+                        } else {
+                            inst.watchdog = Some(d);
+                            inst.watchdog_at = Some(deadline(now, d));
+                        }
+                    }
+                }
+            }
+        }
+        // What an old instance says while it drains is about it, not the
+        // service: its STATUS=, ERRNO= and STOPPING=1 are not shown.
+        if role != Role::Draining {
+            if let Some(s) = status {
+                self.status_text = Some(s);
+            }
+            if let Some(e) = errno {
+                self.errno = Some(e);
+            }
+        }
+        if role == Role::Main {
+            match main_state {
+                Some(State::Running) => {
+                    if matches!(self.state, State::Starting | State::Reloading) {
+                        self.state = State::Running;
+                    }
+                }
+                Some(State::Reloading) => {
+                    if matches!(self.state, State::Running | State::Starting) {
+                        self.state = State::Reloading;
+                    }
+                }
+                Some(State::Stopping) => {
+                    if matches!(
+                        self.state,
+                        State::Running | State::Starting | State::Reloading
+                    ) {
+                        self.state = State::Stopping;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if became_ready && role == Role::Candidate {
+            self.promote(now, &mut fx);
+        }
+        fx
+    }
+
+    /// Deadlines that have passed: SIGKILL after a stop timeout, a start
+    /// timeout, the watchdog, a due restart. `may_start`: false while
+    /// holdfast shuts down.
+    pub fn timers(&mut self, now: Instant, may_start: bool) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let stop_timeout = self.cfg.stop_timeout;
+        let start_timeout = self.cfg.start_timeout;
+        for inst in self
+            .main
+            .iter_mut()
+            .chain(&mut self.candidate)
+            .chain(&mut self.draining)
+        {
+            if inst.kill_at.is_some_and(|t| t <= now) {
+                inst.kill_at = Some(deadline(now, Duration::from_secs(3600)));
+                tracing::warn!(service = %self.name, pid = inst.pid, "did not stop in time: SIGKILL to all its processes");
+                fx.push(Effect::Kill(inst.id));
+            }
+        }
+        let timeout_text = || {
+            format!(
+                "did not send READY=1 within start-timeout ({})",
+                humantime::format_duration(start_timeout)
+            )
+        };
+        // Start timeout of an overlap candidate: give up on it.
+        if self
+            .candidate
+            .as_ref()
+            .is_some_and(|c| !c.ready && c.ready_by.is_some_and(|t| t <= now))
+        {
+            let why = timeout_text();
+            let mut c = self.candidate.take().expect("checked");
+            tracing::error!(service = %self.name, pid = c.pid, "overlap restart abandoned: {why}; the old instance keeps serving");
+            c.terminate(now, stop_timeout, &mut fx);
+            self.draining.push(c);
+            self.overlap_failure = Some(format!(
+                "the new instance {why}; the old instance keeps serving"
+            ));
+        }
+        if let Some(main) = self.main.as_mut() {
+            if !main.ready && main.ready_by.is_some_and(|t| t <= now) {
+                tracing::error!(service = %self.name, pid = main.pid, timeout = %humantime::format_duration(start_timeout), "did not send READY=1 within start-timeout: stopping it");
+                main.terminate(now, stop_timeout, &mut fx);
+                main.failed = Some(timeout_text());
+                self.state = State::Stopping;
+            }
+            if main.watchdog_at.is_some_and(|t| t <= now) {
+                tracing::error!(service = %self.name, pid = main.pid, "watchdog timeout: no WATCHDOG=1 in time; sending SIGABRT");
+                fx.push(Effect::Abort(main.id));
+                main.watchdog_at = None;
+                main.kill_at = Some(deadline(now, stop_timeout));
+                main.failed = Some("watchdog timeout: no WATCHDOG=1 in time".into());
+                self.state = State::Stopping;
+            }
+        }
+        if may_start && self.next_start.is_some_and(|t| t <= now) {
+            fx.extend(self.start(now, true));
+        }
+        fx
+    }
+
+    // ---- inside the machine ----
+
+    /// The overlap candidate is ready: it becomes the main instance and the
+    /// old one drains.
+    fn promote(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let Some(new) = self.candidate.take() else {
+            return;
+        };
+        if let Some(mut old) = self.main.take() {
+            old.terminate(now, self.cfg.stop_timeout, fx);
+            self.draining.push(old);
+        }
+        tracing::info!(service = %self.name, pid = new.pid, "overlap restart: the new instance is ready and serving; the old one drains");
+        self.main = Some(new);
+        self.restarts += 1;
+        self.state = State::Running;
+    }
+
+    /// The restart policy after a main process's exit: when to start again,
+    /// or `None` with the state set to `Stopped` or `Failed`.
+    fn after_exit(&mut self, failed: bool, uptime: Duration, now: Instant) -> Option<Instant> {
+        if self.stop_requested {
+            self.stop_requested = false;
+            self.restart_requested = false;
+            self.state = State::Stopped;
+            return None;
+        }
+        if self.restart_requested {
+            self.restart_requested = false;
+            self.backoff.reset();
+            return Some(now);
+        }
+        let wanted = match self.cfg.restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => failed,
+            RestartPolicy::Never => false,
+        };
+        if !wanted {
+            self.state = if failed { State::Failed } else { State::Stopped };
+            return None;
+        }
+        Some(deadline(now, self.backoff.next_delay(uptime)))
+    }
+
+    fn set_waiting(&mut self, t: Instant) {
+        self.state = State::Waiting;
+        self.next_start = Some(t);
+    }
+
+    /// An explicit start: clears the failure and the start limit.
+    fn reset(&mut self) {
+        self.backoff.reset();
+        self.start_limit.reset();
+        self.stop_requested = false;
+        self.restart_requested = false;
+    }
+
+    fn gone(&mut self, pid: i32) {
+        if self.gone_pids.len() >= GONE_PIDS {
+            self.gone_pids.pop_front();
+        }
+        self.gone_pids.push_back(pid);
+    }
+}
+
+fn backoff_of(cfg: &ServiceConfig) -> Backoff {
+    Backoff::new(
+        cfg.restart_delay,
+        cfg.restart_delay_max,
+        cfg.start_limit_interval,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn cfg(kind: ServiceType, restart: RestartPolicy) -> ServiceConfig {
+        ServiceConfig {
+            exec: vec!["x".into()],
+            kind,
+            restart,
+            restart_mode: RestartMode::StopStart,
+            restart_delay: 100 * MS,
+            restart_delay_max: 1000 * MS,
+            stop_timeout: 1000 * MS,
+            start_timeout: 1000 * MS,
+            start_limit_burst: 5,
+            start_limit_interval: 10_000 * MS,
+            watchdog: None,
+            fd_store_max: 0,
+            single_instance: false,
+            on_demand: false,
+            environment: Default::default(),
+            working_directory: None,
+            user: None,
+            group: None,
+        }
+    }
+
+    fn started(m: &mut Machine, now: Instant, pid: i32) -> InstanceId {
+        assert_eq!(m.boot(now), vec![Effect::Spawn(SpawnRole::Main)]);
+        m.spawned(SpawnRole::Main, pid, now).0
+    }
+
+    #[test]
+    fn restart_policies_after_exit() {
+        let now = Instant::now();
+        let cases = [
+            (RestartPolicy::Always, Exit::Code(0), State::Waiting),
+            (RestartPolicy::Always, Exit::Code(1), State::Waiting),
+            (RestartPolicy::OnFailure, Exit::Code(0), State::Stopped),
+            (RestartPolicy::OnFailure, Exit::Code(1), State::Waiting),
+            (RestartPolicy::OnFailure, Exit::Signal(9), State::Waiting),
+            (RestartPolicy::Never, Exit::Code(1), State::Failed),
+            (RestartPolicy::Never, Exit::Code(0), State::Stopped),
+        ];
+        for (policy, exit, want) in cases {
+            let mut m = Machine::new("s", &cfg(ServiceType::Simple, policy), false);
+            let id = started(&mut m, now, 10);
+            assert_eq!(m.state(), State::Running);
+            m.exited(id, exit, now + MS, false);
+            assert_eq!(m.state(), want, "{policy:?} after {exit:?}");
+            assert_eq!(m.restarts(), u32::from(want == State::Waiting));
+        }
+    }
+
+    #[test]
+    fn notify_service_is_starting_until_ready_and_times_out() {
+        let now = Instant::now();
+        let mut m = Machine::new("s", &cfg(ServiceType::Notify, RestartPolicy::OnFailure), false);
+        let id = started(&mut m, now, 10);
+        assert_eq!(m.state(), State::Starting);
+        assert!(m.timers(now + 999 * MS, true).is_empty());
+        let fx = m.timers(now + 1000 * MS, true);
+        assert_eq!(fx, vec![Effect::Terminate(id)]);
+        assert_eq!(m.state(), State::Stopping);
+        // A start timeout is a failure even after exit 0.
+        m.exited(id, Exit::Code(0), now + 1001 * MS, false);
+        assert_eq!(m.state(), State::Waiting);
+    }
+
+    #[test]
+    fn reloading_is_a_state_between_ready_and_ready() {
+        let now = Instant::now();
+        let mut m = Machine::new("s", &cfg(ServiceType::Notify, RestartPolicy::OnFailure), false);
+        let id = started(&mut m, now, 10);
+        m.said(id, Role::Main, vec![Said::Ready], now);
+        assert_eq!(m.state(), State::Running);
+        m.said(id, Role::Main, vec![Said::Reloading], now);
+        assert_eq!(m.state(), State::Reloading);
+        m.said(id, Role::Main, vec![Said::Ready], now);
+        assert_eq!(m.state(), State::Running);
+    }
+
+    #[test]
+    fn overlap_promotes_when_ready_and_old_drains() {
+        let now = Instant::now();
+        let mut m = Machine::new("s", &cfg(ServiceType::Notify, RestartPolicy::OnFailure), false);
+        let old = started(&mut m, now, 10);
+        m.said(old, Role::Main, vec![Said::Ready], now);
+        let fx = m.restart(Some(RestartMode::Overlap), now).unwrap();
+        assert_eq!(fx, vec![Effect::Spawn(SpawnRole::Candidate)]);
+        let (new, fx) = m.spawned(SpawnRole::Candidate, 11, now);
+        assert!(fx.is_empty());
+        assert_eq!(m.main().unwrap().pid, 10);
+        let fx = m.said(new, Role::Candidate, vec![Said::Ready], now);
+        assert_eq!(fx, vec![Effect::Terminate(old)]);
+        assert_eq!(m.main().unwrap().pid, 11);
+        assert_eq!(m.draining().len(), 1);
+        assert_eq!(m.restarts(), 1);
+        assert_eq!(
+            m.exited(old, Exit::Signal(15), now, false),
+            vec![Effect::ReleaseOldSockets]
+        );
+        assert_eq!(m.state(), State::Running);
+    }
+
+    #[test]
+    fn overlap_candidate_that_dies_leaves_the_old_one() {
+        let now = Instant::now();
+        let mut m = Machine::new("s", &cfg(ServiceType::Notify, RestartPolicy::OnFailure), false);
+        let old = started(&mut m, now, 10);
+        m.said(old, Role::Main, vec![Said::Ready], now);
+        m.restart(Some(RestartMode::Overlap), now).unwrap();
+        let (new, _) = m.spawned(SpawnRole::Candidate, 11, now);
+        m.exited(new, Exit::Code(1), now, false);
+        assert!(m.overlap_failure().unwrap().contains("exited before it was ready"));
+        assert_eq!(m.main().unwrap().id, old);
+        assert_eq!(m.state(), State::Running);
+    }
+
+    #[test]
+    fn single_instance_refuses_overlap() {
+        let now = Instant::now();
+        let mut c = cfg(ServiceType::Simple, RestartPolicy::OnFailure);
+        c.single_instance = true;
+        let mut m = Machine::new("s", &c, false);
+        started(&mut m, now, 10);
+        assert!(m.restart(Some(RestartMode::Overlap), now).is_err());
+    }
+
+    #[test]
+    fn stop_then_exit_is_stopped_whatever_the_policy() {
+        let now = Instant::now();
+        let mut m = Machine::new("s", &cfg(ServiceType::Simple, RestartPolicy::Always), false);
+        let id = started(&mut m, now, 10);
+        assert_eq!(m.stop(now), vec![Effect::Terminate(id)]);
+        assert_eq!(m.state(), State::Stopping);
+        assert_eq!(m.timers(now + 1000 * MS, true), vec![Effect::Kill(id)]);
+        m.exited(id, Exit::Signal(9), now + 1001 * MS, false);
+        assert_eq!(m.state(), State::Stopped);
+    }
+
+    #[test]
+    fn start_limit_fails_the_service() {
+        let now = Instant::now();
+        let mut m = Machine::new("s", &cfg(ServiceType::Simple, RestartPolicy::Always), false);
+        let mut t = now;
+        for pid in 0..5 {
+            let fx = if pid == 0 { m.boot(t) } else { m.timers(t, true) };
+            assert_eq!(fx, vec![Effect::Spawn(SpawnRole::Main)], "start {pid}");
+            let (id, _) = m.spawned(SpawnRole::Main, 100 + pid, t);
+            m.exited(id, Exit::Code(1), t, false);
+            t += Duration::from_secs(1);
+        }
+        assert!(m.timers(t, true).is_empty());
+        assert_eq!(m.state(), State::Failed);
+        assert!(m.failure().unwrap().contains("start limit"));
+        // An explicit start clears it.
+        let (wait, fx) = m.request_start(t);
+        assert!(wait);
+        assert_eq!(fx, vec![Effect::Spawn(SpawnRole::Main)]);
+    }
+
+    #[test]
+    fn watchdog_miss_aborts_then_kills() {
+        let now = Instant::now();
+        let mut c = cfg(ServiceType::Simple, RestartPolicy::OnFailure);
+        c.watchdog = Some(100 * MS);
+        let mut m = Machine::new("s", &c, false);
+        let id = started(&mut m, now, 10);
+        m.said(id, Role::Main, vec![Said::Watchdog], now + 50 * MS);
+        assert!(m.timers(now + 100 * MS, true).is_empty());
+        assert_eq!(m.timers(now + 150 * MS, true), vec![Effect::Abort(id)]);
+        assert_eq!(m.timers(now + 1150 * MS, true), vec![Effect::Kill(id)]);
+    }
+
+    #[test]
+    fn huge_durations_do_not_overflow() {
+        let now = Instant::now();
+        let mut c = cfg(ServiceType::Notify, RestartPolicy::Always);
+        c.stop_timeout = Duration::MAX;
+        c.start_timeout = Duration::MAX;
+        c.restart_delay = Duration::MAX;
+        c.restart_delay_max = Duration::MAX;
+        let mut m = Machine::new("s", &c, false);
+        let id = started(&mut m, now, 10);
+        m.said(id, Role::Main, vec![Said::ExtendTimeout(Duration::MAX)], now);
+        m.stop(now);
+        m.exited(id, Exit::Code(1), now, false);
+        let id = {
+            m.request_start(now);
+            m.spawned(SpawnRole::Main, 11, now).0
+        };
+        m.exited(id, Exit::Code(1), now, false);
+        assert_eq!(m.state(), State::Waiting);
+    }
+
+    #[test]
+    fn a_gone_sender_is_not_credited_to_a_new_instance_when_its_pid_is_known() {
+        let now = Instant::now();
+        let mut m = Machine::new("s", &cfg(ServiceType::Simple, RestartPolicy::Always), false);
+        let id = started(&mut m, now, 10);
+        m.exited(id, Exit::Code(1), now, false);
+        m.timers(now + Duration::from_secs(1), true);
+        let new = m.spawned(SpawnRole::Main, 11, now).0;
+        assert_eq!(m.sender_role(10, false, |_| false), None);
+        assert_eq!(m.sender_role(99, false, |_| false), Some((new, Role::Main)));
+        assert_eq!(m.sender_role(11, true, |_| false), Some((new, Role::Main)));
+        assert_eq!(m.sender_role(99, true, |_| false), None);
+    }
+
+    #[test]
+    fn on_demand_listens_again_after_exit() {
+        let now = Instant::now();
+        let mut c = cfg(ServiceType::Simple, RestartPolicy::OnFailure);
+        c.on_demand = true;
+        let mut m = Machine::new("s", &c, true);
+        assert!(m.boot(now).is_empty());
+        assert_eq!(m.state(), State::Listening);
+        assert_eq!(m.traffic(now), vec![Effect::Spawn(SpawnRole::Main)]);
+        let (id, _) = m.spawned(SpawnRole::Main, 10, now);
+        m.exited(id, Exit::Code(0), now, false);
+        assert_eq!(m.state(), State::Listening);
+    }
+}
