@@ -48,7 +48,11 @@ pub enum Effect {
     /// SIGABRT to the instance's main process (watchdog).
     Abort(InstanceId),
     /// The instance's main process moved from `old` to `new` (MAINPID=).
-    MainPid { instance: InstanceId, old: i32, new: i32 },
+    MainPid {
+        instance: InstanceId,
+        old: i32,
+        new: i32,
+    },
     /// Sockets a reload replaced are no longer held by any instance.
     ReleaseOldSockets,
 }
@@ -222,7 +226,10 @@ impl Machine {
     }
     /// Every instance: main, candidate, draining.
     pub fn instances(&self) -> impl Iterator<Item = &Instance> {
-        self.main.iter().chain(&self.candidate).chain(&self.draining)
+        self.main
+            .iter()
+            .chain(&self.candidate)
+            .chain(&self.draining)
     }
     pub fn has_instances(&self) -> bool {
         self.instances().next().is_some()
@@ -325,7 +332,12 @@ impl Machine {
     }
 
     /// The instance asked for by `Effect::Spawn(role)` runs as `pid`.
-    pub fn spawned(&mut self, role: SpawnRole, pid: i32, now: Instant) -> (InstanceId, Vec<Effect>) {
+    pub fn spawned(
+        &mut self,
+        role: SpawnRole,
+        pid: i32,
+        now: Instant,
+    ) -> (InstanceId, Vec<Effect>) {
         let id = InstanceId(self.next_id);
         self.next_id += 1;
         let notify = self.cfg.kind == ServiceType::Notify;
@@ -600,7 +612,13 @@ impl Machine {
     }
 
     /// What instance `id` said.
-    pub fn said(&mut self, id: InstanceId, role: Role, items: Vec<Said>, now: Instant) -> Vec<Effect> {
+    pub fn said(
+        &mut self,
+        id: InstanceId,
+        role: Role,
+        items: Vec<Said>,
+        now: Instant,
+    ) -> Vec<Effect> {
         let mut fx = Vec::new();
         let stop_timeout = self.cfg.stop_timeout;
         let mut became_ready = false;
@@ -643,9 +661,10 @@ impl Machine {
                     }
                     Said::ExtendTimeout(d) => {
                         let t = deadline(now, d);
-                        for deadline in [&mut inst.ready_by, &mut inst.kill_at, &mut inst.watchdog_at]
-                            .into_iter()
-                            .flatten()
+                        for deadline in
+                            [&mut inst.ready_by, &mut inst.kill_at, &mut inst.watchdog_at]
+                                .into_iter()
+                                .flatten()
                         {
                             *deadline = (*deadline).max(t);
                         }
@@ -813,7 +832,11 @@ impl Machine {
             RestartPolicy::Never => false,
         };
         if !wanted {
-            self.state = if failed { State::Failed } else { State::Stopped };
+            self.state = if failed {
+                State::Failed
+            } else {
+                State::Stopped
+            };
             return None;
         }
         Some(deadline(now, self.backoff.next_delay(uptime)))
@@ -907,7 +930,11 @@ mod tests {
     #[test]
     fn notify_service_is_starting_until_ready_and_times_out() {
         let now = Instant::now();
-        let mut m = Machine::new("s", &cfg(ServiceType::Notify, RestartPolicy::OnFailure), false);
+        let mut m = Machine::new(
+            "s",
+            &cfg(ServiceType::Notify, RestartPolicy::OnFailure),
+            false,
+        );
         let id = started(&mut m, now, 10);
         assert_eq!(m.state(), State::Starting);
         assert!(m.timers(now + 999 * MS, true).is_empty());
@@ -922,7 +949,11 @@ mod tests {
     #[test]
     fn reloading_is_a_state_between_ready_and_ready() {
         let now = Instant::now();
-        let mut m = Machine::new("s", &cfg(ServiceType::Notify, RestartPolicy::OnFailure), false);
+        let mut m = Machine::new(
+            "s",
+            &cfg(ServiceType::Notify, RestartPolicy::OnFailure),
+            false,
+        );
         let id = started(&mut m, now, 10);
         m.said(id, Role::Main, vec![Said::Ready], now);
         assert_eq!(m.state(), State::Running);
@@ -935,7 +966,11 @@ mod tests {
     #[test]
     fn overlap_promotes_when_ready_and_old_drains() {
         let now = Instant::now();
-        let mut m = Machine::new("s", &cfg(ServiceType::Notify, RestartPolicy::OnFailure), false);
+        let mut m = Machine::new(
+            "s",
+            &cfg(ServiceType::Notify, RestartPolicy::OnFailure),
+            false,
+        );
         let old = started(&mut m, now, 10);
         m.said(old, Role::Main, vec![Said::Ready], now);
         let fx = m.restart(Some(RestartMode::Overlap), now).unwrap();
@@ -958,13 +993,20 @@ mod tests {
     #[test]
     fn overlap_candidate_that_dies_leaves_the_old_one() {
         let now = Instant::now();
-        let mut m = Machine::new("s", &cfg(ServiceType::Notify, RestartPolicy::OnFailure), false);
+        let mut m = Machine::new(
+            "s",
+            &cfg(ServiceType::Notify, RestartPolicy::OnFailure),
+            false,
+        );
         let old = started(&mut m, now, 10);
         m.said(old, Role::Main, vec![Said::Ready], now);
         m.restart(Some(RestartMode::Overlap), now).unwrap();
         let (new, _) = m.spawned(SpawnRole::Candidate, 11, now);
         m.exited(new, Exit::Code(1), now, false);
-        assert!(m.overlap_failure().unwrap().contains("exited before it was ready"));
+        assert!(m
+            .overlap_failure()
+            .unwrap()
+            .contains("exited before it was ready"));
         assert_eq!(m.main().unwrap().id, old);
         assert_eq!(m.state(), State::Running);
     }
@@ -997,7 +1039,11 @@ mod tests {
         let mut m = Machine::new("s", &cfg(ServiceType::Simple, RestartPolicy::Always), false);
         let mut t = now;
         for pid in 0..5 {
-            let fx = if pid == 0 { m.boot(t) } else { m.timers(t, true) };
+            let fx = if pid == 0 {
+                m.boot(t)
+            } else {
+                m.timers(t, true)
+            };
             assert_eq!(fx, vec![Effect::Spawn(SpawnRole::Main)], "start {pid}");
             let (id, _) = m.spawned(SpawnRole::Main, 100 + pid, t);
             m.exited(id, Exit::Code(1), t, false);
@@ -1035,7 +1081,12 @@ mod tests {
         c.restart_delay_max = Duration::MAX;
         let mut m = Machine::new("s", &c, false);
         let id = started(&mut m, now, 10);
-        m.said(id, Role::Main, vec![Said::ExtendTimeout(Duration::MAX)], now);
+        m.said(
+            id,
+            Role::Main,
+            vec![Said::ExtendTimeout(Duration::MAX)],
+            now,
+        );
         m.stop(now);
         m.exited(id, Exit::Code(1), now, false);
         let id = {

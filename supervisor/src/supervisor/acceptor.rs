@@ -236,9 +236,15 @@ mod tests {
         let now = Instant::now();
         let mut a = Acceptor::new(&options());
         a.started(Pid::from_raw(10), None);
-        assert_eq!(a.stop_all(now, Duration::from_secs(1)), vec![Pid::from_raw(10)]);
+        assert_eq!(
+            a.stop_all(now, Duration::from_secs(1)),
+            vec![Pid::from_raw(10)]
+        );
         assert!(a.stop_all(now, Duration::from_secs(1)).is_empty());
         assert!(a.timers(now).0.is_empty());
-        assert_eq!(a.timers(now + Duration::from_secs(1)).0, vec![Pid::from_raw(10)]);
+        assert_eq!(
+            a.timers(now + Duration::from_secs(1)).0,
+            vec![Pid::from_raw(10)]
+        );
     }
 }

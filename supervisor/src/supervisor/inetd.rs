@@ -65,7 +65,11 @@ impl Supervisor {
                 return;
             }
             let name = svc.name().to_string();
-            let listening = svc.accept_socket().expect("an accept service").fd.as_raw_fd();
+            let listening = svc
+                .accept_socket()
+                .expect("an accept service")
+                .fd
+                .as_raw_fd();
             let acceptor = svc.acceptor_mut().expect("an accept service");
             // The rate limit: with `max-connection-rate` accepts already in
             // the last second, a waiting connection pauses accepting before

@@ -380,6 +380,10 @@ impl Supervisor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.registry.all().filter_map(|(_, s)| s.deadline()).min()
+        self.registry
+            .all()
+            .filter_map(|(_, s)| s.deadline())
+            .chain(self.server.as_ref().and_then(|s| s.resumes_at()))
+            .min()
     }
 }

@@ -133,7 +133,13 @@ mod tests {
             r.push(k.to_string());
         }
         let (last, next) = r.read(Some(2), None);
-        assert_eq!(last, vec![(LOG_RING_LINES + 3).to_string(), (LOG_RING_LINES + 4).to_string()]);
+        assert_eq!(
+            last,
+            vec![
+                (LOG_RING_LINES + 3).to_string(),
+                (LOG_RING_LINES + 4).to_string()
+            ]
+        );
         assert_eq!(next, (LOG_RING_LINES + 5) as u64);
         let (after, _) = r.read(None, Some(next - 1));
         assert_eq!(after, vec![(LOG_RING_LINES + 4).to_string()]);

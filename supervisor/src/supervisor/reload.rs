@@ -291,9 +291,9 @@ impl Supervisor {
         let mut to_restart = Vec::new();
         for p in plans {
             match p {
-                Plan::Keep(id) => {
-                    summary.unchanged.push(self.registry.get(id).expect("live").name().into())
-                }
+                Plan::Keep(id) => summary
+                    .unchanged
+                    .push(self.registry.get(id).expect("live").name().into()),
                 Plan::Change { id, unit, sockets } => {
                     let name = unit.name.clone();
                     let (restart, running) = self.change(id, *unit, sockets);
@@ -314,9 +314,12 @@ impl Supervisor {
         }
         for id in removed {
             self.remove(id, now);
-            summary
-                .removed
-                .push(self.registry.get(id).map(|s| s.name().to_string()).unwrap_or_default());
+            summary.removed.push(
+                self.registry
+                    .get(id)
+                    .map(|s| s.name().to_string())
+                    .unwrap_or_default(),
+            );
         }
         for svc in to_start {
             let id = self.add_service(svc);
@@ -369,10 +372,7 @@ impl Supervisor {
         }
         let svc = self.registry.get_mut(id).expect("live");
         svc.replace(unit, socks, replaced);
-        (
-            service_changed || !same_fds,
-            svc.machine().main().is_some(),
-        )
+        (service_changed || !same_fds, svc.machine().main().is_some())
     }
 
     /// A unit removed: its bindings are already gone; its processes stop and

@@ -28,7 +28,9 @@ pub(super) struct Waiter {
 enum Until {
     Down,
     /// Running and ready, with a main pid other than this one.
-    Up { not: Option<i32> },
+    Up {
+        not: Option<i32>,
+    },
 }
 
 impl Supervisor {
@@ -75,7 +77,11 @@ impl Supervisor {
                     .collect::<Vec<_>>())),
                 Some(n) => match self.named(&n) {
                     Ok(id) => match self.status_reply(id, now) {
-                        Reply { ok: true, result: Some(r), .. } => Reply::ok(json!([r])),
+                        Reply {
+                            ok: true,
+                            result: Some(r),
+                            ..
+                        } => Reply::ok(json!([r])),
                         other => other,
                     },
                     Err(r) => r,
@@ -298,7 +304,10 @@ impl Supervisor {
     /// The reply for a waiter, once its service has reached the state or cannot.
     fn waiter_reply(&self, w: &Waiter, now: Instant) -> Option<Reply> {
         let name = &w.name;
-        let Some(svc) = self.registry.get(w.service).filter(|_| self.registry.is_live(w.service))
+        let Some(svc) = self
+            .registry
+            .get(w.service)
+            .filter(|_| self.registry.is_live(w.service))
         else {
             return Some(Reply::error(format!("service {name:?} is gone")));
         };

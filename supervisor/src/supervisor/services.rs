@@ -314,7 +314,12 @@ impl Supervisor {
     }
 
     /// Keeps a pipe's read end and watches it.
-    pub(super) fn add_output(&mut self, id: ServiceId, stream: &'static str, fd: std::os::fd::OwnedFd) {
+    pub(super) fn add_output(
+        &mut self,
+        id: ServiceId,
+        stream: &'static str,
+        fd: std::os::fd::OwnedFd,
+    ) {
         let token = self.outputs.add(id, stream, fd);
         if let Some(fd) = self.outputs.fd(token) {
             if let Err(e) = self.poller.add(fd, Token::Output(token)) {
@@ -470,12 +475,12 @@ impl Supervisor {
                 Notification::Stopping => said.push(Said::Stopping),
                 Notification::Status(s) => said.push(Said::Status(s)),
                 Notification::Errno(e) => said.push(Said::Errno(e)),
-                Notification::MainPid(p) => {
-                    match nix::unistd::getpgid(Some(Pid::from_raw(p))) {
-                        Ok(g) if Some(g) == group => said.push(Said::MainPid(p)),
-                        _ => tracing::warn!(service = %name, pid = p, "MAINPID= names a process outside the service: ignored"),
+                Notification::MainPid(p) => match nix::unistd::getpgid(Some(Pid::from_raw(p))) {
+                    Ok(g) if Some(g) == group => said.push(Said::MainPid(p)),
+                    _ => {
+                        tracing::warn!(service = %name, pid = p, "MAINPID= names a process outside the service: ignored")
                     }
-                }
+                },
                 Notification::ExtendTimeout(d) => said.push(Said::ExtendTimeout(d)),
                 Notification::Watchdog => said.push(Said::Watchdog),
                 Notification::WatchdogTrigger => said.push(Said::WatchdogTrigger),
