@@ -434,6 +434,18 @@ fn flush(c: &mut Connection) {
     }
 }
 
+/// For tests and the CLI: wait for the control socket to answer.
+pub fn wait_ready(state_dir: &Path, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if call(state_dir, &Request::Status { name: None }).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

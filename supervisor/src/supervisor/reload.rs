@@ -71,7 +71,7 @@ enum SocketPlan {
     /// The service's current socket at this index serves it as it is.
     Reuse(usize),
     /// A socket opened for it.
-    New(Socket),
+    New(Box<Socket>),
 }
 
 /// For one unit of the new set.
@@ -202,7 +202,7 @@ impl Supervisor {
                 continue;
             }
             match self.open_socket(&unit, cfg) {
-                Ok(s) => socks.push(SocketPlan::New(s)),
+                Ok(s) => socks.push(SocketPlan::New(Box::new(s))),
                 Err(e) if bound_before => errors.push(format!(
                     "{e}\n  the change needs a new socket (only backlog, buffers, mark, keep-alive, no-delay and the allow/deny/limit keys change in place), and a bound socket's replacement cannot bind while the old one holds the address: remove the unit, reload, add it back and reload again, or run holdfast with the dispatcher (sk_lookup), where sockets are replaced without a gap"
                 )),
@@ -249,7 +249,7 @@ impl Supervisor {
                     for (cfg, s) in unit.sockets.iter().zip(sockets) {
                         let s = match s {
                             SocketPlan::Reuse(k) => &current[*k],
-                            SocketPlan::New(s) => s,
+                            SocketPlan::New(s) => &**s,
                         };
                         new_sockets.push((s, cfg));
                         new_bindings.extend(sockets::bindings(&unit.name, cfg, s));
@@ -359,7 +359,7 @@ impl Supervisor {
         for (cfg, s) in unit.sockets.iter().zip(plans) {
             let mut s = match s {
                 SocketPlan::Reuse(k) => old[k].take().expect("each old socket is reused once"),
-                SocketPlan::New(s) => s,
+                SocketPlan::New(s) => *s,
             };
             if let Err(e) = s.adjust(cfg) {
                 tracing::error!(service = %unit.name, socket = %cfg.name, error = %e, "cannot change the socket's options in place; it keeps its old ones");
@@ -415,7 +415,7 @@ impl Supervisor {
                 Plan::Change { sockets, .. } => sockets
                     .into_iter()
                     .filter_map(|s| match s {
-                        SocketPlan::New(s) => Some(s),
+                        SocketPlan::New(s) => Some(*s),
                         SocketPlan::Reuse(_) => None,
                     })
                     .collect(),
