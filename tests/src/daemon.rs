@@ -63,12 +63,17 @@ pub struct RunOptions {
     pub env: Vec<(String, String)>,
     /// RLIMIT_NOFILE (soft and hard) for the daemon, e.g. to run it at its fd limit.
     pub max_open_files: Option<u64>,
+    /// A command the daemon runs under, e.g. `["setpriv", "--bounding-set=-bpf", "--"]`.
+    pub wrapper: Vec<String>,
+    /// Spawn the daemon in the calling thread's namespace with `--netns
+    /// /run/netns/NAME`, so that holdfast enters the test's namespace itself.
+    pub netns_flag: bool,
 }
 
 /// A `holdfast run --units <sandbox>/units --state-dir <sandbox>/state --no-dispatcher`
 /// running inside a [`Netns`], stdout and stderr in `<sandbox>/holdfast.log`,
 /// with a stray inherited fd ([`STRAY_FD`]). [`RunOptions`] change the command
-/// line (the dispatcher on, more arguments, more environment).
+/// line (the dispatcher on, more arguments, more environment, a wrapper, `--netns`).
 ///
 /// Dropping it prints the daemon's log (libtest shows it when the test fails),
 /// then, if it still runs, sends SIGTERM, and SIGKILL after 5 s.
@@ -145,7 +150,15 @@ impl Holdfast {
             rlim_cur: n,
             rlim_max: n,
         });
-        let mut cmd = Command::new(holdfast_bin());
+        let enter_netns = !opts.netns_flag;
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(holdfast_bin());
+                cmd
+            }
+            None => Command::new(holdfast_bin()),
+        };
         cmd.arg("run")
             .arg("--units")
             .arg(sandbox.units_dir())
@@ -153,6 +166,9 @@ impl Holdfast {
             .arg(sandbox.state_dir());
         if !opts.dispatcher {
             cmd.arg("--no-dispatcher");
+        }
+        if opts.netns_flag {
+            cmd.arg("--netns").arg(ns.path());
         }
         cmd.args(&opts.args)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
@@ -166,7 +182,7 @@ impl Holdfast {
         // and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                if enter_netns && libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if libc::dup2(netns_fd, STRAY_FD) < 0 {

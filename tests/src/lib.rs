@@ -127,6 +127,18 @@ pub fn netns_or_skip() -> Option<Netns> {
     require("ip netns add", Netns::new())
 }
 
+/// [`netns_or_skip`] with every address of each of `prefixes` local
+/// ([`Netns::add_local_route`]): `Ok(None)` means skip.
+pub fn netns_with_local_routes(prefixes: &[&str]) -> Result<Option<Netns>> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(None);
+    };
+    for prefix in prefixes {
+        ns.add_local_route(prefix)?;
+    }
+    Ok(Some(ns))
+}
+
 /// [`netns_or_skip`] and a fresh [`Sandbox`], the start of most daemon tests:
 /// `Ok(None)` means skip.
 pub fn netns_and_sandbox() -> Result<Option<(Netns, Sandbox)>> {

@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::time::Duration;
 
 use holdfast_testkit::{
-    loopback4 as v4, loopback6 as v6, netns_or_skip, wait_for, Activated, HandedFds,
+    loopback4 as v4, loopback6 as v6, netns_with_local_routes, wait_for, Activated, HandedFds,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_echo");
@@ -183,11 +183,9 @@ fn serves_every_passed_fd_by_its_type() {
 /// the destination), and the connected client would drop it.
 #[test]
 fn wildcard_socket_answers_from_the_address_the_client_used() {
-    let Some(ns) = netns_or_skip() else {
+    let Some(ns) = netns_with_local_routes(&["192.0.2.0/24", "2001:db8::/64"]).unwrap() else {
         return;
     };
-    ns.add_local_route("192.0.2.0/24").unwrap();
-    ns.add_local_route("2001:db8::/64").unwrap();
     let _inside = ns.enter().unwrap();
     let service = Activated::start(1, |p| {
         let args = ["--datagram", "--", BIN];

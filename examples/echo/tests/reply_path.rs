@@ -13,7 +13,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use echo::udp::{ReplyPath, UdpEcho};
-use holdfast_testkit::netns_or_skip;
+use holdfast_testkit::netns_with_local_routes;
 
 struct Case {
     /// Where the steered socket is bound (port 0: any).
@@ -56,11 +56,9 @@ const CASES: &[Case] = &[
 
 #[test]
 fn steered_datagrams_are_answered_from_the_original_destination() {
-    let Some(ns) = netns_or_skip() else {
+    let Some(ns) = netns_with_local_routes(&["192.0.2.0/24", "2001:db8::/64"]).unwrap() else {
         return;
     };
-    ns.add_local_route("192.0.2.0/24").unwrap();
-    ns.add_local_route("2001:db8::/64").unwrap();
     let _inside = ns.enter().unwrap();
     for case in CASES {
         let orig_dst: SocketAddr = case.orig_dst.parse().unwrap();
@@ -122,10 +120,9 @@ fn steered_datagrams_are_answered_from_the_original_destination() {
 
 #[test]
 fn reply_sockets_never_take_the_traffic_they_are_bound_to() {
-    let Some(ns) = netns_or_skip() else {
+    let Some(ns) = netns_with_local_routes(&["192.0.2.0/24"]).unwrap() else {
         return;
     };
-    ns.add_local_route("192.0.2.0/24").unwrap();
     let _inside = ns.enter().unwrap();
     let orig_dst: SocketAddr = "192.0.2.9:8044".parse().unwrap();
     let reply = echo::udp::bind_reply_socket(orig_dst).unwrap();

@@ -12,18 +12,15 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, ask_udp, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip, parse_answer,
+    ask_tcp, ask_udp, netns_and_sandbox, netns_or_skip, netns_with_local_routes, parse_answer,
     process_gone, require, require_file, skip_unless, toml_array, toml_str, wait_for, Holdfast,
-    LoopClient, Netns, RunOptions, Sandbox, READY_TIMEOUT, STOP_TIMEOUT,
+    LoopClient, Netns, RunOptions, Sandbox,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -100,17 +97,6 @@ impl Rng {
 }
 
 // ---- the daemon ------------------------------------------------------------
-
-/// A fresh namespace (under the skip policy) with every prefix of `routes` local.
-fn netns_with_routes(routes: &[&str]) -> Result<Option<Netns>> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(None);
-    };
-    for r in routes {
-        ns.add_local_route(r)?;
-    }
-    Ok(Some(ns))
-}
 
 /// A dispatcher instance name no other test (or test run) uses.
 fn instance(tag: &str) -> String {
@@ -353,7 +339,7 @@ fn serve_unit(
 
 #[test]
 fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Result<()> {
-    let ns = skip_unless!(netns_with_routes(ROUTES)?);
+    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
     let sandbox = Sandbox::new()?;
     let ports = ["80", "8000-8099"];
     serve_unit(&sandbox, "web", "tcp", &[V4, V6], &ports, "")?;
@@ -435,7 +421,7 @@ fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Res
 
 #[test]
 fn echo_answers_tcp_and_connected_udp_clients_from_the_address_and_port_they_used() -> Result<()> {
-    let ns = skip_unless!(netns_with_routes(ROUTES)?);
+    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
     let dir = skip_unless!(require("the example binaries on PATH", examples_dir()));
     let sandbox = Sandbox::new()?;
     let echo = dir.join("echo");
@@ -496,7 +482,7 @@ fn echo_answers_tcp_and_connected_udp_clients_from_the_address_and_port_they_use
 
 #[test]
 fn longer_prefix_wins_then_narrower_port_range() -> Result<()> {
-    let ns = skip_unless!(netns_with_routes(ROUTES)?);
+    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
     let dir = skip_unless!(require("the example binaries on PATH", examples_dir()));
     // wide: the /24 and /64 on 8000-8099; narrow: their upper halves (/25,
     // /65) on the same ports; single: the /24 and /64 on 8080 alone.
@@ -592,7 +578,7 @@ fn equally_specific_overlap_is_refused_naming_both_units() -> Result<()> {
 
 #[test]
 fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
-    let ns = skip_unless!(netns_with_routes(ROUTES)?);
+    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
     let sandbox = Sandbox::new()?;
     serve_unit(&sandbox, "dual", "tcp", &[V4, V6], &["8000-8099"], "")?;
     let inst = instance("dual");
@@ -626,7 +612,7 @@ fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
 #[test]
 fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
     const KILLS: usize = 10;
-    let ns = skip_unless!(netns_with_routes(ROUTES)?);
+    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
     let sandbox = Sandbox::new()?;
     serve_unit(
         &sandbox,
@@ -714,7 +700,7 @@ fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
 
 #[test]
 fn a_binding_on_all_ports_serves_any_port() -> Result<()> {
-    let ns = skip_unless!(netns_with_routes(ROUTES)?);
+    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
     let sandbox = Sandbox::new()?;
     serve_unit(&sandbox, "any", "tcp", &[V4, V6], &["1-65535"], "")?;
     let inst = instance("allports");
@@ -733,163 +719,7 @@ fn a_binding_on_all_ports_serves_any_port() -> Result<()> {
     stop_leaves_no_pins(&mut hf, &inst)
 }
 
-// ---- without the harness's spawn: dropped capabilities, --netns --------------
-
-/// A `holdfast run` this file spawns itself (the harness always enters the
-/// namespace and runs the binary directly). Killed on drop.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-    state: PathBuf,
-    exited: Option<ExitStatus>,
-}
-
-impl Daemon {
-    /// Runs `prefix… holdfast run --units U --state-dir S ARGS…` (prefix: e.g.
-    /// setpriv and its options), after entering `ns` when given.
-    fn spawn(
-        sandbox: &Sandbox,
-        ns: Option<&Netns>,
-        prefix: &[&str],
-        args: &[&str],
-    ) -> Result<Daemon> {
-        let log = sandbox.path().join("holdfast.log");
-        let out = fs::File::create(&log)?;
-        let bin = holdfast_bin();
-        let mut cmd = match prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
-        };
-        cmd.arg("run")
-            .arg("--units")
-            .arg(sandbox.units_dir())
-            .arg("--state-dir")
-            .arg(sandbox.state_dir())
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        let netns = ns.map(Netns::open).transpose()?;
-        if let Some(f) = &netns {
-            let fd = f.as_raw_fd();
-            // SAFETY: runs in the child between fork and exec; setns is
-            // async-signal-safe and `fd` was opened before the fork (O_CLOEXEC).
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = cmd.spawn().context("spawn holdfast run")?;
-        Ok(Daemon {
-            child,
-            log,
-            state: sandbox.state_dir(),
-            exited: None,
-        })
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
-        let mut all = args.to_vec();
-        let state = self.state.to_string_lossy().into_owned();
-        all.extend(["--state-dir", &state]);
-        holdfast_cli(&all)
-    }
-
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait()?;
-        }
-        Ok(self.exited)
-    }
-
-    /// Waits until `holdfast status --json` answers; fails (with the log) if it exits.
-    fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(s) = self.try_wait()? {
-                bail!(
-                    "holdfast exited with {s} before it was ready; its log:\n{}",
-                    self.log()
-                );
-            }
-            if self
-                .cli(&["status", "--json"])
-                .is_ok_and(|o| o.status.success())
-            {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "holdfast not ready within {READY_TIMEOUT:?}; its log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        wait_for("holdfast to exit", timeout, || {
-            self.try_wait().ok().flatten()
-        })
-        .with_context(|| format!("its log:\n{}", self.log()))
-    }
-
-    /// The running pid of `service`, polled from `holdfast status`.
-    fn wait_running(&self, service: &str) -> Result<i32> {
-        wait_for(&format!("{service} running"), T, || {
-            let out = self.cli(&["status", "--json"]).ok()?;
-            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-            let s = v.as_array()?.iter().find(|s| s["name"] == service)?.clone();
-            (s["state"] == "running")
-                .then(|| s["pid"].as_i64())
-                .flatten()
-        })
-        .map(|p| p as i32)
-        .with_context(|| format!("log:\n{}", self.log()))
-    }
-
-    /// SIGTERM; exit 0 within the harness's bound.
-    fn stop(&mut self) -> Result<()> {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
-        let s = self.wait_exit(STOP_TIMEOUT)?;
-        ensure!(
-            s.code() == Some(0),
-            "holdfast exited with {s} after SIGTERM; its log:\n{}",
-            self.log()
-        );
-        Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if !matches!(self.try_wait(), Ok(Some(_))) {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-            if self.wait_exit(Duration::from_secs(5)).is_err() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-        eprintln!(
-            "---- holdfast log ----\n{}---- end of holdfast log ----",
-            self.log()
-        );
-    }
-}
+// ---- dropped capabilities, --netns ------------------------------------------
 
 /// setpriv dropping what BPF needs (and what mounting bpffs needs) from the
 /// bounding and inheritable sets, so the root daemon's permitted and effective
@@ -901,6 +731,16 @@ const WITHOUT_BPF: &[&str] = &[
     "--",
 ];
 
+/// The daemon with the dispatcher asked for, under [`WITHOUT_BPF`].
+fn without_bpf(instance: &str) -> RunOptions {
+    RunOptions {
+        dispatcher: true,
+        wrapper: WITHOUT_BPF.iter().map(|s| s.to_string()).collect(),
+        args: vec!["--instance".into(), instance.into()],
+        ..RunOptions::default()
+    }
+}
+
 #[test]
 fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
     let ns = skip_unless!(netns_or_skip());
@@ -910,24 +750,23 @@ fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
     let sandbox = Sandbox::new()?;
     serve_unit(&sandbox, "plain", "tcp", &["127.0.0.1/32"], &["8080"], "")?;
     let inst = instance("nobpf");
-    let mut d = Daemon::spawn(&sandbox, Some(&ns), WITHOUT_BPF, &["--instance", &inst])?;
-    d.wait_ready()?;
-    let pid = d.wait_running("plain")?;
-    let status = fs::read_to_string(format!("/proc/{}/status", d.child.id()))?;
+    let mut hf = Holdfast::start_with(&ns, sandbox, &without_bpf(&inst))?;
+    let pid = hf.wait_running("plain", T)?;
+    let status = fs::read_to_string(format!("/proc/{}/status", hf.pid()))?;
     let cap_eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .map(str::trim)
         .unwrap_or("?")
         .to_string();
-    let log = d.log();
+    let log = hf.log();
     assert!(
         log.contains("BPF is not available") && log.contains("falling back to bind mode"),
         "no plain warning (CapEff {cap_eff}): {log}"
     );
     let answer = ns.run(|| ask_tcp("127.0.0.1:8080".parse().expect("literal"), T))??;
     assert_eq!(answer, format!("plain {pid}\n"));
-    let b = d.cli(&["bindings", "--json"])?;
+    let b = hf.cli(&["bindings", "--json"])?;
     assert_eq!(
         b.status.code(),
         Some(1),
@@ -938,7 +777,8 @@ fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
         "{b:?}"
     );
     assert!(!pin_dir(&inst).exists(), "pins without BPF?");
-    d.stop()
+    hf.stop()?;
+    Ok(())
 }
 
 #[test]
@@ -955,14 +795,9 @@ fn without_bpf_a_range_unit_is_refused_naming_unit_socket_and_reason() -> Result
             "[service]\nexec = {exec}\n\n[[socket]]\nname = \"wide\"\nprotocol = \"tcp\"\naddresses = [\"{V4}\"]\nports = [\"8000-8099\"]\n"
         ),
     )?;
-    let mut d = Daemon::spawn(
-        &sandbox,
-        Some(&ns),
-        WITHOUT_BPF,
-        &["--instance", &instance("norange")],
-    )?;
-    let status = d.wait_exit(T)?;
-    let log = d.log();
+    let mut hf = Holdfast::spawn_with(&ns, sandbox, &without_bpf(&instance("norange")))?;
+    let status = hf.wait_exit(T)?;
+    let log = hf.log();
     assert_eq!(status.code(), Some(1), "{log}");
     let line = log
         .lines()
@@ -978,30 +813,32 @@ fn without_bpf_a_range_unit_is_refused_naming_unit_socket_and_reason() -> Result
         log.contains("BPF is not available"),
         "the reason is missing: {log}"
     );
-    assert!(!sandbox.out("ranged.json").exists(), "the service started");
+    assert!(
+        !hf.sandbox().out("ranged.json").exists(),
+        "the service started"
+    );
     Ok(())
 }
 
 #[test]
 fn netns_flag_serves_inside_the_named_namespace() -> Result<()> {
-    let ns = skip_unless!(netns_with_routes(ROUTES)?);
+    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
     let sandbox = Sandbox::new()?;
     serve_unit(&sandbox, "web", "tcp", &[V4, V6], &["8000-8099"], "")?;
     let inst = instance("netnsflag");
     let ns_path = ns.path().to_string_lossy().into_owned();
     // Spawned from this thread's namespace (the host's, or the test runner's),
     // not the test's: holdfast must enter it by itself.
-    let mut d = Daemon::spawn(
-        &sandbox,
-        None,
-        &[],
-        &["--netns", &ns_path, "--instance", &inst],
-    )?;
-    d.wait_ready()?;
-    let pid = d.wait_running("web")?;
+    let opts = RunOptions {
+        netns_flag: true,
+        args: vec!["--instance".into(), inst.clone()],
+        ..RunOptions::default()
+    };
+    let mut hf = skip_unless!(Holdfast::start_dispatched(&ns, sandbox, &opts)?);
+    let pid = hf.wait_running("web", T)?;
     let ino = |p: &str| fs::metadata(p).map(|m| m.ino());
     assert_eq!(
-        ino(&format!("/proc/{}/ns/net", d.child.id()))?,
+        ino(&format!("/proc/{}/ns/net", hf.pid()))?,
         ino(&ns_path)?,
         "the daemon is not in {ns_path}"
     );
@@ -1010,19 +847,6 @@ fn netns_flag_serves_inside_the_named_namespace() -> Result<()> {
         ino(&ns_path)?,
         "the service is not in {ns_path}"
     );
-    let probe = d.cli(&["bindings", "--json"])?;
-    if require(
-        "the sk_lookup dispatcher (holdfast bindings)",
-        if probe.status.success() {
-            Ok(())
-        } else {
-            Err(format!("{probe:?}; log:\n{}", d.log()))
-        },
-    )
-    .is_none()
-    {
-        return Ok(());
-    }
     assert!(
         pin_dir(&inst).is_dir(),
         "nothing pinned at {}",
@@ -1032,7 +856,7 @@ fn netns_flag_serves_inside_the_named_namespace() -> Result<()> {
     let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
     let want = format!("web {pid}\n");
     ns.run(|| expect_all("--netns", &targets, tcp, |_| Got::Answer(want.clone())))??;
-    d.stop()?;
+    hf.stop()?;
     assert!(
         !pin_dir(&inst).exists(),
         "a clean exit left {}",

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_udp, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip, require, require_file,
-    run_bounded, skip_unless, toml_array, toml_str, wait_for, Holdfast, Netns, RunOptions, Sandbox,
-    PYTHON,
+    ask_udp, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip, netns_with_local_routes,
+    require, require_file, run_bounded, skip_unless, toml_array, toml_str, wait_for, Holdfast,
+    Netns, RunOptions, Sandbox, PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{
@@ -183,12 +183,7 @@ fn assert_turned_away(outcome: &Outcome, what: &str) {
 
 /// A fresh namespace with [`DEST_PREFIX`] and [`SOURCE_PREFIX`] local.
 fn netns_with_routes() -> Result<Option<Netns>> {
-    let Some(ns) = netns_or_skip() else {
-        return Ok(None);
-    };
-    ns.add_local_route(DEST_PREFIX)?;
-    ns.add_local_route(SOURCE_PREFIX)?;
-    Ok(Some(ns))
+    netns_with_local_routes(&[DEST_PREFIX, SOURCE_PREFIX])
 }
 
 /// `holdfast run` with the dispatcher under a dispatcher name no other test uses;
