@@ -50,6 +50,12 @@ pub fn holdfast_cli(args: &[&str]) -> Result<Output> {
     run_bounded(cmd, CLI_TIMEOUT)
 }
 
+/// A dispatcher instance name (`holdfast run --instance`) that no other test, nor
+/// another run of the tests, uses: `test-<pid>-TAG`.
+pub fn dispatcher_instance(tag: &str) -> String {
+    format!("test-{}-{tag}", std::process::id())
+}
+
 /// What [`Holdfast::spawn_with`] adds to the default `holdfast run` command line.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -144,21 +150,25 @@ impl Holdfast {
         let log = sandbox.path().join("holdfast.log");
         let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone().context("dup the log file")?;
-        let netns = ns.open()?;
-        let netns_fd = netns.as_raw_fd();
+        // Any fd will do as the stray one: the namespace file.
+        let stray = ns.open()?;
+        let stray_fd = stray.as_raw_fd();
         let nofile = opts.max_open_files.map(|n| libc::rlimit {
             rlim_cur: n,
             rlim_max: n,
         });
-        let enter_netns = !opts.netns_flag;
-        let mut cmd = match opts.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(args).arg(holdfast_bin());
-                cmd
-            }
-            None => Command::new(holdfast_bin()),
+        let (program, wrapped) = match opts.wrapper.split_first() {
+            Some((program, args)) => (program.into(), args),
+            None => (holdfast_bin().into_os_string(), &[][..]),
         };
+        let mut cmd = if opts.netns_flag {
+            Command::new(program)
+        } else {
+            ns.command(program)?
+        };
+        if !opts.wrapper.is_empty() {
+            cmd.args(wrapped).arg(holdfast_bin());
+        }
         cmd.arg("run")
             .arg("--units")
             .arg(sandbox.units_dir())
@@ -176,16 +186,13 @@ impl Holdfast {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        // SAFETY: the closure runs in the child between fork and exec; it makes
-        // async-signal-safe system calls (setns, dup2, setrlimit) on an fd opened
-        // before the fork (closed at exec by O_CLOEXEC) and a limit built before it,
-        // and allocates nothing.
+        // SAFETY: the closure runs in the child between fork and exec (after the
+        // namespace's setns); it makes async-signal-safe system calls (dup2,
+        // setrlimit) on an fd opened before the fork (closed at exec by O_CLOEXEC)
+        // and a limit built before it, and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
-                if enter_netns && libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::dup2(netns_fd, STRAY_FD) < 0 {
+                if libc::dup2(stray_fd, STRAY_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if let Some(limit) = &nofile {
@@ -197,7 +204,7 @@ impl Holdfast {
             });
         }
         let child = cmd.spawn().context("spawn holdfast run")?;
-        drop(netns);
+        drop(stray);
         Ok(Holdfast {
             sandbox,
             child,

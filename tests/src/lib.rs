@@ -70,8 +70,8 @@ use anyhow::{bail, Context, Result};
 
 pub use activate::{free_port, loopback4, loopback6, Activated, HandedFds, SOCKET_ACTIVATE};
 pub use daemon::{
-    holdfast_bin, holdfast_cli, Holdfast, RunOptions, CLI_TIMEOUT, READY_TIMEOUT, STOP_TIMEOUT,
-    STRAY_FD,
+    dispatcher_instance, holdfast_bin, holdfast_cli, Holdfast, RunOptions, CLI_TIMEOUT,
+    READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
 };
 pub use handoff::{check_handoff, ExpectSocket};
 pub use load::{wrk, WrkReport};

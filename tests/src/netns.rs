@@ -4,6 +4,8 @@
 
 use std::fs::File;
 use std::marker::PhantomData;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -85,6 +87,24 @@ impl Netns {
             previous,
             _same_thread: PhantomData,
         })
+    }
+
+    /// A command for `program` that starts inside the namespace (`setns` between
+    /// fork and exec), whichever namespace the calling thread is in.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let netns = self.open()?;
+        let mut cmd = Command::new(program);
+        // SAFETY: setns is async-signal-safe and allocates nothing; the fd was
+        // opened before the fork (O_CLOEXEC) and lives in the closure until exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
     }
 
     /// Runs `f` on a fresh thread inside the namespace and returns its result.

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, ask_udp, netns_and_sandbox, netns_or_skip, netns_with_local_routes, parse_answer,
-    process_gone, require, require_file, skip_unless, toml_array, toml_str, wait_for, Holdfast,
-    LoopClient, Netns, RunOptions, Sandbox,
+    ask_tcp, ask_udp, dispatcher_instance as instance, netns_and_sandbox, netns_or_skip,
+    netns_with_local_routes, parse_answer, process_gone, require, require_file, skip_unless,
+    toml_array, toml_str, wait_for, Holdfast, LoopClient, Netns, RunOptions, Sandbox,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -97,11 +97,6 @@ impl Rng {
 }
 
 // ---- the daemon ------------------------------------------------------------
-
-/// A dispatcher instance name no other test (or test run) uses.
-fn instance(tag: &str) -> String {
-    format!("test-{}-{tag}", std::process::id())
-}
 
 fn pin_dir(instance: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(instance)

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_udp, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip, netns_with_local_routes,
-    require, require_file, run_bounded, skip_unless, toml_array, toml_str, wait_for, Holdfast,
-    Netns, RunOptions, Sandbox, PYTHON,
+    ask_udp, dispatcher_instance, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip,
+    netns_with_local_routes, require, require_file, run_bounded, skip_unless, toml_array, toml_str,
+    wait_for, Holdfast, Netns, RunOptions, Sandbox, PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{
@@ -192,7 +192,7 @@ fn start_dispatched(ns: &Netns, sandbox: Sandbox, tag: &str) -> Result<Option<Ho
     let opts = RunOptions {
         args: vec![
             "--instance".into(),
-            format!("inetd-{}-{tag}", std::process::id()),
+            dispatcher_instance(&format!("inetd-{tag}")),
         ],
         ..RunOptions::default()
     };

@@ -4,14 +4,13 @@
 //! holdfast finds the dead one's sk_lookup link through the kernel, whichever
 //! bpffs pinned it, and replaces it.
 
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, holdfast_bin, netns_and_sandbox, run_bounded, skip_unless, Holdfast, Netns,
-    RunOptions, Sandbox,
+    ask_tcp, dispatcher_instance as instance, holdfast_bin, netns_and_sandbox, run_bounded,
+    skip_unless, Holdfast, Netns, RunOptions, Sandbox,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -19,11 +18,6 @@ use serde_json::Value;
 /// Bound on every wait that should succeed.
 const T: Duration = Duration::from_secs(10);
 const ADDR: &str = "127.0.0.1:8080";
-
-/// A dispatcher instance name no other test (or test run) uses.
-fn instance(tag: &str) -> String {
-    format!("test-{}-{tag}", std::process::id())
-}
 
 /// How the second daemon enters the test's namespace.
 #[derive(Clone, Copy)]
@@ -42,22 +36,7 @@ fn second_run(ns: &Netns, enter: Enter, args: &[&str]) -> Result<Output> {
             c.args(["netns", "exec", ns.name()]).arg(holdfast_bin());
             c
         }
-        Enter::Setns => {
-            let netns = ns.open()?;
-            let mut c = Command::new(holdfast_bin());
-            // SAFETY: setns is async-signal-safe; the fd was opened before the
-            // fork and is moved into the closure, living until exec.
-            unsafe {
-                c.pre_exec(move || {
-                    use std::os::fd::AsRawFd;
-                    if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            c
-        }
+        Enter::Setns => ns.command(holdfast_bin())?,
     };
     cmd.arg("run").args(args).env("NO_COLOR", "1");
     run_bounded(cmd, Duration::from_secs(30))
