@@ -3,6 +3,7 @@
 //! processes; `spawn` is the only door to fork/exec; `service` decides, the
 //! `supervisor` event loop acts; `control` carries requests and replies.
 
+pub mod cgroup;
 pub mod control;
 pub mod dispatch;
 pub mod import;
@@ -10,6 +11,7 @@ pub mod instance_lock;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
+pub mod pidfd;
 pub mod preflight;
 pub mod ratelimit;
 pub mod service;

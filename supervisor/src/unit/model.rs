@@ -53,6 +53,129 @@ pub struct ServiceConfig {
     pub working_directory: Option<PathBuf>,
     pub user: Option<String>,
     pub group: Option<String>,
+    /// Which of the service's processes may send to NOTIFY_SOCKET.
+    pub notify_access: NotifyAccess,
+    /// The signal `stop` sends to every process of the service first (a
+    /// number, e.g. 15 for SIGTERM).
+    pub kill_signal: KillSignal,
+    /// Resource limits the kernel applies to each process (setrlimit).
+    pub rlimits: Rlimits,
+    /// Limits on the service's cgroup as a whole.
+    pub cgroup_limits: CgroupLimits,
+    /// The handed-over sockets are non-blocking (O_NONBLOCK), set or
+    /// cleared on every spawn (systemd's `NonBlocking=`).
+    pub non_blocking: bool,
+    pub standard_input: StandardInput,
+    pub standard_output: StandardOutput,
+}
+
+/// systemd's `NotifyAccess=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotifyAccess {
+    /// No process: NOTIFY_SOCKET is not set.
+    None,
+    /// The main process of an instance (the spawned one, or the one named by MAINPID=).
+    Main,
+    /// The main process and the process holdfast started.
+    Exec,
+    /// Any process in the service's cgroup.
+    All,
+}
+
+impl NotifyAccess {
+    /// systemd's default: `main` for `type = "notify"`, otherwise `none`.
+    pub fn default_for(kind: ServiceType) -> NotifyAccess {
+        match kind {
+            ServiceType::Notify => NotifyAccess::Main,
+            ServiceType::Simple => NotifyAccess::None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyAccess::None => "none",
+            NotifyAccess::Main => "main",
+            NotifyAccess::Exec => "exec",
+            NotifyAccess::All => "all",
+        }
+    }
+}
+
+/// A signal number (1-64), e.g. 15 for SIGTERM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KillSignal(pub i32);
+
+impl KillSignal {
+    pub const TERM: KillSignal = KillSignal(15);
+}
+
+/// An rlimit value: `u64::MAX` is `infinity` (RLIM_INFINITY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+impl Rlimit {
+    pub const INFINITY: u64 = u64::MAX;
+}
+
+/// `limit-nofile`, `limit-nproc`, `limit-core`, `limit-memlock`; `None`: inherited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimits {
+    pub nofile: Option<Rlimit>,
+    pub nproc: Option<Rlimit>,
+    pub core: Option<Rlimit>,
+    pub memlock: Option<Rlimit>,
+}
+
+/// A cgroup limit: a number (bytes, tasks) or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Limit {
+    Value(u64),
+    Infinity,
+}
+
+/// `memory-max`, `memory-high`, `tasks-max`, `cpu-quota`, `cpu-weight`,
+/// `io-weight`; `None`: the kernel's default (no limit, weight 100).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupLimits {
+    pub memory_max: Option<Limit>,
+    pub memory_high: Option<Limit>,
+    pub tasks_max: Option<Limit>,
+    /// Percent of one CPU (200: two CPUs).
+    pub cpu_quota: Option<u32>,
+    /// 1-10000.
+    pub cpu_weight: Option<u32>,
+    /// 1-10000.
+    pub io_weight: Option<u32>,
+}
+
+impl CgroupLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == CgroupLimits::default()
+    }
+}
+
+/// systemd's `StandardInput=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StandardInput {
+    /// /dev/null.
+    Null,
+    /// The service's socket (the connection, for `accept = true`; else its first socket).
+    Socket,
+}
+
+/// systemd's `StandardOutput=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StandardOutput {
+    /// holdfast's log (`holdfast logs`).
+    Log,
+    /// The socket, as for stdin.
+    Socket,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,6 +14,9 @@ use toml_edit::{ImDocument, Item, TableLike};
 use super::diag::{Diagnostic, Diagnostics, LineIndex, Pos};
 use super::model::*;
 
+mod process;
+pub(crate) use process::signal_name;
+
 pub(crate) const DEFAULT_RESTART_DELAY: Duration = Duration::from_millis(100);
 pub(crate) const DEFAULT_RESTART_DELAY_MAX: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +51,22 @@ const SERVICE_KEYS: &[&str] = &[
     "working-directory",
     "user",
     "group",
+    // Read in `process`:
+    "notify-access",
+    "kill-signal",
+    "limit-nofile",
+    "limit-nproc",
+    "limit-core",
+    "limit-memlock",
+    "memory-max",
+    "memory-high",
+    "tasks-max",
+    "cpu-quota",
+    "cpu-weight",
+    "io-weight",
+    "non-blocking",
+    "standard-input",
+    "standard-output",
 ];
 const SOCKET_KEYS: &[&str] = &[
     "name",
@@ -120,6 +139,7 @@ pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
         lines: LineIndex::new(text),
         text,
         diags: Vec::new(),
+        stdio_socket: None,
     };
     check_service_name(&mut cx, name);
     let doc = match ImDocument::parse(text) {
@@ -181,6 +201,7 @@ pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
         Some(f) => cx.sockets(&f, name),
         None => (Vec::new(), UnitSpans::default()),
     };
+    cx.check_stdio_socket(sockets.len());
     // A unit with mistakes is not returned: its parts would not line up with their places.
     let unit = service.filter(|_| cx.diags.is_empty()).map(|service| Unit {
         name: name.to_string(),
@@ -259,6 +280,8 @@ struct Cx<'a> {
     text: &'a str,
     lines: LineIndex<'a>,
     diags: Vec<Diagnostic>,
+    /// Where standard-input or standard-output = "socket" was written.
+    stdio_socket: Option<(Pos, String)>,
 }
 
 impl<'a> Cx<'a> {
@@ -563,6 +586,13 @@ impl<'a> Cx<'a> {
             working_directory: None,
             user: None,
             group: None,
+            notify_access: NotifyAccess::None,
+            kill_signal: KillSignal::TERM,
+            rlimits: Rlimits::default(),
+            cgroup_limits: CgroupLimits::default(),
+            non_blocking: false,
+            standard_input: StandardInput::Null,
+            standard_output: StandardOutput::Log,
         };
         if let Some(f) = take("type") {
             let options = [
@@ -674,6 +704,7 @@ impl<'a> Cx<'a> {
         if let Some(f) = take("group") {
             svc.group = self.account(&f, "group = \"www-data\"");
         }
+        self.process_keys(&mut svc, &mut take);
         svc
     }
 

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use toml_edit::{value, Array, ArrayOfTables, DocumentMut, Item, Table};
 
-use super::model::{RestartMode, RestartPolicy, ServiceType, Unit};
+use super::model::{
+    Limit, RestartMode, RestartPolicy, Rlimit, ServiceType, StandardInput, StandardOutput, Unit,
+};
+use super::parse::signal_name;
 
 fn duration(d: Duration) -> Item {
     value(humantime::format_duration(d).to_string())
@@ -55,6 +58,57 @@ pub fn to_toml(unit: &Unit) -> String {
     if let Some(g) = &s.group {
         svc["group"] = value(g.as_str());
     }
+    svc["notify-access"] = value(s.notify_access.as_str());
+    svc["kill-signal"] = match signal_name(s.kill_signal) {
+        Some(name) => value(name),
+        None => value(i64::from(s.kill_signal.0)),
+    };
+    let rlimit = |n: u64| {
+        if n == Rlimit::INFINITY {
+            "infinity".to_string()
+        } else {
+            n.to_string()
+        }
+    };
+    for (key, l) in [
+        ("limit-nofile", s.rlimits.nofile),
+        ("limit-nproc", s.rlimits.nproc),
+        ("limit-core", s.rlimits.core),
+        ("limit-memlock", s.rlimits.memlock),
+    ] {
+        if let Some(l) = l {
+            svc[key] = value(format!("{}:{}", rlimit(l.soft), rlimit(l.hard)));
+        }
+    }
+    let c = &s.cgroup_limits;
+    for (key, l) in [
+        ("memory-max", c.memory_max),
+        ("memory-high", c.memory_high),
+        ("tasks-max", c.tasks_max),
+    ] {
+        match l {
+            Some(Limit::Value(n)) => svc[key] = value(n.to_string()),
+            Some(Limit::Infinity) => svc[key] = value("infinity"),
+            None => {}
+        }
+    }
+    if let Some(p) = c.cpu_quota {
+        svc["cpu-quota"] = value(format!("{p}%"));
+    }
+    for (key, w) in [("cpu-weight", c.cpu_weight), ("io-weight", c.io_weight)] {
+        if let Some(w) = w {
+            svc[key] = value(i64::from(w));
+        }
+    }
+    svc["non-blocking"] = value(s.non_blocking);
+    svc["standard-input"] = value(match s.standard_input {
+        StandardInput::Null => "null",
+        StandardInput::Socket => "socket",
+    });
+    svc["standard-output"] = value(match s.standard_output {
+        StandardOutput::Log => "log",
+        StandardOutput::Socket => "socket",
+    });
     if !s.environment.is_empty() {
         let mut env = Table::new();
         for (k, v) in &s.environment {

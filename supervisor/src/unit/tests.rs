@@ -374,6 +374,13 @@ fn defaults(exec: &[&str]) -> ServiceConfig {
         working_directory: None,
         user: None,
         group: None,
+        notify_access: crate::unit::NotifyAccess::None,
+        kill_signal: crate::unit::KillSignal::TERM,
+        rlimits: Default::default(),
+        cgroup_limits: Default::default(),
+        non_blocking: false,
+        standard_input: crate::unit::StandardInput::Null,
+        standard_output: crate::unit::StandardOutput::Log,
     }
 }
 
