@@ -4,11 +4,26 @@
 //! makes async-signal-safe system calls on that prepared memory, never
 //! allocating, so it is safe even if the supervisor has threads.
 //!
-//! The child gets: its own process group; stdin from /dev/null; stdout and
-//! stderr on the given pipes; its sockets as fds 3, 4, … with LISTEN_FDS,
+//! The child is made with `clone3`, which returns a pidfd for it
+//! (`CLONE_PIDFD`) and, given a cgroup, starts it there (`CLONE_INTO_CGROUP`),
+//! so no instant of its life is outside its service's cgroup. Where clone3 is
+//! refused (ENOSYS under some seccomp filters), `fork`, then the child writes
+//! itself into the cgroup's `cgroup.procs` (opened before fork) and the parent
+//! opens the pidfd before anything can reap the child.
+//!
+//! The child gets: a session of its own (`setsid`: it leads a new session and
+//! process group, so no service can join another's); stdin from /dev/null or
+//! the socket (`standard-input`); stdout and stderr on the given pipes or the
+//! socket (`standard-output`); its sockets as fds 3, 4, … with LISTEN_FDS,
 //! LISTEN_FDNAMES and LISTEN_PID (its own pid, written after fork into a
-//! buffer reserved before it); every other fd closed; an empty signal mask and
-//! default signal dispositions; then setgroups, setgid, setuid, chdir, execve.
+//! buffer reserved before it), O_NONBLOCK set on them or cleared
+//! (`non-blocking`, on every spawn, whatever an earlier instance did to the
+//! shared open file); every other fd closed; an empty signal mask and default
+//! signal dispositions; the unit's rlimits; then setgroups, setgid, setuid,
+//! chdir (to `/` unless `working-directory` says otherwise), execve. Its
+//! environment is systemd's for a system service: PATH (systemd's default
+//! unless given), LANG when holdfast has it, HOME/USER/LOGNAME/SHELL for a
+//! `user`, and a fresh INVOCATION_ID.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -18,9 +33,16 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::Pid;
 
+use crate::pidfd::Pidfd;
+use crate::unit::{Rlimits, StandardInput, StandardOutput};
+
 /// The width reserved for LISTEN_PID's digits (a pid_t has at most 10).
 const PID_DIGITS: usize = 20;
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+/// linux/sched.h (libc's constant is an overflowing c_int).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+/// systemd's PATH for system services.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -38,6 +60,8 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    #[error("standard-input or standard-output is \"socket\", but the service is given no socket")]
+    NoSocketForStdio,
     #[error("{stage} failed in the child: {source}")]
     Child {
         stage: &'static str,
@@ -157,12 +181,36 @@ pub struct Command<'a> {
     pub env: Vec<(String, OsString)>,
     /// Handed over as fds 3, 4, …, named in LISTEN_FDNAMES.
     pub fds: Vec<(BorrowedFd<'a>, &'a str)>,
+    /// The first `sockets` of `fds` are the unit's sockets (O_NONBLOCK per
+    /// `non_blocking`); the rest (the fd store) are left as they are.
+    pub sockets: usize,
     /// stdin: /dev/null when `None` (an inetd-style connection otherwise).
     pub stdin: Option<BorrowedFd<'a>>,
     pub stdout: BorrowedFd<'a>,
     pub stderr: BorrowedFd<'a>,
     pub credentials: Option<&'a Credentials>,
+    /// `/` when `None`, as systemd.
     pub working_directory: Option<&'a Path>,
+    /// A cgroup directory (see `cgroup::Cgroup::as_fd`) the child starts in.
+    pub cgroup: Option<BorrowedFd<'a>>,
+    pub rlimits: Rlimits,
+    /// O_NONBLOCK on the sockets (and a socket stdin/stdout): set when
+    /// true, cleared when false.
+    pub non_blocking: bool,
+    /// `Socket`: stdin is `stdin` if given (the connection), else the first socket.
+    pub standard_input: StandardInput,
+    /// `Socket`: stdout is the socket stdin would be.
+    pub standard_output: StandardOutput,
+}
+
+/// A started child.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: Pid,
+    /// Signal and watch the child through this, never through `pid`.
+    pub pidfd: Pidfd,
+    /// Its INVOCATION_ID (32 hex digits).
+    pub invocation_id: String,
 }
 
 fn cstring(bytes: &[u8], what: &str) -> Result<CString, SpawnError> {
@@ -187,54 +235,189 @@ struct Prepared {
     first_free: RawFd,
     groups: Vec<libc::gid_t>,
     ids: Option<(libc::uid_t, libc::gid_t)>,
-    cwd: Option<CString>,
+    cwd: CString,
+    /// (failure stage, resource, limit) for setrlimit.
+    rlimits: Vec<(usize, libc::__rlimit_resource_t, libc::rlimit)>,
+    /// Target fds whose O_NONBLOCK is set to `non_blocking`.
+    nonblock_targets: Vec<RawFd>,
+    non_blocking: bool,
+    /// cgroup.procs of the target cgroup, for the fork fallback.
+    cgroup_procs: Option<OwnedFd>,
 }
 
-/// Forks and execs `cmd`. Returns once the child has exec'd (or failed to,
-/// reported through a CLOEXEC pipe as systemd and std do).
-pub fn spawn(cmd: &Command<'_>) -> Result<Pid, SpawnError> {
+/// How the child is made; a parameter so tests can take the fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ForkMethod {
+    /// clone3 with CLONE_PIDFD (and CLONE_INTO_CGROUP), fork if refused.
+    Clone3,
+    /// fork, cgroup.procs, pidfd_open.
+    Fork,
+}
+
+/// Starts `cmd` (see the module doc). Returns once the child has exec'd
+/// (or failed to, reported through a CLOEXEC pipe as systemd and std do).
+pub fn spawn(cmd: &Command<'_>) -> Result<Spawned, SpawnError> {
+    spawn_with(cmd, ForkMethod::Clone3)
+}
+
+fn spawn_with(cmd: &Command<'_>, how: ForkMethod) -> Result<Spawned, SpawnError> {
     let devnull = std::fs::File::open("/dev/null").map_err(|source| SpawnError::Syscall {
         call: "open(/dev/null)",
         source,
     })?;
-    let mut p = prepare(cmd, devnull.as_raw_fd())?;
+    let invocation_id = invocation_id()?;
+    let mut p = prepare(cmd, devnull.as_raw_fd(), &invocation_id)?;
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Syscall {
             call: "pipe2",
             source: e.into(),
         })?;
 
-    // SAFETY: after fork the child only calls async-signal-safe functions on
-    // memory prepared above (see `child`), and never returns from `child`.
-    let pid = unsafe { libc::fork() };
+    let mut pidfd: RawFd = -1;
+    let mut pid = -1;
+    if how == ForkMethod::Clone3 {
+        // SAFETY: clone_args is plain integers; zero is "no such option".
+        let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+        args.flags = libc::CLONE_PIDFD as u64;
+        args.pidfd = std::ptr::addr_of_mut!(pidfd) as u64;
+        args.exit_signal = libc::SIGCHLD as u64;
+        if let Some(cg) = cmd.cgroup {
+            args.flags |= CLONE_INTO_CGROUP;
+            args.cgroup = cg.as_raw_fd() as u64;
+        }
+        // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of
+        // this thread's memory and only calls async-signal-safe functions on
+        // memory prepared above (see `child`), never returning from it.
+        pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                std::ptr::addr_of_mut!(args),
+                std::mem::size_of::<libc::clone_args>(),
+            )
+        } as i32;
+        if pid == 0 {
+            // SAFETY: we are the freshly cloned child; `child` execs or _exits.
+            unsafe { child(&mut p, err_w.as_raw_fd(), false) }
+        }
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOSYS) {
+                return Err(SpawnError::Syscall {
+                    call: "clone3",
+                    source: e,
+                });
+            }
+        }
+    }
     if pid < 0 {
-        return Err(SpawnError::Syscall {
-            call: "fork",
-            source: io::Error::last_os_error(),
-        });
+        if cmd.cgroup.is_some() {
+            p.cgroup_procs = Some(open_procs(cmd.cgroup)?);
+        }
+        // SAFETY: as for clone3 above.
+        pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(SpawnError::Syscall {
+                call: "fork",
+                source: io::Error::last_os_error(),
+            });
+        }
+        if pid == 0 {
+            // SAFETY: we are the freshly forked child; `child` execs or _exits.
+            unsafe { child(&mut p, err_w.as_raw_fd(), true) }
+        }
     }
-    if pid == 0 {
-        // SAFETY: we are the freshly forked child; `child` execs or _exits.
-        unsafe { child(&mut p, err_w.as_raw_fd()) }
-    }
+    // The child is ours and unreaped (only the event loop's thread reaps,
+    // and it is here): its pid cannot have been reused yet.
+    let pidfd = if pidfd >= 0 {
+        // SAFETY: CLONE_PIDFD stored a fresh CLOEXEC pidfd there for us.
+        unsafe { Pidfd::from_raw(pidfd, pid) }
+    } else {
+        match Pidfd::open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // SAFETY: plain kill of our own unreaped child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+                return Err(SpawnError::Syscall {
+                    call: "pidfd_open",
+                    source: match e {
+                        crate::pidfd::PidfdError::Syscall { source, .. } => source,
+                    },
+                });
+            }
+        }
+    };
     drop(err_w);
     let mut report = [0u8; 8];
     let n = read_full(&err_r, &mut report);
     drop(devnull);
+    let spawned = Spawned {
+        pid: Pid::from_raw(pid),
+        pidfd,
+        invocation_id,
+    };
     match n {
-        0 => Ok(Pid::from_raw(pid)),
         8 => {
             let stage = u32::from_ne_bytes(report[0..4].try_into().expect("4 bytes"));
             let errno = i32::from_ne_bytes(report[4..8].try_into().expect("4 bytes"));
             // Reap the child that failed before exec.
-            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+            let _ = nix::sys::wait::waitpid(spawned.pid, None);
             Err(SpawnError::Child {
                 stage: STAGES.get(stage as usize).copied().unwrap_or("exec"),
                 source: io::Error::from_raw_os_error(errno),
             })
         }
-        _ => Ok(Pid::from_raw(pid)),
+        _ => Ok(spawned),
     }
+}
+
+/// `cgroup.procs` of the cgroup directory `dir`, opened for writing.
+fn open_procs(dir: Option<BorrowedFd<'_>>) -> Result<OwnedFd, SpawnError> {
+    let Some(dir) = dir else {
+        unreachable!("called with a cgroup")
+    };
+    nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        "cgroup.procs",
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map(|fd| {
+        // SAFETY: openat just returned this fd; it is ours.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    })
+    .map_err(|e| SpawnError::Syscall {
+        call: "open(cgroup.procs)",
+        source: e.into(),
+    })
+}
+
+/// 128 random bits as 32 lowercase hex digits, as systemd's INVOCATION_ID.
+fn invocation_id() -> Result<String, SpawnError> {
+    let mut bytes = [0u8; 16];
+    let mut done = 0;
+    while done < bytes.len() {
+        // SAFETY: getrandom writes at most the given length into the buffer.
+        let n = unsafe {
+            libc::getrandom(
+                bytes[done..].as_mut_ptr().cast(),
+                bytes.len() - done,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(SpawnError::Syscall {
+                call: "getrandom",
+                source: e,
+            });
+        }
+        done += n as usize;
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
@@ -250,8 +433,18 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
     done
 }
 
-fn prepare(cmd: &Command<'_>, devnull: RawFd) -> Result<Prepared, SpawnError> {
-    let program = cstring(cmd.program.as_os_str().as_bytes(), "program path")?;
+fn prepare(
+    cmd: &Command<'_>,
+    devnull: RawFd,
+    invocation_id: &str,
+) -> Result<Prepared, SpawnError> {
+    // The child runs in its working directory: a relative program is
+    // resolved against ours first.
+    let program = std::path::absolute(cmd.program).map_err(|source| SpawnError::Syscall {
+        call: "getcwd",
+        source,
+    })?;
+    let program = cstring(program.as_os_str().as_bytes(), "program path")?;
     let argv: Vec<CString> = cmd
         .argv
         .iter()
@@ -265,6 +458,11 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd) -> Result<Prepared, SpawnError> {
         vars.retain(|(key, _)| key != k);
         vars.push((k.to_string(), v));
     };
+    set("PATH", DEFAULT_PATH.into());
+    if let Some(lang) = std::env::var_os("LANG") {
+        set("LANG", lang);
+    }
+    set("INVOCATION_ID", invocation_id.into());
     if let Some(c) = cmd.credentials {
         if let Some(home) = &c.home {
             set("HOME", home.clone().into_os_string());
@@ -303,11 +501,28 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd) -> Result<Prepared, SpawnError> {
     }
     envp.push(std::ptr::null());
 
-    let mut moves = vec![
-        (cmd.stdin.map_or(devnull, |fd| fd.as_raw_fd()), 0),
-        (cmd.stdout.as_raw_fd(), 1),
-        (cmd.stderr.as_raw_fd(), 2),
-    ];
+    let socket = cmd
+        .stdin
+        .or_else(|| cmd.fds.first().map(|(fd, _)| *fd))
+        .map(|fd| fd.as_raw_fd());
+    let stdin = match cmd.standard_input {
+        StandardInput::Null => cmd.stdin.map_or(devnull, |fd| fd.as_raw_fd()),
+        StandardInput::Socket => socket.ok_or(SpawnError::NoSocketForStdio)?,
+    };
+    let stdout = match cmd.standard_output {
+        StandardOutput::Log => cmd.stdout.as_raw_fd(),
+        StandardOutput::Socket => socket.ok_or(SpawnError::NoSocketForStdio)?,
+    };
+    let mut nonblock_targets: Vec<RawFd> = (0..cmd.sockets.min(cmd.fds.len()))
+        .map(|i| 3 + i as RawFd)
+        .collect();
+    if cmd.standard_input == StandardInput::Socket {
+        nonblock_targets.push(0);
+    }
+    if cmd.standard_output == StandardOutput::Socket {
+        nonblock_targets.push(1);
+    }
+    let mut moves = vec![(stdin, 0), (stdout, 1), (cmd.stderr.as_raw_fd(), 2)];
     for (i, (fd, _)) in cmd.fds.iter().enumerate() {
         moves.push((fd.as_raw_fd(), 3 + i as RawFd));
     }
@@ -317,10 +532,35 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd) -> Result<Prepared, SpawnError> {
         Some(c) => (c.groups.clone(), Some((c.uid, c.gid))),
         None => (Vec::new(), None),
     };
-    let cwd = cmd
-        .working_directory
-        .map(|d| cstring(d.as_os_str().as_bytes(), "working directory"))
-        .transpose()?;
+    let cwd = cstring(
+        cmd.working_directory
+            .unwrap_or(Path::new("/"))
+            .as_os_str()
+            .as_bytes(),
+        "working directory",
+    )?;
+    let r = &cmd.rlimits;
+    let rlimits = [
+        (libc::RLIMIT_NOFILE, r.nofile),
+        (libc::RLIMIT_NPROC, r.nproc),
+        (libc::RLIMIT_CORE, r.core),
+        (libc::RLIMIT_MEMLOCK, r.memlock),
+    ]
+    .into_iter()
+    .enumerate()
+    .filter_map(|(i, (res, l))| {
+        l.map(|l| {
+            (
+                RLIMIT_STAGE + i,
+                res,
+                libc::rlimit {
+                    rlim_cur: l.soft as libc::rlim_t,
+                    rlim_max: l.hard as libc::rlim_t,
+                },
+            )
+        })
+    })
+    .collect();
     Ok(Prepared {
         program,
         _argv: argv,
@@ -334,11 +574,15 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd) -> Result<Prepared, SpawnError> {
         groups,
         ids,
         cwd,
+        rlimits,
+        nonblock_targets,
+        non_blocking: cmd.non_blocking,
+        cgroup_procs: None,
     })
 }
 
 const STAGES: &[&str] = &[
-    "setpgid",
+    "setsid",
     "sigprocmask",
     "dup",
     "dup2",
@@ -348,14 +592,25 @@ const STAGES: &[&str] = &[
     "setuid",
     "chdir",
     "execve",
+    "write(cgroup.procs)",
+    "fcntl(O_NONBLOCK)",
+    // RLIMIT_STAGE + the index in `Prepared::rlimits`' source order:
+    "setrlimit for limit-nofile",
+    "setrlimit for limit-nproc",
+    "setrlimit for limit-core",
+    "setrlimit for limit-memlock",
 ];
+/// The first setrlimit stage in STAGES.
+const RLIMIT_STAGE: usize = 12;
 
 /// The child between fork and exec: async-signal-safe calls only, on memory
 /// prepared before fork. Never returns.
 ///
+/// `join_cgroup`: write ourselves into `p.cgroup_procs` (the fork fallback).
+///
 /// # Safety
 /// Must be called only in a freshly forked child.
-unsafe fn child(p: &mut Prepared, err_w: RawFd) -> ! {
+unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
     let fail = |stage: usize| -> ! {
         let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let mut report = [0u8; 8];
@@ -370,7 +625,15 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd) -> ! {
     // SAFETY: all calls below are async-signal-safe system calls on prepared,
     // live memory; the pointers stay valid because `p` outlives the exec.
     unsafe {
-        if libc::setpgid(0, 0) != 0 {
+        if join_cgroup {
+            if let Some(procs) = &p.cgroup_procs {
+                // "0": the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    fail(10);
+                }
+            }
+        }
+        if libc::setsid() < 0 {
             fail(0);
         }
         // Default dispositions (Rust ignores SIGPIPE; handlers do not survive exec
@@ -417,6 +680,23 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd) -> ! {
             0 as libc::c_uint,
         );
 
+        for &target in &p.nonblock_targets {
+            let flags = libc::fcntl(target, libc::F_GETFL);
+            let want = if p.non_blocking {
+                flags | libc::O_NONBLOCK
+            } else {
+                flags & !libc::O_NONBLOCK
+            };
+            if flags < 0 || (want != flags && libc::fcntl(target, libc::F_SETFL, want) < 0) {
+                fail(11);
+            }
+        }
+        // Before setuid: raising a hard limit needs CAP_SYS_RESOURCE.
+        for (stage, resource, limit) in &p.rlimits {
+            if libc::setrlimit(*resource, limit) != 0 {
+                fail(*stage);
+            }
+        }
         if let Some((uid, gid)) = p.ids {
             if libc::setgroups(p.groups.len(), p.groups.as_ptr()) != 0 {
                 fail(5);
@@ -428,10 +708,8 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd) -> ! {
                 fail(7);
             }
         }
-        if let Some(cwd) = &p.cwd {
-            if libc::chdir(cwd.as_ptr()) != 0 {
-                fail(8);
-            }
+        if libc::chdir(p.cwd.as_ptr()) != 0 {
+            fail(8);
         }
         // LISTEN_PID: our own pid, written into the reserved buffer.
         let mut pid = libc::getpid() as u64;
@@ -510,87 +788,4 @@ pub unsafe fn owned(fd: RawFd) -> OwnedFd {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resolves_through_path() {
-        let p = resolve_program("sh", Some(OsStr::new("/nonexistent:/bin"))).unwrap();
-        assert_eq!(p, PathBuf::from("/bin/sh"));
-        assert!(resolve_program("no-such-program-here", Some(OsStr::new("/bin"))).is_err());
-        assert_eq!(resolve_program("./x", None).unwrap(), PathBuf::from("./x"));
-    }
-
-    #[test]
-    fn child_sees_listen_vars_and_only_its_fds() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (out_r, out_w) = output_pipe().unwrap();
-        let (_err_r, err_w) = output_pipe().unwrap();
-        let argv = vec![
-            "sh".to_string(),
-            "-c".to_string(),
-            "echo $LISTEN_FDS $LISTEN_FDNAMES $LISTEN_PID $$; ls /proc/self/fd | sort -n | tr '\\n' ' '".to_string(),
-        ];
-        let program = PathBuf::from("/bin/sh");
-        let cmd = Command {
-            program: &program,
-            argv: &argv,
-            env: vec![("PATH".into(), "/bin:/usr/bin".into())],
-            fds: vec![(std::os::fd::AsFd::as_fd(&listener), "web")],
-            stdin: None,
-            stdout: std::os::fd::AsFd::as_fd(&out_w),
-            stderr: std::os::fd::AsFd::as_fd(&err_w),
-            credentials: None,
-            working_directory: None,
-        };
-        let pid = spawn(&cmd).unwrap();
-        drop(out_w);
-        nix::sys::wait::waitpid(pid, None).unwrap();
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            match nix::unistd::read(out_r.as_raw_fd(), &mut buf) {
-                Ok(0) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(nix::errno::Errno::EAGAIN) => {
-                    std::thread::sleep(std::time::Duration::from_millis(5))
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-        let out = String::from_utf8(out).unwrap();
-        let mut lines = out.lines();
-        let first: Vec<&str> = lines.next().unwrap().split(' ').collect();
-        assert_eq!(first[0], "1");
-        assert_eq!(first[1], "web");
-        assert_eq!(first[2], first[3], "LISTEN_PID is the child's pid");
-        assert_eq!(first[2], pid.to_string());
-        // 0-2, the socket on 3, and the fd `ls` itself opens on /proc/self/fd.
-        assert_eq!(lines.next().unwrap().trim(), "0 1 2 3 4");
-    }
-
-    #[test]
-    fn exec_failure_is_reported() {
-        let (_r, w) = output_pipe().unwrap();
-        let program = PathBuf::from("/nonexistent/program");
-        let argv = vec!["x".to_string()];
-        let cmd = Command {
-            program: &program,
-            argv: &argv,
-            env: vec![],
-            fds: vec![],
-            stdin: None,
-            stdout: std::os::fd::AsFd::as_fd(&w),
-            stderr: std::os::fd::AsFd::as_fd(&w),
-            credentials: None,
-            working_directory: None,
-        };
-        match spawn(&cmd) {
-            Err(SpawnError::Child { stage, source }) => {
-                assert_eq!(stage, "execve");
-                assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
-            }
-            other => panic!("expected an execve failure, got {other:?}"),
-        }
-    }
-}
+mod tests;

@@ -20,6 +20,8 @@
 //! a sender blocks (or gets EAGAIN) until the event loop reads. Nothing here
 //! changes that sysctl.
 
+#[cfg(test)]
+mod cgroup_tests;
 mod fdstore;
 mod parse;
 #[cfg(test)]
@@ -94,6 +96,73 @@ pub struct Sender {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
+    /// The id of the sender's cgroup (v2), read while the kernel still
+    /// vouched for the sender: through the pidfd that came with the
+    /// message (SCM_PIDFD, Linux 6.5), else through a pidfd opened on its
+    /// pid from SCM_CREDENTIALS, else /proc/PID/cgroup. `None`: the sender
+    /// has exited (or cannot be seen from here).
+    pub cgroup: Option<u64>,
+}
+
+/// Who may notify for a service tracked by cgroup ([`crate::cgroup`]),
+/// with systemd's `NotifyAccess=`: a message is the service's when its
+/// sender is in one of the service's `cgroups` and `access` admits it.
+/// A sender that has already exited is refused (systemd-notify waits, with
+/// BARRIER=1, until its message is read, so it is still there). Pass
+/// [`CgroupSenders::accepts`] to [`NotifySocket::receive`].
+#[derive(Debug, Clone, Copy)]
+pub struct CgroupSenders<'a> {
+    pub access: crate::unit::NotifyAccess,
+    /// The ids ([`crate::cgroup::Cgroup::id`]) of the service's cgroup and
+    /// its instances' cgroups.
+    pub cgroups: &'a [u64],
+    /// Each running instance's main process (after any MAINPID=).
+    pub main_pids: &'a [i32],
+    /// The processes holdfast spawned for the service (for `exec`).
+    pub spawned_pids: &'a [i32],
+}
+
+impl CgroupSenders<'_> {
+    pub fn accepts(&self, sender: Sender) -> bool {
+        use crate::unit::NotifyAccess;
+        let Some(cgroup) = sender.cgroup else {
+            return false;
+        };
+        if !self.cgroups.contains(&cgroup) {
+            return false;
+        }
+        let pid = sender.pid;
+        match self.access {
+            NotifyAccess::None => false,
+            NotifyAccess::All => true,
+            NotifyAccess::Main => self.main_pids.contains(&pid),
+            NotifyAccess::Exec => self.main_pids.contains(&pid) || self.spawned_pids.contains(&pid),
+        }
+    }
+}
+
+/// The sender's cgroup id: through `pidfd` (SCM_PIDFD) when the message
+/// carried one, else through a pidfd opened on `pid`, else /proc.
+fn sender_cgroup(pid: i32, pidfd: Option<OwnedFd>) -> Option<u64> {
+    use crate::pidfd::Pidfd;
+    if let Some(fd) = pidfd {
+        // The pidfd names the sender itself: no pid reuse can intervene.
+        return Pidfd::from_owned(fd).cgroup_id().ok();
+    }
+    if pid <= 0 {
+        return None;
+    }
+    match Pidfd::open(pid) {
+        Ok(p) => match p.cgroup_id() {
+            Ok(id) => Some(id),
+            // PIDFD_GET_INFO is Linux 6.13: read /proc while the pidfd
+            // shows the process alive.
+            Err(e) if !e.is_gone() => crate::cgroup::cgroup_id_of_pid(pid)
+                .filter(|_| !p.has_exited()),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    }
 }
 
 /// Who may notify for a service; its [`Senders::accepts`] is what the
@@ -232,6 +301,19 @@ impl NotifySocket {
         use nix::sys::socket::{setsockopt, sockopt};
         setsockopt(&notify.socket, sockopt::PassCred, &true)
             .map_err(|e| sock_err("set SO_PASSCRED", &notify.path)(e.into()))?;
+        // SCM_PIDFD with each message (Linux 6.5): who sent it, held by the
+        // kernel, not by a pid number. Older kernels: SCM_CREDENTIALS only.
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt on our socket with a c_int option value.
+        unsafe {
+            libc::setsockopt(
+                notify.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PASSPIDFD,
+                std::ptr::addr_of!(on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         // SO_RCVBUFFORCE passes net.core.rmem_max but needs CAP_NET_ADMIN.
         if setsockopt(&notify.socket, sockopt::RcvBufForce, &RECEIVE_BUFFER).is_err() {
             if let Err(e) = setsockopt(&notify.socket, sockopt::RcvBuf, &RECEIVE_BUFFER) {
@@ -293,10 +375,11 @@ impl NotifySocket {
         belongs: &dyn Fn(Sender) -> bool,
     ) -> Option<Message> {
         let service = &self.service;
-        let Some(sender) = d.sender else {
+        let Some(mut sender) = d.sender else {
             tracing::warn!(service = %service, "notify: message without credentials ignored");
             return None;
         };
+        sender.cgroup = sender_cgroup(sender.pid, d.pidfd);
         let (pid, uid) = (sender.pid, sender.uid);
         if !belongs(sender) {
             tracing::warn!(service = %service, pid, uid, "notify: message from a process outside the service ignored");
@@ -358,11 +441,16 @@ struct Datagram {
     truncated: bool,
     control_truncated: bool,
     sender: Option<Sender>,
+    /// The sender's pidfd (SCM_PIDFD).
+    pidfd: Option<OwnedFd>,
     /// Every fd the kernel installed, owned at once so none can leak.
     fds: Vec<OwnedFd>,
 }
 
-/// Room for SCM_CREDENTIALS and SCM_MAX_FD fds, aligned for cmsghdr.
+/// SCM_PIDFD (linux/socket.h; not in libc yet).
+const SCM_PIDFD: libc::c_int = 0x04;
+
+/// Room for SCM_CREDENTIALS, SCM_PIDFD and SCM_MAX_FD fds, aligned for cmsghdr.
 struct ControlBuffer(Vec<u64>);
 
 impl ControlBuffer {
@@ -370,6 +458,7 @@ impl ControlBuffer {
         // SAFETY: CMSG_SPACE only computes a size from its argument.
         unsafe {
             libc::CMSG_SPACE(std::mem::size_of::<libc::ucred>() as u32)
+                + libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32)
                 + libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<libc::c_int>()) as u32)
         }
     } as usize;
@@ -416,6 +505,7 @@ fn recv_datagram(
         truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
         control_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
         sender: None,
+        pidfd: None,
         fds: Vec::new(),
     };
     // SAFETY: msg was filled in by recvmsg; msg_controllen now says how much
@@ -451,7 +541,16 @@ fn recv_datagram(
                     pid: c.pid,
                     uid: c.uid,
                     gid: c.gid,
+                    cgroup: None,
                 });
+            }
+            (libc::SOL_SOCKET, SCM_PIDFD) if data_len >= std::mem::size_of::<libc::c_int>() => {
+                // SAFETY: the data holds one fd number (checked above).
+                let raw = unsafe { data.cast::<libc::c_int>().read_unaligned() };
+                if raw >= 0 {
+                    // SAFETY: the kernel installed this pidfd for this message only.
+                    d.pidfd = Some(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
             }
             _ => {}
         }

@@ -503,7 +503,12 @@ fn sender_rule_table() {
         groups: &[100, 300],
         uid: 1000,
     };
-    let s = |pid, uid| Sender { pid, uid, gid: 0 };
+    let s = |pid, uid| Sender {
+        pid,
+        uid,
+        gid: 0,
+        cgroup: None,
+    };
     // pid → process group; pids missing here have exited.
     let groups = |pid: i32| match pid {
         100 | 101 => Some(100),

@@ -164,8 +164,15 @@ impl Supervisor {
             stderr: err_w.as_fd(),
             credentials: credentials.as_ref(),
             working_directory: cfg.working_directory.as_deref(),
+            sockets: 1,
+            cgroup: None,
+            rlimits: cfg.rlimits,
+            non_blocking: cfg.non_blocking,
+            standard_input: cfg.standard_input,
+            standard_output: cfg.standard_output,
         };
-        let pid = spawn::spawn(&cmd)?;
+        // The core is to keep the pidfd (issue 10); for now the pid only.
+        let pid = spawn::spawn(&cmd)?.pid;
         tracing::debug!(service = %svc.name(), pid = pid.as_raw(), peer = ?peer, "connection instance started");
         self.add_output(id, "stderr", err_r);
         Ok(pid)

@@ -302,8 +302,15 @@ impl Supervisor {
             stderr: err_w.as_fd(),
             credentials: credentials.as_ref(),
             working_directory: cfg.working_directory.as_deref(),
+            sockets: svc.sockets.len(),
+            cgroup: None,
+            rlimits: cfg.rlimits,
+            non_blocking: cfg.non_blocking,
+            standard_input: cfg.standard_input,
+            standard_output: cfg.standard_output,
         };
-        let pid = spawn::spawn(&cmd)?;
+        // The core is to keep the pidfd (issue 10); for now the pid only.
+        let pid = spawn::spawn(&cmd)?.pid;
         let uid = credentials.as_ref().map_or(0, |c| c.uid);
         if let Some(svc) = self.registry.get_mut(id) {
             svc.uid = uid;

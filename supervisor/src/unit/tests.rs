@@ -11,6 +11,8 @@ use pretty_assertions::assert_eq;
 
 use super::*;
 
+mod process_keys;
+
 /// A directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
 
@@ -468,6 +470,7 @@ mode = "0600"
     let unit = parse_unit("hello", Path::new("hello.toml"), text).expect("valid");
     let mut service = defaults(&["/usr/bin/hello-http", "--greeting", "hi"]);
     service.kind = ServiceType::Notify;
+    service.notify_access = NotifyAccess::Main; // systemd's default for notify
     service.restart = RestartPolicy::Always;
     service.restart_mode = RestartMode::Overlap;
     service.restart_delay = Duration::from_millis(250);
@@ -876,6 +879,7 @@ fn random_unit(rng: &mut Rng) -> Unit {
         }
         sockets.push(sock);
     }
+    process_keys::randomize(&mut s, rng, !sockets.is_empty());
     Unit {
         name: "gen".into(),
         path: "gen.toml".into(),

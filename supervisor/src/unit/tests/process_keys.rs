@@ -1,0 +1,139 @@
+//! The `[service]` keys about processes: values in systemd's syntax, the
+//! mistakes with their words, and random values for the round-trip tests.
+
+use super::*;
+use pretty_assertions::assert_eq;
+
+fn service(keys: &str) -> Result<ServiceConfig, Diagnostics> {
+    let text = format!("[service]\nexec = [\"x\"]\n{keys}\n[[socket]]\nports = [\"80\"]\naddresses = [\"127.0.0.1\"]\n");
+    parse_unit("svc", Path::new("svc.toml"), &text).map(|u| u.service)
+}
+
+#[test]
+fn systemd_defaults_for_process_keys() {
+    let simple = service("").unwrap();
+    assert_eq!(simple.notify_access, NotifyAccess::None);
+    assert_eq!(simple.kill_signal, KillSignal::TERM);
+    assert_eq!(simple.rlimits, Rlimits::default());
+    assert!(simple.cgroup_limits.is_empty());
+    assert!(!simple.non_blocking);
+    assert_eq!(simple.standard_input, StandardInput::Null);
+    assert_eq!(simple.standard_output, StandardOutput::Log);
+    let notify = service("type = \"notify\"").unwrap();
+    assert_eq!(notify.notify_access, NotifyAccess::Main);
+    // StandardOutput=inherit: the socket when stdin is.
+    let inetd = service("standard-input = \"socket\"").unwrap();
+    assert_eq!(inetd.standard_output, StandardOutput::Socket);
+    let split = service("standard-input = \"socket\"\nstandard-output = \"log\"").unwrap();
+    assert_eq!(split.standard_output, StandardOutput::Log);
+}
+
+#[test]
+fn process_keys_in_systemd_syntax() {
+    let s = service(
+        "notify-access = \"all\"\nkill-signal = \"INT\"\nlimit-nofile = \"1024:65536\"\nlimit-nproc = 512\nlimit-core = \"infinity\"\nlimit-memlock = \"64M:1G\"\nmemory-max = \"512M\"\nmemory-high = 268435456\ntasks-max = \"infinity\"\ncpu-quota = \"150%\"\ncpu-weight = 200\nio-weight = 1\nnon-blocking = true",
+    )
+    .unwrap();
+    assert_eq!(s.notify_access, NotifyAccess::All);
+    assert_eq!(s.kill_signal, KillSignal(libc::SIGINT));
+    let r = |soft, hard| Some(Rlimit { soft, hard });
+    assert_eq!(
+        s.rlimits,
+        Rlimits {
+            nofile: r(1024, 65536),
+            nproc: r(512, 512),
+            core: r(Rlimit::INFINITY, Rlimit::INFINITY),
+            memlock: r(64 << 20, 1 << 30),
+        }
+    );
+    assert_eq!(
+        s.cgroup_limits,
+        CgroupLimits {
+            memory_max: Some(Limit::Value(512 << 20)),
+            memory_high: Some(Limit::Value(256 << 20)),
+            tasks_max: Some(Limit::Infinity),
+            cpu_quota: Some(150),
+            cpu_weight: Some(200),
+            io_weight: Some(1),
+        }
+    );
+    assert!(s.non_blocking);
+    assert_eq!(service("kill-signal = \"SIGKILL\"").unwrap().kill_signal, KillSignal(9));
+    assert_eq!(service("kill-signal = 3").unwrap().kill_signal, KillSignal(3));
+}
+
+#[test]
+fn process_key_mistakes_are_placed_and_explained() {
+    #[rustfmt::skip]
+    let cases: &[(&str, Expect<'_>)] = &[
+        ("notify-access = \"main-pid\"", (3, 17, "service.notify-access", "unknown value \"main-pid\"", "\"main\", \"exec\", \"all\", \"none\"")),
+        ("kill-signal = \"SIGFOO\"", (3, 15, "service.kill-signal", "\"SIGFOO\" is not a signal", "\"SIGTERM\"")),
+        ("kill-signal = \"STOP\"", (3, 15, "service.kill-signal", "not a signal that can stop a process", "\"SIGINT\"")),
+        ("kill-signal = 99", (3, 15, "service.kill-signal", "99 is not a signal number", "\"SIGTERM\"")),
+        ("limit-nofile = \"65536:1024\"", (3, 16, "service.limit-nofile", "soft limit in \"65536:1024\" is above the hard limit", "soft <= hard")),
+        ("limit-nofile = \"lots\"", (3, 16, "service.limit-nofile", "\"lots\" is not a limit", "\"1024:65536\"")),
+        ("limit-nofile = \"1K\"", (3, 16, "service.limit-nofile", "\"1K\" is not a limit", "65536")),
+        ("limit-core = \"1X\"", (3, 14, "service.limit-core", "\"1X\" is not a limit", "\"64M\"")),
+        ("limit-nproc = true", (3, 15, "service.limit-nproc", "expected a number or a string", "1024:65536")),
+        ("memory-max = \"1.5G\"", (3, 14, "service.memory-max", "\"1.5G\" is not a limit", "\"512M\"")),
+        ("memory-max = \"99999999999T\"", (3, 14, "service.memory-max", "is not a limit", "powers of 1024")),
+        ("memory-high = 0", (3, 15, "service.memory-high", "0 is not a limit", "\"infinity\"")),
+        ("tasks-max = \"20M\"", (3, 13, "service.tasks-max", "\"20M\" is not a limit", "number of tasks")),
+        ("cpu-quota = 50", (3, 13, "service.cpu-quota", "expected a percentage string", "\"50%\"")),
+        ("cpu-quota = \"0%\"", (3, 13, "service.cpu-quota", "between 1% and 100000%", "\"200%\"")),
+        ("cpu-weight = 0", (3, 14, "service.cpu-weight", "0 is outside 1-10000", "e.g. 100")),
+        ("io-weight = 10001", (3, 13, "service.io-weight", "10001 is outside 1-10000", "")),
+        ("non-blocking = \"yes\"", (3, 16, "service.non-blocking", "expected a boolean", "non-blocking = true")),
+        ("standard-input = \"tty\"", (3, 18, "service.standard-input", "unknown value \"tty\"", "\"null\", \"socket\"")),
+        ("standard-output = \"journal\"", (3, 19, "service.standard-output", "unknown value \"journal\"", "\"log\", \"socket\"")),
+    ];
+    for (keys, expect) in cases {
+        let diags = service(keys).unwrap_err();
+        assert_eq!(seen(&diags, &[*expect]), want(&[*expect]), "{keys}");
+    }
+    // Socket stdio needs a socket.
+    let text = "[service]\nexec = [\"x\"]\nstandard-input = \"socket\"\n";
+    let diags = parse_unit("svc", Path::new("svc.toml"), text).unwrap_err();
+    let e: Expect<'_> = (3, 18, "service.standard-input", "standard-input = \"socket\" needs a socket, and this unit has none", "add a [[socket]]");
+    assert_eq!(seen(&diags, &[e]), want(&[e]));
+}
+
+/// Random values for every process key (socket stdio only with a socket).
+pub(super) fn randomize(s: &mut ServiceConfig, rng: &mut Rng, has_socket: bool) {
+    s.notify_access = *rng.pick(&[
+        NotifyAccess::None,
+        NotifyAccess::Main,
+        NotifyAccess::Exec,
+        NotifyAccess::All,
+    ]);
+    s.kill_signal = KillSignal(*rng.pick(&[1, 2, 3, 9, 10, 15]));
+    let rlimit = |rng: &mut Rng| {
+        rng.chance().then(|| {
+            let hard = *rng.pick(&[0, 1, 1024, 1 << 40, Rlimit::INFINITY]);
+            let soft = if rng.chance() { hard } else { hard / 2 };
+            Rlimit { soft, hard }
+        })
+    };
+    s.rlimits = Rlimits {
+        nofile: rlimit(rng),
+        nproc: rlimit(rng),
+        core: rlimit(rng),
+        memlock: rlimit(rng),
+    };
+    let limit = |rng: &mut Rng| {
+        *rng.pick(&[None, Some(Limit::Infinity), Some(Limit::Value(1)), Some(Limit::Value(1 << 33))])
+    };
+    s.cgroup_limits = CgroupLimits {
+        memory_max: limit(rng),
+        memory_high: limit(rng),
+        tasks_max: limit(rng),
+        cpu_quota: rng.chance().then(|| 1 + rng.below(100_000) as u32),
+        cpu_weight: rng.chance().then(|| 1 + rng.below(10_000) as u32),
+        io_weight: rng.chance().then(|| 1 + rng.below(10_000) as u32),
+    };
+    s.non_blocking = rng.chance();
+    if has_socket {
+        s.standard_input = *rng.pick(&[StandardInput::Null, StandardInput::Socket]);
+        s.standard_output = *rng.pick(&[StandardOutput::Log, StandardOutput::Socket]);
+    }
+}
