@@ -194,7 +194,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -443,9 +446,24 @@ impl Cgroup {
             ),
         };
         let writes: [(&'static str, Controller, &str, String); 6] = [
-            ("memory-max", Controller::Memory, "memory.max", limit(limits.memory_max)),
-            ("memory-high", Controller::Memory, "memory.high", limit(limits.memory_high)),
-            ("tasks-max", Controller::Pids, "pids.max", limit(limits.tasks_max)),
+            (
+                "memory-max",
+                Controller::Memory,
+                "memory.max",
+                limit(limits.memory_max),
+            ),
+            (
+                "memory-high",
+                Controller::Memory,
+                "memory.high",
+                limit(limits.memory_high),
+            ),
+            (
+                "tasks-max",
+                Controller::Pids,
+                "pids.max",
+                limit(limits.tasks_max),
+            ),
             ("cpu-quota", Controller::Cpu, "cpu.max", cpu_max),
             (
                 "cpu-weight",

@@ -250,6 +250,9 @@ mod tests {
         };
         let me = Pidfd::open(std::process::id() as i32).unwrap();
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(me.cgroup_id().unwrap(), std::fs::metadata(dir).unwrap().ino());
+        assert_eq!(
+            me.cgroup_id().unwrap(),
+            std::fs::metadata(dir).unwrap().ino()
+        );
     }
 }

@@ -251,6 +251,10 @@ enum ForkMethod {
     /// clone3 with CLONE_PIDFD (and CLONE_INTO_CGROUP), fork if refused.
     Clone3,
     /// fork, cgroup.procs, pidfd_open.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "taken when clone3 is refused; tests ask for it")
+    )]
     Fork,
 }
 
@@ -398,13 +402,8 @@ fn invocation_id() -> Result<String, SpawnError> {
     let mut done = 0;
     while done < bytes.len() {
         // SAFETY: getrandom writes at most the given length into the buffer.
-        let n = unsafe {
-            libc::getrandom(
-                bytes[done..].as_mut_ptr().cast(),
-                bytes.len() - done,
-                0,
-            )
-        };
+        let n =
+            unsafe { libc::getrandom(bytes[done..].as_mut_ptr().cast(), bytes.len() - done, 0) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -433,11 +432,7 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
     done
 }
 
-fn prepare(
-    cmd: &Command<'_>,
-    devnull: RawFd,
-    invocation_id: &str,
-) -> Result<Prepared, SpawnError> {
+fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Prepared, SpawnError> {
     // The child runs in its working directory: a relative program is
     // resolved against ours first.
     let program = std::path::absolute(cmd.program).map_err(|source| SpawnError::Syscall {

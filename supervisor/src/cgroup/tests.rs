@@ -25,7 +25,10 @@ fn finds_the_cgroup2_mount_on_hybrid_and_pure_hosts() {
         parse_mountinfo(escaped),
         Some((PathBuf::from("/mnt/my cg"), "/sub".to_string()))
     );
-    assert_eq!(parse_mountinfo("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
+    assert_eq!(
+        parse_mountinfo("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
+        None
+    );
     assert_eq!(
         cgroup_dir(Path::new("/mnt/my cg"), "/sub", "/sub/a/b"),
         PathBuf::from("/mnt/my cg/a/b")
@@ -40,7 +43,10 @@ fn finds_the_cgroup2_mount_on_hybrid_and_pure_hosts() {
 fn parses_controllers_events_and_cpu_stat() {
     let c = Controllers::parse("cpuset cpu io memory hugetlb pids rdma misc\n");
     assert_eq!(c.to_string(), "memory pids cpu io");
-    assert_eq!(Controllers::parse("hugetlb\n").to_string(), "none of memory, pids, cpu, io");
+    assert_eq!(
+        Controllers::parse("hugetlb\n").to_string(),
+        "none of memory, pids, cpu, io"
+    );
     assert!(parse_populated("populated 1\nfrozen 0\n"));
     assert!(!parse_populated("populated 0\nfrozen 0\n"));
     assert_eq!(
@@ -134,7 +140,11 @@ fn signal_all_reaches_every_process_below_and_nothing_else() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGTERM));
     assert!(eventually(5, || !t.get().populated().unwrap()));
-    assert_eq!(outside.try_wait().unwrap(), None, "a process outside was hit");
+    assert_eq!(
+        outside.try_wait().unwrap(),
+        None,
+        "a process outside was hit"
+    );
     outside.kill().unwrap();
     outside.wait().unwrap();
 }
@@ -282,11 +292,20 @@ fn memory_max_is_written_and_enforced() {
     };
     let svc = h.service("mem").unwrap();
     svc.apply_limits(&limits).unwrap();
-    assert_eq!(svc.read("memory.max").unwrap().trim(), (32u64 << 20).to_string());
-    assert_eq!(svc.read("memory.high").unwrap().trim(), (24u64 << 20).to_string());
+    assert_eq!(
+        svc.read("memory.max").unwrap().trim(),
+        (32u64 << 20).to_string()
+    );
+    assert_eq!(
+        svc.read("memory.high").unwrap().trim(),
+        (24u64 << 20).to_string()
+    );
     let leaf = svc.create_child("1").unwrap();
     // 64 MiB in a shell variable: more than memory-max allows.
-    let mut sh = shell_in(&leaf, "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}");
+    let mut sh = shell_in(
+        &leaf,
+        "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}",
+    );
     let status = sh.wait().unwrap();
     assert!(!status.success(), "the OOM killer ended it");
     let events = svc.read("memory.events").unwrap();
@@ -306,5 +325,8 @@ fn cpu_usage_is_read_from_cpu_stat() {
     let mut sh = shell_in(&leaf, "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done");
     sh.wait().unwrap();
     let after = t.get().usage().unwrap().cpu;
-    assert!(after > before + Duration::from_millis(10), "{before:?} → {after:?}");
+    assert!(
+        after > before + Duration::from_millis(10),
+        "{before:?} → {after:?}"
+    );
 }

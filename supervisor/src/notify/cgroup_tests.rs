@@ -97,7 +97,10 @@ fn a_sender_that_has_exited_is_ignored() {
         seen.set(Some(s));
         rule.accepts(s)
     });
-    assert!(got.is_empty(), "a message from an exited sender was accepted");
+    assert!(
+        got.is_empty(),
+        "a message from an exited sender was accepted"
+    );
     // Either the kernel gave no pidfd for the reaped sender (the message is
     // dropped before the rule) or the pidfd shows no cgroup.
     if let Some(s) = seen.get() {

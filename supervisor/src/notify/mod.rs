@@ -157,8 +157,9 @@ fn sender_cgroup(pid: i32, pidfd: Option<OwnedFd>) -> Option<u64> {
             Ok(id) => Some(id),
             // PIDFD_GET_INFO is Linux 6.13: read /proc while the pidfd
             // shows the process alive.
-            Err(e) if !e.is_gone() => crate::cgroup::cgroup_id_of_pid(pid)
-                .filter(|_| !p.has_exited()),
+            Err(e) if !e.is_gone() => {
+                crate::cgroup::cgroup_id_of_pid(pid).filter(|_| !p.has_exited())
+            }
             Err(_) => None,
         },
         Err(_) => None,

@@ -46,7 +46,9 @@ fn read_all(fd: &OwnedFd) -> String {
         match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
             Ok(0) => break,
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(nix::errno::Errno::EAGAIN) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            Err(nix::errno::Errno::EAGAIN) => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
             Err(e) => panic!("{e}"),
         }
     }
@@ -106,7 +108,11 @@ fn child_sees_listen_vars_systemd_env_and_only_its_fds_in_slash() {
     assert_eq!(first[2], pid.to_string());
     // 0-2, the socket on 3, and the fd `ls` itself opens on /proc/self/fd.
     assert_eq!(lines.next().unwrap().trim(), "0 1 2 3 4");
-    assert_eq!(lines.next().unwrap(), "/", "the working directory defaults to /");
+    assert_eq!(
+        lines.next().unwrap(),
+        "/",
+        "the working directory defaults to /"
+    );
     assert_eq!(lines.next().unwrap(), DEFAULT_PATH);
     let id = lines.next().unwrap();
     assert_eq!(id.len(), 32, "{id}");
@@ -293,14 +299,19 @@ fn a_pidfd_never_signals_the_process_that_got_the_pid_next() {
     let argv = vec!["sleep".to_string(), "30".to_string()];
     let ours = spawn(&command(&program, &argv, w.as_fd())).unwrap();
     let pid = ours.pid.as_raw();
-    ours.pidfd.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    ours.pidfd
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
     assert_eq!(wait(&ours.pidfd), Exit::Signal(libc::SIGKILL));
     // Reaped: hand its pid to a stranger (ns_last_pid = pid - 1, then fork;
     // other processes fork too, so try a few times).
     let mut stranger = None;
     for _ in 0..100 {
         std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
-        let mut child = std::process::Command::new(&program).arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new(&program)
+            .arg("30")
+            .spawn()
+            .unwrap();
         if child.id() as i32 == pid {
             stranger = Some(child);
             break;
@@ -309,7 +320,10 @@ fn a_pidfd_never_signals_the_process_that_got_the_pid_next() {
         child.wait().unwrap();
     }
     let mut stranger = stranger.expect("pid reuse forced through ns_last_pid");
-    let err = ours.pidfd.signal(nix::sys::signal::Signal::SIGTERM).unwrap_err();
+    let err = ours
+        .pidfd
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .unwrap_err();
     assert!(err.is_gone(), "{err}");
     assert!(!ours.pidfd.is_running());
     std::thread::sleep(std::time::Duration::from_millis(100));

@@ -68,7 +68,10 @@ impl Cx<'_> {
             svc.non_blocking = self.bool(&f).unwrap_or(false);
         }
         if let Some(f) = take("standard-input") {
-            let options = [("null", StandardInput::Null), ("socket", StandardInput::Socket)];
+            let options = [
+                ("null", StandardInput::Null),
+                ("socket", StandardInput::Socket),
+            ];
             svc.standard_input = self.choice(&f, &options).unwrap_or(svc.standard_input);
             if svc.standard_input == StandardInput::Socket {
                 self.stdio_socket = Some((f.pos, f.path.clone()));
@@ -80,7 +83,10 @@ impl Cx<'_> {
             StandardInput::Null => StandardOutput::Log,
         };
         if let Some(f) = take("standard-output") {
-            let options = [("log", StandardOutput::Log), ("socket", StandardOutput::Socket)];
+            let options = [
+                ("log", StandardOutput::Log),
+                ("socket", StandardOutput::Socket),
+            ];
             svc.standard_output = self.choice(&f, &options).unwrap_or(svc.standard_output);
             if svc.standard_output == StandardOutput::Socket && self.stdio_socket.is_none() {
                 self.stdio_socket = Some((f.pos, f.path.clone()));
@@ -94,7 +100,10 @@ impl Cx<'_> {
             self.err(
                 pos,
                 path.clone(),
-                format!("{} = \"socket\" needs a socket, and this unit has none", last_key(&path)),
+                format!(
+                    "{} = \"socket\" needs a socket, and this unit has none",
+                    last_key(&path)
+                ),
                 "add a [[socket]] table, or write \"null\" / \"log\"",
             );
         }
@@ -111,7 +120,12 @@ impl Cx<'_> {
             {
                 return Some(KillSignal(n));
             }
-            self.err(f.pos, f.path.clone(), format!("{n} is not a signal number"), hint);
+            self.err(
+                f.pos,
+                f.path.clone(),
+                format!("{n} is not a signal number"),
+                hint,
+            );
             return None;
         }
         let s = self.string(f, "\"SIGTERM\"")?;
@@ -126,7 +140,12 @@ impl Cx<'_> {
                 Some(KillSignal(sig as i32))
             }
             _ => {
-                self.err(f.pos, f.path.clone(), format!("{s:?} is not a signal that can stop a process"), hint);
+                self.err(
+                    f.pos,
+                    f.path.clone(),
+                    format!("{s:?} is not a signal that can stop a process"),
+                    hint,
+                );
                 None
             }
         }
@@ -173,7 +192,12 @@ impl Cx<'_> {
                 None
             }
             None => {
-                self.err(f.pos, f.path.clone(), format!("{text:?} is not a limit"), hint);
+                self.err(
+                    f.pos,
+                    f.path.clone(),
+                    format!("{text:?} is not a limit"),
+                    hint,
+                );
                 None
             }
         }
@@ -204,7 +228,12 @@ impl Cx<'_> {
         };
         if parsed.is_none() {
             let shown = self.raw(f.item).unwrap_or("").trim().to_string();
-            self.err(f.pos, f.path.clone(), format!("{} is not a limit", shorten(&shown)), hint);
+            self.err(
+                f.pos,
+                f.path.clone(),
+                format!("{} is not a limit", shorten(&shown)),
+                hint,
+            );
         }
         parsed
     }
@@ -219,7 +248,10 @@ impl Cx<'_> {
                 return None;
             }
         };
-        match s.strip_suffix('%').and_then(|n| n.trim().parse::<u32>().ok()) {
+        match s
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse::<u32>().ok())
+        {
             Some(n) if (1..=MAX_CPU_QUOTA).contains(&n) => Some(n),
             _ => {
                 self.err(

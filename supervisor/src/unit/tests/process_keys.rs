@@ -58,8 +58,14 @@ fn process_keys_in_systemd_syntax() {
         }
     );
     assert!(s.non_blocking);
-    assert_eq!(service("kill-signal = \"SIGKILL\"").unwrap().kill_signal, KillSignal(9));
-    assert_eq!(service("kill-signal = 3").unwrap().kill_signal, KillSignal(3));
+    assert_eq!(
+        service("kill-signal = \"SIGKILL\"").unwrap().kill_signal,
+        KillSignal(9)
+    );
+    assert_eq!(
+        service("kill-signal = 3").unwrap().kill_signal,
+        KillSignal(3)
+    );
 }
 
 #[test]
@@ -94,7 +100,13 @@ fn process_key_mistakes_are_placed_and_explained() {
     // Socket stdio needs a socket.
     let text = "[service]\nexec = [\"x\"]\nstandard-input = \"socket\"\n";
     let diags = parse_unit("svc", Path::new("svc.toml"), text).unwrap_err();
-    let e: Expect<'_> = (3, 18, "service.standard-input", "standard-input = \"socket\" needs a socket, and this unit has none", "add a [[socket]]");
+    let e: Expect<'_> = (
+        3,
+        18,
+        "service.standard-input",
+        "standard-input = \"socket\" needs a socket, and this unit has none",
+        "add a [[socket]]",
+    );
     assert_eq!(seen(&diags, &[e]), want(&[e]));
 }
 
@@ -121,7 +133,12 @@ pub(super) fn randomize(s: &mut ServiceConfig, rng: &mut Rng, has_socket: bool) 
         memlock: rlimit(rng),
     };
     let limit = |rng: &mut Rng| {
-        *rng.pick(&[None, Some(Limit::Infinity), Some(Limit::Value(1)), Some(Limit::Value(1 << 33))])
+        *rng.pick(&[
+            None,
+            Some(Limit::Infinity),
+            Some(Limit::Value(1)),
+            Some(Limit::Value(1 << 33)),
+        ])
     };
     s.cgroup_limits = CgroupLimits {
         memory_max: limit(rng),
