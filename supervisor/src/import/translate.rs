@@ -222,14 +222,7 @@ fn service_config(
         working_directory: None,
         user: None,
         group: None,
-        // systemd's defaults; notify-access follows the type (below).
-        notify_access: crate::unit::NotifyAccess::None,
-        kill_signal: crate::unit::KillSignal::TERM,
-        rlimits: Default::default(),
-        cgroup_limits: Default::default(),
-        non_blocking: false,
-        standard_input: crate::unit::StandardInput::Null,
-        standard_output: crate::unit::StandardOutput::Log,
+        process: crate::unit::ProcessConfig::defaults_for(crate::unit::ServiceType::Simple),
     };
     const S: &str = "Service";
 
@@ -446,7 +439,7 @@ fn service_config(
             r.drop(e, "holdfast signals the service's whole process group when it stops it (KillMode=control-group)");
         }
     }
-    s.notify_access = crate::unit::NotifyAccess::default_for(s.kind);
+    s.process.notify_access = crate::unit::NotifyAccess::default_for(s.kind);
     standard_streams(d, r, accept);
     if let Some(e) = d.last(S, "Sockets") {
         let only_ours = e

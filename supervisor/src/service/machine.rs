@@ -897,6 +897,7 @@ mod tests {
             working_directory: None,
             user: None,
             group: None,
+            process: crate::unit::ProcessConfig::defaults_for(kind),
         }
     }
 

@@ -166,10 +166,10 @@ impl Supervisor {
             working_directory: cfg.working_directory.as_deref(),
             sockets: 1,
             cgroup: None,
-            rlimits: cfg.rlimits,
-            non_blocking: cfg.non_blocking,
-            standard_input: cfg.standard_input,
-            standard_output: cfg.standard_output,
+            rlimits: cfg.process.rlimits,
+            non_blocking: cfg.process.non_blocking,
+            standard_input: cfg.process.standard_input,
+            standard_output: cfg.process.standard_output,
         };
         // The core is to keep the pidfd (issue 10); for now the pid only.
         let pid = spawn::spawn(&cmd)?.pid;

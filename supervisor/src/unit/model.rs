@@ -53,6 +53,13 @@ pub struct ServiceConfig {
     pub working_directory: Option<PathBuf>,
     pub user: Option<String>,
     pub group: Option<String>,
+    /// The keys about the service's processes (limits, signals, stdio).
+    pub process: ProcessConfig,
+}
+
+/// The `[service]` keys about the service's processes, systemd's meanings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessConfig {
     /// Which of the service's processes may send to NOTIFY_SOCKET.
     pub notify_access: NotifyAccess,
     /// The signal `stop` sends to every process of the service first (a
@@ -67,6 +74,21 @@ pub struct ServiceConfig {
     pub non_blocking: bool,
     pub standard_input: StandardInput,
     pub standard_output: StandardOutput,
+}
+
+impl ProcessConfig {
+    /// systemd's defaults for a service of type `kind`.
+    pub fn defaults_for(kind: ServiceType) -> ProcessConfig {
+        ProcessConfig {
+            notify_access: NotifyAccess::default_for(kind),
+            kill_signal: KillSignal::TERM,
+            rlimits: Rlimits::default(),
+            cgroup_limits: CgroupLimits::default(),
+            non_blocking: false,
+            standard_input: StandardInput::Null,
+            standard_output: StandardOutput::Log,
+        }
+    }
 }
 
 /// systemd's `NotifyAccess=`.

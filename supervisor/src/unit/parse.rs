@@ -586,13 +586,7 @@ impl<'a> Cx<'a> {
             working_directory: None,
             user: None,
             group: None,
-            notify_access: NotifyAccess::None,
-            kill_signal: KillSignal::TERM,
-            rlimits: Rlimits::default(),
-            cgroup_limits: CgroupLimits::default(),
-            non_blocking: false,
-            standard_input: StandardInput::Null,
-            standard_output: StandardOutput::Log,
+            process: ProcessConfig::defaults_for(ServiceType::Simple),
         };
         if let Some(f) = take("type") {
             let options = [

@@ -58,10 +58,10 @@ pub fn to_toml(unit: &Unit) -> String {
     if let Some(g) = &s.group {
         svc["group"] = value(g.as_str());
     }
-    svc["notify-access"] = value(s.notify_access.as_str());
-    svc["kill-signal"] = match signal_name(s.kill_signal) {
+    svc["notify-access"] = value(s.process.notify_access.as_str());
+    svc["kill-signal"] = match signal_name(s.process.kill_signal) {
         Some(name) => value(name),
-        None => value(i64::from(s.kill_signal.0)),
+        None => value(i64::from(s.process.kill_signal.0)),
     };
     let rlimit = |n: u64| {
         if n == Rlimit::INFINITY {
@@ -71,16 +71,16 @@ pub fn to_toml(unit: &Unit) -> String {
         }
     };
     for (key, l) in [
-        ("limit-nofile", s.rlimits.nofile),
-        ("limit-nproc", s.rlimits.nproc),
-        ("limit-core", s.rlimits.core),
-        ("limit-memlock", s.rlimits.memlock),
+        ("limit-nofile", s.process.rlimits.nofile),
+        ("limit-nproc", s.process.rlimits.nproc),
+        ("limit-core", s.process.rlimits.core),
+        ("limit-memlock", s.process.rlimits.memlock),
     ] {
         if let Some(l) = l {
             svc[key] = value(format!("{}:{}", rlimit(l.soft), rlimit(l.hard)));
         }
     }
-    let c = &s.cgroup_limits;
+    let c = &s.process.cgroup_limits;
     for (key, l) in [
         ("memory-max", c.memory_max),
         ("memory-high", c.memory_high),
@@ -100,12 +100,12 @@ pub fn to_toml(unit: &Unit) -> String {
             svc[key] = value(i64::from(w));
         }
     }
-    svc["non-blocking"] = value(s.non_blocking);
-    svc["standard-input"] = value(match s.standard_input {
+    svc["non-blocking"] = value(s.process.non_blocking);
+    svc["standard-input"] = value(match s.process.standard_input {
         StandardInput::Null => "null",
         StandardInput::Socket => "socket",
     });
-    svc["standard-output"] = value(match s.standard_output {
+    svc["standard-output"] = value(match s.process.standard_output {
         StandardOutput::Log => "log",
         StandardOutput::Socket => "socket",
     });

@@ -376,13 +376,7 @@ fn defaults(exec: &[&str]) -> ServiceConfig {
         working_directory: None,
         user: None,
         group: None,
-        notify_access: crate::unit::NotifyAccess::None,
-        kill_signal: crate::unit::KillSignal::TERM,
-        rlimits: Default::default(),
-        cgroup_limits: Default::default(),
-        non_blocking: false,
-        standard_input: crate::unit::StandardInput::Null,
-        standard_output: crate::unit::StandardOutput::Log,
+        process: crate::unit::ProcessConfig::defaults_for(crate::unit::ServiceType::Simple),
     }
 }
 
@@ -470,7 +464,7 @@ mode = "0600"
     let unit = parse_unit("hello", Path::new("hello.toml"), text).expect("valid");
     let mut service = defaults(&["/usr/bin/hello-http", "--greeting", "hi"]);
     service.kind = ServiceType::Notify;
-    service.notify_access = NotifyAccess::Main; // systemd's default for notify
+    service.process.notify_access = NotifyAccess::Main; // systemd's default for notify
     service.restart = RestartPolicy::Always;
     service.restart_mode = RestartMode::Overlap;
     service.restart_delay = Duration::from_millis(250);

@@ -22,7 +22,7 @@ impl Cx<'_> {
         svc: &mut ServiceConfig,
         take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
     ) {
-        svc.notify_access = NotifyAccess::default_for(svc.kind);
+        svc.process.notify_access = NotifyAccess::default_for(svc.kind);
         if let Some(f) = take("notify-access") {
             let options = [
                 ("main", NotifyAccess::Main),
@@ -30,22 +30,24 @@ impl Cx<'_> {
                 ("all", NotifyAccess::All),
                 ("none", NotifyAccess::None),
             ];
-            svc.notify_access = self.choice(&f, &options).unwrap_or(svc.notify_access);
+            svc.process.notify_access = self
+                .choice(&f, &options)
+                .unwrap_or(svc.process.notify_access);
         }
         if let Some(f) = take("kill-signal") {
-            svc.kill_signal = self.signal(&f).unwrap_or(svc.kill_signal);
+            svc.process.kill_signal = self.signal(&f).unwrap_or(svc.process.kill_signal);
         }
         for (key, slot, size) in [
-            ("limit-nofile", &mut svc.rlimits.nofile, false),
-            ("limit-nproc", &mut svc.rlimits.nproc, false),
-            ("limit-core", &mut svc.rlimits.core, true),
-            ("limit-memlock", &mut svc.rlimits.memlock, true),
+            ("limit-nofile", &mut svc.process.rlimits.nofile, false),
+            ("limit-nproc", &mut svc.process.rlimits.nproc, false),
+            ("limit-core", &mut svc.process.rlimits.core, true),
+            ("limit-memlock", &mut svc.process.rlimits.memlock, true),
         ] {
             if let Some(f) = take(key) {
                 *slot = self.rlimit(&f, size);
             }
         }
-        let l = &mut svc.cgroup_limits;
+        let l = &mut svc.process.cgroup_limits;
         for (key, slot, size) in [
             ("memory-max", &mut l.memory_max, true),
             ("memory-high", &mut l.memory_high, true),
@@ -65,20 +67,22 @@ impl Cx<'_> {
             l.io_weight = self.u32(&f, 1, MAX_WEIGHT, 100);
         }
         if let Some(f) = take("non-blocking") {
-            svc.non_blocking = self.bool(&f).unwrap_or(false);
+            svc.process.non_blocking = self.bool(&f).unwrap_or(false);
         }
         if let Some(f) = take("standard-input") {
             let options = [
                 ("null", StandardInput::Null),
                 ("socket", StandardInput::Socket),
             ];
-            svc.standard_input = self.choice(&f, &options).unwrap_or(svc.standard_input);
-            if svc.standard_input == StandardInput::Socket {
+            svc.process.standard_input = self
+                .choice(&f, &options)
+                .unwrap_or(svc.process.standard_input);
+            if svc.process.standard_input == StandardInput::Socket {
                 self.stdio_socket = Some((f.pos, f.path.clone()));
             }
         }
         // systemd's default, `inherit`: the socket when stdin is the socket.
-        svc.standard_output = match svc.standard_input {
+        svc.process.standard_output = match svc.process.standard_input {
             StandardInput::Socket => StandardOutput::Socket,
             StandardInput::Null => StandardOutput::Log,
         };
@@ -87,8 +91,11 @@ impl Cx<'_> {
                 ("log", StandardOutput::Log),
                 ("socket", StandardOutput::Socket),
             ];
-            svc.standard_output = self.choice(&f, &options).unwrap_or(svc.standard_output);
-            if svc.standard_output == StandardOutput::Socket && self.stdio_socket.is_none() {
+            svc.process.standard_output = self
+                .choice(&f, &options)
+                .unwrap_or(svc.process.standard_output);
+            if svc.process.standard_output == StandardOutput::Socket && self.stdio_socket.is_none()
+            {
                 self.stdio_socket = Some((f.pos, f.path.clone()));
             }
         }

@@ -12,20 +12,20 @@ fn service(keys: &str) -> Result<ServiceConfig, Diagnostics> {
 #[test]
 fn systemd_defaults_for_process_keys() {
     let simple = service("").unwrap();
-    assert_eq!(simple.notify_access, NotifyAccess::None);
-    assert_eq!(simple.kill_signal, KillSignal::TERM);
-    assert_eq!(simple.rlimits, Rlimits::default());
-    assert!(simple.cgroup_limits.is_empty());
-    assert!(!simple.non_blocking);
-    assert_eq!(simple.standard_input, StandardInput::Null);
-    assert_eq!(simple.standard_output, StandardOutput::Log);
+    assert_eq!(simple.process.notify_access, NotifyAccess::None);
+    assert_eq!(simple.process.kill_signal, KillSignal::TERM);
+    assert_eq!(simple.process.rlimits, Rlimits::default());
+    assert!(simple.process.cgroup_limits.is_empty());
+    assert!(!simple.process.non_blocking);
+    assert_eq!(simple.process.standard_input, StandardInput::Null);
+    assert_eq!(simple.process.standard_output, StandardOutput::Log);
     let notify = service("type = \"notify\"").unwrap();
-    assert_eq!(notify.notify_access, NotifyAccess::Main);
+    assert_eq!(notify.process.notify_access, NotifyAccess::Main);
     // StandardOutput=inherit: the socket when stdin is.
     let inetd = service("standard-input = \"socket\"").unwrap();
-    assert_eq!(inetd.standard_output, StandardOutput::Socket);
+    assert_eq!(inetd.process.standard_output, StandardOutput::Socket);
     let split = service("standard-input = \"socket\"\nstandard-output = \"log\"").unwrap();
-    assert_eq!(split.standard_output, StandardOutput::Log);
+    assert_eq!(split.process.standard_output, StandardOutput::Log);
 }
 
 #[test]
@@ -34,11 +34,11 @@ fn process_keys_in_systemd_syntax() {
         "notify-access = \"all\"\nkill-signal = \"INT\"\nlimit-nofile = \"1024:65536\"\nlimit-nproc = 512\nlimit-core = \"infinity\"\nlimit-memlock = \"64M:1G\"\nmemory-max = \"512M\"\nmemory-high = 268435456\ntasks-max = \"infinity\"\ncpu-quota = \"150%\"\ncpu-weight = 200\nio-weight = 1\nnon-blocking = true",
     )
     .unwrap();
-    assert_eq!(s.notify_access, NotifyAccess::All);
-    assert_eq!(s.kill_signal, KillSignal(libc::SIGINT));
+    assert_eq!(s.process.notify_access, NotifyAccess::All);
+    assert_eq!(s.process.kill_signal, KillSignal(libc::SIGINT));
     let r = |soft, hard| Some(Rlimit { soft, hard });
     assert_eq!(
-        s.rlimits,
+        s.process.rlimits,
         Rlimits {
             nofile: r(1024, 65536),
             nproc: r(512, 512),
@@ -47,7 +47,7 @@ fn process_keys_in_systemd_syntax() {
         }
     );
     assert_eq!(
-        s.cgroup_limits,
+        s.process.cgroup_limits,
         CgroupLimits {
             memory_max: Some(Limit::Value(512 << 20)),
             memory_high: Some(Limit::Value(256 << 20)),
@@ -57,13 +57,16 @@ fn process_keys_in_systemd_syntax() {
             io_weight: Some(1),
         }
     );
-    assert!(s.non_blocking);
+    assert!(s.process.non_blocking);
     assert_eq!(
-        service("kill-signal = \"SIGKILL\"").unwrap().kill_signal,
+        service("kill-signal = \"SIGKILL\"")
+            .unwrap()
+            .process
+            .kill_signal,
         KillSignal(9)
     );
     assert_eq!(
-        service("kill-signal = 3").unwrap().kill_signal,
+        service("kill-signal = 3").unwrap().process.kill_signal,
         KillSignal(3)
     );
 }
@@ -112,13 +115,13 @@ fn process_key_mistakes_are_placed_and_explained() {
 
 /// Random values for every process key (socket stdio only with a socket).
 pub(super) fn randomize(s: &mut ServiceConfig, rng: &mut Rng, has_socket: bool) {
-    s.notify_access = *rng.pick(&[
+    s.process.notify_access = *rng.pick(&[
         NotifyAccess::None,
         NotifyAccess::Main,
         NotifyAccess::Exec,
         NotifyAccess::All,
     ]);
-    s.kill_signal = KillSignal(*rng.pick(&[1, 2, 3, 9, 10, 15]));
+    s.process.kill_signal = KillSignal(*rng.pick(&[1, 2, 3, 9, 10, 15]));
     let rlimit = |rng: &mut Rng| {
         rng.chance().then(|| {
             let hard = *rng.pick(&[0, 1, 1024, 1 << 40, Rlimit::INFINITY]);
@@ -126,7 +129,7 @@ pub(super) fn randomize(s: &mut ServiceConfig, rng: &mut Rng, has_socket: bool) 
             Rlimit { soft, hard }
         })
     };
-    s.rlimits = Rlimits {
+    s.process.rlimits = Rlimits {
         nofile: rlimit(rng),
         nproc: rlimit(rng),
         core: rlimit(rng),
@@ -140,7 +143,7 @@ pub(super) fn randomize(s: &mut ServiceConfig, rng: &mut Rng, has_socket: bool) 
             Some(Limit::Value(1 << 33)),
         ])
     };
-    s.cgroup_limits = CgroupLimits {
+    s.process.cgroup_limits = CgroupLimits {
         memory_max: limit(rng),
         memory_high: limit(rng),
         tasks_max: limit(rng),
@@ -148,9 +151,9 @@ pub(super) fn randomize(s: &mut ServiceConfig, rng: &mut Rng, has_socket: bool) 
         cpu_weight: rng.chance().then(|| 1 + rng.below(10_000) as u32),
         io_weight: rng.chance().then(|| 1 + rng.below(10_000) as u32),
     };
-    s.non_blocking = rng.chance();
+    s.process.non_blocking = rng.chance();
     if has_socket {
-        s.standard_input = *rng.pick(&[StandardInput::Null, StandardInput::Socket]);
-        s.standard_output = *rng.pick(&[StandardOutput::Log, StandardOutput::Socket]);
+        s.process.standard_input = *rng.pick(&[StandardInput::Null, StandardInput::Socket]);
+        s.process.standard_output = *rng.pick(&[StandardOutput::Log, StandardOutput::Socket]);
     }
 }
