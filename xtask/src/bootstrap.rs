@@ -102,6 +102,11 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         name: "netcat-openbsd",
         provides: &["nc"],
     },
+    // Lists the kernel's BPF links: the stale sk_lookup link test (integration survive::).
+    AptPackage {
+        name: "bpftool",
+        provides: &["/usr/sbin/bpftool"],
+    },
 ];
 
 /// The BPF linker aya-build drives; newer releases need a newer rustc than these machines have.

@@ -97,6 +97,7 @@
 
 mod bench;
 pub mod compile;
+mod links;
 mod pins;
 mod sys;
 #[cfg(test)]
@@ -202,6 +203,12 @@ pub enum DispatchError {
         what: &'static str,
         path: PathBuf,
         source: aya::pin::PinError,
+    },
+    #[error("cannot {op} BPF link {id}: {source}")]
+    Links {
+        op: &'static str,
+        id: u32,
+        source: io::Error,
     },
     #[error("cannot {op} BPF pin path {path}: {source}")]
     Pins {
@@ -779,6 +786,8 @@ pub struct Dispatcher {
     dir: PathBuf,
     /// The attached link; also pinned, so it outlives this process unless detached.
     link: Option<FdLink>,
+    /// The inode of the network namespace it is attached to.
+    netns_ino: u64,
 }
 
 impl Dispatcher {
@@ -804,6 +813,16 @@ impl Dispatcher {
             path: netns.to_path_buf(),
             source,
         })?;
+        let netns_ino = {
+            use std::os::unix::fs::MetadataExt;
+            netns_file
+                .metadata()
+                .map_err(|source| DispatchError::OpenNetns {
+                    path: netns.to_path_buf(),
+                    source,
+                })?
+                .ino()
+        };
         let lock = pins::lock_root()?;
         let staging = pins::create_staging(&lock, instance)?;
         let result = Self::attach_into(&staging, &netns_file, netns, capacity);
@@ -828,7 +847,43 @@ impl Dispatcher {
             instance: instance.to_string(),
             dir,
             link: Some(link),
+            netns_ino,
         })
+    }
+
+    /// Detaches every other holdfast sk_lookup link on this dispatcher's
+    /// network namespace, found through the kernel whichever bpffs pinned it
+    /// (see `links.rs`), so that this one is the only one; returns their ids.
+    /// The caller must make sure no live holdfast owns them: `supervisor::run`
+    /// holds the namespace's instance lock. Call it right after [`attach`]:
+    /// until then, both programs run on every lookup.
+    ///
+    /// [`attach`]: Dispatcher::attach
+    pub fn detach_stale_links(&mut self) -> Result<Vec<u32>, DispatchError> {
+        let own = match &self.link {
+            Some(l) => Some(
+                l.info()
+                    .map_err(|e| DispatchError::Links {
+                        op: "read",
+                        id: 0,
+                        source: io::Error::other(e.to_string()),
+                    })?
+                    .id(),
+            ),
+            None => None,
+        };
+        let mut ids = Vec::new();
+        for link in links::stale(self.netns_ino, own)? {
+            links::detach(&link)?;
+            tracing::warn!(
+                link = link.id,
+                program = link.prog_id,
+                netns = self.netns_ino,
+                "detached a stale holdfast sk_lookup link left on this network namespace by a holdfast that is gone"
+            );
+            ids.push(link.id);
+        }
+        Ok(ids)
     }
 
     fn attach_into(

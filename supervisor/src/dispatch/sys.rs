@@ -1,7 +1,9 @@
 //! The raw syscalls of `dispatch` that aya 0.14 does not offer: the sockmap with
 //! an 8-byte value (insert by fd, delete, lookup → socket cookie), batched array
-//! updates, BPF_PROG_TEST_RUN for sk_lookup, and membarrier to wait out an RCU
-//! grace period. Nothing else in `dispatch` calls `libc::syscall`.
+//! updates, BPF_PROG_TEST_RUN for sk_lookup, walking the kernel's BPF links
+//! (next id, fd by id, link and program info: aya's `LinkInfo` has no netns
+//! fields), and membarrier to wait out an RCU grace period. Nothing else in
+//! `dispatch` calls `libc::syscall`.
 
 use std::ffi::CString;
 use std::io;
@@ -16,7 +18,16 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// `BPF_LINK_TYPE_NETNS` (enum bpf_link_type).
+pub const LINK_TYPE_NETNS: u32 = 5;
+/// `BPF_SK_LOOKUP` (enum bpf_attach_type).
+pub const ATTACH_SK_LOOKUP: u32 = 36;
 
 /// `BPF_ANY`: create or replace.
 const BPF_ANY: u64 = 0;
@@ -47,6 +58,58 @@ struct ObjGetAttr {
 struct LinkDetachAttr {
     link_fd: u32,
 }
+
+/// `union bpf_attr` for BPF_*_GET_NEXT_ID and BPF_*_GET_FD_BY_ID.
+#[repr(C)]
+#[derive(Default)]
+struct IdAttr {
+    start_id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info` with its netns member (the union
+/// starts at offset 16: other members hold 8-byte fields).
+#[repr(C)]
+#[derive(Default)]
+struct RawLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    netns_ino: u32,
+    attach_type: u32,
+}
+
+/// The head of `struct bpf_prog_info`, up to and including `name`.
+#[repr(C)]
+#[derive(Default)]
+struct RawProgInfo {
+    prog_type: u32,
+    id: u32,
+    tag: [u8; 8],
+    jited_prog_len: u32,
+    xlated_prog_len: u32,
+    jited_prog_insns: u64,
+    xlated_prog_insns: u64,
+    load_time: u64,
+    created_by_uid: u32,
+    nr_map_ids: u32,
+    map_ids: u64,
+    name: [u8; 16],
+}
+
+const _: () = assert!(size_of::<RawLinkInfo>() == 24);
+const _: () = assert!(size_of::<RawProgInfo>() == 80);
 
 /// `union bpf_attr` for BPF_MAP_*_BATCH.
 #[repr(C)]
@@ -147,6 +210,90 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
         link_fd: link.as_raw_fd() as u32,
     };
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+/// What the kernel says of one BPF link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub id: u32,
+    pub link_type: u32,
+    pub prog_id: u32,
+    /// For a netns link: the inode of its network namespace (0 once it is gone).
+    pub netns_ino: u32,
+    /// For a netns link: its attach type.
+    pub attach_type: u32,
+}
+
+/// The id of the next BPF link after `id` (0 starts), `None` after the last.
+pub fn link_next_id(id: u32) -> io::Result<Option<u32>> {
+    let mut attr = IdAttr {
+        start_id: id,
+        ..Default::default()
+    };
+    match bpf(BPF_LINK_GET_NEXT_ID, &mut attr) {
+        Ok(_) => Ok(Some(attr.next_id)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens the BPF link `id` (CLOEXEC); `None` if it went away meanwhile.
+pub fn link_by_id(id: u32) -> io::Result<Option<OwnedFd>> {
+    fd_by_id(BPF_LINK_GET_FD_BY_ID, id)
+}
+
+/// Opens the BPF program `id` (CLOEXEC); `None` if it went away meanwhile.
+pub fn prog_by_id(id: u32) -> io::Result<Option<OwnedFd>> {
+    fd_by_id(BPF_PROG_GET_FD_BY_ID, id)
+}
+
+fn fd_by_id(cmd: libc::c_long, id: u32) -> io::Result<Option<OwnedFd>> {
+    let mut attr = IdAttr {
+        start_id: id,
+        ..Default::default()
+    };
+    match bpf(cmd, &mut attr) {
+        // SAFETY: the kernel returned a new fd (O_CLOEXEC, as every bpf() fd)
+        // that nothing else owns.
+        Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<T>() as u32,
+        info: info as *mut T as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a link.
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    let mut raw = RawLinkInfo::default();
+    obj_info(link, &mut raw)?;
+    let netns = raw.link_type == LINK_TYPE_NETNS;
+    Ok(LinkInfo {
+        id: raw.id,
+        link_type: raw.link_type,
+        prog_id: raw.prog_id,
+        netns_ino: if netns { raw.netns_ino } else { 0 },
+        attach_type: if netns { raw.attach_type } else { 0 },
+    })
+}
+
+/// The name of a program (at most 15 bytes: the kernel's BPF_OBJ_NAME_LEN).
+pub fn prog_name(prog: BorrowedFd<'_>) -> io::Result<String> {
+    let mut raw = RawProgInfo::default();
+    obj_info(prog, &mut raw)?;
+    let len = raw
+        .name
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(raw.name.len());
+    Ok(String::from_utf8_lossy(&raw.name[..len]).into_owned())
 }
 
 /// Puts the socket `sock` in the sockmap `map` at `index`.

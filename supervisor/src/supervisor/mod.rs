@@ -148,7 +148,13 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
             .clone()
             .unwrap_or_else(sockets::default_instance);
         match Dispatcher::attach(&instance, Path::new("/proc/self/ns/net")) {
-            Ok(d) => (Some(d), String::new()),
+            Ok(mut d) => {
+                // Under the netns lock: any other holdfast link here is stale.
+                if let Err(e) = d.detach_stale_links() {
+                    tracing::warn!(error = %e, "cannot look for stale holdfast links on this network namespace");
+                }
+                (Some(d), String::new())
+            }
             Err(e) => {
                 // The whole chain: the cause (EPERM, no bpffs…) is what says
                 // why. A message that already quotes its cause is not repeated.

@@ -4,13 +4,14 @@
 //! holdfast finds the dead one's sk_lookup link through the kernel, whichever
 //! bpffs pinned it, and replaces it.
 
+use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, dispatcher_instance as instance, holdfast_bin, netns_and_sandbox, run_bounded,
-    skip_unless, Holdfast, Netns, RunOptions, Sandbox,
+    ask_tcp, dispatcher_instance as instance, holdfast_bin, netns_and_sandbox, require_file,
+    run_bounded, skip_unless, Holdfast, Netns, RunOptions, Sandbox,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -45,11 +46,17 @@ fn second_run(ns: &Netns, enter: Enter, args: &[&str]) -> Result<Output> {
 /// A fresh namespace (`None`: skip) and a sandbox with serve.py as `web` on
 /// [`ADDR`].
 fn netns_with_web() -> Result<Option<(Netns, Sandbox)>> {
-    let Some((ns, sandbox)) = netns_and_sandbox()? else {
+    let Some((ns, _)) = netns_and_sandbox()? else {
         return Ok(None);
     };
+    Ok(Some((ns, web_sandbox()?)))
+}
+
+/// A sandbox with serve.py as `web` on [`ADDR`].
+fn web_sandbox() -> Result<Sandbox> {
+    let sandbox = Sandbox::new()?;
     sandbox.write_serve_unit("web", 8080, "")?;
-    Ok(Some((ns, sandbox)))
+    Ok(sandbox)
 }
 
 /// What must not change while a second holdfast tries to start: the service's
@@ -214,5 +221,70 @@ fn no_unused_signal_kills_holdfast() -> Result<()> {
         "the ignored signals are not logged:\n{log}"
     );
     hf.stop()?;
+    Ok(())
+}
+
+/// `bpftool -j link show`, the sk_lookup links on the network namespace of
+/// inode `netns_ino`: their link ids.
+fn sk_lookup_links(netns_ino: u64) -> Result<Vec<u64>> {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["-j", "link", "show"]);
+    let out = run_bounded(cmd, T)?;
+    ensure!(out.status.success(), "bpftool link show: {out:?}");
+    let all: Value = serde_json::from_slice(&out.stdout).context("bpftool -j printed no JSON")?;
+    Ok(all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| {
+            l["type"] == "netns" && l["attach_type"] == "sk_lookup" && l["netns_ino"] == netns_ino
+        })
+        .filter_map(|l| l["id"].as_u64())
+        .collect())
+}
+
+#[test]
+fn after_kill_9_under_ip_netns_exec_the_next_holdfast_replaces_the_stale_link() -> Result<()> {
+    if !require_file("/usr/sbin/bpftool") {
+        return Ok(());
+    }
+    let (ns, sandbox) = skip_unless!(netns_with_web()?);
+    let netns_ino = std::fs::metadata(ns.path())?.ino();
+    // Each `ip netns exec` gets its own mount namespace, /sys and bpffs: the
+    // second daemon cannot see the first one's pins.
+    let opts = RunOptions {
+        wrapper: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],
+        ..RunOptions::default()
+    };
+    let mut first = skip_unless!(Holdfast::start_dispatched(&ns, sandbox, &opts)?);
+    let orphan = first.wait_running("web", T)?;
+    let before = sk_lookup_links(netns_ino)?;
+    ensure!(
+        before.len() == 1,
+        "one link while the first runs: {before:?}"
+    );
+    first.signal(Signal::SIGKILL)?;
+    first.wait_exit(T)?;
+
+    let second = skip_unless!(Holdfast::start_dispatched(&ns, web_sandbox()?, &opts)?);
+    let pid = second.wait_running("web", T)?;
+    ensure!(pid != orphan, "the new daemon's service is the orphan?");
+    let after = sk_lookup_links(netns_ino)?;
+    ensure!(
+        after.len() == 1 && after != before,
+        "want only the new daemon's link, the stale one {before:?} gone; links now: {after:?}"
+    );
+    for _ in 0..20 {
+        let answer = ns.run(|| ask_tcp(ADDR.parse().expect("literal"), T))??;
+        ensure!(
+            answer == format!("web {pid}\n"),
+            "answered by {answer:?}, not the new daemon's web {pid} (the orphan is {orphan})"
+        );
+    }
+    let log = second.log();
+    ensure!(
+        log.contains("detached a stale holdfast sk_lookup link"),
+        "no word of the stale link:\n{log}"
+    );
     Ok(())
 }
