@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 
 use crate::{ask_tcp, Netns};
 
@@ -38,6 +38,30 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Counts an answer from `service`'s process `pid`.
+    pub fn answered_by(&mut self, service: &str, pid: i32) {
+        self.answered += 1;
+        self.pids.insert((service.to_owned(), pid));
+    }
+
+    /// Fails unless no connection was refused or misrouted and at most
+    /// `may_fail` failed otherwise (e.g. one per instance stopped under it).
+    pub fn expect_no_loss(&self, may_fail: usize) -> Result<()> {
+        if self.refused != 0 {
+            bail!("{} connections refused: {self:?}", self.refused);
+        }
+        if !self.misrouted.is_empty() {
+            bail!("{} connections misrouted: {self:?}", self.misrouted.len());
+        }
+        if self.failed.len() > may_fail {
+            bail!(
+                "{} connections failed, more than {may_fail}: {self:?}",
+                self.failed.len()
+            );
+        }
+        Ok(())
+    }
+
     /// The pids that answered for `service`.
     pub fn pids_of(&self, service: &str) -> BTreeSet<i32> {
         self.pids
@@ -58,12 +82,39 @@ pub struct LoopClient {
 impl LoopClient {
     /// Connects to each `(address, expected service name)` in turn, in a loop,
     /// pausing `pause` after each round, until [`LoopClient::finish`]. Each
-    /// connection is bounded by `timeout`.
+    /// connection is bounded by `timeout`; the services are serve.py's.
     pub fn start(
         ns: &Netns,
         targets: Vec<(SocketAddr, String)>,
         pause: Duration,
         timeout: Duration,
+    ) -> Result<LoopClient> {
+        LoopClient::each_round(ns, pause, move |tally| {
+            for (addr, expect) in &targets {
+                match ask_tcp(*addr, timeout) {
+                    // Closed without a word: accepted by an instance that
+                    // ended before it answered, not a wrong destination.
+                    Ok(answer) if answer.is_empty() => tally
+                        .failed
+                        .push(format!("{addr}: closed without an answer")),
+                    Ok(answer) => match parse_answer(&answer) {
+                        Some((name, pid)) if name == expect => tally.answered_by(name, pid),
+                        _ => tally.misrouted.push(format!("{addr}: {answer:?}")),
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => tally.refused += 1,
+                    Err(e) => tally.failed.push(format!("{addr}: {e}")),
+                }
+            }
+        })
+    }
+
+    /// Calls `round` in a loop from a thread inside `ns`, pausing `pause` after
+    /// each call, until [`LoopClient::finish`]; `round` asks whatever the test
+    /// serves and records what it got in the tally.
+    pub fn each_round(
+        ns: &Netns,
+        pause: Duration,
+        mut round: impl FnMut(&mut Tally) + Send + 'static,
     ) -> Result<LoopClient> {
         let done = Arc::new(AtomicBool::new(false));
         let ns_file = ns.open()?;
@@ -75,26 +126,7 @@ impl LoopClient {
                 nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)?;
                 let mut tally = Tally::default();
                 while !stop.load(Ordering::Relaxed) {
-                    for (addr, expect) in &targets {
-                        match ask_tcp(*addr, timeout) {
-                            // Closed without a word: accepted by an instance that
-                            // ended before it answered, not a wrong destination.
-                            Ok(answer) if answer.is_empty() => tally
-                                .failed
-                                .push(format!("{addr}: closed without an answer")),
-                            Ok(answer) => match parse_answer(&answer) {
-                                Some((name, pid)) if name == expect => {
-                                    tally.answered += 1;
-                                    tally.pids.insert((name.to_string(), pid));
-                                }
-                                _ => tally.misrouted.push(format!("{addr}: {answer:?}")),
-                            },
-                            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                                tally.refused += 1
-                            }
-                            Err(e) => tally.failed.push(format!("{addr}: {e}")),
-                        }
-                    }
+                    round(&mut tally);
                     std::thread::sleep(pause);
                 }
                 Ok(tally)

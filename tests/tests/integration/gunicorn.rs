@@ -6,12 +6,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    netns_or_skip, process_gone, require_file, skip_unless, toml_array, wait_for, Holdfast, Sandbox,
+    netns_or_skip, process_gone, require_file, skip_unless, toml_array, wait_for, Holdfast,
+    LoopClient, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -82,35 +82,20 @@ ports = ["8080"]
     );
 
     // A client loops (a new connection per request) during an overlap restart.
-    let done = AtomicBool::new(false);
-    let (out, tally) = std::thread::scope(|scope| -> Result<_> {
-        let client = scope.spawn(|| {
-            ns.run(|| {
-                let (mut ok, mut errors) = (0u32, Vec::new());
-                while !done.load(Ordering::Relaxed) {
-                    match get(addr) {
-                        Ok((status, _)) if status.contains(" 200 ") => ok += 1,
-                        Ok((status, body)) => errors.push(format!("{status}: {body}")),
-                        Err(e) => errors.push(format!("{e:#}")),
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                (ok, errors)
-            })
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        let out = hf.cli(&["restart", "gunicorn", "--mode", "overlap"]);
-        // Long enough for the new workers to have booted and answered.
-        std::thread::sleep(Duration::from_millis(1500));
-        done.store(true, Ordering::Relaxed);
-        let tally = client.join().expect("client thread")?;
-        Ok((out?, tally))
+    let client = LoopClient::each_round(&ns, Duration::from_millis(5), move |tally| {
+        match get(addr) {
+            Ok((status, _)) if status.contains(" 200 ") => tally.answered += 1,
+            Ok((status, body)) => tally.failed.push(format!("{status}: {body}")),
+            Err(e) => tally.failed.push(format!("{e:#}")),
+        }
     })?;
-    let (answered, errors) = tally;
-    eprintln!(
-        "client during the overlap restart: {answered} answered, {} errors",
-        errors.len()
-    );
+    std::thread::sleep(Duration::from_millis(300));
+    let out = hf.cli(&["restart", "gunicorn", "--mode", "overlap"]);
+    // Long enough for the new workers to have booted and answered.
+    std::thread::sleep(Duration::from_millis(1500));
+    let tally = client.finish()?;
+    let out = out?;
+    eprintln!("client during the overlap restart: {tally:?}");
     if !out.status.success() {
         bail!(
             "overlap restart of gunicorn: {}",
@@ -118,10 +103,15 @@ ports = ["8080"]
         );
     }
     ensure!(
-        errors.is_empty(),
-        "client errors during the overlap restart: {errors:?}"
+        tally.failed.is_empty(),
+        "client errors during the overlap restart: {:?}",
+        tally.failed
     );
-    ensure!(answered > 10, "only {answered} requests answered");
+    ensure!(
+        tally.answered > 10,
+        "only {} requests answered",
+        tally.answered
+    );
 
     let s = hf.service("gunicorn")?;
     let new = s["pid"].as_i64().context("pid")? as i32;

@@ -8,14 +8,12 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::Output;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    netns_and_sandbox, process_gone, reply_pid, skip_unless, tell, wait_for, Holdfast, Netns,
+    netns_and_sandbox, process_gone, reply_pid, skip_unless, tell, wait_for, Holdfast, LoopClient,
+    Netns, Tally,
 };
 use serde_json::{json, Value};
 
@@ -25,49 +23,24 @@ fn web() -> SocketAddr {
     "127.0.0.1:8080".parse().expect("literal")
 }
 
-/// What the looping client got: the pids that answered, and every error.
-#[derive(Debug, Default)]
-struct Seen {
-    answers: u64,
-    pids: BTreeSet<i32>,
-    errors: Vec<String>,
+/// Asks "web" (a notifier.py) for its pid in a loop, from a thread in `ns`.
+fn pid_client(ns: &Netns) -> Result<LoopClient> {
+    LoopClient::each_round(ns, Duration::from_millis(5), |tally| {
+        match tell(web(), "pid").and_then(|a| reply_pid(&a)) {
+            Ok(pid) => tally.answered_by("web", pid),
+            Err(e) => tally.failed.push(format!("{e:#}")),
+        }
+    })
 }
 
-/// Asks "web" for its pid in a loop, from a thread in `ns`, until stopped.
-struct Client {
-    done: Arc<AtomicBool>,
-    thread: JoinHandle<Result<Seen>>,
-}
-
-impl Client {
-    fn start(ns: &Netns) -> Result<Client> {
-        let done = Arc::new(AtomicBool::new(false));
-        let ns_file = ns.open()?;
-        let stop = done.clone();
-        let thread = std::thread::spawn(move || -> Result<Seen> {
-            nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let mut seen = Seen::default();
-            while !stop.load(Ordering::Relaxed) {
-                match tell(web(), "pid").and_then(|a| reply_pid(&a)) {
-                    Ok(pid) => {
-                        seen.answers += 1;
-                        seen.pids.insert(pid);
-                    }
-                    Err(e) => seen.errors.push(format!("{e:#}")),
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Ok(seen)
-        });
-        Ok(Client { done, thread })
-    }
-
-    fn finish(self) -> Result<Seen> {
-        self.done.store(true, Ordering::Relaxed);
-        let seen = self.thread.join().expect("client thread")?;
-        ensure!(seen.answers > 0, "the client was never answered: {seen:?}");
-        Ok(seen)
-    }
+/// Stops the client; fails unless it was answered.
+fn finish(client: LoopClient) -> Result<Tally> {
+    let tally = client.finish()?;
+    ensure!(
+        tally.answered > 0,
+        "the client was never answered: {tally:?}"
+    );
+    Ok(tally)
 }
 
 /// Runs `holdfast restart ARGS…` on a thread while this one records every overlap
@@ -94,18 +67,18 @@ fn stderr(out: &Output) -> String {
 
 /// The old instance kept serving and nothing else changed: same pid, running, no
 /// candidate or draining instance left, no restart counted; only `old` answered.
-fn old_one_kept(hf: &Holdfast, old: i32, seen: &Seen) -> Result<Value> {
+fn old_one_kept(hf: &Holdfast, old: i32, seen: &Tally) -> Result<Value> {
     let s = hf.wait_service("web", T, |s| s["draining_pids"] == json!([]))?;
     ensure!(
         (&s["state"], &s["pid"], &s["next_pid"], &s["restarts"])
             == (&json!("running"), &json!(old), &Value::Null, &json!(0)),
         "after the failed overlap restart: {s}"
     );
-    ensure!(seen.errors.is_empty(), "client errors: {seen:?}");
+    ensure!(seen.failed.is_empty(), "client errors: {seen:?}");
     ensure!(
-        seen.pids == BTreeSet::from([old]),
+        seen.pids_of("web") == BTreeSet::from([old]),
         "answered by {:?}, want {old} only",
-        seen.pids
+        seen.pids_of("web")
     );
     Ok(s)
 }
@@ -119,10 +92,10 @@ fn failed_overlap(later: &str, unit_extra: &str, args: &[&str], reasons: &[&str]
     sandbox.write_notifier_unit("web", 8080, &["--ready", "--later", later], unit_extra)?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let old = hf.wait_running("web", T)?;
-    let client = Client::start(&ns)?;
+    let client = pid_client(&ns)?;
     let (out, candidates) = restart_watching(&hf, args)?;
     std::thread::sleep(Duration::from_millis(300));
-    let seen = client.finish()?;
+    let seen = finish(client)?;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "restart: {err}");
     for part in reasons {
@@ -139,7 +112,7 @@ fn failed_overlap(later: &str, unit_extra: &str, args: &[&str], reasons: &[&str]
     wait_for("the candidate to be gone", T, || {
         process_gone(starts[1]).then_some(())
     })?;
-    eprintln!("client during the restart: {} answers", seen.answers);
+    eprintln!("client during the restart: {} answers", seen.answered);
     hf.stop()?;
     Ok(())
 }
@@ -178,7 +151,7 @@ fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
     sandbox.write_notifier_unit("web", 8080, &["--ready", "--ready-after", "0.5"], "")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let old = hf.wait_running("web", T)?;
-    let client = Client::start(&ns)?;
+    let client = pid_client(&ns)?;
     let (out, candidates) = restart_watching(&hf, &["web", "--mode", "overlap"])?;
     assert_eq!(out.status.code(), Some(0), "restart: {}", stderr(&out));
     let s = hf.service("web")?;
@@ -198,13 +171,16 @@ fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
         process_gone(old).then_some(())
     })?;
     std::thread::sleep(Duration::from_millis(300));
-    let seen = client.finish()?;
-    assert!(seen.errors.is_empty(), "client errors: {seen:?}");
+    let seen = finish(client)?;
+    assert!(seen.failed.is_empty(), "client errors: {seen:?}");
     assert!(
-        seen.pids.contains(&new),
+        seen.pids_of("web").contains(&new),
         "the new instance never answered: {seen:?}"
     );
-    assert!(seen.pids.is_subset(&BTreeSet::from([old, new])), "{seen:?}");
+    assert!(
+        seen.pids_of("web").is_subset(&BTreeSet::from([old, new])),
+        "{seen:?}"
+    );
     hf.stop()?;
     Ok(())
 }

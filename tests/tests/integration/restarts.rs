@@ -2,15 +2,14 @@
 //! refused), a crash loop backs off and ends `failed` without disturbing the
 //! others, and a service that ignores SIGTERM is SIGKILLed with its whole group.
 
-use std::io::{self, Read};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, netns_and_sandbox, process_gone, skip_unless, toml_str, wait_for, Holdfast,
+    ask_tcp, netns_and_sandbox, parse_answer, process_gone, skip_unless, toml_str, wait_for,
+    Holdfast, LoopClient,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -19,21 +18,10 @@ const T: Duration = Duration::from_secs(10);
 
 /// The pid in a serve.py answer `"NAME PID\n"`.
 fn answer_pid(answer: &str, name: &str) -> Result<i32> {
-    let rest = answer
-        .strip_prefix(name)
-        .and_then(|r| r.strip_prefix(' '))
-        .with_context(|| format!("answer {answer:?} is not from {name}"))?;
-    rest.trim()
-        .parse()
-        .with_context(|| format!("answer {answer:?}"))
-}
-
-#[derive(Debug, Default)]
-struct Tally {
-    answered: u32,
-    refused: u32,
-    /// Accepted by an instance that was killed before it answered: not holdfast's doing.
-    lost: Vec<String>,
+    match parse_answer(answer) {
+        Some((n, pid)) if n == name => Ok(pid),
+        _ => bail!("answer {answer:?} is not from {name}"),
+    }
 }
 
 #[test]
@@ -54,25 +42,7 @@ start-limit-interval = "10s""#,
     let addr: SocketAddr = "127.0.0.1:8080".parse()?;
 
     // A client connecting in a loop the whole time.
-    let done = Arc::new(AtomicBool::new(false));
-    let background = {
-        let done = done.clone();
-        let ns_file = ns.open()?;
-        std::thread::spawn(move || -> Result<Tally> {
-            nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let mut tally = Tally::default();
-            while !done.load(Ordering::Relaxed) {
-                match ask_tcp(addr, T) {
-                    Ok(a) if a.starts_with("web ") => tally.answered += 1,
-                    Ok(a) => tally.lost.push(format!("answer {a:?}")),
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => tally.refused += 1,
-                    Err(e) => tally.lost.push(e.to_string()),
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Ok(tally)
-        })
-    };
+    let client = LoopClient::start(&ns, vec![(addr, "web".into())], Duration::from_millis(5), T)?;
 
     let _inside = ns.enter()?;
     let started = Instant::now();
@@ -110,8 +80,7 @@ start-limit-interval = "10s""#,
         }
         previous = pid;
     }
-    done.store(true, Ordering::Relaxed);
-    let tally = background.join().expect("client thread")?;
+    let tally = client.finish()?;
     eprintln!(
         "{KILLS} kills in {:?}; loop client: {tally:?}",
         started.elapsed()
@@ -124,8 +93,10 @@ start-limit-interval = "10s""#,
         tally.answered > 0,
         "the loop client was never answered: {tally:?}"
     );
+    // Lost: accepted by an instance that was killed before it answered, not
+    // holdfast's doing.
     assert!(
-        tally.lost.len() <= KILLS,
+        tally.failed.len() + tally.misrouted.len() <= KILLS,
         "more connections lost than instances killed: {tally:?}"
     );
     let status = hf.service("web")?;
