@@ -6,6 +6,8 @@
 pub mod cgroup;
 pub mod control;
 pub mod dispatch;
+#[cfg(test)]
+mod fuzz;
 pub mod import;
 pub mod instance_lock;
 pub mod listener;

@@ -22,6 +22,9 @@ pub use check::validate_set;
 pub use diag::{Diagnostic, Diagnostics};
 pub use model::*;
 pub use parse::{parse_unit, MAX_DURATION};
+/// Every key a unit file may have, for the fuzz corpus's completeness check.
+#[cfg(test)]
+pub(crate) use parse::{SERVICE_KEYS, SOCKET_KEYS};
 pub use ser::to_toml;
 
 use diag::{LineIndex, Pos};

@@ -32,7 +32,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 const UNIX_PATH_MAX: usize = 107;
 
 const ROOT_KEYS: &[&str] = &["service", "socket"];
-const SERVICE_KEYS: &[&str] = &[
+pub(crate) const SERVICE_KEYS: &[&str] = &[
     "exec",
     "type",
     "restart",
@@ -68,7 +68,7 @@ const SERVICE_KEYS: &[&str] = &[
     "standard-input",
     "standard-output",
 ];
-const SOCKET_KEYS: &[&str] = &[
+pub(crate) const SOCKET_KEYS: &[&str] = &[
     "name",
     "protocol",
     "addresses",

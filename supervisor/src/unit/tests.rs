@@ -742,25 +742,10 @@ fn varied_valid_units_survive_a_round_trip() {
     }
 }
 
-/// xorshift64*: enough randomness for generated cases, no dependency.
-struct Rng(u64);
+use crate::fuzz::Rng;
 
+/// Generated values for units; the generator itself is the fuzz harness's.
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-    fn chance(&mut self) -> bool {
-        self.next() & 1 == 1
-    }
     fn duration(&mut self) -> Duration {
         Duration::new(
             self.below(100_000),
