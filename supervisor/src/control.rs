@@ -71,12 +71,22 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub fn ok(result: serde_json::Value) -> Reply {
+    /// A successful reply carrying one of the `protocol` types.
+    pub fn ok(result: &impl Serialize) -> Reply {
         Reply {
             ok: true,
-            result: Some(result),
+            result: Some(serde_json::to_value(result).expect("replies serialize")),
             error: None,
         }
+    }
+
+    /// The typed result of a successful reply, or its error message.
+    pub fn into_result<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        if !self.ok {
+            return Err(self.error.unwrap_or_else(|| "request failed".into()));
+        }
+        serde_json::from_value(self.result.unwrap_or(serde_json::Value::Null))
+            .map_err(|e| format!("holdfast sent a reply this CLI does not understand: {e}"))
     }
     pub fn error(message: impl Into<String>) -> Reply {
         Reply {
@@ -491,7 +501,7 @@ mod tests {
         while !client.is_finished() && std::time::Instant::now() < deadline {
             for (id, req) in server.service() {
                 assert_eq!(req, Request::Status { name: None });
-                server.reply(id, &Reply::ok(serde_json::json!([])));
+                server.reply(id, &Reply::ok(&Vec::<u8>::new()));
             }
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -1,4 +1,7 @@
 //! holdfast: a socket-activation supervisor. See ARCHITECTURE.md for the layering:
+//! only what the `holdfast` binary (CLI, `supervisor`, `unit`, `control`,
+//! `protocol`, `import`, `preflight`) and the bench crate (`dispatch`,
+//! `listener`) use is public.
 //! `unit` (files → validated units) and `listener` (sockets) know nothing of
 //! processes; `spawn` is the only door to fork/exec; `service` decides, the
 //! `supervisor` event loop acts; `control` carries requests and replies.
@@ -9,15 +12,16 @@ pub mod dispatch;
 #[cfg(test)]
 mod fuzz;
 pub mod import;
-pub mod instance_lock;
+mod instance_lock;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod pidfd;
 pub mod preflight;
-pub mod ratelimit;
+pub mod protocol;
+mod ratelimit;
 pub mod service;
-pub mod signals;
+mod signals;
 pub mod spawn;
 pub mod supervisor;
 pub mod unit;

@@ -1,4 +1,6 @@
 //! The `holdfast` command: the daemon (`run`) and the CLI that talks to it.
+//! Replies are the typed `holdfast::protocol` values, printed as tables or,
+//! with `--json`, as the JSON that `docs/json.md` documents.
 //!
 //! Exit codes: 0 ok; 1 the operation failed (invalid units, a listener that
 //! cannot be created, an error reply); 2 usage error; 3 the control socket
@@ -8,18 +10,27 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use holdfast::control::{self, Reply, Request};
+use holdfast::control::{self, Request};
+use holdfast::protocol::{BindingStatus, LogLines, MetricsReply, ReloadSummary, ServiceStatus};
 use holdfast::unit::{self, RestartMode};
 use holdfast::{preflight, supervisor};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 #[derive(Parser)]
 #[command(name = "holdfast", version, about = "A socket-activation supervisor")]
 struct Cli {
+    /// holdfast's state directory: its control socket, notify sockets and lock.
+    #[arg(long, global = true, default_value = "/run/holdfast")]
+    state_dir: PathBuf,
+    /// Machine-readable output: the JSON of docs/json.md (for `run`: log lines as JSON).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Human,
     Json,
@@ -32,8 +43,6 @@ enum Command {
         /// The directory of NAME.toml unit files.
         #[arg(long, default_value = "/etc/holdfast/units")]
         units: PathBuf,
-        #[arg(long, default_value = "/run/holdfast")]
-        state_dir: PathBuf,
         /// The network namespace to serve (e.g. /run/netns/NAME); default: holdfast's own.
         #[arg(long)]
         netns: Option<PathBuf>,
@@ -52,12 +61,7 @@ enum Command {
     },
     /// Validate a units directory without starting anything: the files, and
     /// what they name on this machine (users, groups, programs).
-    Check {
-        dir: PathBuf,
-        /// The state dir `holdfast run` will use (notify socket paths must fit under it).
-        #[arg(long, default_value = "/run/holdfast")]
-        state_dir: PathBuf,
-    },
+    Check { dir: PathBuf },
     /// Translate systemd units (FILE.socket [FILE.service], or FILE.service) into DIR/NAME.toml.
     /// Exit 0: all translated; 1: some directives were not (each is listed); 2: usage.
     Import {
@@ -74,44 +78,17 @@ enum Command {
         force: bool,
     },
     /// Show services: name, state, main pid, restarts, uptime, sockets.
-    Status {
-        name: Option<String>,
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = "/run/holdfast")]
-        state_dir: PathBuf,
-    },
+    Status { name: Option<String> },
     /// Start a stopped or failed service.
-    Start {
-        name: String,
-        #[arg(long, default_value = "/run/holdfast")]
-        state_dir: PathBuf,
-    },
+    Start { name: String },
     /// Stop a service (SIGTERM, then SIGKILL after its stop-timeout); its sockets stay open.
-    Stop {
-        name: String,
-        #[arg(long, default_value = "/run/holdfast")]
-        state_dir: PathBuf,
-    },
+    Stop { name: String },
     /// List every binding: service, socket, protocol, prefix, ports, destination, counters.
-    Bindings {
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = "/run/holdfast")]
-        state_dir: PathBuf,
-    },
+    Bindings,
     /// Print Prometheus text exposition (or, with --json, the same figures as JSON).
-    Metrics {
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = "/run/holdfast")]
-        state_dir: PathBuf,
-    },
+    Metrics,
     /// Re-read the units directory and apply the difference (SIGHUP does the same).
-    Reload {
-        #[arg(long, default_value = "/run/holdfast")]
-        state_dir: PathBuf,
-    },
+    Reload,
     /// Show a service's captured output (the last 1000 lines are kept).
     Logs {
         name: String,
@@ -121,25 +98,13 @@ enum Command {
         /// Keep printing new lines as they come.
         #[arg(short = 'f', long)]
         follow: bool,
-        #[arg(long, default_value = "/run/holdfast")]
-        state_dir: PathBuf,
     },
     /// Restart a service; its sockets stay open, so no connection is refused.
     Restart {
         name: String,
-        #[arg(long, value_parser = parse_mode)]
+        #[arg(long, value_enum)]
         mode: Option<RestartMode>,
-        #[arg(long, default_value = "/run/holdfast")]
-        state_dir: PathBuf,
     },
-}
-
-fn parse_mode(s: &str) -> Result<RestartMode, String> {
-    match s {
-        "overlap" => Ok(RestartMode::Overlap),
-        "stop-start" => Ok(RestartMode::StopStart),
-        _ => Err("write overlap or stop-start".into()),
-    }
 }
 
 fn main() -> ExitCode {
@@ -147,20 +112,25 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Run { .. }) {
         die_quietly_on_broken_pipe();
     }
+    let out = Output { json: cli.json };
+    let dir = cli.state_dir.as_path();
     match cli.command {
         Command::Run {
             units,
-            state_dir,
             netns,
             no_dispatcher,
             instance,
             metrics_listen,
             log_format,
         } => {
-            init_logging(log_format);
+            init_logging(if cli.json {
+                LogFormat::Json
+            } else {
+                log_format
+            });
             let opts = supervisor::Options {
                 units,
-                state_dir,
+                state_dir: cli.state_dir,
                 netns,
                 no_dispatcher,
                 instance,
@@ -174,83 +144,105 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { dir, state_dir } => match unit::load_dir(&dir).and_then(|units| {
-            let path = std::env::var_os("PATH");
-            preflight::check_units(&units, &state_dir, path.as_deref()).map(|()| units)
-        }) {
-            Ok(units) => {
-                println!("{}: {} unit(s), all valid", dir.display(), units.len());
-                ExitCode::SUCCESS
-            }
-            Err(diags) => {
-                eprintln!("{diags}");
-                ExitCode::from(1)
-            }
-        },
+        Command::Check { dir: units_dir } => check(&units_dir, dir, out),
         Command::Import {
             files,
             output,
             instance,
             force,
         } => {
+            if cli.json {
+                eprintln!("holdfast: import prints what it wrote and what it dropped; it has no --json output");
+                return ExitCode::from(2);
+            }
             let req = holdfast::import::Request { files, instance };
             ExitCode::from(holdfast::import::run(&req, &output, force))
         }
-        Command::Status {
-            name,
-            json,
-            state_dir,
-        } => request(&state_dir, &Request::Status { name }, |result| {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(result).unwrap_or_default()
-                );
-            } else {
-                print_status(result);
-            }
-        }),
-        Command::Bindings { json, state_dir } => {
-            request(&state_dir, &Request::Bindings, |result| {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(result).unwrap_or_default()
-                    );
-                } else {
-                    print_bindings(result);
-                }
+        Command::Status { name } => {
+            ask::<Vec<ServiceStatus>>(dir, &Request::Status { name }, |rows| {
+                out.show(&rows, || print_status(&rows))
             })
         }
-        Command::Metrics { json, state_dir } => request(&state_dir, &Request::Metrics, |result| {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&result["snapshot"]).unwrap_or_default()
-                );
-            } else {
-                print!("{}", result["text"].as_str().unwrap_or_default());
-            }
+        Command::Bindings => ask::<Vec<BindingStatus>>(dir, &Request::Bindings, |rows| {
+            out.show(&rows, || print_bindings(&rows))
         }),
-        Command::Reload { state_dir } => request(&state_dir, &Request::Reload, |result| {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(result).unwrap_or_default()
-            );
+        Command::Metrics => ask::<MetricsReply>(dir, &Request::Metrics, |m| {
+            out.show(&m.snapshot, || print!("{}", m.text))
         }),
+        // The summary is JSON either way (scripts read it).
+        Command::Reload => ask::<ReloadSummary>(dir, &Request::Reload, |s| out.json(&s)),
         Command::Logs {
             name,
             lines,
             follow,
-            state_dir,
-        } => logs(&state_dir, name, lines, follow),
-        Command::Start { name, state_dir } => request(&state_dir, &Request::Start { name }, |_| {}),
-        Command::Stop { name, state_dir } => request(&state_dir, &Request::Stop { name }, |_| {}),
-        Command::Restart {
-            name,
-            mode,
-            state_dir,
-        } => request(&state_dir, &Request::Restart { name, mode }, |_| {}),
+        } => logs(dir, name, lines, follow, out),
+        Command::Start { name } => {
+            ask::<ServiceStatus>(dir, &Request::Start { name }, |s| out.show(&s, || {}))
+        }
+        Command::Stop { name } => {
+            ask::<ServiceStatus>(dir, &Request::Stop { name }, |s| out.show(&s, || {}))
+        }
+        Command::Restart { name, mode } => {
+            ask::<ServiceStatus>(dir, &Request::Restart { name, mode }, |s| {
+                out.show(&s, || {})
+            })
+        }
+    }
+}
+
+/// How replies are printed.
+#[derive(Clone, Copy)]
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    /// The value as JSON with `--json`, else what `human` prints.
+    fn show<T: Serialize>(self, value: &T, human: impl FnOnce()) {
+        if self.json {
+            self.json(value);
+        } else {
+            human();
+        }
+    }
+
+    fn json<T: Serialize>(self, value: &T) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("replies serialize")
+        );
+    }
+}
+
+/// `holdfast check`: the files, then what they name on this machine.
+fn check(units_dir: &Path, state_dir: &Path, out: Output) -> ExitCode {
+    let loaded = unit::load_dir(units_dir).and_then(|units| {
+        let path = std::env::var_os("PATH");
+        preflight::check_units(&units, state_dir, path.as_deref()).map(|()| units)
+    });
+    match loaded {
+        Ok(units) => {
+            let names: Vec<&str> = units.iter().map(|u| u.name.as_str()).collect();
+            out.show(
+                &serde_json::json!({ "valid": true, "units": names }),
+                || {
+                    println!(
+                        "{}: {} unit(s), all valid",
+                        units_dir.display(),
+                        units.len()
+                    )
+                },
+            );
+            ExitCode::SUCCESS
+        }
+        Err(diags) => {
+            if out.json {
+                let errors: Vec<String> = diags.to_string().lines().map(String::from).collect();
+                out.json(&serde_json::json!({ "valid": false, "errors": errors }));
+            }
+            eprintln!("{diags}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -281,75 +273,65 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn request(state_dir: &Path, req: &Request, show: impl FnOnce(&serde_json::Value)) -> ExitCode {
-    match control::call(state_dir, req) {
-        Ok(Reply {
-            ok: true, result, ..
-        }) => {
-            show(&result.unwrap_or(serde_json::Value::Null));
+/// Sends one request; on success hands its typed result to `show`.
+fn ask<T: DeserializeOwned>(state_dir: &Path, req: &Request, show: impl FnOnce(T)) -> ExitCode {
+    match call::<T>(state_dir, req) {
+        Ok(value) => {
+            show(value);
             ExitCode::SUCCESS
         }
-        Ok(Reply { error, .. }) => {
-            eprintln!(
-                "holdfast: {}",
-                error.unwrap_or_else(|| "request failed".into())
-            );
+        Err(code) => code,
+    }
+}
+
+/// One request and its typed result; an error is printed and becomes the exit code.
+fn call<T: DeserializeOwned>(state_dir: &Path, req: &Request) -> Result<T, ExitCode> {
+    match control::call(state_dir, req) {
+        Ok(reply) => reply.into_result().map_err(|e| {
+            eprintln!("holdfast: {e}");
             ExitCode::from(1)
-        }
+        }),
         Err(e @ control::ControlError::Connect { .. }) => {
             eprintln!("holdfast: {e}");
-            ExitCode::from(3)
+            Err(ExitCode::from(3))
         }
         Err(e) => {
             eprintln!("holdfast: {e}");
-            ExitCode::from(1)
+            Err(ExitCode::from(1))
         }
     }
 }
 
-fn print_status(result: &serde_json::Value) {
-    let rows = result.as_array().cloned().unwrap_or_default();
+fn print_status(rows: &[ServiceStatus]) {
     println!(
         "{:<20} {:<9} {:>8} {:>8} {:>10}  {:<24} STATUS",
         "NAME", "STATE", "PID", "RESTARTS", "UPTIME", "SOCKETS"
     );
     for r in rows {
-        let s = |k: &str| r.get(k).cloned().unwrap_or(serde_json::Value::Null);
-        let pid = s("pid")
-            .as_i64()
-            .map(|p| p.to_string())
-            .unwrap_or("-".into());
-        let uptime = s("uptime_secs")
-            .as_f64()
-            .map(|u| {
-                humantime::format_duration(std::time::Duration::from_secs(u as u64)).to_string()
-            })
-            .unwrap_or("-".into());
-        let sockets: Vec<String> = s("sockets")
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let pid = r.pid.map_or("-".into(), |p| p.to_string());
+        let uptime = r.uptime_secs.map_or("-".into(), |u| {
+            humantime::format_duration(std::time::Duration::from_secs(u as u64)).to_string()
+        });
         // What the service said (STATUS=), or why it failed.
-        let (text, failure) = (s("status_text"), s("failure"));
-        let status = text.as_str().or(failure.as_str()).unwrap_or("-");
+        let status = r
+            .status_text
+            .as_deref()
+            .or(r.failure.as_deref())
+            .unwrap_or("-");
         println!(
             "{:<20} {:<9} {:>8} {:>8} {:>10}  {:<24} {}",
-            s("name").as_str().unwrap_or("?"),
-            s("state").as_str().unwrap_or("?"),
+            r.name,
+            r.state.as_str(),
             pid,
-            s("restarts").to_string(),
+            r.restarts,
             uptime,
-            sockets.join(","),
+            r.sockets.join(","),
             status
         );
     }
 }
 
-fn print_bindings(result: &serde_json::Value) {
+fn print_bindings(rows: &[BindingStatus]) {
     println!(
         "{:<16} {:<12} {:<5} {:<24} {:<12} {:>4} {:<7} {:>10} {:>8} {:>8} {:>8}",
         "SERVICE",
@@ -364,34 +346,37 @@ fn print_bindings(result: &serde_json::Value) {
         "ERRORS",
         "DENIED"
     );
-    for r in result.as_array().cloned().unwrap_or_default() {
-        let s = |k: &str| r.get(k).cloned().unwrap_or(serde_json::Value::Null);
-        let text = |k: &str| s(k).as_str().unwrap_or("?").to_string();
-        // serde_json's Display ignores width: numbers are padded as strings.
-        let num = |k: &str| s(k).to_string();
+    for r in rows {
         println!(
             "{:<16} {:<12} {:<5} {:<24} {:<12} {:>4} {:<7} {:>10} {:>8} {:>8} {:>8}",
-            text("service"),
-            text("socket"),
-            text("protocol"),
-            text("prefix"),
-            text("ports"),
-            num("destination"),
-            if s("socket_present").as_bool() == Some(true) {
+            r.service,
+            r.socket,
+            r.protocol,
+            r.prefix,
+            r.ports,
+            r.destination,
+            if r.socket_present {
                 "present"
             } else {
                 "MISSING"
             },
-            num("lookups"),
-            num("misses"),
-            num("errors"),
-            num("denied"),
+            r.lookups,
+            r.misses,
+            r.errors,
+            r.denied,
         );
     }
 }
 
-/// Prints a service's captured lines; with `follow`, polls for new ones.
-fn logs(state_dir: &Path, name: String, lines: Option<usize>, follow: bool) -> ExitCode {
+/// Prints a service's captured lines (with `--json`, one object per line:
+/// `seq` and `line`); with `follow`, polls for new ones.
+fn logs(
+    state_dir: &Path,
+    name: String,
+    lines: Option<usize>,
+    follow: bool,
+    out: Output,
+) -> ExitCode {
     let mut after: Option<u64> = None;
     loop {
         let req = Request::Logs {
@@ -399,28 +384,23 @@ fn logs(state_dir: &Path, name: String, lines: Option<usize>, follow: bool) -> E
             lines: if after.is_none() { lines } else { None },
             after,
         };
-        let reply: serde_json::Value = match control::call(state_dir, &req) {
-            Ok(Reply {
-                ok: true,
-                result: Some(r),
-                ..
-            }) => r,
-            Ok(Reply { error, .. }) => {
-                eprintln!("holdfast: {}", error.unwrap_or_default());
-                return ExitCode::from(1);
-            }
-            Err(e) => {
-                eprintln!("holdfast: {e}");
-                return ExitCode::from(3);
-            }
+        let got: LogLines = match call(state_dir, &req) {
+            Ok(l) => l,
+            Err(code) => return code,
         };
-        for line in reply["lines"].as_array().into_iter().flatten() {
-            println!("{}", line.as_str().unwrap_or_default());
+        let first = got.next - got.lines.len() as u64;
+        for (k, line) in got.lines.iter().enumerate() {
+            if out.json {
+                let seq = first + k as u64;
+                println!("{}", serde_json::json!({ "seq": seq, "line": line }));
+            } else {
+                println!("{line}");
+            }
         }
         if !follow {
             return ExitCode::SUCCESS;
         }
-        after = reply["next"].as_u64();
+        after = Some(got.next);
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }

@@ -21,11 +21,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Every state a service can be in (one `holdfast_service_state` series
     /// each), from the one list the supervisor keeps.
@@ -36,7 +36,7 @@ pub struct Snapshot {
     pub sockets: Vec<SocketMetrics>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceMetrics {
     pub service: String,
     pub state: String,
@@ -53,7 +53,7 @@ pub struct ServiceMetrics {
     pub denied_total: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DestinationMetrics {
     pub service: String,
     pub socket: String,
@@ -66,7 +66,7 @@ pub struct DestinationMetrics {
     pub denied: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SocketMetrics {
     pub service: String,
     pub socket: String,

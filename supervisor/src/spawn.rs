@@ -773,14 +773,5 @@ pub fn ensure_stdio() {
     }
 }
 
-/// Wraps a raw fd the caller owns.
-///
-/// # Safety
-/// `fd` must be open and owned by nobody else.
-pub unsafe fn owned(fd: RawFd) -> OwnedFd {
-    // SAFETY: guaranteed by the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
 #[cfg(test)]
 mod tests;

@@ -92,10 +92,6 @@ impl FdStore {
         }
     }
 
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
     /// Changes the bound (a reload's `fd-store-max`); stored fds over the
     /// new bound, the newest, are closed. Returns how many.
     pub fn set_max(&mut self, max: usize) -> usize {
@@ -105,10 +101,12 @@ impl FdStore {
         over
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

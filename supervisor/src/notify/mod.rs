@@ -33,11 +33,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
-pub use fdstore::{Added, FdStore, FdStoreError};
-pub use parse::{
-    fd_name_is_valid, parse, Notification, Parsed, DEFAULT_FD_NAME, MAX_FD_NAME, MAX_MESSAGE,
-    MAX_USEC_DURATION,
-};
+#[cfg(test)]
+use fdstore::Added;
+pub use fdstore::FdStore;
+pub use parse::{parse, Notification, MAX_MESSAGE};
 
 /// The directory in the state dir that holds the notify sockets.
 pub const SOCKET_DIR: &str = "notify";

@@ -14,10 +14,9 @@
 use std::os::fd::AsFd;
 use std::time::Instant;
 
-use serde::Serialize;
-
 use crate::dispatch::Binding;
 use crate::listener::Placement;
+use crate::protocol::ReloadSummary;
 use crate::unit::{self, RestartMode, Unit};
 
 use super::registry::ServiceId;
@@ -38,32 +37,6 @@ pub enum ReloadError {
     /// The dispatcher refused the new binding set.
     #[error("reload refused, nothing changed: {0}")]
     Bindings(#[source] SupervisorError),
-}
-
-/// What a reload did, by service name.
-#[derive(Debug, Default, Serialize)]
-pub struct ReloadSummary {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    /// Restarted: their `[service]` or their sockets changed.
-    pub restarted: Vec<String>,
-    /// Only their bindings changed: same socket, same process.
-    pub rebound: Vec<String>,
-    pub unchanged: Vec<String>,
-}
-
-impl std::fmt::Display for ReloadSummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "added {:?}, removed {:?}, restarted {:?}, rebound {:?}, unchanged {}",
-            self.added,
-            self.removed,
-            self.restarted,
-            self.rebound,
-            self.unchanged.len()
-        )
-    }
 }
 
 /// Where a changed unit's socket comes from.

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use serde_json::json;
+use crate::protocol::{BindingStatus, ListenerStatus, LogLines, MetricsReply, ServiceStatus};
 
 use crate::control::{ConnectionId, Reply, Request};
 use crate::dispatch::{Counters, DestinationId};
@@ -61,7 +61,7 @@ impl Supervisor {
 
     fn status_reply(&self, id: ServiceId, now: Instant) -> Reply {
         match self.registry.get(id) {
-            Some(s) => Reply::ok(status_of(s, now)),
+            Some(s) => Reply::ok(&status_of(s, now)),
             None => Reply::error("no such service"),
         }
     }
@@ -70,19 +70,17 @@ impl Supervisor {
     fn handle(&mut self, conn: ConnectionId, request: Request, now: Instant) -> Option<Reply> {
         match request {
             Request::Status { name } => Some(match name {
-                None => Reply::ok(json!(self
-                    .registry
-                    .live()
-                    .map(|(_, s)| status_of(s, now))
-                    .collect::<Vec<_>>())),
+                None => Reply::ok(
+                    &self
+                        .registry
+                        .live()
+                        .map(|(_, s)| status_of(s, now))
+                        .collect::<Vec<_>>(),
+                ),
                 Some(n) => match self.named(&n) {
-                    Ok(id) => match self.status_reply(id, now) {
-                        Reply {
-                            ok: true,
-                            result: Some(r),
-                            ..
-                        } => Reply::ok(json!([r])),
-                        other => other,
+                    Ok(id) => match self.registry.get(id) {
+                        Some(s) => Reply::ok(&[status_of(s, now)]),
+                        None => Reply::error("no such service"),
                     },
                     Err(r) => r,
                 },
@@ -141,24 +139,24 @@ impl Supervisor {
                 None
             }
             Request::Reload => Some(match self.reload() {
-                Ok(summary) => Reply::ok(json!(summary)),
+                Ok(summary) => Reply::ok(&summary),
                 Err(e) => Reply::error(e.to_string()),
             }),
             Request::Logs { name, lines, after } => Some(match self.named(&name) {
                 Ok(id) => {
                     let svc = self.registry.get(id)?;
                     let (lines, next) = svc.log().read(lines, after);
-                    Reply::ok(json!({ "lines": lines, "next": next }))
+                    Reply::ok(&LogLines { lines, next })
                 }
                 Err(r) => r,
             }),
             Request::Bindings => Some(self.bindings_reply()),
             Request::Metrics => {
                 let snapshot = self.snapshot();
-                Some(Reply::ok(json!({
-                    "text": metrics::render(&snapshot),
-                    "snapshot": snapshot,
-                })))
+                Some(Reply::ok(&MetricsReply {
+                    text: metrics::render(&snapshot),
+                    snapshot,
+                }))
             }
         }
     }
@@ -182,27 +180,27 @@ impl Supervisor {
             Ok(c) => c,
             Err(e) => return Reply::error(format!("cannot read the counters: {e}")),
         };
-        let rows: Vec<serde_json::Value> = self
+        let rows: Vec<BindingStatus> = self
             .bindings
             .iter()
             .map(|b| {
                 let c = counters.get(&b.destination).copied().unwrap_or_default();
-                json!({
-                    "service": b.service,
-                    "socket": b.socket,
-                    "protocol": b.protocol.as_str(),
-                    "prefix": b.prefix.to_string(),
-                    "ports": b.ports.to_string(),
-                    "destination": b.destination,
-                    "socket_present": d.socket_present(b.destination),
-                    "lookups": c.lookups,
-                    "misses": c.misses,
-                    "errors": c.errors,
-                    "denied": c.denied,
-                })
+                BindingStatus {
+                    service: b.service.clone(),
+                    socket: b.socket.clone(),
+                    protocol: b.protocol.as_str().into(),
+                    prefix: b.prefix.to_string(),
+                    ports: b.ports.to_string(),
+                    destination: b.destination,
+                    socket_present: d.socket_present(b.destination),
+                    lookups: c.lookups,
+                    misses: c.misses,
+                    errors: c.errors,
+                    denied: c.denied,
+                }
             })
             .collect();
-        Reply::ok(json!(rows))
+        Reply::ok(&rows)
     }
 
     /// Reads the dispatcher's `denied` counters into each service's
@@ -317,14 +315,14 @@ impl Supervisor {
         match w.until {
             Until::Down => (matches!(state, State::Stopped | State::Failed)
                 && acceptor_counts(svc).0 == 0)
-                .then(|| Reply::ok(status_of(svc, now))),
+                .then(|| Reply::ok(&status_of(svc, now))),
             Until::Up { not } => {
                 if let Some(why) = m.overlap_failure() {
                     Some(Reply::error(format!("restart of {name:?} failed: {why}")))
                 } else if state == State::Running
                     && m.main().is_some_and(|i| i.ready && Some(i.pid) != not)
                 {
-                    Some(Reply::ok(status_of(svc, now)))
+                    Some(Reply::ok(&status_of(svc, now)))
                 } else if state == State::Failed {
                     Some(Reply::error(match m.failure() {
                         Some(why) => format!("service {name:?} failed: {why}"),
@@ -358,42 +356,52 @@ fn dispatcher_denied(svc: &Service, counters: &BTreeMap<DestinationId, Counters>
         .sum()
 }
 
-pub(super) fn status_of(s: &Service, now: Instant) -> serde_json::Value {
+pub(super) fn status_of(s: &Service, now: Instant) -> ServiceStatus {
     let m = s.machine();
     let main = m.main();
     let (instances, total, denied) = acceptor_counts(s);
-    json!({
-        "name": s.name(),
-        "state": m.state().as_str(),
-        "pid": main.map(|i| i.pid),
-        "ready": main.is_some_and(|i| i.ready),
-        "restarts": m.restarts(),
-        "uptime_secs": main.map(|i| now.saturating_duration_since(i.started_at).as_secs_f64()),
-        "last_exit": m.last_exit().map(|e| e.to_string()),
-        "status_text": m.status_text(),
-        "instances": instances,
-        "connections_total": total,
-        "denied_total": denied + s.dispatcher_denied(),
-        "failure": m.failure(),
-        "errno": m.errno(),
-        "next_pid": m.candidate().map(|n| n.pid),
-        "draining_pids": m.draining().iter().map(|d| d.pid).collect::<Vec<_>>(),
-        "fd_store": s.fd_store().fds().map(|(name, _)| name).collect::<Vec<_>>(),
-        "sockets": s.sockets().iter().map(|k| k.name.clone()).collect::<Vec<_>>(),
-        "listeners": s.sockets().iter().map(|k| json!({
-            "name": k.name,
-            "protocol": k.protocol.as_str(),
-            "destination": k.destination,
-            "placement": match &k.placement {
-                Placement::Bound(a) => format!("bound {a}"),
-                Placement::Steered { .. } => format!(
-                    "steered (kernel socket {})",
-                    listener::local_addr(&k.fd).map(|a| a.to_string()).unwrap_or_default()
-                ),
-                Placement::Unix(p) => format!("unix {}", p.display()),
-            },
-        })).collect::<Vec<_>>(),
-    })
+    ServiceStatus {
+        name: s.name().to_string(),
+        state: m.state(),
+        pid: main.map(|i| i.pid),
+        ready: main.is_some_and(|i| i.ready),
+        restarts: m.restarts(),
+        uptime_secs: main.map(|i| now.saturating_duration_since(i.started_at).as_secs_f64()),
+        last_exit: m.last_exit().map(|e| e.to_string()),
+        status_text: m.status_text().map(String::from),
+        instances,
+        connections_total: total,
+        denied_total: denied + s.dispatcher_denied(),
+        failure: m.failure().map(String::from),
+        errno: m.errno(),
+        next_pid: m.candidate().map(|n| n.pid),
+        draining_pids: m.draining().iter().map(|d| d.pid).collect(),
+        fd_store: s
+            .fd_store()
+            .fds()
+            .map(|(name, _)| name.to_string())
+            .collect(),
+        sockets: s.sockets().iter().map(|k| k.name.clone()).collect(),
+        listeners: s
+            .sockets()
+            .iter()
+            .map(|k| ListenerStatus {
+                name: k.name.clone(),
+                protocol: k.protocol.as_str().into(),
+                destination: k.destination,
+                placement: match &k.placement {
+                    Placement::Bound(a) => format!("bound {a}"),
+                    Placement::Steered { .. } => format!(
+                        "steered (kernel socket {})",
+                        listener::local_addr(&k.fd)
+                            .map(|a| a.to_string())
+                            .unwrap_or_default()
+                    ),
+                    Placement::Unix(p) => format!("unix {}", p.display()),
+                },
+            })
+            .collect(),
+    }
 }
 
 /// Every state's name, for the one-series-per-state gauge.

@@ -493,7 +493,7 @@ impl Supervisor {
                 Notification::WatchdogTrigger => said.push(Said::WatchdogTrigger),
                 Notification::WatchdogUsec(d) => said.push(Said::WatchdogUsec(d)),
                 Notification::FdStore { name: fdname } => {
-                    let fdname = fdname.unwrap_or_else(|| "stored".into());
+                    let fdname = Notification::fd_name(&fdname).to_string();
                     for fd in fds.by_ref() {
                         if let Err(e) = svc.fd_store.add(&fdname, fd) {
                             tracing::warn!(service = %name, fdname = %fdname, error = %e, "fd store refused an fd");

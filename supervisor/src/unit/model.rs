@@ -217,7 +217,8 @@ pub enum RestartPolicy {
     Never,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// One list for the unit key, `--mode` (clap) and the control protocol (serde).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartMode {
     /// Stop the old instance, then start the new one (systemd's way).

@@ -1,0 +1,175 @@
+//! The typed replies of the control protocol: what `status`, `bindings`,
+//! `logs`, `metrics`, `reload`, `start`, `stop` and `restart` answer. One set
+//! of `Serialize + Deserialize` types used by the daemon (to build replies),
+//! the CLI (to print them) and the tests; `docs/json.md` documents them as
+//! the public contract of `--json`, and a test keeps the two in agreement.
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Snapshot;
+use crate::service::State;
+
+/// One service in `holdfast status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub state: State,
+    pub pid: Option<i32>,
+    pub ready: bool,
+    pub restarts: u32,
+    pub uptime_secs: Option<f64>,
+    pub last_exit: Option<String>,
+    pub status_text: Option<String>,
+    pub errno: Option<i32>,
+    pub failure: Option<String>,
+    pub instances: usize,
+    pub connections_total: u64,
+    pub denied_total: u64,
+    pub next_pid: Option<i32>,
+    pub draining_pids: Vec<i32>,
+    pub fd_store: Vec<String>,
+    pub sockets: Vec<String>,
+    pub listeners: Vec<ListenerStatus>,
+}
+
+/// One socket of a service in `holdfast status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub protocol: String,
+    pub destination: Option<u32>,
+    /// `bound ADDR:PORT`, `steered (kernel socket ADDR:PORT)` or `unix PATH`.
+    pub placement: String,
+}
+
+/// One binding in `holdfast bindings`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindingStatus {
+    pub service: String,
+    pub socket: String,
+    pub protocol: String,
+    pub prefix: String,
+    pub ports: String,
+    pub destination: u32,
+    pub socket_present: bool,
+    pub lookups: u64,
+    pub misses: u64,
+    pub errors: u64,
+    pub denied: u64,
+}
+
+/// `holdfast logs`: lines, and the sequence number to ask after next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLines {
+    pub lines: Vec<String>,
+    pub next: u64,
+}
+
+/// `holdfast metrics`: the exposition text and the figures it was rendered from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricsReply {
+    pub text: String,
+    pub snapshot: Snapshot,
+}
+
+/// What a reload did, by service name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Restarted: their `[service]` or their sockets changed.
+    pub restarted: Vec<String>,
+    /// Only their bindings changed: same socket, same process.
+    pub rebound: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+impl std::fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "added {:?}, removed {:?}, restarted {:?}, rebound {:?}, unchanged {}",
+            self.added,
+            self.removed,
+            self.restarted,
+            self.rebound,
+            self.unchanged.len()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The field names of a type, as serde writes them.
+    fn fields<T: Serialize>(value: &T) -> Vec<String> {
+        match serde_json::to_value(value).unwrap() {
+            serde_json::Value::Object(m) => m.keys().cloned().collect(),
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    /// Every field a reply type has is documented in docs/json.md, and every
+    /// state is listed there.
+    #[test]
+    fn docs_json_documents_every_field_and_state() {
+        let doc = include_str!("../../docs/json.md");
+        let status = ServiceStatus {
+            name: "web".into(),
+            state: State::Running,
+            pid: None,
+            ready: false,
+            restarts: 0,
+            uptime_secs: None,
+            last_exit: None,
+            status_text: None,
+            errno: None,
+            failure: None,
+            instances: 0,
+            connections_total: 0,
+            denied_total: 0,
+            next_pid: None,
+            draining_pids: vec![],
+            fd_store: vec![],
+            sockets: vec![],
+            listeners: vec![],
+        };
+        let listener = ListenerStatus {
+            name: "web".into(),
+            protocol: "tcp".into(),
+            destination: None,
+            placement: "unix /x".into(),
+        };
+        let binding = BindingStatus {
+            service: "web".into(),
+            socket: "web".into(),
+            protocol: "tcp".into(),
+            prefix: "192.0.2.0/24".into(),
+            ports: "80".into(),
+            destination: 0,
+            socket_present: true,
+            lookups: 0,
+            misses: 0,
+            errors: 0,
+            denied: 0,
+        };
+        for f in fields(&status)
+            .into_iter()
+            .chain(fields(&listener))
+            .chain(fields(&binding))
+            .chain(fields(&ReloadSummary::default()))
+        {
+            assert!(doc.contains(&format!("`{f}`")), "docs/json.md lacks `{f}`");
+        }
+        for s in State::ALL {
+            assert!(
+                doc.contains(&format!("`{}`", s.as_str())),
+                "docs/json.md lacks the state `{}`",
+                s.as_str()
+            );
+            // serde and as_str agree.
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
+}
