@@ -160,7 +160,10 @@ mod tests {
             .chain(fields(&binding))
             .chain(fields(&ReloadSummary::default()))
         {
-            assert!(doc.contains(&format!("`{f}`")), "docs/json.md lacks `{f}`");
+            assert!(
+                doc.contains(&format!("`{f}`")) || doc.contains(&format!("\"{f}\"")),
+                "docs/json.md lacks `{f}`"
+            );
         }
         for s in State::ALL {
             assert!(
