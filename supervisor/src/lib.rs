@@ -23,5 +23,6 @@ mod ratelimit;
 pub mod service;
 mod signals;
 pub mod spawn;
+pub mod statedir;
 pub mod supervisor;
 pub mod unit;
