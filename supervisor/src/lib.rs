@@ -14,6 +14,7 @@ mod fuzz;
 pub mod import;
 mod instance_lock;
 pub mod listener;
+pub mod manager;
 pub mod metrics;
 pub mod notify;
 pub mod pidfd;

@@ -408,11 +408,12 @@ pub fn local_addr(fd: &impl AsFd) -> Option<SocketAddr> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::unit::{IpPrefix, PortRange, SocketOptions};
 
-    fn tcp(addresses: &[&str], ports: &[(u16, u16)]) -> SocketConfig {
+    /// A TCP socket named `web` on `addresses` (`"192.0.2.0/24"`) × `ports`.
+    pub(crate) fn tcp(addresses: &[&str], ports: &[(u16, u16)]) -> SocketConfig {
         SocketConfig {
             name: "web".into(),
             protocol: Protocol::Tcp,

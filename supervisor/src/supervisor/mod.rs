@@ -125,12 +125,16 @@ pub struct Supervisor {
     destinations: Destinations,
     bindings: Vec<Binding>,
     metrics: Option<metrics::Endpoint>,
+    /// holdfast's own manager (systemd): readiness, status, watchdog, fd store.
+    manager: crate::manager::Manager,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT has stopped every service.
 pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     spawn::ensure_stdio();
     let unused_signals = crate::signals::catch_unused().map_err(setup("signal handler"))?;
+    // Before any thread starts: it changes the environment.
+    let mut inherited = crate::manager::Inherited::from_env();
     let units = unit::load_dir(&opts.units)?;
     crate::preflight::check_units(&units, &opts.state_dir, std::env::var_os("PATH").as_deref())?;
     if let Some(netns) = &opts.netns {
@@ -190,11 +194,14 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         destinations: Destinations::default(),
         bindings: Vec::new(),
         metrics: None,
+        manager: crate::manager::Manager::from_env(Instant::now()),
     };
-    if let Err(e) = sup.open_all(units) {
+    if let Err(e) = sup.open_all(units, &mut inherited) {
         sup.detach();
         return Err(e);
     }
+    inherited.close_unclaimed();
+    sup.sync_fd_store();
 
     if let Some(addr) = opts.metrics_listen {
         match metrics::Endpoint::serve(addr) {
@@ -253,6 +260,8 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         control = %control::socket_path(&opts.state_dir).display(),
         "holdfast is up"
     );
+    sup.update_status();
+    sup.manager.ready();
     sup.event_loop(&signals, &unused_signals);
     tracing::info!("every service is down; exiting");
     sup.detach();
@@ -262,7 +271,11 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
 impl Supervisor {
     /// Opens every unit's sockets before any service starts, and steers the
     /// steered ones; on any failure reports all of them and starts nothing.
-    fn open_all(&mut self, units: Vec<unit::Unit>) -> Result<(), SupervisorError> {
+    fn open_all(
+        &mut self,
+        units: Vec<unit::Unit>,
+        inherited: &mut crate::manager::Inherited,
+    ) -> Result<(), SupervisorError> {
         let mut errors = Vec::new();
         for unit in units {
             let mut socks = Vec::new();
@@ -273,6 +286,7 @@ impl Supervisor {
                     self.dispatcher.is_some(),
                     &self.why_not,
                     &mut self.destinations,
+                    inherited,
                 ) {
                     Ok(s) => socks.push(s),
                     Err(e) => errors.push(e),
@@ -346,6 +360,7 @@ impl Supervisor {
             unused_signals.log_received();
             if signals.terminate.swap(false, Ordering::SeqCst) && !self.shutting_down {
                 tracing::info!("stopping every service");
+                self.manager.stopping();
                 self.shutting_down = true;
                 self.stop_all();
             }
@@ -382,7 +397,34 @@ impl Supervisor {
             self.serve_control();
             self.run_timers(Instant::now());
             self.answer_waiters();
+            self.update_status();
+            self.manager.tick(Instant::now());
         }
+    }
+
+    /// STATUS= for the manager: how many services are in which state.
+    fn update_status(&mut self) {
+        let line = crate::manager::status_line(
+            self.registry
+                .live()
+                .map(|(_, s)| s.machine().state().as_str()),
+        );
+        self.manager.set_status(&line);
+    }
+
+    /// Puts every live service's listeners in the manager's fd store (and
+    /// takes out those gone), so that they survive a crash of holdfast.
+    fn sync_fd_store(&mut self) {
+        let listeners: Vec<(String, std::os::fd::BorrowedFd<'_>)> = self
+            .registry
+            .live()
+            .flat_map(|(_, s)| {
+                s.sockets()
+                    .iter()
+                    .map(move |k| (crate::manager::fd_name(s.name(), &k.name), k.fd.as_fd()))
+            })
+            .collect();
+        self.manager.sync_fd_store(listeners);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -390,6 +432,7 @@ impl Supervisor {
             .all()
             .filter_map(|(_, s)| s.deadline())
             .chain(self.server.as_ref().and_then(|s| s.resumes_at()))
+            .chain(self.manager.next_deadline())
             .min()
     }
 }

@@ -71,7 +71,20 @@ impl Plan {
 impl Supervisor {
     /// Re-reads the units and applies the difference; on any error nothing
     /// changes and every error is returned.
+    /// [`Supervisor::reload_units`] between RELOADING=1 and READY=1 to
+    /// holdfast's manager, and the fd store brought up to date.
     pub(super) fn reload(&mut self) -> Result<ReloadSummary, ReloadError> {
+        self.manager.reloading();
+        let result = self.reload_units();
+        if result.is_ok() {
+            self.sync_fd_store();
+        }
+        self.update_status();
+        self.manager.ready();
+        result
+    }
+
+    fn reload_units(&mut self) -> Result<ReloadSummary, ReloadError> {
         let units = unit::load_dir(&self.opts.units)?;
         crate::preflight::check_units(&units, &self.opts.state_dir, self.base_path.as_deref())?;
         let plans = self.plan(units)?;
@@ -119,6 +132,7 @@ impl Supervisor {
             self.dispatcher.is_some(),
             &self.why_not,
             &mut self.destinations,
+            &mut crate::manager::Inherited::default(),
         )
     }
 

@@ -88,13 +88,15 @@ impl Destinations {
     }
 }
 
-/// Opens one socket of `unit`; the error names the unit file and the socket.
+/// Opens one socket of `unit` (or takes the one `inherited` has for it); the
+/// error names the unit file and the socket.
 pub(super) fn open(
     unit: &Unit,
     cfg: &SocketConfig,
     dispatcher: bool,
     why_not: &str,
     destinations: &mut Destinations,
+    inherited: &mut crate::manager::Inherited,
 ) -> Result<Socket, String> {
     let placement = match Placement::for_socket(cfg, dispatcher) {
         Ok(p) => p,
@@ -120,7 +122,13 @@ pub(super) fn open(
             ))
         }
     };
-    match listener::create(cfg, &placement) {
+    // A socket passed in LISTEN_FDS under this name and fitting it is used
+    // in place of a new one (after a crash: from systemd's fd store).
+    let created = match inherited.take(&unit.name, cfg, &placement) {
+        Some(fd) => Ok(fd),
+        None => listener::create(cfg, &placement),
+    };
+    match created {
         Ok(fd) if cfg.options.accept && listener::set_nonblocking(&fd).is_err() => Err(format!(
             "{}: service {}: socket {:?}: cannot make it non-blocking",
             unit.path.display(),

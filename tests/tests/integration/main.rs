@@ -13,6 +13,7 @@ mod handoff;
 mod harness;
 mod import;
 mod inetd;
+mod manager;
 mod observability;
 mod overlap;
 mod readiness;

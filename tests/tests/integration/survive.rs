@@ -263,6 +263,10 @@ fn after_kill_9_under_ip_netns_exec_the_next_holdfast_replaces_the_stale_link() 
         before.len() == 1,
         "one link while the first runs: {before:?}"
     );
+    // Its orphans keep its mount namespace (so its bpffs, so the pinned link)
+    // alive, until they die of their closed output pipes; so does this fd,
+    // whatever they do.
+    let _first_mounts = std::fs::File::open(format!("/proc/{}/ns/mnt", first.pid()))?;
     first.signal(Signal::SIGKILL)?;
     first.wait_exit(T)?;
 
