@@ -1,7 +1,10 @@
-//! `cargo xtask run`: says where to point a client (read from the unit files), then runs
-//! `holdfast run` in the foreground. Ctrl-C goes to the whole foreground process group:
-//! holdfast stops its services and exits; xtask survives the signal, waits, and exits with
-//! holdfast's status. A SIGTERM sent to xtask alone is passed on to holdfast.
+//! `cargo xtask run`: says where to point a client and what to try (read from the unit
+//! files: a prefix and port range, a process per connection, an overlap restart,
+//! `holdfast bindings`), then runs `holdfast run` in the foreground. Ctrl-C goes to the whole
+//! foreground process group: holdfast stops its services and exits; xtask survives the
+//! signal, waits, and exits with holdfast's status. A SIGTERM sent to xtask alone is passed
+//! on to holdfast. Where BPF is not available (holdfast says so and fails on a unit only the
+//! dispatcher can serve), xtask starts it again without those units, naming them.
 
 use std::ffi::OsString;
 use std::net::IpAddr;
@@ -28,6 +31,36 @@ struct SocketHint {
     addresses: Vec<String>,
     ports: Vec<String>,
     path: Option<String>,
+    /// `accept = true`: an instance per connection.
+    accept: bool,
+    /// The service restarts in `restart-mode = "overlap"`.
+    overlap: bool,
+}
+
+impl SocketHint {
+    /// Only the sk_lookup dispatcher can serve it: an IP socket on more than one
+    /// address and port, or on a prefix or a port range (bind mode binds one of each).
+    fn needs_dispatcher(&self) -> bool {
+        if self.path.is_some() {
+            return false;
+        }
+        match (self.addresses.as_slice(), self.ports.as_slice()) {
+            ([a], [p]) => !(is_host(a) && !p.contains('-')),
+            _ => true,
+        }
+    }
+}
+
+/// `127.0.0.1`, `127.0.0.1/32`, `::1/128`: one host.
+fn is_host(prefix: &str) -> bool {
+    match prefix.split_once('/') {
+        None => true,
+        Some((a, l)) => match a.parse::<IpAddr>() {
+            Ok(IpAddr::V4(_)) => l == "32",
+            Ok(IpAddr::V6(_)) => l == "128",
+            Err(_) => false,
+        },
+    }
 }
 
 /// Reads every `*.toml` in `dir`; a file that does not parse is reported and skipped
@@ -77,6 +110,11 @@ fn unit_hints(service: &str, text: &str) -> Result<Vec<SocketHint>> {
         .and_then(|p| p.as_str())
         .map(|p| p.rsplit('/').next().unwrap_or(p).to_string())
         .unwrap_or_default();
+    let overlap = unit
+        .get("service")
+        .and_then(|s| s.get("restart-mode"))
+        .and_then(|m| m.as_str())
+        == Some("overlap");
     let sockets = unit
         .get("socket")
         .and_then(|s| s.as_array())
@@ -95,8 +133,26 @@ fn unit_hints(service: &str, text: &str) -> Result<Vec<SocketHint>> {
             addresses: strings(s.get("addresses")),
             ports: strings(s.get("ports")),
             path: s.get("path").and_then(|p| p.as_str()).map(str::to_string),
+            accept: s.get("accept").and_then(|a| a.as_bool()) == Some(true),
+            overlap,
         })
         .collect())
+}
+
+/// A host inside `prefix` that shows it is a prefix: for one wider than a /24 (or /120),
+/// not the first address but one further in (`127.0.0.0/8` → `127.1.2.3`).
+fn deep_host_in(prefix: &str) -> Option<IpAddr> {
+    let (addr, len) = prefix.split_once('/')?;
+    let len: u32 = len.parse().ok()?;
+    Some(match addr.parse::<IpAddr>().ok()? {
+        IpAddr::V4(a) if len < 24 => {
+            IpAddr::V4((u32::from(a) | (0x0001_0203 & (u32::MAX >> len))).into())
+        }
+        IpAddr::V6(a) if len < 120 => {
+            IpAddr::V6((u128::from(a) | (0x0001_0203 & (u128::MAX >> len))).into())
+        }
+        _ => return None,
+    })
 }
 
 /// A host to connect to inside `prefix`: the address itself, or the first one after the
@@ -122,6 +178,79 @@ fn first_port(ports: &str) -> Option<u16> {
     ports.split('-').next()?.trim().parse().ok()
 }
 
+/// The last port of `"8080"` or `"8000-8099"`.
+fn last_port(ports: &str) -> Option<u16> {
+    ports.rsplit('-').next()?.trim().parse().ok()
+}
+
+fn url(host: IpAddr, port: u16) -> String {
+    match host {
+        IpAddr::V6(a) => format!("http://[{a}]:{port}/"),
+        a => format!("http://{a}:{port}/"),
+    }
+}
+
+fn is_http(h: &SocketHint) -> bool {
+    h.service.contains("http") || h.program.contains("http")
+}
+
+/// The demo lines beyond one client per socket: a far address and the last port of a
+/// prefix and range, a second connection to an accept socket, an overlap restart.
+fn demo_lines(hints: &[SocketHint], holdfast: &Path, state_dir: &str) -> Vec<String> {
+    let hf = format!("{} --state-dir {state_dir}", holdfast.display());
+    let mut lines = Vec::new();
+    let mut any_steered = false;
+    for h in hints {
+        if h.protocol == "tcp" && h.needs_dispatcher() {
+            any_steered = true;
+            let far = h.addresses.iter().find_map(|a| deep_host_in(a));
+            let last = h.ports.last().and_then(|p| last_port(p));
+            if let (Some(host), Some(port), true) =
+                (far, last, is_http(h) || h.program.contains("hello"))
+            {
+                lines.push(format!(
+                    "curl {}   # {} {} x {}: one socket",
+                    url(host, port),
+                    h.service,
+                    h.addresses.join(","),
+                    h.ports.join(",")
+                ));
+            }
+        }
+        if h.accept {
+            if let Some(cmd) = client_command(h) {
+                lines.push(format!(
+                    "{cmd}; {cmd}   # {}: a new process per connection (see the pid)",
+                    h.service
+                ));
+            }
+        }
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for h in hints {
+        if !h.overlap || seen.contains(&h.service.as_str()) {
+            continue;
+        }
+        seen.push(&h.service);
+        let restart = format!("{hf} restart {} --mode overlap", h.service);
+        match client_command(h).filter(|_| is_http(h) || h.program.contains("hello-http")) {
+            Some(curl) => {
+                let target = curl.trim_start_matches("curl ");
+                lines.push(format!(
+                    "for i in $(seq 60); do curl -sf {target} >/dev/null || echo FAILED; sleep 0.05; done & sleep 1; {restart}   # no request fails"
+                ));
+            }
+            None => lines.push(restart),
+        }
+    }
+    if any_steered {
+        lines.push(format!(
+            "{hf} bindings   # every prefix and port range, its socket and counters"
+        ));
+    }
+    lines
+}
+
 /// The command a user would type to talk to this socket, when one can be guessed.
 fn client_command(h: &SocketHint) -> Option<String> {
     let ip_target = || {
@@ -129,7 +258,7 @@ fn client_command(h: &SocketHint) -> Option<String> {
         let port = first_port(h.ports.first()?)?;
         Some((host, port))
     };
-    let http = h.service.contains("http") || h.program.contains("http");
+    let http = is_http(h) || h.program.contains("hello-http");
     Some(match h.protocol.as_str() {
         "tcp" if http => match ip_target()? {
             (IpAddr::V6(a), port) => format!("curl http://[{a}]:{port}/"),
@@ -171,11 +300,41 @@ fn print_hints(units: &Path, hints: &[SocketHint], holdfast: &Path, state_dir: &
             None => println!("  {:width$}  {what}", h.service),
         }
     }
+    for line in demo_lines(hints, holdfast, state_dir) {
+        println!("  try: {line}");
+    }
     println!(
         "  status: {} status --state-dir {state_dir}",
         holdfast.display()
     );
     println!("  Ctrl-C stops every service and exits.");
+}
+
+/// What holdfast logs when it cannot load BPF and falls back to bind mode.
+const BIND_MODE_MARK: &str = "BPF is not available";
+
+/// A copy of `units` in `into` without the units only the dispatcher can serve;
+/// returns the names left out.
+fn bind_mode_units(units: &Path, hints: &[SocketHint], into: &Path) -> Result<Vec<String>> {
+    let mut left_out: Vec<String> = hints
+        .iter()
+        .filter(|h| h.needs_dispatcher())
+        .map(|h| h.service.clone())
+        .collect();
+    left_out.dedup();
+    if into.exists() {
+        std::fs::remove_dir_all(into).with_context(|| format!("clear {}", into.display()))?;
+    }
+    std::fs::create_dir_all(into).with_context(|| format!("create {}", into.display()))?;
+    for entry in std::fs::read_dir(units)? {
+        let path = entry?.path();
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let toml = path.extension().is_some_and(|x| x == "toml");
+        if toml && !stem.is_some_and(|s| left_out.contains(&s)) {
+            std::fs::copy(&path, into.join(path.file_name().expect("a file")))?;
+        }
+    }
+    Ok(left_out)
 }
 
 pub fn run(ws: &Workspace, units: Option<PathBuf>, extra: Vec<OsString>) -> Result<ExitCode> {
@@ -185,21 +344,40 @@ pub fn run(ws: &Workspace, units: Option<PathBuf>, extra: Vec<OsString>) -> Resu
     };
     let bin_dir = ws.bin_dir(Profile::Release);
     let holdfast = bin_dir.join("holdfast");
-    let mut cmd = Command::new(&holdfast);
-    cmd.arg("run").arg("--units").arg(&units);
-    let state_dir = match state_dir_in(&extra) {
-        Some(dir) => dir,
-        None => {
+    let state_dir = state_dir_in(&extra).unwrap_or_else(|| DEFAULT_STATE_DIR.to_string());
+    let command = |units: &Path| -> Result<Command> {
+        let mut cmd = Command::new(&holdfast);
+        cmd.arg("run").arg("--units").arg(units);
+        if state_dir_in(&extra).is_none() {
             cmd.args(["--state-dir", DEFAULT_STATE_DIR]);
-            DEFAULT_STATE_DIR.to_string()
         }
+        cmd.args(&extra)
+            .env("PATH", ws.path_with(&bin_dir)?)
+            .current_dir(&ws.root);
+        Ok(cmd)
     };
-    cmd.args(&extra)
-        .env("PATH", ws.path_with(&bin_dir)?)
-        .current_dir(&ws.root);
-
-    print_hints(&units, &read_units(&units)?, &holdfast, &state_dir);
-    let status = run_in_foreground(&mut cmd)?;
+    let hints = read_units(&units)?;
+    let bind_mode_dir = ws.target_dir.join("xtask-run-bind-mode-units");
+    let no_dispatcher = extra.iter().any(|a| a == "--no-dispatcher");
+    if !no_dispatcher {
+        print_hints(&units, &hints, &holdfast, &state_dir);
+        let (status, bind_mode) = run_in_foreground(&mut command(&units)?)?;
+        if status.success() || !bind_mode || !hints.iter().any(SocketHint::needs_dispatcher) {
+            return Ok(exit_code(status));
+        }
+    }
+    // Bind mode: only sockets on one address and one port can be served.
+    let left_out = bind_mode_units(&units, &hints, &bind_mode_dir)?;
+    eprintln!(
+        "xtask: bind mode (no BPF dispatcher): leaving out {} (a prefix or a port range needs the dispatcher); starting holdfast on the others",
+        left_out.join(", ")
+    );
+    let kept: Vec<SocketHint> = hints
+        .into_iter()
+        .filter(|h| !left_out.contains(&h.service))
+        .collect();
+    print_hints(&bind_mode_dir, &kept, &holdfast, &state_dir);
+    let (status, _) = run_in_foreground(&mut command(&bind_mode_dir)?)?;
     Ok(exit_code(status))
 }
 
@@ -219,15 +397,32 @@ fn state_dir_in(args: &[OsString]) -> Option<String> {
 
 /// Spawns `cmd` and waits for it, surviving SIGINT (which the terminal sends to the child as
 /// well) and passing SIGTERM on. Handlers, unlike ignored signals, are reset by exec, so the
-/// child starts with the default dispositions.
-fn run_in_foreground(cmd: &mut Command) -> Result<ExitStatus> {
+/// child starts with the default dispositions. The child's stderr is passed through line by
+/// line; the second value says whether it logged [`BIND_MODE_MARK`].
+fn run_in_foreground(cmd: &mut Command) -> Result<(ExitStatus, bool)> {
     let interrupted = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(SIGINT, Arc::clone(&interrupted)).context("handle SIGINT")?;
     let mut terms = Signals::new([SIGTERM]).context("handle SIGTERM")?;
     eprintln!("xtask: $ {}", crate::shell::display(cmd));
     let mut child = cmd
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("start {}", cmd.get_program().to_string_lossy()))?;
+    let stderr = child.stderr.take().context("the child's stderr")?;
+    let passer = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let mut marked = false;
+        let mut out = std::io::stderr();
+        for line in std::io::BufReader::new(stderr)
+            .split(b'\n')
+            .map_while(Result::ok)
+        {
+            marked |= String::from_utf8_lossy(&line).contains(BIND_MODE_MARK);
+            let _ = out.write_all(&line);
+            let _ = out.write_all(b"\n");
+        }
+        marked
+    });
     let pid = libc::pid_t::try_from(child.id()).context("child pid")?;
     let handle = terms.handle();
     let forwarder = std::thread::spawn(move || {
@@ -243,7 +438,8 @@ fn run_in_foreground(cmd: &mut Command) -> Result<ExitStatus> {
     let status = child.wait().context("wait for holdfast");
     handle.close();
     let _ = forwarder.join();
-    status
+    let marked = passer.join().unwrap_or(false);
+    Ok((status?, marked))
 }
 
 /// The child's exit code, or 128 + signal as a shell reports it.
@@ -349,6 +545,77 @@ path = "/run/echo.sock"
         let text = "[service]\nexec=[\"x\"]\n[[socket]]\nports=[\"80\"]\n";
         assert_eq!(commands("x", text), [None]);
         assert!(unit_hints("x", "not = [toml").is_err());
+    }
+
+    /// The repository's units/, as `cargo xtask run` reads them.
+    fn repo_hints() -> Vec<SocketHint> {
+        read_units(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../units")).unwrap()
+    }
+
+    #[test]
+    fn only_sockets_beyond_one_address_and_port_need_the_dispatcher() {
+        let needs: Vec<(String, bool)> = repo_hints()
+            .iter()
+            .map(|h| (h.service.clone(), h.needs_dispatcher()))
+            .collect();
+        for (service, want) in [
+            ("hello", false),
+            ("echo", false),
+            ("greeter", false),
+            ("ranges", true),
+        ] {
+            assert!(
+                needs.iter().any(|(s, n)| s == service && *n == want),
+                "{service}: {needs:?}"
+            );
+        }
+        let echo: Vec<bool> = unit_hints("echo", ECHO)
+            .unwrap()
+            .iter()
+            .map(SocketHint::needs_dispatcher)
+            .collect();
+        assert_eq!(
+            echo,
+            [true, false, false],
+            "a prefix and range; one address and port; unix"
+        );
+    }
+
+    #[test]
+    fn the_demo_shows_a_prefix_and_range_an_accept_socket_an_overlap_restart_and_bindings() {
+        let lines = demo_lines(&repo_hints(), Path::new("/hf"), "/run/holdfast").join("\n");
+        for want in [
+            "curl http://127.1.2.3:8199/",
+            "nc 127.0.0.1 7070; nc 127.0.0.1 7070",
+            "/hf --state-dir /run/holdfast restart hello --mode overlap",
+            "/hf --state-dir /run/holdfast bindings",
+        ] {
+            assert!(lines.contains(want), "{want:?} not in:\n{lines}");
+        }
+        assert_eq!(
+            deep_host_in("10.0.0.0/8"),
+            Some("10.1.2.3".parse().unwrap())
+        );
+        assert_eq!(
+            deep_host_in("192.0.2.0/24"),
+            None,
+            "host_in's first address is enough"
+        );
+    }
+
+    #[test]
+    fn bind_mode_leaves_out_what_needs_the_dispatcher() {
+        let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../units");
+        let into = std::env::temp_dir().join(format!("xtask-bind-mode-{}", std::process::id()));
+        let left_out = bind_mode_units(&units, &repo_hints(), &into).unwrap();
+        assert_eq!(left_out, ["ranges"]);
+        let mut kept: Vec<String> = std::fs::read_dir(&into)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, ["echo.toml", "greeter.toml", "hello.toml"]);
+        std::fs::remove_dir_all(&into).unwrap();
     }
 
     #[test]
