@@ -97,6 +97,11 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         name: "pcscd",
         provides: &["/lib/systemd/system/pcscd.socket"],
     },
+    // Debian's python is externally managed: the PyPI packages go into a venv of their own.
+    AptPackage {
+        name: "python3-venv",
+        provides: &["/usr/lib/python3.11/ensurepip/__init__.py"],
+    },
     // The `nc` lines `cargo xtask run` prints for the echo service.
     AptPackage {
         name: "netcat-openbsd",
@@ -137,6 +142,7 @@ pub fn ensure(ws: &Workspace, scope: Scope) -> Result<Vec<String>> {
     bpf_linker(ws, &mut done)?;
     if scope == Scope::Full {
         apt_packages(&mut done)?;
+        pip_packages(&mut done)?;
         bpffs(&mut done)?;
     }
     Ok(done)
@@ -310,6 +316,67 @@ fn apt_packages(done: &mut Vec<String>) -> Result<()> {
             missing.join(", "),
             still.join(", ")
         );
+    }
+    Ok(())
+}
+
+/// The venv the tests' PyPI packages live in (tests/tests/integration/deploy.rs runs its
+/// programs from here).
+pub const TEST_VENV: &str = "/opt/holdfast-test-python";
+
+/// PyPI packages the tests use, pinned: (name, version). Each installed one leaves a
+/// marker file `TEST_VENV/.installed-NAME-VERSION`, which is the probe.
+pub const PIP_PACKAGES: &[(&str, &str)] = &[
+    // The Kubernetes manifests in deploy/kubernetes, validated against the API's schemas.
+    ("kubernetes-validate", "1.37.0"),
+    // The Nomad job in deploy/nomad, parsed as HCL2.
+    ("python-hcl2", "8.1.4"),
+];
+
+fn pip_marker(name: &str, version: &str) -> PathBuf {
+    Path::new(TEST_VENV).join(format!(".installed-{name}-{version}"))
+}
+
+fn pip_packages(done: &mut Vec<String>) -> Result<()> {
+    let missing: Vec<(&str, &str)> = PIP_PACKAGES
+        .iter()
+        .copied()
+        .filter(|(n, v)| !pip_marker(n, v).exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !shell::is_root() {
+        return cannot(&format!(
+            "PyPI packages {} are missing and installing them into {TEST_VENV} needs root",
+            missing
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let python = Path::new(TEST_VENV).join("bin/python");
+    if !python.exists() {
+        installing(done, format!("creating the tests' Python venv {TEST_VENV}"));
+        // Debian's interpreter, not whichever python3 comes first on PATH.
+        shell::run_quiet(Command::new("/usr/bin/python3").args(["-m", "venv", TEST_VENV]))?;
+    }
+    for (name, version) in &missing {
+        installing(
+            done,
+            format!("installing PyPI package {name} {version} into {TEST_VENV}"),
+        );
+    }
+    let pins: Vec<String> = missing.iter().map(|(n, v)| format!("{n}=={v}")).collect();
+    shell::run_quiet(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .args(&pins),
+    )?;
+    for (name, version) in &missing {
+        std::fs::write(pip_marker(name, version), "")
+            .with_context(|| format!("write {}", pip_marker(name, version).display()))?;
     }
     Ok(())
 }

@@ -45,7 +45,7 @@ impl SocketHint {
             return false;
         }
         match (self.addresses.as_slice(), self.ports.as_slice()) {
-            ([a], [p]) => !(is_host(a) && !p.contains('-')),
+            ([a], [p]) => !is_host(a) || p.contains('-'),
             _ => true,
         }
     }

@@ -5,6 +5,7 @@
 
 mod cli;
 mod control;
+mod deploy;
 mod dispatch;
 mod examples;
 mod fdstore;
