@@ -197,7 +197,8 @@ fn is_http(h: &SocketHint) -> bool {
 /// The demo lines beyond one client per socket: a far address and the last port of a
 /// prefix and range, a second connection to an accept socket, an overlap restart.
 fn demo_lines(hints: &[SocketHint], holdfast: &Path, state_dir: &str) -> Vec<String> {
-    let hf = format!("{} --state-dir {state_dir}", holdfast.display());
+    let hf = holdfast.display();
+    let at = format!("--state-dir {state_dir}");
     let mut lines = Vec::new();
     let mut any_steered = false;
     for h in hints {
@@ -232,7 +233,7 @@ fn demo_lines(hints: &[SocketHint], holdfast: &Path, state_dir: &str) -> Vec<Str
             continue;
         }
         seen.push(&h.service);
-        let restart = format!("{hf} restart {} --mode overlap", h.service);
+        let restart = format!("{hf} restart {} --mode overlap {at}", h.service);
         match client_command(h).filter(|_| is_http(h) || h.program.contains("hello-http")) {
             Some(curl) => {
                 let target = curl.trim_start_matches("curl ");
@@ -245,7 +246,7 @@ fn demo_lines(hints: &[SocketHint], holdfast: &Path, state_dir: &str) -> Vec<Str
     }
     if any_steered {
         lines.push(format!(
-            "{hf} bindings   # every prefix and port range, its socket and counters"
+            "{hf} bindings {at}   # every prefix and port range, its socket and counters"
         ));
     }
     lines
@@ -587,8 +588,8 @@ path = "/run/echo.sock"
         for want in [
             "curl http://127.1.2.3:8199/",
             "nc 127.0.0.1 7070; nc 127.0.0.1 7070",
-            "/hf --state-dir /run/holdfast restart hello --mode overlap",
-            "/hf --state-dir /run/holdfast bindings",
+            "/hf restart hello --mode overlap --state-dir /run/holdfast",
+            "/hf bindings --state-dir /run/holdfast",
         ] {
             assert!(lines.contains(want), "{want:?} not in:\n{lines}");
         }

@@ -261,10 +261,18 @@ fn accept_yes_pairs_with_the_template_and_stdin_socket_is_translated() {
 #[test]
 fn a_socket_activated_service_not_enabled_on_its_own_starts_on_demand() {
     let dir = dir_with(&[
-        ("d.socket", "[Socket]\nListenStream=/run/d.sock\n"),
+        (
+            "d.socket",
+            "[Socket]\nListenStream=/run/d.sock\nMaxConnections=5\n",
+        ),
         ("d.service", "[Service]\nExecStart=/usr/sbin/d\n"),
     ]);
     let got = import(&req(dir.path(), &["d.socket"])).unwrap();
+    assert_eq!(
+        got.dropped,
+        vec![],
+        "MaxConnections= means nothing with Accept=no"
+    );
     assert!(got.unit.service.on_demand);
     assert_eq!(
         got.unit.service.restart,

@@ -638,9 +638,6 @@ fn why_not(section: &str, key: &str) -> String {
         "ListenFIFO" | "ListenSpecial" | "ListenNetlink" | "ListenMessageQueue"
         | "ListenUSBFunction" => "holdfast creates IP and unix sockets only".into(),
         "BindToDevice" => "holdfast has no bind-to-device; steer by address prefix instead".into(),
-        "MaxConnections" | "MaxConnectionsPerSource" => {
-            "it applies to Accept=yes sockets only, and this socket is Accept=no".into()
-        }
         k if k.starts_with("Condition") || k.starts_with("Assert") => {
             "holdfast has no conditions: a unit in its directory runs; leave the file out where it should not".into()
         }
@@ -935,6 +932,11 @@ fn socket_configs(
                 _ => r.drop(e, "holdfast allows 1 to 65536 instances per source"),
             }
         }
+    }
+    if !accept {
+        // systemd: "only has an effect for sockets configured with Accept=yes".
+        d.all(K, "MaxConnections");
+        d.all(K, "MaxConnectionsPerSource");
     }
     if let Some(e) = d.last(K, "RemoveOnStop") {
         if values::boolean(&e.value) == Ok(false) {
