@@ -13,6 +13,7 @@
 //!   ([`Holdfast::stop`], or on drop).
 //! - [`wrk`] / [`WrkReport`]: the one wrk runner and parser (requests, non-2xx responses,
 //!   socket errors by kind, cross-checked against wrk's own summary).
+//! - [`Holdfast::kill_9_rounds`]: crash restarts with connections queued while down.
 //! - [`LoopClient`]: the one load client: connects in a loop while a test restarts or
 //!   reloads, and tallies answered / refused / misrouted / failed connections.
 //! - Services that report what they were handed: [`SERVE_PY`], [`NOTIFIER_PY`] (with
@@ -54,6 +55,7 @@
 mod activate;
 mod daemon;
 mod handoff;
+mod kill9;
 mod load;
 mod loop_client;
 mod netns;

@@ -19,11 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use holdfast_testkit::{
     ask_tcp, ask_udp, dispatcher_instance as instance, netns_and_sandbox, netns_or_skip,
-    netns_with_local_routes, parse_answer, process_gone, require, require_file, skip_unless,
-    toml_array, toml_str, wait_for, Holdfast, LoopClient, Netns, RunOptions, Sandbox,
+    netns_with_local_routes, require, require_file, skip_unless, toml_array, toml_str, Holdfast,
+    LoopClient, Netns, RunOptions, Sandbox,
 };
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::Value;
 
 /// Bound on every connection and wait that should succeed.
@@ -627,43 +625,8 @@ fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
         .collect();
     let client = LoopClient::start(&ns, background, Duration::from_millis(2), T)?;
     let started = Instant::now();
-    let mut previous = 0;
-    let mut queued = 0usize;
-    {
-        let _inside = ns.enter()?;
-        for round in 0..KILLS {
-            let pid = hf.wait_service("web", T, |s| {
-                s["state"] == "running" && s["pid"].as_i64().is_some_and(|p| p as i32 != previous)
-            })?["pid"]
-                .as_i64()
-                .expect("checked") as i32;
-            kill(Pid::from_raw(pid), Signal::SIGKILL)?;
-            wait_for(&format!("pid {pid} to die"), T, || {
-                process_gone(pid).then_some(())
-            })?;
-            // The service is down (or just coming back): these wait in the
-            // steered socket's backlog, and the next instance answers each.
-            let mut waiting = Vec::new();
-            for a in random_targets(&mut rng, 6) {
-                let s = TcpStream::connect_timeout(&a, T)
-                    .with_context(|| format!("round {round}: connect {a} while web is down"))?;
-                waiting.push((a, s));
-            }
-            for (a, mut s) in waiting {
-                s.set_read_timeout(Some(T))?;
-                let mut answer = String::new();
-                s.read_to_string(&mut answer)
-                    .with_context(|| format!("round {round}: {a} queued while down"))?;
-                match parse_answer(&answer) {
-                    Some(("web", next)) if next != pid => queued += 1,
-                    _ => bail!(
-                        "round {round}: {a} queued while down got {answer:?} (killed pid {pid})"
-                    ),
-                }
-            }
-            previous = pid;
-        }
-    }
+    let queued =
+        ns.run(|| hf.kill_9_rounds("web", KILLS, T, |_| random_targets(&mut rng, 6)))??;
     let tally = client.finish()?;
     eprintln!(
         "{KILLS} kills in {:?}; {queued} connections queued while down, all answered; loop client: {tally:?}",

@@ -2,27 +2,15 @@
 //! refused), a crash loop backs off and ends `failed` without disturbing the
 //! others, and a service that ignores SIGTERM is SIGKILLed with its whole group.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, netns_and_sandbox, parse_answer, process_gone, skip_unless, toml_str, wait_for,
-    Holdfast, LoopClient,
+    ask_tcp, netns_and_sandbox, process_gone, skip_unless, toml_str, wait_for, Holdfast, LoopClient,
 };
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 const T: Duration = Duration::from_secs(10);
-
-/// The pid in a serve.py answer `"NAME PID\n"`.
-fn answer_pid(answer: &str, name: &str) -> Result<i32> {
-    match parse_answer(answer) {
-        Some((n, pid)) if n == name => Ok(pid),
-        _ => bail!("answer {answer:?} is not from {name}"),
-    }
-}
 
 #[test]
 fn kill_9_in_a_loop_refuses_no_connection() -> Result<()> {
@@ -44,45 +32,11 @@ start-limit-interval = "10s""#,
     // A client connecting in a loop the whole time.
     let client = LoopClient::start(&ns, vec![(addr, "web".into())], Duration::from_millis(5), T)?;
 
-    let _inside = ns.enter()?;
     let started = Instant::now();
-    let mut previous = 0;
-    for round in 0..KILLS {
-        let pid = answer_pid(&ask_tcp(addr, T)?, "web")?;
-        ensure!(
-            pid != previous,
-            "round {round}: still answered by the killed {pid}"
-        );
-        kill(Pid::from_raw(pid), Signal::SIGKILL)?;
-        wait_for(&format!("pid {pid} to die"), T, || {
-            process_gone(pid).then_some(())
-        })?;
-        // The service is down now: these connect to the backlog held by holdfast…
-        let mut waiting = Vec::new();
-        for i in 0..3 {
-            waiting.push(
-                TcpStream::connect_timeout(&addr, T)
-                    .with_context(|| format!("round {round}: connection {i} while down"))?,
-            );
-        }
-        // …and the next instance answers every one of them.
-        for (i, mut s) in waiting.into_iter().enumerate() {
-            s.set_read_timeout(Some(T))?;
-            let mut answer = String::new();
-            s.read_to_string(&mut answer)
-                .with_context(|| format!("round {round}: connection {i} made while down"))?;
-            let next = answer_pid(&answer, "web")
-                .with_context(|| format!("round {round}: connection {i} made while down"))?;
-            ensure!(
-                next != pid,
-                "round {round}: answered by the killed instance"
-            );
-        }
-        previous = pid;
-    }
+    let queued = ns.run(|| hf.kill_9_rounds("web", KILLS, T, |_| vec![addr; 3]))??;
     let tally = client.finish()?;
     eprintln!(
-        "{KILLS} kills in {:?}; loop client: {tally:?}",
+        "{KILLS} kills in {:?}; {queued} connections queued while down, all answered; loop client: {tally:?}",
         started.elapsed()
     );
     assert_eq!(
@@ -104,7 +58,6 @@ start-limit-interval = "10s""#,
         status["restarts"].as_u64().unwrap_or(0) >= KILLS as u64,
         "restarts not counted: {status}"
     );
-    drop(_inside);
     hf.stop()?;
     Ok(())
 }
