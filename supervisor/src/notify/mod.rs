@@ -32,6 +32,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::ratelimit::LogLimiter;
 
 #[cfg(test)]
 use fdstore::Added;
@@ -240,7 +243,12 @@ pub struct NotifySocket {
     service: String,
     /// (st_dev, st_ino) of the socket file, to remove only our own.
     file: (u64, u64),
+    /// The warnings about its messages: [`WARNINGS_PER_10S`] per 10 s, then counted.
+    warnings: std::sync::Mutex<LogLimiter>,
 }
+
+/// Warnings about one socket's messages logged per 10 s; the rest are counted.
+pub const WARNINGS_PER_10S: u32 = 10;
 
 impl NotifySocket {
     /// Binds `<state_dir>/notify/<service>.sock`: the directory is created
@@ -290,6 +298,10 @@ impl NotifySocket {
             file: (meta.dev(), meta.ino()),
             path,
             service: service.to_string(),
+            warnings: std::sync::Mutex::new(LogLimiter::new(
+                WARNINGS_PER_10S,
+                std::time::Duration::from_secs(10),
+            )),
         };
         // From here on, dropping `notify` on an error removes the file.
         std::fs::set_permissions(&notify.path, std::fs::Permissions::from_mode(0o666))
@@ -346,6 +358,14 @@ impl NotifySocket {
     }
 
     fn receive_at_most(&self, belongs: &dyn Fn(Sender) -> bool, max: usize) -> Vec<Message> {
+        if let Some(n) = self
+            .warnings
+            .lock()
+            .ok()
+            .and_then(|mut w| w.take_suppressed(Instant::now()))
+        {
+            tracing::warn!(service = %self.service, repeated = n, "notify: {n} more warnings were suppressed");
+        }
         let mut accepted = Vec::new();
         let mut payload = vec![0u8; MAX_MESSAGE];
         let mut control = ControlBuffer::new();
@@ -359,12 +379,21 @@ impl NotifySocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!(service = %self.service, error = %e, "notify: recvmsg failed");
+                    if let Some(repeated) = self.may_warn() {
+                        tracing::warn!(repeated, service = %self.service, error = %e, "notify: recvmsg failed");
+                    }
                     break;
                 }
             }
         }
         accepted
+    }
+
+    /// Whether a warning about this socket's messages may be logged now
+    /// (`Some(dropped before it)`): anyone who can write to the socket could
+    /// otherwise flood the log.
+    fn may_warn(&self) -> Option<u64> {
+        self.warnings.lock().ok()?.allow(Instant::now())
     }
 
     /// Decides about one datagram; its fds are closed unless returned.
@@ -376,32 +405,44 @@ impl NotifySocket {
     ) -> Option<Message> {
         let service = &self.service;
         let Some(mut sender) = d.sender else {
-            tracing::warn!(service = %service, "notify: message without credentials ignored");
+            if let Some(repeated) = self.may_warn() {
+                tracing::warn!(repeated, service = %service, "notify: message without credentials ignored");
+            }
             return None;
         };
         sender.cgroup = sender_cgroup(sender.pid, d.pidfd);
         let (pid, uid) = (sender.pid, sender.uid);
         if !belongs(sender) {
-            tracing::warn!(service = %service, pid, uid, "notify: message from a process outside the service ignored");
+            if let Some(repeated) = self.may_warn() {
+                tracing::warn!(repeated, service = %service, pid, uid, "notify: message from a process outside the service ignored");
+            }
             return None;
         }
         if d.truncated || d.len > MAX_MESSAGE {
-            tracing::warn!(service = %service, pid, len = d.len, "notify: message over {MAX_MESSAGE} bytes ignored");
+            if let Some(repeated) = self.may_warn() {
+                tracing::warn!(repeated, service = %service, pid, len = d.len, "notify: message over {MAX_MESSAGE} bytes ignored");
+            }
             return None;
         }
         if d.control_truncated {
-            tracing::warn!(service = %service, pid, "notify: message with truncated control data ignored");
+            if let Some(repeated) = self.may_warn() {
+                tracing::warn!(repeated, service = %service, pid, "notify: message with truncated control data ignored");
+            }
             return None;
         }
         let items = match parse(&payload[..d.len]) {
             Ok(parsed) => {
                 for e in &parsed.ignored {
-                    tracing::warn!(service = %service, pid, error = %e, "notify: field ignored, the rest applied");
+                    if let Some(repeated) = self.may_warn() {
+                        tracing::warn!(repeated, service = %service, pid, error = %e, "notify: field ignored, the rest applied");
+                    }
                 }
                 parsed.items
             }
             Err(e) => {
-                tracing::warn!(service = %service, pid, error = %e, "notify: malformed message ignored");
+                if let Some(repeated) = self.may_warn() {
+                    tracing::warn!(repeated, service = %service, pid, error = %e, "notify: malformed message ignored");
+                }
                 return None;
             }
         };
@@ -416,7 +457,9 @@ impl NotifySocket {
         if !stores && !fds.is_empty() {
             // BARRIER=1 sends an fd to be closed; any other is unsolicited.
             if !items.contains(&Notification::Barrier) {
-                tracing::warn!(service = %service, pid, count = fds.len(), "notify: fds sent without FDSTORE=1 closed");
+                if let Some(repeated) = self.may_warn() {
+                    tracing::warn!(repeated, service = %service, pid, count = fds.len(), "notify: fds sent without FDSTORE=1 closed");
+                }
             }
             fds.clear();
         }

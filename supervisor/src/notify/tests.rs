@@ -629,3 +629,46 @@ fn exited_sender_is_judged_by_uid() {
     assert_eq!(got.len(), 7, "{got:?}");
     assert!(got.iter().all(|m| m.sender.uid == NOBODY));
 }
+
+/// A log sink for one thread's tracing output.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_flood_of_bad_messages_logs_a_few_warnings_then_counts_them() {
+    let (_dir, sock) = socket();
+    let ours = |s: Sender| s.pid == me();
+    let log = Captured::default();
+    let sink = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        // Anyone who may write to the socket can send these as fast as it likes.
+        for _ in 0..5 {
+            for _ in 0..8 {
+                send(&sock, b"READY=1\0", &[]);
+            }
+            assert!(sock.receive(&ours).is_empty());
+        }
+        assert!(sock.receive(&|_| false).is_empty());
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let warnings = text.lines().filter(|l| l.contains("WARN")).count();
+    assert_eq!(
+        warnings, WARNINGS_PER_10S as usize,
+        "40 bad datagrams should log {WARNINGS_PER_10S} warnings:\n{text}"
+    );
+    assert!(text.contains("NUL"), "{text}");
+}
