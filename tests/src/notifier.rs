@@ -43,21 +43,13 @@ impl Sandbox {
         service_extra: &str,
     ) -> Result<()> {
         let exec = self.notifier_exec(name, flags)?;
-        self.write_unit(
+        self.write_tcp_unit(
             name,
-            &format!(
-                r#"[service]
-exec = {exec}
-type = "notify"
-{service_extra}
-
-[[socket]]
-name = "{name}"
-protocol = "tcp"
-addresses = ["127.0.0.1/32"]
-ports = ["{port}"]
-"#
-            ),
+            &format!("exec = {exec}\ntype = \"notify\"\n{service_extra}"),
+            name,
+            &["127.0.0.1/32"],
+            &[&port.to_string()],
+            "",
         )?;
         Ok(())
     }

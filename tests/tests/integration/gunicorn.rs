@@ -47,22 +47,13 @@ fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
     let dir = sandbox.path().to_string_lossy().into_owned();
     // No --bind: gunicorn takes the LISTEN_FDS socket.
     let exec = toml_array(&[GUNICORN, "--workers", "2", "--chdir", &dir, "app:app"]);
-    sandbox.write_unit(
+    sandbox.write_tcp_unit(
         "gunicorn",
-        &format!(
-            r#"[service]
-exec = {exec}
-type = "notify"
-restart = "always"
-start-timeout = "20s"
-
-[[socket]]
-name = "http"
-protocol = "tcp"
-addresses = ["127.0.0.1/32"]
-ports = ["8080"]
-"#
-        ),
+        &format!("exec = {exec}\ntype = \"notify\"\nrestart = \"always\"\nstart-timeout = \"20s\""),
+        "http",
+        &["127.0.0.1/32"],
+        &["8080"],
+        "",
     )?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let old = hf.wait_running("gunicorn", Duration::from_secs(20))?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use holdfast_testkit::{
     ask_tcp, ask_udp, ask_unix, check_handoff, netns_and_sandbox, netns_or_skip, require_file,
-    skip_unless, toml_str, ExpectSocket, Holdfast,
+    skip_unless, toml_str, ExpectSocket, Holdfast, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -121,23 +121,16 @@ fn systemd_socket_proxyd_works_unchanged() -> Result<()> {
             }
         }
     });
-    let mut hf = Holdfast::start(
-        &ns,
-        &[(
-            "proxy",
-            &format!(
-                r#"[service]
-exec = ["{PROXYD}", "127.0.0.1:9000"]
-
-[[socket]]
-name = "proxy"
-protocol = "tcp"
-addresses = ["127.0.0.1/32"]
-ports = ["8080"]
-"#
-            ),
-        )],
+    let sandbox = Sandbox::new()?;
+    sandbox.write_tcp_unit(
+        "proxy",
+        &format!(r#"exec = ["{PROXYD}", "127.0.0.1:9000"]"#),
+        "proxy",
+        &["127.0.0.1/32"],
+        &["8080"],
+        "",
     )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = hf.wait_running("proxy", T)?;
     for i in 0..3 {
         let answer = ns.run(|| -> Result<String> {
