@@ -107,6 +107,11 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         name: "netcat-openbsd",
         provides: &["nc"],
     },
+    // systemd as PID 1 in a container, running deploy/holdfast.service (integration nspawn::).
+    AptPackage {
+        name: "systemd-container",
+        provides: &["/usr/bin/systemd-nspawn"],
+    },
     // Lists the kernel's BPF links: the stale sk_lookup link test (integration survive::).
     AptPackage {
         name: "bpftool",

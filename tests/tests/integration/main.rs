@@ -15,6 +15,7 @@ mod harness;
 mod import;
 mod inetd;
 mod manager;
+mod nspawn;
 mod observability;
 mod overlap;
 mod readiness;
