@@ -5,7 +5,7 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
@@ -18,7 +18,8 @@ impl Holdfast {
     /// SIGKILLs it, waits until it is gone, connects to every address
     /// `while_down(round)` gives, and fails unless each of those connections is
     /// answered by `service` from another pid. Returns how many connections were
-    /// made while down. The calling thread must be inside the namespace.
+    /// made while down (and prints it, with the time taken). The calling thread
+    /// must be inside the namespace.
     pub fn kill_9_rounds(
         &self,
         service: &str,
@@ -26,6 +27,7 @@ impl Holdfast {
         timeout: Duration,
         mut while_down: impl FnMut(usize) -> Vec<SocketAddr>,
     ) -> Result<usize> {
+        let started = Instant::now();
         let mut previous = 0;
         let mut queued = 0;
         for round in 0..rounds {
@@ -59,6 +61,10 @@ impl Holdfast {
             }
             previous = pid;
         }
+        eprintln!(
+            "{rounds} kills of {service} in {:?}; {queued} connections queued while down, all answered",
+            started.elapsed()
+        );
         Ok(queued)
     }
 }

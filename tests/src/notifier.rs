@@ -43,15 +43,11 @@ impl Sandbox {
         service_extra: &str,
     ) -> Result<()> {
         let exec = self.notifier_exec(name, flags)?;
-        self.write_tcp_unit(
+        self.write_local_unit(
             name,
+            port,
             &format!("exec = {exec}\ntype = \"notify\"\n{service_extra}"),
-            name,
-            &["127.0.0.1/32"],
-            &[&port.to_string()],
-            "",
-        )?;
-        Ok(())
+        )
     }
 
     /// `<state>/notify/NAME.sock`: the NOTIFY_SOCKET of service NAME.

@@ -122,14 +122,14 @@ impl Sandbox {
     /// socket named NAME on TCP 127.0.0.1:`port`.
     pub fn write_serve_unit(&self, name: &str, port: u16, service_extra: &str) -> Result<()> {
         let exec = self.serve_exec(name)?;
-        self.write_tcp_unit(
-            name,
-            &format!("exec = {exec}\n{service_extra}"),
-            name,
-            &["127.0.0.1/32"],
-            &[&port.to_string()],
-            "",
-        )?;
+        self.write_local_unit(name, port, &format!("exec = {exec}\n{service_extra}"))
+    }
+
+    /// Writes `units/NAME.toml`: `[service]` with the `service` lines, and one
+    /// socket named NAME on TCP 127.0.0.1:`port`.
+    pub fn write_local_unit(&self, name: &str, port: u16, service: &str) -> Result<()> {
+        let port = port.to_string();
+        self.write_tcp_unit(name, service, name, &["127.0.0.1/32"], &[&port], "")?;
         Ok(())
     }
 

@@ -122,13 +122,10 @@ fn systemd_socket_proxyd_works_unchanged() -> Result<()> {
         }
     });
     let sandbox = Sandbox::new()?;
-    sandbox.write_tcp_unit(
+    sandbox.write_local_unit(
         "proxy",
+        8080,
         &format!(r#"exec = ["{PROXYD}", "127.0.0.1:9000"]"#),
-        "proxy",
-        &["127.0.0.1/32"],
-        &["8080"],
-        "",
     )?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = hf.wait_running("proxy", T)?;

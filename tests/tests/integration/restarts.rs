@@ -32,26 +32,14 @@ start-limit-interval = "10s""#,
     // A client connecting in a loop the whole time.
     let client = LoopClient::start(&ns, vec![(addr, "web".into())], Duration::from_millis(5), T)?;
 
-    let started = Instant::now();
-    let queued = ns.run(|| hf.kill_9_rounds("web", KILLS, T, |_| vec![addr; 3]))??;
+    ns.run(|| hf.kill_9_rounds("web", KILLS, T, |_| vec![addr; 3]))??;
     let tally = client.finish()?;
-    eprintln!(
-        "{KILLS} kills in {:?}; {queued} connections queued while down, all answered; loop client: {tally:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        tally.refused, 0,
-        "connections refused during restarts: {tally:?}"
-    );
+    // Lost: accepted by an instance that was killed before it answered, not
+    // holdfast's doing.
+    tally.expect_no_loss(KILLS)?;
     assert!(
         tally.answered > 0,
         "the loop client was never answered: {tally:?}"
-    );
-    // Lost: accepted by an instance that was killed before it answered, not
-    // holdfast's doing.
-    assert!(
-        tally.failed.len() + tally.misrouted.len() <= KILLS,
-        "more connections lost than instances killed: {tally:?}"
     );
     let status = hf.service("web")?;
     assert!(
