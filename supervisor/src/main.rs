@@ -55,6 +55,11 @@ enum Command {
         /// Serve Prometheus metrics over HTTP at ADDR:PORT (GET /metrics).
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Track each service's processes in a cgroup v2 under this cgroup (a
+        /// directory under the cgroup2 mount, or a path as /proc/self/cgroup
+        /// shows it); made if missing. Without it: process groups.
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
         /// Log format: human (default) or json (one object per line).
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
@@ -121,6 +126,7 @@ fn main() -> ExitCode {
             no_dispatcher,
             instance,
             metrics_listen,
+            cgroup_root,
             log_format,
         } => {
             init_logging(if cli.json {
@@ -135,6 +141,7 @@ fn main() -> ExitCode {
                 no_dispatcher,
                 instance,
                 metrics_listen,
+                cgroup_root,
             };
             match supervisor::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -60,6 +60,8 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("standard-input or standard-output is \"socket\", but the service is given no socket")]
     NoSocketForStdio,
     #[error("{stage} failed in the child: {source}")]

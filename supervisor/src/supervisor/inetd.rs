@@ -137,6 +137,10 @@ impl Supervisor {
         peer: Option<SocketAddr>,
         local: Option<SocketAddr>,
     ) -> Result<Pid, spawn::SpawnError> {
+        let hierarchy = self.cgroups.as_ref();
+        let svc = self.registry.get_mut(id).expect("a known service");
+        let (name, cfg) = (svc.name().to_string(), svc.unit().service.clone());
+        let leaf = svc.tracking_mut().prepare(hierarchy, &name, &cfg)?;
         let svc = self.registry.get(id).expect("a known service");
         let cfg = &svc.unit().service;
         let (path_var, mut env) = self.base_env(svc);
@@ -165,14 +169,17 @@ impl Supervisor {
             credentials: credentials.as_ref(),
             working_directory: cfg.working_directory.as_deref(),
             sockets: 1,
-            cgroup: None,
+            cgroup: leaf.as_ref().map(|l| l.as_fd()),
             rlimits: cfg.process.rlimits,
             non_blocking: cfg.process.non_blocking,
             standard_input: cfg.process.standard_input,
             standard_output: cfg.process.standard_output,
         };
         // The core is to keep the pidfd (issue 10); for now the pid only.
-        let pid = spawn::spawn(&cmd)?.pid;
+        let spawned = spawn::spawn(&cmd);
+        drop(cmd);
+        let svc = self.registry.get_mut(id).expect("a known service");
+        let pid = svc.tracking_mut().spawned(spawned, leaf)?;
         tracing::debug!(service = %svc.name(), pid = pid.as_raw(), peer = ?peer, "connection instance started");
         self.add_output(id, "stderr", err_r);
         Ok(pid)

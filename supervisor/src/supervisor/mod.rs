@@ -14,6 +14,7 @@ mod reload;
 mod requests;
 mod services;
 mod sockets;
+mod tracking;
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -48,6 +49,9 @@ pub struct Options {
     pub instance: Option<String>,
     /// Serve Prometheus metrics over HTTP here.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Track services by cgroup v2 under this cgroup (a directory under
+    /// the cgroup2 mount, or a path as /proc/self/cgroup shows it).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +131,8 @@ pub struct Supervisor {
     metrics: Option<metrics::Endpoint>,
     /// holdfast's own manager (systemd): readiness, status, watchdog, fd store.
     manager: crate::manager::Manager,
+    /// The cgroup tree services run in; `None`: process-group mode.
+    cgroups: Option<crate::cgroup::Hierarchy>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT has stopped every service.
@@ -195,6 +201,18 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         bindings: Vec::new(),
         metrics: None,
         manager: crate::manager::Manager::from_env(Instant::now()),
+        cgroups: match &opts.cgroup_root {
+            Some(root) => match crate::cgroup::detect(Some(root)) {
+                crate::cgroup::Mode::Cgroup2(h) => Some(h),
+                crate::cgroup::Mode::ProcessGroups => None,
+            },
+            None => {
+                tracing::info!(
+                    "tracking services by process group (--cgroup-root tracks them by cgroup v2)"
+                );
+                None
+            }
+        },
     };
     if let Err(e) = sup.open_all(units, &mut inherited) {
         sup.detach();
@@ -263,6 +281,7 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     sup.update_status();
     sup.manager.ready();
     sup.event_loop(&signals, &unused_signals);
+    sup.close_cgroups();
     tracing::info!("every service is down; exiting");
     sup.detach();
     Ok(())
@@ -313,6 +332,16 @@ impl Supervisor {
             sockets::steer(d, &all, &self.bindings)?;
         }
         Ok(())
+    }
+
+    /// At exit: kills what is left in each service's cgroups (a process
+    /// that left its instance's process group) and removes them.
+    fn close_cgroups(&mut self) {
+        for id in self.registry.all_ids() {
+            if let Some(svc) = self.registry.get_mut(id) {
+                svc.tracking_mut().close(std::time::Duration::from_secs(2));
+            }
+        }
     }
 
     fn detach(&mut self) {

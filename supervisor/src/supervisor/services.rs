@@ -10,11 +10,11 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::time::Instant;
 
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::notify::{FdStore, Message, Notification, NotifySocket, Senders};
+use crate::notify::{CgroupSenders, FdStore, Message, Notification, NotifySocket, Senders};
 use crate::service::{Effect, Exit, InstanceId, Machine, Said};
 use crate::spawn::{self, Credentials};
 use crate::unit::Unit;
@@ -24,6 +24,7 @@ use super::output::LogRing;
 use super::poller::Token;
 use super::registry::{Owner, ServiceId};
 use super::sockets::Socket;
+use super::tracking::Tracking;
 use super::Supervisor;
 
 /// One service at run time.
@@ -45,6 +46,8 @@ pub(super) struct Service {
     log: LogRing,
     /// The process group of each live instance (its first pid).
     groups: BTreeMap<InstanceId, Pid>,
+    /// Its cgroups (or process groups): how its processes are signalled.
+    tracking: Tracking,
 }
 
 impl Service {
@@ -82,6 +85,7 @@ impl Service {
             dispatcher_denied: 0,
             log: LogRing::default(),
             groups: BTreeMap::new(),
+            tracking: Tracking::default(),
         })
     }
 
@@ -117,6 +121,13 @@ impl Service {
     }
     pub fn set_dispatcher_denied(&mut self, n: u64) {
         self.dispatcher_denied = n;
+    }
+    pub fn tracking_mut(&mut self) -> &mut Tracking {
+        &mut self.tracking
+    }
+    /// The unit's `kill-signal` (SIGTERM if the number is not one nix knows).
+    pub fn kill_signal(&self) -> Signal {
+        Signal::try_from(self.unit.service.process.kill_signal.0).unwrap_or(Signal::SIGTERM)
     }
 
     pub fn has_processes(&self) -> bool {
@@ -227,14 +238,19 @@ impl Supervisor {
                 },
                 Effect::Terminate(i) => {
                     if let Some(g) = group(i) {
-                        tracing::info!(service = %svc.unit.name, pid = g.as_raw(), "stopping: SIGTERM to its process group");
-                        let _ = killpg(g, Signal::SIGTERM);
-                        let _ = killpg(g, Signal::SIGCONT);
+                        let signal = svc.kill_signal();
+                        let to = if svc.tracking.by_cgroup() {
+                            "every process of its cgroup"
+                        } else {
+                            "its process group"
+                        };
+                        tracing::info!(service = %svc.unit.name, pid = g.as_raw(), "stopping: {signal} to {to}");
+                        svc.tracking.terminate(g, signal);
                     }
                 }
                 Effect::Kill(i) => {
                     if let Some(g) = group(i) {
-                        let _ = killpg(g, Signal::SIGKILL);
+                        svc.tracking.kill(g);
                     }
                 }
                 Effect::Abort(i) => {
@@ -265,7 +281,9 @@ impl Supervisor {
         if let Some(p) = &path_var {
             env.push(("PATH".into(), p.clone()));
         }
-        if let Some(n) = &svc.notify {
+        // Only for services that may use it (notify-access, systemd's rule).
+        let may_notify = cfg.process.notify_access != crate::unit::NotifyAccess::None;
+        if let Some(n) = svc.notify.as_ref().filter(|_| may_notify) {
             env.push(("NOTIFY_SOCKET".into(), n.path().as_os_str().to_owned()));
         }
         if let Some(w) = cfg.watchdog {
@@ -276,6 +294,11 @@ impl Supervisor {
 
     /// Spawns a new instance of service `id` with its sockets and stored fds.
     fn spawn_instance(&mut self, id: ServiceId) -> Result<Pid, spawn::SpawnError> {
+        let hierarchy = self.cgroups.as_ref();
+        let svc = self.registry.get_mut(id).expect("a known service");
+        let leaf = svc
+            .tracking
+            .prepare(hierarchy, &svc.unit.name, &svc.unit.service)?;
         let svc = self.registry.get(id).expect("a known service");
         let (path_var, mut env) = self.base_env(svc);
         let cfg = &svc.unit.service;
@@ -303,18 +326,18 @@ impl Supervisor {
             credentials: credentials.as_ref(),
             working_directory: cfg.working_directory.as_deref(),
             sockets: svc.sockets.len(),
-            cgroup: None,
+            cgroup: leaf.as_ref().map(|l| l.as_fd()),
             rlimits: cfg.process.rlimits,
             non_blocking: cfg.process.non_blocking,
             standard_input: cfg.process.standard_input,
             standard_output: cfg.process.standard_output,
         };
         // The core is to keep the pidfd (issue 10); for now the pid only.
-        let pid = spawn::spawn(&cmd)?.pid;
-        let uid = credentials.as_ref().map_or(0, |c| c.uid);
-        if let Some(svc) = self.registry.get_mut(id) {
-            svc.uid = uid;
-        }
+        let spawned = spawn::spawn(&cmd);
+        drop(cmd);
+        let svc = self.registry.get_mut(id).expect("a known service");
+        let pid = svc.tracking.spawned(spawned, leaf)?;
+        svc.uid = credentials.as_ref().map_or(0, |c| c.uid);
         self.add_output(id, "stdout", out_r);
         self.add_output(id, "stderr", err_r);
         Ok(pid)
@@ -360,10 +383,10 @@ impl Supervisor {
             return;
         };
         let timeout = svc.unit.service.stop_timeout;
+        let signal = svc.kill_signal();
         if let Some(a) = svc.acceptor.as_mut() {
             for pid in a.stop_all(now, timeout) {
-                let _ = killpg(pid, Signal::SIGTERM);
-                let _ = killpg(pid, Signal::SIGCONT);
+                svc.tracking.terminate(pid, signal);
             }
         }
     }
@@ -400,13 +423,13 @@ impl Supervisor {
                 if let Some(a) = svc.acceptor.as_mut() {
                     a.exited(pid);
                 }
-                // Whatever the connection's instance left in its group goes with it.
-                let _ = killpg(pid, Signal::SIGKILL);
+                // Whatever the connection's instance left goes with it.
+                svc.tracking.gone(pid);
             }
             Owner::Instance(instance) => {
                 // Whatever the main process left behind in its group goes with it.
                 if let Some(g) = svc.groups.remove(&instance) {
-                    let _ = killpg(g, Signal::SIGKILL);
+                    svc.tracking.gone(g);
                     if g != pid {
                         self.registry.untrack(g.as_raw());
                     }
@@ -429,9 +452,12 @@ impl Supervisor {
                     tracing::info!(service = %svc.unit.name, "rate-limit pause over: accepting again");
                 }
                 for pid in late {
-                    tracing::warn!(service = %svc.unit.name, pid = pid.as_raw(), "connection instance did not stop in time: SIGKILL to its process group");
-                    let _ = killpg(pid, Signal::SIGKILL);
+                    tracing::warn!(service = %svc.unit.name, pid = pid.as_raw(), "connection instance did not stop in time: SIGKILL to all its processes");
+                    svc.tracking.kill(pid);
                 }
+            }
+            if let Some(svc) = self.registry.get_mut(id) {
+                svc.tracking.sweep();
             }
             let live = self.registry.is_live(id);
             self.act(id, now, |m| m.timers(now, may_start && live));
@@ -446,12 +472,23 @@ impl Supervisor {
         let Some(sock) = &svc.notify else { return };
         let main_pids: Vec<i32> = svc.machine.instances().map(|i| i.pid).collect();
         let groups: Vec<i32> = svc.groups.values().map(|g| g.as_raw()).collect();
-        let senders = Senders {
-            main_pids: &main_pids,
-            groups: &groups,
-            uid: svc.uid,
+        let messages = if svc.tracking.by_cgroup() {
+            let cgroups = svc.tracking.ids();
+            let senders = CgroupSenders {
+                access: svc.unit.service.process.notify_access,
+                cgroups: &cgroups,
+                main_pids: &main_pids,
+                spawned_pids: &groups,
+            };
+            sock.receive(&|sender| senders.accepts(sender))
+        } else {
+            let senders = Senders {
+                main_pids: &main_pids,
+                groups: &groups,
+                uid: svc.uid,
+            };
+            sock.receive(&|sender| senders.accepts(sender))
         };
-        let messages = sock.receive(&|sender| senders.accepts(sender));
         for m in messages {
             self.notified(id, m);
         }
@@ -464,11 +501,22 @@ impl Supervisor {
         };
         let name = svc.unit.name.clone();
         let pid = m.sender.pid;
-        let sender_group = nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok();
         let groups = &svc.groups;
-        let Some((instance, role)) = svc.machine.sender_role(pid, sender_group.is_some(), |i| {
-            sender_group.is_some() && groups.get(&i.id).copied() == sender_group
-        }) else {
+        let tracking = &svc.tracking;
+        // Which instance it is: by cgroup (the kernel's word), else by process group.
+        let found = if tracking.by_cgroup() {
+            let cgroup = m.sender.cgroup;
+            svc.machine.sender_role(pid, cgroup.is_some(), |i| {
+                cgroup.is_some()
+                    && groups.get(&i.id).and_then(|g| tracking.leaf_id(g.as_raw())) == cgroup
+            })
+        } else {
+            let sender_group = nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok();
+            svc.machine.sender_role(pid, sender_group.is_some(), |i| {
+                sender_group.is_some() && groups.get(&i.id).copied() == sender_group
+            })
+        };
+        let Some((instance, role)) = found else {
             tracing::warn!(service = %name, pid, "notification from a process of no current instance: ignored");
             return;
         };
@@ -482,12 +530,12 @@ impl Supervisor {
                 Notification::Stopping => said.push(Said::Stopping),
                 Notification::Status(s) => said.push(Said::Status(s)),
                 Notification::Errno(e) => said.push(Said::Errno(e)),
-                Notification::MainPid(p) => match nix::unistd::getpgid(Some(Pid::from_raw(p))) {
-                    Ok(g) if Some(g) == group => said.push(Said::MainPid(p)),
-                    _ => {
-                        tracing::warn!(service = %name, pid = p, "MAINPID= names a process outside the service: ignored")
-                    }
-                },
+                Notification::MainPid(p) if main_pid_belongs(&svc.tracking, group, p) => {
+                    said.push(Said::MainPid(p))
+                }
+                Notification::MainPid(p) => {
+                    tracing::warn!(service = %name, pid = p, "MAINPID= names a process outside the service: ignored")
+                }
                 Notification::ExtendTimeout(d) => said.push(Said::ExtendTimeout(d)),
                 Notification::Watchdog => said.push(Said::Watchdog),
                 Notification::WatchdogTrigger => said.push(Said::WatchdogTrigger),
@@ -514,4 +562,25 @@ impl Supervisor {
         }
         self.act(id, now, |m| m.said(instance, role, said, now));
     }
+}
+
+/// Whether `pid` (from MAINPID=) is a process of the instance whose first
+/// pid is `group`: in its cgroup (checked through a pidfd, so about that very
+/// process), else in its process group. Never 1 or holdfast itself.
+fn main_pid_belongs(tracking: &Tracking, group: Option<Pid>, pid: i32) -> bool {
+    if pid <= 1 || pid == std::process::id() as i32 {
+        return false;
+    }
+    let Some(group) = group else {
+        return false;
+    };
+    if tracking.by_cgroup() {
+        let Some(leaf) = tracking.leaf_id(group.as_raw()) else {
+            return false;
+        };
+        return crate::pidfd::Pidfd::open(pid)
+            .and_then(|p| p.cgroup_id())
+            .is_ok_and(|id| id == leaf);
+    }
+    nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok() == Some(group)
 }

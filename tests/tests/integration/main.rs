@@ -3,6 +3,7 @@
 //! One test binary with a module per area, so the suite links once:
 //! `cargo test -p holdfast-testkit --test integration AREA::` runs one area.
 
+mod cgroups;
 mod cli;
 mod control;
 mod deploy;

@@ -1,0 +1,167 @@
+//! Which processes are a service's, and how they are signalled: one
+//! `Tracking` per service. With cgroup v2 (`--cgroup-root`), the service has
+//! a cgroup (`<root>/<name>.service`, its cgroup limits) and each instance a
+//! leaf in it (per connection too), made before the spawn so the child
+//! starts there; signals go to every process of a leaf through pidfds and
+//! SIGKILL through `cgroup.kill`, so a `setsid` double fork cannot escape.
+//! Without it (process-group mode, the weaker one), signals go to the
+//! instance's process group, as before.
+//!
+//! Instances and connections are named here by the pid they were spawned
+//! with (their process group in process-group mode).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::cgroup::{Cgroup, CgroupError, Hierarchy};
+use crate::unit::ServiceConfig;
+
+#[derive(Debug, Default)]
+pub(super) struct Tracking {
+    /// The service's cgroup, once made (cgroup mode only).
+    service: Option<Cgroup>,
+    /// The leaf of each live instance or connection, by its first pid.
+    leaves: HashMap<i32, Cgroup>,
+    /// Leaves whose instance is gone, removed once empty.
+    dying: Vec<Cgroup>,
+    next_leaf: u64,
+}
+
+impl Tracking {
+    /// In cgroup mode, the leaf the next instance of service `name` starts
+    /// in (the service's cgroup made and its limits written first); `None`
+    /// in process-group mode.
+    pub fn prepare(
+        &mut self,
+        hierarchy: Option<&Hierarchy>,
+        name: &str,
+        cfg: &ServiceConfig,
+    ) -> Result<Option<Cgroup>, CgroupError> {
+        let Some(h) = hierarchy else {
+            return Ok(None);
+        };
+        self.sweep();
+        if self.service.is_none() {
+            self.service = Some(h.service(name)?);
+        }
+        let service = self.service.as_ref().expect("made above");
+        // Each start: a reload may have changed the limits.
+        service.apply_limits(&cfg.process.cgroup_limits)?;
+        self.next_leaf += 1;
+        service.create_child(&self.next_leaf.to_string()).map(Some)
+    }
+
+    /// What came of a spawn into `leaf` (from [`Tracking::prepare`]): the
+    /// child's leaf is kept under its pid; a failed spawn's leaf is removed.
+    pub fn spawned(
+        &mut self,
+        spawned: Result<crate::spawn::Spawned, crate::spawn::SpawnError>,
+        leaf: Option<Cgroup>,
+    ) -> Result<Pid, crate::spawn::SpawnError> {
+        match spawned {
+            Ok(s) => {
+                if let Some(leaf) = leaf {
+                    self.leaves.insert(s.pid.as_raw(), leaf);
+                }
+                Ok(s.pid)
+            }
+            Err(e) => {
+                if let Some(leaf) = leaf {
+                    let _ = leaf.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `signal` (then SIGCONT) to every process of the instance spawned as `pid`.
+    pub fn terminate(&self, pid: Pid, signal: Signal) {
+        match self.leaves.get(&pid.as_raw()) {
+            Some(leaf) => {
+                let _ = leaf.signal_all(signal);
+                let _ = leaf.signal_all(Signal::SIGCONT);
+            }
+            None => {
+                let _ = killpg(pid, signal);
+                let _ = killpg(pid, Signal::SIGCONT);
+            }
+        }
+    }
+
+    /// SIGKILL to every process of the instance spawned as `pid`.
+    pub fn kill(&self, pid: Pid) {
+        match self.leaves.get(&pid.as_raw()) {
+            Some(leaf) => {
+                if let Err(e) = leaf.kill() {
+                    tracing::warn!(cgroup = %leaf.path().display(), error = %e, "cgroup.kill failed");
+                }
+            }
+            None => {
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// The instance spawned as `pid` is over: whatever it left goes.
+    pub fn gone(&mut self, pid: Pid) {
+        self.kill(pid);
+        if let Some(leaf) = self.leaves.remove(&pid.as_raw()) {
+            self.dying.push(leaf);
+        }
+        self.sweep();
+    }
+
+    /// Removes the dying leaves that are empty.
+    pub fn sweep(&mut self) {
+        // What is not populated can go (rmdir; a failure leaves it to the next sweep).
+        let (empty, busy): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dying)
+            .into_iter()
+            .partition(|l| !l.populated().unwrap_or(true));
+        self.dying = busy;
+        for leaf in empty {
+            let _ = leaf.remove();
+        }
+    }
+
+    /// Whether the service is tracked by cgroup.
+    pub fn by_cgroup(&self) -> bool {
+        self.service.is_some()
+    }
+
+    /// The cgroup id of the instance spawned as `pid`.
+    pub fn leaf_id(&self, pid: i32) -> Option<u64> {
+        self.leaves.get(&pid).map(Cgroup::id)
+    }
+
+    /// The ids of every live leaf (whose processes may notify).
+    pub fn ids(&self) -> Vec<u64> {
+        self.leaves.values().map(Cgroup::id).collect()
+    }
+
+    /// Kills whatever is left and removes the cgroups, waiting up to `wait`
+    /// for the kernel to empty them.
+    pub fn close(&mut self, wait: Duration) {
+        let Some(service) = self.service.take() else {
+            return;
+        };
+        let _ = service.kill();
+        let deadline = Instant::now() + wait;
+        while service.populated().unwrap_or(false) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.leaves.clear();
+        self.dying.clear();
+        if let Err(e) = service.remove() {
+            tracing::warn!(error = %e, "cannot remove a service cgroup");
+        }
+    }
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        self.close(Duration::from_millis(200));
+    }
+}
