@@ -368,6 +368,13 @@ impl Holdfast {
         }
     }
 
+    /// [`Holdfast::stop`], then [`Netns::expect_empty`]: a clean exit that leaves
+    /// no service, instance or orphan behind in `ns`.
+    pub fn stop_leaving_nothing(&mut self, ns: &Netns) -> Result<()> {
+        self.stop()?;
+        ns.expect_empty()
+    }
+
     /// SIGTERM, then waits for the exit (bounded by [`STOP_TIMEOUT`]) and fails
     /// unless it is exit code 0. Returns the log. The sandbox stays until drop.
     pub fn stop(&mut self) -> Result<String> {

@@ -227,6 +227,16 @@ fn cat_sandbox(addresses: &[&str], ports: &[&str], socket_extra: &str) -> Result
     Ok(sandbox)
 }
 
+/// [`cat_sandbox`] served by a daemon in bind mode in `ns`.
+fn start_cat(
+    ns: &Netns,
+    addresses: &[&str],
+    ports: &[&str],
+    socket_extra: &str,
+) -> Result<Holdfast> {
+    Holdfast::start_in(ns, cat_sandbox(addresses, ports, socket_extra)?)
+}
+
 /// Runs `client(k)` for k in 0..n, each on its own thread inside `ns`, all let go at once.
 fn burst<T: Send>(ns: &Netns, n: usize, client: impl Fn(usize) -> T + Sync) -> Result<Vec<T>> {
     let barrier = Barrier::new(n);
@@ -433,8 +443,7 @@ fn accept_serves_stdin_stdout_and_fd3_services_on_a_port_range_and_prefix() -> R
         !matches!(outside, Outcome::Served(_)),
         "port 7010 is outside 7000-7009 but was served: {outside:?}"
     );
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 #[test]
@@ -458,8 +467,7 @@ fn accept_serves_stdin_stdout_and_fd3_services_in_bind_mode() -> Result<()> {
         &[sa("127.0.0.1:7100"), sa("127.0.0.1:7100")],
         &[v4("127.0.0.1"), v4("127.0.0.5")],
     )?;
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -588,8 +596,7 @@ fn max_connections_bounds_instances_and_every_connection_is_served() -> Result<(
         "max-connections: {} status samples, most {most_sampled}; most overlapping records {overlap}",
         sampled.len()
     );
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -598,12 +605,12 @@ fn max_connections_bounds_instances_and_every_connection_is_served() -> Result<(
 #[test]
 fn per_source_limit_closes_a_sources_extra_connections_only() -> Result<()> {
     let ns = skip_unless!(netns_with_routes()?);
-    let sandbox = cat_sandbox(
+    let mut hf = start_cat(
+        &ns,
         &["198.51.100.1/32"],
         &["7300"],
         "max-connections-per-source = 2",
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let dst = sa("198.51.100.1:7300");
     let (a, b) = (v4("198.51.100.2"), v4("198.51.100.3"));
 
@@ -643,8 +650,7 @@ fn per_source_limit_closes_a_sources_extra_connections_only() -> Result<()> {
         log.contains("max-connections-per-source"),
         "the log should say why a connection was closed:\n{log}"
     );
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 #[test]
@@ -653,12 +659,12 @@ fn rate_limit_pauses_accepting_and_the_burst_is_served_after_the_pause() -> Resu
     const RATE: usize = 5;
     let pause = Duration::from_secs(2);
     let ns = skip_unless!(netns_or_skip());
-    let sandbox = cat_sandbox(
+    let mut hf = start_cat(
+        &ns,
         &["127.0.0.1/32"],
         &["7400"],
         &format!("max-connection-rate = {RATE}\nrate-limit-pause = \"2s\""),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let dst = sa("127.0.0.1:7400");
 
     let start = Instant::now();
@@ -697,8 +703,7 @@ fn rate_limit_pauses_accepting_and_the_burst_is_served_after_the_pause() -> Resu
         log.contains("max-connection-rate") && log.contains("accepting pauses"),
         "the log should say accepting paused:\n{log}"
     );
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -707,8 +712,7 @@ fn rate_limit_pauses_accepting_and_the_burst_is_served_after_the_pause() -> Resu
 #[test]
 fn stop_ends_the_instances_and_connections_wait_for_start_not_refused() -> Result<()> {
     let ns = skip_unless!(netns_or_skip());
-    let sandbox = cat_sandbox(&["127.0.0.1/32"], &["7800"], "")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let mut hf = start_cat(&ns, &["127.0.0.1/32"], &["7800"], "")?;
     let dst = sa("127.0.0.1:7800");
     let local = v4("127.0.0.1");
     ns.run(|| -> Result<()> {
@@ -737,30 +741,38 @@ fn stop_ends_the_instances_and_connections_wait_for_start_not_refused() -> Resul
         assert_eq!(hf.service("cat")?["state"], "listening");
         Ok(())
     })??;
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 /// Per connection: ignores SIGTERM (inherited through exec by cat) and echoes.
 const STUBBORN: &str = "trap '' TERM; exec /bin/cat";
 
-#[test]
-fn stop_kills_instances_that_ignore_sigterm_after_stop_timeout() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+/// "stubborn", an accept service of [`STUBBORN`] instances with a 1 s stop-timeout on
+/// 127.0.0.1:`port`, in bind mode in `ns`, holding one open connection; returns the
+/// daemon and that connection.
+fn start_stubborn(ns: &Netns, port: u16) -> Result<(Holdfast, TcpStream)> {
+    let sandbox = Sandbox::new()?;
     sandbox.write_unit(
         "stubborn",
         &accept_unit(
             &["/bin/sh", "-c", STUBBORN],
             "stop-timeout = \"1s\"",
             &["127.0.0.1/32"],
-            &["7801"],
+            &[&port.to_string()],
             "",
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let dst = sa("127.0.0.1:7801");
-    let mut open = ns.run(|| open_echo(v4("127.0.0.1"), dst, "hold"))??;
+    let hf = Holdfast::start_in(ns, sandbox)?;
+    let dst = SocketAddr::from(([127, 0, 0, 1], port));
+    let open = ns.run(|| open_echo(v4("127.0.0.1"), dst, "hold"))??;
     hf.wait_service("stubborn", T, |s| s["instances"] == 1)?;
+    Ok((hf, open))
+}
+
+#[test]
+fn stop_kills_instances_that_ignore_sigterm_after_stop_timeout() -> Result<()> {
+    let ns = skip_unless!(netns_or_skip());
+    let (mut hf, mut open) = start_stubborn(&ns, 7801)?;
     let asked = Instant::now();
     hf.cli_ok(&["stop", "stubborn"])?;
     open.set_read_timeout(Some(T))?;
@@ -773,29 +785,15 @@ fn stop_kills_instances_that_ignore_sigterm_after_stop_timeout() -> Result<()> {
     );
     assert!(took < Duration::from_secs(5), "ended after {took:?}");
     hf.wait_service("stubborn", T, |s| s["instances"] == 0)?;
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 #[test]
 fn shutdown_ends_instances_that_ignore_sigterm() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_unit(
-        "stubborn",
-        &accept_unit(
-            &["/bin/sh", "-c", STUBBORN],
-            "stop-timeout = \"1s\"",
-            &["127.0.0.1/32"],
-            &["7802"],
-            "",
-        ),
-    )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let _open = ns.run(|| open_echo(v4("127.0.0.1"), sa("127.0.0.1:7802"), "hold"))??;
-    hf.wait_service("stubborn", T, |s| s["instances"] == 1)?;
+    let ns = skip_unless!(netns_or_skip());
+    let (mut hf, _open) = start_stubborn(&ns, 7802)?;
     // SIGTERM to holdfast: it exits 0 (within its stop timeout) with no instance left.
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -804,12 +802,12 @@ fn shutdown_ends_instances_that_ignore_sigterm() -> Result<()> {
 #[test]
 fn allow_and_deny_close_what_they_refuse_in_bind_mode() -> Result<()> {
     let ns = skip_unless!(netns_or_skip());
-    let sandbox = cat_sandbox(
+    let mut hf = start_cat(
+        &ns,
         &["127.0.0.1/32"],
         &["7500"],
         "allow = [\"127.0.0.0/29\"]\ndeny = [\"127.0.0.3/32\"]",
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let dst = sa("127.0.0.1:7500");
     ns.run(|| {
         assert_eq!(
@@ -836,8 +834,7 @@ fn allow_and_deny_close_what_they_refuse_in_bind_mode() -> Result<()> {
         metric(&hf, "holdfast_service_denied_connections_total", "cat")?,
         2.0
     );
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 #[test]
@@ -893,8 +890,7 @@ fn allow_and_deny_refuse_sources_with_the_dispatcher() -> Result<()> {
         metric(&hf, "holdfast_service_denied_connections_total", "cat")? >= 2.0,
         "denied connections in the metrics"
     );
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 /// A reload that changes only allow/deny keeps the socket (holdfast's policy,
@@ -940,8 +936,7 @@ fn reload_changes_allow_and_deny_in_place() -> Result<()> {
         "the same socket (kernel address) and destination"
     );
     let mut hf = hf;
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1029,8 +1024,7 @@ fn on_demand_udp_echo_starts_on_the_first_datagram_and_again_after_it_exits() ->
     check_on_demand(&ns, &hf, &|| {
         Ok(ns.run(|| ask_udp(sa("127.0.0.1:7700"), T))??)
     })?;
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 #[test]
@@ -1046,8 +1040,7 @@ fn on_demand_tcp_echo_starts_on_the_first_connection_and_again_after_it_exits() 
         Outcome::Served(s) => Ok(s),
         other => bail!("echo over tcp: {other:?}"),
     })?;
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 #[test]
@@ -1126,8 +1119,7 @@ fn debian_micro_httpd_is_served_unchanged_per_connection() -> Result<()> {
     assert_eq!(int(&svc, "connections_total"), 5, "{svc}");
     assert_eq!(svc["state"], "listening", "{svc}");
     assert!(Path::new(MICRO_HTTPD).is_file());
-    hf.stop()?;
-    ns.expect_empty()
+    hf.stop_leaving_nothing(&ns)
 }
 
 #[test]
