@@ -11,6 +11,7 @@
 //!   for until its control socket answers; the CLI against it ([`Holdfast::cli`],
 //!   [`Holdfast::status`], [`Holdfast::wait_state`], …); SIGTERM, exit 0 and clean-up
 //!   ([`Holdfast::stop`], or on drop).
+//! - [`CgroupRoot`]: a cgroup of the test's own for `--cgroup-root`, killed and removed on drop.
 //! - [`wrk`] / [`WrkReport`]: the one wrk runner and parser (requests, non-2xx responses,
 //!   socket errors by kind, cross-checked against wrk's own summary).
 //! - [`Holdfast::kill_9_rounds`]: crash restarts with connections queued while down.
@@ -53,6 +54,7 @@
 //! reason; elsewhere it prints `skipped: <probe>: <error>` and the test returns early.
 
 mod activate;
+mod cgroup;
 mod daemon;
 mod handoff;
 mod kill9;
@@ -71,6 +73,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub use activate::{free_port, loopback4, loopback6, Activated, HandedFds, SOCKET_ACTIVATE};
+pub use cgroup::CgroupRoot;
 pub use daemon::{
     dispatcher_instance, holdfast_bin, holdfast_cli, Holdfast, RunOptions, CLI_TIMEOUT,
     READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,

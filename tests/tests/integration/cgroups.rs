@@ -3,77 +3,16 @@
 //! unit's `kill-signal` is what stop sends, and the cgroups go at exit.
 //! Each test gets its own cgroup root under the test process's cgroup.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use holdfast_testkit::{
-    netns_or_skip, require, skip_unless, toml_str, wait_for, Holdfast, RunOptions, Sandbox,
+    netns_or_skip, process_gone, require, skip_unless, toml_str, wait_for, CgroupRoot, Holdfast,
+    RunOptions, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
-
-/// A fresh cgroup root for one daemon, removed (with what holdfast left) on drop.
-struct CgroupRoot(PathBuf);
-
-impl CgroupRoot {
-    fn new(tag: &str) -> Result<CgroupRoot> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let mount = mountinfo
-            .lines()
-            .filter_map(|l| l.split_once(" - "))
-            .find(|(_, fs)| fs.starts_with("cgroup2 "))
-            .and_then(|(m, _)| m.split(' ').nth(4))
-            .context("no cgroup2 mount in /proc/self/mountinfo")?
-            .to_string();
-        let own = std::fs::read_to_string("/proc/self/cgroup")?;
-        let own = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .context("no 0:: line in /proc/self/cgroup")?
-            .trim_start_matches('/')
-            .to_string();
-        let dir = Path::new(&mount).join(own).join(format!(
-            "hf-it-{}-{}-{tag}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        Ok(CgroupRoot(dir))
-    }
-
-    fn args(&self) -> Vec<String> {
-        vec!["--cgroup-root".into(), self.0.display().to_string()]
-    }
-}
-
-impl Drop for CgroupRoot {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
-        std::thread::sleep(Duration::from_millis(100));
-        fn remove(dir: &Path) {
-            if let Ok(entries) = std::fs::read_dir(dir) {
-                for e in entries.flatten() {
-                    if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        remove(&e.path());
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir(dir);
-        }
-        remove(&self.0);
-    }
-}
-
-/// Running (not gone, not a zombie).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
-        .unwrap_or(false)
-}
 
 fn pids_in(file: &Path) -> Vec<i32> {
     std::fs::read_to_string(file)
@@ -101,7 +40,7 @@ fn tracked(
         ),
     )?;
     let opts = RunOptions {
-        args: root.args(),
+        args: root.run_args(),
         ..RunOptions::default()
     };
     Holdfast::start_with(ns, sandbox, &opts)
@@ -126,7 +65,7 @@ fn a_setsid_double_fork_does_not_outlive_stop_or_shutdown() -> Result<()> {
         &script,
         "stop-timeout = \"2s\"\n",
     )?;
-    let service_cg = root.0.join("escaper.service");
+    let service_cg = root.path().join("escaper.service");
     hf.wait_running("escaper", T)?;
     let escaped = wait_for("the setsid'd processes' pids", T, || {
         let p = pids_in(&pids);
@@ -136,7 +75,7 @@ fn a_setsid_double_fork_does_not_outlive_stop_or_shutdown() -> Result<()> {
     hf.cli_ok(&["stop", "escaper"])?;
     hf.wait_state("escaper", "stopped", T)?;
     wait_for("the setsid'd processes to be gone after stop", T, || {
-        escaped.iter().all(|p| !alive(*p)).then_some(())
+        escaped.iter().all(|p| process_gone(*p)).then_some(())
     })?;
 
     // Again, then holdfast's own SIGTERM.
@@ -149,7 +88,7 @@ fn a_setsid_double_fork_does_not_outlive_stop_or_shutdown() -> Result<()> {
     })?;
     hf.stop()?;
     for p in &escaped {
-        assert!(!alive(*p), "pid {p} outlived holdfast");
+        assert!(process_gone(*p), "pid {p} outlived holdfast");
     }
     assert!(
         !service_cg.exists(),
