@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: runs a list of benchmark steps and prints one table. Each step is a
-//! function returning rows; every figure is a value and, where it has one, a baseline measured
-//! in the same run (these machines are shared and noisy, so only ratios mean much).
-//! To add a benchmark, write a `fn(&Bench) -> Result<Vec<Row>>` and list it in `STEPS`.
+//! subcommand of `holdfast-bench` (the bench crate, `bench/`), which prints its rows as JSON
+//! lines: a value and, where it has one, a baseline measured in the same run (these machines are
+//! shared and noisy, so only ratios mean much). To add a benchmark, add a subcommand there and
+//! list it in `STEPS`.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -37,44 +38,28 @@ impl Row {
     }
 }
 
-/// What every step gets: where the release binaries are, and the arguments after `--`.
+/// What every step gets: where the release binaries are, and how to call `holdfast-bench`.
 pub struct Bench<'a> {
     pub ws: &'a Workspace,
     pub bin_dir: PathBuf,
+    /// `--quick` for every step.
+    pub quick: bool,
+    /// Options after `--`, for the one step chosen with `--only`.
     pub args: &'a [OsString],
 }
 
-/// A step that cannot run here (a binary not built yet): noted in the output, not a failure.
-#[derive(Debug)]
-pub struct Skip(pub String);
-
-impl std::fmt::Display for Skip {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Skip {}
-
-type Step = fn(&Bench) -> Result<Vec<Row>>;
-
-/// Every benchmark, in the order they run. `--only NAME` picks some.
-pub const STEPS: &[(&str, Step)] = &[
-    ("holdfast-bench", holdfast_bench),
-    ("restarts", crate::bench_restarts::restarts),
-    ("reload-10k", crate::bench_reload::reload_10k),
-    ("rss-100", crate::bench_reload::rss_100),
-    ("inetd", crate::bench_inetd::inetd),
+/// Every benchmark, in the order they run: `holdfast-bench` subcommands. `--only NAME` picks some.
+pub const STEPS: &[&str] = &[
+    "lookup", "connect", "udp", "setup", "restarts", "reload", "rss", "inetd",
 ];
 
 /// Every name in `only` is a step (checked before anything is built).
 pub fn check_steps(only: &[String]) -> Result<()> {
     for name in only {
-        if !STEPS.iter().any(|(n, _)| n == name) {
-            let known: Vec<_> = STEPS.iter().map(|(n, _)| *n).collect();
+        if !STEPS.contains(&name.as_str()) {
             bail!(
                 "no benchmark step {name:?}; the steps are {}",
-                known.join(", ")
+                STEPS.join(", ")
             );
         }
     }
@@ -85,24 +70,25 @@ pub fn check_steps(only: &[String]) -> Result<()> {
 /// Returns whether every step that ran succeeded.
 pub fn run(bench: &Bench, only: &[String], json: bool) -> Result<bool> {
     check_steps(only)?;
+    if !bench.args.is_empty() && only.len() != 1 {
+        bail!("options after `--` are for one step: name it with --only");
+    }
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let mut ok = true;
-    for (name, step) in STEPS {
+    for name in STEPS {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
         eprintln!("bench: {name}");
         let start = std::time::Instant::now();
-        match step(bench) {
-            Ok(r) => rows.extend(r),
-            Err(e) => match e.downcast_ref::<Skip>() {
-                Some(skip) => notes.push(format!("{name}: skipped: {skip}")),
-                None => {
-                    ok = false;
-                    notes.push(format!("{name}: FAILED: {e:#}"));
-                }
-            },
+        match step(bench, name) {
+            Ok(Output::Rows(r)) => rows.extend(r),
+            Ok(Output::Skipped(why)) => notes.push(format!("{name}: skipped: {why}")),
+            Err(e) => {
+                ok = false;
+                notes.push(format!("{name}: FAILED: {e:#}"));
+            }
         }
         eprintln!("bench: {name} took {:.1}s", start.elapsed().as_secs_f64());
     }
@@ -194,9 +180,20 @@ fn table(rows: &[Row]) -> String {
     out
 }
 
-/// A JSON line `{"name", "value", "baseline", "unit"}` (baseline and ratio optional, may be null).
-fn parse_row(line: &str) -> Result<Row> {
+/// What a step printed: rows, or why it could not run here.
+#[derive(Debug, PartialEq)]
+enum Output {
+    Rows(Vec<Row>),
+    Skipped(String),
+}
+
+/// One JSON line of `holdfast-bench`: a row `{"name", "value", "baseline", "ratio", "unit"}`
+/// (baseline and ratio optional, may be null), or `{"skipped": why}`.
+fn parse_line(line: &str) -> Result<std::result::Result<Row, String>> {
     let v: serde_json::Value = serde_json::from_str(line)?;
+    if let Some(why) = v["skipped"].as_str() {
+        return Ok(Err(why.to_string()));
+    }
     let name = v["name"].as_str().context("no \"name\"")?;
     let value = v["value"].as_f64().context("no numeric \"value\"")?;
     let baseline = v["baseline"].as_f64();
@@ -205,21 +202,25 @@ fn parse_row(line: &str) -> Result<Row> {
     if let Some(ratio) = v["ratio"].as_f64() {
         row.ratio = Some(ratio);
     }
-    Ok(row)
+    Ok(Ok(row))
 }
 
-/// `target/release/holdfast-bench`, when built: its JSON lines on stdout become rows; any
-/// other stdout line is shown as progress; its stderr goes straight to the terminal.
-fn holdfast_bench(b: &Bench) -> Result<Vec<Row>> {
+/// `holdfast-bench [--quick] STEP [ARGS]`: its JSON lines on stdout become rows; any other
+/// stdout line is shown as progress; its stderr goes straight to the terminal.
+fn step(b: &Bench, name: &str) -> Result<Output> {
     let exe = b.bin_dir.join("holdfast-bench");
-    if !exe.exists() {
-        return Err(Skip(format!("{} is not built", exe.display())).into());
-    }
     let mut cmd = Command::new(&exe);
-    cmd.args(b.args)
+    cmd.arg("--bin-dir")
+        .arg(&b.bin_dir)
+        .arg("--workspace")
+        .arg(&b.ws.root);
+    if b.quick {
+        cmd.arg("--quick");
+    }
+    cmd.arg(name)
+        .args(b.args)
         .current_dir(&b.ws.root)
         .env("PATH", b.ws.path_with(&b.bin_dir)?)
-        .env("HOLDFAST_BIN", b.bin_dir.join("holdfast"))
         .stdout(Stdio::piped());
     eprintln!("xtask: $ {}", shell::display(&cmd));
     let mut child = cmd
@@ -227,19 +228,26 @@ fn holdfast_bench(b: &Bench) -> Result<Vec<Row>> {
         .with_context(|| format!("start {}", exe.display()))?;
     let stdout = child.stdout.take().context("holdfast-bench stdout")?;
     let mut rows = Vec::new();
+    let mut skipped = None;
     for line in BufReader::new(stdout).lines() {
         let line = line.context("read holdfast-bench stdout")?;
         if !line.trim_start().starts_with('{') {
             eprintln!("holdfast-bench: {line}");
             continue;
         }
-        rows.push(parse_row(&line).with_context(|| format!("holdfast-bench printed {line:?}"))?);
+        match parse_line(&line).with_context(|| format!("holdfast-bench printed {line:?}"))? {
+            Ok(row) => rows.push(row),
+            Err(why) => skipped = Some(why),
+        }
     }
     let status = child.wait().context("wait for holdfast-bench")?;
     if !status.success() {
-        bail!("{} failed ({status})", exe.display());
+        bail!("holdfast-bench {name} failed ({status})");
     }
-    Ok(rows)
+    Ok(match skipped {
+        Some(why) => Output::Skipped(why),
+        None => Output::Rows(rows),
+    })
 }
 
 #[cfg(test)]
@@ -248,24 +256,30 @@ mod tests {
 
     #[test]
     fn json_lines_become_rows() {
-        let row =
-            parse_row(r#"{"name":"lookup 1M","value":42.0,"baseline":40,"unit":"ns"}"#).unwrap();
-        assert_eq!(row, Row::new("lookup 1M", 42.0, Some(40.0), "ns"));
-        assert_eq!(row.ratio, Some(1.05));
-        let no_base = parse_row(r#"{"name":"x","value":1,"baseline":null,"unit":"s"}"#).unwrap();
+        let row = |line: &str| parse_line(line).unwrap().unwrap();
+        let r = row(r#"{"name":"lookup 1M","value":42.0,"baseline":40,"unit":"ns"}"#);
+        assert_eq!(r, Row::new("lookup 1M", 42.0, Some(40.0), "ns"));
+        assert_eq!(r.ratio, Some(1.05));
+        let no_base = row(r#"{"name":"x","value":1,"baseline":null,"unit":"s"}"#);
         assert_eq!((no_base.baseline, no_base.ratio), (None, None));
-        let given = parse_row(r#"{"name":"x","value":1,"ratio":0.5}"#).unwrap();
-        assert_eq!(given.ratio, Some(0.5));
-        assert!(parse_row(r#"{"value":1}"#).is_err());
-        assert!(parse_row(r#"{"name":"x","value":"fast"}"#).is_err());
-        assert!(parse_row("{not json").is_err());
+        assert_eq!(
+            row(r#"{"name":"x","value":1,"ratio":0.5}"#).ratio,
+            Some(0.5)
+        );
+        assert_eq!(
+            parse_line(r#"{"skipped":"needs root"}"#).unwrap(),
+            Err("needs root".to_string())
+        );
+        assert!(parse_line(r#"{"value":1}"#).is_err());
+        assert!(parse_line(r#"{"name":"x","value":"fast"}"#).is_err());
+        assert!(parse_line("{not json").is_err());
     }
 
     #[test]
     fn unknown_steps_are_refused() {
-        assert!(check_steps(&["holdfast-bench".to_string()]).is_ok());
+        assert!(check_steps(&["lookup".to_string()]).is_ok());
         let err = check_steps(&["nope".to_string()]).unwrap_err().to_string();
-        assert!(err.contains("holdfast-bench"), "{err}");
+        assert!(err.contains("restarts"), "{err}");
     }
 
     #[test]

@@ -4,9 +4,6 @@
 //! is one call to `cargo xtask test`.
 
 mod bench;
-mod bench_inetd;
-mod bench_reload;
-mod bench_restarts;
 mod bootstrap;
 mod run;
 mod shell;
@@ -61,15 +58,19 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Build release binaries, run the benchmarks and print one table of ratios.
+    /// Build release binaries, run the benchmarks (`holdfast-bench` subcommands) and print one
+    /// table of ratios.
     Bench {
-        /// Run only this step (repeatable).
+        /// Run only this step (repeatable): lookup, connect, udp, setup, restarts, reload, rss, inetd.
         #[arg(long, value_name = "STEP")]
         only: Vec<String>,
+        /// Fewer and shorter rounds (a quick look, not figures to quote).
+        #[arg(long)]
+        quick: bool,
         /// Print JSON lines instead of the table.
         #[arg(long)]
         json: bool,
-        /// More arguments for target/release/holdfast-bench.
+        /// Options of the one step named with --only (see `holdfast-bench STEP --help`).
         #[arg(last = true)]
         args: Vec<OsString>,
     },
@@ -113,13 +114,23 @@ fn dispatch(command: Cmd) -> Result<ExitCode> {
             return run::run(&ws, units, args);
         }
         Cmd::Test { no_lint, args } => test(&ws, no_lint, &args)?,
-        Cmd::Bench { only, json, args } => {
+        Cmd::Bench {
+            only,
+            quick,
+            json,
+            args,
+        } => {
             bench::check_steps(&only)?;
             bootstrap::ensure(&ws, Scope::Full)?;
             build(&ws, Profile::Release)?;
+            shell::run(
+                &mut ws.cargo(["build", "--release", "--package", "holdfast-bench"]),
+                "the benchmark build failed (see above)",
+            )?;
             let b = bench::Bench {
                 ws: &ws,
                 bin_dir: ws.bin_dir(Profile::Release),
+                quick,
                 args: &args,
             };
             if !bench::run(&b, &only, json)? {
@@ -132,13 +143,20 @@ fn dispatch(command: Cmd) -> Result<ExitCode> {
 
 /// Every binary of the workspace (holdfast and the examples). xtask itself is left out: it is
 /// running, and building it here with the whole workspace's features would only make the next
-/// `cargo xtask` rebuild it.
+/// `cargo xtask` rebuild it. So is the bench crate: only `bench` needs it.
 fn build(ws: &Workspace, profile: Profile) -> Result<()> {
     let mut cmd = ws.cargo(["build"]);
     if profile == Profile::Release {
         cmd.arg("--release");
     }
-    cmd.args(["--workspace", "--bins", "--exclude", "xtask"]);
+    cmd.args([
+        "--workspace",
+        "--bins",
+        "--exclude",
+        "xtask",
+        "--exclude",
+        "holdfast-bench",
+    ]);
     shell::run(&mut cmd, "the build failed (see above)")?;
     let dir = ws.bin_dir(profile);
     let missing: Vec<_> = BINARIES

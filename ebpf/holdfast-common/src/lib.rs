@@ -21,8 +21,6 @@
 
 /// The sk_lookup program that dispatches.
 pub const LOOKUP_PROGRAM: &str = "holdfast_lookup";
-/// A program that returns SK_PASS and does nothing else: the benchmark baseline.
-pub const EMPTY_PROGRAM: &str = "holdfast_empty";
 
 pub const GENERATION_MAP: &str = "HF_GENERATION";
 pub const PORT_CLASS_MAP: &str = "HF_PORT_CLASS";

@@ -191,12 +191,6 @@ pub fn holdfast_lookup(ctx: SkLookupContext) -> u32 {
     dispatch(&ctx)
 }
 
-/// The benchmark's baseline: the cost of running any sk_lookup program.
-#[sk_lookup]
-pub fn holdfast_empty(_ctx: SkLookupContext) -> u32 {
-    sk_action::SK_PASS
-}
-
 #[inline(always)]
 fn dispatch(ctx: &SkLookupContext) -> u32 {
     let l = read_context(ctx);

@@ -95,7 +95,6 @@
 //! by a holdfast that died is replaced (unpinning its link detaches its program);
 //! [`Dispatcher::detach`] removes everything.
 
-mod bench;
 pub mod compile;
 mod links;
 mod pins;
@@ -106,7 +105,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -115,13 +114,14 @@ use aya::programs::{links::FdLink, SkLookup};
 use aya::{Ebpf, EbpfLoader};
 use holdfast_common::{
     port_class_index, rule_tag, BindingKey, LengthSlot, RuleData, BINDINGS_MAP, COUNTERS_MAP,
-    EMPTY_PROGRAM, GENERATION_MAP, LENGTHS_MAP, LENGTH_SLOTS, LOOKUP_PROGRAM, PORT_CLASS_MAP,
-    RULES_MAP, RULE_ADMIT, RULE_REFUSE, RULE_STATE_MAP, RULE_TAG_BITS, SOCKETS_MAP,
+    GENERATION_MAP, LENGTHS_MAP, LENGTH_SLOTS, LOOKUP_PROGRAM, PORT_CLASS_MAP, RULES_MAP,
+    RULE_ADMIT, RULE_REFUSE, RULE_STATE_MAP, RULE_TAG_BITS, SOCKETS_MAP,
 };
 
-pub use bench::{bench_lookup, BenchFigure, BenchReport};
 pub use compile::{compile, compile_rules, BindingEntry, Compiled, RuleEntry};
 pub use holdfast_common::{DEFAULT_BINDING_ENTRIES, MAX_DESTINATIONS};
+/// BPF_PROG_TEST_RUN of an sk_lookup program, for the tests and `holdfast-bench`.
+pub use sys::{socket_cookie, test_run_sk_lookup, SkLookupCtx, TestRun};
 
 use crate::unit::{IpPrefix, PortRange, Protocol};
 
@@ -246,16 +246,6 @@ pub enum DispatchError {
         destination: DestinationId,
         source: io::Error,
     },
-    #[error("cannot test-run BPF program {name}: {source}")]
-    TestRun {
-        name: &'static str,
-        source: io::Error,
-    },
-    #[error("cannot create the benchmark's {what}: {source}")]
-    BenchSetup {
-        what: &'static str,
-        source: io::Error,
-    },
 }
 
 /// The BPF object, built by build.rs through aya-build.
@@ -362,11 +352,12 @@ impl Loaded {
             .map_max_entries(BINDINGS_MAP, capacity)
             .load(OBJECT)
             .map_err(|source| DispatchError::LoadObject { source })?;
-        for name in [LOOKUP_PROGRAM, EMPTY_PROGRAM] {
-            sk_lookup_program(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DispatchError::LoadProgram { name, source })?;
-        }
+        sk_lookup_program(&mut ebpf, LOOKUP_PROGRAM)?
+            .load()
+            .map_err(|source| DispatchError::LoadProgram {
+                name: LOOKUP_PROGRAM,
+                source,
+            })?;
         if let Some(dir) = pin_dir {
             for name in [
                 GENERATION_MAP,
@@ -435,13 +426,12 @@ impl Loaded {
     }
 
     /// A CLOEXEC duplicate of a loaded program's fd, for BPF_PROG_TEST_RUN.
-    fn program_fd(&mut self, name: &'static str) -> Result<OwnedFd, DispatchError> {
+    #[cfg(test)]
+    fn program_fd(&mut self, name: &'static str) -> Result<std::os::fd::OwnedFd, DispatchError> {
         let fd = sk_lookup_program(&mut self.ebpf, name)?
             .fd()
             .map_err(|source| DispatchError::LoadProgram { name, source })?;
-        fd.as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| DispatchError::TestRun { name, source })
+        Ok(fd.as_fd().try_clone_to_owned().expect("dup a program fd"))
     }
 
     fn apply(&mut self, bindings: &[Binding]) -> Result<(), DispatchError> {

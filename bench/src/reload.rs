@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::{Bench, Row, Skip};
-use crate::shell;
+use crate::report::{self as shell, Env as Bench, Row, Skip};
 
 /// The binding the loop client uses: in every unit set of `reload-10k`.
 const STAY: &str = "192.0.2.1:80";
@@ -233,9 +232,9 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(b: &Bench, step: &str) -> Result<Scratch> {
-        let dir =
-            b.ws.target_dir
-                .join(format!("bench-{step}-{}", std::process::id()));
+        let dir = b
+            .scratch
+            .join(format!("bench-{step}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         for sub in ["units", "state", "out"] {
             fs::create_dir_all(dir.join(sub))?;
@@ -276,7 +275,7 @@ fn toml_list<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
 
 /// A unit running tests/src/serve.py (answers `"NAME PID\n"`) on TCP `addresses` × port 80.
 fn serve_unit(b: &Bench, scratch: &Scratch, name: &str, addresses: &[String]) -> String {
-    let serve = b.ws.root.join("tests/src/serve.py");
+    let serve = b.root.join("tests/src/serve.py");
     let report = scratch.0.join("out").join(format!("{name}.json"));
     format!(
         "[service]\nexec = {}\n\n[[socket]]\nname = \"{name}\"\nprotocol = \"tcp\"\naddresses = {}\nports = [\"80\"]\n",

@@ -1,4 +1,4 @@
-//! `cargo xtask bench --only inetd`: connections per second served by a trivial
+//! `holdfast-bench inetd` (`cargo xtask bench --only inetd`): connections per second served by a trivial
 //! per-connection service under holdfast (`accept = true`: an instance per connection), against
 //! the same service under Debian's `systemd-socket-activate --accept --inetd` (a process per
 //! connection, the connection on stdin/stdout) in the same invocation (these
@@ -12,11 +12,9 @@
 //! namespace, its scratch directory (kept when it fails: units, the daemon's log) and the
 //! processes it starts.
 //!
-//! Flags after `--` (others are left to the other steps): `--inetd-duration SECS` (each run,
-//! default 5), `--inetd-threads N` (client threads, default 8), `--inetd-rounds N` (runs of each,
-//! default 2), `--quick` (2 s, one round).
+//! Options (`holdfast-bench inetd --help`): `--duration` (each run, default 5s), `--threads`
+//! (client threads, default 8), `--rounds` (runs of each, default 2); `--quick`: 2 s, one round.
 
-use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -27,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::bench::{Bench, Row, Skip};
-use crate::shell;
+use crate::report::{self as shell, Env, Row, Skip};
 
 const HOLDFAST_ADDR: &str = "127.0.0.1:9001";
 const BASELINE_ADDR: &str = "127.0.0.1:9002";
@@ -39,62 +36,14 @@ const CONN_TIMEOUT: Duration = Duration::from_secs(10);
 const UP_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Options {
-    duration: Duration,
-    threads: usize,
-    rounds: usize,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            duration: Duration::from_secs(5),
-            threads: 8,
-            rounds: 2,
-        }
-    }
-}
-
-/// Reads this step's flags from the arguments after `--`, leaving the others alone.
-fn parse_options(args: &[OsString]) -> Result<Options> {
-    let mut opts = Options::default();
-    let args: Vec<String> = args
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) => (f, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut number = |min: u64| -> Result<u64> {
-            let v = inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a number"))?;
-            v.parse()
-                .ok()
-                .filter(|n| *n >= min)
-                .with_context(|| format!("{flag} {v:?}: write a whole number of at least {min}"))
-        };
-        match flag {
-            "--quick" => {
-                opts.duration = Duration::from_secs(2);
-                opts.rounds = 1;
-            }
-            "--inetd-duration" => opts.duration = Duration::from_secs(number(1)?),
-            "--inetd-threads" => opts.threads = number(1)? as usize,
-            "--inetd-rounds" => opts.rounds = number(1)? as usize,
-            _ => {}
-        }
-    }
-    Ok(opts)
+pub struct Options {
+    pub duration: Duration,
+    pub threads: usize,
+    pub rounds: usize,
 }
 
 /// The step: see the module docs.
-pub fn inetd(b: &Bench) -> Result<Vec<Row>> {
-    let opts = parse_options(b.args)?;
+pub fn inetd(b: &Env, opts: Options) -> Result<Vec<Row>> {
     if !shell::is_root() {
         let why = "needs root (ip netns add)";
         if shell::in_ci() {
@@ -419,35 +368,6 @@ impl Drop for Netns<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn options_are_read_and_others_left_alone() {
-        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(parse_options(&[]).unwrap(), Options::default());
-        let set = parse_options(&args(&[
-            "--restarts-count",
-            "7",
-            "--inetd-duration",
-            "3",
-            "--inetd-threads=4",
-            "--inetd-rounds",
-            "5",
-        ]))
-        .unwrap();
-        assert_eq!(
-            set,
-            Options {
-                duration: Duration::from_secs(3),
-                threads: 4,
-                rounds: 5
-            }
-        );
-        let quick = parse_options(&args(&["--quick"])).unwrap();
-        assert_eq!((quick.duration, quick.rounds), (Duration::from_secs(2), 1));
-        assert!(parse_options(&args(&["--inetd-threads", "0"])).is_err());
-        assert!(parse_options(&args(&["--inetd-duration", "soon"])).is_err());
-        assert!(parse_options(&args(&["--inetd-rounds"])).is_err());
-    }
 
     #[test]
     fn tallies_add_up_to_rates() {

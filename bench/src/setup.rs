@@ -23,16 +23,17 @@ use holdfast::listener::{self, Placement};
 use holdfast::unit::{IpPrefix, PortRange, Protocol, SocketConfig, SocketOptions};
 
 use crate::netns::{Netns, THREAD_NETNS};
-use crate::{median, Attached};
+use crate::report::{median, Row};
+use crate::Attached;
 
-pub const ADDRESSES: usize = 16;
-pub const PORTS: usize = 1000;
+const ADDRESSES: usize = 16;
+const PORTS: usize = 1000;
 const FIRST_PORT: u16 = 20000;
 /// Sockets a /24 on every port would need in bind mode.
-pub const SLASH24_SOCKETS: f64 = 256.0 * 65535.0;
+const SLASH24_SOCKETS: f64 = 256.0 * 65535.0;
 
 /// Medians over the rounds.
-pub struct SetupCost {
+struct SetupCost {
     pub bound_secs: f64,
     pub bound_bytes: f64,
     pub steered_secs: f64,
@@ -43,7 +44,7 @@ pub struct SetupCost {
 }
 
 impl SetupCost {
-    pub fn sockets(&self) -> f64 {
+    fn sockets(&self) -> f64 {
         (ADDRESSES * PORTS) as f64
     }
 }
@@ -151,8 +152,44 @@ fn steered_round(instance: &str, addresses: Vec<IpPrefix>, ports: PortRange) -> 
     Ok((secs, bytes))
 }
 
+/// The step's rows.
+pub fn run(rounds: u32) -> Result<Vec<Row>> {
+    let c = crate::netns::on_own_thread("setup", move || setup_cost(rounds))?;
+    let sockets = c.sockets();
+    let what = format!("{ADDRESSES} addr × {PORTS} ports, 1 steered ÷ {sockets} bound sockets");
+    let per_socket = c.bound_bytes / sockets;
+    let per_socket_secs = c.bound_secs / sockets;
+    Ok(vec![
+        Row::new(
+            format!("set-up time, {what}"),
+            c.steered_secs * 1e3,
+            Some(c.bound_secs * 1e3),
+            "ms",
+        ),
+        Row::new(
+            format!("set-up kernel memory, {what}"),
+            c.steered_bytes / 1024.0,
+            Some(c.bound_bytes / 1024.0),
+            "KiB",
+        ),
+        Row::new("kernel memory per bound socket", per_socket, None, "bytes"),
+        Row::new(
+            "set-up time, /24 × 65535 ports: 1 steered ÷ bound (extrapolated)",
+            c.wide_secs * 1e3,
+            Some(per_socket_secs * SLASH24_SOCKETS * 1e3),
+            "ms",
+        ),
+        Row::new(
+            "set-up kernel memory, /24 × 65535 ports: 1 steered ÷ bound (extrapolated)",
+            c.wide_bytes / 1024.0,
+            Some(per_socket * SLASH24_SOCKETS / 1024.0),
+            "KiB",
+        ),
+    ])
+}
+
 /// Runs `rounds` rounds of the three set-ups, in a fresh namespace.
-pub fn setup_cost(rounds: u32) -> Result<SetupCost> {
+fn setup_cost(rounds: u32) -> Result<SetupCost> {
     enough_fds((ADDRESSES * PORTS) as u64 + 1000)?;
     let _ns = Netns::create(&[])?;
     let instance = format!("bench-{}-setup", std::process::id());

@@ -1,4 +1,4 @@
-//! `cargo xtask bench --only restarts`: what restarts and crashes cost the clients of a service,
+//! `holdfast-bench restarts` (`cargo xtask bench --only restarts`): what restarts and crashes cost the clients of a service,
 //! measured with a real load generator (wrk), against the same load with no restarts in the same
 //! invocation (these machines are shared and noisy: only ratios mean much).
 //!
@@ -11,7 +11,7 @@
 //!
 //! Refused connections are counted by the kernel (the namespace's TCP AttemptFails): wrk's
 //! connect is non-blocking, so it reports a refusal as a write error, not a connect error.
-//! Each disturbed run lasts `--restarts-duration` or until its restarts are done, whichever is
+//! Each disturbed run lasts `--duration` or until its restarts are done, whichever is
 //! longer (then wrk is stopped with SIGINT), so throughput is compared as a rate.
 //!
 //! It fails when a holdfast restart mode shows any socket error, refusal or non-2xx response,
@@ -26,11 +26,9 @@
 //! idle ones at a graceful stop without a `Connection: close`, racing the client's next request:
 //! read errors that are gunicorn's, under any supervisor.)
 //!
-//! Flags after `--` (others are left to the other steps): `--restarts-duration DUR` (each wrk run;
-//! default 30s; e.g. "10s", "500ms" rounds up to 1s), `--restarts-count N` (restarts per run,
-//! default 50), `--quick` (5 s and 10 restarts: a few minutes in all).
+//! Options (`holdfast-bench restarts --help`): `--duration` (each wrk run, default 30s, rounded
+//! up to whole seconds), `--count` (restarts per run, default 50); `--quick`: 5 s and 10 restarts.
 
-use std::ffi::OsString;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -38,8 +36,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::bench::{Bench, Row, Skip};
-use crate::shell;
+use crate::report::{self as shell, Env, Row, Skip};
 
 /// wrk's connections and threads (the machines have two cores).
 const CONNECTIONS: u32 = 50;
@@ -67,7 +64,7 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// is SIGKILLed at its stop-timeout with a request in hand. A restart within milliseconds of
 /// the last would measure that gunicorn race, not holdfast.
 const MIN_GAP: Duration = Duration::from_millis(500);
-/// A disturbed run may last this many times `--restarts-duration` (wrk's `-d`).
+/// A disturbed run may last this many times `--duration` (wrk's `-d`).
 const MAX_STRETCH: u64 = 10;
 /// How long a ready service's state may take to read "running".
 const STATE_SETTLE: Duration = Duration::from_secs(2);
@@ -80,83 +77,10 @@ def app(environ, start_response):
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Options {
-    duration: Duration,
-    count: u32,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            duration: Duration::from_secs(30),
-            count: 50,
-        }
-    }
-}
-
-/// Reads this step's flags from the arguments after `--`, leaving the others alone.
-fn parse_options(args: &[OsString]) -> Result<Options> {
-    let mut opts = Options::default();
-    let args: Vec<String> = args
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let mut i = 0;
-    while i < args.len() {
-        let (flag, inline) = match args[i].split_once('=') {
-            Some((f, v)) => (f, Some(v.to_string())),
-            None => (args[i].as_str(), None),
-        };
-        let mut value = |what: &str| -> Result<String> {
-            if let Some(v) = inline.clone() {
-                return Ok(v);
-            }
-            i += 1;
-            args.get(i)
-                .cloned()
-                .with_context(|| format!("{flag} needs {what}"))
-        };
-        match flag {
-            "--quick" => {
-                opts.duration = Duration::from_secs(5);
-                opts.count = 10;
-            }
-            "--restarts-duration" => {
-                let v = value("a duration such as 30s")?;
-                opts.duration =
-                    parse_duration(&v).with_context(|| format!("--restarts-duration {v:?}"))?;
-            }
-            "--restarts-count" => {
-                let v = value("a number")?;
-                opts.count =
-                    v.parse().ok().filter(|n| *n > 0).with_context(|| {
-                        format!("--restarts-count {v:?}: write a number above 0")
-                    })?;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    // wrk takes whole seconds.
-    opts.duration = Duration::from_secs(opts.duration.as_secs_f64().ceil().max(1.0) as u64);
-    Ok(opts)
-}
-
-/// "30s", "500ms", "2m", or a bare number of seconds.
-fn parse_duration(s: &str) -> Result<Duration> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok().context("write e.g. 30s, 500ms or 2m")?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        _ => bail!("unknown unit {unit:?}: write s, ms or m"),
-    };
-    Ok(Duration::from_secs_f64(secs))
+pub struct Options {
+    /// Each wrk run; whole seconds (rounded up).
+    pub duration: Duration,
+    pub count: u32,
 }
 
 /// What wrk reports for one run (latencies in milliseconds).
@@ -472,8 +396,12 @@ fn rows(run: &Run, base: Option<&Run>) -> Vec<Row> {
 }
 
 /// The step registered in `bench::STEPS`.
-pub fn restarts(b: &Bench) -> Result<Vec<Row>> {
-    let opts = parse_options(b.args)?;
+pub fn restarts(b: &Env, opts: Options) -> Result<Vec<Row>> {
+    // wrk takes whole seconds.
+    let opts = Options {
+        duration: Duration::from_secs(opts.duration.as_secs_f64().ceil().max(1.0) as u64),
+        ..opts
+    };
     let tools = Tools::find(b)?;
     let scratch = Scratch::new()?;
     let result = measure(&tools, &scratch, opts);
@@ -497,7 +425,7 @@ struct Tools {
 }
 
 impl Tools {
-    fn find(b: &Bench) -> Result<Tools> {
+    fn find(b: &Env) -> Result<Tools> {
         if !shell::is_root() {
             let why = "needs root (ip netns add, sk_lookup)";
             if shell::in_ci() {
@@ -1257,50 +1185,6 @@ Requests/sec:  16926.86
         }
         assert!(parse_latency_ms("12").is_err());
         assert!(parse_latency_ms("12parsecs").is_err());
-    }
-
-    #[test]
-    fn options_are_read_and_others_left_alone() {
-        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(parse_options(&[]).unwrap(), Options::default());
-        let quick = parse_options(&args(&["--quick"])).unwrap();
-        assert_eq!((quick.duration, quick.count), (Duration::from_secs(5), 10));
-        let set = parse_options(&args(&[
-            "--lookups",
-            "9",
-            "--restarts-duration",
-            "12s",
-            "--restarts-count=7",
-        ]))
-        .unwrap();
-        assert_eq!((set.duration, set.count), (Duration::from_secs(12), 7));
-        // wrk takes whole seconds, at least one.
-        let short = parse_options(&args(&["--restarts-duration=300ms"])).unwrap();
-        assert_eq!(short.duration, Duration::from_secs(1));
-        assert!(parse_options(&args(&["--restarts-count", "0"])).is_err());
-        assert!(parse_options(&args(&["--restarts-duration", "soon"])).is_err());
-        assert!(parse_options(&args(&["--restarts-duration"])).is_err());
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("2h").is_err());
-    }
-
-    fn run(disturb: Disturb, report: WrkReport, done: u32) -> Run {
-        Run {
-            service: "hello",
-            style: Style::Close,
-            disturb,
-            report,
-            kernel: TcpCounters::default(),
-            done,
-            failures: Vec::new(),
-            warnings: vec!["not counted as a broken promise".into()],
-        }
     }
 
     #[test]
