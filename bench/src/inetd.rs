@@ -24,6 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use holdfast_testkit::Netns;
 
 use crate::report::{self as shell, Env, Row, Skip};
 
@@ -89,7 +90,7 @@ fn measure(
         ),
     )
     .context("write cat.toml")?;
-    let ns = Netns::new(ip)?;
+    let ns = Netns::new()?;
 
     let log = File::create(scratch.join("holdfast.log")).context("create holdfast.log")?;
     let mut cmd = Command::new(holdfast);
@@ -109,7 +110,7 @@ fn measure(
     let _daemon = Reaped(cmd.spawn().context("start holdfast run")?);
 
     let baseline_log = File::create(scratch.join("socket-activate.log"))?;
-    let mut cmd = ns.command(activate);
+    let mut cmd = in_netns(ip, &ns, activate);
     cmd.args(["--accept", "--inetd", "-l", BASELINE_ADDR, "/bin/cat"])
         .stdin(Stdio::null())
         .stdout(baseline_log.try_clone()?)
@@ -319,50 +320,11 @@ impl Drop for Reaped {
     }
 }
 
-/// A network namespace with `lo` up; deleted, with every process still in it, on drop.
-struct Netns<'a> {
-    name: String,
-    ip: &'a Path,
-}
-
-impl<'a> Netns<'a> {
-    fn new(ip: &'a Path) -> Result<Netns<'a>> {
-        let name = format!("hf-bench-inetd-{}", std::process::id());
-        let ns = Netns { name, ip };
-        shell::run_quiet(Command::new(ip).args(["netns", "add", &ns.name]))?;
-        shell::run_quiet(Command::new(ip).args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
-        Ok(ns)
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    /// `ip netns exec NAME PROGRAM` (exec keeps the pid: signals reach PROGRAM).
-    fn command(&self, program: &Path) -> Command {
-        let mut cmd = Command::new(self.ip);
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-}
-
-impl Drop for Netns<'_> {
-    fn drop(&mut self) {
-        if let Ok(out) = Command::new(self.ip)
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    // SAFETY: kill(2) takes two integers and touches no memory of ours.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        let _ = Command::new(self.ip)
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// `ip netns exec NAME PROGRAM` (exec keeps the pid: signals reach PROGRAM).
+fn in_netns(ip: &Path, ns: &Netns, program: &Path) -> Command {
+    let mut cmd = Command::new(ip);
+    cmd.args(["netns", "exec", ns.name()]).arg(program);
+    cmd
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@
 //! - `setup`: set-up time and kernel memory, steered ÷ bound (`setup`).
 //! - `restarts`: wrk against services restarted in a loop (`restarts`).
 //! - `reload`: reloads of 10k bindings under a loop client; `rss`: the
-//!   supervisor's memory with 100 services (`reload`).
+//!   supervisor's memory with 100 services; `scale`: start-up and status with
+//!   1000 services (`reload`).
 //! - `inetd`: per-connection services ÷ systemd-socket-activate (`inetd`).
 
 mod connect;
@@ -51,9 +52,6 @@ struct Cli {
         default_value = "target/release"
     )]
     bin_dir: PathBuf,
-    /// The workspace root.
-    #[arg(long, global = true, value_name = "DIR", default_value = ".")]
-    workspace: PathBuf,
     #[command(subcommand)]
     step: Step,
 }
@@ -111,6 +109,8 @@ enum Step {
     Reload,
     /// The supervisor's resident memory with 100 services ÷ with 1.
     Rss,
+    /// Start-up and `status --json` with 1000 services ÷ with 1.
+    Scale,
     /// Per-connection services: holdfast `accept = true` ÷ systemd-socket-activate --accept.
     Inetd {
         /// Each run.
@@ -152,13 +152,12 @@ impl Drop for Attached {
 }
 
 fn run(cli: Cli) -> Result<Vec<Row>> {
-    let root = std::path::absolute(&cli.workspace).context("resolve --workspace")?;
     let env = Env {
         bin_dir: std::path::absolute(&cli.bin_dir).context("resolve --bin-dir")?,
-        scratch: std::env::temp_dir(),
-        root,
     };
     let quick = cli.quick;
+    // The kit's daemon launcher starts this binary.
+    std::env::set_var("HOLDFAST_BIN", env.bin_dir.join("holdfast"));
     match cli.step {
         Step::Lookup {
             repeat,
@@ -202,8 +201,9 @@ fn run(cli: Cli) -> Result<Vec<Row>> {
             };
             restarts::restarts(&env, opts)
         }
-        Step::Reload => reload::reload_10k(&env),
-        Step::Rss => reload::rss_100(&env),
+        Step::Reload => reload::reload_10k(),
+        Step::Rss => reload::rss_100(),
+        Step::Scale => reload::scale(),
         Step::Inetd {
             duration,
             threads,

@@ -79,10 +79,6 @@ pub fn need_root(why: &str) -> Result<()> {
 pub struct Env {
     /// target/release: holdfast, hello-http, echo.
     pub bin_dir: PathBuf,
-    /// The workspace root (tests/src/serve.py).
-    pub root: PathBuf,
-    /// Where scratch directories go.
-    pub scratch: PathBuf,
 }
 
 /// `CI=true` (or `1`): set-up that cannot be done is an error, never a skip.

@@ -35,6 +35,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use holdfast_testkit::Netns;
 
 use crate::report::{self as shell, Env, Row, Skip};
 
@@ -421,7 +422,6 @@ struct Tools {
     hello: PathBuf,
     gunicorn: PathBuf,
     wrk: PathBuf,
-    ip: PathBuf,
 }
 
 impl Tools {
@@ -447,7 +447,6 @@ impl Tools {
             hello,
             gunicorn: command("gunicorn")?,
             wrk: command("wrk")?,
-            ip: command("ip")?,
         })
     }
 }
@@ -478,65 +477,24 @@ impl Scratch {
     }
 }
 
-/// A network namespace with `lo` up and [`PREFIX`] local; deleted, with every process still in
-/// it, on drop.
-struct Netns<'a> {
-    name: String,
-    ip: &'a Path,
+/// A network namespace of the kit with `lo` up and [`PREFIX`] local.
+fn netns() -> Result<Netns> {
+    let ns = Netns::new()?;
+    ns.add_local_route(PREFIX)?;
+    Ok(ns)
 }
 
-impl<'a> Netns<'a> {
-    fn new(ip: &'a Path) -> Result<Netns<'a>> {
-        let name = format!("hf-bench-restarts-{}", std::process::id());
-        let ns = Netns { name, ip };
-        // A namespace left by a killed earlier run of this pid would make `add` fail.
-        let _ = Command::new(ip)
-            .args(["netns", "del", &ns.name])
-            .stderr(Stdio::null())
-            .status();
-        shell::run_quiet(Command::new(ip).args(["netns", "add", &ns.name]))?;
-        shell::run_quiet(Command::new(ip).args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
-        shell::run_quiet(
-            Command::new(ip).args(["-n", &ns.name, "route", "add", "local", PREFIX, "dev", "lo"]),
-        )?;
-        Ok(ns)
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    /// `ip netns exec NAME PROGRAM` (exec keeps the pid: signals reach PROGRAM).
-    fn command(&self, program: &Path) -> Command {
-        let mut cmd = Command::new(self.ip);
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
+/// `ip netns exec NAME PROGRAM` (exec keeps the pid: signals reach PROGRAM).
+fn in_netns(ns: &Netns, program: &Path) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]).arg(program);
+    cmd
 }
 
-impl Netns<'_> {
-    fn tcp_counters(&self) -> Result<TcpCounters> {
-        let out = shell::run_quiet(self.command(Path::new("cat")).arg("/proc/net/snmp"))?;
-        parse_snmp(&String::from_utf8_lossy(&out.stdout))
-    }
-}
-
-impl Drop for Netns<'_> {
-    fn drop(&mut self) {
-        if let Ok(out) = Command::new(self.ip)
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse() {
-                    signal(pid, libc::SIGKILL);
-                }
-            }
-        }
-        let _ = Command::new(self.ip)
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// The namespace's TCP counters.
+fn tcp_counters(ns: &Netns) -> Result<TcpCounters> {
+    let out = shell::run_quiet(in_netns(ns, Path::new("cat")).arg("/proc/net/snmp"))?;
+    parse_snmp(&String::from_utf8_lossy(&out.stdout))
 }
 
 fn signal(pid: i32, sig: i32) -> bool {
@@ -791,7 +749,7 @@ impl Drop for Daemon<'_> {
 
 /// hello-http binding [`PLAIN_ADDR`] itself in the namespace, restarted by plain stop/start.
 struct Plain<'a> {
-    ns: &'a Netns<'a>,
+    ns: &'a Netns,
     hello: &'a Path,
     log_dir: PathBuf,
     child: Option<Child>,
@@ -799,7 +757,7 @@ struct Plain<'a> {
 }
 
 impl<'a> Plain<'a> {
-    fn start(ns: &'a Netns<'a>, hello: &'a Path, log_dir: PathBuf) -> Result<Plain<'a>> {
+    fn start(ns: &'a Netns, hello: &'a Path, log_dir: PathBuf) -> Result<Plain<'a>> {
         let mut plain = Plain {
             ns,
             hello,
@@ -816,7 +774,7 @@ impl<'a> Plain<'a> {
         self.starts += 1;
         let log = self.log_dir.join(format!("plain-{}.log", self.starts));
         let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let mut cmd = self.ns.command(self.hello);
+        let mut cmd = in_netns(self.ns, self.hello);
         cmd.args(["--name", "plain", "--listen", PLAIN_ADDR])
             .env("NO_COLOR", "1")
             .env_remove("LISTEN_FDS")
@@ -866,10 +824,10 @@ impl Drop for Plain<'_> {
 }
 
 fn measure(tools: &Tools, scratch: &Scratch, opts: Options) -> Result<Vec<Row>> {
-    let ns = Netns::new(&tools.ip)?;
+    let ns = netns()?;
     eprintln!(
         "restarts: netns {}, {CONNECTIONS} connections, {}s per run, {} restarts per run",
-        ns.name,
+        ns.name(),
         opts.duration.as_secs(),
         opts.count
     );
@@ -989,7 +947,7 @@ fn load(
         Disturb::Nothing => opts.duration.as_secs(),
         _ => opts.duration.as_secs() * MAX_STRETCH,
     };
-    let mut cmd = ns.command(&tools.wrk);
+    let mut cmd = in_netns(ns, &tools.wrk);
     cmd.arg(format!("-t{WRK_THREADS}"))
         .arg(format!("-c{CONNECTIONS}"))
         .arg(format!("-d{secs}s"))
@@ -1002,7 +960,7 @@ fn load(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let line = shell::display(&cmd);
-    let before = ns.tcp_counters()?;
+    let before = tcp_counters(ns)?;
     let started = Instant::now();
     let mut wrk = cmd.spawn().with_context(|| format!("start `{line}`"))?;
 
@@ -1055,7 +1013,7 @@ fn load(
         );
     }
     let report = parse_wrk(&text).with_context(|| format!("`{line}`"))?;
-    let kernel = ns.tcp_counters()?.since(before);
+    let kernel = tcp_counters(ns)?.since(before);
     let run = Run {
         service,
         style,

@@ -50,7 +50,7 @@ pub struct Bench<'a> {
 
 /// Every benchmark, in the order they run: `holdfast-bench` subcommands. `--only NAME` picks some.
 pub const STEPS: &[&str] = &[
-    "lookup", "connect", "udp", "setup", "restarts", "reload", "rss", "inetd",
+    "lookup", "connect", "udp", "setup", "restarts", "reload", "rss", "scale", "inetd",
 ];
 
 /// Every name in `only` is a step (checked before anything is built).
@@ -210,10 +210,7 @@ fn parse_line(line: &str) -> Result<std::result::Result<Row, String>> {
 fn step(b: &Bench, name: &str) -> Result<Output> {
     let exe = b.bin_dir.join("holdfast-bench");
     let mut cmd = Command::new(&exe);
-    cmd.arg("--bin-dir")
-        .arg(&b.bin_dir)
-        .arg("--workspace")
-        .arg(&b.ws.root);
+    cmd.arg("--bin-dir").arg(&b.bin_dir);
     if b.quick {
         cmd.arg("--quick");
     }

@@ -61,7 +61,8 @@ enum Cmd {
     /// Build release binaries, run the benchmarks (`holdfast-bench` subcommands) and print one
     /// table of ratios.
     Bench {
-        /// Run only this step (repeatable): lookup, connect, udp, setup, restarts, reload, rss, inetd.
+        /// Run only this step (repeatable): lookup, connect, udp, setup, restarts, reload, rss, scale,
+        /// inetd.
         #[arg(long, value_name = "STEP")]
         only: Vec<String>,
         /// Fewer and shorter rounds (a quick look, not figures to quote).
