@@ -298,7 +298,6 @@ fn measure(o: &Options) -> Result<Vec<Row>> {
         };
         results.push((n, PROGS.map(fig)));
     }
-    drop(programs);
     attached.get().apply(&[])?;
     attached.detach()?;
     Ok(rows(&results, entries_all_ports, entries_one_port))

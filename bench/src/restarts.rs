@@ -1145,6 +1145,19 @@ Requests/sec:  16926.86
         assert!(parse_latency_ms("12parsecs").is_err());
     }
 
+    fn run(disturb: Disturb, report: WrkReport, done: u32) -> Run {
+        Run {
+            service: "hello",
+            style: Style::Close,
+            disturb,
+            report,
+            kernel: TcpCounters::default(),
+            done,
+            failures: Vec::new(),
+            warnings: vec!["not counted as a broken promise".into()],
+        }
+    }
+
     #[test]
     fn promises_are_checked_per_kind_of_run() {
         let clean = WrkReport {
