@@ -39,6 +39,8 @@ use crate::unit::{Rlimits, StandardInput, StandardOutput};
 /// The width reserved for LISTEN_PID's digits (a pid_t has at most 10).
 const PID_DIGITS: usize = 20;
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+/// Set beside WATCHDOG_USEC, as systemd does: the pid that must send WATCHDOG=1.
+const WATCHDOG_PID_PREFIX: &[u8] = b"WATCHDOG_PID=";
 /// linux/sched.h (libc's constant is an overflowing c_int).
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// systemd's PATH for system services.
@@ -229,6 +231,8 @@ struct Prepared {
     _env: Vec<CString>,
     /// "LISTEN_PID=" followed by PID_DIGITS + 1 bytes for the digits and NUL.
     listen_pid: Vec<u8>,
+    /// "WATCHDOG_PID=" and room likewise, when WATCHDOG_USEC is set.
+    watchdog_pid: Vec<u8>,
     envp: Vec<*const libc::c_char>,
     /// (source fd, target fd): stdin, stdout, stderr, then the sockets.
     moves: Vec<(RawFd, RawFd)>,
@@ -482,7 +486,7 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
     }
     let env: Vec<CString> = vars
         .into_iter()
-        .filter(|(k, _)| k != "LISTEN_PID")
+        .filter(|(k, _)| k != "LISTEN_PID" && k != "WATCHDOG_PID")
         .map(|(k, v)| {
             let mut bytes = k.into_bytes();
             bytes.push(b'=');
@@ -490,11 +494,20 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
             cstring(&bytes, "an environment variable")
         })
         .collect::<Result<_, _>>()?;
-    let mut listen_pid = LISTEN_PID_PREFIX.to_vec();
-    listen_pid.resize(LISTEN_PID_PREFIX.len() + PID_DIGITS + 1, 0);
+    let watchdog = cmd.env.iter().any(|(k, _)| k == "WATCHDOG_USEC");
+    let pid_buffer = |prefix: &[u8]| {
+        let mut b = prefix.to_vec();
+        b.resize(prefix.len() + PID_DIGITS + 1, 0);
+        b
+    };
+    let listen_pid = pid_buffer(LISTEN_PID_PREFIX);
+    let watchdog_pid = pid_buffer(WATCHDOG_PID_PREFIX);
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
     if !cmd.fds.is_empty() {
         envp.push(listen_pid.as_ptr().cast());
+    }
+    if watchdog {
+        envp.push(watchdog_pid.as_ptr().cast());
     }
     envp.push(std::ptr::null());
 
@@ -564,6 +577,7 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
         argv_ptrs,
         _env: env,
         listen_pid,
+        watchdog_pid,
         envp,
         moves,
         scratch,
@@ -708,27 +722,33 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
         if libc::chdir(p.cwd.as_ptr()) != 0 {
             fail(8);
         }
-        // LISTEN_PID: our own pid, written into the reserved buffer.
-        let mut pid = libc::getpid() as u64;
-        let mut digits = [0u8; PID_DIGITS];
-        let mut n = 0;
-        loop {
-            digits[n] = b'0' + (pid % 10) as u8;
-            n += 1;
-            pid /= 10;
-            if pid == 0 {
-                break;
-            }
-        }
-        let base = LISTEN_PID_PREFIX.len();
-        for i in 0..n {
-            p.listen_pid[base + i] = digits[n - 1 - i];
-        }
-        p.listen_pid[base + n] = 0;
+        // LISTEN_PID and WATCHDOG_PID: our own pid, in the reserved buffers.
+        let pid = libc::getpid() as u64;
+        write_pid(&mut p.listen_pid, LISTEN_PID_PREFIX.len(), pid);
+        write_pid(&mut p.watchdog_pid, WATCHDOG_PID_PREFIX.len(), pid);
 
         libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp.as_ptr());
         fail(9)
     }
+}
+
+/// Writes `pid`'s digits and a NUL into `buf` from `base` (room reserved
+/// before fork: no allocation).
+fn write_pid(buf: &mut [u8], base: usize, mut pid: u64) {
+    let mut digits = [0u8; PID_DIGITS];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (pid % 10) as u8;
+        n += 1;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        buf[base + i] = digits[n - 1 - i];
+    }
+    buf[base + n] = 0;
 }
 
 /// A pipe whose read end the supervisor watches (non-blocking, CLOEXEC) and

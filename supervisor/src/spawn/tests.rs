@@ -120,6 +120,47 @@ fn child_sees_listen_vars_systemd_env_and_only_its_fds_in_slash() {
 }
 
 #[test]
+fn watchdog_pid_is_the_childs_own_pid_beside_watchdog_usec() {
+    let (out_r, out_w) = output_pipe().unwrap();
+    let program = PathBuf::from("/bin/sh");
+    let script = "echo $$ ${WATCHDOG_PID-unset} ${WATCHDOG_USEC-unset}";
+    let argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
+    for (env, want_pid) in [
+        (vec![("WATCHDOG_USEC".to_string(), "5000000".into())], true),
+        (vec![], false),
+    ] {
+        let cmd = Command {
+            env,
+            ..command(&program, &argv, out_w.as_fd())
+        };
+        let spawned = spawn(&cmd).unwrap();
+        assert_eq!(wait(&spawned.pidfd), Exit::Code(0));
+        let mut line = String::new();
+        assert!(eventually(5, || {
+            let mut buf = [0u8; 256];
+            if let Ok(n) = nix::unistd::read(out_r.as_raw_fd(), &mut buf) {
+                line.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+            }
+            line.ends_with('\n')
+        }));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if want_pid {
+            assert_eq!(
+                words,
+                [
+                    spawned.pid.as_raw().to_string().as_str(),
+                    words[0],
+                    "5000000"
+                ]
+            );
+            assert_eq!(words[1], words[0], "WATCHDOG_PID is the child's pid");
+        } else {
+            assert_eq!(&words[1..], ["unset", "unset"]);
+        }
+    }
+}
+
+#[test]
 fn exec_failure_is_reported_by_both_methods() {
     for how in [ForkMethod::Clone3, ForkMethod::Fork] {
         let (_r, w) = output_pipe().unwrap();
