@@ -51,6 +51,8 @@ pub enum Request {
     Bindings,
     Metrics,
     Reload,
+    /// Re-execute holdfast in place (the binary now at its path).
+    Upgrade,
     /// A service's captured output: the last `lines`, or those after sequence number `after`.
     Logs {
         name: String,
@@ -198,6 +200,34 @@ impl Server {
         let listener = UnixListener::bind(&tmp)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         std::fs::rename(&tmp, &path)?;
+        Server::serve(listener, path)
+    }
+
+    /// The listener a holdfast before an in-place upgrade bound, inherited
+    /// across the exec: the socket file stays where it is.
+    pub fn adopt(state_dir: &Path, listener: std::os::fd::OwnedFd) -> io::Result<Server> {
+        use std::os::fd::AsRawFd;
+        crate::fds::set_cloexec(listener.as_raw_fd(), true)?;
+        let listener = UnixListener::from(listener);
+        Server::serve(listener, socket_path(state_dir))
+    }
+
+    /// The listener's fd, to keep across an in-place upgrade's exec.
+    pub fn listener_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.listener.as_raw_fd()
+    }
+
+    /// Takes connection `id` out of the server (its reply will come from
+    /// the upgraded holdfast, which inherits it).
+    pub fn take_connection(&mut self, id: ConnectionId) -> Option<UnixStream> {
+        let k = self.connections.iter().position(|c| c.id == id)?;
+        let c = self.connections.remove(k);
+        let _ = self.epoll.delete(&c.stream);
+        Some(c.stream)
+    }
+
+    fn serve(listener: UnixListener, path: PathBuf) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
@@ -442,18 +472,6 @@ fn flush(c: &mut Connection) {
             }
         }
     }
-}
-
-/// For tests and the CLI: wait for the control socket to answer.
-pub fn wait_ready(state_dir: &Path, timeout: Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if call(state_dir, &Request::Status { name: None }).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 #[cfg(test)]

@@ -102,6 +102,38 @@ pub fn acquire(state_dir: &Path, netns: Option<&Path>) -> Result<InstanceLock, L
     })
 }
 
+impl InstanceLock {
+    /// The locked files' fds, to keep across an in-place upgrade's exec
+    /// (closing them would let a second holdfast in).
+    pub fn fds(&self) -> (std::os::fd::RawFd, Option<std::os::fd::RawFd>) {
+        use std::os::fd::AsRawFd;
+        (
+            self._state_dir.as_raw_fd(),
+            self._netns.as_ref().map(|l| l.as_raw_fd()),
+        )
+    }
+}
+
+/// Takes back the locks a holdfast before an in-place upgrade held: the same
+/// open files, inherited across the exec, so locking them again cannot
+/// conflict with the old holder (it is this process).
+pub fn adopt(
+    state: std::os::fd::OwnedFd,
+    netns: Option<std::os::fd::OwnedFd>,
+) -> Result<InstanceLock, LockError> {
+    use std::os::fd::AsRawFd;
+    let lock = |fd: std::os::fd::OwnedFd| {
+        let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        crate::fds::set_cloexec(fd.as_raw_fd(), true).map_err(io_error("set CLOEXEC on", &path))?;
+        Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io_error("lock", &path)(e.into()))
+    };
+    Ok(InstanceLock {
+        _state_dir: lock(state)?,
+        _netns: netns.map(lock).transpose()?,
+    })
+}
+
 /// `Ok(Ok(lock))`, or `Ok(Err(owner))` when someone else holds it.
 fn try_lock(file: File, path: &Path) -> Result<Result<Flock<File>, Owner>, LockError> {
     let meta = file.metadata().map_err(io_error("stat", path))?;

@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod control;
 pub mod dispatch;
+mod fds;
 #[cfg(test)]
 mod fuzz;
 pub mod import;

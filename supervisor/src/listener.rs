@@ -17,7 +17,7 @@ use nix::sys::socket::{
 use crate::unit::{Protocol, SocketConfig};
 
 /// Where a socket is bound.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Placement {
     /// Bind mode: bound directly to its one address and port.
     Bound(SocketAddr),

@@ -11,7 +11,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use holdfast::control::{self, Request};
-use holdfast::protocol::{BindingStatus, LogLines, MetricsReply, ReloadSummary, ServiceStatus};
+use holdfast::protocol::{
+    BindingStatus, LogLines, MetricsReply, ReloadSummary, ServiceStatus, UpgradeReport,
+};
 use holdfast::unit::{self, RestartMode};
 use holdfast::{preflight, supervisor};
 use serde::de::DeserializeOwned;
@@ -104,6 +106,14 @@ enum Command {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// Re-execute holdfast in place with the binary now at its path (SIGUSR2
+    /// does the same): same pid, every service and socket kept. A refused or
+    /// failed upgrade changes nothing and says why (exit 1).
+    Upgrade,
+    /// Whether this binary can take over from a holdfast saving state VERSION
+    /// (asked by the running holdfast before an upgrade).
+    #[command(name = "__accepts-state", hide = true)]
+    AcceptsState { version: u32 },
     /// Restart a service; its sockets stay open, so no connection is refused.
     Restart {
         name: String,
@@ -188,6 +198,26 @@ fn main() -> ExitCode {
         }
         Command::Stop { name } => {
             ask::<ServiceStatus>(dir, &Request::Stop { name }, |s| out.show(&s, || {}))
+        }
+        Command::Upgrade => ask::<UpgradeReport>(dir, &Request::Upgrade, |r| {
+            out.show(&r, || {
+                println!(
+                    "upgraded in place: pid {} now runs holdfast {} (was {}), {} service(s) kept",
+                    r.pid, r.to, r.from, r.services
+                )
+            })
+        }),
+        Command::AcceptsState { version } => {
+            if supervisor::accepts_state_version(version) {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "holdfast {} resumes from state version {}, not {version}",
+                    env!("CARGO_PKG_VERSION"),
+                    supervisor::STATE_VERSION
+                );
+                ExitCode::from(1)
+            }
         }
         Command::Restart { name, mode } => {
             ask::<ServiceStatus>(dir, &Request::Restart { name, mode }, |s| {

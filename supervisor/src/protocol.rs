@@ -72,6 +72,18 @@ pub struct MetricsReply {
     pub snapshot: Snapshot,
 }
 
+/// `holdfast upgrade`: answered by the new binary once it has taken over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    /// holdfast's pid: the same before and after.
+    pub pid: u32,
+    /// The version that was running, and the one running now.
+    pub from: String,
+    pub to: String,
+    /// Live services carried over.
+    pub services: usize,
+}
+
 /// What a reload did, by service name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReloadSummary {

@@ -6,8 +6,8 @@
 //! What holdfast does with every signal (README.md "Signals" says the same):
 //! - used by the daemon core: SIGTERM and SIGINT (stop everything, exit 0),
 //!   SIGHUP (reload), SIGCHLD (reap);
-//! - reserved: [`UPGRADE_SIGNAL`] (SIGUSR2) for the in-place `holdfast upgrade`,
-//!   not implemented yet: logged and ignored;
+//! - [`UPGRADE_SIGNAL`] (SIGUSR2): the in-place upgrade, as `holdfast upgrade`
+//!   (handled by the daemon core, not here);
 //! - logged and ignored: SIGUSR1, SIGQUIT, SIGALRM, SIGPIPE, SIGVTALRM, SIGPROF,
 //!   SIGIO, SIGPWR, SIGXCPU, SIGXFSZ, SIGSTKFLT, the job-control stops SIGTSTP,
 //!   SIGTTIN, SIGTTOU (a stopped supervisor would stall every service), and
@@ -24,13 +24,12 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// The signal the in-place upgrade will use (`kill -USR2 <holdfast>`).
+/// The signal of the in-place upgrade (`kill -USR2 <holdfast>`).
 pub const UPGRADE_SIGNAL: libc::c_int = libc::SIGUSR2;
 
 /// The classic signals holdfast catches only so that they do nothing.
 const IGNORED: &[libc::c_int] = &[
     libc::SIGUSR1,
-    libc::SIGUSR2,
     libc::SIGQUIT,
     libc::SIGALRM,
     libc::SIGPIPE,
@@ -81,14 +80,7 @@ impl Unused {
                 continue;
             }
             let name = name(*sig);
-            if *sig == UPGRADE_SIGNAL {
-                tracing::warn!(
-                    signal = %name,
-                    "received {name}, reserved for the in-place upgrade, which this holdfast does not have yet; ignored"
-                );
-            } else {
-                tracing::info!(signal = %name, "received {name}: holdfast does not use it; ignored");
-            }
+            tracing::info!(signal = %name, "received {name}: holdfast does not use it; ignored");
         }
     }
 }

@@ -71,6 +71,9 @@ pub struct RunOptions {
     pub max_open_files: Option<u64>,
     /// A command the daemon runs under, e.g. `["setpriv", "--bounding-set=-bpf", "--"]`.
     pub wrapper: Vec<String>,
+    /// Run this holdfast binary instead of [`holdfast_bin`] (e.g. a copy a test
+    /// replaces to upgrade it in place).
+    pub binary: Option<PathBuf>,
     /// Spawn the daemon in the calling thread's namespace with `--netns
     /// /run/netns/NAME`, so that holdfast enters the test's namespace itself.
     pub netns_flag: bool,
@@ -157,9 +160,10 @@ impl Holdfast {
             rlim_cur: n,
             rlim_max: n,
         });
+        let binary = opts.binary.clone().unwrap_or_else(holdfast_bin);
         let (program, wrapped) = match opts.wrapper.split_first() {
             Some((program, args)) => (program.into(), args),
-            None => (holdfast_bin().into_os_string(), &[][..]),
+            None => (binary.clone().into_os_string(), &[][..]),
         };
         let mut cmd = if opts.netns_flag {
             Command::new(program)
@@ -167,7 +171,7 @@ impl Holdfast {
             ns.command(program)?
         };
         if !opts.wrapper.is_empty() {
-            cmd.args(wrapped).arg(holdfast_bin());
+            cmd.args(wrapped).arg(&binary);
         }
         cmd.arg("run")
             .arg("--units")

@@ -141,7 +141,7 @@ pub struct Binding {
 }
 
 /// A destination's counters, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     /// Lookups that matched one of its bindings.
     pub lookups: u64,
@@ -715,6 +715,34 @@ impl Loaded {
         Ok(out)
     }
 
+    /// Starts destination counters at these values (a dispatcher replacing
+    /// another in an in-place upgrade carries its figures on).
+    fn seed_counters(
+        &mut self,
+        start: &BTreeMap<DestinationId, Counters>,
+    ) -> Result<(), DispatchError> {
+        let cpu_error = |source| DispatchError::Pins {
+            op: "count CPUs for",
+            path: COUNTERS_MAP.into(),
+            source,
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| cpu_error(e))?;
+        for (dest, c) in start {
+            let mut values = vec![holdfast_common::Counters::default(); cpus];
+            values[0] = holdfast_common::Counters {
+                lookups: c.lookups,
+                misses: c.misses,
+                errors: c.errors,
+                denied: c.denied,
+            };
+            let values = aya::maps::PerCpuValues::try_from(values).map_err(cpu_error)?;
+            self.counters
+                .set(*dest, values, 0)
+                .map_err(map_err("write", COUNTERS_MAP))?;
+        }
+        Ok(())
+    }
+
     fn binding_entries(&self) -> Result<usize, DispatchError> {
         count_keys(self.entries.keys(), BINDINGS_MAP)
     }
@@ -797,6 +825,22 @@ impl Dispatcher {
         netns: &Path,
         capacity: u32,
     ) -> Result<Dispatcher, DispatchError> {
+        Self::attach_prepared(instance, netns, capacity, |_| Ok(()))
+    }
+
+    /// [`Dispatcher::attach`] for a dispatcher that replaces a live one (an
+    /// in-place upgrade): the new program is attached beside the old one,
+    /// `prepare` fills its maps (sockets, bindings, counters) while the old
+    /// one still steers, and only then do the old pins go (detaching the old
+    /// link). Two programs selecting the same socket select it once, so no
+    /// lookup finds neither. If `prepare` fails, the new one is detached and
+    /// the old one is left as it was.
+    pub fn attach_prepared(
+        instance: &str,
+        netns: &Path,
+        capacity: u32,
+        prepare: impl FnOnce(&mut Dispatcher) -> Result<(), DispatchError>,
+    ) -> Result<Dispatcher, DispatchError> {
         pins::check_instance(instance)?;
         pins::ensure_bpffs()?;
         let netns_file = File::open(netns).map_err(|source| DispatchError::OpenNetns {
@@ -823,7 +867,18 @@ impl Dispatcher {
                 return Err(e);
             }
         };
-        let dir = match pins::commit(&lock, &staging, instance) {
+        let mut d = Dispatcher {
+            loaded,
+            instance: instance.to_string(),
+            dir: staging.clone(),
+            link: Some(link),
+            netns_ino,
+        };
+        if let Err(e) = prepare(&mut d) {
+            let _ = pins::remove_tree(&staging);
+            return Err(e);
+        }
+        d.dir = match pins::commit(&lock, &staging, instance) {
             Ok(dir) => dir,
             Err(e) => {
                 let _ = pins::remove_tree(&staging);
@@ -831,14 +886,8 @@ impl Dispatcher {
             }
         };
         drop(lock);
-        tracing::info!(instance, netns = %netns.display(), pins = %dir.display(), "sk_lookup dispatcher attached");
-        Ok(Dispatcher {
-            loaded,
-            instance: instance.to_string(),
-            dir,
-            link: Some(link),
-            netns_ino,
-        })
+        tracing::info!(instance, netns = %netns.display(), pins = %d.dir.display(), "sk_lookup dispatcher attached");
+        Ok(d)
     }
 
     /// Detaches every other holdfast sk_lookup link on this dispatcher's
@@ -976,6 +1025,14 @@ impl Dispatcher {
     }
 
     /// Per destination (of the bindings and the inserted sockets), summed over CPUs.
+    /// See `Loaded::seed_counters`.
+    pub fn seed_counters(
+        &mut self,
+        start: &BTreeMap<DestinationId, Counters>,
+    ) -> Result<(), DispatchError> {
+        self.loaded.seed_counters(start)
+    }
+
     pub fn counters(&self) -> Result<BTreeMap<DestinationId, Counters>, DispatchError> {
         self.loaded.counters()
     }

@@ -335,6 +335,30 @@ impl NotifySocket {
         Ok(notify)
     }
 
+    /// The socket a holdfast before an in-place upgrade bound at `path`,
+    /// inherited across the exec.
+    pub fn adopt(fd: OwnedFd, path: PathBuf, service: &str) -> std::io::Result<NotifySocket> {
+        use std::os::fd::AsRawFd;
+        crate::fds::set_cloexec(fd.as_raw_fd(), true)?;
+        let meta = std::fs::symlink_metadata(&path)?;
+        Ok(NotifySocket {
+            socket: UnixDatagram::from(fd),
+            file: (meta.dev(), meta.ino()),
+            path,
+            service: service.to_string(),
+            warnings: std::sync::Mutex::new(LogLimiter::new(
+                WARNINGS_PER_10S,
+                std::time::Duration::from_secs(10),
+            )),
+        })
+    }
+
+    /// The socket's fd, to keep across an in-place upgrade's exec.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.socket.as_raw_fd()
+    }
+
     /// The socket's absolute path, for NOTIFY_SOCKET.
     pub fn path(&self) -> &Path {
         &self.path

@@ -9,12 +9,14 @@
 
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::unit::{RestartMode, RestartPolicy, ServiceConfig, ServiceType};
 
 use super::{Backoff, Exit, StartLimit, State};
 
 /// Names one instance of one service for as long as the daemon runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct InstanceId(pub u64);
 
 /// Which instance a spawn is for.
@@ -74,18 +76,22 @@ pub enum Said {
 }
 
 /// One instance's bookkeeping.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Instance {
     pub id: InstanceId,
     /// The main pid (MAINPID= may move it).
     pub pid: i32,
+    #[serde(with = "super::mono")]
     pub started_at: Instant,
     pub ready: bool,
     /// A notify service must say READY=1 by then.
+    #[serde(with = "super::mono::option")]
     ready_by: Option<Instant>,
     watchdog: Option<Duration>,
+    #[serde(with = "super::mono::option")]
     watchdog_at: Option<Instant>,
     /// Told to stop; SIGKILL at this instant.
+    #[serde(with = "super::mono::option")]
     kill_at: Option<Instant>,
     /// Why holdfast stopped it (start timeout, watchdog): its exit is a
     /// failure whatever its status, as systemd counts it.
@@ -129,8 +135,9 @@ pub fn deadline(now: Instant, d: Duration) -> Instant {
 /// How many exited main pids a service remembers (see [`Machine::knows_sender`]).
 const GONE_PIDS: usize = 32;
 
-/// The state machine of one service.
-#[derive(Debug)]
+/// The state machine of one service. Serializable (instants as
+/// CLOCK_MONOTONIC), so an in-place upgrade carries it across the exec.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     name: String,
     cfg: ServiceConfig,
@@ -148,6 +155,7 @@ pub struct Machine {
     draining: Vec<Instance>,
     next_id: u64,
     restarts: u32,
+    #[serde(with = "super::mono::option")]
     next_start: Option<Instant>,
     last_exit: Option<Exit>,
     status_text: Option<String>,

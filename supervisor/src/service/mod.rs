@@ -4,6 +4,7 @@
 //! daemon carries out. No processes, no signals, no clock of its own.
 
 mod machine;
+pub mod mono;
 
 pub use machine::{deadline, Effect, Instance, InstanceId, Machine, Role, Said, SpawnRole};
 
@@ -62,7 +63,7 @@ impl State {
 }
 
 /// How a main process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind", content = "value")]
 pub enum Exit {
     Code(i32),
@@ -91,7 +92,7 @@ impl std::fmt::Display for Exit {
 
 /// Restart delays that double while a service keeps dying quickly, capped,
 /// and reset once it has stayed up for `stable_after`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Backoff {
     base: Duration,
     max: Duration,
@@ -128,10 +129,11 @@ impl Backoff {
 }
 
 /// At most `burst` starts within any `interval`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StartLimit {
     burst: u32,
     interval: Duration,
+    #[serde(with = "mono::deque")]
     starts: VecDeque<Instant>,
 }
 

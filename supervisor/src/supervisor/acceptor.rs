@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
-use crate::service::deadline;
+use serde::{Deserialize, Serialize};
+
+use crate::service::{deadline, mono};
 use crate::unit::SocketOptions;
 
 /// Instances at once when `max-connections` is not set (systemd's default).
@@ -19,12 +21,28 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
 pub const DEFAULT_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(10);
 
 /// One per-connection instance.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Connection {
+    #[serde(with = "raw_pid")]
     pid: Pid,
     source: Option<IpAddr>,
     /// Told to stop; SIGKILL to its process group at this instant.
+    #[serde(with = "mono::option")]
     kill_at: Option<Instant>,
+}
+
+/// A pid as its number.
+mod raw_pid {
+    use nix::unistd::Pid;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Pid, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(p.as_raw())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Pid, D::Error> {
+        i32::deserialize(d).map(Pid::from_raw)
+    }
 }
 
 /// Why a connection was closed without an instance.
@@ -34,15 +52,18 @@ pub(super) enum Refused {
     PerSource(u32),
 }
 
-#[derive(Debug)]
+/// Serializable (instants as CLOCK_MONOTONIC), for the in-place upgrade.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Acceptor {
     options: SocketOptions,
     connections: Vec<Connection>,
     total: u64,
     denied: u64,
     /// Accepting is paused until then (rate limit).
+    #[serde(with = "mono::option")]
     paused_until: Option<Instant>,
     /// Accept times within the last second, for the rate limit.
+    #[serde(with = "mono::deque")]
     recent: VecDeque<Instant>,
 }
 
@@ -61,6 +82,11 @@ impl Acceptor {
     /// A reload changed the socket's policy keys.
     pub fn set_options(&mut self, options: &SocketOptions) {
         self.options = options.clone();
+    }
+
+    /// The pids of its instances (for the process table).
+    pub fn pids(&self) -> impl Iterator<Item = Pid> + '_ {
+        self.connections.iter().map(|c| c.pid)
     }
 
     pub fn instances(&self) -> usize {

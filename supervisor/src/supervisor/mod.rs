@@ -15,6 +15,7 @@ mod requests;
 mod services;
 mod sockets;
 mod tracking;
+mod upgrade;
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -37,6 +38,7 @@ use services::Service;
 use sockets::Destinations;
 
 pub use output::LOG_RING_LINES;
+pub use upgrade::{accepts as accepts_state_version, STATE_VERSION};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -81,6 +83,8 @@ struct Signals {
     pipe: OwnedFd,
     terminate: Arc<AtomicBool>,
     hangup: Arc<AtomicBool>,
+    /// SIGUSR2: upgrade in place.
+    upgrade: Arc<AtomicBool>,
 }
 
 impl Signals {
@@ -95,7 +99,16 @@ impl Signals {
         }
         signal_hook::flag::register(libc::SIGHUP, hangup.clone())
             .map_err(setup("signal handler"))?;
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
+        let upgrade = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(crate::signals::UPGRADE_SIGNAL, upgrade.clone())
+            .map_err(setup("signal handler"))?;
+        for sig in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGCHLD,
+            crate::signals::UPGRADE_SIGNAL,
+        ] {
             let w = w.try_clone().map_err(setup("signal pipe"))?;
             signal_hook::low_level::pipe::register(sig, w).map_err(setup("signal handler"))?;
         }
@@ -103,6 +116,7 @@ impl Signals {
             pipe: OwnedFd::from(r),
             terminate,
             hangup,
+            upgrade,
         })
     }
 
@@ -121,6 +135,8 @@ pub struct Supervisor {
     outputs: Outputs,
     waiters: Vec<Waiter>,
     server: Option<control::Server>,
+    /// Held for as long as the daemon runs (and across an upgrade's exec).
+    lock: Option<crate::instance_lock::InstanceLock>,
     shutting_down: bool,
     base_path: Option<OsString>,
     dispatcher: Option<Dispatcher>,
@@ -139,6 +155,10 @@ pub struct Supervisor {
 pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     spawn::ensure_stdio();
     let unused_signals = crate::signals::catch_unused().map_err(setup("signal handler"))?;
+    if let Some(saved) = upgrade::inherited()? {
+        let sup = upgrade::resume(opts, saved)?;
+        return sup.serve(unused_signals, false);
+    }
     // Before any thread starts: it changes the environment.
     let mut inherited = crate::manager::Inherited::from_env();
     let units = unit::load_dir(&opts.units)?;
@@ -148,7 +168,7 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     }
     // Before anything a live holdfast uses (pins, links, sockets, state dir).
     let netns_lock = (!opts.no_dispatcher).then_some(Path::new("/proc/thread-self/ns/net"));
-    let _instance_lock = crate::instance_lock::acquire(&opts.state_dir, netns_lock)?;
+    let instance_lock = crate::instance_lock::acquire(&opts.state_dir, netns_lock)?;
 
     let (dispatcher, why_not) = if opts.no_dispatcher {
         (None, "--no-dispatcher was given".to_string())
@@ -193,6 +213,7 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         outputs: Outputs::default(),
         waiters: Vec::new(),
         server: None,
+        lock: Some(instance_lock),
         shutting_down: false,
         base_path: std::env::var_os("PATH"),
         dispatcher,
@@ -201,18 +222,7 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         bindings: Vec::new(),
         metrics: None,
         manager: crate::manager::Manager::from_env(Instant::now()),
-        cgroups: match &opts.cgroup_root {
-            Some(root) => match crate::cgroup::detect(Some(root)) {
-                crate::cgroup::Mode::Cgroup2(h) => Some(h),
-                crate::cgroup::Mode::ProcessGroups => None,
-            },
-            None => {
-                tracing::info!(
-                    "tracking services by process group (--cgroup-root tracks them by cgroup v2)"
-                );
-                None
-            }
-        },
+        cgroups: cgroup_hierarchy(opts),
     };
     if let Err(e) = sup.open_all(units, &mut inherited) {
         sup.detach();
@@ -222,50 +232,14 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     sup.sync_fd_store();
 
     if let Some(addr) = opts.metrics_listen {
-        match metrics::Endpoint::serve(addr) {
-            Ok(e) => {
-                tracing::info!(addr = %e.addr(), "serving metrics at http://{}/metrics", e.addr());
-                sup.metrics = Some(e);
-            }
-            Err(e) => {
-                sup.detach();
-                return Err(setup(format!("--metrics-listen {addr}"))(
-                    std::io::Error::other(e.to_string()),
-                ));
-            }
+        if let Err(e) = sup.serve_metrics(addr) {
+            sup.detach();
+            return Err(e);
         }
-    }
-    let signals = Signals::register()?;
-    sup.poller
-        .add(signals.pipe.as_fd(), Token::Signal)
-        .map_err(setup("epoll"))?;
-    if let Some(m) = &sup.metrics {
-        sup.poller
-            .add(m.wake_fd(), Token::Metrics)
-            .map_err(setup("epoll"))?;
-    }
-    // SAFETY: PR_SET_CHILD_SUBREAPER takes an int flag and no pointers.
-    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        sup.detach();
-        return Err(setup("prctl(PR_SET_CHILD_SUBREAPER)")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    let now = Instant::now();
-    for id in sup.registry.live_ids() {
-        sup.act(id, now, |m| m.boot(now));
     }
     match control::Server::bind(&opts.state_dir) {
-        Ok(s) => {
-            sup.poller
-                .add(s.as_fd(), Token::Control)
-                .map_err(setup("epoll"))?;
-            sup.server = Some(s)
-        }
+        Ok(s) => sup.server = Some(s),
         Err(e) => {
-            sup.shutting_down = true;
-            sup.stop_all();
-            sup.event_loop(&signals, &unused_signals);
             sup.detach();
             return Err(setup(format!(
                 "control socket in {}",
@@ -273,21 +247,87 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
             ))(e));
         }
     }
-    tracing::info!(
-        services = sup.registry.live_count(),
-        control = %control::socket_path(&opts.state_dir).display(),
-        "holdfast is up"
-    );
-    sup.update_status();
-    sup.manager.ready();
-    sup.event_loop(&signals, &unused_signals);
-    sup.close_cgroups();
-    tracing::info!("every service is down; exiting");
-    sup.detach();
-    Ok(())
+    sup.serve(unused_signals, true)
+}
+
+/// The cgroup tree services run in (`--cgroup-root`), or `None`: process-group mode.
+fn cgroup_hierarchy(opts: &Options) -> Option<crate::cgroup::Hierarchy> {
+    match &opts.cgroup_root {
+        Some(root) => match crate::cgroup::detect(Some(root)) {
+            crate::cgroup::Mode::Cgroup2(h) => Some(h),
+            crate::cgroup::Mode::ProcessGroups => None,
+        },
+        None => {
+            tracing::info!(
+                "tracking services by process group (--cgroup-root tracks them by cgroup v2)"
+            );
+            None
+        }
+    }
 }
 
 impl Supervisor {
+    fn serve_metrics(&mut self, addr: std::net::SocketAddr) -> Result<(), SupervisorError> {
+        match metrics::Endpoint::serve(addr) {
+            Ok(e) => {
+                tracing::info!(addr = %e.addr(), "serving metrics at http://{}/metrics", e.addr());
+                self.metrics = Some(e);
+                Ok(())
+            }
+            Err(e) => Err(setup(format!("--metrics-listen {addr}"))(
+                std::io::Error::other(e.to_string()),
+            )),
+        }
+    }
+
+    /// The rest of a start (or of an upgrade, `boot` false: the services
+    /// already run): signals, the event loop's fds, the subreaper, booting
+    /// the services, then the loop until every service is down.
+    fn serve(
+        mut self,
+        unused_signals: crate::signals::Unused,
+        boot: bool,
+    ) -> Result<(), SupervisorError> {
+        let signals = Signals::register()?;
+        // An upgrade execs with every signal blocked; handlers are in place now.
+        upgrade::unblock_signals();
+        let mut watch = vec![(signals.pipe.as_fd(), Token::Signal)];
+        if let Some(m) = &self.metrics {
+            watch.push((m.wake_fd(), Token::Metrics));
+        }
+        if let Some(s) = &self.server {
+            watch.push((s.as_fd(), Token::Control));
+        }
+        for (fd, token) in watch {
+            self.poller.add(fd, token).map_err(setup("epoll"))?;
+        }
+        // SAFETY: PR_SET_CHILD_SUBREAPER takes an int flag and no pointers.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            self.detach();
+            return Err(setup("prctl(PR_SET_CHILD_SUBREAPER)")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        if boot {
+            let now = Instant::now();
+            for id in self.registry.live_ids() {
+                self.act(id, now, |m| m.boot(now));
+            }
+        }
+        tracing::info!(
+            services = self.registry.live_count(),
+            control = %control::socket_path(&self.opts.state_dir).display(),
+            "holdfast is up"
+        );
+        self.update_status();
+        self.manager.ready();
+        self.event_loop(&signals, &unused_signals);
+        self.close_cgroups();
+        tracing::info!("every service is down; exiting");
+        self.detach();
+        Ok(())
+    }
+
     /// Opens every unit's sockets before any service starts, and steers the
     /// steered ones; on any failure reports all of them and starts nothing.
     fn open_all(
@@ -392,6 +432,13 @@ impl Supervisor {
                 self.manager.stopping();
                 self.shutting_down = true;
                 self.stop_all();
+            }
+            if signals.upgrade.swap(false, Ordering::SeqCst) && !self.shutting_down {
+                let why = self.upgrade(None);
+                tracing::error!(
+                    "{}: upgrade refused, this holdfast carries on: {why}",
+                    crate::signals::name(crate::signals::UPGRADE_SIGNAL)
+                );
             }
             if signals.hangup.swap(false, Ordering::SeqCst) && !self.shutting_down {
                 match self.reload() {

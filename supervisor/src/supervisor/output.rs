@@ -11,7 +11,7 @@ use super::registry::ServiceId;
 pub const LOG_RING_LINES: usize = 1000;
 
 /// A service's last [`LOG_RING_LINES`] lines, numbered from its start.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct LogRing {
     lines: VecDeque<String>,
     /// The sequence number the next line gets.
@@ -75,6 +75,31 @@ impl Outputs {
                 partial: Vec::new(),
             },
         );
+        id
+    }
+
+    /// Every pipe as (service, stream, fd, partial line), to keep across an
+    /// in-place upgrade's exec.
+    pub fn export(&self) -> Vec<(ServiceId, &'static str, std::os::fd::RawFd, Vec<u8>)> {
+        self.pipes
+            .values()
+            .map(|p| (p.service, p.stream, p.fd.as_raw_fd(), p.partial.clone()))
+            .collect()
+    }
+
+    /// A pipe inherited across an in-place upgrade, with what was read of its
+    /// current line; the id is its token.
+    pub fn adopt(
+        &mut self,
+        service: ServiceId,
+        stream: &'static str,
+        fd: OwnedFd,
+        partial: Vec<u8>,
+    ) -> u64 {
+        let id = self.add(service, stream, fd);
+        if let Some(p) = self.pipes.get_mut(&id) {
+            p.partial = partial;
+        }
         id
     }
 

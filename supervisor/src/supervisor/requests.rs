@@ -25,6 +25,12 @@ pub(super) struct Waiter {
     until: Until,
 }
 
+impl Waiter {
+    pub fn connection(&self) -> ConnectionId {
+        self.connection
+    }
+}
+
 enum Until {
     Down,
     /// Running and ready, with a main pid other than this one.
@@ -151,6 +157,12 @@ impl Supervisor {
                 Err(r) => r,
             }),
             Request::Bindings => Some(self.bindings_reply()),
+            Request::Upgrade => {
+                // Answered by the new binary once it runs, or here with why not.
+                let stream = self.server.as_mut().and_then(|s| s.take_connection(conn));
+                self.upgrade(stream);
+                None
+            }
             Request::Metrics => {
                 let snapshot = self.snapshot();
                 Some(Reply::ok(&MetricsReply {

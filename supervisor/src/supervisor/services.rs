@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::sys::signal::{kill, Signal};
@@ -23,8 +23,8 @@ use super::acceptor::Acceptor;
 use super::output::LogRing;
 use super::poller::Token;
 use super::registry::{Owner, ServiceId};
-use super::sockets::Socket;
-use super::tracking::Tracking;
+use super::sockets::{SavedSocket, Socket};
+use super::tracking::{SavedTracking, Tracking};
 use super::Supervisor;
 
 /// One service at run time.
@@ -188,6 +188,125 @@ impl Service {
     /// of the same name can be added back while its processes stop.
     pub fn drop_notify(&mut self) {
         self.notify = None;
+    }
+}
+
+/// A service as an in-place upgrade carries it across the exec: its state,
+/// and its fds (sockets, notify socket, fd store) by number, inherited.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct SavedService {
+    unit: Unit,
+    machine: Machine,
+    sockets: Vec<SavedSocket>,
+    old_sockets: Vec<SavedSocket>,
+    notify: Option<(RawFd, PathBuf)>,
+    fd_store: Vec<(String, RawFd)>,
+    uid: u32,
+    acceptor: Option<Acceptor>,
+    dispatcher_denied: u64,
+    log: LogRing,
+    groups: Vec<(InstanceId, i32)>,
+    tracking: SavedTracking,
+    /// Live (false: retiring, removed by a reload and still stopping).
+    pub live: bool,
+}
+
+impl SavedService {
+    /// Every fd the new holdfast must inherit for this service.
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.sockets
+            .iter()
+            .chain(&self.old_sockets)
+            .map(SavedSocket::fd)
+            .chain(self.notify.as_ref().map(|(fd, _)| *fd))
+            .chain(self.fd_store.iter().map(|(_, fd)| *fd))
+            .collect()
+    }
+}
+
+impl Service {
+    pub fn save(&self, live: bool) -> SavedService {
+        SavedService {
+            unit: self.unit.clone(),
+            machine: self.machine.clone(),
+            sockets: self.sockets.iter().map(Socket::save).collect(),
+            old_sockets: self.old_sockets.iter().map(Socket::save).collect(),
+            notify: self
+                .notify
+                .as_ref()
+                .map(|n| (n.raw_fd(), n.path().to_path_buf())),
+            fd_store: self
+                .fd_store
+                .fds()
+                .map(|(name, fd)| (name.to_string(), fd.as_raw_fd()))
+                .collect(),
+            uid: self.uid,
+            acceptor: self.acceptor.clone(),
+            dispatcher_denied: self.dispatcher_denied,
+            log: self.log.clone(),
+            groups: self.groups.iter().map(|(i, g)| (*i, g.as_raw())).collect(),
+            tracking: self.tracking.save(),
+            live,
+        }
+    }
+
+    /// The service again, in the upgraded holdfast, with its inherited fds.
+    pub fn adopt(saved: SavedService) -> std::io::Result<Service> {
+        let adopt_all = |socks: Vec<SavedSocket>| -> std::io::Result<Vec<Socket>> {
+            socks.into_iter().map(Socket::adopt).collect()
+        };
+        let notify = match saved.notify {
+            // SAFETY: the fd was this notify socket's before the exec; the
+            // saved state names it once.
+            Some((fd, path)) => Some(NotifySocket::adopt(
+                unsafe { OwnedFd::from_raw_fd(fd) },
+                path,
+                &saved.unit.name,
+            )?),
+            None => None,
+        };
+        let mut fd_store = FdStore::new(saved.unit.service.fd_store_max as usize);
+        for (name, fd) in saved.fd_store {
+            crate::fds::set_cloexec(fd, true)?;
+            // SAFETY: as above: an fd of the store before the exec, named once.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            if let Err(e) = fd_store.add(&name, fd) {
+                tracing::warn!(service = %saved.unit.name, fdname = %name, error = %e, "upgrade: a stored fd could not be stored again");
+            }
+        }
+        Ok(Service {
+            sockets: adopt_all(saved.sockets)?,
+            old_sockets: adopt_all(saved.old_sockets)?,
+            unit: saved.unit,
+            machine: saved.machine,
+            notify,
+            fd_store,
+            uid: saved.uid,
+            acceptor: saved.acceptor,
+            dispatcher_denied: saved.dispatcher_denied,
+            log: saved.log,
+            groups: saved
+                .groups
+                .into_iter()
+                .map(|(i, g)| (i, Pid::from_raw(g)))
+                .collect(),
+            tracking: Tracking::restore(saved.tracking),
+        })
+    }
+
+    /// The pids the process table tracks for it: each instance's main pid
+    /// and each per-connection instance.
+    pub fn tracked_pids(&self) -> Vec<(i32, Owner)> {
+        self.machine
+            .instances()
+            .map(|i| (i.pid, Owner::Instance(i.id)))
+            .chain(
+                self.acceptor
+                    .iter()
+                    .flat_map(|a| a.pids())
+                    .map(|p| (p.as_raw(), Owner::Connection)),
+            )
+            .collect()
     }
 }
 

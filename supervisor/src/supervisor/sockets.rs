@@ -2,7 +2,7 @@
 //! dispatcher allows, numbering steered sockets (destination ids), and
 //! turning them into the dispatcher's bindings.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use crate::dispatch::{Binding, DestinationId, Dispatcher};
@@ -69,8 +69,53 @@ impl Socket {
     }
 }
 
+/// A socket as an in-place upgrade carries it: its fd is inherited.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct SavedSocket {
+    name: String,
+    protocol: Protocol,
+    placement: Placement,
+    destination: Option<DestinationId>,
+    config: SocketConfig,
+    fd: RawFd,
+}
+
+impl Socket {
+    pub fn save(&self) -> SavedSocket {
+        SavedSocket {
+            name: self.name.clone(),
+            protocol: self.protocol,
+            placement: self.placement.clone(),
+            destination: self.destination,
+            config: self.config.clone(),
+            fd: self.fd.as_raw_fd(),
+        }
+    }
+
+    /// Takes back a socket inherited across the exec (CLOEXEC again).
+    pub fn adopt(saved: SavedSocket) -> std::io::Result<Socket> {
+        crate::fds::set_cloexec(saved.fd, true)?;
+        Ok(Socket {
+            name: saved.name,
+            protocol: saved.protocol,
+            placement: saved.placement,
+            destination: saved.destination,
+            config: saved.config,
+            // SAFETY: the fd was this socket's before the exec; the saved
+            // state names it once, and nothing else in the new process owns it.
+            fd: unsafe { OwnedFd::from_raw_fd(saved.fd) },
+        })
+    }
+}
+
+impl SavedSocket {
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+}
+
 /// Hands out sockmap slots and takes them back.
-#[derive(Default)]
+#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Destinations {
     next: DestinationId,
     free: Vec<DestinationId>,

@@ -30,7 +30,50 @@ pub(super) struct Tracking {
     next_leaf: u64,
 }
 
+/// A service's cgroups as an in-place upgrade carries them: by path.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct SavedTracking {
+    service: Option<std::path::PathBuf>,
+    leaves: Vec<(i32, std::path::PathBuf)>,
+    dying: Vec<std::path::PathBuf>,
+    next_leaf: u64,
+}
+
 impl Tracking {
+    pub fn save(&self) -> SavedTracking {
+        SavedTracking {
+            service: self.service.as_ref().map(|c| c.path().to_path_buf()),
+            leaves: self
+                .leaves
+                .iter()
+                .map(|(pid, c)| (*pid, c.path().to_path_buf()))
+                .collect(),
+            dying: self.dying.iter().map(|c| c.path().to_path_buf()).collect(),
+            next_leaf: self.next_leaf,
+        }
+    }
+
+    /// The cgroups again, opened by path; one that is gone is left out.
+    pub fn restore(saved: SavedTracking) -> Tracking {
+        let open = |p: &std::path::Path| match Cgroup::open(p) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(cgroup = %p.display(), error = %e, "upgrade: a cgroup is gone");
+                None
+            }
+        };
+        Tracking {
+            service: saved.service.as_deref().and_then(open),
+            leaves: saved
+                .leaves
+                .iter()
+                .filter_map(|(pid, p)| open(p).map(|c| (*pid, c)))
+                .collect(),
+            dying: saved.dying.iter().filter_map(|p| open(p)).collect(),
+            next_leaf: saved.next_leaf,
+        }
+    }
+
     /// In cgroup mode, the leaf the next instance of service `name` starts
     /// in (the service's cgroup made and its limits written first); `None`
     /// in process-group mode.

@@ -26,4 +26,5 @@ mod restarts;
 mod services;
 mod survive;
 mod units;
+mod upgrade;
 mod watchdog;
