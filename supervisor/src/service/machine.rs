@@ -569,10 +569,23 @@ impl Machine {
         }
         let asked = self.restart_requested;
         // An on-demand service waits for traffic again, unless it was stopped
-        // or is to be restarted at once.
+        // or is to be restarted at once. After a failed run it first waits
+        // the restart delay (with its backoff): the traffic that started it
+        // may still be queued, and would start it again at once, in a loop.
         if self.cfg.on_demand && !shutting_down && !self.stop_requested && !asked {
-            self.state = State::Listening;
-            tracing::info!(service = %self.name, pid = main.pid, %exit, "exited; listening for traffic again (on-demand)");
+            if !exit.success() || main.failed.is_some() {
+                let t = deadline(now, self.backoff.next_delay(uptime));
+                self.restarts += 1;
+                self.set_waiting(t);
+                tracing::info!(
+                    service = %self.name, pid = main.pid, %exit,
+                    delay_ms = t.saturating_duration_since(now).as_millis() as u64,
+                    "failed; listening for traffic again after the restart delay (on-demand)"
+                );
+            } else {
+                self.state = State::Listening;
+                tracing::info!(service = %self.name, pid = main.pid, %exit, "exited; listening for traffic again (on-demand)");
+            }
             if !self.has_instances() {
                 fx.push(Effect::ReleaseOldSockets);
             }
@@ -797,7 +810,13 @@ impl Machine {
             }
         }
         if may_start && self.next_start.is_some_and(|t| t <= now) {
-            fx.extend(self.start(now, true));
+            if self.cfg.on_demand {
+                // The delay after a failed run is over: traffic starts it.
+                self.next_start = None;
+                self.state = State::Listening;
+            } else {
+                fx.extend(self.start(now, true));
+            }
         }
         fx
     }
@@ -1132,5 +1151,44 @@ mod tests {
         let (id, _) = m.spawned(SpawnRole::Main, 10, now);
         m.exited(id, Exit::Code(0), now, false);
         assert_eq!(m.state(), State::Listening);
+        assert_eq!(m.restarts(), 0);
+    }
+
+    #[test]
+    fn on_demand_failures_wait_the_restart_delay_with_backoff() {
+        let now = Instant::now();
+        let mut c = cfg(ServiceType::Simple, RestartPolicy::OnFailure);
+        c.on_demand = true;
+        let mut m = Machine::new("s", &c, true);
+        m.boot(now);
+        let mut t = now;
+        for (run, delay) in [(1, 100), (2, 200), (3, 400)] {
+            assert_eq!(m.traffic(t), vec![Effect::Spawn(SpawnRole::Main)]);
+            let (id, _) = m.spawned(SpawnRole::Main, 10 + run, t);
+            let exit = if run == 2 {
+                Exit::Signal(9)
+            } else {
+                Exit::Code(1)
+            };
+            m.exited(id, exit, t + MS, false);
+            assert_eq!(m.state(), State::Waiting, "run {run}");
+            assert_eq!(m.restarts(), run as u32);
+            // Queued traffic does not start it during the delay.
+            assert!(m.traffic(t + MS).is_empty());
+            assert!(m.timers(t + (delay) * MS, true).is_empty());
+            assert_eq!(m.state(), State::Waiting, "run {run}");
+            t += (delay + 1) * MS;
+            assert_eq!(m.deadline(), Some(t));
+            assert!(m.timers(t, true).is_empty());
+            assert_eq!(m.state(), State::Listening, "run {run}");
+        }
+        // Stopped while waiting: stays stopped.
+        assert_eq!(m.traffic(t), vec![Effect::Spawn(SpawnRole::Main)]);
+        let (id, _) = m.spawned(SpawnRole::Main, 20, t);
+        m.exited(id, Exit::Code(1), t, false);
+        m.stop(t);
+        assert_eq!(m.state(), State::Stopped);
+        assert!(m.timers(t + Duration::from_secs(5), true).is_empty());
+        assert_eq!(m.state(), State::Stopped);
     }
 }

@@ -1043,6 +1043,55 @@ fn on_demand_tcp_echo_starts_on_the_first_connection_and_again_after_it_exits() 
     hf.stop_leaving_nothing(&ns)
 }
 
+/// A traffic-started service that keeps failing on the datagram left queued is started
+/// again only after the restart delay, doubling, each failure counted as a restart, until the
+/// start limit fails it (it was started back to back, `restarts` 0, before).
+#[test]
+fn on_demand_service_failing_on_queued_traffic_backs_off_and_counts_restarts() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let starts = sandbox.out("starts");
+    let script = sandbox.write_script(
+        "fail.sh",
+        &format!("#!/bin/sh\ndate +%s%N >> '{}'\nexit 1\n", starts.display()),
+    )?;
+    sandbox.write_unit(
+        "flaky",
+        &format!(
+            "[service]\nexec = {}\non-demand = true\nrestart-delay = \"200ms\"\nrestart-delay-max = \"2s\"\nstart-limit-burst = 4\nstart-limit-interval = \"30s\"\n\n[[socket]]\nprotocol = \"udp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"7702\"]\n",
+            toml_array(&[&script.to_string_lossy()])
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    hf.wait_state("flaky", "listening", T)?;
+    ns.run(|| std::net::UdpSocket::bind("127.0.0.1:0")?.send_to(b"ping\n", "127.0.0.1:7702"))??;
+    let failed = hf.wait_state("flaky", "failed", T)?;
+    let text = std::fs::read_to_string(&starts).context("read the starts file")?;
+    let at: Vec<u128> = text
+        .lines()
+        .map(|l| l.trim().parse())
+        .collect::<Result<_, _>>()?;
+    assert_eq!(at.len(), 4, "started start-limit-burst times: {text}");
+    let gaps_ms: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]) / 1_000_000).collect();
+    for (gap, delay) in gaps_ms.iter().zip([200, 400, 800]) {
+        assert!(
+            *gap >= delay,
+            "starts are spaced by the restart delay and its backoff (200, 400, 800 ms): {gaps_ms:?}"
+        );
+    }
+    assert_eq!(
+        int(&failed, "restarts"),
+        4,
+        "each failed run is a restart: {failed}"
+    );
+    assert!(
+        failed["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("start limit")),
+        "{failed}"
+    );
+    hf.stop_leaving_nothing(&ns)
+}
+
 #[test]
 fn accept_on_udp_is_refused_pointing_to_on_demand() -> Result<()> {
     let sandbox = Sandbox::new()?;
