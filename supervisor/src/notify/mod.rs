@@ -250,6 +250,14 @@ pub struct NotifySocket {
 /// Warnings about one socket's messages logged per 10 s; the rest are counted.
 pub const WARNINGS_PER_10S: u32 = 10;
 
+/// A socket's throttle for warnings about its messages.
+fn warning_limiter() -> std::sync::Mutex<LogLimiter> {
+    std::sync::Mutex::new(LogLimiter::new(
+        WARNINGS_PER_10S,
+        std::time::Duration::from_secs(10),
+    ))
+}
+
 impl NotifySocket {
     /// Binds `<state_dir>/notify/<service>.sock`: the directory is created
     /// 0755, the socket 0666 (a service may run as any user; the
@@ -298,10 +306,7 @@ impl NotifySocket {
             file: (meta.dev(), meta.ino()),
             path,
             service: service.to_string(),
-            warnings: std::sync::Mutex::new(LogLimiter::new(
-                WARNINGS_PER_10S,
-                std::time::Duration::from_secs(10),
-            )),
+            warnings: warning_limiter(),
         };
         // From here on, dropping `notify` on an error removes the file.
         std::fs::set_permissions(&notify.path, std::fs::Permissions::from_mode(0o666))
@@ -346,10 +351,7 @@ impl NotifySocket {
             file: (meta.dev(), meta.ino()),
             path,
             service: service.to_string(),
-            warnings: std::sync::Mutex::new(LogLimiter::new(
-                WARNINGS_PER_10S,
-                std::time::Duration::from_secs(10),
-            )),
+            warnings: warning_limiter(),
         })
     }
 

@@ -206,24 +206,9 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
             }
         }
     };
-    let mut sup = Supervisor {
-        opts: opts.clone(),
-        registry: Registry::default(),
-        poller: Poller::new().map_err(setup("epoll"))?,
-        outputs: Outputs::default(),
-        waiters: Vec::new(),
-        server: None,
-        lock: Some(instance_lock),
-        shutting_down: false,
-        base_path: std::env::var_os("PATH"),
-        dispatcher,
-        why_not,
-        destinations: Destinations::default(),
-        bindings: Vec::new(),
-        metrics: None,
-        manager: crate::manager::Manager::from_env(Instant::now()),
-        cgroups: cgroup_hierarchy(opts),
-    };
+    let mut sup = Supervisor::new(opts, Some(instance_lock), Destinations::default())?;
+    sup.dispatcher = dispatcher;
+    sup.why_not = why_not;
     if let Err(e) = sup.open_all(units, &mut inherited) {
         sup.detach();
         return Err(e);
@@ -267,6 +252,32 @@ fn cgroup_hierarchy(opts: &Options) -> Option<crate::cgroup::Hierarchy> {
 }
 
 impl Supervisor {
+    /// A daemon with no service yet, no dispatcher, no control socket.
+    fn new(
+        opts: &Options,
+        lock: Option<crate::instance_lock::InstanceLock>,
+        destinations: Destinations,
+    ) -> Result<Supervisor, SupervisorError> {
+        Ok(Supervisor {
+            opts: opts.clone(),
+            registry: Registry::default(),
+            poller: Poller::new().map_err(setup("epoll"))?,
+            outputs: Outputs::default(),
+            waiters: Vec::new(),
+            server: None,
+            lock,
+            shutting_down: false,
+            base_path: std::env::var_os("PATH"),
+            dispatcher: None,
+            why_not: String::new(),
+            destinations,
+            bindings: Vec::new(),
+            metrics: None,
+            manager: crate::manager::Manager::from_env(Instant::now()),
+            cgroups: cgroup_hierarchy(opts),
+        })
+    }
+
     fn serve_metrics(&mut self, addr: std::net::SocketAddr) -> Result<(), SupervisorError> {
         match metrics::Endpoint::serve(addr) {
             Ok(e) => {

@@ -38,9 +38,8 @@ use crate::control::Reply;
 use crate::dispatch::{Counters, DestinationId, Dispatcher, DEFAULT_BINDING_ENTRIES};
 use crate::protocol::UpgradeReport;
 
-use super::output::Outputs;
-use super::poller::{Poller, Token};
-use super::registry::{Registry, ServiceId};
+use super::poller::Token;
+use super::registry::ServiceId;
 use super::services::{SavedService, Service};
 use super::sockets::{self, Destinations};
 use super::{setup, Options, Supervisor, SupervisorError};
@@ -343,24 +342,8 @@ pub(super) fn resume(opts: &Options, saved: Saved) -> Result<Supervisor, Supervi
         Some((state, netns)) => Some(crate::instance_lock::adopt(adopt(state), netns.map(adopt))?),
         None => None,
     };
-    let mut sup = Supervisor {
-        opts: opts.clone(),
-        registry: Registry::default(),
-        poller: Poller::new().map_err(setup("epoll"))?,
-        outputs: Outputs::default(),
-        waiters: Vec::new(),
-        server: None,
-        lock,
-        shutting_down: false,
-        base_path: std::env::var_os("PATH"),
-        dispatcher: None,
-        why_not: saved.why_not,
-        destinations: saved.destinations,
-        bindings: Vec::new(),
-        metrics: None,
-        manager: crate::manager::Manager::from_env(Instant::now()),
-        cgroups: super::cgroup_hierarchy(opts),
-    };
+    let mut sup = Supervisor::new(opts, lock, saved.destinations)?;
+    sup.why_not = saved.why_not;
     // Retiring services first: a live one may have the same name.
     let (retiring, live): (Vec<_>, Vec<_>) = saved
         .services
