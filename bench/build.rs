@@ -16,6 +16,9 @@ fn main() -> Result<()> {
     let toolchain = env::var("HOLDFAST_BPF_TOOLCHAIN").unwrap_or_else(|_| "stable".into());
     // For the inner `cargo build` that aya-build spawns (stable + -Z build-std).
     env::set_var("RUSTC_BOOTSTRAP", "1");
+    // The inner cargo's progress lines ("Compiling …") would each come out as
+    // a `warning:` of this build; its errors and rustc's warnings still do.
+    env::set_var("CARGO_TERM_QUIET", "true");
     let root_dir = ebpf.to_str().context("non-UTF-8 path to bench/ebpf")?;
     aya_build::build_ebpf(
         [Package {

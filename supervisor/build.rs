@@ -25,6 +25,9 @@ fn main() -> Result<()> {
     // SAFETY-free in edition 2021: the build script is single-threaded here; the
     // variable is for the inner `cargo build` that aya-build spawns.
     env::set_var("RUSTC_BOOTSTRAP", "1");
+    // The inner cargo's progress lines ("Compiling …") would each come out as
+    // a `warning:` of this build; its errors and rustc's warnings still do.
+    env::set_var("CARGO_TERM_QUIET", "true");
     let root_dir = ebpf
         .to_str()
         .context("non-UTF-8 path to ebpf/holdfast-ebpf")?;
