@@ -57,6 +57,9 @@ impl Supervisor {
     }
 
     fn accept_connections(&mut self, id: ServiceId, now: Instant) {
+        if let Some(svc) = self.registry.get_mut(id) {
+            svc.report_suppressed_accept_errors(now);
+        }
         loop {
             let Some(svc) = self.registry.get_mut(id) else {
                 return;
@@ -91,7 +94,11 @@ impl Supervisor {
                 match e.raw_os_error() {
                     Some(libc::EAGAIN) => {}
                     Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
-                    _ => tracing::warn!(service = %name, error = %e, "accept failed"),
+                    _ => {
+                        if let Some(svc) = self.registry.get_mut(id) {
+                            svc.accept_failed(&e, now);
+                        }
+                    }
                 }
                 return;
             }

@@ -15,6 +15,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::notify::{CgroupSenders, FdStore, Message, Notification, NotifySocket, Senders};
+use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
 use crate::service::{Effect, Exit, InstanceId, Machine, Said};
 use crate::spawn::{self, Credentials};
 use crate::unit::Unit;
@@ -48,6 +49,20 @@ pub(super) struct Service {
     groups: BTreeMap<InstanceId, Pid>,
     /// Its cgroups (or process groups): how its processes are signalled.
     tracking: Tracking,
+    /// Accept services: set while accept fails for lack of fds (its
+    /// listener is not polled), and accept's rate-limited warnings.
+    accept_pause: AcceptPause,
+    accept_errors: LogLimiter,
+}
+
+/// How long an accept service stops accepting after accept found no fd.
+const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn accept_throttles() -> (AcceptPause, LogLimiter) {
+    (
+        AcceptPause::new(ACCEPT_PAUSE),
+        LogLimiter::new(5, std::time::Duration::from_secs(10)),
+    )
 }
 
 impl Service {
@@ -86,6 +101,8 @@ impl Service {
             log: LogRing::default(),
             groups: BTreeMap::new(),
             tracking: Tracking::default(),
+            accept_pause: accept_throttles().0,
+            accept_errors: accept_throttles().1,
         })
     }
 
@@ -139,6 +156,7 @@ impl Service {
             .deadline()
             .into_iter()
             .chain(self.acceptor.as_ref().and_then(Acceptor::deadline))
+            .chain(self.accept_pause.resumes_at(Instant::now()))
             .min()
     }
 
@@ -153,8 +171,30 @@ impl Service {
             return false;
         }
         match &self.acceptor {
-            Some(a) => a.has_room(now),
+            Some(a) => a.has_room(now) && !self.accept_pause.is_paused(now),
             None => self.unit.service.on_demand && self.machine.main().is_none(),
+        }
+    }
+
+    /// accept on its listener failed with `e`: logged (a few lines per 10 s,
+    /// then "repeated N times"); for lack of fds, accepting pauses, the
+    /// listener left out of the poll set (it stays readable: polling it at
+    /// once would spin).
+    pub fn accept_failed(&mut self, e: &std::io::Error, now: Instant) {
+        let exhausted = self.accept_pause.on_error(e, now);
+        if let Some(repeated) = self.accept_errors.allow(now) {
+            if exhausted {
+                tracing::warn!(service = %self.unit.name, error = %e, repeated, "accept failed: {EXHAUSTION_HINT}");
+            } else {
+                tracing::warn!(service = %self.unit.name, error = %e, repeated, "accept failed");
+            }
+        }
+    }
+
+    /// Says how many accept warnings were dropped, once their window is over.
+    pub fn report_suppressed_accept_errors(&mut self, now: Instant) {
+        if let Some(repeated) = self.accept_errors.take_suppressed(now) {
+            tracing::warn!(service = %self.unit.name, repeated, "accept failed (the last message repeated {repeated} times)");
         }
     }
 
@@ -291,6 +331,8 @@ impl Service {
                 .map(|(i, g)| (i, Pid::from_raw(g)))
                 .collect(),
             tracking: Tracking::restore(saved.tracking),
+            accept_pause: accept_throttles().0,
+            accept_errors: accept_throttles().1,
         })
     }
 

@@ -706,6 +706,89 @@ fn rate_limit_pauses_accepting_and_the_burst_is_served_after_the_pause() -> Resu
     hf.stop_leaving_nothing(&ns)
 }
 
+/// The lowest fd number free in process `pid`.
+fn lowest_free_fd(pid: i32) -> Result<u64> {
+    let used: BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    Ok((0..).find(|n| !used.contains(n)).expect("a free number"))
+}
+
+/// User + system CPU time of process `pid`, in clock ticks.
+fn cpu_ticks(pid: i32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(") ").context("a /proc stat line")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+/// `prlimit --pid PID --nofile=SOFT:` (the soft limit only).
+fn set_nofile(pid: i32, soft: u64) -> Result<()> {
+    let out = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+        .output()
+        .context("run prlimit")?;
+    ensure!(
+        out.status.success(),
+        "prlimit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// With no fd left for accept (EMFILE), the accept service stops polling its listener for a
+/// while and says so a few times, instead of spinning on the readable listener and writing a
+/// line per try; once fds are back, the queued connection is served.
+#[test]
+fn accept_out_of_fds_pauses_instead_of_spinning_and_serves_once_fds_are_back() -> Result<()> {
+    let ns = skip_unless!(netns_or_skip());
+    let mut hf = start_cat(&ns, &["127.0.0.1/32"], &["7405"], "")?;
+    let dst = sa("127.0.0.1:7405");
+    assert_eq!(
+        ns.run(|| try_line(None, dst, "before", T))?,
+        Outcome::Served("before".into())
+    );
+    wait_idle(&hf, "cat")?;
+    let pid = hf.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .context("Max open files in /proc/PID/limits")?
+        .parse()?;
+    set_nofile(pid, lowest_free_fd(pid)?)?;
+    let cpu_before = cpu_ticks(pid)?;
+    let mut waiting = ns.run(|| connect_from(None, dst, T))??;
+    waiting.write_all(b"while out of fds\n")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu = cpu_ticks(pid)? - cpu_before;
+    let log = hf.log();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("accept failed") && l.contains("service=cat"))
+        .count();
+    set_nofile(pid, soft)?;
+    assert!(
+        log.contains("out of file descriptors"),
+        "the log names the exhaustion:\n{log}"
+    );
+    assert!(
+        warnings <= 6,
+        "accept's warning is rate-limited: {warnings} lines in 2 s"
+    );
+    assert!(
+        cpu < 50,
+        "holdfast spent {cpu} ticks of CPU in 2 s while out of fds (a spin)"
+    );
+    assert_eq!(
+        read_line(&mut waiting),
+        Outcome::Served("while out of fds".into()),
+        "the queued connection is served once fds are back"
+    );
+    hf.stop_leaving_nothing(&ns)
+}
+
 // ---------------------------------------------------------------------------------------
 // stop / start of an accept service.
 
