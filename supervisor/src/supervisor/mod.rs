@@ -66,6 +66,8 @@ pub enum SupervisorError {
     Bindings(#[source] dispatch::DispatchError),
     #[error(transparent)]
     Lock(#[from] crate::instance_lock::LockError),
+    #[error(transparent)]
+    StateDir(#[from] crate::statedir::StateDirError),
     #[error("{what}: {source}")]
     Setup {
         what: String,
@@ -166,6 +168,10 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     if let Some(netns) = &opts.netns {
         sockets::enter_netns(netns)?;
     }
+    // The state dir and its subdirectories exist with their modes and are
+    // real directories of root's, before anything is created in them by name
+    // (the lock file first).
+    crate::statedir::prepare(&opts.state_dir)?;
     // Before anything a live holdfast uses (pins, links, sockets, state dir).
     let netns_lock = (!opts.no_dispatcher).then_some(Path::new("/proc/thread-self/ns/net"));
     let instance_lock = crate::instance_lock::acquire(&opts.state_dir, netns_lock)?;

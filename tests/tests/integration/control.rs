@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use holdfast_testkit::{
-    ask_tcp, control_request_as, holdfast_cli, netns_and_sandbox, netns_or_skip, process_gone,
-    skip_unless, wait_for, Holdfast, Netns, PeerOutcome, Sandbox,
+    ask_tcp, control_request_as, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip,
+    process_gone, run_bounded, skip_unless, wait_for, Holdfast, Netns, PeerOutcome, Sandbox,
 };
 use nix::errno::Errno;
 use serde_json::Value;
@@ -251,6 +251,60 @@ fn cli_exit_codes() -> Result<()> {
         Some(1),
         "check on an invalid unit: {out:?}"
     );
+    Ok(())
+}
+
+/// A state dir, or its notify/ subdirectory, planted as a symlink into another user's
+/// directory is refused (exit 1, naming it) before anything is created through it; the
+/// symlink's target is left as it was (holdfast used to chmod it and bind sockets in it).
+#[test]
+fn a_symlinked_state_dir_or_notify_dir_is_refused() -> Result<()> {
+    use std::os::unix::fs::symlink;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    sandbox.write_serve_unit("web", 8080, "")?;
+    let attacker = sandbox.path().join("attacker");
+    std::fs::create_dir(&attacker)?;
+    std::fs::set_permissions(&attacker, PermissionsExt::from_mode(0o700))?;
+    let state = sandbox.state_dir();
+    let run = || -> Result<std::process::Output> {
+        let mut cmd = ns.command(holdfast_bin())?;
+        cmd.arg("run")
+            .arg("--no-dispatcher")
+            .arg("--units")
+            .arg(sandbox.units_dir())
+            .arg("--state-dir")
+            .arg(&state)
+            .env("NO_COLOR", "1");
+        run_bounded(cmd, T)
+    };
+    std::fs::remove_dir(&state)?;
+    symlink(&attacker, &state)?;
+    let notify = state.join("notify");
+    for (what, planted) in [
+        ("the state dir", state.clone()),
+        ("notify/", notify.clone()),
+    ] {
+        if what == "notify/" {
+            std::fs::remove_file(&state)?;
+            std::fs::create_dir(&state)?;
+            symlink(&attacker, &notify)?;
+        }
+        let out = run()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what} a symlink: {stderr}");
+        assert!(
+            stderr.contains(&format!("{} is a symlink", planted.display())),
+            "the error names {what} as a symlink: {stderr}"
+        );
+        let mode = std::fs::metadata(&attacker)?.permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{what}: the symlink's target was chmod'ed");
+        assert_eq!(
+            std::fs::read_dir(&attacker)?.count(),
+            0,
+            "{what}: something was created in the symlink's target"
+        );
+    }
+    ns.expect_empty()?;
     Ok(())
 }
 
