@@ -101,6 +101,14 @@ fn peek<'e>(entries: &'e [ini::Entry], section: &str, key: &str) -> Option<&'e s
         .map(|e| e.value.as_str())
 }
 
+/// Directives whose values systemd takes as written: their `%` is a percentage.
+fn expands_specifiers(key: &str) -> bool {
+    !matches!(
+        key,
+        "CPUQuota" | "MemoryMax" | "MemoryHigh" | "MemoryLow" | "MemoryMin" | "TasksMax"
+    )
+}
+
 /// Replaces each entry's `%` specifiers; one that cannot be expanded is
 /// reported and left out.
 fn expand(
@@ -110,18 +118,25 @@ fn expand(
 ) -> Vec<ini::Entry> {
     entries
         .into_iter()
-        .filter_map(|mut e| match spec.expand(&e.value) {
-            Ok(v) => {
-                e.value = v;
-                Some(e)
-            }
-            Err(why) => {
-                dropped.push(Finding {
-                    place: e.place(),
-                    directive: format!("{}={}", e.key, e.value),
-                    why,
-                });
-                None
+        .filter_map(|mut e| {
+            let expanded = if expands_specifiers(&e.key) {
+                spec.expand(&e.value)
+            } else {
+                Ok(e.value.clone())
+            };
+            match expanded {
+                Ok(v) => {
+                    e.value = v;
+                    Some(e)
+                }
+                Err(why) => {
+                    dropped.push(Finding {
+                        place: e.place(),
+                        directive: format!("{}={}", e.key, e.value),
+                        why,
+                    });
+                    None
+                }
             }
         })
         .collect()

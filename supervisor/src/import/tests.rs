@@ -286,7 +286,7 @@ fn what_is_not_translated_is_listed_with_file_line_and_why() {
     let dir = dir_with(&[(
         "x.service",
         "[Unit]\nAfter=postgresql.service\n[Service]\nExecStartPre=/bin/true\nExecStart=+/bin/x %H\n\
-         ExecStart=/bin/x\nExecStart=\nExecStart=/bin/y\nLimitNOFILE=1024\nType=forking\nProtectSystem=strict\n",
+         ExecStart=/bin/x\nExecStart=\nExecStart=/bin/y\nLimitSTACK=8M\nType=forking\nProtectSystem=strict\n",
     )]);
     let got = import(&req(dir.path(), &["x.service"])).unwrap();
     let place = |f: &super::Finding| f.place.rsplit(':').next().unwrap().to_string();
@@ -301,9 +301,9 @@ fn what_is_not_translated_is_listed_with_file_line_and_why() {
     assert!(why[0].contains("postgresql.service"));
     assert!(why[1].contains("exec-start-pre"));
     assert!(why[2].contains("host"), "%H: {}", why[2]);
-    assert!(why[3].contains("limit-nofile"));
+    assert!(why[3].contains("limit-stack"), "{}", why[3]);
     assert!(why[4].contains("foreground"));
-    assert_eq!(got.dropped[3].directive, "LimitNOFILE=1024");
+    assert_eq!(got.dropped[3].directive, "LimitSTACK=8M");
     assert_eq!(
         got.unit.service.exec,
         ["/bin/y"],
@@ -406,4 +406,49 @@ fn exit_codes_and_the_written_file() {
     );
     assert_eq!(run(&req(dir.path(), &["ok.timer"]), out.path(), false), 2);
     crate::unit::load_dir(out.path()).unwrap();
+}
+
+#[test]
+fn process_directives_land_on_holdfasts_process_keys() {
+    use crate::unit::{KillSignal, Limit, NotifyAccess, Rlimit, StandardInput};
+    let dir = dir_with(&[
+        ("p.socket", "[Socket]\nListenStream=/run/p.sock\n"),
+        (
+            "p.service",
+            "[Service]\nType=notify\nExecStart=/bin/p\nNotifyAccess=all\nKillSignal=SIGINT\n\
+             LimitNOFILE=1024:4096\nLimitCORE=infinity\nMemoryMax=512M\nTasksMax=100\nCPUQuota=50%\n\
+             NonBlocking=yes\nStandardInput=socket\nStandardOutput=journal\n\
+             MemoryHigh=10%\nLimitNPROC=9:8\n",
+        ),
+    ]);
+    let got = import(&req(dir.path(), &["p.socket"])).unwrap();
+    let p = &got.unit.service.process;
+    assert_eq!(p.notify_access, NotifyAccess::All);
+    assert_eq!(p.kill_signal, KillSignal(2));
+    assert_eq!(
+        p.rlimits.nofile,
+        Some(Rlimit {
+            soft: 1024,
+            hard: 4096
+        })
+    );
+    assert_eq!(
+        p.rlimits.core,
+        Some(Rlimit {
+            soft: u64::MAX,
+            hard: u64::MAX
+        })
+    );
+    assert_eq!(p.cgroup_limits.memory_max, Some(Limit::Value(512 << 20)));
+    assert_eq!(p.cgroup_limits.tasks_max, Some(Limit::Value(100)));
+    assert_eq!(p.cgroup_limits.cpu_quota, Some(50));
+    assert_eq!(p.cgroup_limits.memory_high, None);
+    assert!(p.non_blocking);
+    assert_eq!(p.standard_input, StandardInput::Socket);
+    let dropped: Vec<&str> = got.dropped.iter().map(|f| f.directive.as_str()).collect();
+    assert_eq!(dropped, ["MemoryHigh=10%", "LimitNPROC=9:8"]);
+    assert!(super::values::signal("SIGSTOP").is_err());
+    assert_eq!(super::values::signal("term"), Ok(15));
+    assert_eq!(super::values::signal("9"), Ok(9));
+    assert!(got.toml.contains("notify-access = \"all\""), "{}", got.toml);
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use super::ini::Entry;
 use super::values;
 use crate::unit::{
-    IpPrefix, PortRange, Protocol, RestartMode, RestartPolicy, ServiceConfig, ServiceType,
-    SocketConfig, SocketOptions, Unit,
+    IpPrefix, KillSignal, NotifyAccess, PortRange, Protocol, RestartMode, RestartPolicy, Rlimit,
+    ServiceConfig, ServiceType, SocketConfig, SocketOptions, StandardInput, StandardOutput, Unit,
 };
 
 /// A directive that was not translated (or translated with a difference,
@@ -439,8 +439,7 @@ fn service_config(
             r.drop(e, "holdfast signals the service's whole process group when it stops it (KillMode=control-group)");
         }
     }
-    s.process.notify_access = crate::unit::NotifyAccess::default_for(s.kind);
-    standard_streams(d, r, accept);
+    process_directives(d, r, &mut s, accept);
     if let Some(e) = d.last(S, "Sockets") {
         let only_ours = e
             .value
@@ -530,22 +529,93 @@ fn exec_start(
     words
 }
 
-fn standard_streams(d: &mut Directives<'_>, r: &mut Report, accept: bool) {
+/// The directives holdfast's process keys take (`notify-access`, `kill-signal`, the
+/// rlimits, the cgroup limits, `non-blocking`, `standard-input`/`-output`).
+fn process_directives(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceConfig, accept: bool) {
     const S: &str = "Service";
+    let p = &mut s.process;
+    p.notify_access = NotifyAccess::default_for(s.kind);
+    if let Some(e) = d.last(S, "NotifyAccess") {
+        match e.value.as_str() {
+            "none" => p.notify_access = NotifyAccess::None,
+            "main" => p.notify_access = NotifyAccess::Main,
+            "exec" => p.notify_access = NotifyAccess::Exec,
+            "all" => p.notify_access = NotifyAccess::All,
+            other => r.drop(e, format!("{other:?} is not none, main, exec or all")),
+        }
+    }
+    if let Some(e) = d.last(S, "KillSignal") {
+        match values::signal(&e.value) {
+            Ok(n) => p.kill_signal = KillSignal(n),
+            Err(why) => r.drop(e, why),
+        }
+    }
+    for (key, slot, bytes) in [
+        ("LimitNOFILE", &mut p.rlimits.nofile, false),
+        ("LimitNPROC", &mut p.rlimits.nproc, false),
+        ("LimitCORE", &mut p.rlimits.core, true),
+        ("LimitMEMLOCK", &mut p.rlimits.memlock, true),
+    ] {
+        if let Some(e) = d.last(S, key) {
+            match values::rlimit(&e.value, bytes) {
+                Ok((soft, hard)) => *slot = Some(Rlimit { soft, hard }),
+                Err(why) => r.drop(e, why),
+            }
+        }
+    }
+    let c = &mut p.cgroup_limits;
+    for (key, slot, bytes) in [
+        ("MemoryMax", &mut c.memory_max, true),
+        ("MemoryHigh", &mut c.memory_high, true),
+        ("TasksMax", &mut c.tasks_max, false),
+    ] {
+        if let Some(e) = d.last(S, key) {
+            match values::limit(&e.value, bytes) {
+                Ok(l) => *slot = Some(l),
+                Err(why) => r.drop(e, why),
+            }
+        }
+    }
+    if let Some(e) = d.last(S, "CPUQuota") {
+        match e
+            .value
+            .strip_suffix('%')
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            Some(n) if (1..=100_000).contains(&n) => c.cpu_quota = Some(n),
+            _ => r.drop(e, "write a percentage of one CPU, e.g. CPUQuota=50%"),
+        }
+    }
+    for (key, slot) in [
+        ("CPUWeight", &mut c.cpu_weight),
+        ("IOWeight", &mut c.io_weight),
+    ] {
+        if let Some(e) = d.last(S, key) {
+            match e.value.parse::<u32>() {
+                Ok(n) if (1..=10_000).contains(&n) => *slot = Some(n),
+                _ => r.drop(e, "holdfast takes a weight from 1 to 10000"),
+            }
+        }
+    }
+    if let Some(e) = d.last(S, "NonBlocking") {
+        match values::boolean(&e.value) {
+            Ok(b) => p.non_blocking = b,
+            Err(why) => r.drop(e, why),
+        }
+    }
     if let Some(e) = d.last(S, "StandardInput") {
         match (e.value.as_str(), accept) {
-            ("socket", true) | ("null", false) => {}
-            ("null", true) => r.drop(e, "holdfast's accept mode puts the connection on stdin, stdout and fd 3 (no standard-input key yet)"),
-            _ => r.drop(e, "holdfast gives a service /dev/null on stdin, and an accept = true instance its connection (no standard-input key yet)"),
+            ("null", false) => p.standard_input = StandardInput::Null,
+            ("socket", _) => p.standard_input = StandardInput::Socket,
+            ("null", true) => r.drop(e, "holdfast's accept mode puts the connection on stdin (and fd 3) whatever standard-input says"),
+            _ => r.drop(e, "holdfast's standard-input is null or socket"),
         }
     }
     for key in ["StandardOutput", "StandardError"] {
         if let Some(e) = d.last(S, key) {
-            let v = e.value.as_str();
-            match v {
+            match e.value.as_str() {
                 "journal" | "inherit" | "journal+console" | "kmsg" | "kmsg+console" | "syslog" => {}
-                "socket" if accept => {}
-                _ if key == "StandardOutput" && accept => r.drop(e, "holdfast's accept mode puts the connection on stdout"),
+                "socket" if key == "StandardOutput" => p.standard_output = StandardOutput::Socket,
                 _ => r.drop(e, "holdfast captures stdout and stderr into its log (holdfast logs NAME); redirect in the program if it must write a file"),
             }
         }
@@ -617,8 +687,7 @@ fn why_not(section: &str, key: &str) -> String {
             "{}; holdfast stops a service with SIGTERM to its process group, then SIGKILL after stop-timeout",
             no_key(&kebab(key))
         ),
-        "KillSignal" | "UMask" | "NotifyAccess" | "SupplementaryGroups" | "NoNewPrivileges"
-        | "MemoryMax" | "TasksMax" | "CPUQuota" => no_key(&kebab(key)),
+        "UMask" | "SupplementaryGroups" | "NoNewPrivileges" => no_key(&kebab(key)),
         k if k.starts_with("Limit") => no_key(&kebab(k)),
         "SocketUser" | "SocketGroup" => format!(
             "{}: holdfast creates the socket file as root; widen SocketMode= or chown it from the service",

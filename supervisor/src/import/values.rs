@@ -370,3 +370,75 @@ pub fn assignments(s: &str) -> Result<(Assignments, Vec<String>), String> {
     }
     Ok((good, bad))
 }
+
+/// A signal: `SIGTERM`, `TERM` or its number; SIGSTOP is refused (it stops nothing).
+pub fn signal(s: &str) -> Result<i32, String> {
+    use nix::sys::signal::Signal;
+    let bad = || format!("{s:?} is not a signal that can stop a process (e.g. SIGTERM, SIGINT)");
+    let sig = match s.parse::<i32>() {
+        Ok(n) => Signal::try_from(n).map_err(|_| bad())?,
+        Err(_) => {
+            let upper = s.to_ascii_uppercase();
+            let full = if upper.starts_with("SIG") {
+                upper
+            } else {
+                format!("SIG{upper}")
+            };
+            full.parse::<Signal>().map_err(|_| bad())?
+        }
+    };
+    if sig == Signal::SIGSTOP {
+        return Err(bad());
+    }
+    Ok(sig as i32)
+}
+
+/// One rlimit value: a number (a size with K/M/G/T for `bytes`), or `infinity`.
+fn rlimit_value(s: &str, bytes: bool) -> Result<u64, String> {
+    if s == "infinity" {
+        return Ok(u64::MAX);
+    }
+    if bytes {
+        size(s)
+    } else {
+        s.parse()
+            .map_err(|_| format!("{s:?} is not a number or infinity"))
+    }
+}
+
+/// `LimitNOFILE=` and kin: `N` (soft and hard) or `SOFT:HARD`, each a number or `infinity`.
+pub fn rlimit(s: &str, bytes: bool) -> Result<(u64, u64), String> {
+    let (soft, hard) = match s.split_once(':') {
+        Some((a, b)) => (rlimit_value(a, bytes)?, rlimit_value(b, bytes)?),
+        None => {
+            let v = rlimit_value(s, bytes)?;
+            (v, v)
+        }
+    };
+    if soft > hard {
+        return Err(format!("{s:?}: the soft limit is above the hard one"));
+    }
+    Ok((soft, hard))
+}
+
+/// `MemoryMax=`, `TasksMax=`: a number (a size for `bytes`) or `infinity`. A
+/// percentage (of the host's memory or tasks) is refused: holdfast takes absolute values.
+pub fn limit(s: &str, bytes: bool) -> Result<crate::unit::Limit, String> {
+    use crate::unit::Limit;
+    if s == "infinity" {
+        return Ok(Limit::Infinity);
+    }
+    if s.ends_with('%') {
+        return Err(
+            "holdfast takes an absolute limit, not a percentage of the host's; write the number"
+                .into(),
+        );
+    }
+    let n = if bytes {
+        size(s)?
+    } else {
+        s.parse()
+            .map_err(|_| format!("{s:?} is not a number or infinity"))?
+    };
+    Ok(Limit::Value(n))
+}
