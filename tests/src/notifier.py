@@ -24,6 +24,8 @@ line and gets one reply line:
                                (for a message that ends the process, WATCHDOG=trigger)
   store NAME DATA memfd|pipe -> an fd holding DATA, sent with FDSTORE=1 FDNAME=NAME
   fork                      -> a child in this process group that sleeps -> "ok CHILD"
+  end-child CHILD           -> SIGKILL to that child, reaped here (not by holdfast)
+                               -> "ok CHILD"
   setsid-send TEXT          -> a child in a new session sends TEXT, says "ok CHILD",
                                and lives on for 20 s
   stop-ping                 -> the watchdog thread stops
@@ -191,6 +193,11 @@ def command(line, listener):
             listener.close()
             while True:
                 time.sleep(60)
+        return "ok %d" % child
+    if word == "end-child":
+        child = int(rest)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
         return "ok %d" % child
     if word == "setsid-send":
         r, w = os.pipe()

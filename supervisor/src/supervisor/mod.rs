@@ -473,6 +473,12 @@ impl Supervisor {
                 }
             }
             self.reap();
+            // Main processes named by MAINPID= that are not holdfast's children.
+            for token in &ready {
+                if let Token::MainPid { service, pid } = *token {
+                    self.main_pid_exited(service, pid);
+                }
+            }
             if ready.contains(&Token::Metrics) {
                 if let Some(m) = &self.metrics {
                     let text = metrics::render(&self.snapshot());

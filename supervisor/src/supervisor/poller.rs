@@ -26,7 +26,14 @@ pub(super) enum Token {
     Traffic(ServiceId),
     /// A service's stdout or stderr pipe.
     Output(u64),
+    /// The pidfd of a main process named by MAINPID= (`pid`, below 2^24):
+    /// readable once it has exited, holdfast's child or not.
+    MainPid { service: ServiceId, pid: i32 },
 }
+
+/// Bits of a [`Token::MainPid`]'s id that hold the pid (the kernel's
+/// `PID_MAX_LIMIT` is 2^22).
+const PID_BITS: u32 = 24;
 
 const KIND_SHIFT: u32 = 56;
 
@@ -39,6 +46,10 @@ impl Token {
             Token::Notify(s) => (3, u64::from(s.raw())),
             Token::Traffic(s) => (4, u64::from(s.raw())),
             Token::Output(o) => (5, o & ((1 << KIND_SHIFT) - 1)),
+            Token::MainPid { service, pid } => (
+                6,
+                (u64::from(service.raw()) << PID_BITS) | (pid as u64 & ((1 << PID_BITS) - 1)),
+            ),
         };
         (kind << KIND_SHIFT) | id
     }
@@ -53,6 +64,10 @@ impl Token {
             3 => Token::Notify(service()),
             4 => Token::Traffic(service()),
             5 => Token::Output(id),
+            6 => Token::MainPid {
+                service: ServiceId::from_raw((id >> PID_BITS) as u32),
+                pid: (id & ((1 << PID_BITS) - 1)) as i32,
+            },
             _ => return None,
         })
     }
@@ -155,5 +170,30 @@ impl Poller {
             let _ = self.epoll.delete(fd.as_fd());
         }
         self.traffic.remove(&service);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_survive_their_encoding() {
+        let service = ServiceId::from_raw(u32::MAX);
+        for token in [
+            Token::Signal,
+            Token::Notify(service),
+            Token::Output((1 << KIND_SHIFT) - 1),
+            Token::MainPid {
+                service,
+                pid: 4_194_304,
+            },
+            Token::MainPid {
+                service: ServiceId::from_raw(7),
+                pid: 2,
+            },
+        ] {
+            assert_eq!(Token::decode(token.encode()), Some(token));
+        }
     }
 }

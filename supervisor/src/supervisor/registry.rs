@@ -118,6 +118,11 @@ impl Registry {
         self.pids.insert(pid, (service, owner));
     }
 
+    /// Whose `pid` is, if tracked.
+    pub fn owner(&self, pid: i32) -> Option<(ServiceId, Owner)> {
+        self.pids.get(&pid).copied()
+    }
+
     pub fn untrack(&mut self, pid: i32) -> Option<(ServiceId, Owner)> {
         self.pids.remove(&pid)
     }

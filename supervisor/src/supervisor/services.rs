@@ -15,6 +15,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::notify::{CgroupSenders, FdStore, Message, Notification, NotifySocket, Senders};
+use crate::pidfd::Pidfd;
 use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
 use crate::service::{Effect, Exit, InstanceId, Machine, Said};
 use crate::spawn::{self, Credentials};
@@ -49,6 +50,16 @@ pub(super) struct Service {
     groups: BTreeMap<InstanceId, Pid>,
     /// Its cgroups (or process groups): how its processes are signalled.
     tracking: Tracking,
+    /// A pidfd on each instance's main process named by MAINPID= (which
+    /// may not be holdfast's child), watched by the event loop: its exit is
+    /// seen, and a signal never goes to a pid number reused since.
+    main_pidfds: BTreeMap<InstanceId, Pidfd>,
+    /// The pidfd of a MAINPID= just checked by [`Supervisor::notified`],
+    /// for the machine's `Effect::MainPid` to keep.
+    offered_main_pid: Option<Pidfd>,
+    /// Main pids of MAINPID= gone across an in-place upgrade (no pidfd
+    /// could be opened again): exited, as soon as the service is registered.
+    main_pids_lost: Vec<i32>,
     /// Accept services: set while accept fails for lack of fds (its
     /// listener is not polled), and accept's rate-limited warnings.
     accept_pause: AcceptPause,
@@ -103,6 +114,9 @@ impl Service {
             tracking: Tracking::default(),
             accept_pause: accept_throttles().0,
             accept_errors: accept_throttles().1,
+            main_pidfds: BTreeMap::new(),
+            offered_main_pid: None,
+            main_pids_lost: Vec::new(),
         })
     }
 
@@ -247,6 +261,9 @@ pub(super) struct SavedService {
     log: LogRing,
     groups: Vec<(InstanceId, i32)>,
     tracking: SavedTracking,
+    /// Main pids named by MAINPID=, their pidfds opened again on resume.
+    #[serde(default)]
+    main_pids: Vec<(InstanceId, i32)>,
     /// Live (false: retiring, removed by a reload and still stopping).
     pub live: bool,
 }
@@ -286,6 +303,11 @@ impl Service {
             log: self.log.clone(),
             groups: self.groups.iter().map(|(i, g)| (*i, g.as_raw())).collect(),
             tracking: self.tracking.save(),
+            main_pids: self
+                .main_pidfds
+                .iter()
+                .map(|(i, p)| (*i, p.pid()))
+                .collect(),
             live,
         }
     }
@@ -314,7 +336,23 @@ impl Service {
                 tracing::warn!(service = %saved.unit.name, fdname = %name, error = %e, "upgrade: a stored fd could not be stored again");
             }
         }
+        // The process a saved main pid names cannot have been reaped by
+        // holdfast, the old one was watching it: if it is gone, the number
+        // is not opened again (it may be someone else's by now).
+        let mut main_pidfds = BTreeMap::new();
+        let mut main_pids_lost = Vec::new();
+        for (instance, pid) in saved.main_pids {
+            match Pidfd::open(pid) {
+                Ok(p) if !p.has_exited() => {
+                    main_pidfds.insert(instance, p);
+                }
+                _ => main_pids_lost.push(pid),
+            }
+        }
         Ok(Service {
+            main_pidfds,
+            offered_main_pid: None,
+            main_pids_lost,
             sockets: adopt_all(saved.sockets)?,
             old_sockets: adopt_all(saved.old_sockets)?,
             unit: saved.unit,
@@ -415,14 +453,24 @@ impl Supervisor {
                     }
                 }
                 Effect::Abort(i) => {
-                    if let Some(inst) = svc.machine.instance(i) {
-                        let _ = kill(Pid::from_raw(inst.pid), Signal::SIGABRT);
+                    // A MAINPID= process through its pidfd; else the main
+                    // pid is holdfast's child, its number held until reaped.
+                    if let Some(p) = svc.main_pidfds.get(&i) {
+                        let _ = p.signal(Signal::SIGABRT);
+                    } else if let Some(inst) = svc.machine.instance(i) {
+                        if svc.groups.get(&i).map(|g| g.as_raw()) == Some(inst.pid) {
+                            let _ = kill(Pid::from_raw(inst.pid), Signal::SIGABRT);
+                        } else {
+                            tracing::warn!(service = %svc.unit.name, pid = inst.pid, "watchdog: the main process is no longer held (no pidfd): no SIGABRT sent");
+                        }
                     }
                 }
                 Effect::MainPid { instance, old, new } => {
+                    let offered = svc.offered_main_pid.take().filter(|p| p.pid() == new);
                     // The old main pid's exit is no longer the instance's.
                     self.registry.untrack(old);
                     self.registry.track(new, id, Owner::Instance(instance));
+                    self.watch_main_pid(id, instance, offered.map_or_else(|| Pidfd::open(new), Ok));
                 }
                 Effect::ReleaseOldSockets => svc.old_sockets.clear(),
             }
@@ -588,6 +636,7 @@ impl Supervisor {
                 svc.tracking.gone(pid);
             }
             Owner::Instance(instance) => {
+                svc.main_pidfds.remove(&instance);
                 // Whatever the main process left behind in its group goes with it.
                 if let Some(g) = svc.groups.remove(&instance) {
                     svc.tracking.gone(g);
@@ -596,6 +645,97 @@ impl Supervisor {
                     }
                 }
                 self.act(id, now, |m| m.exited(instance, exit, now, shutting_down));
+            }
+        }
+    }
+
+    /// Keeps (and watches) `pidfd`, the main process of `instance` named by
+    /// MAINPID=, in place of the one before; a process already gone (no
+    /// pidfd) is taken as exited.
+    fn watch_main_pid(
+        &mut self,
+        id: ServiceId,
+        instance: InstanceId,
+        pidfd: Result<Pidfd, crate::pidfd::PidfdError>,
+    ) {
+        let Some(svc) = self.registry.get_mut(id) else {
+            return;
+        };
+        match pidfd {
+            Ok(p) => {
+                let token = Token::MainPid {
+                    service: id,
+                    pid: p.pid(),
+                };
+                if let Err(e) = self.poller.add(p.as_fd(), token) {
+                    tracing::warn!(service = %svc.unit.name, pid = p.pid(), error = %e, "cannot watch the main process's pidfd");
+                }
+                svc.main_pidfds.insert(instance, p);
+            }
+            Err(e) => {
+                svc.main_pidfds.remove(&instance);
+                if let Some(pid) = svc.machine.instance(instance).map(|i| i.pid) {
+                    tracing::warn!(service = %svc.unit.name, pid, error = %e, "the main process named by MAINPID= is already gone");
+                    self.exited(Pid::from_raw(pid), UNKNOWN_EXIT);
+                }
+            }
+        }
+    }
+
+    /// The pidfd of a main process named by MAINPID= is readable: it has
+    /// exited (reaped by its own parent, or by holdfast through this pidfd).
+    pub(super) fn main_pid_exited(&mut self, id: ServiceId, pid: i32) {
+        let Some(svc) = self.registry.get_mut(id) else {
+            return;
+        };
+        let Some(instance) = svc
+            .main_pidfds
+            .iter()
+            .find(|(_, p)| p.pid() == pid)
+            .map(|(i, _)| *i)
+        else {
+            return; // already handled (reaped by waitpid first)
+        };
+        if !svc.main_pidfds[&instance].has_exited() {
+            return;
+        }
+        let pidfd = svc.main_pidfds.remove(&instance).expect("found above");
+        // Its status only if it was holdfast's child; else it is unknown.
+        let exit = match pidfd.try_wait() {
+            Ok(Some(crate::pidfd::Exit::Code(c))) => Exit::Code(c),
+            Ok(Some(crate::pidfd::Exit::Signal(s))) => Exit::Signal(s),
+            _ => {
+                tracing::warn!(service = %svc.unit.name, pid, "the main process (MAINPID=) exited, reaped by another process: its exit status is unknown, taken as a failure");
+                UNKNOWN_EXIT
+            }
+        };
+        drop(pidfd);
+        if self.registry.owner(pid) == Some((id, Owner::Instance(instance))) {
+            self.exited(Pid::from_raw(pid), exit);
+        }
+    }
+
+    /// After an in-place upgrade: watches the main pids' pidfds opened again,
+    /// and takes those gone across the exec as exited.
+    pub(super) fn resume_main_pids(&mut self, id: ServiceId) {
+        let Some(svc) = self.registry.get_mut(id) else {
+            return;
+        };
+        let lost = std::mem::take(&mut svc.main_pids_lost);
+        let name = svc.unit.name.clone();
+        for p in svc.main_pidfds.values() {
+            let token = Token::MainPid {
+                service: id,
+                pid: p.pid(),
+            };
+            if let Err(e) = self.poller.add(p.as_fd(), token) {
+                tracing::warn!(service = %svc.unit.name, pid = p.pid(), error = %e, "cannot watch the main process's pidfd");
+            }
+        }
+        for pid in lost {
+            tracing::warn!(service = %name, pid, "upgrade: the main process (MAINPID=) is gone");
+            if self.registry.owner(pid).is_some_and(|(s, _)| s == id) {
+                self.exited(Pid::from_raw(pid), UNKNOWN_EXIT);
             }
         }
     }
@@ -691,12 +831,15 @@ impl Supervisor {
                 Notification::Stopping => said.push(Said::Stopping),
                 Notification::Status(s) => said.push(Said::Status(s)),
                 Notification::Errno(e) => said.push(Said::Errno(e)),
-                Notification::MainPid(p) if main_pid_belongs(&svc.tracking, group, p) => {
-                    said.push(Said::MainPid(p))
-                }
-                Notification::MainPid(p) => {
-                    tracing::warn!(service = %name, pid = p, "MAINPID= names a process outside the service: ignored")
-                }
+                Notification::MainPid(p) => match main_pid_in_instance(&svc.tracking, group, p) {
+                    Some(pidfd) => {
+                        svc.offered_main_pid = Some(pidfd);
+                        said.push(Said::MainPid(p))
+                    }
+                    None => {
+                        tracing::warn!(service = %name, pid = p, "MAINPID= names a process outside the service: ignored")
+                    }
+                },
                 Notification::ExtendTimeout(d) => said.push(Said::ExtendTimeout(d)),
                 Notification::Watchdog => said.push(Said::Watchdog),
                 Notification::WatchdogTrigger => said.push(Said::WatchdogTrigger),
@@ -722,26 +865,32 @@ impl Supervisor {
             }
         }
         self.act(id, now, |m| m.said(instance, role, said, now));
+        if let Some(svc) = self.registry.get_mut(id) {
+            svc.offered_main_pid = None;
+        }
     }
 }
 
-/// Whether `pid` (from MAINPID=) is a process of the instance whose first
-/// pid is `group`: in its cgroup (checked through a pidfd, so about that very
-/// process), else in its process group. Never 1 or holdfast itself.
-fn main_pid_belongs(tracking: &Tracking, group: Option<Pid>, pid: i32) -> bool {
+/// The exit of a main process that was not holdfast's child: its status is
+/// its parent's to read, so it counts as a failure.
+const UNKNOWN_EXIT: Exit = Exit::Code(255);
+
+/// A pidfd on `pid` (from MAINPID=) if it is a process of the instance whose
+/// first pid is `group`: in its cgroup, else in its process group, checked
+/// once the pidfd is open, so about that very process. Never 1 or holdfast.
+fn main_pid_in_instance(tracking: &Tracking, group: Option<Pid>, pid: i32) -> Option<Pidfd> {
     if pid <= 1 || pid == std::process::id() as i32 {
-        return false;
+        return None;
     }
-    let Some(group) = group else {
-        return false;
+    let group = group?;
+    let pidfd = Pidfd::open(pid).ok()?;
+    let belongs = if tracking.by_cgroup() {
+        let leaf = tracking.leaf_id(group.as_raw())?;
+        pidfd.cgroup_id().is_ok_and(|id| id == leaf)
+    } else {
+        // The group read after the pidfd was opened and before it exited is
+        // the group of the process the pidfd holds.
+        nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok() == Some(group) && !pidfd.has_exited()
     };
-    if tracking.by_cgroup() {
-        let Some(leaf) = tracking.leaf_id(group.as_raw()) else {
-            return false;
-        };
-        return crate::pidfd::Pidfd::open(pid)
-            .and_then(|p| p.cgroup_id())
-            .is_ok_and(|id| id == leaf);
-    }
-    nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok() == Some(group)
+    belongs.then_some(pidfd)
 }

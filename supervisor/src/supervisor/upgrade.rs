@@ -365,6 +365,7 @@ pub(super) fn resume(opts: &Options, saved: Saved) -> Result<Supervisor, Supervi
         for (pid, owner) in pids {
             sup.registry.track(pid, id, owner);
         }
+        sup.resume_main_pids(id);
         by_index.insert(k, id);
     }
     for (k, stream, fd, partial) in saved.outputs {

@@ -248,6 +248,71 @@ fn mainpid_moves_the_main_process_within_the_service_only() -> Result<()> {
     Ok(())
 }
 
+/// Forks `sleep 30` with pid `pid`, set through `/proc/sys/kernel/ns_last_pid`
+/// (other processes may take it first: tried again a while).
+fn stranger_with_pid(pid: i32) -> Result<std::process::Child> {
+    for _ in 0..500 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1))
+            .context("write /proc/sys/kernel/ns_last_pid")?;
+        let mut c = std::process::Command::new("sleep").arg("30").spawn()?;
+        if c.id() as i32 == pid {
+            return Ok(c);
+        }
+        c.kill()?;
+        c.wait()?;
+    }
+    anyhow::bail!("pid {pid} was never handed to the stranger")
+}
+
+#[test]
+fn a_mainpid_reaped_by_its_own_parent_is_seen_to_exit_and_its_reused_pid_gets_no_signal(
+) -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    sandbox.write_notifier_unit(
+        "py",
+        8080,
+        &["--ready"],
+        "restart = \"on-failure\"\nrestart-delay = \"100ms\"",
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let _inside = ns.enter()?;
+    let first = hf.wait_running("py", T)?;
+    let child = reply_pid(&tell(web(), "fork")?)?;
+    tell(web(), &format!("notify MAINPID={child}"))?;
+    hf.wait_service("py", T, |s| s["pid"] == child)?;
+
+    // The main process exits and its parent (not holdfast) reaps it; its
+    // number goes to a stranger; then the service asks for SIGABRT.
+    // (Its reply may be lost: holdfast may stop the service first.)
+    let _ = tell(web(), &format!("end-child {child}"));
+    wait_for("the MAINPID= process to go", T, || {
+        process_gone(child).then_some(())
+    })?;
+    let mut stranger = stranger_with_pid(child)?;
+    tell(web(), "then-notify WATCHDOG=trigger")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let stranger_exit = stranger.try_wait()?;
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert_eq!(
+        stranger_exit,
+        None,
+        "the process that got the old main pid was signalled; log:\n{}",
+        hf.log()
+    );
+    wait_log(
+        &hf,
+        &["its exit status is unknown", &format!("pid={child}")],
+    )?;
+    let s = hf.wait_service("py", T, |s| {
+        s["state"] == "running" && s["pid"].is_i64() && s["pid"] != child && s["pid"] != first
+    })?;
+    assert!(s["restarts"].as_u64() >= Some(1), "not restarted: {s}");
+    drop(_inside);
+    hf.stop()?;
+    Ok(())
+}
+
 #[test]
 fn extend_timeout_usec_extends_the_start_timeout() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
