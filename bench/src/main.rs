@@ -24,6 +24,7 @@ mod report;
 mod restarts;
 mod setup;
 mod udp;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -111,6 +112,9 @@ enum Step {
     Rss,
     /// Start-up and `status --json` with 1000 services ÷ with 1.
     Scale,
+    /// `holdfast upgrade` until `status` answers with 1, 100, 1000 services; a
+    /// client's p99 latency during upgrades ÷ without.
+    Upgrade,
     /// Per-connection services: holdfast `accept = true` ÷ systemd-socket-activate --accept.
     Inetd {
         /// Each run.
@@ -204,6 +208,7 @@ fn run(cli: Cli) -> Result<Vec<Row>> {
         Step::Reload => reload::reload_10k(),
         Step::Rss => reload::rss_100(),
         Step::Scale => reload::scale(),
+        Step::Upgrade => upgrade::upgrade(),
         Step::Inetd {
             duration,
             threads,

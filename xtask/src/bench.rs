@@ -50,7 +50,7 @@ pub struct Bench<'a> {
 
 /// Every benchmark, in the order they run: `holdfast-bench` subcommands. `--only NAME` picks some.
 pub const STEPS: &[&str] = &[
-    "lookup", "connect", "udp", "setup", "restarts", "reload", "rss", "scale", "inetd",
+    "lookup", "connect", "udp", "setup", "restarts", "reload", "rss", "scale", "upgrade", "inetd",
 ];
 
 /// Every name in `only` is a step (checked before anything is built).
