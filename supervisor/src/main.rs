@@ -255,7 +255,7 @@ impl Output {
 fn check(units_dir: &Path, state_dir: &Path, out: Output) -> ExitCode {
     let loaded = unit::load_dir(units_dir).and_then(|units| {
         let path = std::env::var_os("PATH");
-        preflight::check_units(&units, state_dir, path.as_deref()).map(|()| units)
+        preflight::check_units(&units, state_dir, path.as_deref(), None).map(|()| units)
     });
     match loaded {
         Ok(units) => {

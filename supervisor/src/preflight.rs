@@ -1,7 +1,8 @@
 //! Checks of valid units against this machine, made before anything runs:
 //! each `user` and `group` exists, `exec[0]` is an executable file (looked up
 //! through PATH as spawn looks it up), and each service's notify socket path
-//! under the state dir fits a unix socket address. `unit` may only read the
+//! under the state dir fits a unix socket address, and, where holdfast
+//! tracks services by cgroup, each cgroup limit's controller is there. `unit` may only read the
 //! unit files, so these live here; `holdfast check` and the daemon's start
 //! and reload call [`check_units`], and its mistakes read like the unit
 //! file's own (file, line, column, key, what to write instead).
@@ -10,6 +11,7 @@ use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::cgroup::Hierarchy;
 use crate::notify;
 use crate::spawn::{self, Credentials, SpawnError};
 use crate::unit::{diagnostic_at, Diagnostic, Diagnostics, Unit};
@@ -19,15 +21,20 @@ const UNIX_PATH_MAX: usize = 107;
 
 /// Every mistake of `units` on this machine. `state_dir` is the daemon's
 /// `--state-dir`; `base_path` the PATH a program is looked up in when its
-/// unit sets none (the daemon's own; `None`: spawn's default).
+/// unit sets none (the daemon's own; `None`: spawn's default); `cgroups`
+/// the daemon's cgroup hierarchy, when it tracks services by cgroup.
 pub fn check_units(
     units: &[Unit],
     state_dir: &Path,
     base_path: Option<&OsStr>,
+    cgroups: Option<&Hierarchy>,
 ) -> Result<(), Diagnostics> {
     let mut diags = Vec::new();
     for unit in units {
         diags.extend(check_unit(unit, state_dir, base_path));
+        if let Some(h) = cgroups {
+            diags.extend(check_controllers(unit, h));
+        }
     }
     Diagnostics::into_result(diags)
 }
@@ -76,6 +83,21 @@ fn check_unit(unit: &Unit, state_dir: &Path, base_path: Option<&OsStr>) -> Vec<D
         ));
     }
     diags
+}
+
+/// A cgroup limit whose controller the service cgroups will not have.
+fn check_controllers(unit: &Unit, cgroups: &Hierarchy) -> Option<Diagnostic> {
+    let (key, controller) = cgroups.missing_for(&unit.service.process.cgroup_limits)?;
+    Some(diagnostic_at(
+        unit,
+        &format!("service.{key}"),
+        format!(
+            "{key} needs the {controller} cgroup controller, which {} does not give its service cgroups (it has: {})",
+            cgroups.root().path().display(),
+            cgroups.enabled()
+        ),
+        format!("enable {controller} in the parent cgroup's cgroup.subtree_control (under systemd: Delegate=yes), or remove {key}"),
+    ))
 }
 
 /// Why `program` cannot be executed, looked up as spawn does; `None` when it can.
@@ -145,6 +167,7 @@ mod tests {
             &[unit],
             Path::new(state_dir),
             Some(OsStr::new("/usr/bin:/bin")),
+            None,
         ) {
             Ok(()) => Vec::new(),
             Err(d) => d

@@ -164,7 +164,12 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     // Before any thread starts: it changes the environment.
     let mut inherited = crate::manager::Inherited::from_env();
     let units = unit::load_dir(&opts.units)?;
-    crate::preflight::check_units(&units, &opts.state_dir, std::env::var_os("PATH").as_deref())?;
+    crate::preflight::check_units(
+        &units,
+        &opts.state_dir,
+        std::env::var_os("PATH").as_deref(),
+        None,
+    )?;
     if let Some(netns) = &opts.netns {
         sockets::enter_netns(netns)?;
     }

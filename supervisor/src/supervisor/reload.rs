@@ -86,7 +86,12 @@ impl Supervisor {
 
     fn reload_units(&mut self) -> Result<ReloadSummary, ReloadError> {
         let units = unit::load_dir(&self.opts.units)?;
-        crate::preflight::check_units(&units, &self.opts.state_dir, self.base_path.as_deref())?;
+        crate::preflight::check_units(
+            &units,
+            &self.opts.state_dir,
+            self.base_path.as_deref(),
+            self.cgroups.as_ref(),
+        )?;
         let plans = self.plan(units)?;
         let removed: Vec<ServiceId> = self
             .registry

@@ -165,3 +165,41 @@ fn notify_socket_is_given_only_to_services_that_may_notify() -> Result<()> {
     hf.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_reload_adding_a_limit_without_its_controller_is_refused_naming_the_key() -> Result<()> {
+    let ns = skip_unless!(netns_or_skip());
+    let root = skip_unless!(require(
+        "a cgroup v2 of our own",
+        CgroupRoot::new("nocontroller")
+    ));
+    // A child of a cgroup that enables nothing below it has no controllers.
+    let bare = root.path().join("bare");
+    std::fs::create_dir(&bare)?;
+    let sandbox = Sandbox::new()?;
+    sandbox.write_unit(
+        "lim",
+        "[service]\nexec = [\"sleep\", \"1000\"]\nrestart = \"never\"\n",
+    )?;
+    let opts = RunOptions {
+        args: vec!["--cgroup-root".into(), bare.display().to_string()],
+        ..RunOptions::default()
+    };
+    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
+    let pid = hf.wait_running("lim", T)?;
+    hf.sandbox().write_unit(
+        "lim",
+        "[service]\nexec = [\"sleep\", \"1000\"]\nrestart = \"never\"\ntasks-max = 20\n",
+    )?;
+    let out = hf.cli(&["reload"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "reload accepted; stderr: {stderr}");
+    assert!(
+        stderr.contains("lim.toml") && stderr.contains("tasks-max") && stderr.contains("pids"),
+        "the refusal does not name the file, the key and the controller: {stderr}"
+    );
+    let s = hf.service("lim")?;
+    assert!(s["state"] == "running" && s["pid"] == pid, "{s}");
+    hf.stop()?;
+    Ok(())
+}
