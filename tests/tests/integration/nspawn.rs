@@ -278,8 +278,12 @@ ports = ["8080"]
         "kill -9 under load: {answered} answered, {refused} refused, {} other",
         other.len()
     );
+    // None refused: the listener lives on in systemd's fd store. KillMode=mixed
+    // SIGKILLs the service with holdfast, so the one connection it was serving at
+    // that moment (the client has one at a time) may close without an answer.
+    let in_flight = other.iter().all(|o| o.contains("answer \"\"")) && other.len() <= 1;
     ensure!(
-        refused == 0 && other.is_empty() && answered > 0,
+        refused == 0 && in_flight && answered > 0,
         "across kill -9 of holdfast ({first} → {second}): {answered} answered, {refused} refused, other: {other:?}"
     );
     ensure!(
