@@ -98,7 +98,84 @@ pub struct Instance {
     failed: Option<String>,
 }
 
+/// What one notification told the machine beyond the instance itself.
+#[derive(Default)]
+struct Heard {
+    became_ready: bool,
+    /// The state the main instance asked for (READY=1, RELOADING=1, STOPPING=1).
+    main_state: Option<State>,
+    status: Option<String>,
+    errno: Option<i32>,
+}
+
 impl Instance {
+    /// Applies one field of a notification to this instance; what concerns
+    /// the service is left in `heard`.
+    fn hear(
+        &mut self,
+        service: &str,
+        item: Said,
+        now: Instant,
+        stop_timeout: Duration,
+        heard: &mut Heard,
+        fx: &mut Vec<Effect>,
+    ) {
+        match item {
+            Said::Ready => {
+                if !self.ready {
+                    self.ready = true;
+                    self.ready_by = None;
+                    heard.became_ready = true;
+                    tracing::info!(service, pid = self.pid, "ready (READY=1)");
+                }
+                heard.main_state = Some(State::Running);
+            }
+            Said::Reloading => heard.main_state = Some(State::Reloading),
+            Said::Stopping => heard.main_state = Some(State::Stopping),
+            Said::Status(s) => heard.status = Some(s),
+            Said::Errno(e) => heard.errno = Some(e),
+            Said::MainPid(p) => {
+                tracing::info!(
+                    service,
+                    old = self.pid,
+                    new = p,
+                    "main pid changed (MAINPID=)"
+                );
+                fx.push(Effect::MainPid {
+                    instance: self.id,
+                    old: self.pid,
+                    new: p,
+                });
+                self.pid = p;
+            }
+            Said::ExtendTimeout(d) => {
+                let t = deadline(now, d);
+                for deadline in [&mut self.ready_by, &mut self.kill_at, &mut self.watchdog_at]
+                    .into_iter()
+                    .flatten()
+                {
+                    *deadline = (*deadline).max(t);
+                }
+            }
+            Said::Watchdog => {
+                if let Some(w) = self.watchdog {
+                    self.watchdog_at = Some(deadline(now, w));
+                }
+            }
+            Said::WatchdogTrigger => {
+                tracing::error!(service, pid = self.pid, "WATCHDOG=trigger: sending SIGABRT");
+                fx.push(Effect::Abort(self.id));
+                self.watchdog_at = None;
+                self.kill_at = Some(deadline(now, stop_timeout));
+                self.failed = Some("WATCHDOG=trigger".into());
+            }
+            Said::WatchdogUsec(d) => {
+                self.watchdog = (!d.is_zero()).then_some(d);
+                self.watchdog_at = self.watchdog.map(|d| deadline(now, d));
+            }
+        }
+    }
+
     fn deadline(&self) -> Option<Instant> {
         [
             self.ready_by.filter(|_| !self.ready),
@@ -526,85 +603,137 @@ impl Machine {
         now: Instant,
         shutting_down: bool,
     ) -> Vec<Effect> {
-        let mut fx = Vec::new();
         if let Some(k) = self.draining.iter().position(|d| d.id == id) {
-            let d = self.draining.remove(k);
-            self.gone(d.pid);
-            tracing::info!(service = %self.name, pid = d.pid, %exit, "old instance exited");
-            // Sockets a reload replaced are held for the instances started
-            // before it: once none drains and no restart is under way, the
-            // main instance (if any) runs on the new sockets.
-            if self.draining.is_empty() && self.candidate.is_none() && !self.restart_requested {
-                fx.push(Effect::ReleaseOldSockets);
-            }
-            return fx;
+            return self.draining_exited(k, exit);
         }
         if self.candidate.as_ref().is_some_and(|c| c.id == id) {
-            let c = self.candidate.take().expect("checked");
-            self.gone(c.pid);
-            tracing::error!(service = %self.name, pid = c.pid, %exit, "overlap restart: the new instance exited before it was ready; the old one keeps serving");
-            self.overlap_failure = Some(format!(
-                "the new instance exited before it was ready ({exit}); the old instance keeps serving"
-            ));
-            return fx;
+            self.candidate_exited(exit);
+            return Vec::new();
         }
         let Some(main) = self.main.take_if(|m| m.id == id) else {
-            return fx;
+            return Vec::new();
         };
+        self.main_exited(main, exit, now, shutting_down)
+    }
+
+    /// An old instance (draining after an overlap restart) exited.
+    fn draining_exited(&mut self, k: usize, exit: Exit) -> Vec<Effect> {
+        let d = self.draining.remove(k);
+        self.gone(d.pid);
+        tracing::info!(service = %self.name, pid = d.pid, %exit, "old instance exited");
+        // Sockets a reload replaced are held for the instances started
+        // before it: once none drains and no restart is under way, the
+        // main instance (if any) runs on the new sockets.
+        if self.draining.is_empty() && self.candidate.is_none() && !self.restart_requested {
+            vec![Effect::ReleaseOldSockets]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The overlap candidate died before it was ready: the old instance
+    /// keeps serving.
+    fn candidate_exited(&mut self, exit: Exit) {
+        let Some(c) = self.candidate.take() else {
+            return;
+        };
+        self.gone(c.pid);
+        tracing::error!(service = %self.name, pid = c.pid, %exit, "overlap restart: the new instance exited before it was ready; the old one keeps serving");
+        self.overlap_failure = Some(format!(
+            "the new instance exited before it was ready ({exit}); the old instance keeps serving"
+        ));
+    }
+
+    fn main_exited(
+        &mut self,
+        main: Instance,
+        exit: Exit,
+        now: Instant,
+        shutting_down: bool,
+    ) -> Vec<Effect> {
         self.gone(main.pid);
         let uptime = now.saturating_duration_since(main.started_at);
         self.last_exit = Some(exit);
+        let failed = !exit.success() || main.failed.is_some();
+        let live = !shutting_down && !self.stop_requested;
         // An overlap candidate takes over at once if the old one dies.
-        if self.candidate.is_some() && !shutting_down && !self.stop_requested {
-            tracing::warn!(service = %self.name, pid = main.pid, %exit, "exited during an overlap restart; the new instance takes over");
-            let c = self.candidate.take().expect("checked");
-            self.state = if c.ready {
-                State::Running
-            } else {
-                State::Starting
-            };
-            self.main = Some(c);
-            self.restarts += 1;
-            return fx;
+        if live {
+            if let Some(c) = self.candidate.take() {
+                tracing::warn!(service = %self.name, pid = main.pid, %exit, "exited during an overlap restart; the new instance takes over");
+                self.state = if c.ready {
+                    State::Running
+                } else {
+                    State::Starting
+                };
+                self.main = Some(c);
+                self.restarts += 1;
+                return Vec::new();
+            }
         }
         let asked = self.restart_requested;
-        // An on-demand service waits for traffic again, unless it was stopped
-        // or is to be restarted at once. After a failed run it first waits
-        // the restart delay (with its backoff): the traffic that started it
-        // may still be queued, and would start it again at once, in a loop.
-        if self.cfg.on_demand && !shutting_down && !self.stop_requested && !asked {
-            if !exit.success() || main.failed.is_some() {
-                let t = deadline(now, self.backoff.next_delay(uptime));
-                self.restarts += 1;
-                self.set_waiting(t);
-                tracing::info!(
-                    service = %self.name, pid = main.pid, %exit,
-                    delay_ms = t.saturating_duration_since(now).as_millis() as u64,
-                    "failed; listening for traffic again after the restart delay (on-demand)"
-                );
-            } else {
-                self.state = State::Listening;
-                tracing::info!(service = %self.name, pid = main.pid, %exit, "exited; listening for traffic again (on-demand)");
-            }
-            if !self.has_instances() {
-                fx.push(Effect::ReleaseOldSockets);
-            }
-            return fx;
+        let listens_again = self.cfg.on_demand && live && !asked;
+        if listens_again {
+            self.on_demand_exited(&main, exit, failed, uptime, now);
+        } else {
+            self.restart_or_rest(&main, exit, failed, uptime, now, shutting_down);
         }
+        let mut fx = Vec::new();
+        if !self.has_instances() {
+            fx.push(Effect::ReleaseOldSockets);
+        }
+        if !listens_again && self.next_start.is_some_and(|t| t <= now) {
+            fx.extend(self.start(now, !asked));
+        }
+        fx
+    }
+
+    /// An on-demand service waits for traffic again, unless it was stopped
+    /// or is to be restarted at once. After a failed run it first waits the
+    /// restart delay (with its backoff): the traffic that started it may
+    /// still be queued, and would start it again at once, in a loop.
+    fn on_demand_exited(
+        &mut self,
+        main: &Instance,
+        exit: Exit,
+        failed: bool,
+        uptime: Duration,
+        now: Instant,
+    ) {
+        if failed {
+            let t = deadline(now, self.backoff.next_delay(uptime));
+            self.restarts += 1;
+            self.set_waiting(t);
+            tracing::info!(
+                service = %self.name, pid = main.pid, %exit,
+                delay_ms = t.saturating_duration_since(now).as_millis() as u64,
+                "failed; listening for traffic again after the restart delay (on-demand)"
+            );
+        } else {
+            self.state = State::Listening;
+            tracing::info!(service = %self.name, pid = main.pid, %exit, "exited; listening for traffic again (on-demand)");
+        }
+    }
+
+    /// The restart policy after the main instance's exit: wait to restart,
+    /// or come to rest as stopped or failed.
+    fn restart_or_rest(
+        &mut self,
+        main: &Instance,
+        exit: Exit,
+        failed: bool,
+        uptime: Duration,
+        now: Instant,
+        shutting_down: bool,
+    ) {
         let restart_at = if shutting_down {
             self.stop_requested = false;
             None
         } else {
-            let failed = !exit.success() || main.failed.is_some();
-            match self.after_exit(failed, uptime, now) {
-                Some(t) => Some(t),
-                None => {
-                    if self.state == State::Failed && self.failure.is_none() {
-                        self.failure = main.failed.clone();
-                    }
-                    None
-                }
+            let t = self.after_exit(failed, uptime, now);
+            if t.is_none() && self.state == State::Failed && self.failure.is_none() {
+                self.failure = main.failed.clone();
             }
+            t
         };
         match restart_at {
             Some(t) => {
@@ -623,13 +752,6 @@ impl Machine {
                 tracing::info!(service = %self.name, pid = main.pid, %exit, state = self.state.as_str(), "exited");
             }
         }
-        if !self.has_instances() {
-            fx.push(Effect::ReleaseOldSockets);
-        }
-        if self.next_start.is_some_and(|t| t <= now) {
-            fx.extend(self.start(now, !asked));
-        }
-        fx
     }
 
     /// What instance `id` said.
@@ -642,115 +764,52 @@ impl Machine {
     ) -> Vec<Effect> {
         let mut fx = Vec::new();
         let stop_timeout = self.cfg.stop_timeout;
-        let mut became_ready = false;
-        let mut main_state: Option<State> = None;
-        let mut status = None;
-        let mut errno = None;
-        {
-            let Some(inst) = self
-                .main
-                .iter_mut()
-                .chain(&mut self.candidate)
-                .chain(&mut self.draining)
-                .find(|i| i.id == id)
-            else {
-                return fx;
-            };
-            for item in items {
-                match item {
-                    Said::Ready => {
-                        if !inst.ready {
-                            inst.ready = true;
-                            inst.ready_by = None;
-                            became_ready = true;
-                            tracing::info!(service = %self.name, pid = inst.pid, "ready (READY=1)");
-                        }
-                        main_state = Some(State::Running);
-                    }
-                    Said::Reloading => main_state = Some(State::Reloading),
-                    Said::Stopping => main_state = Some(State::Stopping),
-                    Said::Status(s) => status = Some(s),
-                    Said::Errno(e) => errno = Some(e),
-                    Said::MainPid(p) => {
-                        tracing::info!(service = %self.name, old = inst.pid, new = p, "main pid changed (MAINPID=)");
-                        fx.push(Effect::MainPid {
-                            instance: inst.id,
-                            old: inst.pid,
-                            new: p,
-                        });
-                        inst.pid = p;
-                    }
-                    Said::ExtendTimeout(d) => {
-                        let t = deadline(now, d);
-                        for deadline in
-                            [&mut inst.ready_by, &mut inst.kill_at, &mut inst.watchdog_at]
-                                .into_iter()
-                                .flatten()
-                        {
-                            *deadline = (*deadline).max(t);
-                        }
-                    }
-                    Said::Watchdog => {
-                        if let Some(w) = inst.watchdog {
-                            inst.watchdog_at = Some(deadline(now, w));
-                        }
-                    }
-                    Said::WatchdogTrigger => {
-                        tracing::error!(service = %self.name, pid = inst.pid, "WATCHDOG=trigger: sending SIGABRT");
-                        fx.push(Effect::Abort(inst.id));
-                        inst.watchdog_at = None;
-                        inst.kill_at = Some(deadline(now, stop_timeout));
-                        inst.failed = Some("WATCHDOG=trigger".into());
-                    }
-                    Said::WatchdogUsec(d) => {
-                        if d.is_zero() {
-                            inst.watchdog = None;
-                            inst.watchdog_at = None;
-                        } else {
-                            inst.watchdog = Some(d);
-                            inst.watchdog_at = Some(deadline(now, d));
-                        }
-                    }
-                }
-            }
+        let name = &self.name;
+        let Some(inst) = self
+            .main
+            .iter_mut()
+            .chain(&mut self.candidate)
+            .chain(&mut self.draining)
+            .find(|i| i.id == id)
+        else {
+            return fx;
+        };
+        let mut heard = Heard::default();
+        for item in items {
+            inst.hear(name, item, now, stop_timeout, &mut heard, &mut fx);
         }
-        // What an old instance says while it drains is about it, not the
-        // service: its STATUS=, ERRNO= and STOPPING=1 are not shown.
-        if role != Role::Draining {
-            if let Some(s) = status {
-                self.status_text = Some(s);
-            }
-            if let Some(e) = errno {
-                self.errno = Some(e);
-            }
-        }
-        if role == Role::Main {
-            match main_state {
-                Some(State::Running) => {
-                    if matches!(self.state, State::Starting | State::Reloading) {
-                        self.state = State::Running;
-                    }
-                }
-                Some(State::Reloading) => {
-                    if matches!(self.state, State::Running | State::Starting) {
-                        self.state = State::Reloading;
-                    }
-                }
-                Some(State::Stopping) => {
-                    if matches!(
-                        self.state,
-                        State::Running | State::Starting | State::Reloading
-                    ) {
-                        self.state = State::Stopping;
-                    }
-                }
-                _ => {}
-            }
-        }
+        let became_ready = heard.became_ready;
+        self.take_heard(role, heard);
         if became_ready && role == Role::Candidate {
             self.promote(now, &mut fx);
         }
         fx
+    }
+
+    /// What a notification means for the service as a whole. What an old
+    /// instance says while it drains is about it, not the service: its
+    /// STATUS=, ERRNO= and STOPPING=1 are not shown.
+    fn take_heard(&mut self, role: Role, heard: Heard) {
+        if role != Role::Draining {
+            if let Some(s) = heard.status {
+                self.status_text = Some(s);
+            }
+            if let Some(e) = heard.errno {
+                self.errno = Some(e);
+            }
+        }
+        if role != Role::Main {
+            return;
+        }
+        let from: &[State] = match heard.main_state {
+            Some(State::Running) => &[State::Starting, State::Reloading],
+            Some(State::Reloading) => &[State::Running, State::Starting],
+            Some(State::Stopping) => &[State::Running, State::Starting, State::Reloading],
+            _ => &[],
+        };
+        if let Some(to) = heard.main_state.filter(|_| from.contains(&self.state)) {
+            self.state = to;
+        }
     }
 
     /// Deadlines that have passed: SIGKILL after a stop timeout, a start

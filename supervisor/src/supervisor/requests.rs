@@ -12,6 +12,7 @@ use crate::listener::{self, Placement};
 use crate::metrics;
 use crate::service::Exit;
 use crate::service::State;
+use crate::unit::RestartMode;
 
 use super::registry::ServiceId;
 use super::services::Service;
@@ -68,108 +69,135 @@ impl Supervisor {
     fn status_reply(&self, id: ServiceId, now: Instant) -> Reply {
         match self.registry.get(id) {
             Some(s) => Reply::ok(&status_of(s, now)),
-            None => Reply::error("no such service"),
+            None => no_such_service(),
         }
     }
 
     /// Answers a request, or registers a waiter and returns `None`.
     fn handle(&mut self, conn: ConnectionId, request: Request, now: Instant) -> Option<Reply> {
-        match request {
-            Request::Status { name } => Some(match name {
-                None => Reply::ok(
-                    &self
-                        .registry
-                        .live()
-                        .map(|(_, s)| status_of(s, now))
-                        .collect::<Vec<_>>(),
-                ),
-                Some(n) => match self.named(&n) {
-                    Ok(id) => match self.registry.get(id) {
-                        Some(s) => Reply::ok(&[status_of(s, now)]),
-                        None => Reply::error("no such service"),
-                    },
-                    Err(r) => r,
-                },
-            }),
-            Request::Start { name } => {
-                let id = match self.named(&name) {
-                    Ok(id) => id,
-                    Err(r) => return Some(r),
-                };
-                if self.shutting_down {
-                    return Some(Reply::error("holdfast is shutting down"));
-                }
-                let mut wait = false;
-                self.act(id, now, |m| {
-                    let (w, fx) = m.request_start(now);
-                    wait = w;
-                    fx
-                });
-                if !wait {
-                    return Some(self.status_reply(id, now));
-                }
-                self.wait(conn, id, name, Until::Up { not: None });
-                None
-            }
-            Request::Stop { name } => {
-                let id = match self.named(&name) {
-                    Ok(id) => id,
-                    Err(r) => return Some(r),
-                };
-                self.stop(id, now);
-                self.wait(conn, id, name, Until::Down);
-                None
-            }
-            Request::Restart { name, mode } => {
-                let id = match self.named(&name) {
-                    Ok(id) => id,
-                    Err(r) => return Some(r),
-                };
-                if self.shutting_down {
-                    return Some(Reply::error("holdfast is shutting down"));
-                }
-                let svc = self.registry.get_mut(id)?;
-                let old = svc.machine().main().map(|m| m.pid);
-                let mut refused = None;
-                self.act(id, now, |m| match m.restart(mode, now) {
-                    Ok(fx) => fx,
-                    Err(e) => {
-                        refused = Some(e);
-                        Vec::new()
-                    }
-                });
-                if let Some(e) = refused {
-                    return Some(Reply::error(e));
-                }
-                self.wait(conn, id, name, Until::Up { not: old });
-                None
-            }
-            Request::Reload => Some(match self.reload() {
+        let answer = match request {
+            Request::Status { name } => self.status_request(name, now),
+            Request::Start { name } => self.start_request(conn, name, now),
+            Request::Stop { name } => self.stop_request(conn, name, now),
+            Request::Restart { name, mode } => self.restart_request(conn, name, mode, now),
+            Request::Reload => Ok(Some(match self.reload() {
                 Ok(summary) => Reply::ok(&summary),
                 Err(e) => Reply::error(e.to_string()),
-            }),
-            Request::Logs { name, lines, after } => Some(match self.named(&name) {
-                Ok(id) => {
-                    let svc = self.registry.get(id)?;
-                    let (lines, next) = svc.log().read(lines, after);
-                    Reply::ok(&LogLines { lines, next })
-                }
-                Err(r) => r,
-            }),
-            Request::Bindings => Some(self.bindings_reply()),
+            })),
+            Request::Logs { name, lines, after } => self.logs_request(&name, lines, after),
+            Request::Bindings => Ok(Some(self.bindings_reply())),
             Request::Upgrade => {
                 // Answered by the new binary once it runs, or here with why not.
                 let stream = self.server.as_mut().and_then(|s| s.take_connection(conn));
                 self.upgrade(stream);
-                None
+                Ok(None)
             }
             Request::Metrics => {
                 let snapshot = self.snapshot();
-                Some(Reply::ok(&MetricsReply {
+                Ok(Some(Reply::ok(&MetricsReply {
                     text: metrics::render(&snapshot),
                     snapshot,
-                }))
+                })))
             }
+        };
+        answer.unwrap_or_else(Some)
+    }
+
+    // Each request below answers `Ok(Some(reply))`, `Ok(None)` once it has
+    // registered a waiter, or `Err(reply)` when it is refused.
+
+    fn status_request(&self, name: Option<String>, now: Instant) -> Result<Option<Reply>, Reply> {
+        let statuses: Vec<_> = match name {
+            None => self
+                .registry
+                .live()
+                .map(|(_, s)| status_of(s, now))
+                .collect(),
+            Some(n) => {
+                let id = self.named(&n)?;
+                let s = self.registry.get(id).ok_or_else(no_such_service)?;
+                vec![status_of(s, now)]
+            }
+        };
+        Ok(Some(Reply::ok(&statuses)))
+    }
+
+    fn start_request(
+        &mut self,
+        conn: ConnectionId,
+        name: String,
+        now: Instant,
+    ) -> Result<Option<Reply>, Reply> {
+        let id = self.named(&name)?;
+        self.refuse_when_shutting_down()?;
+        let mut wait = false;
+        self.act(id, now, |m| {
+            let (w, fx) = m.request_start(now);
+            wait = w;
+            fx
+        });
+        if !wait {
+            return Ok(Some(self.status_reply(id, now)));
+        }
+        self.wait(conn, id, name, Until::Up { not: None });
+        Ok(None)
+    }
+
+    fn stop_request(
+        &mut self,
+        conn: ConnectionId,
+        name: String,
+        now: Instant,
+    ) -> Result<Option<Reply>, Reply> {
+        let id = self.named(&name)?;
+        self.stop(id, now);
+        self.wait(conn, id, name, Until::Down);
+        Ok(None)
+    }
+
+    fn restart_request(
+        &mut self,
+        conn: ConnectionId,
+        name: String,
+        mode: Option<RestartMode>,
+        now: Instant,
+    ) -> Result<Option<Reply>, Reply> {
+        let id = self.named(&name)?;
+        self.refuse_when_shutting_down()?;
+        let svc = self.registry.get(id).ok_or_else(no_such_service)?;
+        let old = svc.machine().main().map(|m| m.pid);
+        let mut refused = None;
+        self.act(id, now, |m| match m.restart(mode, now) {
+            Ok(fx) => fx,
+            Err(e) => {
+                refused = Some(e);
+                Vec::new()
+            }
+        });
+        if let Some(e) = refused {
+            return Err(Reply::error(e));
+        }
+        self.wait(conn, id, name, Until::Up { not: old });
+        Ok(None)
+    }
+
+    fn logs_request(
+        &self,
+        name: &str,
+        lines: Option<usize>,
+        after: Option<u64>,
+    ) -> Result<Option<Reply>, Reply> {
+        let id = self.named(name)?;
+        let svc = self.registry.get(id).ok_or_else(no_such_service)?;
+        let (lines, next) = svc.log().read(lines, after);
+        Ok(Some(Reply::ok(&LogLines { lines, next })))
+    }
+
+    fn refuse_when_shutting_down(&self) -> Result<(), Reply> {
+        if self.shutting_down {
+            Err(Reply::error("holdfast is shutting down"))
+        } else {
+            Ok(())
         }
     }
 
@@ -419,6 +447,10 @@ pub(super) fn status_of(s: &Service, now: Instant) -> ServiceStatus {
 /// Every state's name, for the one-series-per-state gauge.
 fn state_names() -> Vec<&'static str> {
     State::ALL.iter().map(|s| s.as_str()).collect()
+}
+
+fn no_such_service() -> Reply {
+    Reply::error("no such service")
 }
 
 #[cfg(test)]
