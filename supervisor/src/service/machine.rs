@@ -98,6 +98,15 @@ pub struct Instance {
     failed: Option<String>,
 }
 
+/// A main instance that exited, as the restart policy sees it.
+struct Ended {
+    main: Instance,
+    exit: Exit,
+    /// A failure by its status or by holdfast's verdict (start timeout, watchdog).
+    failed: bool,
+    uptime: Duration,
+}
+
 /// What one notification told the machine beyond the instance itself.
 #[derive(Default)]
 struct Heard {
@@ -672,10 +681,16 @@ impl Machine {
         }
         let asked = self.restart_requested;
         let listens_again = self.cfg.on_demand && live && !asked;
+        let ended = Ended {
+            main,
+            exit,
+            failed,
+            uptime,
+        };
         if listens_again {
-            self.on_demand_exited(&main, exit, failed, uptime, now);
+            self.on_demand_exited(&ended, now);
         } else {
-            self.restart_or_rest(&main, exit, failed, uptime, now, shutting_down);
+            self.restart_or_rest(&ended, now, shutting_down);
         }
         let mut fx = Vec::new();
         if !self.has_instances() {
@@ -691,67 +706,54 @@ impl Machine {
     /// or is to be restarted at once. After a failed run it first waits the
     /// restart delay (with its backoff): the traffic that started it may
     /// still be queued, and would start it again at once, in a loop.
-    fn on_demand_exited(
-        &mut self,
-        main: &Instance,
-        exit: Exit,
-        failed: bool,
-        uptime: Duration,
-        now: Instant,
-    ) {
-        if failed {
-            let t = deadline(now, self.backoff.next_delay(uptime));
-            self.restarts += 1;
-            self.set_waiting(t);
-            tracing::info!(
-                service = %self.name, pid = main.pid, %exit,
-                delay_ms = t.saturating_duration_since(now).as_millis() as u64,
-                "failed; listening for traffic again after the restart delay (on-demand)"
+    fn on_demand_exited(&mut self, ended: &Ended, now: Instant) {
+        if ended.failed {
+            let t = deadline(now, self.backoff.next_delay(ended.uptime));
+            self.wait_to_restart(
+                ended,
+                t,
+                now,
+                "failed; listening for traffic again after the restart delay (on-demand)",
             );
         } else {
             self.state = State::Listening;
-            tracing::info!(service = %self.name, pid = main.pid, %exit, "exited; listening for traffic again (on-demand)");
+            tracing::info!(service = %self.name, pid = ended.main.pid, exit = %ended.exit, "exited; listening for traffic again (on-demand)");
         }
     }
 
     /// The restart policy after the main instance's exit: wait to restart,
     /// or come to rest as stopped or failed.
-    fn restart_or_rest(
-        &mut self,
-        main: &Instance,
-        exit: Exit,
-        failed: bool,
-        uptime: Duration,
-        now: Instant,
-        shutting_down: bool,
-    ) {
+    fn restart_or_rest(&mut self, ended: &Ended, now: Instant, shutting_down: bool) {
         let restart_at = if shutting_down {
             self.stop_requested = false;
             None
         } else {
-            let t = self.after_exit(failed, uptime, now);
+            let t = self.after_exit(ended.failed, ended.uptime, now);
             if t.is_none() && self.state == State::Failed && self.failure.is_none() {
-                self.failure = main.failed.clone();
+                self.failure = ended.main.failed.clone();
             }
             t
         };
         match restart_at {
-            Some(t) => {
-                self.restarts += 1;
-                self.set_waiting(t);
-                tracing::info!(
-                    service = %self.name, pid = main.pid, %exit,
-                    delay_ms = t.saturating_duration_since(now).as_millis() as u64,
-                    "exited; restarting"
-                );
-            }
+            Some(t) => self.wait_to_restart(ended, t, now, "exited; restarting"),
             None => {
                 if shutting_down {
                     self.state = State::Stopped;
                 }
-                tracing::info!(service = %self.name, pid = main.pid, %exit, state = self.state.as_str(), "exited");
+                tracing::info!(service = %self.name, pid = ended.main.pid, exit = %ended.exit, state = self.state.as_str(), "exited");
             }
         }
+    }
+
+    /// Counts a restart and waits until `t` to start again.
+    fn wait_to_restart(&mut self, ended: &Ended, t: Instant, now: Instant, what: &str) {
+        self.restarts += 1;
+        self.set_waiting(t);
+        tracing::info!(
+            service = %self.name, pid = ended.main.pid, exit = %ended.exit,
+            delay_ms = t.saturating_duration_since(now).as_millis() as u64,
+            "{what}"
+        );
     }
 
     /// What instance `id` said.

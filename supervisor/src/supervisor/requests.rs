@@ -103,10 +103,7 @@ impl Supervisor {
         answer.unwrap_or_else(Some)
     }
 
-    // Each request below answers `Ok(Some(reply))`, `Ok(None)` once it has
-    // registered a waiter, or `Err(reply)` when it is refused.
-
-    fn status_request(&self, name: Option<String>, now: Instant) -> Result<Option<Reply>, Reply> {
+    fn status_request(&self, name: Option<String>, now: Instant) -> Answer {
         let statuses: Vec<_> = match name {
             None => self
                 .registry
@@ -122,12 +119,7 @@ impl Supervisor {
         Ok(Some(Reply::ok(&statuses)))
     }
 
-    fn start_request(
-        &mut self,
-        conn: ConnectionId,
-        name: String,
-        now: Instant,
-    ) -> Result<Option<Reply>, Reply> {
+    fn start_request(&mut self, conn: ConnectionId, name: String, now: Instant) -> Answer {
         let id = self.named(&name)?;
         self.refuse_when_shutting_down()?;
         let mut wait = false;
@@ -143,12 +135,7 @@ impl Supervisor {
         Ok(None)
     }
 
-    fn stop_request(
-        &mut self,
-        conn: ConnectionId,
-        name: String,
-        now: Instant,
-    ) -> Result<Option<Reply>, Reply> {
+    fn stop_request(&mut self, conn: ConnectionId, name: String, now: Instant) -> Answer {
         let id = self.named(&name)?;
         self.stop(id, now);
         self.wait(conn, id, name, Until::Down);
@@ -161,7 +148,7 @@ impl Supervisor {
         name: String,
         mode: Option<RestartMode>,
         now: Instant,
-    ) -> Result<Option<Reply>, Reply> {
+    ) -> Answer {
         let id = self.named(&name)?;
         self.refuse_when_shutting_down()?;
         let svc = self.registry.get(id).ok_or_else(no_such_service)?;
@@ -181,12 +168,7 @@ impl Supervisor {
         Ok(None)
     }
 
-    fn logs_request(
-        &self,
-        name: &str,
-        lines: Option<usize>,
-        after: Option<u64>,
-    ) -> Result<Option<Reply>, Reply> {
+    fn logs_request(&self, name: &str, lines: Option<usize>, after: Option<u64>) -> Answer {
         let id = self.named(name)?;
         let svc = self.registry.get(id).ok_or_else(no_such_service)?;
         let (lines, next) = svc.log().read(lines, after);
@@ -448,6 +430,10 @@ pub(super) fn status_of(s: &Service, now: Instant) -> ServiceStatus {
 fn state_names() -> Vec<&'static str> {
     State::ALL.iter().map(|s| s.as_str()).collect()
 }
+
+/// A request's answer: `Ok(Some(reply))`, `Ok(None)` once it has registered
+/// a waiter, or `Err(reply)` when it is refused.
+type Answer = Result<Option<Reply>, Reply>;
 
 fn no_such_service() -> Reply {
     Reply::error("no such service")
