@@ -350,7 +350,17 @@ impl Cgroup {
             .map_err(io_err("write", &path))
     }
 
-    fn children(&self) -> Result<Vec<Cgroup>, CgroupError> {
+    /// The pids in this cgroup and every cgroup below it.
+    pub fn all_pids(&self) -> Result<Vec<i32>, CgroupError> {
+        let mut pids = self.pids()?;
+        for child in self.children()? {
+            pids.extend(child.all_pids()?);
+        }
+        Ok(pids)
+    }
+
+    /// The cgroups directly below this one.
+    pub fn children(&self) -> Result<Vec<Cgroup>, CgroupError> {
         let mut out = Vec::new();
         let entries = std::fs::read_dir(&self.path).map_err(io_err("list", &self.path))?;
         for entry in entries.flatten() {
@@ -575,29 +585,55 @@ pub struct Hierarchy {
     supervisor: Option<Cgroup>,
     /// What `root` has enabled for the service cgroups.
     enabled: Controllers,
+    /// holdfast made `root` for itself (`holdfast-<pid>`): removed at exit.
+    made: bool,
+}
+
+/// Where services go without `--cgroup-root`, from holdfast's own cgroup
+/// `own` (a directory under the cgroup2 mount `mount`): `own` itself when
+/// holdfast is alone there (a systemd service with `Delegate=yes`, a
+/// container), its parent when `own` is the leaf an earlier holdfast of this
+/// pid moved itself into (an in-place upgrade, a restart in place), else a
+/// child of its own, `holdfast-<pid>`, so that daemons started from one
+/// shell or test runner never share service cgroups. The flag: holdfast
+/// makes (and at exit removes) that child.
+pub fn default_root(mount: &Path, own: &Path, own_pids: &[i32], pid: i32) -> (PathBuf, bool) {
+    if own.file_name().is_some_and(|n| n == SUPERVISOR_LEAF) {
+        if let Some(parent) = own.parent() {
+            return (parent.to_path_buf(), false);
+        }
+    }
+    if own != mount && own_pids == [pid] {
+        return (own.to_path_buf(), false);
+    }
+    (own.join(format!("holdfast-{pid}")), true)
 }
 
 impl Hierarchy {
     /// Takes `root` (a directory under the cgroup2 mount, or a cgroup path
-    /// as /proc/self/cgroup shows it; default: holdfast's own cgroup),
+    /// as /proc/self/cgroup shows it; default: see [`default_root`]),
     /// making it if needed. If holdfast's processes are in it, they move to
     /// [`SUPERVISOR_LEAF`] first; then the controllers available of memory,
     /// pids, cpu and io are enabled for its children.
     pub fn setup(root: Option<&Path>) -> Result<Hierarchy, CgroupError> {
         let (mount, mount_root) = cgroup2_mount()?;
-        let dir = match root {
-            Some(r) if r.starts_with(&mount) => r.to_path_buf(),
-            Some(r) => cgroup_dir(&mount, &mount_root, &r.to_string_lossy()),
+        let (dir, made) = match root {
+            Some(r) if r.starts_with(&mount) => (r.to_path_buf(), false),
+            Some(r) => (cgroup_dir(&mount, &mount_root, &r.to_string_lossy()), false),
             None => {
                 let text = std::fs::read_to_string("/proc/self/cgroup")
                     .map_err(io_err("read", Path::new("/proc/self/cgroup")))?;
                 let own = parse_proc_cgroup(&text).ok_or(CgroupError::NoOwnCgroup)?;
-                cgroup_dir(&mount, &mount_root, own)
+                let own = cgroup_dir(&mount, &mount_root, own);
+                let pids = Cgroup::open(&own)?.pids()?;
+                default_root(&mount, &own, &pids, std::process::id() as i32)
             }
         };
         std::fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
         let root = Cgroup::open(&dir)?;
-        Hierarchy::take(root, dir == mount)
+        let mut h = Hierarchy::take(root, dir == mount)?;
+        h.made = made;
+        Ok(h)
     }
 
     /// [`Hierarchy::setup`] on an open cgroup; `is_mount_root`: the
@@ -621,16 +657,31 @@ impl Hierarchy {
                 supervisor = Some(leaf);
             }
         }
-        let enabled = root.enable_for_children(&Controller::ALL)?;
+        // Without controllers to hand down (a parent that has processes, a
+        // host without delegation) the tree still tracks processes.
+        let enabled = match root.enable_for_children(&Controller::ALL) {
+            Ok(c) => c,
+            Err(e) if is_mount_root => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "no cgroup controllers for the services");
+                Controllers::parse(&root.read("cgroup.subtree_control").unwrap_or_default())
+            }
+        };
         Ok(Hierarchy {
             root,
             supervisor,
             enabled,
+            made: false,
         })
     }
 
     pub fn root(&self) -> &Cgroup {
         &self.root
+    }
+
+    /// Whether holdfast made the root for itself (removed at exit).
+    pub fn made(&self) -> bool {
+        self.made
     }
 
     /// The leaf holdfast moved itself into, if it did.
@@ -654,6 +705,19 @@ impl Hierarchy {
     /// The cgroup of service `name` (`<name>.service`: never the supervisor leaf).
     pub fn service(&self, name: &str) -> Result<Cgroup, CgroupError> {
         self.root.create_child(&format!("{name}.service"))
+    }
+}
+
+impl Drop for Hierarchy {
+    /// At holdfast's exit (or a failed start), once every service cgroup is
+    /// gone: the root goes if holdfast made it (an rmdir, which fails while
+    /// anything is left in it).
+    fn drop(&mut self) {
+        if self.made {
+            if let Err(e) = std::fs::remove_dir(self.root.path()) {
+                tracing::warn!(cgroup = %self.root.path().display(), error = %e, "cannot remove holdfast's cgroup");
+            }
+        }
     }
 }
 

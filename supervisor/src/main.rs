@@ -59,9 +59,14 @@ enum Command {
         metrics_listen: Option<std::net::SocketAddr>,
         /// Track each service's processes in a cgroup v2 under this cgroup (a
         /// directory under the cgroup2 mount, or a path as /proc/self/cgroup
-        /// shows it); made if missing. Without it: process groups.
-        #[arg(long)]
+        /// shows it); made if missing. Default: holdfast's own cgroup when it
+        /// is alone there (Delegate=yes), else a `holdfast-<pid>` child of it.
+        #[arg(long, conflicts_with = "no_cgroups")]
         cgroup_root: Option<PathBuf>,
+        /// Track services by process group only (the weaker mode: a process
+        /// that calls setsid escapes stop), as where cgroup v2 is not writable.
+        #[arg(long)]
+        no_cgroups: bool,
         /// Log format: human (default) or json (one object per line).
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
@@ -137,6 +142,7 @@ fn main() -> ExitCode {
             instance,
             metrics_listen,
             cgroup_root,
+            no_cgroups,
             log_format,
         } => {
             init_logging(if cli.json {
@@ -152,6 +158,7 @@ fn main() -> ExitCode {
                 instance,
                 metrics_listen,
                 cgroup_root,
+                no_cgroups,
             };
             match supervisor::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -39,7 +39,8 @@ pub fn fd_name(service: &str, socket: &str) -> String {
 /// The fds handed over in `LISTEN_FDS`, not yet claimed by a unit socket.
 #[derive(Debug, Default)]
 pub struct Inherited {
-    fds: Vec<(String, OwnedFd)>,
+    /// (name, fd, where it came from: "passed in LISTEN_FDS" or other words).
+    fds: Vec<(String, OwnedFd, &'static str)>,
 }
 
 impl Inherited {
@@ -58,15 +59,25 @@ impl Inherited {
             }
         };
         let fds = fds
-            // SAFETY: LISTEN_FDS fds are handed to this process to own; each
-            // number is taken once.
-            .map(|(fd, name)| (name, unsafe { OwnedFd::from_raw_fd(fd) }))
+            .map(|(fd, name)| {
+                // SAFETY: LISTEN_FDS fds are handed to this process to own;
+                // each number is taken once.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                (name, fd, "passed in LISTEN_FDS")
+            })
             .collect::<Vec<_>>();
         if !fds.is_empty() {
-            let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
+            let names: Vec<&str> = fds.iter().map(|(n, _, _)| n.as_str()).collect();
             tracing::info!(fds = fds.len(), names = %names.join(":"), "took the sockets passed in LISTEN_FDS");
         }
         Inherited { fds }
+    }
+
+    /// Adds a socket taken back from the processes a dead holdfast left,
+    /// used like one passed in `LISTEN_FDS` under `name`.
+    pub fn add_recovered(&mut self, name: String, fd: OwnedFd) {
+        self.fds
+            .push((name, fd, "taken back from a dead holdfast's services"));
     }
 
     /// The inherited socket named `<service>.<socket>` that fits `cfg` in
@@ -79,20 +90,20 @@ impl Inherited {
         placement: &Placement,
     ) -> Option<OwnedFd> {
         let name = fd_name(service, &cfg.name);
-        while let Some(i) = self.fds.iter().position(|(n, _)| *n == name) {
-            let (_, fd) = self.fds.swap_remove(i);
+        while let Some(i) = self.fds.iter().position(|(n, _, _)| *n == name) {
+            let (_, fd, from) = self.fds.remove(i);
             match Found::of(&fd).and_then(|f| match mismatch(cfg, placement, &f) {
                 None => Ok(()),
                 Some(why) => Err(why),
             }) {
                 Ok(()) => {
-                    tracing::info!(service, socket = %cfg.name, fd = fd.as_raw_fd(), "using the socket passed in LISTEN_FDS as {name}");
+                    tracing::info!(service, socket = %cfg.name, fd = fd.as_raw_fd(), "using the socket {from} as {name}");
                     return Some(fd);
                 }
                 Err(why) => tracing::warn!(
                     service,
                     socket = %cfg.name,
-                    "closing the socket passed in LISTEN_FDS as {name}: {why}"
+                    "closing the socket {from} as {name}: {why}"
                 ),
             }
         }
@@ -101,10 +112,10 @@ impl Inherited {
 
     /// Closes every fd no unit socket claimed, with a warning each.
     pub fn close_unclaimed(&mut self) {
-        for (name, fd) in self.fds.drain(..) {
+        for (name, fd, from) in self.fds.drain(..) {
             tracing::warn!(
                 fd = fd.as_raw_fd(),
-                "closing the fd passed in LISTEN_FDS as {name:?}: no unit socket has that name (want <service>.<socket>)"
+                "closing the fd {from} as {name:?}: no unit socket has that name (want <service>.<socket>)"
             );
         }
     }

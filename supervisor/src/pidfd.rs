@@ -105,6 +105,32 @@ impl Pidfd {
         self.send(signal as libc::c_int)
     }
 
+    /// `pidfd_getfd`: a duplicate of the process's fd `target` (the kernel
+    /// makes it CLOEXEC), as a `SCM_RIGHTS` transfer would give it. Needs
+    /// ptrace rights over the process (root has them).
+    pub fn get_fd(&self, target: RawFd) -> Result<OwnedFd, PidfdError> {
+        // SAFETY: pidfd_getfd takes a pidfd, an fd number and flags (0), and
+        // returns a new fd or -1; no pointers.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_getfd,
+                self.fd.as_raw_fd(),
+                target,
+                0 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(PidfdError::Syscall {
+                call: "pidfd_getfd",
+                pid: self.pid,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: the kernel just returned this fd to this process; nothing
+        // else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
     /// Whether the process still runs (signal 0: a permission check only).
     /// A zombie counts as exited.
     pub fn is_running(&self) -> bool {
@@ -192,6 +218,27 @@ impl Pidfd {
     }
 }
 
+impl Pidfd {
+    /// The id of the cgroup the process is in, or, once it has exited and
+    /// been reaped, the one it exited in (the kernel keeps that for its
+    /// pidfds, Linux 6.15: `PIDFD_INFO_EXIT`). So a short-lived sender such as
+    /// `systemd-notify`, gone before its message is read, is still judged by
+    /// the cgroup the kernel saw it in. `None` where the kernel cannot say.
+    pub fn cgroup_id_even_if_gone(&self) -> Option<u64> {
+        if let Ok(id) = self.cgroup_id() {
+            return Some(id);
+        }
+        let mask = (libc::PIDFD_INFO_CGROUPID | libc::PIDFD_INFO_EXIT) as u64;
+        // SAFETY: pidfd_info is plain integers; zero is a valid value.
+        let mut info: libc::pidfd_info = unsafe { std::mem::zeroed() };
+        info.mask = mask;
+        // SAFETY: the ioctl reads and writes one pidfd_info of the size
+        // encoded in the request number, which is the struct we pass.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::PIDFD_GET_INFO, &mut info) };
+        (r == 0 && info.mask & libc::PIDFD_INFO_CGROUPID as u64 != 0).then_some(info.cgroupid)
+    }
+}
+
 /// `ioctl(PIDFD_GET_INFO)` asking for `mask`.
 fn info(fd: BorrowedFd<'_>, mask: u64) -> io::Result<libc::pidfd_info> {
     // SAFETY: pidfd_info is plain integers; zero is a valid value.
@@ -235,6 +282,11 @@ mod tests {
         let err = pidfd.signal(Signal::SIGTERM).unwrap_err();
         assert!(err.is_gone(), "{err}");
         assert!(pidfd.cgroup_id().unwrap_err().is_gone());
+        // The kernel (6.15+) still says which cgroup it exited in.
+        let own = Pidfd::open(std::process::id() as i32).unwrap().cgroup_id();
+        if let (Some(gone), Ok(own)) = (pidfd.cgroup_id_even_if_gone(), own) {
+            assert_eq!(gone, own);
+        }
         std::mem::forget(child); // reaped above
     }
 

@@ -217,6 +217,15 @@ impl Holdfast {
         })
     }
 
+    /// The sandbox of a daemon that has exited (e.g. killed with SIGKILL), to
+    /// start the next one on the same units and state dir.
+    pub fn into_sandbox(mut self) -> Result<Sandbox> {
+        if self.try_wait()?.is_none() {
+            bail!("holdfast {} still runs", self.pid());
+        }
+        Ok(std::mem::replace(&mut self.sandbox, Sandbox::new()?))
+    }
+
     /// Waits until `<state>/control.sock` exists and `holdfast status --json`
     /// exits 0; fails early, with the log, if the daemon exits.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

@@ -75,12 +75,12 @@ fn a_sender_is_the_services_when_it_is_in_the_services_cgroup() {
 }
 
 #[test]
-fn a_sender_that_has_exited_is_ignored() {
+fn a_sender_that_has_exited_is_judged_by_the_cgroup_it_exited_in() {
     let Some(t) = TestCgroup::new("gone") else {
         return;
     };
     let own = t.get().create_child("1").unwrap();
-    let (_dir, sock) = socket();
+    let other = t.get().create_child("2").unwrap();
     let cgroups = [own.id()];
     let rule = CgroupSenders {
         access: NotifyAccess::All,
@@ -88,23 +88,31 @@ fn a_sender_that_has_exited_is_ignored() {
         main_pids: &[],
         spawned_pids: &[],
     };
-    // --no-block: no barrier, so sender and shell are gone (reaped) first.
-    let mut sh = shell_in(&own, &sock, "systemd-notify --no-block --ready");
-    assert!(sh.wait().unwrap().success());
-    assert!(wait_readable(&sock) || wait_readable(&sock));
-    let seen = std::cell::Cell::new(None);
-    let got = sock.receive(&|s| {
-        seen.set(Some(s));
-        rule.accepts(s)
-    });
-    assert!(
-        got.is_empty(),
-        "a message from an exited sender was accepted"
-    );
-    // Either the kernel gave no pidfd for the reaped sender (the message is
-    // dropped before the rule) or the pidfd shows no cgroup.
-    if let Some(s) = seen.get() {
-        assert_eq!(s.cgroup, None, "{s:?}");
+    for (from, in_service) in [(&own, true), (&other, false)] {
+        let (_dir, sock) = socket();
+        // --no-block: no barrier, so sender and shell are gone (reaped) first.
+        let mut sh = shell_in(from, &sock, "systemd-notify --no-block --ready");
+        assert!(sh.wait().unwrap().success());
+        assert!(wait_readable(&sock) || wait_readable(&sock));
+        let seen = std::cell::Cell::new(None);
+        let got = sock.receive(&|s| {
+            seen.set(Some(s));
+            rule.accepts(s)
+        });
+        let Some(s) = seen.get() else {
+            // The kernel gave no pidfd for the reaped sender: dropped.
+            assert!(got.is_empty());
+            continue;
+        };
+        match s.cgroup {
+            // The kernel kept the cgroup it exited in (Linux 6.15+).
+            Some(id) => {
+                assert_eq!(id, from.id(), "{s:?}");
+                assert_eq!(got.len(), usize::from(in_service), "{s:?}");
+            }
+            // An older kernel cannot say: refused.
+            None => assert!(got.is_empty(), "{s:?}"),
+        }
     }
 }
 

@@ -109,8 +109,9 @@ pub struct Sender {
 /// Who may notify for a service tracked by cgroup ([`crate::cgroup`]),
 /// with systemd's `NotifyAccess=`: a message is the service's when its
 /// sender is in one of the service's `cgroups` and `access` admits it.
-/// A sender that has already exited is refused (systemd-notify waits, with
-/// BARRIER=1, until its message is read, so it is still there). Pass
+/// A sender that has already exited is judged by the cgroup it exited in,
+/// where the kernel keeps that for the message's pidfd (SCM_PIDFD, Linux
+/// 6.15), and refused where it does not. Pass
 /// [`CgroupSenders::accepts`] to [`NotifySocket::receive`].
 #[derive(Debug, Clone, Copy)]
 pub struct CgroupSenders<'a> {
@@ -148,8 +149,9 @@ impl CgroupSenders<'_> {
 fn sender_cgroup(pid: i32, pidfd: Option<OwnedFd>) -> Option<u64> {
     use crate::pidfd::Pidfd;
     if let Some(fd) = pidfd {
-        // The pidfd names the sender itself: no pid reuse can intervene.
-        return Pidfd::from_owned(fd).cgroup_id().ok();
+        // The pidfd names the sender itself: no pid reuse can intervene;
+        // a sender gone already is judged by the cgroup it exited in.
+        return Pidfd::from_owned(fd).cgroup_id_even_if_gone();
     }
     if pid <= 0 {
         return None;

@@ -9,6 +9,7 @@ mod acceptor;
 mod inetd;
 mod output;
 mod poller;
+mod recovery;
 mod registry;
 mod reload;
 mod requests;
@@ -54,6 +55,8 @@ pub struct Options {
     /// Track services by cgroup v2 under this cgroup (a directory under
     /// the cgroup2 mount, or a path as /proc/self/cgroup shows it).
     pub cgroup_root: Option<PathBuf>,
+    /// `--no-cgroups`: track services by process group only.
+    pub no_cgroups: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,48 +184,40 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     let netns_lock = (!opts.no_dispatcher).then_some(Path::new("/proc/thread-self/ns/net"));
     let instance_lock = crate::instance_lock::acquire(&opts.state_dir, netns_lock)?;
 
-    let (dispatcher, why_not) = if opts.no_dispatcher {
-        (None, "--no-dispatcher was given".to_string())
+    // Whether sockets are steered is settled before any is made; the
+    // program is attached once they are all in its maps (below).
+    let why_not = if opts.no_dispatcher {
+        Some("--no-dispatcher was given".to_string())
     } else {
+        dispatch::probe().err().map(|e| {
+            let why = error_chain(&e);
+            tracing::warn!(
+                error = %why,
+                "BPF is not available: falling back to bind mode, where a socket can only have one address and one port"
+            );
+            format!("BPF is not available ({why})")
+        })
+    };
+    // What a holdfast that died here left running: its listeners taken back
+    // (used below in place of new ones), its processes stopped. A dead
+    // holdfast's sk_lookup program keeps steering to those listeners
+    // meanwhile, so what arrives waits in their backlogs.
+    recovery::recover(&opts.state_dir, &units, &mut inherited);
+    let mut sup = Supervisor::new(opts, Some(instance_lock), Destinations::default())?;
+    sup.why_not = why_not.clone().unwrap_or_default();
+    if let Err(e) = sup.open_all(units, &mut inherited, why_not.is_none()) {
+        sup.detach();
+        return Err(e);
+    }
+    if why_not.is_none() {
         let instance = opts
             .instance
             .clone()
             .unwrap_or_else(sockets::default_instance);
-        match Dispatcher::attach(&instance, Path::new("/proc/self/ns/net")) {
-            Ok(mut d) => {
-                // Under the netns lock: any other holdfast link here is stale.
-                if let Err(e) = d.detach_stale_links() {
-                    tracing::warn!(error = %e, "cannot look for stale holdfast links on this network namespace");
-                }
-                (Some(d), String::new())
-            }
-            Err(e) => {
-                // The whole chain: the cause (EPERM, no bpffs…) is what says
-                // why. A message that already quotes its cause is not repeated.
-                let mut why = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    let text = cause.to_string();
-                    if !why.contains(&text) {
-                        why.push_str(": ");
-                        why.push_str(&text);
-                    }
-                    source = cause.source();
-                }
-                tracing::warn!(
-                    error = %why,
-                    "BPF is not available: falling back to bind mode, where a socket can only have one address and one port"
-                );
-                (None, format!("BPF is not available ({why})"))
-            }
-        }
-    };
-    let mut sup = Supervisor::new(opts, Some(instance_lock), Destinations::default())?;
-    sup.dispatcher = dispatcher;
-    sup.why_not = why_not;
-    if let Err(e) = sup.open_all(units, &mut inherited) {
-        sup.detach();
-        return Err(e);
+        // Attached beside a dead holdfast's program, filled, and only then
+        // does the old one go: no lookup falls between them.
+        sup.attach_filled(&instance, &std::collections::BTreeMap::new())
+            .map_err(SupervisorError::Bindings)?;
     }
     inherited.close_unclaimed();
     sup.sync_fd_store();
@@ -246,19 +241,33 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     sup.serve(unused_signals, true)
 }
 
-/// The cgroup tree services run in (`--cgroup-root`), or `None`: process-group mode.
-fn cgroup_hierarchy(opts: &Options) -> Option<crate::cgroup::Hierarchy> {
-    match &opts.cgroup_root {
-        Some(root) => match crate::cgroup::detect(Some(root)) {
-            crate::cgroup::Mode::Cgroup2(h) => Some(h),
-            crate::cgroup::Mode::ProcessGroups => None,
-        },
-        None => {
-            tracing::info!(
-                "tracking services by process group (--cgroup-root tracks them by cgroup v2)"
-            );
-            None
+/// An error with its whole chain of causes (a cause its message already
+/// quotes is not repeated): the cause (EPERM, no bpffs…) is what says why.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !why.contains(&text) {
+            why.push_str(": ");
+            why.push_str(&text);
         }
+        source = cause.source();
+    }
+    why
+}
+
+/// The cgroup tree services run in (`--cgroup-root`, else under holdfast's
+/// own cgroup), or `None`: process-group mode (`--no-cgroups`, or cgroup v2
+/// not writable, said once).
+fn cgroup_hierarchy(opts: &Options) -> Option<crate::cgroup::Hierarchy> {
+    if opts.no_cgroups {
+        tracing::info!("--no-cgroups: tracking services by process group, the weaker mode (a process that calls setsid escapes stop)");
+        return None;
+    }
+    match crate::cgroup::detect(opts.cgroup_root.as_deref()) {
+        crate::cgroup::Mode::Cgroup2(h) => Some(h),
+        crate::cgroup::Mode::ProcessGroups => None,
     }
 }
 
@@ -311,6 +320,7 @@ impl Supervisor {
         boot: bool,
     ) -> Result<(), SupervisorError> {
         let signals = Signals::register()?;
+        self.record_for_recovery();
         // An upgrade execs with every signal blocked; handlers are in place now.
         upgrade::unblock_signals();
         let mut watch = vec![(signals.pipe.as_fd(), Token::Signal)];
@@ -345,6 +355,8 @@ impl Supervisor {
         self.manager.ready();
         self.event_loop(&signals, &unused_signals);
         self.close_cgroups();
+        drop(self.cgroups.take());
+        recovery::forget(&self.opts.state_dir);
         tracing::info!("every service is down; exiting");
         self.detach();
         Ok(())
@@ -356,6 +368,7 @@ impl Supervisor {
         &mut self,
         units: Vec<unit::Unit>,
         inherited: &mut crate::manager::Inherited,
+        steered: bool,
     ) -> Result<(), SupervisorError> {
         let mut errors = Vec::new();
         for unit in units {
@@ -364,7 +377,7 @@ impl Supervisor {
                 match sockets::open(
                     &unit,
                     cfg,
-                    self.dispatcher.is_some(),
+                    steered,
                     &self.why_not,
                     &mut self.destinations,
                     inherited,
@@ -384,15 +397,6 @@ impl Supervisor {
             return Err(SupervisorError::Listeners(errors));
         }
         self.bindings = sockets::bindings_of(self.registry.live().map(|(_, s)| s));
-        if let Some(d) = self.dispatcher.as_mut() {
-            let all: Vec<(&sockets::Socket, &unit::SocketConfig)> = self
-                .registry
-                .live()
-                .flat_map(|(_, s)| s.sockets())
-                .map(|k| (k, &k.config))
-                .collect();
-            sockets::steer(d, &all, &self.bindings)?;
-        }
         Ok(())
     }
 
@@ -529,6 +533,27 @@ impl Supervisor {
             })
             .collect();
         self.manager.sync_fd_store(listeners);
+    }
+
+    /// Records the cgroup root and every listener's inode in the state dir,
+    /// for a holdfast started here after this one died ([`recovery`]).
+    fn record_for_recovery(&self) {
+        let mut record = recovery::Record {
+            cgroup_root: self.cgroups.as_ref().map(|h| h.root().path().to_path_buf()),
+            made_root: self.cgroups.as_ref().is_some_and(|h| h.made()),
+            ..recovery::Record::default()
+        };
+        // Live services first: a retiring one may have the same name.
+        let services = self.registry.live().chain(self.registry.all());
+        for (_, s) in services {
+            for k in s.sockets() {
+                let name = crate::manager::fd_name(s.name(), &k.name);
+                if let Ok(st) = nix::sys::stat::fstat(k.fd.as_raw_fd()) {
+                    record.sockets.entry(name).or_insert(st.st_ino);
+                }
+            }
+        }
+        recovery::write(&self.opts.state_dir, &record);
     }
 
     fn next_deadline(&self) -> Option<Instant> {

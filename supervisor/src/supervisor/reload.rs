@@ -78,6 +78,7 @@ impl Supervisor {
         let result = self.reload_units();
         if result.is_ok() {
             self.sync_fd_store();
+            self.record_for_recovery();
         }
         self.update_status();
         self.manager.ready();

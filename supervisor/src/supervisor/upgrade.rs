@@ -387,7 +387,10 @@ pub(super) fn resume(opts: &Options, saved: Saved) -> Result<Supervisor, Supervi
     }
     sup.bindings = sockets::bindings_of(sup.registry.live().map(|(_, s)| s));
     if let Some((instance, counters)) = saved.dispatcher {
-        sup.attach_beside(&instance, &counters);
+        if let Err(e) = sup.attach_filled(&instance, &counters) {
+            tracing::error!(error = %e, "upgrade: cannot attach the new dispatcher; the old program keeps steering, but bindings cannot change until holdfast restarts");
+            sup.why_not = format!("the dispatcher could not be replaced at the upgrade ({e})");
+        }
     }
     if let Some(fd) = saved.control {
         sup.server = Some(
@@ -422,7 +425,14 @@ impl Supervisor {
     /// and filled (sockets, bindings, counters) before the old one goes. If
     /// that fails the old program keeps steering, but bindings can no longer
     /// change until holdfast restarts: said loudly.
-    fn attach_beside(&mut self, instance: &str, counters: &BTreeMap<DestinationId, Counters>) {
+    /// Attaches a dispatcher with every live socket and binding (and
+    /// `counters`) in its maps before its pins replace a stale or old
+    /// instance's, then detaches any other holdfast link on the namespace.
+    pub(super) fn attach_filled(
+        &mut self,
+        instance: &str,
+        counters: &BTreeMap<DestinationId, Counters>,
+    ) -> Result<(), crate::dispatch::DispatchError> {
         let all: Vec<(&sockets::Socket, &crate::unit::SocketConfig)> = self
             .registry
             .live()
@@ -446,17 +456,11 @@ impl Supervisor {
                 })
             },
         );
-        match result {
-            Ok(mut d) => {
-                if let Err(e) = d.detach_stale_links() {
-                    tracing::warn!(error = %e, "cannot look for stale holdfast links on this network namespace");
-                }
-                self.dispatcher = Some(d);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "upgrade: cannot attach the new dispatcher; the old program keeps steering, but bindings cannot change until holdfast restarts");
-                self.why_not = format!("the dispatcher could not be replaced at the upgrade ({e})");
-            }
+        let mut d = result?;
+        if let Err(e) = d.detach_stale_links() {
+            tracing::warn!(error = %e, "cannot look for stale holdfast links on this network namespace");
         }
+        self.dispatcher = Some(d);
+        Ok(())
     }
 }

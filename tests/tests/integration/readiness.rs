@@ -115,7 +115,13 @@ fn systemd_notify_is_heard_when_its_sender_is_gone_before_the_read() -> Result<(
         sender = sender.display(),
         sent = sent.display()
     );
-    sandbox.write_unit("late", &shell_unit(&script, "start-timeout = \"25s\""))?;
+    // The sender is not the main process: as under systemd, that takes
+    // NotifyAccess=all. Tracked by cgroup, the gone sender is judged by the
+    // cgroup it exited in.
+    sandbox.write_unit(
+        "late",
+        &shell_unit(&script, "start-timeout = \"25s\"\nnotify-access = \"all\""),
+    )?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let s = hf.wait_state("late", "starting", T)?;
     let pid = s["pid"].clone();

@@ -2,7 +2,9 @@
 //! state directory or network namespace changes nothing and names the live
 //! one's pid; no signal holdfast does not use kills it; after `kill -9`, a new
 //! holdfast finds the dead one's sk_lookup link through the kernel, whichever
-//! bpffs pinned it, and replaces it.
+//! bpffs pinned it, and replaces it; and one started on the dead one's state
+//! directory takes its listeners back from the orphaned services and stops
+//! them, refusing no connection.
 
 use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Output};
@@ -10,8 +12,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, dispatcher_instance as instance, holdfast_bin, netns_and_sandbox, require_file,
-    run_bounded, skip_unless, Holdfast, Netns, RunOptions, Sandbox,
+    ask_tcp, dispatcher_instance as instance, holdfast_bin, netns_and_sandbox, process_gone,
+    require_file, run_bounded, skip_unless, wait_for, Holdfast, LoopClient, Netns, RunOptions,
+    Sandbox,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -291,4 +294,71 @@ fn after_kill_9_under_ip_netns_exec_the_next_holdfast_replaces_the_stale_link() 
         "no word of the stale link:\n{log}"
     );
     Ok(())
+}
+
+/// Starts holdfast on `sandbox`, with the dispatcher or in bind mode
+/// (`None`: skip, BPF is not available).
+fn start(ns: &Netns, sandbox: Sandbox, dispatcher: bool) -> Result<Option<Holdfast>> {
+    if dispatcher {
+        Holdfast::start_dispatched(ns, sandbox, &RunOptions::default())
+    } else {
+        Holdfast::start_in(ns, sandbox).map(Some)
+    }
+}
+
+/// `kill -9` of holdfast under a client loop, then a new holdfast on the same
+/// units and state dir: it takes the listener back from the orphaned service
+/// (the same socket, so what queued in the gap is served), stops the orphan
+/// (no service runs twice; in bind mode no `Address already in use`), and the
+/// loop sees no refused connection.
+fn after_kill_9_the_next_holdfast_takes_the_listeners_back(dispatcher: bool) -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_with_web()?);
+    let first = skip_unless!(start(&ns, sandbox, dispatcher)?);
+    let orphan = first.wait_running("web", T)?;
+    let client = LoopClient::start(
+        &ns,
+        vec![(ADDR.parse()?, "web".into())],
+        Duration::from_millis(5),
+        T,
+    )?;
+    std::thread::sleep(Duration::from_millis(200));
+    first.signal(Signal::SIGKILL)?;
+    let mut first = first;
+    first.wait_exit(T)?;
+    // The gap: the orphan still serves what it accepts.
+    std::thread::sleep(Duration::from_millis(300));
+    let second = start(&ns, first.into_sandbox()?, dispatcher)?
+        .context("the second holdfast fell back to bind mode")?;
+    let pid = second.wait_running("web", T)?;
+    ensure!(pid != orphan, "the new daemon's service is the orphan?");
+    wait_for(&format!("the orphan {orphan} to be stopped"), T, || {
+        process_gone(orphan).then_some(())
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = client.finish()?;
+    eprintln!("across kill -9 and recovery: {tally:?}");
+    // The orphan, stopped, may close one connection it had accepted.
+    tally.expect_no_loss(1)?;
+    ensure!(
+        tally.pids_of("web").contains(&pid),
+        "the new instance {pid} never answered: {tally:?}"
+    );
+    let log = second.log();
+    ensure!(
+        log.contains("took their listeners back") && log.contains("web.web"),
+        "no word of taking the listener back:\n{log}"
+    );
+    let status = second.service("web")?;
+    ensure!(status["restarts"] == 0, "{status}");
+    Ok(())
+}
+
+#[test]
+fn after_kill_9_in_bind_mode_the_next_holdfast_takes_the_listener_back() -> Result<()> {
+    after_kill_9_the_next_holdfast_takes_the_listeners_back(false)
+}
+
+#[test]
+fn after_kill_9_with_the_dispatcher_the_next_holdfast_takes_the_listener_back() -> Result<()> {
+    after_kill_9_the_next_holdfast_takes_the_listeners_back(true)
 }
