@@ -14,6 +14,7 @@ mod gunicorn;
 mod handoff;
 mod harness;
 mod import;
+mod impostors;
 mod inetd;
 mod manager;
 mod nspawn;
