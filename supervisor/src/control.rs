@@ -53,13 +53,19 @@ pub enum Request {
     Reload,
     /// Re-execute holdfast in place (the binary now at its path).
     Upgrade,
-    /// A service's captured output: the last `lines`, or those after sequence number `after`.
+    /// A service's captured output: those numbered `after` and later, read
+    /// at or after `since` (RFC 3339, e.g. `2026-12-07T13:00:00Z`), the last
+    /// `lines` of them.
     Logs {
         name: String,
         #[serde(default)]
         lines: Option<usize>,
         #[serde(default)]
         after: Option<u64>,
+        /// Left out when `None`, so a holdfast that does not know it still
+        /// answers a request without it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<String>,
     },
 }
 

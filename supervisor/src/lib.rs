@@ -14,6 +14,7 @@ mod fds;
 mod fuzz;
 pub mod import;
 mod instance_lock;
+pub mod journal;
 pub mod listener;
 pub mod manager;
 pub mod metrics;

@@ -8,11 +8,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
 use holdfast::control::{self, Request};
 use holdfast::protocol::{
-    BindingStatus, LogLines, MetricsReply, ReloadSummary, ServiceStatus, UpgradeReport,
+    BindingStatus, LogLine, LogLines, MetricsReply, ReloadSummary, ServiceStatus, UpgradeReport,
 };
 use holdfast::unit::{self, RestartMode};
 use holdfast::{preflight, supervisor};
@@ -36,6 +37,12 @@ struct Cli {
 enum LogFormat {
     Human,
     Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum JournalMode {
+    Auto,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -70,6 +77,14 @@ enum Command {
         /// Log format: human (default) or json (one object per line).
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
+        /// Forward each line services write to systemd-journald (auto: when
+        /// its socket exists at start; off: never). The ring of `holdfast
+        /// logs` keeps them either way.
+        #[arg(long, value_enum, default_value_t = JournalMode::Auto)]
+        journal: JournalMode,
+        /// journald's native socket.
+        #[arg(long, default_value = holdfast::journal::DEFAULT_SOCKET)]
+        journal_socket: PathBuf,
     },
     /// Validate a units directory without starting anything: the files, and
     /// what they name on this machine (users, groups, programs).
@@ -101,12 +116,18 @@ enum Command {
     Metrics,
     /// Re-read the units directory and apply the difference (SIGHUP does the same).
     Reload,
-    /// Show a service's captured output (the last 1000 lines are kept).
+    /// Show a service's captured output (the last 1000 lines are kept), each
+    /// line with when it was read (UTC), its stream and its instance's pid.
     Logs {
         name: String,
-        /// Only the last N lines.
+        /// Only the last N lines (of those --since leaves).
         #[arg(short = 'n', long)]
         lines: Option<usize>,
+        /// Only lines read since a time (RFC 3339 in UTC, e.g.
+        /// "2026-12-07 13:00:00" or "2026-12-07T13:00:00Z") or a duration ago
+        /// (e.g. "5min", "1h 30min").
+        #[arg(long, value_parser = parse_since)]
+        since: Option<SystemTime>,
         /// Keep printing new lines as they come.
         #[arg(short = 'f', long)]
         follow: bool,
@@ -144,6 +165,8 @@ fn main() -> ExitCode {
             cgroup_root,
             no_cgroups,
             log_format,
+            journal,
+            journal_socket,
         } => {
             init_logging(if cli.json {
                 LogFormat::Json
@@ -159,6 +182,7 @@ fn main() -> ExitCode {
                 metrics_listen,
                 cgroup_root,
                 no_cgroups,
+                journal: (journal == JournalMode::Auto).then_some(journal_socket),
             };
             match supervisor::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -198,8 +222,9 @@ fn main() -> ExitCode {
         Command::Logs {
             name,
             lines,
+            since,
             follow,
-        } => logs(dir, name, lines, follow, out),
+        } => logs(dir, name, lines, since, follow, out),
         Command::Start { name } => {
             ask::<ServiceStatus>(dir, &Request::Start { name }, |s| out.show(&s, || {}))
         }
@@ -346,10 +371,26 @@ fn call<T: DeserializeOwned>(state_dir: &Path, req: &Request) -> Result<T, ExitC
     }
 }
 
+/// Bytes as `holdfast status` shows them: `512B`, `1.5K`, `12.0M`, `2.0G`.
+fn human_bytes(b: u64) -> String {
+    let mut v = b as f64;
+    for unit in ["B", "K", "M", "G"] {
+        if v < 1024.0 || unit == "G" {
+            return if unit == "B" {
+                format!("{b}B")
+            } else {
+                format!("{v:.1}{unit}")
+            };
+        }
+        v /= 1024.0;
+    }
+    unreachable!("the loop returns at G")
+}
+
 fn print_status(rows: &[ServiceStatus]) {
     println!(
-        "{:<20} {:<9} {:>8} {:>8} {:>10}  {:<24} STATUS",
-        "NAME", "STATE", "PID", "RESTARTS", "UPTIME", "SOCKETS"
+        "{:<20} {:<9} {:>8} {:>8} {:>10} {:>8} {:>9}  {:<24} STATUS",
+        "NAME", "STATE", "PID", "RESTARTS", "UPTIME", "MEMORY", "CPU", "SOCKETS"
     );
     for r in rows {
         let pid = r.pid.map_or("-".into(), |p| p.to_string());
@@ -362,13 +403,19 @@ fn print_status(rows: &[ServiceStatus]) {
             .as_deref()
             .or(r.failure.as_deref())
             .unwrap_or("-");
+        // Only with --cgroup-root (and memory.current where the memory
+        // controller is there).
+        let memory = r.memory_bytes.map_or("-".into(), human_bytes);
+        let cpu = r.cpu_seconds.map_or("-".into(), |c| format!("{c:.2}s"));
         println!(
-            "{:<20} {:<9} {:>8} {:>8} {:>10}  {:<24} {}",
+            "{:<20} {:<9} {:>8} {:>8} {:>10} {:>8} {:>9}  {:<24} {}",
             r.name,
             r.state.as_str(),
             pid,
             r.restarts,
             uptime,
+            memory,
+            cpu,
             r.sockets.join(","),
             status
         );
@@ -412,39 +459,69 @@ fn print_bindings(rows: &[BindingStatus]) {
     }
 }
 
+/// `--since`: a duration ago ("5min") or a time (RFC 3339, UTC).
+fn parse_since(s: &str) -> Result<SystemTime, String> {
+    if let Ok(ago) = humantime::parse_duration(s) {
+        return SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{s:?} ago is before 1970"));
+    }
+    humantime::parse_rfc3339_weak(s).map_err(|e| {
+        format!("neither a duration (\"5min\") nor a time (\"2026-12-07 13:00:00\", UTC): {e}")
+    })
+}
+
+/// A line as `holdfast logs` prints it: `2026-12-07 13:09:26.123Z
+/// stdout[1234]: text` (`-` and `?` for what a line kept from before an
+/// upgrade does not know).
+fn human_line(l: &LogLine) -> String {
+    let time = l.time.map_or("-".to_string(), |t| {
+        humantime::format_rfc3339_millis(t)
+            .to_string()
+            .replacen('T', " ", 1)
+    });
+    let stream = l.stream.map_or("?", |s| s.as_str());
+    let pid = l.pid.map_or("?".to_string(), |p| p.to_string());
+    format!("{time} {stream}[{pid}]: {}", l.line)
+}
+
 /// Prints a service's captured lines (with `--json`, one object per line:
-/// `seq` and `line`); with `follow`, polls for new ones.
+/// `seq`, `time`, `stream`, `pid`, `line`); with `follow`, polls for new ones.
 fn logs(
     state_dir: &Path,
     name: String,
     lines: Option<usize>,
+    since: Option<SystemTime>,
     follow: bool,
     out: Output,
 ) -> ExitCode {
     let mut after: Option<u64> = None;
     loop {
+        // The first ask picks by -n and --since; the next ones follow.
+        let first = after.is_none();
         let req = Request::Logs {
             name: name.clone(),
-            lines: if after.is_none() { lines } else { None },
+            lines: if first { lines } else { None },
             after,
+            since: since
+                .filter(|_| first)
+                .map(|t| humantime::format_rfc3339_micros(t).to_string()),
         };
         let got: LogLines = match call(state_dir, &req) {
             Ok(l) => l,
             Err(code) => return code,
         };
-        let first = got.next - got.lines.len() as u64;
-        for (k, line) in got.lines.iter().enumerate() {
+        for line in &got.lines {
             if out.json {
-                let seq = first + k as u64;
-                println!("{}", serde_json::json!({ "seq": seq, "line": line }));
+                println!("{}", serde_json::to_string(line).expect("lines serialize"));
             } else {
-                println!("{line}");
+                println!("{}", human_line(line));
             }
         }
         if !follow {
             return ExitCode::SUCCESS;
         }
         after = Some(got.next);
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -34,6 +34,16 @@ pub struct Snapshot {
     pub services: Vec<ServiceMetrics>,
     pub destinations: Vec<DestinationMetrics>,
     pub sockets: Vec<SocketMetrics>,
+    /// The journald forwarder's counts (`None`: not forwarding).
+    #[serde(default)]
+    pub journal: Option<JournalMetrics>,
+}
+
+/// Lines forwarded to journald, and those it could not take then.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JournalMetrics {
+    pub forwarded: u64,
+    pub dropped: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +61,12 @@ pub struct ServiceMetrics {
     pub connections_total: u64,
     /// Connections refused by allow/deny or the per-source limit.
     pub denied_total: u64,
+    /// `memory.current` of its cgroup (cgroup mode, with the memory controller).
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// CPU time its cgroup has used (`cpu.stat` `usage_usec`; cgroup mode).
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +107,16 @@ fn gauge(
 
 fn counter(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
     let f = Family::<Labels, Counter>::default();
+    registry.register(name, help, f.clone());
+    f
+}
+
+fn float_counter(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>> {
+    let f = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
     registry.register(name, help, f.clone());
     f
 }
@@ -142,6 +168,16 @@ pub fn render(s: &Snapshot) -> String {
         "service_denied_connections",
         "Connections refused by allow/deny or the per-source limit",
     );
+    let memory = gauge(
+        &mut r,
+        "service_memory_bytes",
+        "Memory used by the service's cgroup (memory.current)",
+    );
+    let cpu = float_counter(
+        &mut r,
+        "service_cpu_seconds",
+        "CPU time used by the service's cgroup (cpu.stat usage_usec)",
+    );
     let lookups = counter(
         &mut r,
         "destination_lookups",
@@ -192,6 +228,30 @@ pub fn render(s: &Snapshot) -> String {
         denied.get_or_create(&l).inc_by(m.denied_total);
         if let Some(e) = m.last_exit_status {
             exit.get_or_create(&l).set(e as f64);
+        }
+        if let Some(b) = m.memory_bytes {
+            memory.get_or_create(&l).set(b as f64);
+        }
+        if let Some(c) = m.cpu_seconds {
+            cpu.get_or_create(&l).inc_by(c);
+        }
+    }
+    if let Some(j) = &s.journal {
+        for (name, help, n) in [
+            (
+                "journal_forwarded_lines",
+                "Lines of services' output forwarded to journald",
+                j.forwarded,
+            ),
+            (
+                "journal_dropped_lines",
+                "Lines of services' output journald could not take then (dropped)",
+                j.dropped,
+            ),
+        ] {
+            let c = Counter::<u64>::default();
+            c.inc_by(n);
+            r.register(name, help, c);
         }
     }
     for d in &s.destinations {
@@ -703,6 +763,8 @@ mod tests {
                 instances: 0,
                 connections_total: 0,
                 denied_total: 0,
+                memory_bytes: Some(4096),
+                cpu_seconds: Some(1.25),
             }],
             destinations: vec![DestinationMetrics {
                 service: "web".into(),
@@ -721,6 +783,10 @@ mod tests {
                 backlog_queued: Some(2),
                 backlog_limit: Some(4096),
             }],
+            journal: Some(JournalMetrics {
+                forwarded: 7,
+                dropped: 2,
+            }),
         };
         let text = render(&s);
         for needle in [
@@ -733,6 +799,12 @@ mod tests {
             "holdfast_destination_lookups_total{service=\"web\",socket=\"http\",destination=\"0\"} 10",
             "holdfast_destination_misses_total{service=\"web\",socket=\"http\",destination=\"0\"} 1",
             "holdfast_socket_backlog_queued{service=\"web\",socket=\"http\",protocol=\"tcp\"} 2",
+            "# TYPE holdfast_service_memory_bytes gauge",
+            "holdfast_service_memory_bytes{service=\"web\"} 4096",
+            "# TYPE holdfast_service_cpu_seconds counter",
+            "holdfast_service_cpu_seconds_total{service=\"web\"} 1.25",
+            "holdfast_journal_forwarded_lines_total 7",
+            "holdfast_journal_dropped_lines_total 2",
             "# EOF",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");

@@ -30,6 +30,14 @@ pub struct ServiceStatus {
     pub fd_store: Vec<String>,
     pub sockets: Vec<String>,
     pub listeners: Vec<ListenerStatus>,
+    /// `memory.current` of its cgroup; `None` when not tracked by cgroup or
+    /// without the memory controller.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// `usage_usec` of its cgroup's `cpu.stat`, in seconds; `None` when not
+    /// tracked by cgroup.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
 }
 
 /// One socket of a service in `holdfast status`.
@@ -61,8 +69,63 @@ pub struct BindingStatus {
 /// `holdfast logs`: lines, and the sequence number to ask after next.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLines {
-    pub lines: Vec<String>,
+    pub lines: Vec<LogLine>,
     pub next: u64,
+}
+
+/// One line a service wrote, as `holdfast logs` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Its number since the service was first started (holdfast's start).
+    pub seq: u64,
+    /// When holdfast read it (wall clock; RFC 3339, UTC). `None` only for a
+    /// line kept across an upgrade from a holdfast that did not record it.
+    #[serde(with = "rfc3339")]
+    pub time: Option<std::time::SystemTime>,
+    /// The stream it came on; `None` as for `time`.
+    pub stream: Option<Stream>,
+    /// The pid of the instance that wrote it (its main process, or the
+    /// per-connection instance); `None` as for `time`.
+    pub pid: Option<i32>,
+    pub line: String,
+}
+
+/// Which of a service's output pipes a line came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// An optional wall-clock time as an RFC 3339 string in UTC with
+/// microseconds (`2026-12-07T13:09:26.123456Z`), or null.
+pub mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.collect_str(&humantime::format_rfc3339_micros(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| humantime::parse_rfc3339_weak(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 /// `holdfast metrics`: the exposition text and the figures it was rendered from.
@@ -146,6 +209,15 @@ mod tests {
             fd_store: vec![],
             sockets: vec![],
             listeners: vec![],
+            memory_bytes: None,
+            cpu_seconds: None,
+        };
+        let line = LogLine {
+            seq: 0,
+            time: None,
+            stream: Some(Stream::Stdout),
+            pid: None,
+            line: String::new(),
         };
         let listener = ListenerStatus {
             name: "web".into(),
@@ -171,6 +243,7 @@ mod tests {
             .chain(fields(&listener))
             .chain(fields(&binding))
             .chain(fields(&ReloadSummary::default()))
+            .chain(fields(&line))
         {
             assert!(
                 doc.contains(&format!("`{f}`")) || doc.contains(&format!("\"{f}\"")),

@@ -188,7 +188,7 @@ impl Supervisor {
         let svc = self.registry.get_mut(id).expect("a known service");
         let pid = svc.tracking_mut().spawned(spawned, leaf)?;
         tracing::debug!(service = %svc.name(), pid = pid.as_raw(), peer = ?peer, "connection instance started");
-        self.add_output(id, "stderr", err_r);
+        self.add_output(id, pid, crate::protocol::Stream::Stderr, err_r);
         Ok(pid)
     }
 }

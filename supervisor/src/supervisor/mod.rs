@@ -57,6 +57,9 @@ pub struct Options {
     pub cgroup_root: Option<PathBuf>,
     /// `--no-cgroups`: track services by process group only.
     pub no_cgroups: bool,
+    /// Forward services' output to the journald socket at this path when
+    /// one is there at start (`--journal auto`); `None`: `--journal off`.
+    pub journal: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +157,8 @@ pub struct Supervisor {
     manager: crate::manager::Manager,
     /// The cgroup tree services run in; `None`: process-group mode.
     cgroups: Option<crate::cgroup::Hierarchy>,
+    /// Where services' output lines are forwarded too, if anywhere.
+    journal: Option<crate::journal::Journal>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT has stopped every service.
@@ -295,6 +300,7 @@ impl Supervisor {
             metrics: None,
             manager: crate::manager::Manager::from_env(Instant::now()),
             cgroups: cgroup_hierarchy(opts),
+            journal: output::open_journal(opts.journal.as_deref()),
         })
     }
 

@@ -14,6 +14,7 @@ use crate::service::Exit;
 use crate::service::State;
 use crate::unit::RestartMode;
 
+use super::output::Query;
 use super::registry::ServiceId;
 use super::services::Service;
 use super::Supervisor;
@@ -84,7 +85,12 @@ impl Supervisor {
                 Ok(summary) => Reply::ok(&summary),
                 Err(e) => Reply::error(e.to_string()),
             })),
-            Request::Logs { name, lines, after } => self.logs_request(&name, lines, after),
+            Request::Logs {
+                name,
+                lines,
+                after,
+                since,
+            } => self.logs_request(&name, lines, after, since.as_deref()),
             Request::Bindings => Ok(Some(self.bindings_reply())),
             Request::Upgrade => {
                 // Answered by the new binary once it runs, or here with why not.
@@ -168,10 +174,30 @@ impl Supervisor {
         Ok(None)
     }
 
-    fn logs_request(&self, name: &str, lines: Option<usize>, after: Option<u64>) -> Answer {
+    fn logs_request(
+        &self,
+        name: &str,
+        lines: Option<usize>,
+        after: Option<u64>,
+        since: Option<&str>,
+    ) -> Answer {
         let id = self.named(name)?;
         let svc = self.registry.get(id).ok_or_else(no_such_service)?;
-        let (lines, next) = svc.log().read(lines, after);
+        let since = since
+            .map(|s| {
+                humantime::parse_rfc3339_weak(s).map_err(|e| {
+                    Reply::error(format!(
+                        "since {s:?} is not an RFC 3339 time such as 2026-12-07T13:00:00Z: {e}"
+                    ))
+                })
+            })
+            .transpose()?;
+        let query = Query {
+            lines,
+            after,
+            since,
+        };
+        let (lines, next) = svc.log().read(query);
         Ok(Some(Reply::ok(&LogLines { lines, next })))
     }
 
@@ -257,7 +283,10 @@ impl Supervisor {
             let m = svc.machine();
             let main = m.main();
             let (instances, total, denied) = acceptor_counts(svc);
+            let usage = svc.usage();
             s.services.push(metrics::ServiceMetrics {
+                memory_bytes: usage.and_then(|u| u.memory_bytes),
+                cpu_seconds: usage.map(|u| u.cpu.as_secs_f64()),
                 service: svc.name().to_string(),
                 state: m.state().as_str().into(),
                 restarts: u64::from(m.restarts()),
@@ -284,6 +313,10 @@ impl Supervisor {
                 });
             }
         }
+        s.journal = self.journal.as_ref().map(|j| metrics::JournalMetrics {
+            forwarded: j.forwarded(),
+            dropped: j.dropped(),
+        });
         if let Some(d) = &self.dispatcher {
             for (_, svc) in self.registry.live() {
                 for k in svc.sockets() {
@@ -382,7 +415,10 @@ pub(super) fn status_of(s: &Service, now: Instant) -> ServiceStatus {
     let m = s.machine();
     let main = m.main();
     let (instances, total, denied) = acceptor_counts(s);
+    let usage = s.usage();
     ServiceStatus {
+        memory_bytes: usage.and_then(|u| u.memory_bytes),
+        cpu_seconds: usage.map(|u| u.cpu.as_secs_f64()),
         name: s.name().to_string(),
         state: m.state(),
         pid: main.map(|i| i.pid),
@@ -460,6 +496,8 @@ mod tests {
                     instances: 0,
                     connections_total: 0,
                     denied_total: 0,
+                    memory_bytes: None,
+                    cpu_seconds: None,
                 }],
                 ..Default::default()
             };

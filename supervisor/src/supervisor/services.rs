@@ -16,6 +16,7 @@ use nix::unistd::Pid;
 
 use crate::notify::{CgroupSenders, FdStore, Message, Notification, NotifySocket, Senders};
 use crate::pidfd::Pidfd;
+use crate::protocol::Stream;
 use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
 use crate::service::{Effect, Exit, InstanceId, Machine, Said};
 use crate::spawn::{self, Credentials};
@@ -152,6 +153,10 @@ impl Service {
     }
     pub fn set_dispatcher_denied(&mut self, n: u64) {
         self.dispatcher_denied = n;
+    }
+    /// Its cgroup's memory and CPU usage (`None`: not tracked by cgroup).
+    pub fn usage(&self) -> Option<crate::cgroup::Usage> {
+        self.tracking.usage()
     }
     pub fn tracking_mut(&mut self) -> &mut Tracking {
         &mut self.tracking
@@ -547,19 +552,20 @@ impl Supervisor {
         let svc = self.registry.get_mut(id).expect("a known service");
         let pid = svc.tracking.spawned(spawned, leaf)?;
         svc.uid = credentials.as_ref().map_or(0, |c| c.uid);
-        self.add_output(id, "stdout", out_r);
-        self.add_output(id, "stderr", err_r);
+        self.add_output(id, pid, Stream::Stdout, out_r);
+        self.add_output(id, pid, Stream::Stderr, err_r);
         Ok(pid)
     }
 
-    /// Keeps a pipe's read end and watches it.
+    /// Keeps the read end of instance `pid`'s pipe and watches it.
     pub(super) fn add_output(
         &mut self,
         id: ServiceId,
-        stream: &'static str,
+        pid: Pid,
+        stream: Stream,
         fd: std::os::fd::OwnedFd,
     ) {
-        let token = self.outputs.add(id, stream, fd);
+        let token = self.outputs.add(id, pid.as_raw(), stream, fd);
         if let Some(fd) = self.outputs.fd(token) {
             if let Err(e) = self.poller.add(fd, Token::Output(token)) {
                 tracing::warn!(error = %e, "cannot watch an output pipe");
@@ -567,15 +573,28 @@ impl Supervisor {
         }
     }
 
-    /// Reads a ready output pipe into the log and the service's ring.
+    /// Reads a ready output pipe into the log, the service's ring and the
+    /// journal.
     pub(super) fn read_output(&mut self, token: u64) {
+        let now = Instant::now();
         for line in self.outputs.read(token) {
+            let stream = line.stream.as_str();
+            let pid = line.pid;
             match self.registry.get_mut(line.service) {
                 Some(svc) => {
-                    tracing::info!(service = %svc.unit.name, stream = line.stream, "{}", line.text);
-                    svc.log.push(line.text);
+                    tracing::info!(service = %svc.unit.name, stream, pid, "{}", line.text);
+                    if let Some(j) = self.journal.as_mut() {
+                        let record = crate::journal::Record {
+                            service: &svc.unit.name,
+                            stream,
+                            pid,
+                            text: &line.text,
+                        };
+                        j.send(&record, now);
+                    }
+                    svc.log.push(&line);
                 }
-                None => tracing::info!(stream = line.stream, "{}", line.text),
+                None => tracing::info!(stream, pid, "{}", line.text),
             }
         }
     }

@@ -169,6 +169,12 @@ impl Tracking {
         }
     }
 
+    /// Memory and CPU used by the service's cgroup (cgroup mode, once it
+    /// has been made and while it can be read).
+    pub fn usage(&self) -> Option<crate::cgroup::Usage> {
+        self.service.as_ref().and_then(|c| c.usage().ok())
+    }
+
     /// Whether the service is tracked by cgroup.
     pub fn by_cgroup(&self) -> bool {
         self.service.is_some()

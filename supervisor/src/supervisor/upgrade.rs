@@ -36,8 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::Reply;
 use crate::dispatch::{Counters, DestinationId, Dispatcher, DEFAULT_BINDING_ENTRIES};
-use crate::protocol::UpgradeReport;
+use crate::protocol::{Stream, UpgradeReport};
 
+use super::output::ExportedPipe;
 use super::poller::Token;
 use super::registry::ServiceId;
 use super::services::{SavedService, Service};
@@ -45,10 +46,13 @@ use super::sockets::{self, Destinations};
 use super::{setup, Options, Supervisor, SupervisorError};
 
 /// The version of the saved state; a binary reads the versions in
-/// [`ACCEPTED_VERSIONS`].
-pub const STATE_VERSION: u32 = 1;
-/// The state versions this binary can resume from.
-pub const ACCEPTED_VERSIONS: &[u32] = &[1];
+/// [`ACCEPTED_VERSIONS`]. Version 2: each line of a log ring carries its
+/// time, stream and pid, each output pipe its instance's pid (a holdfast
+/// that reads only version 1 could not read those, so it refuses 2).
+pub const STATE_VERSION: u32 = 2;
+/// The state versions this binary can resume from: version 1's rings (bare
+/// lines) and pipes (no pid) are read with those unknown.
+pub const ACCEPTED_VERSIONS: &[u32] = &[1, 2];
 /// The environment variable that names the state memfd.
 const STATE_ENV: &str = "HOLDFAST_UPGRADE_STATE";
 /// The hidden subcommand that says whether a binary reads a state version.
@@ -63,8 +67,7 @@ pub(super) struct Saved {
     from: String,
     services: Vec<SavedService>,
     destinations: Destinations,
-    /// (index into `services`, stream, fd, the line read so far).
-    outputs: Vec<(usize, String, RawFd, Vec<u8>)>,
+    outputs: Vec<SavedPipe>,
     control: Option<RawFd>,
     lock: Option<(RawFd, Option<RawFd>)>,
     /// The dispatcher's instance name and counters, if there was one.
@@ -79,7 +82,7 @@ impl Saved {
         self.services
             .iter()
             .flat_map(SavedService::fds)
-            .chain(self.outputs.iter().map(|o| o.2))
+            .chain(self.outputs.iter().map(SavedPipe::fd))
             .chain(self.control)
             .chain(
                 self.lock
@@ -88,6 +91,58 @@ impl Saved {
             )
             .chain(self.reply_to)
             .collect()
+    }
+}
+
+/// An output pipe as saved: version 1 wrote (index into `services`, stream,
+/// fd, the line read so far); version 2 adds the instance's pid.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum SavedPipe {
+    V2 {
+        service: usize,
+        stream: Stream,
+        pid: Option<i32>,
+        fd: RawFd,
+        partial: Vec<u8>,
+    },
+    V1(usize, String, RawFd, Vec<u8>),
+}
+
+impl SavedPipe {
+    fn fd(&self) -> RawFd {
+        match self {
+            SavedPipe::V2 { fd, .. } | SavedPipe::V1(_, _, fd, _) => *fd,
+        }
+    }
+
+    /// The pipe again, for the service `service` finds by its index into
+    /// the saved services (`None`: not one of them).
+    fn resolve(self, service: impl FnOnce(usize) -> Option<ServiceId>) -> Option<ExportedPipe> {
+        let (k, stream, pid, fd, partial) = match self {
+            SavedPipe::V2 {
+                service,
+                stream,
+                pid,
+                fd,
+                partial,
+            } => (service, stream, pid, fd, partial),
+            SavedPipe::V1(k, stream, fd, partial) => {
+                let stream = if stream == "stdout" {
+                    Stream::Stdout
+                } else {
+                    Stream::Stderr
+                };
+                (k, stream, None, fd, partial)
+            }
+        };
+        Some(ExportedPipe {
+            service: service(k)?,
+            stream,
+            pid,
+            fd,
+            partial,
+        })
     }
 }
 
@@ -260,8 +315,14 @@ impl Supervisor {
             .outputs
             .export()
             .into_iter()
-            .filter_map(|(service, stream, fd, partial)| {
-                Some((*index.get(&service)?, stream.to_string(), fd, partial))
+            .filter_map(|p| {
+                Some(SavedPipe::V2 {
+                    service: *index.get(&p.service)?,
+                    stream: p.stream,
+                    pid: p.pid,
+                    fd: p.fd,
+                    partial: p.partial,
+                })
             })
             .collect();
         let dispatcher = match &self.dispatcher {
@@ -368,17 +429,13 @@ pub(super) fn resume(opts: &Options, saved: Saved) -> Result<Supervisor, Supervi
         sup.resume_main_pids(id);
         by_index.insert(k, id);
     }
-    for (k, stream, fd, partial) in saved.outputs {
-        let Some(&id) = by_index.get(&k) else {
+    for pipe in saved.outputs {
+        let Some(pipe) = pipe.resolve(|k| by_index.get(&k).copied()) else {
             continue;
         };
-        let _ = crate::fds::set_cloexec(fd, true);
-        let stream: &'static str = if stream == "stdout" {
-            "stdout"
-        } else {
-            "stderr"
-        };
-        let token = sup.outputs.adopt(id, stream, adopt(fd), partial);
+        let _ = crate::fds::set_cloexec(pipe.fd, true);
+        let fd = adopt(pipe.fd);
+        let token = sup.outputs.adopt(pipe, fd);
         if let Some(fd) = sup.outputs.fd(token) {
             sup.poller
                 .add(fd, Token::Output(token))
@@ -462,5 +519,45 @@ impl Supervisor {
         }
         self.dispatcher = Some(d);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Version 1's pipes (tuples, no pid) are read; version 2's keep the pid.
+    #[test]
+    fn pipes_of_both_state_versions_are_read() {
+        let v1: Vec<SavedPipe> =
+            serde_json::from_str(r#"[[0,"stdout",17,[104,105]],[1,"stderr",18,[]]]"#).unwrap();
+        let find = |k: usize| (k == 0).then(|| ServiceId::from_raw(5));
+        let mut pipes = v1.into_iter().map(|p| p.resolve(find));
+        let p = pipes.next().unwrap().expect("service 0 is known");
+        assert_eq!(
+            (p.service, p.stream, p.pid, p.fd, p.partial.as_slice()),
+            (ServiceId::from_raw(5), Stream::Stdout, None, 17, &b"hi"[..])
+        );
+        assert!(pipes.next().unwrap().is_none(), "service 1 is not");
+
+        let v2 = SavedPipe::V2 {
+            service: 0,
+            stream: Stream::Stderr,
+            pid: Some(99),
+            fd: 20,
+            partial: vec![],
+        };
+        let json = serde_json::to_string(&v2).unwrap();
+        let back: SavedPipe = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.fd(), 20);
+        let p = back.resolve(find).unwrap();
+        assert_eq!((p.stream, p.pid), (Stream::Stderr, Some(99)));
+    }
+
+    #[test]
+    fn this_binary_reads_the_state_it_saves_and_the_one_before() {
+        assert!(accepts(STATE_VERSION));
+        assert!(accepts(1));
+        assert!(!accepts(STATE_VERSION + 1));
     }
 }

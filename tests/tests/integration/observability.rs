@@ -485,11 +485,20 @@ exec sleep 1000
     Ok(())
 }
 
-/// `holdfast logs chatty ARGS…`: its lines.
+/// `holdfast logs chatty ARGS…`: its lines, without their
+/// `TIME STREAM[PID]: ` prefix.
 fn logs(hf: &Holdfast, args: &[&str]) -> Result<Vec<String>> {
     let mut all = vec!["logs", "chatty"];
     all.extend_from_slice(args);
-    Ok(hf.cli_ok(&all)?.lines().map(String::from).collect())
+    hf.cli_ok(&all)?.lines().map(text_of).collect()
+}
+
+/// The text of a line `holdfast logs` printed: what follows `]: `.
+fn text_of(printed: &str) -> Result<String> {
+    printed
+        .split_once("]: ")
+        .map(|(_, text)| text.to_string())
+        .with_context(|| format!("not a TIME STREAM[PID]: TEXT line: {printed:?}"))
 }
 
 fn numbered(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
@@ -541,6 +550,7 @@ fn logs_show_the_last_lines_keep_1000_and_follow() -> Result<()> {
             let got = rx
                 .recv_timeout(T)
                 .with_context(|| format!("logs -f printed nothing more after {seen:?}"))?;
+            let got = text_of(&got)?;
             seen.push(got.clone());
             ensure!(
                 got == want,
