@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
@@ -846,4 +846,387 @@ fn documented_fields(heading: &str) -> Result<Vec<String>> {
         );
     }
     Ok(fields)
+}
+
+/// `holdfast logs ARGS… --json`: one object per line.
+fn json_logs(hf: &Holdfast, args: &[&str]) -> Result<Vec<Value>> {
+    let mut all = vec!["logs", "--json"];
+    all.extend_from_slice(args);
+    hf.cli_ok(&all)?
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("logs --json printed {l:?}")))
+        .collect()
+}
+
+fn texts(lines: &[Value]) -> Vec<&str> {
+    lines.iter().filter_map(|l| l["line"].as_str()).collect()
+}
+
+fn time_of(line: &Value) -> Result<SystemTime> {
+    let t = line["time"]
+        .as_str()
+        .with_context(|| format!("no time: {line}"))?;
+    ensure!(
+        t.ends_with('Z') && t.contains('T'),
+        "not RFC 3339 in UTC: {t}"
+    );
+    humantime::parse_rfc3339(t).with_context(|| format!("not RFC 3339: {t}"))
+}
+
+/// A service that writes on both streams, in steps the test triggers.
+fn write_talker_unit(sandbox: &Sandbox) -> Result<()> {
+    let step = |n: u32| sandbox.out(&format!("step{n}")).display().to_string();
+    let script = format!(
+        r#"echo "out 1"
+echo "err 1" >&2
+while [ ! -e {s1} ]; do sleep 0.05; done
+echo "out 2"
+while [ ! -e {s2} ]; do sleep 0.05; done
+echo "err 2" >&2
+exec sleep 1000
+"#,
+        s1 = step(1),
+        s2 = step(2),
+    );
+    sandbox.write_unit(
+        "talker",
+        &format!(
+            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
+            toml_str(&script)
+        ),
+    )?;
+    Ok(())
+}
+
+/// Each line of `holdfast logs` carries when it was read, its stream and its
+/// instance's pid (in --json and in the human output); `--since` (a time or
+/// a duration ago), `-n`, `-f` and `--json` work together.
+#[test]
+fn log_lines_carry_time_stream_and_pid_and_since_picks_by_time() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    write_talker_unit(&sandbox)?;
+    let started = SystemTime::now();
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = hf.wait_running("talker", T)?;
+    wait_for("the first two lines", T, || {
+        (json_logs(&hf, &["talker"]).ok()?.len() == 2).then_some(())
+    })?;
+    let first = json_logs(&hf, &["talker"])?;
+    ensure!(texts(&first) == ["out 1", "err 1"], "{first:?}");
+    for (line, stream) in first.iter().zip(["stdout", "stderr"]) {
+        ensure!(line["stream"] == stream, "{line}");
+        ensure!(line["pid"] == pid, "not the instance's pid {pid}: {line}");
+        let t = time_of(line)?;
+        ensure!(
+            t >= started - Duration::from_secs(1) && t <= SystemTime::now(),
+            "{line}: read before the test began or in the future"
+        );
+    }
+    ensure!(first[0]["seq"] == 0 && first[1]["seq"] == 1, "{first:?}");
+    // The human form: `TIME STREAM[PID]: text`, the time readable.
+    let human = hf.cli_ok(&["logs", "talker"])?;
+    let human: Vec<&str> = human.lines().collect();
+    ensure!(human.len() == 2, "{human:?}");
+    ensure!(
+        human[1].ends_with(&format!(" stderr[{pid}]: err 1")),
+        "{human:?}"
+    );
+    let shown = human[1].split(" stderr[").next().unwrap_or_default();
+    humantime::parse_rfc3339_weak(shown.trim_end_matches('Z'))
+        .with_context(|| format!("the time {shown:?} of {:?} does not read", human[1]))?;
+    // No cgroup: no usage.
+    let s = hf.service("talker")?;
+    ensure!(
+        s["memory_bytes"].is_null() && s["cpu_seconds"].is_null(),
+        "{s}"
+    );
+
+    // Later lines; --since picks by time.
+    std::thread::sleep(Duration::from_millis(2500));
+    let middle = SystemTime::now();
+    std::fs::write(hf.sandbox().out("step1"), "")?;
+    wait_for("out 2", T, || {
+        (json_logs(&hf, &["talker"]).ok()?.len() == 3).then_some(())
+    })?;
+    let middle_text = humantime::format_rfc3339_micros(middle).to_string();
+    let since = json_logs(&hf, &["talker", "--since", &middle_text])?;
+    ensure!(
+        texts(&since) == ["out 2"],
+        "--since {middle_text}: {since:?}"
+    );
+    // A duration ago: the first two lines are older than 2 s, out 2 is not.
+    let since = json_logs(&hf, &["talker", "--since", "2s"])?;
+    ensure!(texts(&since) == ["out 2"], "--since 2s: {since:?}");
+    // The same time in the human form (a space, no Z) reads the same.
+    let spaced = middle_text.replacen('T', " ", 1).replace('Z', "");
+    let since = json_logs(&hf, &["talker", "--since", &spaced])?;
+    ensure!(texts(&since) == ["out 2"], "--since {spaced:?}: {since:?}");
+    // -n takes the last of what --since leaves.
+    let early = humantime::format_rfc3339(started - Duration::from_secs(60)).to_string();
+    let last = json_logs(&hf, &["talker", "--since", &early, "-n", "2"])?;
+    ensure!(texts(&last) == ["err 1", "out 2"], "{last:?}");
+    let none = json_logs(&hf, &["talker", "--since", "2099-01-01T00:00:00Z"])?;
+    ensure!(none.is_empty(), "{none:?}");
+    // A --since that is neither: a usage error, exit 2.
+    let bad = hf.cli(&["logs", "talker", "--since", "yesterday-ish"])?;
+    ensure!(bad.status.code() == Some(2), "{bad:?}");
+
+    // -f --json --since -n: what --since and -n pick, then new lines as they come.
+    let mut follow = Command::new(holdfast_bin())
+        .args(["logs", "talker", "-f", "--json", "-n", "5", "--since"])
+        .arg(&middle_text)
+        .arg("--state-dir")
+        .arg(hf.sandbox().state_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn holdfast logs -f")?;
+    let follow_pid = Pid::from_raw(follow.id() as i32);
+    let stdout = follow.stdout.take().context("stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let result = (|| -> Result<()> {
+        let next = |what: &str| -> Result<Value> {
+            let l = rx
+                .recv_timeout(T)
+                .with_context(|| format!("logs -f printed no {what}"))?;
+            serde_json::from_str(&l).with_context(|| format!("logs -f --json printed {l:?}"))
+        };
+        let got = next("out 2")?;
+        ensure!(got["line"] == "out 2" && got["stream"] == "stdout", "{got}");
+        std::fs::write(hf.sandbox().out("step2"), "")?;
+        let got = next("err 2")?;
+        ensure!(
+            got["line"] == "err 2" && got["stream"] == "stderr" && got["pid"] == pid,
+            "{got}"
+        );
+        time_of(&got)?;
+        Ok(())
+    })();
+    let _ = kill(follow_pid, Signal::SIGKILL);
+    let _ = follow.wait();
+    let _ = reader.join();
+    result?;
+    hf.stop()?;
+    Ok(())
+}
+
+/// With `--cgroup-root`, `status` (table and --json) and the metrics show the
+/// memory and CPU each service's cgroup has used.
+#[test]
+fn status_and_metrics_show_cgroup_usage() -> Result<()> {
+    let ns = skip_unless!(netns_or_skip());
+    let root = skip_unless!(holdfast_testkit::require(
+        "a cgroup v2 of our own",
+        holdfast_testkit::CgroupRoot::new("usage")
+    ));
+    let sandbox = Sandbox::new()?;
+    // About a second of CPU, then idle.
+    let burn = "i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; echo burnt; exec sleep 1000";
+    sandbox.write_unit(
+        "burner",
+        &format!(
+            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
+            toml_str(burn)
+        ),
+    )?;
+    let opts = RunOptions {
+        args: root.run_args(),
+        ..RunOptions::default()
+    };
+    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
+    hf.wait_running("burner", T)?;
+    wait_for("the burn to end", Duration::from_secs(60), || {
+        hf.cli_ok(&["logs", "burner"])
+            .ok()?
+            .contains("burnt")
+            .then_some(())
+    })?;
+    let s = hf.service("burner")?;
+    let cpu = s["cpu_seconds"]
+        .as_f64()
+        .with_context(|| format!("no cpu_seconds: {s}"))?;
+    ensure!(cpu >= 0.1, "the burner used {cpu} s of CPU? {s}");
+    // memory.current exists only with the memory controller.
+    let memory_file = root.path().join("burner.service/memory.current");
+    if memory_file.exists() {
+        let m = s["memory_bytes"]
+            .as_u64()
+            .with_context(|| format!("{} exists, yet {s}", memory_file.display()))?;
+        ensure!(m > 0, "{s}");
+    } else {
+        ensure!(s["memory_bytes"].is_null(), "no memory.current, yet {s}");
+    }
+    // The cgroup's own figure: what holdfast shows is what the kernel says.
+    let stat = std::fs::read_to_string(root.path().join("burner.service/cpu.stat"))?;
+    let kernel = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .context("usage_usec")?
+        / 1e6;
+    ensure!(
+        (kernel - cpu).abs() < 0.5,
+        "holdfast says {cpu} s, cpu.stat {kernel} s"
+    );
+
+    // The table has the columns.
+    let table = hf.cli_ok(&["status"])?;
+    let header = table.lines().next().unwrap_or_default();
+    ensure!(
+        header.contains("MEMORY") && header.contains("CPU"),
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("burner "))
+        .with_context(|| format!("no burner row:\n{table}"))?;
+    let shown = row
+        .split_whitespace()
+        // Uptime shows whole seconds ("0s"), CPU two decimals ("0.69s").
+        .filter(|w| w.contains('.'))
+        .filter_map(|w| w.strip_suffix('s')?.parse::<f64>().ok())
+        .next()
+        .with_context(|| format!("no CPU seconds in {row:?}"))?;
+    ensure!(shown >= 0.1, "{row}");
+
+    // The metrics.
+    let text = hf.cli_ok(&["metrics"])?;
+    let sample = text
+        .lines()
+        .find(|l| l.starts_with("holdfast_service_cpu_seconds_total{service=\"burner\"}"))
+        .with_context(|| format!("no cpu series:\n{text}"))?;
+    let value: f64 = sample
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{sample:?}"))?;
+    ensure!(value >= 0.1, "{sample}");
+    ensure!(
+        text.contains("# TYPE holdfast_service_cpu_seconds counter"),
+        "{text}"
+    );
+    ensure!(
+        memory_file.exists() == text.contains("holdfast_service_memory_bytes{service=\"burner\"}"),
+        "memory series and memory.current disagree:\n{text}"
+    );
+    hf.stop()?;
+    Ok(())
+}
+
+/// A journald stand-in: a unix datagram socket bound in the sandbox; holdfast
+/// is pointed at it with `--journal-socket`. Each line arrives as one native
+/// datagram with the service, stream, pid and priority; `--journal off`
+/// sends nothing.
+#[test]
+fn lines_are_forwarded_to_a_journal_socket() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let script = "echo 'hello journal'; echo '<3>disk on fire' >&2; exec sleep 1000";
+    sandbox.write_unit(
+        "speaker",
+        &format!(
+            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
+            toml_str(script)
+        ),
+    )?;
+    let path = sandbox.path().join("journal.socket");
+    let receiver = std::os::unix::net::UnixDatagram::bind(&path)?;
+    receiver.set_read_timeout(Some(T))?;
+    let opts = RunOptions {
+        args: vec!["--journal-socket".into(), path.display().to_string()],
+        ..RunOptions::default()
+    };
+    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
+    let pid = hf.wait_running("speaker", T)?;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while got.len() < 2 {
+        let n = receiver
+            .recv(&mut buf)
+            .with_context(|| format!("no datagram after {got:?}"))?;
+        got.push(journal_fields(&buf[..n])?);
+    }
+    got.sort_by(|a, b| a["HOLDFAST_STREAM"].cmp(&b["HOLDFAST_STREAM"]));
+    let (err, out) = (&got[0], &got[1]);
+    let pid = pid.to_string();
+    for (f, stream, message, priority) in [
+        (out, "stdout", "hello journal", "6"),
+        (err, "stderr", "disk on fire", "3"),
+    ] {
+        let want = [
+            ("MESSAGE", message),
+            ("PRIORITY", priority),
+            ("SYSLOG_IDENTIFIER", "speaker"),
+            ("HOLDFAST_UNIT", "speaker"),
+            ("HOLDFAST_STREAM", stream),
+            ("HOLDFAST_PID", &pid),
+            ("SYSLOG_PID", &pid),
+        ];
+        for (k, v) in want {
+            ensure!(f.get(k).map(String::as_str) == Some(v), "{k}: {f:?}");
+        }
+    }
+    // The ring keeps them too, and the metrics count them.
+    ensure!(hf.cli_ok(&["logs", "speaker"])?.contains("hello journal"));
+    let m: Value = serde_json::from_str(&hf.cli_ok(&["metrics", "--json"])?)?;
+    ensure!(m["journal"]["forwarded"] == 2, "{}", m["journal"]);
+    ensure!(m["journal"]["dropped"] == 0, "{}", m["journal"]);
+    hf.stop()?;
+
+    // --journal off: nothing arrives.
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    sandbox.write_unit(
+        "speaker",
+        &format!(
+            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
+            toml_str(script)
+        ),
+    )?;
+    let opts = RunOptions {
+        args: vec![
+            "--journal".into(),
+            "off".into(),
+            "--journal-socket".into(),
+            path.display().to_string(),
+        ],
+        ..RunOptions::default()
+    };
+    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
+    hf.wait_running("speaker", T)?;
+    wait_for("the line in the ring", T, || {
+        hf.cli_ok(&["logs", "speaker"])
+            .ok()?
+            .contains("hello journal")
+            .then_some(())
+    })?;
+    receiver.set_nonblocking(true)?;
+    ensure!(
+        receiver.recv(&mut buf).is_err(),
+        "--journal off, yet a datagram came"
+    );
+    let m: Value = serde_json::from_str(&hf.cli_ok(&["metrics", "--json"])?)?;
+    ensure!(m["journal"].is_null(), "{}", m["journal"]);
+    hf.stop()?;
+    Ok(())
+}
+
+/// The fields of a native journal datagram (`KEY=value` lines; the
+/// length-prefixed form is not expected here).
+fn journal_fields(d: &[u8]) -> Result<std::collections::BTreeMap<String, String>> {
+    let text = std::str::from_utf8(d)?;
+    text.lines()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("not KEY=value: {l:?} in {text:?}"))
+        })
+        .collect()
 }
