@@ -582,15 +582,22 @@ impl Supervisor {
             let pid = line.pid;
             match self.registry.get_mut(line.service) {
                 Some(svc) => {
-                    tracing::info!(service = %svc.unit.name, stream, pid, "{}", line.text);
-                    if let Some(j) = self.journal.as_mut() {
-                        let record = crate::journal::Record {
-                            service: &svc.unit.name,
-                            stream,
-                            pid,
-                            text: &line.text,
-                        };
-                        j.send(&record, now);
+                    match self.journal.as_mut() {
+                        // In the journal already: holdfast's own log (itself
+                        // likely in the journal) repeats it at debug only.
+                        Some(j) => {
+                            tracing::debug!(service = %svc.unit.name, stream, pid, "{}", line.text);
+                            let record = crate::journal::Record {
+                                service: &svc.unit.name,
+                                stream,
+                                pid,
+                                text: &line.text,
+                            };
+                            j.send(&record, now);
+                        }
+                        None => {
+                            tracing::info!(service = %svc.unit.name, stream, pid, "{}", line.text)
+                        }
                     }
                     svc.log.push(&line);
                 }

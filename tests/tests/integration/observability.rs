@@ -1230,3 +1230,122 @@ fn journal_fields(d: &[u8]) -> Result<std::collections::BTreeMap<String, String>
         })
         .collect()
 }
+
+/// A systemd-journald of the test's own: journald's namespace feature gives
+/// it its own socket (`/run/systemd/journal.NS/socket`) and files
+/// (`/var/log/journal/<machine-id>.NS`), read back with `journalctl
+/// --namespace NS`. Stopped, and its files removed, on drop.
+struct Journald {
+    child: std::process::Child,
+    namespace: String,
+}
+
+const JOURNALD: &str = "/lib/systemd/systemd-journald";
+
+impl Journald {
+    fn start() -> Result<Journald> {
+        let namespace = format!("hftest{}", std::process::id());
+        let child = Command::new(JOURNALD)
+            .arg(&namespace)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn systemd-journald")?;
+        let j = Journald { child, namespace };
+        let socket = j.socket();
+        wait_for("journald's socket", T, || socket.exists().then_some(()))?;
+        Ok(j)
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        Path::new(&format!("/run/systemd/journal.{}", self.namespace)).join("socket")
+    }
+
+    /// Its entries matching `matches` (`FIELD=value`), as JSON objects.
+    fn entries(&self, matches: &[&str]) -> Result<Vec<Value>> {
+        let out = Command::new("journalctl")
+            .args(["--namespace", &self.namespace, "-o", "json", "--no-pager"])
+            .args(matches)
+            .output()
+            .context("journalctl")?;
+        ensure!(
+            out.status.success(),
+            "journalctl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("journalctl printed {l:?}")))
+            .collect()
+    }
+}
+
+impl Drop for Journald {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(format!("/run/systemd/journal.{}", self.namespace));
+        if let Ok(id) = std::fs::read_to_string("/etc/machine-id") {
+            let _ = std::fs::remove_dir_all(format!(
+                "/var/log/journal/{}.{}",
+                id.trim(),
+                self.namespace
+            ));
+        }
+    }
+}
+
+/// The real systemd-journald takes holdfast's datagrams: `journalctl` finds
+/// each line by its service with the stream, pid and priority holdfast gave
+/// it (and `_PID`, journald's own, is holdfast's: why `HOLDFAST_PID` exists).
+#[test]
+fn lines_reach_a_real_systemd_journald() -> Result<()> {
+    if !require_file(JOURNALD) {
+        return Ok(());
+    }
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let journald = Journald::start()?;
+    let script = "echo 'to the journal'; echo '<4>careful' >&2; exec sleep 1000";
+    sandbox.write_unit(
+        "scribe",
+        &format!(
+            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
+            toml_str(script)
+        ),
+    )?;
+    let opts = RunOptions {
+        args: vec![
+            "--journal-socket".into(),
+            journald.socket().display().to_string(),
+        ],
+        ..RunOptions::default()
+    };
+    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
+    let pid = hf.wait_running("scribe", T)?.to_string();
+    let entries = wait_for("two entries in the journal", T, || {
+        let e = journald.entries(&["HOLDFAST_UNIT=scribe"]).ok()?;
+        (e.len() == 2).then_some(e)
+    })?;
+    let by_stream = |s: &str| {
+        entries
+            .iter()
+            .find(|e| e["HOLDFAST_STREAM"] == s)
+            .with_context(|| format!("no {s} entry in {entries:?}"))
+    };
+    let (out, err) = (by_stream("stdout")?, by_stream("stderr")?);
+    for (e, message, priority) in [(out, "to the journal", "6"), (err, "careful", "4")] {
+        ensure!(e["MESSAGE"] == message, "{e}");
+        ensure!(e["PRIORITY"] == priority, "{e}");
+        ensure!(e["SYSLOG_IDENTIFIER"] == "scribe", "{e}");
+        ensure!(e["HOLDFAST_PID"] == pid.as_str(), "{e}");
+        ensure!(e["SYSLOG_PID"] == pid.as_str(), "{e}");
+        ensure!(e["_TRANSPORT"] == "journal", "{e}");
+        ensure!(e["_PID"] == hf.pid().to_string().as_str(), "{e}");
+    }
+    // As a user asks for a service's errors.
+    let errors = journald.entries(&["SYSLOG_IDENTIFIER=scribe", "PRIORITY=4"])?;
+    ensure!(errors.len() == 1, "{errors:?}");
+    hf.stop()?;
+    Ok(())
+}
