@@ -197,3 +197,64 @@ fn an_upgrade_the_new_binary_refuses_changes_nothing() -> Result<()> {
     hf.stop()?;
     Ok(())
 }
+
+/// `holdfast logs --json` lines: (line, time, stream, pid) each.
+fn log_lines(hf: &Holdfast, name: &str) -> Result<Vec<(String, String, String, i64)>> {
+    hf.cli_ok(&["logs", name, "--json"])?
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l)?;
+            Ok((
+                v["line"].as_str().context("line")?.to_string(),
+                v["time"].as_str().context("time")?.to_string(),
+                v["stream"].as_str().context("stream")?.to_string(),
+                v["pid"].as_i64().context("pid")?,
+            ))
+        })
+        .collect()
+}
+
+/// The log ring crosses an upgrade with each line's time, stream and pid, and
+/// the output pipes with their instance's pid: a line written after the
+/// upgrade still names the instance that wrote it.
+#[test]
+fn log_lines_keep_their_time_stream_and_pid_across_an_upgrade() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let go = sandbox.out("go");
+    let script = format!(
+        "echo before; echo 'before, on stderr' >&2; while [ ! -e {go} ]; do sleep 0.05; done; echo after >&2; exec sleep 1000",
+        go = go.display()
+    );
+    sandbox.write_unit(
+        "talker",
+        &format!(
+            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
+            holdfast_testkit::toml_str(&script)
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = i64::from(hf.wait_running("talker", T)?);
+    let before = holdfast_testkit::wait_for("two lines", T, || {
+        let l = log_lines(&hf, "talker").ok()?;
+        (l.len() == 2).then_some(l)
+    })?;
+    hf.cli_ok(&["upgrade"])?;
+    ensure!(
+        log_lines(&hf, "talker")? == before,
+        "the lines changed across the upgrade"
+    );
+    std::fs::write(&go, "")?;
+    let after = holdfast_testkit::wait_for("the line after", T, || {
+        let l = log_lines(&hf, "talker").ok()?;
+        (l.len() == 3).then_some(l)
+    })?;
+    let (line, time, stream, by) = &after[2];
+    ensure!(
+        line == "after" && stream == "stderr" && *by == pid,
+        "{:?}",
+        after[2]
+    );
+    ensure!(time > &before[1].1, "{time} is not after {}", before[1].1);
+    hf.stop()?;
+    Ok(())
+}
