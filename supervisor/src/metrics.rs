@@ -95,30 +95,33 @@ pub struct SocketMetrics {
 
 type Labels = Vec<(String, String)>;
 
-fn gauge(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-) -> Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> {
-    let f = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+/// A float gauge (`Gauge<i64>` is the crate's default).
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+/// A float counter, for seconds.
+type FloatCounter = Counter<f64, std::sync::atomic::AtomicU64>;
+
+/// A family of metric `M` by label set, registered as `name`.
+fn family<M>(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, M>
+where
+    M: prometheus_client::metrics::TypedMetric
+        + prometheus_client::encoding::EncodeMetric
+        + Default
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let f = Family::<Labels, M>::default();
     registry.register(name, help, f.clone());
     f
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, FloatGauge> {
+    family(registry, name, help)
 }
 
 fn counter(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
-    let f = Family::<Labels, Counter>::default();
-    registry.register(name, help, f.clone());
-    f
-}
-
-fn float_counter(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-) -> Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>> {
-    let f = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
-    registry.register(name, help, f.clone());
-    f
+    family(registry, name, help)
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -173,7 +176,7 @@ pub fn render(s: &Snapshot) -> String {
         "service_memory_bytes",
         "Memory used by the service's cgroup (memory.current)",
     );
-    let cpu = float_counter(
+    let cpu = family::<FloatCounter>(
         &mut r,
         "service_cpu_seconds",
         "CPU time used by the service's cgroup (cpu.stat usage_usec)",

@@ -82,6 +82,13 @@ impl Sandbox {
         Ok(p)
     }
 
+    /// Writes `units/NAME.toml` for a service that runs `script` with
+    /// `/bin/sh -c` (every other key at its default) and returns its path.
+    pub fn write_sh_unit(&self, name: &str, script: &str) -> Result<PathBuf> {
+        let exec = toml_array(&["/bin/sh", "-c", script]);
+        self.write_unit(name, &format!("[service]\nexec = {exec}\n"))
+    }
+
     /// Writes every `(name, toml)` as `units/NAME.toml`.
     pub fn write_units(&self, units: &[(&str, &str)]) -> Result<()> {
         for (name, toml) in units {

@@ -485,6 +485,71 @@ exec sleep 1000
     Ok(())
 }
 
+/// A `holdfast logs ARGS… -f` running, its stdout read line by line by a
+/// thread; killed when dropped.
+struct Follow {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follow {
+    fn start(hf: &Holdfast, args: &[&str]) -> Result<Follow> {
+        let mut child = Command::new(holdfast_bin())
+            .arg("logs")
+            .args(args)
+            .arg("--state-dir")
+            .arg(hf.sandbox().state_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn holdfast logs -f")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, lines) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Follow {
+            child,
+            lines,
+            reader: Some(reader),
+        })
+    }
+
+    /// The next line it prints (within [`T`]); `what` names it for the error.
+    fn next(&self, what: &str) -> Result<String> {
+        self.lines
+            .recv_timeout(T)
+            .with_context(|| format!("logs -f printed no {what}"))
+    }
+
+    /// Kills it; returns what it printed and was not read.
+    fn finish(mut self) -> Vec<String> {
+        self.stop();
+        self.lines.try_iter().collect()
+    }
+
+    fn stop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// `holdfast logs chatty ARGS…`: its lines, without their
 /// `TIME STREAM[PID]: ` prefix.
 fn logs(hf: &Holdfast, args: &[&str]) -> Result<Vec<String>> {
@@ -525,55 +590,28 @@ fn logs_show_the_last_lines_keep_1000_and_follow() -> Result<()> {
     })?;
 
     // -f: the last lines, then new ones as they come.
-    let mut follow = Command::new(holdfast_bin())
-        .args(["logs", "chatty", "-f", "-n", "2", "--state-dir"])
-        .arg(hf.sandbox().state_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn holdfast logs -f")?;
-    let follow_pid = Pid::from_raw(follow.id() as i32);
-    let stdout = follow.stdout.take().context("stdout")?;
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let follow = Follow::start(&hf, &["chatty", "-f", "-n", "2"])?;
     let mut seen = Vec::new();
-    let result = (|| -> Result<()> {
-        let mut expect = |want: &str| -> Result<()> {
-            let got = rx
-                .recv_timeout(T)
-                .with_context(|| format!("logs -f printed nothing more after {seen:?}"))?;
-            let got = text_of(&got)?;
-            seen.push(got.clone());
-            ensure!(
-                got == want,
-                "logs -f printed {got:?}, want {want:?} (so far {seen:?})"
-            );
-            Ok(())
-        };
-        expect("line 1200")?;
-        expect("an error")?;
-        std::fs::write(hf.sandbox().out("go2"), "")?;
-        for i in 1201..=1205 {
-            expect(&format!("line {i}"))?;
-        }
+    let mut expect = |want: &str| -> Result<()> {
+        let got = text_of(&follow.next(&format!("{want:?} after {seen:?}"))?)?;
+        seen.push(got.clone());
+        ensure!(
+            got == want,
+            "logs -f printed {got:?}, want {want:?} (so far {seen:?})"
+        );
         Ok(())
-    })();
-    let _ = kill(follow_pid, Signal::SIGKILL);
-    let _ = follow.wait();
-    let _ = reader.join();
-    result?;
+    };
+    expect("line 1200")?;
+    expect("an error")?;
+    std::fs::write(hf.sandbox().out("go2"), "")?;
+    for i in 1201..=1205 {
+        expect(&format!("line {i}"))?;
+    }
+    let rest = follow.finish();
     // -f printed no line twice: nothing more came while it ran.
     ensure!(
-        rx.try_recv().is_err(),
-        "logs -f printed more than was logged"
+        rest.is_empty(),
+        "logs -f printed more than was logged: {rest:?}"
     );
     hf.stop()?;
     Ok(())
@@ -888,13 +926,7 @@ exec sleep 1000
         s1 = step(1),
         s2 = step(2),
     );
-    sandbox.write_unit(
-        "talker",
-        &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
-            toml_str(&script)
-        ),
-    )?;
+    sandbox.write_sh_unit("talker", &script)?;
     Ok(())
 }
 
@@ -972,49 +1004,24 @@ fn log_lines_carry_time_stream_and_pid_and_since_picks_by_time() -> Result<()> {
     ensure!(bad.status.code() == Some(2), "{bad:?}");
 
     // -f --json --since -n: what --since and -n pick, then new lines as they come.
-    let mut follow = Command::new(holdfast_bin())
-        .args(["logs", "talker", "-f", "--json", "-n", "5", "--since"])
-        .arg(&middle_text)
-        .arg("--state-dir")
-        .arg(hf.sandbox().state_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn holdfast logs -f")?;
-    let follow_pid = Pid::from_raw(follow.id() as i32);
-    let stdout = follow.stdout.take().context("stdout")?;
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let result = (|| -> Result<()> {
-        let next = |what: &str| -> Result<Value> {
-            let l = rx
-                .recv_timeout(T)
-                .with_context(|| format!("logs -f printed no {what}"))?;
-            serde_json::from_str(&l).with_context(|| format!("logs -f --json printed {l:?}"))
-        };
-        let got = next("out 2")?;
-        ensure!(got["line"] == "out 2" && got["stream"] == "stdout", "{got}");
-        std::fs::write(hf.sandbox().out("step2"), "")?;
-        let got = next("err 2")?;
-        ensure!(
-            got["line"] == "err 2" && got["stream"] == "stderr" && got["pid"] == pid,
-            "{got}"
-        );
-        time_of(&got)?;
-        Ok(())
-    })();
-    let _ = kill(follow_pid, Signal::SIGKILL);
-    let _ = follow.wait();
-    let _ = reader.join();
-    result?;
+    let follow = Follow::start(
+        &hf,
+        &["talker", "-f", "--json", "-n", "5", "--since", &middle_text],
+    )?;
+    let next = |what: &str| -> Result<Value> {
+        let l = follow.next(what)?;
+        serde_json::from_str(&l).with_context(|| format!("logs -f --json printed {l:?}"))
+    };
+    let got = next("out 2")?;
+    ensure!(got["line"] == "out 2" && got["stream"] == "stdout", "{got}");
+    std::fs::write(hf.sandbox().out("step2"), "")?;
+    let got = next("err 2")?;
+    ensure!(
+        got["line"] == "err 2" && got["stream"] == "stderr" && got["pid"] == pid,
+        "{got}"
+    );
+    time_of(&got)?;
+    drop(follow);
     hf.stop()?;
     Ok(())
 }
@@ -1031,13 +1038,7 @@ fn status_and_metrics_show_cgroup_usage() -> Result<()> {
     let sandbox = Sandbox::new()?;
     // About a second of CPU, then idle.
     let burn = "i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; echo burnt; exec sleep 1000";
-    sandbox.write_unit(
-        "burner",
-        &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
-            toml_str(burn)
-        ),
-    )?;
+    sandbox.write_sh_unit("burner", burn)?;
     let opts = RunOptions {
         args: root.run_args(),
         ..RunOptions::default()
@@ -1130,13 +1131,7 @@ fn status_and_metrics_show_cgroup_usage() -> Result<()> {
 fn lines_are_forwarded_to_a_journal_socket() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let script = "echo 'hello journal'; echo '<3>disk on fire' >&2; exec sleep 1000";
-    sandbox.write_unit(
-        "speaker",
-        &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
-            toml_str(script)
-        ),
-    )?;
+    sandbox.write_sh_unit("speaker", script)?;
     let path = sandbox.path().join("journal.socket");
     let receiver = std::os::unix::net::UnixDatagram::bind(&path)?;
     receiver.set_read_timeout(Some(T))?;
@@ -1183,13 +1178,7 @@ fn lines_are_forwarded_to_a_journal_socket() -> Result<()> {
 
     // --journal off: nothing arrives.
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_unit(
-        "speaker",
-        &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
-            toml_str(script)
-        ),
-    )?;
+    sandbox.write_sh_unit("speaker", script)?;
     let opts = RunOptions {
         args: vec![
             "--journal".into(),
@@ -1307,13 +1296,7 @@ fn lines_reach_a_real_systemd_journald() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let journald = Journald::start()?;
     let script = "echo 'to the journal'; echo '<4>careful' >&2; exec sleep 1000";
-    sandbox.write_unit(
-        "scribe",
-        &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
-            toml_str(script)
-        ),
-    )?;
+    sandbox.write_sh_unit("scribe", script)?;
     let opts = RunOptions {
         args: vec![
             "--journal-socket".into(),

@@ -225,13 +225,7 @@ fn log_lines_keep_their_time_stream_and_pid_across_an_upgrade() -> Result<()> {
         "echo before; echo 'before, on stderr' >&2; while [ ! -e {go} ]; do sleep 0.05; done; echo after >&2; exec sleep 1000",
         go = go.display()
     );
-    sandbox.write_unit(
-        "talker",
-        &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
-            holdfast_testkit::toml_str(&script)
-        ),
-    )?;
+    sandbox.write_sh_unit("talker", &script)?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = i64::from(hf.wait_running("talker", T)?);
     let before = holdfast_testkit::wait_for("two lines", T, || {
