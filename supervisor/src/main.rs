@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime};
 use clap::{Parser, Subcommand};
 use holdfast::control::{self, Request};
 use holdfast::protocol::{
-    BindingStatus, LogLine, LogLines, MetricsReply, ReloadSummary, ServiceStatus, UpgradeReport,
+    rfc3339, BindingStatus, LogLine, LogLines, MetricsReply, ReloadSummary, ServiceStatus,
+    UpgradeReport,
 };
 use holdfast::unit::{self, RestartMode};
 use holdfast::{preflight, supervisor};
@@ -464,6 +465,7 @@ fn parse_since(s: &str) -> Result<SystemTime, String> {
     if let Ok(ago) = humantime::parse_duration(s) {
         return SystemTime::now()
             .checked_sub(ago)
+            .and_then(rfc3339::writable)
             .ok_or_else(|| format!("{s:?} ago is before 1970"));
     }
     humantime::parse_rfc3339_weak(s).map_err(|e| {
@@ -475,7 +477,7 @@ fn parse_since(s: &str) -> Result<SystemTime, String> {
 /// stdout[1234]: text` (`-` and `?` for what a line kept from before an
 /// upgrade does not know).
 fn human_line(l: &LogLine) -> String {
-    let time = l.time.map_or("-".to_string(), |t| {
+    let time = l.time.and_then(rfc3339::writable).map_or("-".into(), |t| {
         humantime::format_rfc3339_millis(t)
             .to_string()
             .replacen('T', " ", 1)

@@ -108,15 +108,27 @@ impl Stream {
 }
 
 /// An optional wall-clock time as an RFC 3339 string in UTC with
-/// microseconds (`2026-12-07T13:09:26.123456Z`), or null.
+/// microseconds (`2026-12-07T13:09:26.123456Z`), or null (also for a time
+/// RFC 3339 cannot write: before 1970, or after 9999, a clock set wildly
+/// wrong; humantime would panic or fail on those).
 pub mod rfc3339 {
-    use std::time::SystemTime;
+    use std::time::{Duration, SystemTime};
 
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// 10000-01-01T00:00:00Z.
+    const YEAR_10000: Duration = Duration::from_secs(253_402_300_800);
+
+    /// `t` if RFC 3339 (and humantime) can write it.
+    pub fn writable(t: SystemTime) -> Option<SystemTime> {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .is_ok_and(|d| d < YEAR_10000)
+            .then_some(t)
+    }
+
     pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-        match t {
-            Some(t) => s.collect_str(&humantime::format_rfc3339_micros(*t)),
+        match t.and_then(writable) {
+            Some(t) => s.collect_str(&humantime::format_rfc3339_micros(t)),
             None => s.serialize_none(),
         }
     }
@@ -176,6 +188,29 @@ impl std::fmt::Display for ReloadSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A clock set before 1970 or past 9999 gives null, not a panic in the
+    /// daemon's reply.
+    #[test]
+    fn times_rfc3339_cannot_write_are_null() {
+        use std::time::{Duration, SystemTime};
+        let at = |time| LogLine {
+            seq: 0,
+            time,
+            stream: None,
+            pid: None,
+            line: String::new(),
+        };
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(1);
+        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        for t in [before, after] {
+            let v = serde_json::to_value(at(Some(t))).unwrap();
+            assert!(v["time"].is_null(), "{v}");
+        }
+        let ok = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+        let v = serde_json::to_value(at(Some(ok))).unwrap();
+        assert_eq!(v["time"], "9999-12-31T23:59:59.000000Z");
+    }
 
     /// The field names of a type, as serde writes them.
     fn fields<T: Serialize>(value: &T) -> Vec<String> {
