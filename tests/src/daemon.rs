@@ -64,6 +64,7 @@ pub struct RunOptions {
     /// dispatcher checks that `holdfast bindings` answers.)
     pub dispatcher: bool,
     /// More arguments for `holdfast run`, e.g. `["--log-format", "json"]`.
+    /// Without a `--journal…` one, the daemon gets `--journal off`.
     pub args: Vec<String>,
     /// More environment for the daemon, e.g. `("RUST_LOG", "debug")`.
     pub env: Vec<(String, String)>,
@@ -183,6 +184,12 @@ impl Holdfast {
         }
         if opts.netns_flag {
             cmd.arg("--netns").arg(ns.path());
+        }
+        // Not into the host's journal (where one runs): the tests read the
+        // services' output in holdfast's own log, at info. A test that wants
+        // the journal names its socket.
+        if !opts.args.iter().any(|a| a.starts_with("--journal")) {
+            cmd.args(["--journal", "off"]);
         }
         cmd.args(&opts.args)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))

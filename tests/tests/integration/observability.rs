@@ -1174,7 +1174,12 @@ fn lines_are_forwarded_to_a_journal_socket() -> Result<()> {
     let m: Value = serde_json::from_str(&hf.cli_ok(&["metrics", "--json"])?)?;
     ensure!(m["journal"]["forwarded"] == 2, "{}", m["journal"]);
     ensure!(m["journal"]["dropped"] == 0, "{}", m["journal"]);
-    hf.stop()?;
+    // In the journal, so not repeated in holdfast's own log at info.
+    let log = hf.stop()?;
+    ensure!(
+        !log.contains("hello journal"),
+        "a forwarded line is in holdfast's log at info:\n{log}"
+    );
 
     // --journal off: nothing arrives.
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
@@ -1203,7 +1208,11 @@ fn lines_are_forwarded_to_a_journal_socket() -> Result<()> {
     );
     let m: Value = serde_json::from_str(&hf.cli_ok(&["metrics", "--json"])?)?;
     ensure!(m["journal"].is_null(), "{}", m["journal"]);
-    hf.stop()?;
+    let log = hf.stop()?;
+    ensure!(
+        log.contains("hello journal"),
+        "not in holdfast's log:\n{log}"
+    );
     Ok(())
 }
 
