@@ -1341,3 +1341,51 @@ fn lines_reach_a_real_systemd_journald() -> Result<()> {
     hf.stop()?;
     Ok(())
 }
+
+/// A per-connection instance (`accept = true`) has no main pid; each of its
+/// lines (stderr: stdout is the connection) names the instance that wrote it.
+#[test]
+fn a_per_connection_instance_s_lines_carry_its_own_pid() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let exec = holdfast_testkit::toml_array(&[
+        "/bin/sh",
+        "-c",
+        "echo \"instance $$\" >&2; read x; echo \"$x\"",
+    ]);
+    sandbox.write_unit(
+        "greeter",
+        &format!(
+            "[service]\nexec = {exec}\n\n[[socket]]\nprotocol = \"tcp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"7070\"]\naccept = true\n"
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    hf.wait_state("greeter", "listening", T)?;
+    {
+        let _inside = ns.enter()?;
+        for k in 0..2 {
+            let mut c = TcpStream::connect("127.0.0.1:7070")?;
+            c.set_read_timeout(Some(T))?;
+            writeln!(c, "hello {k}")?;
+            let mut answer = String::new();
+            BufReader::new(&c).read_line(&mut answer)?;
+            ensure!(answer == format!("hello {k}\n"), "{answer:?}");
+        }
+    }
+    let lines = wait_for("both instances' lines", T, || {
+        let l = json_logs(&hf, &["greeter"]).ok()?;
+        (l.len() == 2).then_some(l)
+    })?;
+    let mut pids = BTreeSet::new();
+    for l in &lines {
+        let said: i64 = l["line"]
+            .as_str()
+            .and_then(|t| t.strip_prefix("instance "))
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("{l}"))?;
+        ensure!(l["pid"] == said && l["stream"] == "stderr", "{l}");
+        pids.insert(said);
+    }
+    ensure!(pids.len() == 2, "one pid for two instances: {lines:?}");
+    hf.stop()?;
+    Ok(())
+}
