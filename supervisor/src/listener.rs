@@ -407,6 +407,28 @@ pub fn local_addr(fd: &impl AsFd) -> Option<SocketAddr> {
         .map(|a| SocketAddr::from((a.ip(), a.port())))
 }
 
+/// Whether `fd` is a listening stream socket.
+pub fn is_listening(fd: &impl AsFd) -> bool {
+    socket::getsockopt(fd, sockopt::AcceptConn).unwrap_or(false)
+}
+
+/// Stops a listening TCP socket listening, `shutdown(SHUT_RD)`: every
+/// connection in its backlog is reset and new ones are refused (nothing
+/// listens on the address), while the fd stays open, and bound where it
+/// was bound to an explicit port, for [`listen_again`].
+pub fn shut(fd: &impl AsFd, what: &str) -> Result<(), ListenerError> {
+    sys(
+        "shutdown(SHUT_RD)",
+        what,
+        socket::shutdown(fd.as_fd().as_raw_fd(), socket::Shutdown::Read),
+    )
+}
+
+/// Listens again on a socket [`shut`] stopped, with `cfg`'s backlog.
+pub fn listen_again(fd: &OwnedFd, cfg: &SocketConfig) -> Result<(), ListenerError> {
+    listen(fd, cfg, &cfg.name)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -517,6 +539,38 @@ pub(crate) mod tests {
         assert!(addr.port() != 0);
         assert!(socket::getsockopt(&fd, sockopt::AcceptConn).unwrap());
         assert!(socket::getsockopt(&fd, sockopt::KeepAlive).unwrap());
+        std::net::TcpStream::connect(addr).unwrap();
+    }
+
+    #[test]
+    fn a_shut_listener_resets_its_backlog_refuses_and_listens_again() {
+        use std::io::Read;
+        let cfg = tcp(&["127.0.0.1/32"], &[(1, 1)]);
+        // An explicit port (as bind mode binds), which a shut socket keeps.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let fd = create(&cfg, &Placement::Bound(addr)).unwrap();
+        let mut queued = std::net::TcpStream::connect(addr).unwrap();
+        shut(&fd, "test").unwrap();
+        assert!(!is_listening(&fd));
+        // What waited in the backlog is reset, not left hanging.
+        queued
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        match queued.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            Ok(n) => panic!("read {n} bytes from a reset connection"),
+        }
+        // A new client is refused at once.
+        let err = std::net::TcpStream::connect(addr).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+        // Same fd, same address, listening again.
+        listen_again(&fd, &cfg).unwrap();
+        assert!(is_listening(&fd));
+        assert_eq!(local_addr(&fd), Some(addr));
         std::net::TcpStream::connect(addr).unwrap();
     }
 }

@@ -6,6 +6,7 @@
 //! `crate::service::Machine`; this layer carries it out.
 
 mod acceptor;
+mod doors;
 mod inetd;
 mod output;
 mod poller;
@@ -510,6 +511,7 @@ impl Supervisor {
             }
             self.serve_control();
             self.run_timers(Instant::now());
+            self.sync_doors();
             self.answer_waiters();
             self.update_status();
             self.manager.tick(Instant::now());

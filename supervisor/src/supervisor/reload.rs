@@ -254,7 +254,9 @@ impl Supervisor {
             self.bindings = new_bindings;
             return Ok(());
         };
-        if let Err(e) = sockets::steer(d, &new_sockets, &new_bindings) {
+        // A failed service's listeners stay shut: its bindings stay out.
+        let open = super::doors::open_bindings(&self.registry, &new_bindings);
+        if let Err(e) = sockets::steer(d, &new_sockets, &open) {
             for (s, _) in &new_sockets {
                 let Some(dest) = s.destination else { continue };
                 let kept = self.registry.live().find_map(|(_, svc)| {

@@ -65,6 +65,8 @@ pub(super) struct Service {
     /// listener is not polled), and accept's rate-limited warnings.
     accept_pause: AcceptPause,
     accept_errors: LogLimiter,
+    /// Its TCP listeners are shut while it is failed (see `doors.rs`).
+    doors_shut: bool,
 }
 
 /// How long an accept service stops accepting after accept found no fd.
@@ -118,6 +120,7 @@ impl Service {
             main_pidfds: BTreeMap::new(),
             offered_main_pid: None,
             main_pids_lost: Vec::new(),
+            doors_shut: false,
         })
     }
 
@@ -132,6 +135,13 @@ impl Service {
     }
     pub fn sockets(&self) -> &[Socket] {
         &self.sockets
+    }
+    /// Whether its TCP listeners are shut (it is failed).
+    pub fn doors_shut(&self) -> bool {
+        self.doors_shut
+    }
+    pub fn set_doors_shut(&mut self, shut: bool) {
+        self.doors_shut = shut;
     }
     pub fn notify(&self) -> Option<&NotifySocket> {
         self.notify.as_ref()
@@ -358,6 +368,8 @@ impl Service {
             main_pidfds,
             offered_main_pid: None,
             main_pids_lost,
+            // Shut again, if it is failed, on the first turn.
+            doors_shut: false,
             sockets: adopt_all(saved.sockets)?,
             old_sockets: adopt_all(saved.old_sockets)?,
             unit: saved.unit,
@@ -508,6 +520,8 @@ impl Supervisor {
 
     /// Spawns a new instance of service `id` with its sockets and stored fds.
     fn spawn_instance(&mut self, id: ServiceId) -> Result<Pid, spawn::SpawnError> {
+        // A failed service's listeners listen again before it starts on them.
+        self.open_doors_before_spawn(id);
         let hierarchy = self.cgroups.as_ref();
         let svc = self.registry.get_mut(id).expect("a known service");
         let leaf = svc

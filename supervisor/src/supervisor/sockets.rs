@@ -239,7 +239,9 @@ pub(super) fn steer(
         if let Some(dest) = sock.destination {
             d.set_source_rules(dest, &cfg.options.allow, &cfg.options.deny)
                 .map_err(SupervisorError::Bindings)?;
-            if !d.socket_present(dest) {
+            // A shut listener (a failed service's) cannot be in a sockmap.
+            let shut = sock.protocol == Protocol::Tcp && !listener::is_listening(&sock.fd);
+            if !d.socket_present(dest) && !shut {
                 d.insert_socket(dest, sock.fd.as_fd())
                     .map_err(SupervisorError::Bindings)?;
             }

@@ -496,7 +496,7 @@ impl Supervisor {
             .flat_map(|(_, s)| s.sockets())
             .map(|k| (k, &k.config))
             .collect();
-        let bindings = &self.bindings;
+        let bindings = &super::doors::open_bindings(&self.registry, &self.bindings);
         let result = Dispatcher::attach_prepared(
             instance,
             Path::new("/proc/self/ns/net"),
