@@ -130,6 +130,7 @@ fn steered_round(instance: &str, addresses: Vec<IpPrefix>, ports: PortRange) -> 
         &Placement::Steered {
             ipv6: false,
             dual_stack: false,
+            at: None,
         },
     )?;
     d.get().insert_socket(0, fd.as_fd())?;

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -21,12 +21,23 @@ use crate::unit::{Protocol, SocketConfig};
 pub enum Placement {
     /// Bind mode: bound directly to its one address and port.
     Bound(SocketAddr),
-    /// Steered by the sk_lookup dispatcher: bound to a loopback address on a
-    /// kernel-chosen port; traffic reaches it through the sockmap.
-    /// `dual_stack` when it serves IPv4 and IPv6: then it binds `[::]` on a
-    /// kernel-chosen port, since only a wildcard-bound IPv6 socket can stay
+    /// Steered by the sk_lookup dispatcher: traffic reaches it through the
+    /// sockmap, wherever it is bound. `at`: a socket declared on exactly one
+    /// address and one port is bound there (IP_FREEBIND: the address need not
+    /// be local), so getsockname() tells a service what it was declared on,
+    /// as in bind mode and under systemd. Otherwise (`at` is `None`: a prefix
+    /// or a port range, or the address was taken) it is bound to loopback on
+    /// a kernel-chosen port; `dual_stack` when it serves IPv4 and IPv6: then
+    /// it binds `[::]`, since only a wildcard-bound IPv6 socket can stay
     /// dual-stack.
-    Steered { ipv6: bool, dual_stack: bool },
+    Steered {
+        ipv6: bool,
+        dual_stack: bool,
+        /// Absent in the state of a holdfast from before it was added: its
+        /// steered sockets were all on loopback.
+        #[serde(default)]
+        at: Option<SocketAddr>,
+    },
     /// A unix socket file.
     Unix(PathBuf),
 }
@@ -44,9 +55,11 @@ impl Placement {
             let any_v4 = cfg.addresses.iter().any(|p| p.addr.is_ipv4());
             let any_v6 = cfg.addresses.iter().any(|p| p.addr.is_ipv6());
             let ipv6 = any_v6 || cfg.options.ipv6_only == Some(false);
+            let dual_stack = ipv6 && any_v4;
             return Ok(Placement::Steered {
                 ipv6,
-                dual_stack: ipv6 && any_v4,
+                dual_stack,
+                at: steered_at(cfg).filter(|a| a.is_ipv6() == ipv6 && !dual_stack),
             });
         }
         let rules = !cfg.options.allow.is_empty() || !cfg.options.deny.is_empty();
@@ -57,6 +70,62 @@ impl Placement {
             Some((addr, port)) => Ok(Placement::Bound(SocketAddr::new(addr, port))),
             None => Err(PlacementError::NeedsDispatcher),
         }
+    }
+
+    /// This placement as `fd` really is: a steered socket that is not bound
+    /// where `at` says (inherited from an older holdfast, or placed on
+    /// loopback because its address was taken) is on loopback.
+    pub fn as_found(&self, fd: &impl AsFd) -> Placement {
+        match self {
+            Placement::Steered {
+                ipv6,
+                dual_stack,
+                at: Some(at),
+            } if local_addr(fd) != Some(*at) => Placement::Steered {
+                ipv6: *ipv6,
+                dual_stack: *dual_stack,
+                at: None,
+            },
+            p => p.clone(),
+        }
+    }
+
+    /// This placement on loopback: a steered socket whose address is taken.
+    pub fn on_loopback(&self) -> Placement {
+        match self {
+            Placement::Steered {
+                ipv6, dual_stack, ..
+            } => Placement::Steered {
+                ipv6: *ipv6,
+                dual_stack: *dual_stack,
+                at: None,
+            },
+            p => p.clone(),
+        }
+    }
+
+    /// Where a steered socket is bound at `at` (see [`Placement::Steered`]).
+    pub fn steered_at(&self) -> Option<SocketAddr> {
+        match self {
+            Placement::Steered { at, .. } => *at,
+            _ => None,
+        }
+    }
+}
+
+/// Where a steered socket made from `cfg` binds, so that getsockname() reports
+/// it: its one address and port, when it is declared on exactly one address
+/// (a /32 or /128, not IPv4-mapped) and one port. Wider bindings have no such
+/// address: binding the first address and port of a prefix or range would
+/// take a port from whatever else binds there (a /0 prefix is the wildcard,
+/// which collides with every socket on that port; a narrower socket of
+/// another service wins that address and port by precedence and must bind
+/// it), so they stay on loopback.
+pub fn steered_at(cfg: &SocketConfig) -> Option<SocketAddr> {
+    let (addr, port) = cfg.single_bind()?;
+    match addr {
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => None,
+        _ => Some(SocketAddr::new(addr, port)),
     }
 }
 
@@ -83,6 +152,14 @@ pub enum ListenerError {
     },
 }
 
+impl ListenerError {
+    /// Whether the address and port were taken (EADDRINUSE from bind or listen).
+    pub fn address_in_use(&self) -> bool {
+        let ListenerError::Syscall { call, source, .. } = self;
+        matches!(*call, "bind" | "listen") && source.raw_os_error() == Some(libc::EADDRINUSE)
+    }
+}
+
 fn sys<T>(call: &'static str, what: &str, r: nix::Result<T>) -> Result<T, ListenerError> {
     r.map_err(|e| ListenerError::Syscall {
         call,
@@ -96,10 +173,45 @@ const DEFAULT_BACKLOG: i32 = 4096;
 /// Creates the socket `cfg` describes at `placement`: bound, listening (for
 /// stream sockets), CLOEXEC.
 pub fn create(cfg: &SocketConfig, placement: &Placement) -> Result<OwnedFd, ListenerError> {
+    create_beside(cfg, placement, &[])
+}
+
+/// As [`create`], for a steered socket whose address and port `live` sockets
+/// (the ones it replaces, which keep serving meanwhile) are bound to.
+///
+/// A TCP listener cannot bind where another listens, except in one reuseport
+/// group: for the moment of the new socket's bind and listen, every live one
+/// gets SO_REUSEPORT, then each is put back as it was and the new one has it
+/// only if `cfg` asks. The kernel remembers in the port's bind bucket that a
+/// reuseport socket of uid 0 bound there, and would let any later uid-0
+/// SO_REUSEPORT socket bind beside ours without a conflict check: binding (and
+/// closing at once) a socket without SO_REUSEPORT on the same port, on an
+/// address nothing uses, makes it forget. So only a socket that asked for
+/// reuse-port shares its address and port. (The sk_lookup program assigns
+/// with BPF_SK_LOOKUP_F_NO_REUSEPORT, so a steered lookup is never split
+/// between old and new either way.) UDP sockets need none of this: two with
+/// SO_REUSEADDR may share an address.
+pub fn create_beside(
+    cfg: &SocketConfig,
+    placement: &Placement,
+    live: &[BorrowedFd<'_>],
+) -> Result<OwnedFd, ListenerError> {
     match placement {
         Placement::Unix(path) => create_unix(cfg, path),
-        Placement::Bound(addr) => create_ip(cfg, *addr, false, None),
-        Placement::Steered { ipv6, dual_stack } => {
+        Placement::Bound(addr) => create_ip(cfg, *addr, false, None, false),
+        Placement::Steered {
+            at: Some(at),
+            dual_stack,
+            ..
+        } => {
+            if live.is_empty() || cfg.protocol != Protocol::Tcp {
+                return create_ip(cfg, *at, true, Some(*dual_stack), false);
+            }
+            create_shared(cfg, *at, live)
+        }
+        Placement::Steered {
+            ipv6, dual_stack, ..
+        } => {
             // Binding to any specific IPv6 address makes the kernel set
             // IPV6_V6ONLY, and bpf_sk_assign refuses a v6-only socket for IPv4
             // packets: a dual-stack socket must bind the wildcard.
@@ -110,8 +222,89 @@ pub fn create(cfg: &SocketConfig, placement: &Placement) -> Result<OwnedFd, List
             } else {
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
             };
-            create_ip(cfg, addr, true, Some(*dual_stack))
+            create_ip(cfg, addr, true, Some(*dual_stack), false)
         }
+    }
+}
+
+/// A TCP listener at `at` beside the `live` ones (see [`create_beside`]).
+fn create_shared(
+    cfg: &SocketConfig,
+    at: SocketAddr,
+    live: &[BorrowedFd<'_>],
+) -> Result<OwnedFd, ListenerError> {
+    let what = format!("{} socket {at}", cfg.protocol);
+    let mut was = Vec::with_capacity(live.len());
+    for fd in live {
+        was.push(socket::getsockopt(fd, sockopt::ReusePort).unwrap_or(false));
+    }
+    let put_back = |was: &[bool]| {
+        for (fd, on) in live.iter().zip(was) {
+            let _ = setsockopt(fd, sockopt::ReusePort, on);
+        }
+    };
+    for fd in live {
+        if let Err(e) = setsockopt(fd, sockopt::ReusePort, &true) {
+            put_back(&was);
+            return Err(syscall_err(
+                "setsockopt(SO_REUSEPORT) on the live socket",
+                &what,
+                e.into(),
+            ));
+        }
+    }
+    let created = create_ip(cfg, at, true, Some(false), true);
+    put_back(&was);
+    let fd = created?;
+    if !cfg.options.reuse_port {
+        sys(
+            "setsockopt(SO_REUSEPORT)",
+            &what,
+            setsockopt(&fd, sockopt::ReusePort, &false),
+        )?;
+        if !was.iter().any(|on| *on) {
+            forget_reuseport(at);
+        }
+    }
+    Ok(fd)
+}
+
+/// Makes the kernel forget that a reuseport socket bound to `at`'s port (see
+/// [`create_beside`]): a socket without SO_REUSEPORT bound to the same port on
+/// an address reserved for no use (240.0.0.1, 100::1), closed at once. If
+/// even that address is taken on the port, nothing is lost but the hardening.
+fn forget_reuseport(at: SocketAddr) {
+    let (family, unused) = match at {
+        SocketAddr::V4(_) => (
+            AddressFamily::Inet,
+            SocketAddr::new(Ipv4Addr::new(240, 0, 0, 1).into(), at.port()),
+        ),
+        SocketAddr::V6(_) => (
+            AddressFamily::Inet6,
+            SocketAddr::new(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 1).into(), at.port()),
+        ),
+    };
+    let bound = (|| -> io::Result<OwnedFd> {
+        let fd = socket::socket(
+            family,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::Tcp,
+        )?;
+        match unused {
+            SocketAddr::V4(a) => {
+                setsockopt(&fd, sockopt::IpFreebind, &true)?;
+                socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a))?;
+            }
+            SocketAddr::V6(a) => {
+                set_int(&fd, libc::SOL_IPV6, libc::IPV6_FREEBIND, 1)?;
+                socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?;
+            }
+        }
+        Ok(fd)
+    })();
+    if let Err(e) = bound {
+        tracing::warn!(%at, error = %e, "could not close the reuseport group of a replaced socket: a process of uid 0 could bind beside it with SO_REUSEPORT");
     }
 }
 
@@ -120,6 +313,7 @@ fn create_ip(
     addr: SocketAddr,
     steered: bool,
     dual_stack: Option<bool>,
+    reuse_port: bool,
 ) -> Result<OwnedFd, ListenerError> {
     let what = format!("{} socket {addr}", cfg.protocol);
     let family = if addr.is_ipv4() {
@@ -159,7 +353,7 @@ fn create_ip(
         &what,
         setsockopt(&fd, sockopt::ReuseAddr, &true),
     )?;
-    if o.reuse_port {
+    if o.reuse_port || reuse_port {
         sys(
             "setsockopt(SO_REUSEPORT)",
             &what,
@@ -469,7 +663,8 @@ pub(crate) mod tests {
             Placement::for_socket(&single, true),
             Ok(Placement::Steered {
                 ipv6: false,
-                dual_stack: false
+                dual_stack: false,
+                at: Some("127.0.0.1:8080".parse().unwrap()),
             })
         );
         let range = tcp(&["127.0.0.1/32"], &[(8000, 8099)]);
@@ -503,9 +698,158 @@ pub(crate) mod tests {
             Placement::for_socket(&dual, true),
             Ok(Placement::Steered {
                 ipv6: true,
-                dual_stack: true
+                dual_stack: true,
+                at: None,
             })
         );
+    }
+
+    /// Where a steered socket binds, so that getsockname() reports it: its
+    /// one address and port, or loopback when it has no single one.
+    #[test]
+    fn a_steered_socket_binds_its_one_address_and_port() {
+        let steered = |addresses: &[&str], ports: &[(u16, u16)], ipv6_only: Option<bool>| {
+            let mut cfg = tcp(addresses, ports);
+            cfg.options.ipv6_only = ipv6_only;
+            match Placement::for_socket(&cfg, true) {
+                Ok(Placement::Steered { at, .. }) => at.map(|a| a.to_string()),
+                other => panic!("{addresses:?} {ports:?}: {other:?}"),
+            }
+        };
+        /// (addresses, ports, ipv6-only, where it binds: None for loopback)
+        type Case<'a> = (
+            &'a [&'a str],
+            &'a [(u16, u16)],
+            Option<bool>,
+            Option<&'a str>,
+        );
+        let cases: &[Case<'_>] = &[
+            (
+                &["127.0.0.1/32"],
+                &[(7401, 7401)],
+                None,
+                Some("127.0.0.1:7401"),
+            ),
+            (&["192.0.2.7/32"], &[(80, 80)], None, Some("192.0.2.7:80")),
+            (
+                &["2001:db8::7/128"],
+                &[(443, 443)],
+                None,
+                Some("[2001:db8::7]:443"),
+            ),
+            (
+                &["2001:db8::7/128"],
+                &[(443, 443)],
+                Some(true),
+                Some("[2001:db8::7]:443"),
+            ),
+            // A prefix, a port range, two addresses or two ports: no one address.
+            (&["192.0.2.0/24"], &[(80, 80)], None, None),
+            (&["192.0.2.7/32"], &[(8000, 8099)], None, None),
+            (&["192.0.2.7/32"], &[(80, 80), (443, 443)], None, None),
+            (&["192.0.2.7/32", "192.0.2.8/32"], &[(80, 80)], None, None),
+            (&["0.0.0.0/0"], &[(80, 80)], None, None),
+            // IPv4 traffic to an IPv4-mapped address is IPv4: no IPv6 socket binds it.
+            (&["::ffff:192.0.2.7/128"], &[(80, 80)], None, None),
+            // ipv6-only = false asks for a dual-stack socket: only [::] stays one.
+            (&["192.0.2.7/32"], &[(80, 80)], Some(false), None),
+        ];
+        for (addresses, ports, v6only, want) in cases {
+            assert_eq!(
+                steered(addresses, ports, *v6only).as_deref(),
+                *want,
+                "{addresses:?} {ports:?} ipv6-only={v6only:?}"
+            );
+        }
+    }
+
+    /// Runs `f` in a network namespace of its own (this thread's only), so
+    /// that it may bind any address and port; `None` where that is not allowed.
+    fn in_own_netns<T>(f: impl FnOnce() -> T + Send) -> Option<T>
+    where
+        T: Send,
+    {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+                    eprintln!("skipped: unshare(CLONE_NEWNET): {e}");
+                    return None;
+                }
+                Some(f())
+            })
+            .join()
+            .expect("the test thread")
+        })
+    }
+
+    fn stranger_binds(at: SocketAddr, reuse_port: bool) -> nix::Result<OwnedFd> {
+        let fam = if at.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket::socket(fam, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        setsockopt(&fd, sockopt::ReusePort, &reuse_port)?;
+        match at {
+            SocketAddr::V4(a) => {
+                setsockopt(&fd, sockopt::IpFreebind, &true)?;
+                socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a))?
+            }
+            SocketAddr::V6(a) => {
+                set_int(&fd, libc::SOL_IPV6, libc::IPV6_FREEBIND, 1)
+                    .map_err(|_| nix::Error::EINVAL)?;
+                socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?
+            }
+        }
+        socket::listen(&fd, Backlog::new(1).unwrap())?;
+        Ok(fd)
+    }
+
+    /// A steered socket on its one address (need not be local), a reload's
+    /// replacement bound beside it while it listens, twice; and no other
+    /// socket, with or without SO_REUSEPORT, can bind there at any point
+    /// (the kernel's memory of the reuseport bind is wiped).
+    #[test]
+    fn a_replacement_binds_beside_the_live_socket_and_no_stranger_can() {
+        for (addr, port) in [
+            ("192.0.2.7/32", "192.0.2.7:7401"),
+            ("2001:db8::7/128", "[2001:db8::7]:7401"),
+        ] {
+            let at: SocketAddr = port.parse().unwrap();
+            let cfg = tcp(&[addr], &[(7401, 7401)]);
+            let placement = Placement::for_socket(&cfg, true).unwrap();
+            assert_eq!(placement.steered_at(), Some(at));
+            let done = in_own_netns(|| {
+                let strangers_refused = |when: &str| {
+                    for rp in [false, true] {
+                        let e = stranger_binds(at, rp).map(drop).unwrap_err();
+                        assert_eq!(e, nix::Error::EADDRINUSE, "{at} {when}, SO_REUSEPORT {rp}");
+                    }
+                };
+                let first = create(&cfg, &placement).unwrap();
+                assert_eq!(local_addr(&first), Some(at));
+                assert!(!socket::getsockopt(&first, sockopt::ReusePort).unwrap());
+                strangers_refused("beside the first socket");
+                // Without the live socket's help, a second one cannot bind.
+                assert!(create(&cfg, &placement).unwrap_err().address_in_use());
+                let second = create_beside(&cfg, &placement, &[first.as_fd()]).unwrap();
+                assert_eq!(local_addr(&second), Some(at));
+                assert!(is_listening(&second) && is_listening(&first));
+                for fd in [&first, &second] {
+                    assert!(!socket::getsockopt(fd, sockopt::ReusePort).unwrap());
+                }
+                strangers_refused("beside the first and its replacement");
+                drop(first);
+                strangers_refused("beside the replacement");
+                let third = create_beside(&cfg, &placement, &[second.as_fd()]).unwrap();
+                assert_eq!(local_addr(&third), Some(at));
+                strangers_refused("beside the second replacement");
+            });
+            if done.is_none() {
+                return;
+            }
+        }
     }
 
     #[test]

@@ -168,8 +168,10 @@ impl Found {
 /// same family and type, listening if a stream socket, and bound where the
 /// placement binds: the unit's address for a bound socket, its path for a
 /// unix one; a steered socket is bound to loopback (`[::]` when dual-stack)
-/// as holdfast binds it, or (a `.socket` unit's) to an address and port the
-/// unit's bindings contain.
+/// as holdfast binds a wide one (or did before it bound a socket of one
+/// address and port there), or to an address and port the unit's bindings
+/// contain: as holdfast binds a socket of one address and port, or as a
+/// `.socket` unit's is.
 pub fn mismatch(cfg: &SocketConfig, placement: &Placement, found: &Found) -> Option<String> {
     let stream = matches!(cfg.protocol, Protocol::Tcp | Protocol::UnixStream);
     if found.stream != stream {
@@ -198,7 +200,12 @@ pub fn mismatch(cfg: &SocketConfig, placement: &Placement, found: &Found) -> Opt
         (Placement::Bound(want), Local::Ip(got)) => {
             (want != got).then(|| format!("it is bound to {got}, the unit to {want}"))
         }
-        (Placement::Steered { ipv6, dual_stack }, Local::Ip(got)) => {
+        (
+            Placement::Steered {
+                ipv6, dual_stack, ..
+            },
+            Local::Ip(got),
+        ) => {
             if got.is_ipv6() != *ipv6 {
                 return Some(format!(
                     "it is an IPv{} socket, the unit needs IPv{}",
@@ -437,10 +444,17 @@ mod tests {
         let v4 = Placement::Steered {
             ipv6: false,
             dual_stack: false,
+            at: None,
         };
         let both = Placement::Steered {
             ipv6: true,
             dual_stack: true,
+            at: None,
+        };
+        let v4_at_8080 = Placement::Steered {
+            ipv6: false,
+            dual_stack: false,
+            at: Some("127.0.0.1:8080".parse().unwrap()),
         };
         let not_listening = Found {
             listening: false,
@@ -488,6 +502,14 @@ mod tests {
             ),
             // Steered: as holdfast binds it (after a crash, from the fd store) …
             (&wide, &v4, &tcp_at("127.0.0.1:41234"), None),
+            (&web, &v4_at_8080, &tcp_at("127.0.0.1:8080"), None),
+            (&web, &v4_at_8080, &tcp_at("127.0.0.1:41234"), None),
+            (
+                &web,
+                &v4_at_8080,
+                &tcp_at("127.0.0.2:8080"),
+                Some("neither"),
+            ),
             // … or inside the unit's bindings (a .socket unit) …
             (&wide, &v4, &tcp_at("192.0.2.9:8042"), None),
             (&wide, &v4, &tcp_at("192.0.2.9:8100"), Some("neither")),

@@ -304,6 +304,17 @@ impl Holdfast {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `holdfast bindings --json`: one object per binding.
+    pub fn bindings(&self) -> Result<Vec<Value>> {
+        let text = self.cli_ok(&["bindings", "--json"])?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("holdfast bindings --json printed {text:?}"))?;
+        match v {
+            Value::Array(rows) => Ok(rows),
+            other => bail!("holdfast bindings --json printed no array: {other}"),
+        }
+    }
+
     /// `holdfast status --json`: the JSON array of services.
     pub fn status(&self) -> Result<Value> {
         let text = self.cli_ok(&["status", "--json"])?;

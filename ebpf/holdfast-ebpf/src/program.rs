@@ -11,7 +11,10 @@ use core::{
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action},
+    bindings::{
+        bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action,
+        BPF_SK_LOOKUP_F_NO_REUSEPORT,
+    },
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
     macros::{map, sk_lookup},
     maps::{
@@ -78,7 +81,11 @@ enum Assign {
     Failed,
 }
 
-/// Looks `dest` up in the sockmap and selects its socket.
+/// Looks `dest` up in the sockmap and selects its socket, that very socket:
+/// `BPF_SK_LOOKUP_F_NO_REUSEPORT` skips the kernel's selection within a
+/// reuseport group, so a lookup is never split between a socket and another
+/// bound to the same address and port (its replacement during a reload, or a
+/// stranger's that joined its group).
 #[inline(always)]
 fn assign(ctx: &SkLookupContext, dest: u32) -> Assign {
     let key = dest;
@@ -89,7 +96,13 @@ fn assign(ctx: &SkLookupContext, dest: u32) -> Assign {
     }
     // SAFETY: `sk` is a referenced socket from the sockmap lookup, released
     // right after, on every path.
-    let ret = unsafe { bpf_sk_assign(ctx.lookup.cast(), sk, 0) };
+    let ret = unsafe {
+        bpf_sk_assign(
+            ctx.lookup.cast(),
+            sk,
+            u64::from(BPF_SK_LOOKUP_F_NO_REUSEPORT),
+        )
+    };
     // SAFETY: as above; releases the reference the lookup took.
     unsafe { bpf_sk_release(sk) };
     if ret == 0 {

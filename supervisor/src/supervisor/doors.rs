@@ -59,6 +59,28 @@ impl Supervisor {
         }
     }
 
+    /// Once a turn: when a socket has closed since the last turn (a removed
+    /// service's, a replaced one, once its instances are gone), the dispatcher
+    /// drops the refusal that kept its address and port refused while it was
+    /// open (`sockets::refusals`), so that whatever binds there next is found.
+    pub(super) fn refresh_refusals(&mut self) {
+        let open = self
+            .registry
+            .all()
+            .map(|(_, s)| s.all_sockets().count())
+            .sum();
+        let closed = open < self.open_sockets;
+        self.open_sockets = open;
+        let refusing = self.dispatcher.as_ref().is_some_and(|d| {
+            d.bindings()
+                .iter()
+                .any(|b| b.destination == sockets::REFUSED)
+        });
+        if closed && refusing {
+            self.steer_open_doors();
+        }
+    }
+
     /// Publishes the sockets and bindings of every service whose doors are
     /// open (a no-op when they are what the dispatcher has).
     fn steer_open_doors(&mut self) {
@@ -79,18 +101,26 @@ impl Supervisor {
     }
 }
 
-/// `declared` less the bindings of the services whose listeners are shut.
+/// `declared` less the bindings of the services whose listeners are shut,
+/// plus the refusals of sockets that are withdrawn but still open
+/// (`sockets::refusals`).
 pub(super) fn open_bindings(registry: &Registry, declared: &[Binding]) -> Vec<Binding> {
     let shut: Vec<&str> = registry
         .live()
         .filter(|(_, s)| s.doors_shut())
         .map(|(_, s)| s.name())
         .collect();
-    declared
+    let mut open: Vec<Binding> = declared
         .iter()
         .filter(|b| !shut.contains(&b.service.as_str()))
         .cloned()
-        .collect()
+        .collect();
+    let all = registry
+        .all()
+        .flat_map(|(_, s)| s.all_sockets().map(move |k| (s.name(), k)));
+    let refused = sockets::refusals(all, &open);
+    open.extend(refused);
+    open
 }
 
 fn shut_doors(svc: &mut Service) {

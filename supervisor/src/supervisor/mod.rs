@@ -153,6 +153,8 @@ pub struct Supervisor {
     why_not: String,
     destinations: Destinations,
     bindings: Vec<Binding>,
+    /// How many sockets services held at the last turn (`refresh_refusals`).
+    open_sockets: usize,
     metrics: Option<metrics::Endpoint>,
     /// holdfast's own manager (systemd): readiness, status, watchdog, fd store.
     manager: crate::manager::Manager,
@@ -298,6 +300,7 @@ impl Supervisor {
             why_not: String::new(),
             destinations,
             bindings: Vec::new(),
+            open_sockets: 0,
             metrics: None,
             manager: crate::manager::Manager::from_env(Instant::now()),
             cgroups: cgroup_hierarchy(opts),
@@ -388,6 +391,7 @@ impl Supervisor {
                     &self.why_not,
                     &mut self.destinations,
                     inherited,
+                    &[],
                 ) {
                     Ok(s) => socks.push(s),
                     Err(e) => errors.push(e),
@@ -446,6 +450,7 @@ impl Supervisor {
     fn event_loop(&mut self, signals: &Signals, unused_signals: &crate::signals::Unused) {
         loop {
             self.registry.sweep();
+            self.refresh_refusals();
             if self.shutting_down && !self.registry.any_processes() {
                 return;
             }

@@ -132,6 +132,21 @@ impl Supervisor {
     }
 
     fn open_socket(&mut self, unit: &Unit, cfg: &unit::SocketConfig) -> Result<Socket, String> {
+        // The sockets, still open, bound where this one binds (the one it
+        // replaces, and any an earlier reload replaced that is still held).
+        let at = self
+            .dispatcher
+            .as_ref()
+            .and(crate::listener::steered_at(cfg));
+        let live: Vec<_> = self
+            .registry
+            .all()
+            .flat_map(|(_, svc)| svc.all_sockets())
+            .filter(|s| {
+                at.is_some() && s.protocol == cfg.protocol && s.placement.steered_at() == at
+            })
+            .map(|s| s.fd.as_fd())
+            .collect();
         sockets::open(
             unit,
             cfg,
@@ -139,6 +154,7 @@ impl Supervisor {
             &self.why_not,
             &mut self.destinations,
             &mut crate::manager::Inherited::default(),
+            &live,
         )
     }
 

@@ -136,6 +136,10 @@ impl Service {
     pub fn sockets(&self) -> &[Socket] {
         &self.sockets
     }
+    /// Its sockets and the old ones a reload replaced, still held by instances.
+    pub fn all_sockets(&self) -> impl Iterator<Item = &Socket> {
+        self.sockets.iter().chain(&self.old_sockets)
+    }
     /// Whether its TCP listeners are shut (it is failed).
     pub fn doors_shut(&self) -> bool {
         self.doors_shut

@@ -2,12 +2,12 @@
 //! dispatcher allows, numbering steered sockets (destination ids), and
 //! turning them into the dispatcher's bindings.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use crate::dispatch::{Binding, DestinationId, Dispatcher};
 use crate::listener::{self, Placement, PlacementError};
-use crate::unit::{Protocol, SocketConfig, Unit};
+use crate::unit::{IpPrefix, PortRange, Protocol, SocketConfig, Unit};
 
 use super::{Service, SupervisorError};
 
@@ -35,7 +35,11 @@ impl Socket {
         a.options = a.options.without_policy();
         b.options = b.options.without_policy();
         if matches!(self.placement, Placement::Steered { .. }) {
-            // Steered: bindings may change freely as long as the family fits.
+            // Steered: bindings may change freely as long as the family fits
+            // and getsockname() stays true (`keeps_its_address`).
+            if !self.keeps_its_address(&b) {
+                return false;
+            }
             let fam = |c: &SocketConfig| {
                 (
                     c.addresses.iter().any(|p| p.addr.is_ipv4()),
@@ -54,6 +58,24 @@ impl Socket {
             // Bound: a new socket could not bind while this one holds the
             // address, so what can change in place does.
             listener::adjustable(&a, &b)
+        }
+    }
+
+    /// Whether a steered socket can stay where it is bound under `cfg`: one
+    /// bound to an address and port stays while `cfg` declares exactly that one
+    /// or still serves it among wider bindings (what getsockname() says stays
+    /// true); one on loopback stays unless `cfg` now declares one address and
+    /// port it did not declare before (which a new socket binds).
+    fn keeps_its_address(&self, cfg: &SocketConfig) -> bool {
+        match (self.placement.steered_at(), listener::steered_at(cfg)) {
+            (Some(at), Some(want)) => at == want,
+            (Some(at), None) => cfg
+                .bindings()
+                .any(|(p, r)| p.contains(at.ip()) && r.contains(at.port())),
+            // Declared before too, yet on loopback: bound before holdfast
+            // bound such sockets there, or the address was taken.
+            (None, Some(want)) => listener::steered_at(&self.config) == Some(want),
+            (None, None) => true,
         }
     }
 
@@ -124,6 +146,9 @@ pub(super) struct Destinations {
 impl Destinations {
     pub fn take(&mut self) -> DestinationId {
         self.free.pop().unwrap_or_else(|| {
+            if self.next == REFUSED {
+                self.next += 1;
+            }
             self.next += 1;
             self.next - 1
         })
@@ -133,8 +158,12 @@ impl Destinations {
     }
 }
 
-/// Opens one socket of `unit` (or takes the one `inherited` has for it); the
-/// error names the unit file and the socket.
+/// Opens one socket of `unit` (or takes the one `inherited` has for it),
+/// beside the `live` sockets bound where it binds (a reload's replacement:
+/// see [`listener::create_beside`]); the error names the unit file and the
+/// socket. A steered socket whose one address and port something else holds
+/// is bound to loopback, with a warning: it is steered all the same, only
+/// getsockname() says otherwise.
 pub(super) fn open(
     unit: &Unit,
     cfg: &SocketConfig,
@@ -142,6 +171,7 @@ pub(super) fn open(
     why_not: &str,
     destinations: &mut Destinations,
     inherited: &mut crate::manager::Inherited,
+    live: &[BorrowedFd<'_>],
 ) -> Result<Socket, String> {
     let placement = match Placement::for_socket(cfg, dispatcher) {
         Ok(p) => p,
@@ -171,7 +201,22 @@ pub(super) fn open(
     // in place of a new one (after a crash: from systemd's fd store).
     let created = match inherited.take(&unit.name, cfg, &placement) {
         Some(fd) => Ok(fd),
-        None => listener::create(cfg, &placement),
+        None => match listener::create_beside(cfg, &placement, live) {
+            Err(e) if e.address_in_use() && placement.steered_at().is_some() => {
+                tracing::warn!(
+                    service = %unit.name,
+                    socket = %cfg.name,
+                    error = %e,
+                    "its address and port are taken: the socket is bound to loopback instead, steered all the same (getsockname() in the service shows a loopback port)"
+                );
+                listener::create(cfg, &placement.on_loopback())
+            }
+            created => created,
+        },
+    };
+    let placement = match &created {
+        Ok(fd) => placement.as_found(fd),
+        Err(_) => placement,
     };
     match created {
         Ok(fd) if cfg.options.accept && listener::set_nonblocking(&fd).is_err() => Err(format!(
@@ -226,6 +271,52 @@ pub(super) fn bindings(service: &str, cfg: &SocketConfig, sock: &Socket) -> Vec<
         .collect()
 }
 
+/// The destination id no socket gets: its source rules refuse every source,
+/// so a lookup that matches a binding to it is dropped (TCP: reset, the
+/// client is refused; UDP: port unreachable). See [`refusals`].
+pub(super) const REFUSED: DestinationId = crate::dispatch::MAX_DESTINATIONS - 1;
+
+/// A binding to [`REFUSED`] for each steered socket among `open` that is
+/// bound to its one address and port while no binding of `bindings` covers
+/// them: a socket a reload removed or replaced, still held by the instances
+/// that stop, or one of a failed service. Since the socket is bound there,
+/// the kernel's own lookup (which runs when the sk_lookup program finds no
+/// binding) would find it; this way what is withdrawn is refused, as for a
+/// socket bound to loopback. One stays until the next publication (a reload,
+/// a failed service shut or opened) after its socket closed.
+pub(super) fn refusals<'a>(
+    open: impl Iterator<Item = (&'a str, &'a Socket)>,
+    bindings: &[Binding],
+) -> Vec<Binding> {
+    let mut out: Vec<Binding> = Vec::new();
+    for (service, sock) in open {
+        let Some(at) = sock.placement.steered_at() else {
+            continue;
+        };
+        let covers = |b: &Binding| {
+            b.protocol == sock.protocol && b.prefix.contains(at.ip()) && b.ports.contains(at.port())
+        };
+        if bindings.iter().any(covers) || out.iter().any(covers) {
+            continue;
+        }
+        out.push(Binding {
+            service: service.to_string(),
+            socket: sock.name.clone(),
+            protocol: sock.protocol,
+            prefix: IpPrefix {
+                addr: at.ip(),
+                len: if at.is_ipv4() { 32 } else { 128 },
+            },
+            ports: PortRange {
+                first: at.port(),
+                last: at.port(),
+            },
+            destination: REFUSED,
+        });
+    }
+    out
+}
+
 /// Gives every steered socket its source rules (allow/deny of `cfg`, which
 /// may be newer than the socket's own during a reload) and puts it in the
 /// sockmap (sockets first, so no binding ever points at an empty slot), then
@@ -251,6 +342,20 @@ pub(super) fn steer(
     // keep unchanged units' bindings in place) costs no flip.
     if d.bindings() == bindings {
         return Ok(());
+    }
+    if bindings.iter().any(|b| b.destination == REFUSED) {
+        let everyone = [
+            IpPrefix {
+                addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
+                len: 0,
+            },
+            IpPrefix {
+                addr: std::net::Ipv6Addr::UNSPECIFIED.into(),
+                len: 0,
+            },
+        ];
+        d.set_source_rules(REFUSED, &[], &everyone)
+            .map_err(SupervisorError::Bindings)?;
     }
     d.apply(bindings).map_err(SupervisorError::Bindings)
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
     netns_or_skip, process_gone, require_file, skip_unless, toml_array, wait_for, Holdfast,
-    LoopClient, Sandbox,
+    LoopClient, RunOptions, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -36,25 +36,32 @@ fn get(addr: SocketAddr) -> Result<(String, String)> {
     Ok((status, body.to_owned()))
 }
 
+/// A sandbox with the unit `gunicorn`: `workers` workers of [`APP`], a notify
+/// service (with `service_extra`) on socket "http", 127.0.0.1 port `port`.
+/// No --bind: gunicorn takes the LISTEN_FDS socket.
+fn gunicorn_sandbox(workers: &str, service_extra: &str, port: &str) -> Result<Sandbox> {
+    let sandbox = Sandbox::new()?;
+    sandbox.write_script("app.py", APP)?;
+    let dir = sandbox.path().to_string_lossy().into_owned();
+    let exec = toml_array(&[GUNICORN, "--workers", workers, "--chdir", &dir, "app:app"]);
+    sandbox.write_tcp_unit(
+        "gunicorn",
+        &format!("exec = {exec}\ntype = \"notify\"\nstart-timeout = \"20s\"\n{service_extra}"),
+        "http",
+        &["127.0.0.1/32"],
+        &[port],
+        "",
+    )?;
+    Ok(sandbox)
+}
+
 #[test]
 fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
     let ns = skip_unless!(netns_or_skip());
     if !require_file(GUNICORN) {
         return Ok(());
     }
-    let sandbox = Sandbox::new()?;
-    sandbox.write_script("app.py", APP)?;
-    let dir = sandbox.path().to_string_lossy().into_owned();
-    // No --bind: gunicorn takes the LISTEN_FDS socket.
-    let exec = toml_array(&[GUNICORN, "--workers", "2", "--chdir", &dir, "app:app"]);
-    sandbox.write_tcp_unit(
-        "gunicorn",
-        &format!("exec = {exec}\ntype = \"notify\"\nrestart = \"always\"\nstart-timeout = \"20s\""),
-        "http",
-        &["127.0.0.1/32"],
-        &["8080"],
-        "",
-    )?;
+    let sandbox = gunicorn_sandbox("2", "restart = \"always\"", "8080")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let old = hf.wait_running("gunicorn", Duration::from_secs(20))?;
     let s = hf.service("gunicorn")?;
@@ -117,6 +124,41 @@ fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
     )?;
     let (status, _) = ns.run(|| get(addr))??;
     assert!(status.ends_with(" 200 OK"), "{status}");
+    hf.stop()?;
+    Ok(())
+}
+
+/// With the sk_lookup dispatcher the socket is steered, and bound to the one
+/// address and port the unit declares, so gunicorn (which prints
+/// getsockname() of the socket it was handed) says where it listens, not a
+/// loopback port the kernel chose.
+#[test]
+fn with_the_dispatcher_gunicorn_logs_its_declared_address_and_port() -> Result<()> {
+    let ns = skip_unless!(netns_or_skip());
+    if !require_file(GUNICORN) {
+        return Ok(());
+    }
+    let sandbox = gunicorn_sandbox("1", "", "7401")?;
+    let mut hf = skip_unless!(Holdfast::start_dispatched(
+        &ns,
+        sandbox,
+        &RunOptions::default()
+    )?);
+    let pid = hf.wait_running("gunicorn", Duration::from_secs(20))?;
+    let (status, body) = ns.run(|| get("127.0.0.1:7401".parse()?))??;
+    assert!(status.ends_with(" 200 OK"), "{status}: {body}");
+    assert!(
+        hf.log()
+            .contains(&format!("Listening at: http://127.0.0.1:7401 ({pid})")),
+        "gunicorn does not say it listens on 127.0.0.1:7401:\n{}",
+        hf.log()
+    );
+    let rows = hf.bindings()?;
+    ensure!(
+        rows.first()
+            .is_some_and(|r| r["lookups"].as_u64() >= Some(1)),
+        "the request was not steered: {rows:?}"
+    );
     hf.stop()?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use holdfast_testkit::{
     ask_tcp, ask_udp, ask_unix, check_handoff, netns_and_sandbox, netns_or_skip, require_file,
-    skip_unless, toml_str, ExpectSocket, Holdfast, Sandbox,
+    skip_unless, toml_str, ExpectSocket, Holdfast, Netns, RunOptions, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -42,14 +42,12 @@ ports = ["8001"]
     Ok(())
 }
 
-#[test]
-fn three_sockets_are_fds_3_4_5_in_unit_order() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let exec = sandbox.serve_exec("three")?;
-    let unix_path = sandbox.path().join("ctl.sock");
-    let unix_path_str = unix_path.to_string_lossy().into_owned();
+/// Writes unit `name` running `exec` with the sockets "web" (TCP
+/// 127.0.0.1:8001) and "dns" (UDP [::1]:8053), then a third: the lines of
+/// its `[[socket]]` table.
+fn write_web_dns_and(sandbox: &Sandbox, name: &str, exec: &str, third: &str) -> Result<()> {
     sandbox.write_unit(
-        "three",
+        name,
         &format!(
             r#"[service]
 exec = {exec}
@@ -67,11 +65,39 @@ addresses = ["::1/128"]
 ports = ["8053"]
 
 [[socket]]
-name = "ctl"
-protocol = "unix-stream"
-path = {path}
-"#,
-            path = toml_str(&unix_path_str)
+{third}
+"#
+        ),
+    )?;
+    Ok(())
+}
+
+/// "web" and "dns" of [`write_web_dns_and`] answer as the instance `pid`.
+fn ask_web_and_dns(ns: &Netns, pid: i32) -> Result<()> {
+    let (web, dns) = ns.run(|| -> Result<_> {
+        Ok((
+            ask_tcp("127.0.0.1:8001".parse()?, T)?,
+            ask_udp("[::1]:8053".parse()?, T)?,
+        ))
+    })??;
+    assert_eq!(web, format!("web {pid}\n"));
+    assert_eq!(dns, format!("dns {pid}\n"));
+    Ok(())
+}
+
+#[test]
+fn three_sockets_are_fds_3_4_5_in_unit_order() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let exec = sandbox.serve_exec("three")?;
+    let unix_path = sandbox.path().join("ctl.sock");
+    let unix_path_str = unix_path.to_string_lossy().into_owned();
+    write_web_dns_and(
+        &sandbox,
+        "three",
+        &exec,
+        &format!(
+            "name = \"ctl\"\nprotocol = \"unix-stream\"\npath = {}",
+            toml_str(&unix_path_str)
         ),
     )?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
@@ -85,19 +111,82 @@ path = {path}
             ExpectSocket::unix_stream("ctl", &unix_path_str),
         ],
     )?;
-    let (web, dns) = ns.run(|| -> Result<_> {
-        Ok((
-            ask_tcp("127.0.0.1:8001".parse()?, T)?,
-            ask_udp("[::1]:8053".parse()?, T)?,
-        ))
-    })??;
-    assert_eq!(web, format!("web {pid}\n"));
-    assert_eq!(dns, format!("dns {pid}\n"));
+    ask_web_and_dns(&ns, pid)?;
     assert_eq!(ask_unix(&unix_path, T)?, format!("ctl {pid}\n"));
     assert_eq!(
         hf.service("three")?["sockets"],
         serde_json::json!(["web", "dns", "ctl"])
     );
+    hf.stop()?;
+    Ok(())
+}
+
+/// With the sk_lookup dispatcher, a socket declared on one address (a /32 or
+/// /128, local or not) and one port is bound there, so getsockname() in the
+/// service says what the unit says, as in bind mode and under systemd, while
+/// the dispatcher steers it (its lookups are counted). A wider socket has no
+/// one address: it is on loopback, on a port the kernel chose.
+#[test]
+fn with_the_dispatcher_getsockname_shows_the_one_declared_address_and_port() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    // Routed here, yet on no interface: the socket binds it with IP_FREEBIND.
+    ns.add_local_route("192.0.2.0/24")?;
+    let exec = sandbox.serve_exec("exact")?;
+    let far =
+        "name = \"far\"\nprotocol = \"tcp\"\naddresses = [\"192.0.2.7/32\"]\nports = [\"80\"]";
+    write_web_dns_and(&sandbox, "exact", &exec, far)?;
+    let wide_exec = sandbox.serve_exec("wide")?;
+    sandbox.write_tcp_unit(
+        "wide",
+        &format!("exec = {wide_exec}"),
+        "wide",
+        &["192.0.2.0/24"],
+        &["8080-8089"],
+        "",
+    )?;
+    let mut hf = skip_unless!(Holdfast::start_dispatched(
+        &ns,
+        sandbox,
+        &RunOptions::default()
+    )?);
+    let pid = hf.wait_running("exact", T)?;
+    let report = hf.sandbox().wait_report("exact", T, |r| r["pid"] == pid)?;
+    check_handoff(
+        &report,
+        &[
+            ExpectSocket::tcp("web", "127.0.0.1", 8001),
+            ExpectSocket::udp("dns", "::1", 8053),
+            ExpectSocket::tcp("far", "192.0.2.7", 80),
+        ],
+    )?;
+    let wide = hf.wait_running("wide", T)?;
+    let report = hf.sandbox().wait_report("wide", T, |r| r["pid"] == wide)?;
+    let address = &report["sockets"][0]["address"];
+    assert_eq!(address[0], "127.0.0.1", "the wide socket: {report}");
+    assert!(
+        address[1]
+            .as_u64()
+            .is_some_and(|p| p != 0 && !(8080..=8089).contains(&p)),
+        "the wide socket is on a port the kernel chose: {report}"
+    );
+    ask_web_and_dns(&ns, pid)?;
+    let (far, wide_answer) = ns.run(|| -> Result<_> {
+        Ok((
+            ask_tcp("192.0.2.7:80".parse()?, T)?,
+            ask_tcp("192.0.2.200:8085".parse()?, T)?,
+        ))
+    })??;
+    assert_eq!(far, format!("far {pid}\n"));
+    assert_eq!(wide_answer, format!("wide {wide}\n"));
+    // Steered all the same: the dispatcher counted a lookup on every binding.
+    let rows = hf.bindings()?;
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for row in &rows {
+        assert!(
+            row["lookups"].as_u64().is_some_and(|n| n >= 1) && row["socket_present"] == true,
+            "a binding the dispatcher did not steer: {row}"
+        );
+    }
     hf.stop()?;
     Ok(())
 }

@@ -976,6 +976,53 @@ fn allow_and_deny_refuse_sources_with_the_dispatcher() -> Result<()> {
     hf.stop_leaving_nothing(&ns)
 }
 
+/// A steered socket declared on one address and port is bound there (so that
+/// getsockname() tells the truth), where the kernel's own lookup would find
+/// it: a refused source must still be dropped by the sk_lookup program, never
+/// passed on to that lookup. The service accepts itself (not `accept = true`),
+/// so nothing in holdfast sees the connection after the program.
+#[test]
+fn deny_holds_on_a_socket_bound_to_its_one_address_and_port() -> Result<()> {
+    let ns = skip_unless!(netns_with_routes()?);
+    let sandbox = Sandbox::new()?;
+    let exec = sandbox.serve_exec("web")?;
+    sandbox.write_tcp_unit(
+        "web",
+        &format!("exec = {exec}"),
+        "web",
+        &["192.0.2.50/32"],
+        &["7650"],
+        "deny = [\"198.51.100.7/32\"]",
+    )?;
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, "deny-one")?);
+    let pid = hf.wait_running("web", T)?;
+    let report = hf.sandbox().wait_report("web", T, |r| r["pid"] == pid)?;
+    assert_eq!(
+        report["sockets"][0]["address"],
+        serde_json::json!(["192.0.2.50", 7650]),
+        "{report}"
+    );
+    let dst = sa("192.0.2.50:7650");
+    ns.run(|| {
+        // serve.py answers without reading: only read.
+        let mut s = connect_from(Some(v4("198.51.100.8")), dst, T).expect("an admitted source");
+        assert_eq!(read_line(&mut s), Outcome::Served(format!("web {pid}")));
+        let got = connect_from(Some(v4("198.51.100.7")), dst, Duration::from_secs(3));
+        assert!(
+            matches!(&got, Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::ConnectionRefused)),
+            "a denied source reached the socket bound to its address: {got:?}"
+        );
+    })?;
+    let rows = hf.bindings()?;
+    assert!(
+        rows.first()
+            .is_some_and(|r| r["denied"].as_u64() >= Some(1)),
+        "the dispatcher's denied counter: {rows:?}"
+    );
+    hf.stop()?;
+    Ok(())
+}
+
 /// A reload that changes only allow/deny keeps the socket (holdfast's policy,
 /// not a socket option) and the dispatcher's rules follow at once.
 #[test]

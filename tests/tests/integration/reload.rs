@@ -338,6 +338,33 @@ fn rebinding_keeps_the_socket_and_the_process() -> Result<()> {
     Ok(())
 }
 
+/// A socket bound to its one address and port cannot keep its socket when
+/// they change (getsockname() would tell the old ones): it moves to a new
+/// socket, as a changed option does, and the service restarts onto it.
+#[test]
+fn a_one_address_socket_whose_address_changes_moves_to_a_new_socket() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    serve_unit(&sandbox, "web", &["192.0.2.9/32"], &["80"], "", "")?;
+    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
+    let old = hf.wait_running("web", T)?;
+    let (report, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
+    assert_eq!(report["sockets"][0]["address"], json!(["192.0.2.9", 80]));
+
+    serve_unit(hf.sandbox(), "web", &["192.0.2.10/32"], &["80"], "", "")?;
+    let summary = reload(&hf)?;
+    expect_summary(&summary, &[], &[], &["web"], &[], &[])?;
+    let new = wait_new_main(&hf, "web", old)?;
+    let (report, new_socket) = reported_socket(hf.sandbox(), "web", new)?;
+    assert_ne!(new_socket, old_socket);
+    assert_eq!(report["sockets"][0]["address"], json!(["192.0.2.10", 80]));
+    let _inside = ns.enter()?;
+    assert_eq!(ask("192.0.2.10:80")?, format!("web {new}\n"));
+    expect_refused("192.0.2.9:80")?;
+    drop(_inside);
+    hf.stop()?;
+    Ok(())
+}
+
 /// `[service]` lines choosing the restart mode, and how many connections of the
 /// loop may fail (not be refused) in that mode: with stop-start, the old
 /// instance may have accepted one just before its SIGTERM; with overlap it keeps
@@ -411,38 +438,87 @@ fn wait_new_main(hf: &Holdfast, name: &str, old: i32) -> Result<i32> {
 
 #[test]
 fn socket_option_change_moves_the_service_to_a_new_socket() -> Result<()> {
-    socket_option_case(false, true)
+    socket_option_case(false, true, WIDE)
 }
 
 #[test]
 fn socket_option_change_in_overlap_mode_loses_no_connection() -> Result<()> {
-    socket_option_case(true, false)
+    socket_option_case(true, false, WIDE)
 }
 
 /// The old socket must be closed once the old instance is gone, also in overlap
 /// mode, where the new main instance is still running when the old one exits.
 #[test]
 fn socket_option_change_in_overlap_mode_closes_the_old_socket() -> Result<()> {
-    socket_option_case(true, true)
+    socket_option_case(true, true, WIDE)
+}
+
+/// A socket of one address and one port is bound there (getsockname() says
+/// so), and so is its replacement, while the old one still listens: no
+/// connection refused, in either restart mode.
+#[test]
+fn socket_option_change_of_a_one_address_socket_loses_no_connection() -> Result<()> {
+    socket_option_case(false, true, ONE)?;
+    socket_option_case(true, true, ONE)
+}
+
+/// What [`socket_option_case`] declares: a /24, or the one address the loop
+/// client connects to.
+const WIDE: &str = "192.0.2.0/24";
+const ONE: &str = "192.0.2.9/32";
+
+/// Where a steered socket on `declared` × port 80 is bound, as serve.py
+/// reports it: the one address and port, or loopback.
+fn expect_bound(report: &Value, declared: &str) -> Result<()> {
+    let address = &report["sockets"][0]["address"];
+    if declared == ONE {
+        ensure!(
+            *address == json!(["192.0.2.9", 80]),
+            "getsockname() of a socket on 192.0.2.9/32 port 80: {address}"
+        );
+    } else {
+        ensure!(
+            address[0] == "127.0.0.1",
+            "getsockname() of a wide steered socket: {address}"
+        );
+    }
+    Ok(())
+}
+
+/// Binds (and listens on) 192.0.2.9:80 inside `ns` as a stranger of uid 0
+/// would, with SO_REUSEPORT: it must not join holdfast's socket there.
+fn stranger_binds_beside(ns: &Netns) -> Result<nix::Result<()>> {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn,
+    };
+    use std::os::fd::AsRawFd;
+    ns.run(|| -> nix::Result<()> {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
+        bind(fd.as_raw_fd(), &SockaddrIn::new(192, 0, 2, 9, 80))?;
+        listen(&fd, Backlog::new(1).expect("a small backlog"))
+    })
 }
 
 /// A backlog change under a loop client: a new socket, a new instance on it, no
-/// connection refused; `old_closed`: also wait for the daemon to close the old socket.
-fn socket_option_case(overlap: bool, old_closed: bool) -> Result<()> {
+/// connection refused; `old_closed`: also wait for the daemon to close the old
+/// socket. `declared`: [`WIDE`] or [`ONE`].
+fn socket_option_case(overlap: bool, old_closed: bool, declared: &str) -> Result<()> {
     let ns = skip_unless!(netns_or_skip());
     let (mode, may_fail) = mode_lines(overlap);
     let sandbox = Sandbox::new()?;
-    serve_unit(
-        &sandbox,
-        "web",
-        &["192.0.2.0/24"],
-        &["80"],
-        mode,
-        "backlog = 16",
-    )?;
+    serve_unit(&sandbox, "web", &[declared], &["80"], mode, "backlog = 16")?;
     let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
     let old = hf.wait_running("web", T)?;
-    let (_, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
+    let (report, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
+    expect_bound(&report, declared)?;
     assert_eq!(backlog_limit(&hf, "web")?, Some(16));
     let client = LoopClient::start(
         &ns,
@@ -455,7 +531,7 @@ fn socket_option_case(overlap: bool, old_closed: bool) -> Result<()> {
     serve_unit(
         hf.sandbox(),
         "web",
-        &["192.0.2.0/24"],
+        &[declared],
         &["80"],
         mode,
         "backlog = 32",
@@ -463,9 +539,19 @@ fn socket_option_case(overlap: bool, old_closed: bool) -> Result<()> {
     let summary = reload(&hf)?;
     expect_summary(&summary, &[], &[], &["web"], &[], &[])?;
     let new = wait_new_main(&hf, "web", old)?;
-    let (_, new_socket) = reported_socket(hf.sandbox(), "web", new)?;
+    let (report, new_socket) = reported_socket(hf.sandbox(), "web", new)?;
     assert_ne!(new_socket, old_socket, "a new backlog, yet the same socket");
+    expect_bound(&report, declared)?;
     assert_eq!(backlog_limit(&hf, "web")?, Some(32));
+    if declared == ONE {
+        // Old and new were bound to one address and port together, yet a
+        // stranger cannot bind beside them.
+        assert_eq!(
+            stranger_binds_beside(&ns)?,
+            Err(nix::errno::Errno::EADDRINUSE),
+            "a SO_REUSEPORT socket of uid 0 bound beside the replaced socket"
+        );
+    }
     wait_for("the old instance to end", T, || {
         process_gone(old).then_some(())
     })?;
