@@ -386,6 +386,13 @@ fn create_ip(
         }
     }
     set_common(&fd, cfg, &what)?;
+    // A steered socket bound to its own address and port can be found by the
+    // kernel's own lookup before the sk_lookup program steers to it (its
+    // bindings are published after it listens), and that lookup knows
+    // nothing of allow/deny: sealed until then (see `unseal`).
+    if steered && addr.port() != 0 && !(o.allow.is_empty() && o.deny.is_empty()) {
+        seal(&fd).map_err(|source| syscall_err("setsockopt(SO_ATTACH_FILTER)", &what, source))?;
+    }
     if ty == SockType::Stream {
         if o.keep_alive {
             sys(
@@ -418,6 +425,73 @@ fn create_ip(
         listen(&fd, cfg, &what)?;
     }
     Ok(fd)
+}
+
+/// The one instruction of the socket filter that seals a socket: `ret #0`
+/// (BPF_RET | BPF_K, accept no byte of any packet).
+const DROP_ALL: libc::sock_filter = libc::sock_filter {
+    code: 0x06,
+    jt: 0,
+    jf: 0,
+    k: 0,
+};
+
+/// Seals a socket: a classic BPF socket filter that drops every packet (a
+/// TCP listener's SYNs too: clients retry), until [`unseal`].
+fn seal(fd: &impl AsFd) -> io::Result<()> {
+    attach_filter(fd, &mut [DROP_ALL])
+}
+
+/// SO_ATTACH_FILTER: `code` becomes the socket's classic BPF filter.
+fn attach_filter(fd: &impl AsFd, code: &mut [libc::sock_filter]) -> io::Result<()> {
+    let prog = libc::sock_fprog {
+        len: u16::try_from(code.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: the fd is open for the call; `prog` and the instructions it
+    // points to outlive it (the kernel copies the program).
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Takes the seal of [`create`] off a socket, once the sk_lookup program
+/// steers to it with its allow/deny. A socket without that very filter
+/// (none, or one its service attached) is left as it is.
+pub fn unseal(fd: &impl AsFd) -> io::Result<()> {
+    let mut code = [DROP_ALL; 2];
+    // SO_GET_FILTER counts in instructions, not bytes: room for two, so a
+    // longer filter (not ours) fails with EINVAL.
+    let mut len = code.len() as libc::socklen_t;
+    // SAFETY: the buffer holds `len` instructions and outlives the call.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_GET_FILTER,
+            code.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let ours = r == 0 && len == 1 && {
+        let c = &code[0];
+        (c.code, c.jt, c.jf, c.k) == (DROP_ALL.code, DROP_ALL.jt, DROP_ALL.jf, DROP_ALL.k)
+    };
+    if !ours {
+        return Ok(());
+    }
+    set_int(fd, libc::SOL_SOCKET, libc::SO_DETACH_FILTER, 0)
 }
 
 fn create_unix(cfg: &SocketConfig, path: &Path) -> Result<OwnedFd, ListenerError> {
@@ -804,6 +878,47 @@ pub(crate) mod tests {
         }
         socket::listen(&fd, Backlog::new(1).unwrap())?;
         Ok(fd)
+    }
+
+    /// A steered socket with allow/deny bound to its own address and port is
+    /// sealed (it drops everything, so no client gets in around the
+    /// program's rules) until `unseal`; a filter not ours stays.
+    #[test]
+    fn a_socket_with_source_rules_is_sealed_until_steered() {
+        use std::net::{TcpListener, TcpStream};
+        use std::time::Duration;
+        let free = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = free.local_addr().unwrap();
+        drop(free);
+        let mut cfg = tcp(&["127.0.0.1/32"], &[(at.port(), at.port())]);
+        cfg.options.deny = tcp(&["192.0.2.7/32"], &[]).addresses;
+        let placement = Placement::for_socket(&cfg, true).unwrap();
+        assert_eq!(placement.steered_at(), Some(at));
+        let fd = create(&cfg, &placement).unwrap();
+        let err = TcpStream::connect_timeout(&at, Duration::from_millis(300)).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            io::ErrorKind::TimedOut,
+            "a sealed listener took a SYN: {err}"
+        );
+        unseal(&fd).unwrap();
+        TcpStream::connect_timeout(&at, Duration::from_secs(5)).expect("unsealed");
+        // A filter of another shape is not the seal: it stays.
+        let other = create(&cfg, &Placement::Bound("127.0.0.1:0".parse().unwrap())).unwrap();
+        attach_filter(&other, &mut [DROP_ALL, DROP_ALL]).unwrap();
+        unseal(&other).unwrap();
+        let mut len: libc::socklen_t = 0;
+        // SAFETY: a length of 0 asks only for the number of instructions.
+        let r = unsafe {
+            libc::getsockopt(
+                other.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_GET_FILTER,
+                std::ptr::null_mut(),
+                &mut len,
+            )
+        };
+        assert_eq!((r, len), (0, 2), "unseal took off a filter not its own");
     }
 
     /// A steered socket on its one address (need not be local), a reload's

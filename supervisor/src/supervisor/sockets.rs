@@ -340,9 +340,22 @@ pub(super) fn steer(
     }
     // A reload that leaves the bindings as they are (the same list: reloads
     // keep unchanged units' bindings in place) costs no flip.
-    if d.bindings() == bindings {
-        return Ok(());
+    if d.bindings() != bindings {
+        publish(d, bindings)?;
     }
+    // Steered now, allow/deny and all: a new socket's seal comes off.
+    for (sock, _) in sockets {
+        if sock.destination.is_some() {
+            if let Err(e) = listener::unseal(&sock.fd) {
+                tracing::error!(socket = %sock.name, error = %e, "cannot take the seal off a steered socket: it drops every packet");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies `bindings`, with the rules of the refusals among them.
+fn publish(d: &mut Dispatcher, bindings: &[Binding]) -> Result<(), SupervisorError> {
     if bindings.iter().any(|b| b.destination == REFUSED) {
         let everyone = [
             IpPrefix {
