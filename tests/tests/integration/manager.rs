@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, netns_and_sandbox, require_file, skip_unless, wait_for, Holdfast, Netns, RunOptions,
+    ask_tcp, netns_and_sandbox, require, require_file, skip_unless, wait_for, Holdfast, Netns,
+    RunOptions,
 };
 use nix::sys::signal::Signal;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage, UnixAddr};
@@ -232,5 +233,58 @@ fn sockets_passed_in_listen_fds_are_used_in_place_when_they_fit_the_unit() -> Re
     ] {
         ensure!(log.contains(words), "the log does not say {words:?}:\n{log}");
     }
+    Ok(())
+}
+
+/// With the dispatcher, a passed socket bound to the unit's one address and
+/// port (as holdfast binds such a socket, so what systemd's fd store gives
+/// back after a crash) is used in place too: the service sees that address
+/// and port, and the dispatcher steers to it.
+#[test]
+fn with_the_dispatcher_a_passed_socket_on_the_units_address_is_used_in_place() -> Result<()> {
+    if !require_file("/usr/bin/systemd-socket-activate") {
+        return Ok(());
+    }
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    sandbox.write_serve_unit("web", 8080, "")?;
+    let opts = RunOptions {
+        dispatcher: true,
+        wrapper: socket_activate(&["127.0.0.1:8080"], &["web.web"]),
+        ..RunOptions::default()
+    };
+    let mut hf = Holdfast::spawn_with(&ns, sandbox, &opts)?;
+    wait_for("systemd-socket-activate listening", T, || {
+        answer(&ns, "127.0.0.1:8080").ok()
+    })?;
+    hf.wait_ready(T)?;
+    let rows = hf.bindings()?;
+    let steered = if rows.is_empty() {
+        Err(format!("no bindings: bind mode; the log:\n{}", hf.log()))
+    } else {
+        Ok(())
+    };
+    skip_unless!(require(
+        "the sk_lookup dispatcher (holdfast bindings)",
+        steered
+    ));
+    let web = hf.wait_running("web", T)?;
+    ensure!(answer(&ns, "127.0.0.1:8080")? == format!("web {web}\n"));
+    let report = hf.sandbox().wait_report("web", T, |r| r["pid"] == web)?;
+    ensure!(
+        report["sockets"][0]["address"] == serde_json::json!(["127.0.0.1", 8080]),
+        "{report}"
+    );
+    let log = hf.log();
+    ensure!(
+        log.contains("using the socket passed in LISTEN_FDS as web.web"),
+        "the passed socket was not used:\n{log}"
+    );
+    let rows = hf.bindings()?;
+    ensure!(
+        rows.first()
+            .is_some_and(|r| r["lookups"].as_u64() >= Some(1) && r["socket_present"] == true),
+        "not steered: {rows:?}"
+    );
+    hf.stop()?;
     Ok(())
 }
