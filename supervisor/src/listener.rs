@@ -115,7 +115,11 @@ impl Placement {
 
 /// Where a steered socket made from `cfg` binds, so that getsockname() reports
 /// it: its one address and port, when it is declared on exactly one address
-/// (a /32 or /128, not IPv4-mapped) and one port. Wider bindings have no such
+/// (a /32 or /128) and one port, and the address is one a socket can be bound
+/// to alone: not the unspecified address (the wildcard would take the port on
+/// every address), not broadcast or multicast, not IPv4-mapped (IPv4 traffic
+/// to it is IPv4: no IPv6 socket binds it), not IPv6 link-local (that needs a
+/// scope). Wider bindings have no such
 /// address: binding the first address and port of a prefix or range would
 /// take a port from whatever else binds there (a /0 prefix is the wildcard,
 /// which collides with every socket on that port; a narrower socket of
@@ -123,10 +127,16 @@ impl Placement {
 /// it), so they stay on loopback.
 pub fn steered_at(cfg: &SocketConfig) -> Option<SocketAddr> {
     let (addr, port) = cfg.single_bind()?;
-    match addr {
-        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => None,
-        _ => Some(SocketAddr::new(addr, port)),
-    }
+    let alone = match addr {
+        IpAddr::V4(a) => !(a.is_unspecified() || a.is_broadcast() || a.is_multicast()),
+        IpAddr::V6(a) => {
+            !(a.is_unspecified()
+                || a.is_multicast()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some())
+        }
+    };
+    alone.then_some(SocketAddr::new(addr, port))
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -153,10 +163,19 @@ pub enum ListenerError {
 }
 
 impl ListenerError {
-    /// Whether the address and port were taken (EADDRINUSE from bind or listen).
-    pub fn address_in_use(&self) -> bool {
+    /// Whether the address and port could not be had: bind or listen failed
+    /// with EADDRINUSE (taken), EADDRNOTAVAIL or EINVAL (an address this
+    /// host cannot bind), or EACCES (a port below 1024 without the capability).
+    pub fn address_refused(&self) -> bool {
         let ListenerError::Syscall { call, source, .. } = self;
-        matches!(*call, "bind" | "listen") && source.raw_os_error() == Some(libc::EADDRINUSE)
+        let refusals = [
+            libc::EADDRINUSE,
+            libc::EADDRNOTAVAIL,
+            libc::EINVAL,
+            libc::EACCES,
+        ];
+        matches!(*call, "bind" | "listen")
+            && source.raw_os_error().is_some_and(|e| refusals.contains(&e))
     }
 }
 
@@ -825,6 +844,12 @@ pub(crate) mod tests {
             (&["0.0.0.0/0"], &[(80, 80)], None, None),
             // IPv4 traffic to an IPv4-mapped address is IPv4: no IPv6 socket binds it.
             (&["::ffff:192.0.2.7/128"], &[(80, 80)], None, None),
+            // The wildcard would take the port on every address; link-local needs a scope.
+            (&["0.0.0.0/32"], &[(80, 80)], None, None),
+            (&["::/128"], &[(80, 80)], None, None),
+            (&["255.255.255.255/32"], &[(80, 80)], None, None),
+            (&["224.0.0.1/32"], &[(80, 80)], None, None),
+            (&["fe80::1/128"], &[(80, 80)], None, None),
             // ipv6-only = false asks for a dual-stack socket: only [::] stays one.
             (&["192.0.2.7/32"], &[(80, 80)], Some(false), None),
         ];
@@ -835,6 +860,22 @@ pub(crate) mod tests {
                 "{addresses:?} {ports:?} ipv6-only={v6only:?}"
             );
         }
+    }
+
+    /// The state of a holdfast from before `at` (an in-place upgrade) reads
+    /// as a socket on loopback, as it is.
+    #[test]
+    fn a_steered_placement_saved_without_at_is_on_loopback() {
+        let old = r#"{"Steered":{"ipv6":false,"dual_stack":false}}"#;
+        let p: Placement = serde_json::from_str(old).unwrap();
+        assert_eq!(p.steered_at(), None);
+        let new = Placement::Steered {
+            ipv6: false,
+            dual_stack: false,
+            at: Some("192.0.2.7:80".parse().unwrap()),
+        };
+        let back: Placement = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
     }
 
     /// Runs `f` in a network namespace of its own (this thread's only), so
@@ -947,7 +988,7 @@ pub(crate) mod tests {
                 assert!(!socket::getsockopt(&first, sockopt::ReusePort).unwrap());
                 strangers_refused("beside the first socket");
                 // Without the live socket's help, a second one cannot bind.
-                assert!(create(&cfg, &placement).unwrap_err().address_in_use());
+                assert!(create(&cfg, &placement).unwrap_err().address_refused());
                 let second = create_beside(&cfg, &placement, &[first.as_fd()]).unwrap();
                 assert_eq!(local_addr(&second), Some(at));
                 assert!(is_listening(&second) && is_listening(&first));

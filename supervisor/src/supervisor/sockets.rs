@@ -202,12 +202,12 @@ pub(super) fn open(
     let created = match inherited.take(&unit.name, cfg, &placement) {
         Some(fd) => Ok(fd),
         None => match listener::create_beside(cfg, &placement, live) {
-            Err(e) if e.address_in_use() && placement.steered_at().is_some() => {
+            Err(e) if e.address_refused() && placement.steered_at().is_some() => {
                 tracing::warn!(
                     service = %unit.name,
                     socket = %cfg.name,
                     error = %e,
-                    "its address and port are taken: the socket is bound to loopback instead, steered all the same (getsockname() in the service shows a loopback port)"
+                    "its one address and port cannot be bound: the socket is bound to loopback instead, steered all the same (getsockname() in the service shows a loopback port)"
                 );
                 listener::create(cfg, &placement.on_loopback())
             }

@@ -121,6 +121,21 @@ fn three_sockets_are_fds_3_4_5_in_unit_order() -> Result<()> {
     Ok(())
 }
 
+/// The daemon with the dispatcher (`None`: skip), once `name` runs: its pid
+/// and serve.py's report.
+fn start_dispatched_and_report(
+    ns: &Netns,
+    sandbox: Sandbox,
+    name: &str,
+) -> Result<Option<(Holdfast, i32, serde_json::Value)>> {
+    let Some(hf) = Holdfast::start_dispatched(ns, sandbox, &RunOptions::default())? else {
+        return Ok(None);
+    };
+    let pid = hf.wait_running(name, T)?;
+    let report = hf.sandbox().wait_report(name, T, |r| r["pid"] == pid)?;
+    Ok(Some((hf, pid, report)))
+}
+
 /// With the sk_lookup dispatcher, a socket declared on one address (a /32 or
 /// /128, local or not) and one port is bound there, so getsockname() in the
 /// service says what the unit says, as in bind mode and under systemd, while
@@ -144,13 +159,7 @@ fn with_the_dispatcher_getsockname_shows_the_one_declared_address_and_port() -> 
         &["8080-8089"],
         "",
     )?;
-    let mut hf = skip_unless!(Holdfast::start_dispatched(
-        &ns,
-        sandbox,
-        &RunOptions::default()
-    )?);
-    let pid = hf.wait_running("exact", T)?;
-    let report = hf.sandbox().wait_report("exact", T, |r| r["pid"] == pid)?;
+    let (mut hf, pid, report) = skip_unless!(start_dispatched_and_report(&ns, sandbox, "exact")?);
     check_handoff(
         &report,
         &[
@@ -187,6 +196,33 @@ fn with_the_dispatcher_getsockname_shows_the_one_declared_address_and_port() -> 
             "a binding the dispatcher did not steer: {row}"
         );
     }
+    hf.stop()?;
+    Ok(())
+}
+
+/// With the dispatcher, a socket whose one address and port another program
+/// holds is bound to loopback instead, with a warning, and steered all the
+/// same: holdfast starts, and its service answers on that address and port.
+#[test]
+fn with_the_dispatcher_a_taken_address_falls_back_to_loopback_and_is_steered() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let squatter = ns.run(|| TcpListener::bind("127.0.0.1:8002"))??;
+    sandbox.write_serve_unit("web", 8002, "")?;
+    let (mut hf, pid, report) = skip_unless!(start_dispatched_and_report(&ns, sandbox, "web")?);
+    let address = &report["sockets"][0]["address"];
+    assert!(
+        address[0] == "127.0.0.1" && address[1] != 8002,
+        "bound beside the squatter? {report}"
+    );
+    assert!(
+        hf.log()
+            .contains("cannot be bound: the socket is bound to loopback instead"),
+        "no warning:\n{}",
+        hf.log()
+    );
+    let answer = ns.run(|| ask_tcp("127.0.0.1:8002".parse().expect("literal"), T))??;
+    assert_eq!(answer, format!("web {pid}\n"), "steered past the squatter");
+    drop(squatter);
     hf.stop()?;
     Ok(())
 }
