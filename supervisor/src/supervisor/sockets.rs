@@ -282,8 +282,8 @@ pub(super) const REFUSED: DestinationId = crate::dispatch::MAX_DESTINATIONS - 1;
 /// that stop, or one of a failed service. Since the socket is bound there,
 /// the kernel's own lookup (which runs when the sk_lookup program finds no
 /// binding) would find it; this way what is withdrawn is refused, as for a
-/// socket bound to loopback. One stays until the next publication (a reload,
-/// a failed service shut or opened) after its socket closed.
+/// socket bound to loopback. Once its socket has closed, the next turn of the
+/// loop publishes again without it (`Supervisor::refresh_refusals`).
 pub(super) fn refusals<'a>(
     open: impl Iterator<Item = (&'a str, &'a Socket)>,
     bindings: &[Binding],
