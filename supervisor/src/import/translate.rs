@@ -223,6 +223,7 @@ fn service_config(
         user: None,
         group: None,
         process: crate::unit::ProcessConfig::defaults_for(crate::unit::ServiceType::Simple),
+        commands: Default::default(),
     };
     const S: &str = "Service";
 

@@ -20,7 +20,7 @@ use super::{Backoff, Exit, StartLimit, State};
 pub struct InstanceId(pub u64);
 
 /// Which instance a spawn is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SpawnRole {
     /// The service's main instance.
     Main,
@@ -43,6 +43,11 @@ pub enum Role {
 pub enum Effect {
     /// Spawn an instance; report with [`Machine::spawned`] or [`Machine::spawn_failed`].
     Spawn(SpawnRole),
+    /// Run `exec-start-pre` command `index` (no sockets) before the
+    /// instance `role`; report with [`Machine::pre_spawned`] or
+    /// [`Machine::pre_spawn_failed`]. Its exit comes to [`Machine::exited`]
+    /// under the id `pre_spawned` gave it.
+    SpawnPre { role: SpawnRole, index: usize },
     /// Ask every process of the instance to stop (SIGTERM, then SIGCONT).
     Terminate(InstanceId),
     /// SIGKILL to every process of the instance.
@@ -96,6 +101,21 @@ pub struct Instance {
     /// Why holdfast stopped it (start timeout, watchdog): its exit is a
     /// failure whatever its status, as systemd counts it.
     failed: Option<String>,
+}
+
+/// The `exec-start-pre` commands of one start under way: which one runs
+/// (as an instance of its own: stop and kill work on it as on the main one),
+/// and for which instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PreRun {
+    role: SpawnRole,
+    /// The command of `exec-start-pre` that runs (or is being spawned).
+    index: usize,
+    /// Every pre command of this start must be done by then (start-timeout).
+    #[serde(with = "super::mono")]
+    by: Instant,
+    /// The running command, once spawned.
+    inst: Option<Instance>,
 }
 
 /// A main instance that exited, as the restart policy sees it.
@@ -252,6 +272,9 @@ pub struct Machine {
     failure: Option<String>,
     /// Main pids of instances that have exited, newest last.
     gone_pids: std::collections::VecDeque<i32>,
+    /// The exec-start-pre command running before a start.
+    #[serde(default)]
+    pre: Option<PreRun>,
 }
 
 impl Machine {
@@ -277,6 +300,7 @@ impl Machine {
             overlap_failure: None,
             failure: None,
             gone_pids: Default::default(),
+            pre: None,
         }
     }
 
@@ -318,12 +342,20 @@ impl Machine {
     pub fn draining(&self) -> &[Instance] {
         &self.draining
     }
-    /// Every instance: main, candidate, draining.
+    /// Every instance: main, candidate, draining, and a running
+    /// exec-start-pre command.
     pub fn instances(&self) -> impl Iterator<Item = &Instance> {
         self.main
             .iter()
             .chain(&self.candidate)
             .chain(&self.draining)
+            .chain(self.pre.as_ref().and_then(|p| p.inst.as_ref()))
+    }
+    /// The exec-start-pre command that runs now: its index and instance.
+    pub fn pre_command(&self) -> Option<(usize, &Instance)> {
+        self.pre
+            .as_ref()
+            .and_then(|p| p.inst.as_ref().map(|i| (p.index, i)))
     }
     pub fn has_instances(&self) -> bool {
         self.instances().next().is_some()
@@ -413,7 +445,156 @@ impl Machine {
             self.state = State::Failed;
             return Vec::new();
         }
-        vec![Effect::Spawn(SpawnRole::Main)]
+        self.begin(SpawnRole::Main, now).into_iter().collect()
+    }
+
+    /// The first step of starting an instance `role`: its first
+    /// exec-start-pre command, or the instance itself. `None` while pre
+    /// commands already run for a start.
+    fn begin(&mut self, role: SpawnRole, now: Instant) -> Option<Effect> {
+        if self.pre.is_some() {
+            return None;
+        }
+        if self.cfg.commands.start_pre.is_empty() {
+            return Some(Effect::Spawn(role));
+        }
+        self.pre = Some(PreRun {
+            role,
+            index: 0,
+            by: deadline(now, self.cfg.start_timeout),
+            inst: None,
+        });
+        if role == SpawnRole::Main {
+            self.state = State::Starting;
+        }
+        Some(Effect::SpawnPre { role, index: 0 })
+    }
+
+    /// The exec-start-pre command asked for by `Effect::SpawnPre` runs as `pid`.
+    pub fn pre_spawned(&mut self, pid: i32, now: Instant) -> InstanceId {
+        let id = InstanceId(self.next_id);
+        self.next_id += 1;
+        let Some(pre) = self.pre.as_mut() else {
+            return id;
+        };
+        tracing::info!(service = %self.name, pid, command = pre.index, "exec-start-pre started");
+        pre.inst = Some(Instance {
+            id,
+            pid,
+            started_at: now,
+            ready: false,
+            ready_by: Some(pre.by),
+            watchdog: None,
+            watchdog_at: None,
+            kill_at: None,
+            failed: None,
+        });
+        id
+    }
+
+    /// The exec-start-pre command asked for could not be spawned: as if it
+    /// had exited with 127 (ignored for a `-` command).
+    pub fn pre_spawn_failed(&mut self, why: &str, now: Instant) -> Vec<Effect> {
+        let Some(pre) = self.pre.as_mut() else {
+            return Vec::new();
+        };
+        tracing::error!(service = %self.name, command = pre.index, error = %why, "cannot run exec-start-pre");
+        let failed = format!("cannot run exec-start-pre[{}]: {why}", pre.index);
+        let inst = pre.inst.insert(Instance {
+            id: InstanceId(0),
+            pid: 0,
+            started_at: now,
+            ready: false,
+            ready_by: None,
+            watchdog: None,
+            watchdog_at: None,
+            kill_at: None,
+            failed: None,
+        });
+        let ignored = self
+            .cfg
+            .commands
+            .start_pre
+            .get(pre.index)
+            .is_some_and(|c| c.ignore_failure);
+        if !ignored {
+            inst.failed = Some(failed);
+        }
+        self.pre_exited(Exit::Code(127), now, false)
+    }
+
+    /// The running exec-start-pre command exited: the next one, the
+    /// instance, or (it failed, or a stop or restart interrupted it) what
+    /// follows a main process's exit before it was ready.
+    fn pre_exited(&mut self, exit: Exit, now: Instant, shutting_down: bool) -> Vec<Effect> {
+        let Some(PreRun {
+            role,
+            index,
+            by,
+            inst: Some(mut inst),
+        }) = self.pre.take()
+        else {
+            return Vec::new();
+        };
+        if inst.pid != 0 {
+            self.gone(inst.pid);
+        }
+        let ignore = self
+            .cfg
+            .commands
+            .start_pre
+            .get(index)
+            .is_some_and(|c| c.ignore_failure);
+        let interrupted = match role {
+            SpawnRole::Main => shutting_down || self.stop_requested || self.restart_requested,
+            SpawnRole::Candidate => false,
+        };
+        let passed = inst.kill_at.is_none()
+            && inst.failed.is_none()
+            && (exit.success() || ignore)
+            && !interrupted;
+        if passed {
+            if !exit.success() {
+                tracing::warn!(service = %self.name, pid = inst.pid, command = index, %exit, "exec-start-pre failed; ignored (-)");
+            }
+            let next = index + 1;
+            if next < self.cfg.commands.start_pre.len() {
+                self.pre = Some(PreRun {
+                    role,
+                    index: next,
+                    by,
+                    inst: None,
+                });
+                return vec![Effect::SpawnPre { role, index: next }];
+            }
+            return vec![Effect::Spawn(role)];
+        }
+        let program = self
+            .cfg
+            .commands
+            .start_pre
+            .get(index)
+            .map_or("", |c| c.argv[0].as_str());
+        let why = inst
+            .failed
+            .take()
+            .unwrap_or_else(|| format!("exec-start-pre[{index}] ({program}) failed: {exit}"));
+        match role {
+            SpawnRole::Candidate => {
+                tracing::error!(service = %self.name, pid = inst.pid, %exit, "overlap restart: {why}; the old one keeps serving");
+                self.overlap_failure = Some(format!("{why}; the old instance keeps serving"));
+                Vec::new()
+            }
+            SpawnRole::Main => {
+                if !interrupted {
+                    tracing::error!(service = %self.name, pid = inst.pid, %exit, "{why}: the start failed");
+                }
+                // The start failed as a main process that exits before it
+                // is ready: the restart policy and the start limit apply.
+                inst.failed = Some(why);
+                self.main_exited(inst, exit, now, shutting_down)
+            }
+        }
     }
 
     /// Traffic arrived for an on-demand service with no instance running.
@@ -524,6 +705,18 @@ impl Machine {
             c.terminate(now, timeout, &mut fx);
             self.draining.push(c);
         }
+        if let Some(pre) = self.pre.as_mut() {
+            if let Some(inst) = pre.inst.as_mut() {
+                inst.terminate(now, timeout, &mut fx);
+            }
+            if pre.role == SpawnRole::Main {
+                // Its exit ends the start: stopped.
+                self.stop_requested = true;
+                self.restart_requested = false;
+                self.state = State::Stopping;
+                return fx;
+            }
+        }
         match self.main.as_mut() {
             Some(main) => {
                 self.stop_requested = true;
@@ -554,7 +747,14 @@ impl Machine {
         self.stop_requested = true;
         self.state = State::Stopping;
         let timeout = self.cfg.stop_timeout;
-        for mut inst in self.candidate.take().into_iter().chain(self.main.take()) {
+        let pre = self.pre.take().and_then(|p| p.inst);
+        for mut inst in self
+            .candidate
+            .take()
+            .into_iter()
+            .chain(self.main.take())
+            .chain(pre)
+        {
             inst.terminate(now, timeout, &mut fx);
             self.draining.push(inst);
         }
@@ -578,7 +778,7 @@ impl Machine {
             RestartMode::Overlap if self.main.is_some() => Ok(if self.candidate.is_some() {
                 Vec::new()
             } else {
-                vec![Effect::Spawn(SpawnRole::Candidate)]
+                self.begin(SpawnRole::Candidate, now).into_iter().collect()
             }),
             _ => Ok(self.restart_stop_start(now)),
         }
@@ -597,10 +797,27 @@ impl Machine {
                 fx
             }
             None => {
+                // A start under way in its exec-start-pre: stopped, then started again.
+                if let Some(inst) = self.main_pre_mut() {
+                    let mut fx = Vec::new();
+                    inst.terminate(now, timeout, &mut fx);
+                    self.restart_requested = true;
+                    self.stop_requested = false;
+                    self.state = State::Stopping;
+                    return fx;
+                }
                 self.reset();
                 self.start(now, false)
             }
         }
+    }
+
+    /// The running exec-start-pre command of a main instance's start.
+    fn main_pre_mut(&mut self) -> Option<&mut Instance> {
+        self.pre
+            .as_mut()
+            .filter(|p| p.role == SpawnRole::Main)
+            .and_then(|p| p.inst.as_mut())
     }
 
     /// The main process of instance `id` exited. `shutting_down`: holdfast
@@ -614,6 +831,9 @@ impl Machine {
     ) -> Vec<Effect> {
         if let Some(k) = self.draining.iter().position(|d| d.id == id) {
             return self.draining_exited(k, exit);
+        }
+        if self.pre_command().is_some_and(|(_, i)| i.id == id) {
+            return self.pre_exited(exit, now, shutting_down);
         }
         if self.candidate.as_ref().is_some_and(|c| c.id == id) {
             self.candidate_exited(exit);
@@ -675,6 +895,14 @@ impl Machine {
                     State::Starting
                 };
                 self.main = Some(c);
+                self.restarts += 1;
+                return Vec::new();
+            }
+            // The candidate is still in its exec-start-pre: it becomes the main start.
+            if let Some(pre) = self.pre.as_mut().filter(|p| p.role == SpawnRole::Candidate) {
+                tracing::warn!(service = %self.name, pid = main.pid, %exit, "exited during an overlap restart; the new instance, in its exec-start-pre, takes over");
+                pre.role = SpawnRole::Main;
+                self.state = State::Starting;
                 self.restarts += 1;
                 return Vec::new();
             }
@@ -826,6 +1054,7 @@ impl Machine {
             .iter_mut()
             .chain(&mut self.candidate)
             .chain(&mut self.draining)
+            .chain(self.pre.as_mut().and_then(|p| p.inst.as_mut()))
         {
             if inst.kill_at.is_some_and(|t| t <= now) {
                 inst.kill_at = Some(deadline(now, Duration::from_secs(3600)));
@@ -839,6 +1068,27 @@ impl Machine {
                 humantime::format_duration(start_timeout)
             )
         };
+        // Start timeout in an exec-start-pre command: stop it; its exit
+        // fails the start.
+        if let Some(pre) = self.pre.as_mut() {
+            if let Some(inst) = pre
+                .inst
+                .as_mut()
+                .filter(|i| i.ready_by.is_some_and(|t| t <= now))
+            {
+                let why = format!(
+                    "exec-start-pre[{}] did not finish within start-timeout ({})",
+                    pre.index,
+                    humantime::format_duration(start_timeout)
+                );
+                tracing::error!(service = %self.name, pid = inst.pid, "{why}: stopping it");
+                inst.terminate(now, stop_timeout, &mut fx);
+                inst.failed = Some(why);
+                if pre.role == SpawnRole::Main {
+                    self.state = State::Stopping;
+                }
+            }
+        }
         // Start timeout of an overlap candidate: give up on it.
         if self
             .candidate
@@ -986,6 +1236,7 @@ mod tests {
             user: None,
             group: None,
             process: crate::unit::ProcessConfig::defaults_for(kind),
+            commands: Default::default(),
         }
     }
 
@@ -1251,5 +1502,290 @@ mod tests {
         assert_eq!(m.state(), State::Stopped);
         assert!(m.timers(t + Duration::from_secs(5), true).is_empty());
         assert_eq!(m.state(), State::Stopped);
+    }
+
+    fn with_pre(kind: ServiceType, restart: RestartPolicy, pre: &[(&str, bool)]) -> ServiceConfig {
+        let mut c = cfg(kind, restart);
+        c.commands.start_pre = pre
+            .iter()
+            .map(|(p, ignore)| crate::unit::ExecCommand {
+                argv: vec![p.to_string()],
+                ignore_failure: *ignore,
+            })
+            .collect();
+        c
+    }
+
+    /// A start that failed leaves no instance: sockets a reload replaced go.
+    fn released() -> Vec<Effect> {
+        vec![Effect::ReleaseOldSockets]
+    }
+
+    fn pre(role: SpawnRole, index: usize) -> Vec<Effect> {
+        vec![Effect::SpawnPre { role, index }]
+    }
+
+    #[test]
+    fn pre_commands_run_one_after_another_before_the_main_process() {
+        let now = Instant::now();
+        let c = with_pre(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            &[("a", false), ("b", false)],
+        );
+        let mut m = Machine::new("s", &c, false);
+        assert_eq!(m.boot(now), pre(SpawnRole::Main, 0));
+        assert_eq!(m.state(), State::Starting);
+        let a = m.pre_spawned(20, now);
+        assert_eq!(m.pre_command().map(|(k, i)| (k, i.pid)), Some((0, 20)));
+        assert!(m.has_instances());
+        assert!(m.main().is_none());
+        assert_eq!(
+            m.exited(a, Exit::Code(0), now, false),
+            pre(SpawnRole::Main, 1)
+        );
+        let b = m.pre_spawned(21, now);
+        assert_eq!(
+            m.exited(b, Exit::Code(0), now, false),
+            vec![Effect::Spawn(SpawnRole::Main)]
+        );
+        assert!(m.pre_command().is_none());
+        m.spawned(SpawnRole::Main, 22, now);
+        assert_eq!(m.state(), State::Running);
+        // A restart runs them again.
+        let main = m.main().unwrap().id;
+        m.exited(main, Exit::Code(1), now + MS, false);
+        assert_eq!(m.state(), State::Waiting);
+        assert_eq!(
+            m.timers(now + Duration::from_secs(1), true),
+            pre(SpawnRole::Main, 0)
+        );
+    }
+
+    #[test]
+    fn a_failing_pre_command_fails_the_start_and_the_start_limit_applies() {
+        let now = Instant::now();
+        let c = with_pre(
+            ServiceType::Simple,
+            RestartPolicy::Always,
+            &[("check", false)],
+        );
+        let mut m = Machine::new("s", &c, false);
+        let mut t = now;
+        for run in 0..5 {
+            let fx = if run == 0 {
+                m.boot(t)
+            } else {
+                m.timers(t, true)
+            };
+            assert_eq!(fx, pre(SpawnRole::Main, 0), "start {run}");
+            let id = m.pre_spawned(100 + run, t);
+            assert_eq!(m.exited(id, Exit::Code(1), t, false), released());
+            assert_eq!(m.state(), State::Waiting, "start {run}");
+            assert_eq!(m.last_exit(), Some(Exit::Code(1)));
+            t += Duration::from_secs(1);
+        }
+        assert_eq!(m.restarts(), 5);
+        assert!(m.timers(t, true).is_empty());
+        assert_eq!(m.state(), State::Failed);
+        assert!(m.failure().unwrap().contains("start limit"));
+
+        // restart = "never": failed at once, saying which command.
+        let c = with_pre(
+            ServiceType::Simple,
+            RestartPolicy::Never,
+            &[("ok", false), ("check", false)],
+        );
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let id = m.pre_spawned(10, now);
+        m.exited(id, Exit::Code(0), now, false);
+        let id = m.pre_spawned(11, now);
+        m.exited(id, Exit::Signal(9), now, false);
+        assert_eq!(m.state(), State::Failed);
+        let why = m.failure().unwrap();
+        assert!(why.contains("exec-start-pre[1] (check) failed"), "{why}");
+        assert!(!m.has_instances());
+    }
+
+    #[test]
+    fn a_dash_command_may_fail_and_cannot_be_spawned_as_well() {
+        let now = Instant::now();
+        let c = with_pre(
+            ServiceType::Notify,
+            RestartPolicy::OnFailure,
+            &[("a", true), ("b", true), ("c", false)],
+        );
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let a = m.pre_spawned(10, now);
+        assert_eq!(
+            m.exited(a, Exit::Code(3), now, false),
+            pre(SpawnRole::Main, 1)
+        );
+        assert_eq!(
+            m.pre_spawn_failed("no such file", now),
+            pre(SpawnRole::Main, 2)
+        );
+        // Not a dash: a spawn failure fails the start.
+        assert_eq!(m.pre_spawn_failed("no such file", now), released());
+        assert_eq!(m.state(), State::Waiting);
+        assert_eq!(m.last_exit(), Some(Exit::Code(127)));
+    }
+
+    #[test]
+    fn pre_commands_must_finish_within_start_timeout() {
+        let now = Instant::now();
+        let c = with_pre(
+            ServiceType::Simple,
+            RestartPolicy::Never,
+            &[("a", false), ("slow", true)],
+        );
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let a = m.pre_spawned(10, now);
+        m.exited(a, Exit::Code(0), now + 600 * MS, false);
+        let slow = m.pre_spawned(11, now + 600 * MS);
+        // One start-timeout for them all, from the start.
+        assert_eq!(m.deadline(), Some(now + 1000 * MS));
+        assert!(m.timers(now + 999 * MS, true).is_empty());
+        assert_eq!(
+            m.timers(now + 1000 * MS, true),
+            vec![Effect::Terminate(slow)]
+        );
+        assert_eq!(m.state(), State::Stopping);
+        assert_eq!(m.timers(now + 2000 * MS, true), vec![Effect::Kill(slow)]);
+        // Even a dash command that timed out fails the start.
+        assert_eq!(
+            m.exited(slow, Exit::Signal(9), now + 2001 * MS, false),
+            released()
+        );
+        assert_eq!(m.state(), State::Failed);
+        assert!(m.failure().unwrap().contains("within start-timeout"));
+    }
+
+    #[test]
+    fn a_stop_during_a_pre_command_stops_it_and_nothing_starts() {
+        let now = Instant::now();
+        let c = with_pre(ServiceType::Simple, RestartPolicy::Always, &[("a", false)]);
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let a = m.pre_spawned(10, now);
+        assert_eq!(m.stop(now), vec![Effect::Terminate(a)]);
+        assert_eq!(m.state(), State::Stopping);
+        assert_eq!(m.timers(now + 1000 * MS, true), vec![Effect::Kill(a)]);
+        assert_eq!(
+            m.exited(a, Exit::Signal(9), now + 1001 * MS, false),
+            released()
+        );
+        assert_eq!(m.state(), State::Stopped);
+        assert!(m.failure().is_none());
+        assert!(!m.has_instances());
+        // Shutting down: stopped too, whatever its exit.
+        m.request_start(now);
+        let a = m.pre_spawned(11, now);
+        assert_eq!(m.exited(a, Exit::Code(0), now, true), released());
+        assert_eq!(m.state(), State::Stopped);
+    }
+
+    #[test]
+    fn a_restart_during_a_pre_command_starts_again_from_the_first() {
+        let now = Instant::now();
+        let c = with_pre(
+            ServiceType::Simple,
+            RestartPolicy::Never,
+            &[("a", false), ("b", false)],
+        );
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let a = m.pre_spawned(10, now);
+        m.exited(a, Exit::Code(0), now, false);
+        let b = m.pre_spawned(11, now);
+        assert_eq!(m.restart(None, now).unwrap(), vec![Effect::Terminate(b)]);
+        assert_eq!(
+            m.exited(b, Exit::Signal(15), now, false),
+            [released(), pre(SpawnRole::Main, 0)].concat()
+        );
+        assert_eq!(m.state(), State::Starting);
+    }
+
+    #[test]
+    fn an_overlap_candidate_runs_the_pre_commands_and_their_failure_keeps_the_old_one() {
+        let now = Instant::now();
+        let c = with_pre(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            &[("check", false)],
+        );
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let p = m.pre_spawned(10, now);
+        m.exited(p, Exit::Code(0), now, false);
+        let (old, _) = m.spawned(SpawnRole::Main, 11, now);
+        assert_eq!(
+            m.restart(Some(RestartMode::Overlap), now).unwrap(),
+            pre(SpawnRole::Candidate, 0)
+        );
+        // Asked again while it runs: nothing more.
+        assert!(m
+            .restart(Some(RestartMode::Overlap), now)
+            .unwrap()
+            .is_empty());
+        let p = m.pre_spawned(12, now);
+        assert_eq!(m.state(), State::Running);
+        assert!(m.exited(p, Exit::Code(1), now, false).is_empty());
+        assert!(m
+            .overlap_failure()
+            .unwrap()
+            .contains("exec-start-pre[0] (check) failed"));
+        assert_eq!(m.main().unwrap().id, old);
+        assert_eq!(m.state(), State::Running);
+        // Passes: the candidate spawns, and (simple) takes over at once.
+        m.restart(Some(RestartMode::Overlap), now).unwrap();
+        let p = m.pre_spawned(13, now);
+        assert_eq!(
+            m.exited(p, Exit::Code(0), now, false),
+            vec![Effect::Spawn(SpawnRole::Candidate)]
+        );
+        let (_, fx) = m.spawned(SpawnRole::Candidate, 14, now);
+        assert_eq!(fx, vec![Effect::Terminate(old)]);
+        // The old one dies while a candidate is in its pre command: that start becomes the main one.
+        m.restart(Some(RestartMode::Overlap), now).unwrap();
+        let p = m.pre_spawned(15, now);
+        let main = m.main().unwrap().id;
+        assert!(m.exited(main, Exit::Code(1), now, false).is_empty());
+        assert_eq!(m.state(), State::Starting);
+        assert_eq!(
+            m.exited(p, Exit::Code(0), now, false),
+            vec![Effect::Spawn(SpawnRole::Main)]
+        );
+    }
+
+    #[test]
+    fn a_pre_command_survives_serialization_for_the_upgrade() {
+        let now = Instant::now();
+        let c = with_pre(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            &[("a", false), ("b", false)],
+        );
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let a = m.pre_spawned(10, now);
+        let json = serde_json::to_string(&m).unwrap();
+        let mut m: Machine = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            m.pre_command().map(|(k, i)| (k, i.pid, i.id)),
+            Some((0, 10, a))
+        );
+        assert_eq!(
+            m.exited(a, Exit::Code(0), now, false),
+            pre(SpawnRole::Main, 1)
+        );
+        // A machine saved before exec-start-pre existed reads as none running.
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v.as_object_mut().unwrap().remove("pre");
+        let old: Machine = serde_json::from_value(v).unwrap();
+        assert!(old.pre_command().is_none());
     }
 }

@@ -20,7 +20,7 @@ use crate::protocol::Stream;
 use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
 use crate::service::{Effect, Exit, InstanceId, Machine, Said};
 use crate::spawn::{self, Credentials};
-use crate::unit::Unit;
+use crate::unit::{StandardInput, StandardOutput, Unit};
 
 use super::acceptor::Acceptor;
 use super::output::LogRing;
@@ -438,7 +438,24 @@ impl Supervisor {
             };
             let group = |i: InstanceId| svc.groups.get(&i).copied();
             match effect {
-                Effect::Spawn(role) => match self.spawn_instance(id) {
+                Effect::SpawnPre { role: _, index } => {
+                    let more = match self.spawn_instance(id, Some(index)) {
+                        Ok(pid) => {
+                            let svc = self.registry.get_mut(id).expect("still there");
+                            let instance = svc.machine.pre_spawned(pid.as_raw(), now);
+                            svc.groups.insert(instance, pid);
+                            self.registry
+                                .track(pid.as_raw(), id, Owner::Instance(instance));
+                            Vec::new()
+                        }
+                        Err(e) => {
+                            let svc = self.registry.get_mut(id).expect("still there");
+                            svc.machine.pre_spawn_failed(&e.to_string(), now)
+                        }
+                    };
+                    queue.extend(more);
+                }
+                Effect::Spawn(role) => match self.spawn_instance(id, None) {
                     Ok(pid) => {
                         let svc = self.registry.get_mut(id).expect("still there");
                         let (instance, more) = svc.machine.spawned(role, pid.as_raw(), now);
@@ -518,8 +535,15 @@ impl Supervisor {
         (path_var, env)
     }
 
-    /// Spawns a new instance of service `id` with its sockets and stored fds.
-    fn spawn_instance(&mut self, id: ServiceId) -> Result<Pid, spawn::SpawnError> {
+    /// Spawns a new instance of service `id` with its sockets and stored
+    /// fds, or (`pre`: its index) an exec-start-pre command of it, with its
+    /// credentials, environment, directory and a cgroup leaf of its own,
+    /// but no socket.
+    fn spawn_instance(
+        &mut self,
+        id: ServiceId,
+        pre: Option<usize>,
+    ) -> Result<Pid, spawn::SpawnError> {
         // A failed service's listeners listen again before it starts on them.
         self.open_doors_before_spawn(id);
         let hierarchy = self.cgroups.as_ref();
@@ -530,22 +554,30 @@ impl Supervisor {
         let svc = self.registry.get(id).expect("a known service");
         let (path_var, mut env) = self.base_env(svc);
         let cfg = &svc.unit.service;
-        let program = spawn::resolve_program(&cfg.exec[0], path_var.as_deref())?;
+        let argv = match pre {
+            Some(k) => &cfg.commands.start_pre[k].argv,
+            None => &cfg.exec,
+        };
+        let program = spawn::resolve_program(&argv[0], path_var.as_deref())?;
         let credentials = Credentials::resolve(cfg.user.as_deref(), cfg.group.as_deref())?;
         let (out_r, out_w) = spawn::output_pipe()?;
         let (err_r, err_w) = spawn::output_pipe()?;
         for (k, v) in &cfg.environment {
             env.push((k.clone(), v.into()));
         }
-        let mut fds: Vec<(BorrowedFd<'_>, &str)> = svc
-            .sockets
-            .iter()
-            .map(|s| (s.fd.as_fd(), s.name.as_str()))
-            .collect();
-        fds.extend(svc.fd_store.fds().map(|(name, fd)| (fd, name)));
+        let mut fds: Vec<(BorrowedFd<'_>, &str)> = Vec::new();
+        if pre.is_none() {
+            fds.extend(svc.sockets.iter().map(|s| (s.fd.as_fd(), s.name.as_str())));
+            fds.extend(svc.fd_store.fds().map(|(name, fd)| (fd, name)));
+        }
+        let sockets = if pre.is_none() { svc.sockets.len() } else { 0 };
+        let (standard_input, standard_output) = match pre {
+            None => (cfg.process.standard_input, cfg.process.standard_output),
+            Some(_) => (StandardInput::Null, StandardOutput::Log),
+        };
         let cmd = spawn::Command {
             program: &program,
-            argv: &cfg.exec,
+            argv,
             env,
             fds,
             stdin: None,
@@ -553,12 +585,12 @@ impl Supervisor {
             stderr: err_w.as_fd(),
             credentials: credentials.as_ref(),
             working_directory: cfg.working_directory.as_deref(),
-            sockets: svc.sockets.len(),
+            sockets,
             cgroup: leaf.as_ref().map(|l| l.as_fd()),
             rlimits: cfg.process.rlimits,
             non_blocking: cfg.process.non_blocking,
-            standard_input: cfg.process.standard_input,
-            standard_output: cfg.process.standard_output,
+            standard_input,
+            standard_output,
         };
         // The core is to keep the pidfd (issue 10); for now the pid only.
         let spawned = spawn::spawn(&cmd);

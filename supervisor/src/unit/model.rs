@@ -55,6 +55,44 @@ pub struct ServiceConfig {
     pub group: Option<String>,
     /// The keys about the service's processes (limits, signals, stdio).
     pub process: ProcessConfig,
+    /// The commands run around the main process (`exec-start-pre`).
+    #[serde(default)]
+    pub commands: Commands,
+}
+
+/// The commands a service runs beside its main process, systemd's
+/// `ExecStartPre=` and friends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commands {
+    /// `exec-start-pre`: run one after another, each to completion, before
+    /// every start of the main process, with its user, environment,
+    /// directory and cgroup but without its sockets.
+    pub start_pre: Vec<ExecCommand>,
+}
+
+/// One command of [`Commands`]: its argv, and whether its failure is
+/// ignored (a leading `-` on the program in the unit file, as in systemd).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecCommand {
+    /// argv, without the `-`; `argv[0]` is looked up in PATH at spawn.
+    pub argv: Vec<String>,
+    /// Written `-/path`: a failure (exit status, signal, cannot exec) is
+    /// logged and the start goes on.
+    pub ignore_failure: bool,
+}
+
+impl ExecCommand {
+    /// The command as written in a unit file: `argv` with the `-` back on
+    /// the program.
+    pub fn written(&self) -> Vec<String> {
+        let mut argv = self.argv.clone();
+        if self.ignore_failure {
+            if let Some(p) = argv.first_mut() {
+                p.insert(0, '-');
+            }
+        }
+        argv
+    }
 }
 
 /// The `[service]` keys about the service's processes, systemd's meanings.

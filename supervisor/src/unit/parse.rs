@@ -14,6 +14,7 @@ use toml_edit::{ImDocument, Item, TableLike};
 use super::diag::{Diagnostic, Diagnostics, LineIndex, Pos};
 use super::model::*;
 
+mod commands;
 mod process;
 pub(crate) use process::signal_name;
 
@@ -51,6 +52,8 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "working-directory",
     "user",
     "group",
+    // Read in `commands`:
+    "exec-start-pre",
     // Read in `process`:
     "notify-access",
     "kill-signal",
@@ -140,6 +143,7 @@ pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
         text,
         diags: Vec::new(),
         stdio_socket: None,
+        start_pre_at: None,
     };
     check_service_name(&mut cx, name);
     let doc = match ImDocument::parse(text) {
@@ -202,6 +206,7 @@ pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
         None => (Vec::new(), UnitSpans::default()),
     };
     cx.check_stdio_socket(sockets.len());
+    cx.check_commands(&sockets);
     // A unit with mistakes is not returned: its parts would not line up with their places.
     let unit = service.filter(|_| cx.diags.is_empty()).map(|service| Unit {
         name: name.to_string(),
@@ -282,6 +287,8 @@ struct Cx<'a> {
     diags: Vec<Diagnostic>,
     /// Where standard-input or standard-output = "socket" was written.
     stdio_socket: Option<(Pos, String)>,
+    /// Where exec-start-pre was written (accept services refuse it).
+    start_pre_at: Option<(Pos, String)>,
 }
 
 impl<'a> Cx<'a> {
@@ -587,6 +594,7 @@ impl<'a> Cx<'a> {
             user: None,
             group: None,
             process: ProcessConfig::defaults_for(ServiceType::Simple),
+            commands: Commands::default(),
         };
         if let Some(f) = take("type") {
             let options = [
@@ -699,6 +707,7 @@ impl<'a> Cx<'a> {
             svc.group = self.account(&f, "group = \"www-data\"");
         }
         self.process_keys(&mut svc, &mut take);
+        self.command_keys(&mut svc, &mut take);
         svc
     }
 

@@ -18,6 +18,13 @@ fn strings<'a>(items: impl IntoIterator<Item = &'a str>) -> Item {
     value(Array::from_iter(items))
 }
 
+/// A list of commands as an array of arrays, each program with its `-`.
+fn commands(list: &[super::model::ExecCommand]) -> Item {
+    value(Array::from_iter(list.iter().map(|c| {
+        toml_edit::Value::Array(Array::from_iter(c.written()))
+    })))
+}
+
 /// The unit as a TOML document. `unit.name` and `unit.path` are not in it:
 /// they come from the file name.
 pub fn to_toml(unit: &Unit) -> String {
@@ -109,6 +116,9 @@ pub fn to_toml(unit: &Unit) -> String {
         StandardOutput::Log => "log",
         StandardOutput::Socket => "socket",
     });
+    if !s.commands.start_pre.is_empty() {
+        svc["exec-start-pre"] = commands(&s.commands.start_pre);
+    }
     if !s.environment.is_empty() {
         let mut env = Table::new();
         for (k, v) in &s.environment {

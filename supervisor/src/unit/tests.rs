@@ -11,6 +11,7 @@ use pretty_assertions::assert_eq;
 
 use super::*;
 
+mod commands;
 mod process_keys;
 
 /// A directory under the system temp dir, removed on drop.
@@ -377,6 +378,7 @@ fn defaults(exec: &[&str]) -> ServiceConfig {
         user: None,
         group: None,
         process: crate::unit::ProcessConfig::defaults_for(crate::unit::ServiceType::Simple),
+        commands: Default::default(),
     }
 }
 
@@ -859,6 +861,7 @@ fn random_unit(rng: &mut Rng) -> Unit {
         sockets.push(sock);
     }
     process_keys::randomize(&mut s, rng, !sockets.is_empty());
+    commands::randomize(&mut s, rng);
     Unit {
         name: "gen".into(),
         path: "gen.toml".into(),
