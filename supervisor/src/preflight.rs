@@ -68,6 +68,7 @@ fn check_unit(unit: &Unit, state_dir: &Path, base_path: Option<&OsStr>) -> Vec<D
             diags.push(diagnostic_at(unit, "service.exec[0]", message, hint));
         }
     }
+    diags.extend(check_commands(unit, base_path));
     let socket = notify_socket_path(state_dir, &unit.name);
     let len = socket.as_os_str().len();
     if len > UNIX_PATH_MAX {
@@ -83,6 +84,22 @@ fn check_unit(unit: &Unit, state_dir: &Path, base_path: Option<&OsStr>) -> Vec<D
         ));
     }
     diags
+}
+
+/// The programs of `exec-start-pre` commands, as `exec[0]`; one written
+/// with `-` may be missing (its failure is ignored).
+fn check_commands(unit: &Unit, base_path: Option<&OsStr>) -> Vec<Diagnostic> {
+    let svc = &unit.service;
+    let path_var = svc.environment.get("PATH").map(OsStr::new).or(base_path);
+    let commands = svc.commands.start_pre.iter().enumerate();
+    commands
+        .filter(|(_, c)| !c.ignore_failure)
+        .filter_map(|(k, c)| {
+            let (message, hint) = program_problem(&c.argv[0], path_var)?;
+            let key = format!("service.exec-start-pre[{k}]");
+            Some(diagnostic_at(unit, &key, message, hint))
+        })
+        .collect()
 }
 
 /// A cgroup limit whose controller the service cgroups will not have.
@@ -237,6 +254,18 @@ mod tests {
         let text = "[service]\nexec = [\"sh\"]\nenvironment = { PATH = \"/nonexistent\" }\n";
         let got = check("web", text, "/run/holdfast");
         assert!(got[0].3.contains("PATH=/nonexistent"), "{got:?}");
+    }
+
+    #[test]
+    fn exec_start_pre_programs_are_checked_unless_written_with_a_dash() {
+        let text = "[service]\nexec = [\"/bin/true\"]\nexec-start-pre = [[\"-/nonexistent/a\"], [\"/bin/true\"], [\"/nonexistent/b\", \"-t\"]]\n";
+        let got = check("web", text, "/run/holdfast");
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            (got[0].0, got[0].1, got[0].2.as_str()),
+            (3, 55, "service.exec-start-pre[2]")
+        );
+        assert!(got[0].3.contains("/nonexistent/b"), "{got:?}");
     }
 
     #[test]

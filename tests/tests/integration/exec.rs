@@ -1,0 +1,165 @@
+//! The commands a service runs beside its main process: `exec-start-pre`
+//! runs before every start, with the service's environment, directory and
+//! cgroup but no socket, its output in the service's log; its failure fails
+//! the start (restart policy, start limit); a stop stops it; an in-place
+//! upgrade carries it over.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use holdfast_testkit::{
+    netns_and_sandbox, process_gone, skip_unless, toml_str, wait_for, Holdfast,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+fn sh(script: &str) -> String {
+    format!("[\"/bin/sh\", \"-c\", {}]", toml_str(script))
+}
+
+#[test]
+fn pre_commands_run_before_the_main_process_with_its_environment_but_no_socket() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let out = sandbox.out_dir();
+    let pre = format!(
+        "echo \"$GREETING $(pwd) fds=${{LISTEN_FDS:-none}} $(cat /proc/self/cgroup)\" > {out}/pre; echo pre says hello",
+        out = out.display()
+    );
+    // The main process sees what the pre command left, and its own sockets.
+    let main = format!(
+        "cp {out}/pre {out}/main-saw && echo \"fds=$LISTEN_FDS\" >> {out}/main-saw; exec sleep 1000",
+        out = out.display()
+    );
+    sandbox.write_local_unit(
+        "web",
+        8080,
+        &format!(
+            "exec = {main}\nexec-start-pre = [{pre}, [\"-/bin/false\"]]\nenvironment = {{ GREETING = \"hi\" }}\nworking-directory = {dir}\n",
+            main = sh(&main),
+            pre = sh(&pre),
+            dir = toml_str(&out.display().to_string()),
+        ),
+    )?;
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    hf.wait_running("web", T)?;
+    let out = hf.sandbox().out_dir();
+    let saw = wait_for("main-saw", T, || {
+        std::fs::read_to_string(out.join("main-saw"))
+            .ok()
+            .filter(|t| t.contains("fds=1"))
+    })?;
+    ensure!(
+        saw.starts_with(&format!("hi {} fds=none ", out.display())),
+        "the pre command's view: {saw:?}"
+    );
+    ensure!(
+        saw.contains("web.service"),
+        "not in the service's cgroup: {saw:?}"
+    );
+    let logs = hf.cli_ok(&["logs", "web"])?;
+    ensure!(
+        logs.contains("pre says hello"),
+        "its output is not in the log: {logs}"
+    );
+    ensure!(
+        hf.service("web")?["restarts"] == 0,
+        "the - command's failure counted"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_failing_pre_command_fails_the_start_and_the_service_at_the_start_limit() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let out = sandbox.out_dir();
+    sandbox.write_local_unit(
+        "web",
+        8080,
+        &format!(
+            "exec = {main}\nexec-start-pre = [{pre}]\nrestart = \"always\"\nrestart-delay = \"100ms\"\nstart-limit-burst = 3\nstart-limit-interval = \"30s\"\n",
+            main = sh(&format!("touch {}/main; exec sleep 1000", out.display())),
+            pre = sh(&format!("echo try >> {}/tries; exit 3", out.display())),
+        ),
+    )?;
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    let failed = hf.wait_state("web", "failed", Duration::from_secs(15))?;
+    let out = hf.sandbox().out_dir();
+    let tries = std::fs::read_to_string(out.join("tries"))?.lines().count();
+    ensure!(
+        (3..=4).contains(&tries),
+        "start-limit-burst 3, yet {tries} tries"
+    );
+    ensure!(!out.join("main").exists(), "the main process ran");
+    let why = failed["failure"].as_str().unwrap_or_default();
+    ensure!(why.contains("start limit"), "{failed}");
+    ensure!(failed["last_exit"].to_string().contains('3'), "{failed}");
+    let log = hf.log();
+    ensure!(
+        log.contains("exec-start-pre[0] (/bin/sh) failed: exit code 3"),
+        "the log does not say why: {log}"
+    );
+    // An explicit start runs them again, and fails again.
+    let start = hf.cli(&["start", "web"])?;
+    ensure!(!start.status.success(), "start: {start:?}");
+    ensure!(!out.join("main").exists(), "the main process ran");
+    Ok(())
+}
+
+/// A pre command that waits for `out/go`, its pid in `out/pre-pid`.
+fn waiting_pre(sandbox: &holdfast_testkit::Sandbox) -> Result<()> {
+    let out = sandbox.out_dir();
+    sandbox
+        .write_local_unit(
+            "web",
+            8080,
+            &format!(
+                "exec = {main}\nexec-start-pre = [{pre}]\nstop-timeout = \"2s\"\n",
+                main = sh(&format!("touch {}/main; exec sleep 1000", out.display())),
+                pre = sh(&format!(
+                    "echo $$ > {out}/pre-pid; while [ ! -e {out}/go ]; do sleep 0.05; done",
+                    out = out.display()
+                )),
+            ),
+        )
+        .map(drop)
+}
+
+fn pre_pid(hf: &Holdfast) -> Result<i32> {
+    let file = hf.sandbox().out("pre-pid");
+    wait_for("pre-pid", T, || {
+        std::fs::read_to_string(&file).ok()?.trim().parse().ok()
+    })
+    .context("the pre command never ran")
+}
+
+#[test]
+fn a_stop_during_a_pre_command_stops_it_and_the_main_process_never_runs() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    waiting_pre(&sandbox)?;
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = pre_pid(&hf)?;
+    ensure!(hf.service("web")?["state"] == "starting");
+    let stopped = hf.cli(&["stop", "web"])?;
+    ensure!(stopped.status.success(), "stop: {stopped:?}");
+    ensure!(hf.service("web")?["state"] == "stopped");
+    ensure!(process_gone(pid), "the pre command {pid} still runs");
+    std::fs::write(hf.sandbox().out("go"), "")?;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(!hf.sandbox().out("main").exists(), "the main process ran");
+    Ok(())
+}
+
+#[test]
+fn a_pre_command_running_across_an_upgrade_is_carried_over() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    waiting_pre(&sandbox)?;
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = pre_pid(&hf)?;
+    hf.cli_ok(&["upgrade"])?;
+    ensure!(hf.service("web")?["state"] == "starting");
+    ensure!(!process_gone(pid), "the pre command {pid} did not survive");
+    std::fs::write(hf.sandbox().out("go"), "")?;
+    hf.wait_running("web", T)?;
+    ensure!(hf.sandbox().out("main").exists());
+    Ok(())
+}
