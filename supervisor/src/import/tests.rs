@@ -285,7 +285,7 @@ fn a_socket_activated_service_not_enabled_on_its_own_starts_on_demand() {
 fn what_is_not_translated_is_listed_with_file_line_and_why() {
     let dir = dir_with(&[(
         "x.service",
-        "[Unit]\nAfter=postgresql.service\n[Service]\nExecStartPre=/bin/true\nExecStart=+/bin/x %H\n\
+        "[Unit]\nAfter=postgresql.service\n[Service]\nExecCondition=/bin/true\nExecStart=+/bin/x %H\n\
          ExecStart=/bin/x\nExecStart=\nExecStart=/bin/y\nLimitSTACK=8M\nType=forking\nProtectSystem=strict\n",
     )]);
     let got = import(&req(dir.path(), &["x.service"])).unwrap();
@@ -299,7 +299,7 @@ fn what_is_not_translated_is_listed_with_file_line_and_why() {
     );
     let why: Vec<&str> = got.dropped.iter().map(|f| f.why.as_str()).collect();
     assert!(why[0].contains("postgresql.service"));
-    assert!(why[1].contains("exec-start-pre"));
+    assert!(why[1].contains("exec-condition"), "{}", why[1]);
     assert!(why[2].contains("host"), "%H: {}", why[2]);
     assert!(why[3].contains("limit-stack"), "{}", why[3]);
     assert!(why[4].contains("foreground"));
@@ -451,4 +451,59 @@ fn process_directives_land_on_holdfasts_process_keys() {
     assert_eq!(super::values::signal("term"), Ok(15));
     assert_eq!(super::values::signal("9"), Ok(9));
     assert!(got.toml.contains("notify-access = \"all\""), "{}", got.toml);
+}
+
+#[test]
+fn exec_start_pre_lines_become_exec_start_pre_commands() {
+    let dir = dir_with(&[(
+        "p.service",
+        "[Service]\nEnvironment=OPTS=-q\nExecStartPre=/usr/sbin/sshd -t $OPTS\nExecStartPre=-/bin/mkdir -p \"/run/a b\"\n\
+         ExecStartPre=+/bin/chown x /run/p\nExecStart=/bin/p\n",
+    )]);
+    let got = import(&req(dir.path(), &["p.service"])).unwrap();
+    let pre: Vec<(Vec<&str>, bool)> = got
+        .unit
+        .service
+        .commands
+        .start_pre
+        .iter()
+        .map(|c| {
+            (
+                c.argv.iter().map(String::as_str).collect(),
+                c.ignore_failure,
+            )
+        })
+        .collect();
+    assert_eq!(
+        pre,
+        [
+            (vec!["/usr/sbin/sshd", "-t", "-q"], false),
+            (vec!["/bin/mkdir", "-p", "/run/a b"], true),
+            (vec!["/bin/chown", "x", "/run/p"], false),
+        ]
+    );
+    // The + prefix (full privileges) has no equivalent: said, line 5.
+    let dropped: Vec<String> = got.dropped.iter().map(|f| f.place.clone()).collect();
+    assert_eq!(dropped.len(), 1, "{:#?}", got.dropped);
+    assert!(dropped[0].ends_with(":5"), "{dropped:?}");
+    assert!(got.dropped[0].why.contains("+ prefix"));
+
+    // Not with Accept=yes: reported, not written.
+    let dir = dir_with(&[
+        (
+            "q.socket",
+            "[Socket]\nListenStream=127.0.0.1:9000\nAccept=yes\n",
+        ),
+        (
+            "q@.service",
+            "[Service]\nExecStartPre=/bin/true\nExecStart=/bin/q\n",
+        ),
+    ]);
+    let got = import(&req(dir.path(), &["q.socket"])).unwrap();
+    assert!(got.unit.service.commands.start_pre.is_empty());
+    assert!(
+        got.dropped.iter().any(|f| f.why.contains("Accept=yes")),
+        "{:#?}",
+        got.dropped
+    );
 }

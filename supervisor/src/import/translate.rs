@@ -441,6 +441,7 @@ fn service_config(
         }
     }
     process_directives(d, r, &mut s, accept);
+    command_directives(d, r, &mut s, accept);
     if let Some(e) = d.last(S, "Sockets") {
         let only_ours = e
             .value
@@ -528,6 +529,43 @@ fn exec_start(
         r.drop(e, why);
     }
     words
+}
+
+/// The commands beside the main process: `ExecStartPre=` → `exec-start-pre`,
+/// each read as `ExecStart=` is (prefixes, quoting, `$VAR`s), its `-` kept.
+fn command_directives(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceConfig, accept: bool) {
+    const S: &str = "Service";
+    let has_env_file = !d.list(S, "EnvironmentFile").is_empty();
+    let pre = d.list(S, "ExecStartPre");
+    if accept {
+        for e in pre {
+            r.drop(e, "with Accept=yes holdfast starts each connection's process at once: exec-start-pre is not run; do the check at the start of the program, or on the host");
+        }
+        return;
+    }
+    for e in pre {
+        if let Some(c) = exec_command(e, r, s, has_env_file) {
+            s.commands.start_pre.push(c);
+        }
+    }
+}
+
+/// One `ExecStartPre=`-like line as a command; `None` (reported) when it
+/// cannot be read.
+fn exec_command(
+    e: &Entry,
+    r: &mut Report,
+    s: &ServiceConfig,
+    has_env_file: bool,
+) -> Option<crate::unit::ExecCommand> {
+    // As ExecStart= (what cannot be translated is reported there), but a
+    // `-` is kept: its failure is ignored.
+    let argv = exec_start(e, r, s, true, has_env_file);
+    let ignore_failure = values::exec_line(&e.value).ok()?.ignore_failure;
+    (!argv.is_empty()).then_some(crate::unit::ExecCommand {
+        argv,
+        ignore_failure,
+    })
 }
 
 /// The directives holdfast's process keys take (`notify-access`, `kill-signal`, the
@@ -676,7 +714,7 @@ fn install_section(d: &mut Directives<'_>, r: &mut Report) {
 fn why_not(section: &str, key: &str) -> String {
     let no_key = |k: &str| format!("holdfast has no {k} key yet");
     match key {
-        "ExecStartPre" | "ExecStartPost" | "ExecCondition" => format!(
+        "ExecStartPost" | "ExecCondition" => format!(
             "{}; run it in a wrapper that then execs the program, or on the host before holdfast starts",
             no_key(&kebab(key))
         ),
