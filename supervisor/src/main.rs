@@ -117,6 +117,11 @@ enum Command {
     Metrics,
     /// Re-read the units directory and apply the difference (SIGHUP does the same).
     Reload,
+    /// Reload one service in place: run its exec-reload commands (with
+    /// $MAINPID), or for type = "notify-reload" send its reload-signal and
+    /// wait for RELOADING=1 then READY=1. Exit 1 if it has neither or the
+    /// reload failed.
+    ReloadService { name: String },
     /// Show a service's captured output (the last 1000 lines are kept), each
     /// line with when it was read (UTC), its stream and its instance's pid.
     Logs {
@@ -220,6 +225,11 @@ fn main() -> ExitCode {
         }),
         // The summary is JSON either way (scripts read it).
         Command::Reload => ask::<ReloadSummary>(dir, &Request::Reload, |s| out.json(&s)),
+        Command::ReloadService { name } => {
+            ask::<ServiceStatus>(dir, &Request::ReloadService { name }, |s| {
+                out.show(&s, || {})
+            })
+        }
         Command::Logs {
             name,
             lines,

@@ -86,20 +86,31 @@ fn check_unit(unit: &Unit, state_dir: &Path, base_path: Option<&OsStr>) -> Vec<D
     diags
 }
 
-/// The programs of `exec-start-pre` commands, as `exec[0]`; one written
-/// with `-` may be missing (its failure is ignored).
+/// The programs of the command keys (exec-start-pre and friends), as
+/// `exec[0]`; one written with `-` may be missing (its failure is ignored).
 fn check_commands(unit: &Unit, base_path: Option<&OsStr>) -> Vec<Diagnostic> {
     let svc = &unit.service;
     let path_var = svc.environment.get("PATH").map(OsStr::new).or(base_path);
-    let commands = svc.commands.start_pre.iter().enumerate();
-    commands
-        .filter(|(_, c)| !c.ignore_failure)
-        .filter_map(|(k, c)| {
-            let (message, hint) = program_problem(&c.argv[0], path_var)?;
-            let key = format!("service.exec-start-pre[{k}]");
-            Some(diagnostic_at(unit, &key, message, hint))
-        })
-        .collect()
+    let c = &svc.commands;
+    let keys = [
+        ("exec-start-pre", &c.start_pre),
+        ("exec-start-post", &c.start_post),
+        ("exec-stop", &c.stop),
+        ("exec-reload", &c.reload),
+    ];
+    let mut diags = Vec::new();
+    for (key, list) in keys {
+        for (k, command) in list.iter().enumerate() {
+            if command.ignore_failure {
+                continue;
+            }
+            if let Some((message, hint)) = program_problem(&command.argv[0], path_var) {
+                let at = format!("service.{key}[{k}]");
+                diags.push(diagnostic_at(unit, &at, message, hint));
+            }
+        }
+    }
+    diags
 }
 
 /// A cgroup limit whose controller the service cgroups will not have.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::unit::{RestartMode, RestartPolicy, ServiceConfig, ServiceType};
+use crate::unit::{Commands, ExecCommand, RestartMode, RestartPolicy, ServiceConfig, ServiceType};
 
 use super::{Backoff, Exit, StartLimit, State};
 
@@ -26,6 +26,37 @@ pub enum SpawnRole {
     Main,
     /// The new instance of an overlap restart, on the same sockets.
     Candidate,
+}
+
+/// Which of the commands a service runs beside its main process, one at a
+/// time, with `$MAINPID`: [`Effect::SpawnCommand`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandKind {
+    /// `exec-start-post`: once the main process started (or said READY=1).
+    StartPost,
+    /// `exec-stop`: on a stop, before kill-signal.
+    Stop,
+    /// `exec-reload`: `holdfast reload-service`.
+    Reload,
+}
+
+impl CommandKind {
+    /// Its key in the unit file.
+    pub fn key(self) -> &'static str {
+        match self {
+            CommandKind::StartPost => "exec-start-post",
+            CommandKind::Stop => "exec-stop",
+            CommandKind::Reload => "exec-reload",
+        }
+    }
+    /// Its commands in `c`.
+    pub fn of(self, c: &Commands) -> &[ExecCommand] {
+        match self {
+            CommandKind::StartPost => &c.start_post,
+            CommandKind::Stop => &c.stop,
+            CommandKind::Reload => &c.reload,
+        }
+    }
 }
 
 /// Which of a service's instances something came from.
@@ -48,6 +79,13 @@ pub enum Effect {
     /// [`Machine::pre_spawn_failed`]. Its exit comes to [`Machine::exited`]
     /// under the id `pre_spawned` gave it.
     SpawnPre { role: SpawnRole, index: usize },
+    /// Run command `index` of `kind` (no sockets, `$MAINPID` the main
+    /// instance's pid); report with [`Machine::command_spawned`] or
+    /// [`Machine::command_spawn_failed`]; its exit comes to [`Machine::exited`].
+    SpawnCommand { kind: CommandKind, index: usize },
+    /// The unit's `reload-signal` to the instance's main process (type
+    /// notify-reload).
+    ReloadSignal(InstanceId),
     /// Ask every process of the instance to stop (SIGTERM, then SIGCONT).
     Terminate(InstanceId),
     /// SIGKILL to every process of the instance.
@@ -116,6 +154,29 @@ struct PreRun {
     by: Instant,
     /// The running command, once spawned.
     inst: Option<Instance>,
+}
+
+/// The command of `exec-start-post`, `exec-stop` or `exec-reload` that runs
+/// (one at a time), as an instance of its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ControlRun {
+    kind: CommandKind,
+    index: usize,
+    /// Every command of this kind must be done by then (start-timeout;
+    /// stop-timeout for exec-stop).
+    #[serde(with = "super::mono")]
+    by: Instant,
+    inst: Option<Instance>,
+}
+
+/// A reload of a notify-reload service: reload-signal sent, RELOADING=1
+/// then READY=1 awaited.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SignalReload {
+    #[serde(with = "super::mono")]
+    by: Instant,
+    /// RELOADING=1 came.
+    reloading: bool,
 }
 
 /// A main instance that exited, as the restart policy sees it.
@@ -228,6 +289,22 @@ impl Instance {
     }
 }
 
+/// The bookkeeping of a command run beside the main process (exec-start-pre
+/// and friends): never ready, its `ready_by` the deadline of its kind.
+fn command_instance(id: InstanceId, pid: i32, now: Instant, by: Option<Instant>) -> Instance {
+    Instance {
+        id,
+        pid,
+        started_at: now,
+        ready: false,
+        ready_by: by,
+        watchdog: None,
+        watchdog_at: None,
+        kill_at: None,
+        failed: None,
+    }
+}
+
 /// `now + d` without the panic `Instant + Duration` gives on overflow: a
 /// deadline too far to represent becomes about 100 years from now ("never"
 /// for any service). Every deadline computed from a configured or notified
@@ -275,6 +352,16 @@ pub struct Machine {
     /// The exec-start-pre command running before a start.
     #[serde(default)]
     pre: Option<PreRun>,
+    /// The exec-start-post, exec-stop or exec-reload command running.
+    #[serde(default)]
+    control: Option<ControlRun>,
+    /// Reloads asked for (`holdfast reload-service`), and how the last one ended.
+    #[serde(default)]
+    reloads: u64,
+    #[serde(default)]
+    reload_outcome: Option<(u64, Result<(), String>)>,
+    #[serde(default)]
+    signal_reload: Option<SignalReload>,
 }
 
 impl Machine {
@@ -301,6 +388,10 @@ impl Machine {
             failure: None,
             gone_pids: Default::default(),
             pre: None,
+            control: None,
+            reloads: 0,
+            reload_outcome: None,
+            signal_reload: None,
         }
     }
 
@@ -350,6 +441,20 @@ impl Machine {
             .chain(&self.candidate)
             .chain(&self.draining)
             .chain(self.pre.as_ref().and_then(|p| p.inst.as_ref()))
+            .chain(self.control.as_ref().and_then(|c| c.inst.as_ref()))
+    }
+    /// The exec-start-post, exec-stop or exec-reload command that runs now.
+    pub fn running_command(&self) -> Option<(CommandKind, usize, &Instance)> {
+        self.control
+            .as_ref()
+            .and_then(|c| c.inst.as_ref().map(|i| (c.kind, c.index, i)))
+    }
+    /// How reload number `seq` ended, once it has.
+    pub fn reload_outcome(&self, seq: u64) -> Option<Result<(), &str>> {
+        match &self.reload_outcome {
+            Some((n, r)) if *n == seq => Some(r.as_ref().map(|_| ()).map_err(String::as_str)),
+            _ => None,
+        }
     }
     /// The exec-start-pre command that runs now: its index and instance.
     pub fn pre_command(&self) -> Option<(usize, &Instance)> {
@@ -372,6 +477,7 @@ impl Machine {
         self.instances()
             .filter_map(Instance::deadline)
             .chain(self.next_start)
+            .chain(self.signal_reload.as_ref().map(|r| r.by))
             .min()
     }
 
@@ -478,17 +584,7 @@ impl Machine {
             return id;
         };
         tracing::info!(service = %self.name, pid, command = pre.index, "exec-start-pre started");
-        pre.inst = Some(Instance {
-            id,
-            pid,
-            started_at: now,
-            ready: false,
-            ready_by: Some(pre.by),
-            watchdog: None,
-            watchdog_at: None,
-            kill_at: None,
-            failed: None,
-        });
+        pre.inst = Some(command_instance(id, pid, now, Some(pre.by)));
         id
     }
 
@@ -500,17 +596,9 @@ impl Machine {
         };
         tracing::error!(service = %self.name, command = pre.index, error = %why, "cannot run exec-start-pre");
         let failed = format!("cannot run exec-start-pre[{}]: {why}", pre.index);
-        let inst = pre.inst.insert(Instance {
-            id: InstanceId(0),
-            pid: 0,
-            started_at: now,
-            ready: false,
-            ready_by: None,
-            watchdog: None,
-            watchdog_at: None,
-            kill_at: None,
-            failed: None,
-        });
+        let inst = pre
+            .inst
+            .insert(command_instance(InstanceId(0), 0, now, None));
         let ignored = self
             .cfg
             .commands
@@ -615,7 +703,7 @@ impl Machine {
     ) -> (InstanceId, Vec<Effect>) {
         let id = InstanceId(self.next_id);
         self.next_id += 1;
-        let notify = self.cfg.kind == ServiceType::Notify;
+        let notify = self.cfg.kind.notifies();
         let inst = Instance {
             id,
             pid,
@@ -631,13 +719,17 @@ impl Machine {
         let mut fx = Vec::new();
         match role {
             SpawnRole::Main => {
-                self.state = if inst.ready {
+                let ready = inst.ready;
+                self.state = if ready {
                     State::Running
                 } else {
                     State::Starting
                 };
                 self.status_text = None;
                 self.main = Some(inst);
+                if ready {
+                    self.after_ready(now, &mut fx);
+                }
             }
             SpawnRole::Candidate => {
                 let ready = inst.ready;
@@ -669,6 +761,238 @@ impl Machine {
                 ));
             }
         }
+    }
+
+    /// Starts running the commands of `kind`: the first one's spawn, or
+    /// `None` when there is none or another command runs.
+    fn begin_command(&mut self, kind: CommandKind, now: Instant) -> Option<Effect> {
+        if self.control.is_some() || kind.of(&self.cfg.commands).is_empty() {
+            return None;
+        }
+        let timeout = match kind {
+            CommandKind::Stop => self.cfg.stop_timeout,
+            CommandKind::StartPost | CommandKind::Reload => self.cfg.start_timeout,
+        };
+        self.control = Some(ControlRun {
+            kind,
+            index: 0,
+            by: deadline(now, timeout),
+            inst: None,
+        });
+        Some(Effect::SpawnCommand { kind, index: 0 })
+    }
+
+    /// The command asked for by `Effect::SpawnCommand` runs as `pid`.
+    pub fn command_spawned(&mut self, pid: i32, now: Instant) -> InstanceId {
+        let id = InstanceId(self.next_id);
+        self.next_id += 1;
+        let Some(c) = self.control.as_mut() else {
+            return id;
+        };
+        tracing::info!(service = %self.name, pid, command = c.index, "{} started", c.kind.key());
+        c.inst = Some(command_instance(id, pid, now, Some(c.by)));
+        id
+    }
+
+    /// The command asked for could not be spawned: as if it had exited with
+    /// 127 (ignored for a `-` command).
+    pub fn command_spawn_failed(&mut self, why: &str, now: Instant) -> Vec<Effect> {
+        let Some(c) = self.control.as_mut() else {
+            return Vec::new();
+        };
+        let key = c.kind.key();
+        tracing::error!(service = %self.name, command = c.index, error = %why, "cannot run {key}");
+        let ignored = c
+            .kind
+            .of(&self.cfg.commands)
+            .get(c.index)
+            .is_some_and(|c| c.ignore_failure);
+        let failed = format!("cannot run {key}[{}]: {why}", c.index);
+        let inst = c.inst.insert(command_instance(InstanceId(0), 0, now, None));
+        if !ignored {
+            inst.failed = Some(failed);
+        }
+        self.command_exited(Exit::Code(127), now)
+    }
+
+    /// The running exec-start-post, exec-stop or exec-reload command exited.
+    fn command_exited(&mut self, exit: Exit, now: Instant) -> Vec<Effect> {
+        let Some(ControlRun {
+            kind,
+            index,
+            by,
+            inst: Some(mut inst),
+        }) = self.control.take()
+        else {
+            return Vec::new();
+        };
+        let list = kind.of(&self.cfg.commands);
+        let ignore = list.get(index).is_some_and(|c| c.ignore_failure);
+        let program = list.get(index).map_or("", |c| c.argv[0].as_str());
+        let key = kind.key();
+        let passed = inst.failed.is_none() && inst.kill_at.is_none() && (exit.success() || ignore);
+        if passed && !exit.success() {
+            tracing::warn!(service = %self.name, pid = inst.pid, command = index, %exit, "{key} failed; ignored (-)");
+        }
+        if passed && index + 1 < list.len() {
+            self.control = Some(ControlRun {
+                kind,
+                index: index + 1,
+                by,
+                inst: None,
+            });
+            return vec![Effect::SpawnCommand {
+                kind,
+                index: index + 1,
+            }];
+        }
+        let why = (!passed).then(|| {
+            inst.failed
+                .take()
+                .unwrap_or_else(|| format!("{key}[{index}] ({program}) failed: {exit}"))
+        });
+        let mut fx = Vec::new();
+        let stop_timeout = self.cfg.stop_timeout;
+        // A stop or restart asked for meanwhile is no failure of the service.
+        let stopping = self.stop_requested
+            || self.restart_requested
+            || self.main.as_ref().is_none_or(|m| m.kill_at.is_some());
+        match kind {
+            CommandKind::StartPost => match why {
+                None => {
+                    if self.state == State::Starting && self.main.as_ref().is_some_and(|m| m.ready)
+                    {
+                        tracing::info!(service = %self.name, "exec-start-post done: running");
+                        self.state = State::Running;
+                    }
+                }
+                Some(why) if !stopping => {
+                    tracing::error!(service = %self.name, pid = inst.pid, %exit, "{why}: stopping the service as failed");
+                    if let Some(main) = self.main.as_mut() {
+                        main.failed = Some(why);
+                    }
+                    self.state = State::Stopping;
+                    self.stop_main(now, &mut fx);
+                }
+                Some(_) => {}
+            },
+            CommandKind::Stop => {
+                if let Some(why) = &why {
+                    tracing::warn!(service = %self.name, pid = inst.pid, "{why}; kill-signal to what is left");
+                }
+                if let Some(main) = self.main.as_mut() {
+                    main.terminate(now, stop_timeout, &mut fx);
+                }
+            }
+            CommandKind::Reload => {
+                let outcome = match why {
+                    None => {
+                        tracing::info!(service = %self.name, "reloaded (exec-reload)");
+                        Ok(())
+                    }
+                    Some(why) => {
+                        tracing::error!(service = %self.name, pid = inst.pid, %exit, "{why}: the reload failed; the service runs on");
+                        Err(why)
+                    }
+                };
+                self.reload_outcome = Some((self.reloads, outcome));
+                if self.state == State::Reloading {
+                    self.state = State::Running;
+                }
+            }
+        }
+        if !self.has_instances() {
+            fx.push(Effect::ReleaseOldSockets);
+        }
+        fx
+    }
+
+    /// Stops the main instance: its exec-stop commands first (then
+    /// kill-signal once they are done, or at stop-timeout), else
+    /// kill-signal now. Another command that runs is stopped with it.
+    fn stop_main(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let timeout = self.cfg.stop_timeout;
+        let busy = self.control.as_ref().map(|c| c.kind);
+        if busy == Some(CommandKind::Stop) {
+            return;
+        }
+        let Some(main) = self.main.as_mut() else {
+            return;
+        };
+        if main.kill_at.is_some() {
+            return;
+        }
+        if busy.is_none() && !self.cfg.commands.stop.is_empty() {
+            main.ready_by = None;
+            main.watchdog_at = None;
+            fx.extend(self.begin_command(CommandKind::Stop, now));
+            return;
+        }
+        main.terminate(now, timeout, fx);
+        if let Some(inst) = self.control.as_mut().and_then(|c| c.inst.as_mut()) {
+            inst.terminate(now, timeout, fx);
+        }
+    }
+
+    /// The main instance is ready: exec-start-post, the service `starting`
+    /// until it is done.
+    fn after_ready(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        if let Some(e) = self.begin_command(CommandKind::StartPost, now) {
+            self.state = State::Starting;
+            fx.push(e);
+        }
+    }
+
+    /// `holdfast reload-service`: exec-reload, or (notify-reload) the
+    /// reload-signal; the number to wait for with [`Machine::reload_outcome`].
+    pub fn reload(&mut self, now: Instant) -> Result<(u64, Vec<Effect>), String> {
+        let name = &self.name;
+        if let Some(c) = &self.control {
+            return Err(format!(
+                "service {name:?} runs its {} commands now; try again once they are done",
+                c.kind.key()
+            ));
+        }
+        if self.signal_reload.is_some() {
+            return Err(format!(
+                "service {name:?} is reloading now; try again once it is done"
+            ));
+        }
+        let Some(main) = self.main.as_ref().filter(|_| self.state == State::Running) else {
+            return Err(format!(
+                "service {name:?} is {}: only a running service can be reloaded",
+                self.state.as_str()
+            ));
+        };
+        let signal = self.cfg.kind == ServiceType::NotifyReload;
+        if !signal && self.cfg.commands.reload.is_empty() {
+            return Err(format!("service {name:?} has no exec-reload and is not type = \"notify-reload\": nothing reloads it; use holdfast restart"));
+        }
+        self.reloads += 1;
+        self.state = State::Reloading;
+        tracing::info!(service = %self.name, pid = main.pid, "reloading");
+        if signal {
+            let id = main.id;
+            self.signal_reload = Some(SignalReload {
+                by: deadline(now, self.cfg.start_timeout),
+                reloading: false,
+            });
+            return Ok((self.reloads, vec![Effect::ReloadSignal(id)]));
+        }
+        let fx = self.begin_command(CommandKind::Reload, now);
+        Ok((self.reloads, fx.into_iter().collect()))
+    }
+
+    /// A reload by signal is over: `Err` says why it failed.
+    fn end_signal_reload(&mut self, outcome: Result<(), String>) {
+        if self.signal_reload.take().is_none() {
+            return;
+        }
+        match &outcome {
+            Ok(()) => tracing::info!(service = %self.name, "reloaded (RELOADING=1, then READY=1)"),
+            Err(why) => tracing::error!(service = %self.name, "the reload failed: {why}"),
+        }
+        self.reload_outcome = Some((self.reloads, outcome));
     }
 
     /// `holdfast start`: true when the reply must wait for the service to be up.
@@ -718,10 +1042,10 @@ impl Machine {
             }
         }
         match self.main.as_mut() {
-            Some(main) => {
+            Some(_) => {
                 self.stop_requested = true;
                 self.restart_requested = false;
-                main.terminate(now, timeout, &mut fx);
+                self.stop_main(now, &mut fx);
                 self.state = State::Stopping;
             }
             None => {
@@ -748,12 +1072,14 @@ impl Machine {
         self.state = State::Stopping;
         let timeout = self.cfg.stop_timeout;
         let pre = self.pre.take().and_then(|p| p.inst);
+        let control = self.control.take().and_then(|c| c.inst);
         for mut inst in self
             .candidate
             .take()
             .into_iter()
             .chain(self.main.take())
             .chain(pre)
+            .chain(control)
         {
             inst.terminate(now, timeout, &mut fx);
             self.draining.push(inst);
@@ -788,11 +1114,11 @@ impl Machine {
     fn restart_stop_start(&mut self, now: Instant) -> Vec<Effect> {
         let timeout = self.cfg.stop_timeout;
         match self.main.as_mut() {
-            Some(main) => {
+            Some(_) => {
                 let mut fx = Vec::new();
                 self.restart_requested = true;
                 self.stop_requested = false;
-                main.terminate(now, timeout, &mut fx);
+                self.stop_main(now, &mut fx);
                 self.state = State::Stopping;
                 fx
             }
@@ -834,6 +1160,9 @@ impl Machine {
         }
         if self.pre_command().is_some_and(|(_, i)| i.id == id) {
             return self.pre_exited(exit, now, shutting_down);
+        }
+        if self.running_command().is_some_and(|(_, _, i)| i.id == id) {
+            return self.command_exited(exit, now);
         }
         if self.candidate.as_ref().is_some_and(|c| c.id == id) {
             self.candidate_exited(exit);
@@ -881,6 +1210,7 @@ impl Machine {
         shutting_down: bool,
     ) -> Vec<Effect> {
         self.gone(main.pid);
+        self.end_signal_reload(Err(format!("the main process exited ({exit})")));
         let uptime = now.saturating_duration_since(main.started_at);
         self.last_exit = Some(exit);
         let failed = !exit.success() || main.failed.is_some();
@@ -1013,6 +1343,9 @@ impl Machine {
         if became_ready && role == Role::Candidate {
             self.promote(now, &mut fx);
         }
+        if became_ready && role == Role::Main && self.state == State::Running {
+            self.after_ready(now, &mut fx);
+        }
         fx
     }
 
@@ -1037,7 +1370,27 @@ impl Machine {
             Some(State::Stopping) => &[State::Running, State::Starting, State::Reloading],
             _ => &[],
         };
-        if let Some(to) = heard.main_state.filter(|_| from.contains(&self.state)) {
+        // Still in exec-start-post: starting until it is done.
+        let post = self
+            .control
+            .as_ref()
+            .is_some_and(|c| c.kind == CommandKind::StartPost);
+        // A reload by signal: READY=1 ends it only after RELOADING=1.
+        if let Some(r) = self.signal_reload.as_mut() {
+            match heard.main_state {
+                Some(State::Reloading) => r.reloading = true,
+                Some(State::Running) if !r.reloading => return,
+                _ => {}
+            }
+        }
+        if let Some(to) = heard
+            .main_state
+            .filter(|_| from.contains(&self.state))
+            .filter(|to| !(post && *to == State::Running))
+        {
+            if to == State::Running && self.state == State::Reloading {
+                self.end_signal_reload(Ok(()));
+            }
             self.state = to;
         }
     }
@@ -1055,6 +1408,7 @@ impl Machine {
             .chain(&mut self.candidate)
             .chain(&mut self.draining)
             .chain(self.pre.as_mut().and_then(|p| p.inst.as_mut()))
+            .chain(self.control.as_mut().and_then(|c| c.inst.as_mut()))
         {
             if inst.kill_at.is_some_and(|t| t <= now) {
                 inst.kill_at = Some(deadline(now, Duration::from_secs(3600)));
@@ -1087,6 +1441,47 @@ impl Machine {
                 if pre.role == SpawnRole::Main {
                     self.state = State::Stopping;
                 }
+            }
+        }
+        // A command beside the main process not done in time: stopped; its
+        // exit fails it. exec-stop's timeout sends kill-signal to the main
+        // process at once.
+        if let Some(c) = self.control.as_mut() {
+            if let Some(inst) = c
+                .inst
+                .as_mut()
+                .filter(|i| i.ready_by.is_some_and(|t| t <= now))
+            {
+                let (timeout, which) = match c.kind {
+                    CommandKind::Stop => (stop_timeout, "stop-timeout"),
+                    CommandKind::StartPost | CommandKind::Reload => {
+                        (start_timeout, "start-timeout")
+                    }
+                };
+                let why = format!(
+                    "{}[{}] did not finish within {which} ({})",
+                    c.kind.key(),
+                    c.index,
+                    humantime::format_duration(timeout)
+                );
+                tracing::error!(service = %self.name, pid = inst.pid, "{why}: stopping it");
+                inst.terminate(now, stop_timeout, &mut fx);
+                inst.failed = Some(why);
+                if c.kind == CommandKind::Stop {
+                    if let Some(main) = self.main.as_mut() {
+                        main.terminate(now, stop_timeout, &mut fx);
+                    }
+                }
+            }
+        }
+        if self.signal_reload.as_ref().is_some_and(|r| r.by <= now) {
+            let why = format!(
+                "no RELOADING=1 then READY=1 within start-timeout ({}) after reload-signal",
+                humantime::format_duration(start_timeout)
+            );
+            self.end_signal_reload(Err(why));
+            if self.state == State::Reloading {
+                self.state = State::Running;
             }
         }
         // Start timeout of an overlap candidate: give up on it.
@@ -1148,6 +1543,7 @@ impl Machine {
         self.main = Some(new);
         self.restarts += 1;
         self.state = State::Running;
+        self.after_ready(now, fx);
     }
 
     /// The restart policy after a main process's exit: when to start again,
@@ -1787,5 +2183,262 @@ mod tests {
         v.as_object_mut().unwrap().remove("pre");
         let old: Machine = serde_json::from_value(v).unwrap();
         assert!(old.pre_command().is_none());
+    }
+
+    fn with_commands(
+        kind: ServiceType,
+        restart: RestartPolicy,
+        which: CommandKind,
+        n: usize,
+    ) -> ServiceConfig {
+        let mut c = cfg(kind, restart);
+        let list = (0..n)
+            .map(|k| crate::unit::ExecCommand {
+                argv: vec![format!("c{k}")],
+                ignore_failure: false,
+            })
+            .collect();
+        match which {
+            CommandKind::StartPost => c.commands.start_post = list,
+            CommandKind::Stop => c.commands.stop = list,
+            CommandKind::Reload => c.commands.reload = list,
+        }
+        c
+    }
+
+    fn command(kind: CommandKind, index: usize) -> Vec<Effect> {
+        vec![Effect::SpawnCommand { kind, index }]
+    }
+
+    #[test]
+    fn start_post_runs_once_ready_and_the_service_is_running_when_it_is_done() {
+        let now = Instant::now();
+        // simple: at once.
+        let c = with_commands(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            CommandKind::StartPost,
+            2,
+        );
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let (main, fx) = m.spawned(SpawnRole::Main, 10, now);
+        assert_eq!(fx, command(CommandKind::StartPost, 0));
+        assert_eq!(m.state(), State::Starting);
+        let p = m.command_spawned(11, now);
+        assert_eq!(
+            m.exited(p, Exit::Code(0), now, false),
+            command(CommandKind::StartPost, 1)
+        );
+        let p = m.command_spawned(12, now);
+        assert!(m.exited(p, Exit::Code(0), now, false).is_empty());
+        assert_eq!(m.state(), State::Running);
+        assert_eq!(m.main().unwrap().id, main);
+        // notify: after READY=1; a second READY=1 meanwhile does not make it running.
+        let c = with_commands(
+            ServiceType::Notify,
+            RestartPolicy::OnFailure,
+            CommandKind::StartPost,
+            1,
+        );
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let (main, fx) = m.spawned(SpawnRole::Main, 10, now);
+        assert!(fx.is_empty());
+        assert_eq!(
+            m.said(main, Role::Main, vec![Said::Ready], now),
+            command(CommandKind::StartPost, 0)
+        );
+        assert_eq!(m.state(), State::Starting);
+        m.said(main, Role::Main, vec![Said::Ready], now);
+        assert_eq!(m.state(), State::Starting);
+        let p = m.command_spawned(11, now);
+        m.exited(p, Exit::Code(0), now, false);
+        assert_eq!(m.state(), State::Running);
+    }
+
+    #[test]
+    fn a_failing_start_post_stops_the_service_as_failed() {
+        let now = Instant::now();
+        let c = with_commands(
+            ServiceType::Simple,
+            RestartPolicy::Never,
+            CommandKind::StartPost,
+            1,
+        );
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let (main, _) = m.spawned(SpawnRole::Main, 10, now);
+        let p = m.command_spawned(11, now);
+        assert_eq!(
+            m.exited(p, Exit::Code(2), now, false),
+            vec![Effect::Terminate(main)]
+        );
+        assert_eq!(m.state(), State::Stopping);
+        m.exited(main, Exit::Signal(15), now, false);
+        assert_eq!(m.state(), State::Failed);
+        assert!(m
+            .failure()
+            .unwrap()
+            .contains("exec-start-post[0] (c0) failed: exit code 2"));
+    }
+
+    #[test]
+    fn exec_stop_runs_before_kill_signal_and_its_timeout_sends_it() {
+        let now = Instant::now();
+        let c = with_commands(
+            ServiceType::Simple,
+            RestartPolicy::Always,
+            CommandKind::Stop,
+            2,
+        );
+        let mut m = Machine::new("s", &c, false);
+        let main = started(&mut m, now, 10);
+        assert_eq!(m.stop(now), command(CommandKind::Stop, 0));
+        assert_eq!(m.state(), State::Stopping);
+        // Asked again: nothing more.
+        assert!(m.stop(now).is_empty());
+        let a = m.command_spawned(11, now);
+        assert_eq!(
+            m.exited(a, Exit::Code(0), now, false),
+            command(CommandKind::Stop, 1)
+        );
+        let b = m.command_spawned(12, now);
+        assert_eq!(
+            m.exited(b, Exit::Code(0), now, false),
+            vec![Effect::Terminate(main)]
+        );
+        assert_eq!(m.timers(now + 1000 * MS, true), vec![Effect::Kill(main)]);
+        m.exited(main, Exit::Signal(9), now, false);
+        assert_eq!(m.state(), State::Stopped);
+
+        // The main process exits during exec-stop (it was told to): stopped.
+        let mut m = Machine::new("s", &c, false);
+        let main = started(&mut m, now, 10);
+        m.stop(now);
+        let a = m.command_spawned(11, now);
+        assert!(m.exited(main, Exit::Code(0), now, false).is_empty());
+        assert_eq!(m.state(), State::Stopped);
+        assert_eq!(
+            m.exited(a, Exit::Code(0), now, false),
+            command(CommandKind::Stop, 1)
+        );
+        let b = m.command_spawned(12, now);
+        assert_eq!(m.exited(b, Exit::Code(0), now, false), released());
+        assert!(!m.has_instances());
+
+        // exec-stop hangs: at stop-timeout, kill-signal to both; SIGKILL after another.
+        let mut m = Machine::new("s", &c, false);
+        let main = started(&mut m, now, 10);
+        m.restart(None, now).unwrap();
+        let a = m.command_spawned(11, now);
+        assert_eq!(
+            m.timers(now + 1000 * MS, true),
+            vec![Effect::Terminate(a), Effect::Terminate(main)]
+        );
+        assert_eq!(
+            m.timers(now + 2000 * MS, true),
+            vec![Effect::Kill(main), Effect::Kill(a)]
+        );
+        assert!(m
+            .exited(a, Exit::Signal(9), now + 2001 * MS, false)
+            .is_empty());
+        assert_eq!(
+            m.exited(main, Exit::Signal(9), now + 2001 * MS, false),
+            [released(), vec![Effect::Spawn(SpawnRole::Main)]].concat()
+        );
+    }
+
+    #[test]
+    fn exec_reload_runs_the_commands_and_says_how_it_ended() {
+        let now = Instant::now();
+        let c = with_commands(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            CommandKind::Reload,
+            2,
+        );
+        let mut m = Machine::new("s", &c, false);
+        started(&mut m, now, 10);
+        let (seq, fx) = m.reload(now).unwrap();
+        assert_eq!(fx, command(CommandKind::Reload, 0));
+        assert_eq!(m.state(), State::Reloading);
+        assert!(m.reload(now).unwrap_err().contains("runs its exec-reload"));
+        let a = m.command_spawned(11, now);
+        assert_eq!(
+            m.running_command().map(|(k, i, c)| (k, i, c.pid)),
+            Some((CommandKind::Reload, 0, 11))
+        );
+        m.exited(a, Exit::Code(0), now, false);
+        let b = m.command_spawned(12, now);
+        assert_eq!(m.reload_outcome(seq), None);
+        m.exited(b, Exit::Code(0), now, false);
+        assert_eq!(m.reload_outcome(seq), Some(Ok(())));
+        assert_eq!(m.state(), State::Running);
+        // A failure: the service runs on, the reload failed.
+        let (seq, _) = m.reload(now).unwrap();
+        let a = m.command_spawned(13, now);
+        m.exited(a, Exit::Code(1), now, false);
+        assert!(m
+            .reload_outcome(seq)
+            .unwrap()
+            .unwrap_err()
+            .contains("exec-reload[0] (c0) failed"));
+        assert_eq!(m.state(), State::Running);
+        assert_eq!(m.restarts(), 0);
+        // Nothing to reload with.
+        let mut m = Machine::new(
+            "s",
+            &cfg(ServiceType::Simple, RestartPolicy::OnFailure),
+            false,
+        );
+        started(&mut m, now, 10);
+        assert!(m.reload(now).unwrap_err().contains("has no exec-reload"));
+        m.stop(now);
+        assert!(m
+            .reload(now)
+            .unwrap_err()
+            .contains("only a running service"));
+    }
+
+    #[test]
+    fn notify_reload_sends_the_signal_and_waits_for_reloading_then_ready() {
+        let now = Instant::now();
+        let mut m = Machine::new(
+            "s",
+            &cfg(ServiceType::NotifyReload, RestartPolicy::OnFailure),
+            false,
+        );
+        let main = started(&mut m, now, 10);
+        m.said(main, Role::Main, vec![Said::Ready], now);
+        let (seq, fx) = m.reload(now).unwrap();
+        assert_eq!(fx, vec![Effect::ReloadSignal(main)]);
+        assert_eq!(m.state(), State::Reloading);
+        // READY=1 before RELOADING=1 does not end it.
+        m.said(main, Role::Main, vec![Said::Ready], now);
+        assert_eq!(m.state(), State::Reloading);
+        m.said(main, Role::Main, vec![Said::Reloading], now);
+        assert_eq!(m.reload_outcome(seq), None);
+        m.said(main, Role::Main, vec![Said::Ready], now);
+        assert_eq!(m.state(), State::Running);
+        assert_eq!(m.reload_outcome(seq), Some(Ok(())));
+        // No answer within start-timeout: failed, running on.
+        let (seq, _) = m.reload(now).unwrap();
+        assert_eq!(m.deadline(), Some(now + 1000 * MS));
+        m.timers(now + 1000 * MS, true);
+        assert!(m
+            .reload_outcome(seq)
+            .unwrap()
+            .unwrap_err()
+            .contains("no RELOADING=1"));
+        assert_eq!(m.state(), State::Running);
+        // The main process exits meanwhile: failed.
+        let (seq, _) = m.reload(now).unwrap();
+        m.exited(main, Exit::Code(1), now, false);
+        assert!(m
+            .reload_outcome(seq)
+            .unwrap()
+            .unwrap_err()
+            .contains("exited"));
     }
 }

@@ -18,7 +18,7 @@ use crate::notify::{CgroupSenders, FdStore, Message, Notification, NotifySocket,
 use crate::pidfd::Pidfd;
 use crate::protocol::Stream;
 use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
-use crate::service::{Effect, Exit, InstanceId, Machine, Said};
+use crate::service::{CommandKind, Effect, Exit, InstanceId, Machine, Said};
 use crate::spawn::{self, Credentials};
 use crate::unit::{StandardInput, StandardOutput, Unit};
 
@@ -438,8 +438,30 @@ impl Supervisor {
             };
             let group = |i: InstanceId| svc.groups.get(&i).copied();
             match effect {
+                Effect::SpawnCommand { kind, index } => {
+                    let more = match self.spawn_instance(id, Process::Command(kind, index)) {
+                        Ok(pid) => {
+                            let svc = self.registry.get_mut(id).expect("still there");
+                            let instance = svc.machine.command_spawned(pid.as_raw(), now);
+                            svc.groups.insert(instance, pid);
+                            self.registry
+                                .track(pid.as_raw(), id, Owner::Instance(instance));
+                            Vec::new()
+                        }
+                        Err(e) => {
+                            let svc = self.registry.get_mut(id).expect("still there");
+                            svc.machine.command_spawn_failed(&e.to_string(), now)
+                        }
+                    };
+                    queue.extend(more);
+                }
+                Effect::ReloadSignal(i) => {
+                    let n = svc.unit.service.commands.reload_signal().0;
+                    let signal = Signal::try_from(n).unwrap_or(Signal::SIGHUP);
+                    signal_main(svc, i, signal, "reload");
+                }
                 Effect::SpawnPre { role: _, index } => {
-                    let more = match self.spawn_instance(id, Some(index)) {
+                    let more = match self.spawn_instance(id, Process::Pre(index)) {
                         Ok(pid) => {
                             let svc = self.registry.get_mut(id).expect("still there");
                             let instance = svc.machine.pre_spawned(pid.as_raw(), now);
@@ -455,7 +477,7 @@ impl Supervisor {
                     };
                     queue.extend(more);
                 }
-                Effect::Spawn(role) => match self.spawn_instance(id, None) {
+                Effect::Spawn(role) => match self.spawn_instance(id, Process::Main) {
                     Ok(pid) => {
                         let svc = self.registry.get_mut(id).expect("still there");
                         let (instance, more) = svc.machine.spawned(role, pid.as_raw(), now);
@@ -486,19 +508,7 @@ impl Supervisor {
                         svc.tracking.kill(g);
                     }
                 }
-                Effect::Abort(i) => {
-                    // A MAINPID= process through its pidfd; else the main
-                    // pid is holdfast's child, its number held until reaped.
-                    if let Some(p) = svc.main_pidfds.get(&i) {
-                        let _ = p.signal(Signal::SIGABRT);
-                    } else if let Some(inst) = svc.machine.instance(i) {
-                        if svc.groups.get(&i).map(|g| g.as_raw()) == Some(inst.pid) {
-                            let _ = kill(Pid::from_raw(inst.pid), Signal::SIGABRT);
-                        } else {
-                            tracing::warn!(service = %svc.unit.name, pid = inst.pid, "watchdog: the main process is no longer held (no pidfd): no SIGABRT sent");
-                        }
-                    }
-                }
+                Effect::Abort(i) => signal_main(svc, i, Signal::SIGABRT, "watchdog"),
                 Effect::MainPid { instance, old, new } => {
                     let offered = svc.offered_main_pid.take().filter(|p| p.pid() == new);
                     // The old main pid's exit is no longer the instance's.
@@ -536,16 +546,14 @@ impl Supervisor {
     }
 
     /// Spawns a new instance of service `id` with its sockets and stored
-    /// fds, or (`pre`: its index) an exec-start-pre command of it, with its
+    /// fds, or one of its commands (exec-start-pre and friends) with its
     /// credentials, environment, directory and a cgroup leaf of its own,
-    /// but no socket.
-    fn spawn_instance(
-        &mut self,
-        id: ServiceId,
-        pre: Option<usize>,
-    ) -> Result<Pid, spawn::SpawnError> {
+    /// but no socket; those beside a main process get `$MAINPID`.
+    fn spawn_instance(&mut self, id: ServiceId, what: Process) -> Result<Pid, spawn::SpawnError> {
         // A failed service's listeners listen again before it starts on them.
-        self.open_doors_before_spawn(id);
+        if !matches!(what, Process::Command(..)) {
+            self.open_doors_before_spawn(id);
+        }
         let hierarchy = self.cgroups.as_ref();
         let svc = self.registry.get_mut(id).expect("a known service");
         let leaf = svc
@@ -554,9 +562,14 @@ impl Supervisor {
         let svc = self.registry.get(id).expect("a known service");
         let (path_var, mut env) = self.base_env(svc);
         let cfg = &svc.unit.service;
-        let argv = match pre {
-            Some(k) => &cfg.commands.start_pre[k].argv,
-            None => &cfg.exec,
+        let main_pid = svc.machine.main().map(|m| m.pid);
+        let argv: std::borrow::Cow<'_, [String]> = match what {
+            Process::Main => (&cfg.exec[..]).into(),
+            Process::Pre(k) => (&cfg.commands.start_pre[k].argv[..]).into(),
+            Process::Command(kind, k) => {
+                let argv = &kind.of(&cfg.commands)[k].argv;
+                with_main_pid(argv, main_pid).into()
+            }
         };
         let program = spawn::resolve_program(&argv[0], path_var.as_deref())?;
         let credentials = Credentials::resolve(cfg.user.as_deref(), cfg.group.as_deref())?;
@@ -565,19 +578,24 @@ impl Supervisor {
         for (k, v) in &cfg.environment {
             env.push((k.clone(), v.into()));
         }
+        if let (Process::Command(..), Some(pid)) = (what, main_pid) {
+            env.push(("MAINPID".into(), pid.to_string().into()));
+        }
         let mut fds: Vec<(BorrowedFd<'_>, &str)> = Vec::new();
-        if pre.is_none() {
+        let main = what == Process::Main;
+        if main {
             fds.extend(svc.sockets.iter().map(|s| (s.fd.as_fd(), s.name.as_str())));
             fds.extend(svc.fd_store.fds().map(|(name, fd)| (fd, name)));
         }
-        let sockets = if pre.is_none() { svc.sockets.len() } else { 0 };
-        let (standard_input, standard_output) = match pre {
-            None => (cfg.process.standard_input, cfg.process.standard_output),
-            Some(_) => (StandardInput::Null, StandardOutput::Log),
+        let sockets = if main { svc.sockets.len() } else { 0 };
+        let (standard_input, standard_output) = if main {
+            (cfg.process.standard_input, cfg.process.standard_output)
+        } else {
+            (StandardInput::Null, StandardOutput::Log)
         };
         let cmd = spawn::Command {
             program: &program,
-            argv,
+            argv: &argv,
             env,
             fds,
             stdin: None,
@@ -939,6 +957,41 @@ impl Supervisor {
         self.act(id, now, |m| m.said(instance, role, said, now));
         if let Some(svc) = self.registry.get_mut(id) {
             svc.offered_main_pid = None;
+        }
+    }
+}
+
+/// What [`Supervisor::spawn_instance`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Process {
+    /// An instance: the unit's `exec`, with its sockets.
+    Main,
+    /// Command k of exec-start-pre.
+    Pre(usize),
+    /// Command k of exec-start-post, exec-stop or exec-reload.
+    Command(CommandKind, usize),
+}
+
+/// `argv` with `$MAINPID` and `${MAINPID}` replaced by the main pid (or
+/// nothing without one), as systemd expands them in ExecReload= and friends.
+fn with_main_pid(argv: &[String], main_pid: Option<i32>) -> Vec<String> {
+    let pid = main_pid.map(|p| p.to_string()).unwrap_or_default();
+    argv.iter()
+        .map(|a| a.replace("${MAINPID}", &pid).replace("$MAINPID", &pid))
+        .collect()
+}
+
+/// `signal` to instance `i`'s main process (`why`: for the log): a
+/// MAINPID= process through its pidfd; else the main pid is holdfast's
+/// child, its number held until reaped.
+fn signal_main(svc: &Service, i: InstanceId, signal: Signal, why: &str) {
+    if let Some(p) = svc.main_pidfds.get(&i) {
+        let _ = p.signal(signal);
+    } else if let Some(inst) = svc.machine.instance(i) {
+        if svc.groups.get(&i).map(|g| g.as_raw()) == Some(inst.pid) {
+            let _ = kill(Pid::from_raw(inst.pid), signal);
+        } else {
+            tracing::warn!(service = %svc.unit.name, pid = inst.pid, "{why}: the main process is no longer held (no pidfd): no {signal} sent");
         }
     }
 }

@@ -68,6 +68,32 @@ pub struct Commands {
     /// every start of the main process, with its user, environment,
     /// directory and cgroup but without its sockets.
     pub start_pre: Vec<ExecCommand>,
+    /// `exec-start-post`: run one after another once the main process has
+    /// started (simple) or said READY=1 (notify); the service is `running`
+    /// when they are done, and stopped as failed if one fails.
+    #[serde(default)]
+    pub start_post: Vec<ExecCommand>,
+    /// `exec-stop`: run one after another when the service is stopped,
+    /// with `$MAINPID`; then `kill-signal` to what is left.
+    #[serde(default)]
+    pub stop: Vec<ExecCommand>,
+    /// `exec-reload`: run one after another by `holdfast reload-service`,
+    /// with `$MAINPID`.
+    #[serde(default)]
+    pub reload: Vec<ExecCommand>,
+    /// `reload-signal` of a `type = "notify-reload"` service; `None`: SIGHUP.
+    #[serde(default)]
+    pub reload_signal: Option<KillSignal>,
+}
+
+impl Commands {
+    pub fn is_empty(&self) -> bool {
+        *self == Commands::default()
+    }
+    /// What `reload-signal` says, SIGHUP by default.
+    pub fn reload_signal(&self) -> KillSignal {
+        self.reload_signal.unwrap_or(KillSignal(1))
+    }
 }
 
 /// One command of [`Commands`]: its argv, and whether its failure is
@@ -147,7 +173,7 @@ impl NotifyAccess {
     /// systemd's default: `main` for `type = "notify"`, otherwise `none`.
     pub fn default_for(kind: ServiceType) -> NotifyAccess {
         match kind {
-            ServiceType::Notify => NotifyAccess::Main,
+            ServiceType::Notify | ServiceType::NotifyReload => NotifyAccess::Main,
             ServiceType::Simple => NotifyAccess::None,
         }
     }
@@ -245,6 +271,22 @@ pub enum ServiceType {
     Simple,
     /// Ready on READY=1 through NOTIFY_SOCKET.
     Notify,
+    /// As notify, and reloaded by `reload-signal`: RELOADING=1, then READY=1.
+    NotifyReload,
+}
+
+impl ServiceType {
+    /// Ready on READY=1 (notify, notify-reload).
+    pub fn notifies(self) -> bool {
+        self != ServiceType::Simple
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::Simple => "simple",
+            ServiceType::Notify => "notify",
+            ServiceType::NotifyReload => "notify-reload",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -54,6 +54,10 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "group",
     // Read in `commands`:
     "exec-start-pre",
+    "exec-start-post",
+    "exec-stop",
+    "exec-reload",
+    "reload-signal",
     // Read in `process`:
     "notify-access",
     "kill-signal",
@@ -143,7 +147,7 @@ pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
         text,
         diags: Vec::new(),
         stdio_socket: None,
-        start_pre_at: None,
+        commands_at: Vec::new(),
     };
     check_service_name(&mut cx, name);
     let doc = match ImDocument::parse(text) {
@@ -287,8 +291,8 @@ struct Cx<'a> {
     diags: Vec<Diagnostic>,
     /// Where standard-input or standard-output = "socket" was written.
     stdio_socket: Option<(Pos, String)>,
-    /// Where exec-start-pre was written (accept services refuse it).
-    start_pre_at: Option<(Pos, String)>,
+    /// Where the command keys were written (accept services refuse them).
+    commands_at: Vec<(Pos, String)>,
 }
 
 impl<'a> Cx<'a> {
@@ -600,6 +604,7 @@ impl<'a> Cx<'a> {
             let options = [
                 ("simple", ServiceType::Simple),
                 ("notify", ServiceType::Notify),
+                ("notify-reload", ServiceType::NotifyReload),
             ];
             svc.kind = self.choice(&f, &options).unwrap_or(svc.kind);
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use toml_edit::{value, Array, ArrayOfTables, DocumentMut, Item, Table};
 
 use super::model::{
-    Limit, RestartMode, RestartPolicy, Rlimit, ServiceType, StandardInput, StandardOutput, Unit,
+    Limit, RestartMode, RestartPolicy, Rlimit, StandardInput, StandardOutput, Unit,
 };
 use super::parse::signal_name;
 
@@ -31,10 +31,7 @@ pub fn to_toml(unit: &Unit) -> String {
     let s = &unit.service;
     let mut svc = Table::new();
     svc["exec"] = strings(s.exec.iter().map(String::as_str));
-    svc["type"] = value(match s.kind {
-        ServiceType::Simple => "simple",
-        ServiceType::Notify => "notify",
-    });
+    svc["type"] = value(s.kind.as_str());
     svc["restart"] = value(match s.restart {
         RestartPolicy::Always => "always",
         RestartPolicy::OnFailure => "on-failure",
@@ -116,8 +113,21 @@ pub fn to_toml(unit: &Unit) -> String {
         StandardOutput::Log => "log",
         StandardOutput::Socket => "socket",
     });
-    if !s.commands.start_pre.is_empty() {
-        svc["exec-start-pre"] = commands(&s.commands.start_pre);
+    if let Some(sig) = s.commands.reload_signal {
+        svc["reload-signal"] = match signal_name(sig) {
+            Some(name) => value(name),
+            None => value(i64::from(sig.0)),
+        };
+    }
+    for (key, list) in [
+        ("exec-start-pre", &s.commands.start_pre),
+        ("exec-start-post", &s.commands.start_post),
+        ("exec-stop", &s.commands.stop),
+        ("exec-reload", &s.commands.reload),
+    ] {
+        if !list.is_empty() {
+            svc[key] = commands(list);
+        }
     }
     if !s.environment.is_empty() {
         let mut env = Table::new();

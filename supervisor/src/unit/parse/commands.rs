@@ -1,31 +1,66 @@
 //! The `[service]` keys that name commands run beside the main process:
-//! `exec-start-pre` (systemd's `ExecStartPre=`), an array of commands, each
-//! an array of strings whose program may carry systemd's `-` prefix (its
-//! failure is ignored).
+//! `exec-start-pre`, `exec-start-post`, `exec-stop`, `exec-reload`
+//! (systemd's `ExecStartPre=` …), each an array of commands, each an array
+//! of strings whose program may carry systemd's `-` prefix (its failure is
+//! ignored).
 
 use super::*;
 
-const START_PRE_HINT: &str = "write an array of commands, each an array of strings, e.g. exec-start-pre = [[\"/usr/sbin/sshd\", \"-t\"], [\"-/bin/mkdir\", \"-p\", \"/run/web\"]] (a leading - on the program: its failure is ignored)";
+const COMMANDS_HINT: &str = "write an array of commands, each an array of strings, e.g. exec-start-pre = [[\"/usr/sbin/sshd\", \"-t\"], [\"-/bin/mkdir\", \"-p\", \"/run/web\"]] (a leading - on the program: its failure is ignored)";
 
 impl Cx<'_> {
-    /// Reads `exec-start-pre` into `svc.commands`; `take` removes a field by
-    /// key. Records where it was written for [`Cx::check_commands`].
+    /// Reads the command keys into `svc.commands`; `take` removes a field by
+    /// key. Records where they were written for [`Cx::check_commands`].
     pub(super) fn command_keys<'t>(
         &mut self,
         svc: &mut ServiceConfig,
         take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
     ) {
-        if let Some(f) = take("exec-start-pre") {
-            svc.commands.start_pre = self.command_list(&f);
-            if !svc.commands.start_pre.is_empty() {
-                self.start_pre_at = Some((f.key_pos, f.path.clone()));
+        let c = &mut svc.commands;
+        for (key, list) in [
+            ("exec-start-pre", &mut c.start_pre),
+            ("exec-start-post", &mut c.start_post),
+            ("exec-stop", &mut c.stop),
+            ("exec-reload", &mut c.reload),
+        ] {
+            if let Some(f) = take(key) {
+                *list = self.command_list(&f);
+                if !list.is_empty() {
+                    self.commands_at.push((f.key_pos, f.path.clone()));
+                }
             }
+        }
+        let notify_reload = svc.kind == ServiceType::NotifyReload;
+        if let Some(f) = take("reload-signal") {
+            c.reload_signal = self.signal(&f);
+            if !notify_reload {
+                self.err(
+                    f.key_pos,
+                    f.path.clone(),
+                    "reload-signal is sent only to a type = \"notify-reload\" service",
+                    "write type = \"notify-reload\", or drop reload-signal (exec-reload runs commands instead)",
+                );
+            }
+        }
+        if notify_reload && !c.reload.is_empty() {
+            let (pos, path) = self
+                .commands_at
+                .iter()
+                .find(|(_, p)| p.ends_with("exec-reload"))
+                .cloned()
+                .unwrap_or_default();
+            self.err(
+                pos,
+                path,
+                "a type = \"notify-reload\" service is reloaded by reload-signal, not by exec-reload",
+                "drop exec-reload, or write type = \"notify\" to reload with the commands",
+            );
         }
     }
 
     /// An array of commands.
     fn command_list(&mut self, f: &Field<'_>) -> Vec<ExecCommand> {
-        let Some(items) = self.array(f, START_PRE_HINT) else {
+        let Some(items) = self.array(f, COMMANDS_HINT) else {
             return Vec::new();
         };
         items.iter().filter_map(|c| self.command(c)).collect()
@@ -35,17 +70,12 @@ impl Cx<'_> {
     fn command(&mut self, f: &Field<'_>) -> Option<ExecCommand> {
         if f.item.as_str().is_some() {
             // A flat list of strings: one command written without its brackets.
-            self.type_error(f, "an array of strings (one command)", START_PRE_HINT);
+            self.type_error(f, "an array of strings (one command)", COMMANDS_HINT);
             return None;
         }
-        let items = self.array(f, START_PRE_HINT)?;
+        let items = self.array(f, COMMANDS_HINT)?;
         if items.is_empty() {
-            self.err(
-                f.pos,
-                f.path.clone(),
-                "the command is empty",
-                START_PRE_HINT,
-            );
+            self.err(f.pos, f.path.clone(), "the command is empty", COMMANDS_HINT);
             return None;
         }
         let mut argv = Vec::new();
@@ -71,18 +101,21 @@ impl Cx<'_> {
         })
     }
 
-    /// `exec-start-pre` in a unit whose socket has `accept = true`: those
-    /// start one process per connection, without the service's start.
+    /// Command keys in a unit whose socket has `accept = true`: those start
+    /// one process per connection, without the service's start or stop.
     pub(super) fn check_commands(&mut self, sockets: &[SocketConfig]) {
-        if let Some((pos, path)) = self.start_pre_at.take() {
-            if sockets.iter().any(|s| s.options.accept) {
-                self.err(
-                    pos,
-                    path,
-                    "exec-start-pre is not run for a socket with accept = true: each connection starts its own process at once",
-                    "drop exec-start-pre, or run the check at the start of the program itself",
-                );
-            }
+        let written = std::mem::take(&mut self.commands_at);
+        if !sockets.iter().any(|s| s.options.accept) {
+            return;
+        }
+        for (pos, path) in written {
+            let key = last_key(&path).to_string();
+            self.err(
+                pos,
+                path,
+                format!("{key} is not run for a socket with accept = true: each connection starts its own process at once, and is stopped by kill-signal"),
+                format!("drop {key}, or do its work at the start of the program itself"),
+            );
         }
     }
 }

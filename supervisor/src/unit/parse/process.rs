@@ -117,7 +117,7 @@ impl Cx<'_> {
     }
 
     /// A signal by name (`"SIGTERM"`, `"TERM"`) or number.
-    fn signal(&mut self, f: &Field<'_>) -> Option<KillSignal> {
+    pub(super) fn signal(&mut self, f: &Field<'_>) -> Option<KillSignal> {
         let hint = "write a signal name such as \"SIGTERM\", \"SIGINT\" or \"SIGQUIT\"";
         if let Some(toml_edit::Value::Integer(i)) = f.item.value() {
             let n = *i.value();

@@ -74,10 +74,76 @@ fn exec_start_pre_mistakes_are_placed_and_explained() {
     assert_eq!(seen(&diags, &[e]), want(&[e]));
 }
 
+#[test]
+fn notify_reload_takes_a_reload_signal_and_no_exec_reload() {
+    let s = service("type = \"notify-reload\"").unwrap();
+    assert_eq!(s.kind, ServiceType::NotifyReload);
+    assert_eq!(s.process.notify_access, NotifyAccess::Main);
+    assert_eq!(s.commands.reload_signal(), KillSignal(1));
+    let s = service("type = \"notify-reload\"\nreload-signal = \"SIGUSR1\"").unwrap();
+    assert_eq!(s.commands.reload_signal, Some(KillSignal(10)));
+    let unit = parse_unit(
+        "svc",
+        Path::new("svc.toml"),
+        "[service]\nexec = [\"x\"]\ntype = \"notify-reload\"\nreload-signal = \"USR2\"\n",
+    )
+    .unwrap();
+    let text = to_toml(&unit);
+    assert!(text.contains("reload-signal = \"SIGUSR2\""), "{text}");
+    assert_eq!(
+        parse_unit("svc", Path::new("svc.toml"), &text).unwrap(),
+        unit
+    );
+    #[rustfmt::skip]
+    let cases: &[(&str, Expect<'_>)] = &[
+        ("reload-signal = \"HUP\"", (3, 1, "service.reload-signal", "reload-signal is sent only to a type = \"notify-reload\" service", "write type = \"notify-reload\"")),
+        ("type = \"notify-reload\"\nexec-reload = [[\"/bin/kill\", \"-HUP\", \"$MAINPID\"]]", (4, 1, "service.exec-reload", "is reloaded by reload-signal, not by exec-reload", "drop exec-reload")),
+        ("type = \"notify-reload\"\nreload-signal = \"SIGNOPE\"", (4, 17, "service.reload-signal", "\"SIGNOPE\" is not a signal", "\"SIGTERM\"")),
+    ];
+    for (keys, expect) in cases {
+        let diags = service(keys).unwrap_err();
+        assert_eq!(seen(&diags, &[*expect]), want(&[*expect]), "{keys}");
+    }
+}
+
+#[test]
+fn every_command_key_reads_alike() {
+    let s = service(
+        "exec-start-post = [[\"/bin/post\"]]\nexec-stop = [[\"-/bin/stop\", \"$MAINPID\"]]\nexec-reload = [[\"/bin/kill\", \"-HUP\", \"$MAINPID\"]]",
+    )
+    .unwrap();
+    assert_eq!(s.commands.start_post, vec![cmd(&["/bin/post"], false)]);
+    assert_eq!(s.commands.stop, vec![cmd(&["/bin/stop", "$MAINPID"], true)]);
+    assert_eq!(
+        s.commands.reload,
+        vec![cmd(&["/bin/kill", "-HUP", "$MAINPID"], false)]
+    );
+    let diags = service("exec-reload = [[]]").unwrap_err();
+    let e: Expect<'_> = (3, 16, "service.exec-reload[0]", "the command is empty", "");
+    assert_eq!(seen(&diags, &[e]), want(&[e]));
+}
+
 /// Random commands for the round-trip tests.
 pub(super) fn randomize(s: &mut ServiceConfig, rng: &mut Rng) {
+    let c = &mut s.commands;
+    for list in [
+        &mut c.start_pre,
+        &mut c.start_post,
+        &mut c.stop,
+        &mut c.reload,
+    ] {
+        *list = random_commands(rng);
+    }
+    if s.kind == ServiceType::Notify && rng.chance() {
+        s.kind = ServiceType::NotifyReload;
+        c.reload.clear();
+        c.reload_signal = *rng.pick(&[None, Some(KillSignal(1)), Some(KillSignal(10))]);
+    }
+}
+
+fn random_commands(rng: &mut Rng) -> Vec<ExecCommand> {
     let any = "ab -/\"\\é$";
-    s.commands.start_pre = (0..rng.below(3))
+    (0..rng.below(3))
         .map(|_| ExecCommand {
             argv: (0..1 + rng.below(3))
                 .map(|k| {
@@ -91,5 +157,5 @@ pub(super) fn randomize(s: &mut ServiceConfig, rng: &mut Rng) {
                 .collect(),
             ignore_failure: rng.chance(),
         })
-        .collect();
+        .collect()
 }
