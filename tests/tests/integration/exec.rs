@@ -163,3 +163,181 @@ fn a_pre_command_running_across_an_upgrade_is_carried_over() -> Result<()> {
     ensure!(hf.sandbox().out("main").exists());
     Ok(())
 }
+
+/// A shell main process that appends `term` to `out/order` on SIGTERM and
+/// `hup` to `out/hups` on SIGHUP, its pid in `out/main-pid`.
+fn trapping_main(out: &std::path::Path) -> String {
+    sh(&format!(
+        "trap 'echo term >> {o}/order; exit 0' TERM; trap 'echo hup >> {o}/hups' HUP; \
+         echo $$ > {o}/main-pid; while :; do sleep 0.05; done",
+        o = out.display()
+    ))
+}
+
+fn read(hf: &Holdfast, name: &str) -> String {
+    std::fs::read_to_string(hf.sandbox().out(name)).unwrap_or_default()
+}
+
+#[test]
+fn reload_service_runs_exec_reload_with_mainpid_and_says_when_it_fails() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let out = sandbox.out_dir();
+    sandbox.write_local_unit(
+        "web",
+        8080,
+        &format!(
+            "exec = {main}\nexec-reload = [{env}, [\"/bin/kill\", \"-HUP\", \"$MAINPID\"]]\n",
+            main = trapping_main(&out),
+            env = sh(&format!("echo \"$MAINPID\" > {}/reload-env", out.display())),
+        ),
+    )?;
+    sandbox.write_local_unit(
+        "bad",
+        8081,
+        "exec = [\"/bin/sleep\", \"1000\"]\nexec-reload = [[\"/bin/false\"]]\n",
+    )?;
+    sandbox.write_local_unit("plain", 8082, "exec = [\"/bin/sleep\", \"1000\"]\n")?;
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = hf.wait_running("web", T)?;
+    hf.wait_running("bad", T)?;
+    hf.wait_running("plain", T)?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&hf.cli_ok(&["reload-service", "web", "--json"])?)?;
+    ensure!(
+        reply["state"] == "running" && reply["pid"] == pid,
+        "{reply}"
+    );
+    // Done when the reply came: $MAINPID in the environment and in the arguments.
+    ensure!(read(&hf, "reload-env").trim() == pid.to_string());
+    wait_for("SIGHUP to the main process", T, || {
+        read(&hf, "hups").contains("hup").then_some(())
+    })?;
+
+    let failed = hf.cli(&["reload-service", "bad"])?;
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    ensure!(failed.status.code() == Some(1), "{failed:?}");
+    ensure!(
+        stderr
+            .contains("reload of \"bad\" failed: exec-reload[0] (/bin/false) failed: exit code 1"),
+        "{stderr}"
+    );
+    let bad = hf.service("bad")?;
+    ensure!(bad["state"] == "running" && bad["restarts"] == 0, "{bad}");
+
+    let none = hf.cli(&["reload-service", "plain"])?;
+    ensure!(
+        String::from_utf8_lossy(&none.stderr).contains("has no exec-reload"),
+        "{none:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn exec_stop_runs_with_mainpid_before_the_kill_signal() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let out = sandbox.out_dir();
+    sandbox.write_local_unit(
+        "web",
+        8080,
+        &format!(
+            "exec = {main}\nexec-stop = [{stop}]\n",
+            main = trapping_main(&out),
+            stop = sh(&format!(
+                "echo \"stop $MAINPID\" >> {}/order; sleep 0.3",
+                out.display()
+            )),
+        ),
+    )?;
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = hf.wait_running("web", T)?;
+    let stopped = hf.cli(&["stop", "web"])?;
+    ensure!(stopped.status.success(), "stop: {stopped:?}");
+    ensure!(hf.service("web")?["state"] == "stopped");
+    ensure!(
+        read(&hf, "order") == format!("stop {pid}\nterm\n"),
+        "exec-stop then SIGTERM: {:?}",
+        read(&hf, "order")
+    );
+    Ok(())
+}
+
+#[test]
+fn exec_start_post_runs_once_started_and_its_failure_fails_the_service() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let out = sandbox.out_dir();
+    sandbox.write_local_unit(
+        "web",
+        8080,
+        &format!(
+            "exec = [\"/bin/sleep\", \"1000\"]\nexec-start-post = [{post}]\n",
+            post = sh(&format!(
+                "sleep 0.3; echo \"post $MAINPID\" > {}/post",
+                out.display()
+            )),
+        ),
+    )?;
+    sandbox.write_local_unit(
+        "bad",
+        8081,
+        "exec = [\"/bin/sleep\", \"1000\"]\nexec-start-post = [[\"/bin/false\"]]\nrestart = \"never\"\n",
+    )?;
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    let s = hf.wait_service("web", T, |s| s["pid"].is_i64())?;
+    ensure!(
+        s["state"] == "starting",
+        "running before exec-start-post is done: {s}"
+    );
+    let pid = hf.wait_running("web", T)?;
+    ensure!(
+        read(&hf, "post") == format!("post {pid}\n"),
+        "{:?}",
+        read(&hf, "post")
+    );
+    let bad = hf.wait_state("bad", "failed", T)?;
+    ensure!(
+        bad["failure"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("exec-start-post[0] (/bin/false) failed"),
+        "{bad}"
+    );
+    Ok(())
+}
+
+#[test]
+fn notify_reload_sends_the_reload_signal_and_waits_for_ready() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    if !holdfast_testkit::require_file("/usr/bin/systemd-notify") {
+        return Ok(());
+    }
+    let out = sandbox.out_dir();
+    let main = format!(
+        "trap 'systemd-notify RELOADING=1; sleep 0.3; echo reloaded >> {o}/reloads; systemd-notify --ready' USR1; \
+         systemd-notify --ready; while :; do sleep 0.05; done",
+        o = out.display()
+    );
+    sandbox.write_local_unit(
+        "web",
+        8080,
+        &format!(
+            "exec = {main}\ntype = \"notify-reload\"\nreload-signal = \"SIGUSR1\"\n",
+            main = sh(&main)
+        ),
+    )?;
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = hf.wait_running("web", T)?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&hf.cli_ok(&["reload-service", "web", "--json"])?)?;
+    ensure!(
+        reply["state"] == "running" && reply["pid"] == pid,
+        "{reply}"
+    );
+    // Answered after READY=1, which came after the work.
+    ensure!(
+        read(&hf, "reloads") == "reloaded\n",
+        "{:?}",
+        read(&hf, "reloads")
+    );
+    ensure!(hf.service("web")?["restarts"] == 0);
+    Ok(())
+}
