@@ -507,3 +507,55 @@ fn exec_start_pre_lines_become_exec_start_pre_commands() {
         got.dropped
     );
 }
+
+#[test]
+fn post_stop_and_reload_lines_keep_mainpid_for_holdfast_to_fill_in() {
+    let dir = dir_with(&[(
+        "r.service",
+        "[Service]\nType=notify\nExecStart=/usr/sbin/sshd -D\nExecStartPost=-/bin/register ${MAINPID}\n\
+         ExecStop=/bin/kill -TERM $MAINPID\nExecReload=/usr/sbin/sshd -t\nExecReload=/bin/kill -HUP $MAINPID\n",
+    )]);
+    let got = import(&req(dir.path(), &["r.service"])).unwrap();
+    assert!(got.dropped.is_empty(), "{:#?}", got.dropped);
+    let argv = |list: &[crate::unit::ExecCommand]| -> Vec<Vec<String>> {
+        list.iter().map(|c| c.written()).collect()
+    };
+    let c = &got.unit.service.commands;
+    assert_eq!(argv(&c.start_post), [["-/bin/register", "$MAINPID"]]);
+    assert_eq!(argv(&c.stop), [["/bin/kill", "-TERM", "$MAINPID"]]);
+    assert_eq!(
+        argv(&c.reload),
+        [
+            vec!["/usr/sbin/sshd", "-t"],
+            vec!["/bin/kill", "-HUP", "$MAINPID"]
+        ]
+    );
+}
+
+#[test]
+fn notify_reload_takes_its_reload_signal_and_no_exec_reload() {
+    let dir = dir_with(&[(
+        "n.service",
+        "[Service]\nType=notify-reload\nExecStart=/bin/n\nReloadSignal=SIGUSR1\nExecReload=/bin/kill -HUP $MAINPID\n",
+    )]);
+    let got = import(&req(dir.path(), &["n.service"])).unwrap();
+    let s = &got.unit.service;
+    assert_eq!(s.kind, ServiceType::NotifyReload);
+    assert_eq!(s.commands.reload_signal, Some(crate::unit::KillSignal(10)));
+    assert!(s.commands.reload.is_empty());
+    let places: Vec<&str> = got.dropped.iter().map(|f| f.place.as_str()).collect();
+    assert_eq!(places.len(), 1, "{:#?}", got.dropped);
+    assert!(places[0].ends_with(":5"), "{places:?}");
+    // Not notify-reload: ReloadSignal= has nothing to go to.
+    let dir = dir_with(&[(
+        "m.service",
+        "[Service]\nExecStart=/bin/m\nReloadSignal=SIGUSR1\n",
+    )]);
+    let got = import(&req(dir.path(), &["m.service"])).unwrap();
+    assert!(got.unit.service.commands.reload_signal.is_none());
+    assert!(
+        got.dropped[0].why.contains("notify-reload"),
+        "{:#?}",
+        got.dropped
+    );
+}

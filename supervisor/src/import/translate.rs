@@ -238,10 +238,7 @@ fn service_config(
                 );
                 ServiceType::Simple
             }
-            "notify-reload" => {
-                r.drop(e, "holdfast has no reload by signal (type notify-reload) yet; written as type = \"notify\", reload with holdfast restart --mode overlap");
-                ServiceType::Notify
-            }
+            "notify-reload" => ServiceType::NotifyReload,
             "forking" => {
                 r.drop(e, "holdfast does not follow forking daemons; run the program in the foreground (its -D, -f or --foreground flag) and keep type = \"simple\", or \"notify\" if it sends READY=1");
                 ServiceType::Simple
@@ -531,21 +528,60 @@ fn exec_start(
     words
 }
 
-/// The commands beside the main process: `ExecStartPre=` → `exec-start-pre`,
-/// each read as `ExecStart=` is (prefixes, quoting, `$VAR`s), its `-` kept.
+/// The commands beside the main process: `ExecStartPre=`, `ExecStartPost=`,
+/// `ExecStop=`, `ExecReload=` onto the keys of the same names, each line
+/// read as `ExecStart=` is (prefixes, quoting, `$VAR`s), its `-` kept,
+/// `$MAINPID` left for holdfast to fill in where systemd does; and
+/// `ReloadSignal=` of a notify-reload service.
 fn command_directives(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceConfig, accept: bool) {
     const S: &str = "Service";
     let has_env_file = !d.list(S, "EnvironmentFile").is_empty();
-    let pre = d.list(S, "ExecStartPre");
-    if accept {
-        for e in pre {
-            r.drop(e, "with Accept=yes holdfast starts each connection's process at once: exec-start-pre is not run; do the check at the start of the program, or on the host");
+    let notify_reload = s.kind == ServiceType::NotifyReload;
+    if let Some(e) = d.last(S, "ReloadSignal") {
+        match values::signal(&e.value) {
+            Ok(n) if notify_reload => s.commands.reload_signal = Some(KillSignal(n)),
+            Ok(_) => r.drop(
+                e,
+                "holdfast sends reload-signal only to a Type=notify-reload service",
+            ),
+            Err(why) => r.drop(e, why),
         }
-        return;
     }
-    for e in pre {
-        if let Some(c) = exec_command(e, r, s, has_env_file) {
-            s.commands.start_pre.push(c);
+    // With $MAINPID standing for itself, for holdfast to replace at run time.
+    let mut with_main_pid = s.clone();
+    with_main_pid
+        .environment
+        .insert("MAINPID".into(), "$MAINPID".into());
+    for (key, main_pid) in [
+        ("ExecStartPre", false),
+        ("ExecStartPost", true),
+        ("ExecStop", true),
+        ("ExecReload", true),
+    ] {
+        let lines = d.list(S, key);
+        if accept {
+            for e in lines {
+                r.drop(e, format!("with Accept=yes holdfast starts each connection's process at once and stops it with kill-signal: {} does not run; do its work in the program, or on the host", kebab(key)));
+            }
+            continue;
+        }
+        if key == "ExecReload" && notify_reload {
+            for e in lines {
+                r.drop(e, "a Type=notify-reload service is reloaded by its reload-signal in holdfast, with no exec-reload beside it; holdfast reload-service sends the signal");
+            }
+            continue;
+        }
+        let env = if main_pid { &with_main_pid } else { &*s };
+        let commands: Vec<_> = lines
+            .into_iter()
+            .filter_map(|e| exec_command(e, r, env, has_env_file))
+            .collect();
+        let c = &mut s.commands;
+        match key {
+            "ExecStartPre" => c.start_pre = commands,
+            "ExecStartPost" => c.start_post = commands,
+            "ExecStop" => c.stop = commands,
+            _ => c.reload = commands,
         }
     }
 }
@@ -714,15 +750,11 @@ fn install_section(d: &mut Directives<'_>, r: &mut Report) {
 fn why_not(section: &str, key: &str) -> String {
     let no_key = |k: &str| format!("holdfast has no {k} key yet");
     match key {
-        "ExecStartPost" | "ExecCondition" => format!(
+        "ExecCondition" => format!(
             "{}; run it in a wrapper that then execs the program, or on the host before holdfast starts",
             no_key(&kebab(key))
         ),
-        "ExecReload" => format!(
-            "{}; holdfast restart --mode overlap NAME replaces the service without refusing a connection",
-            no_key(&kebab(key))
-        ),
-        "ExecStop" | "ExecStopPost" => format!(
+        "ExecStopPost" => format!(
             "{}; holdfast stops a service with SIGTERM to its process group, then SIGKILL after stop-timeout",
             no_key(&kebab(key))
         ),

@@ -104,6 +104,7 @@ fn debian_units_import_into_units_that_pass_check() -> Result<()> {
             + 1)
     };
     let pre_line = line_of("ExecStartPre=")?;
+    let reload_line = line_of("ExecReload=")?;
     let o = import(&[
         "--output",
         &out_dir,
@@ -111,14 +112,22 @@ fn debian_units_import_into_units_that_pass_check() -> Result<()> {
         &format!("{SYSTEM}/ssh.socket"),
     ])?;
     let stdout = String::from_utf8_lossy(&o.stdout);
-    // ExecStartPre= is translated: not in the report.
-    assert!(
-        !stdout.contains(&format!("{SYSTEM}/ssh.service:{pre_line}:")),
-        "{stdout}"
-    );
+    // ExecStartPre= and ExecReload= are translated: not in the report.
+    for line in [pre_line, reload_line, reload_line + 1] {
+        assert!(
+            !stdout.contains(&format!("{SYSTEM}/ssh.service:{line}:")),
+            "line {line}: {stdout}"
+        );
+    }
     let ssh = std::fs::read_to_string(out.path().join("ssh.toml"))?;
     assert!(
         ssh.contains("exec-start-pre = [[\"/usr/sbin/sshd\", \"-t\"]]"),
+        "{ssh}"
+    );
+    assert!(
+        ssh.contains(
+            "exec-reload = [[\"/usr/sbin/sshd\", \"-t\"], [\"/bin/kill\", \"-HUP\", \"$MAINPID\"]]"
+        ),
         "{ssh}"
     );
     assert!(ssh.contains("exec = [\"/usr/sbin/sshd\", \"-D\"]"), "{ssh}");
@@ -234,7 +243,8 @@ fn imported_ssh_serves_a_real_ssh_client() -> Result<()> {
     write(
         systemd.join("ssh.service.d/test.conf"),
         &format!(
-            "[Service]\nEnvironment=\"SSHD_OPTS=-f {}\"\nExecStartPre=\nExecStartPre=/usr/sbin/sshd -t $SSHD_OPTS\n",
+            "[Service]\nEnvironment=\"SSHD_OPTS=-f {}\"\nExecStartPre=\nExecStartPre=/usr/sbin/sshd -t $SSHD_OPTS\n\
+             ExecReload=\nExecReload=/usr/sbin/sshd -t $SSHD_OPTS\nExecReload=/bin/kill -HUP $MAINPID\n",
             config.display()
         ),
     )?;
@@ -292,6 +302,20 @@ fn imported_ssh_serves_a_real_ssh_client() -> Result<()> {
     })?;
     assert_ne!(again, i64::from(pid));
     assert_eq!(ssh("127.0.0.1")?, "answered-by-sshd", "{}", hf.log());
+    // ExecReload=: the config checked, then SIGHUP to $MAINPID, answered once
+    // both ran. (sshd then re-executes itself in place, same pid; Debian's sshd
+    // takes its LISTEN_FDS socket only once, so it is not asked again here.)
+    let reloaded: serde_json::Value =
+        serde_json::from_str(&hf.cli_ok(&["reload-service", "ssh", "--json"])?)?;
+    assert_eq!(reloaded["pid"], again, "{reloaded}");
+    assert_eq!(reloaded["state"], "running", "{reloaded}");
+    let log = hf.log();
+    assert!(
+        log.contains("exec-reload started service=ssh")
+            && log.contains("command=1")
+            && log.contains("reloaded (exec-reload) service=ssh"),
+        "{log}"
+    );
     Ok(())
 }
 
