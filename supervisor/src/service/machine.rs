@@ -476,7 +476,7 @@ impl Machine {
     pub fn deadline(&self) -> Option<Instant> {
         self.instances()
             .filter_map(Instance::deadline)
-            .chain(self.next_start)
+            .chain(self.next_start.filter(|_| self.control.is_none()))
             .chain(self.signal_reload.as_ref().map(|r| r.by))
             .min()
     }
@@ -903,6 +903,10 @@ impl Machine {
         }
         if !self.has_instances() {
             fx.push(Effect::ReleaseOldSockets);
+            // A start that waited for this command to end.
+            if self.next_start.is_some_and(|t| t <= now) {
+                fx.extend(self.start(now, false));
+            }
         }
         fx
     }
@@ -1254,10 +1258,28 @@ impl Machine {
         if !self.has_instances() {
             fx.push(Effect::ReleaseOldSockets);
         }
-        if !listens_again && self.next_start.is_some_and(|t| t <= now) {
+        // A command still runs beside it (exec-stop): the next start waits
+        // for its end. Those about this main process end with it.
+        self.end_commands_of_main(now, &mut fx);
+        if !listens_again && self.control.is_none() && self.next_start.is_some_and(|t| t <= now) {
             fx.extend(self.start(now, !asked));
         }
         fx
+    }
+
+    /// The main process is gone: its exec-start-post or exec-reload command
+    /// is stopped (exec-stop runs on to its end).
+    fn end_commands_of_main(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let timeout = self.cfg.stop_timeout;
+        if let Some(c) = self
+            .control
+            .as_mut()
+            .filter(|c| c.kind != CommandKind::Stop)
+        {
+            if let Some(inst) = c.inst.as_mut() {
+                inst.terminate(now, timeout, fx);
+            }
+        }
     }
 
     /// An on-demand service waits for traffic again, unless it was stopped
@@ -1515,7 +1537,7 @@ impl Machine {
                 self.state = State::Stopping;
             }
         }
-        if may_start && self.next_start.is_some_and(|t| t <= now) {
+        if may_start && self.control.is_none() && self.next_start.is_some_and(|t| t <= now) {
             if self.cfg.on_demand {
                 // The delay after a failed run is over: traffic starts it.
                 self.next_start = None;
@@ -2440,5 +2462,50 @@ mod tests {
             .unwrap()
             .unwrap_err()
             .contains("exited"));
+    }
+
+    #[test]
+    fn a_restart_waits_for_exec_stop_to_end_and_start_post_ends_with_its_main() {
+        let now = Instant::now();
+        let c = with_commands(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            CommandKind::Stop,
+            1,
+        );
+        let mut m = Machine::new("s", &c, false);
+        let main = started(&mut m, now, 10);
+        assert_eq!(m.restart(None, now).unwrap(), command(CommandKind::Stop, 0));
+        let stop = m.command_spawned(11, now);
+        // It stopped the main process itself: the new one waits for exec-stop.
+        assert!(m.exited(main, Exit::Code(0), now, false).is_empty());
+        assert_eq!(m.deadline(), Some(now + 1000 * MS));
+        assert!(m.timers(now + 10 * MS, true).is_empty());
+        assert_eq!(
+            m.exited(stop, Exit::Code(0), now + 20 * MS, false),
+            [released(), vec![Effect::Spawn(SpawnRole::Main)]].concat()
+        );
+
+        // The main process dies during exec-start-post: the command is stopped.
+        let c = with_commands(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            CommandKind::StartPost,
+            1,
+        );
+        let mut m = Machine::new("s", &c, false);
+        m.boot(now);
+        let (main, _) = m.spawned(SpawnRole::Main, 10, now);
+        let post = m.command_spawned(11, now);
+        assert_eq!(
+            m.exited(main, Exit::Code(1), now, false),
+            vec![Effect::Terminate(post)]
+        );
+        assert_eq!(m.state(), State::Waiting);
+        assert_eq!(m.exited(post, Exit::Signal(15), now, false), released());
+        assert_eq!(
+            m.timers(now + Duration::from_secs(1), true),
+            vec![Effect::Spawn(SpawnRole::Main)]
+        );
     }
 }
