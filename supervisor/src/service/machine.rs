@@ -141,32 +141,103 @@ pub struct Instance {
     failed: Option<String>,
 }
 
-/// The `exec-start-pre` commands of one start under way: which one runs
-/// (as an instance of its own: stop and kill work on it as on the main one),
-/// and for which instance.
+/// The commands of one kind under way: which one runs, as an instance of
+/// its own (so stop, kill and reaping work on it as on a main instance).
+/// `what`: for exec-start-pre the instance they come before
+/// ([`SpawnRole`]); else the [`CommandKind`] (one such command at a time).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct PreRun {
-    role: SpawnRole,
-    /// The command of `exec-start-pre` that runs (or is being spawned).
+struct CommandRun<K> {
+    what: K,
+    /// The command of its list that runs (or is being spawned).
     index: usize,
-    /// Every pre command of this start must be done by then (start-timeout).
+    /// Every command of the list must be done by then (start-timeout;
+    /// stop-timeout for exec-stop).
     #[serde(with = "super::mono")]
     by: Instant,
     /// The running command, once spawned.
     inst: Option<Instance>,
 }
 
-/// The command of `exec-start-post`, `exec-stop` or `exec-reload` that runs
-/// (one at a time), as an instance of its own.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ControlRun {
-    kind: CommandKind,
-    index: usize,
-    /// Every command of this kind must be done by then (start-timeout;
-    /// stop-timeout for exec-stop).
-    #[serde(with = "super::mono")]
-    by: Instant,
-    inst: Option<Instance>,
+type PreRun = CommandRun<SpawnRole>;
+type ControlRun = CommandRun<CommandKind>;
+
+/// What follows a command's exit.
+enum AfterCommand {
+    /// The next command of the list, by index.
+    Next(usize),
+    /// The list is over; with why, when it failed.
+    Done(Option<String>),
+}
+
+impl<K: Copy> CommandRun<K> {
+    fn new(what: K, by: Instant) -> CommandRun<K> {
+        CommandRun {
+            what,
+            index: 0,
+            by,
+            inst: None,
+        }
+    }
+
+    /// The command asked for runs as `pid`, named `id`.
+    fn spawned(&mut self, id: InstanceId, pid: i32, now: Instant) {
+        self.inst = Some(command_instance(id, pid, now, Some(self.by)));
+    }
+
+    /// The command asked for could not be spawned: it stands as a command
+    /// that failed (unless written with `-`), to be ended as if it exited.
+    fn spawn_failed(&mut self, list: &[ExecCommand], failed: String, now: Instant) {
+        let ignored = list.get(self.index).is_some_and(|c| c.ignore_failure);
+        let inst = self
+            .inst
+            .insert(command_instance(InstanceId(0), 0, now, None));
+        if !ignored {
+            inst.failed = Some(failed);
+        }
+    }
+
+    /// After its command (of `list`, under `key`) exited with `exit`: the
+    /// next one, or the end. `interrupted`: a stop or restart came, which
+    /// ends the list however it exited.
+    fn after_exit(
+        &mut self,
+        service: &str,
+        key: &str,
+        list: &[ExecCommand],
+        exit: Exit,
+        interrupted: bool,
+    ) -> AfterCommand {
+        let index = self.index;
+        let Some(inst) = self.inst.as_mut() else {
+            return AfterCommand::Done(None);
+        };
+        let ignore = list.get(index).is_some_and(|c| c.ignore_failure);
+        let passed = inst.failed.is_none()
+            && inst.kill_at.is_none()
+            && (exit.success() || ignore)
+            && !interrupted;
+        if passed && !exit.success() {
+            tracing::warn!(service, pid = inst.pid, command = index, %exit, "{key} failed; ignored (-)");
+        }
+        if passed && index + 1 < list.len() {
+            return AfterCommand::Next(index + 1);
+        }
+        let program = list.get(index).map_or("", |c| c.argv[0].as_str());
+        AfterCommand::Done((!passed).then(|| {
+            inst.failed
+                .take()
+                .unwrap_or_else(|| format!("{key}[{index}] ({program}) failed: {exit}"))
+        }))
+    }
+
+    /// The next command of the list, to be spawned.
+    fn next(self, index: usize) -> CommandRun<K> {
+        CommandRun {
+            index,
+            inst: None,
+            ..self
+        }
+    }
 }
 
 /// A reload of a notify-reload service: reload-signal sent, RELOADING=1
@@ -447,7 +518,7 @@ impl Machine {
     pub fn running_command(&self) -> Option<(CommandKind, usize, &Instance)> {
         self.control
             .as_ref()
-            .and_then(|c| c.inst.as_ref().map(|i| (c.kind, c.index, i)))
+            .and_then(|c| c.inst.as_ref().map(|i| (c.what, c.index, i)))
     }
     /// How reload number `seq` ended, once it has.
     pub fn reload_outcome(&self, seq: u64) -> Option<Result<(), &str>> {
@@ -564,12 +635,7 @@ impl Machine {
         if self.cfg.commands.start_pre.is_empty() {
             return Some(Effect::Spawn(role));
         }
-        self.pre = Some(PreRun {
-            role,
-            index: 0,
-            by: deadline(now, self.cfg.start_timeout),
-            inst: None,
-        });
+        self.pre = Some(PreRun::new(role, deadline(now, self.cfg.start_timeout)));
         if role == SpawnRole::Main {
             self.state = State::Starting;
         }
@@ -578,14 +644,17 @@ impl Machine {
 
     /// The exec-start-pre command asked for by `Effect::SpawnPre` runs as `pid`.
     pub fn pre_spawned(&mut self, pid: i32, now: Instant) -> InstanceId {
-        let id = InstanceId(self.next_id);
-        self.next_id += 1;
-        let Some(pre) = self.pre.as_mut() else {
-            return id;
-        };
-        tracing::info!(service = %self.name, pid, command = pre.index, "exec-start-pre started");
-        pre.inst = Some(command_instance(id, pid, now, Some(pre.by)));
+        let id = self.new_id();
+        if let Some(pre) = self.pre.as_mut() {
+            tracing::info!(service = %self.name, pid, command = pre.index, "exec-start-pre started");
+            pre.spawned(id, pid, now);
+        }
         id
+    }
+
+    fn new_id(&mut self) -> InstanceId {
+        self.next_id += 1;
+        InstanceId(self.next_id - 1)
     }
 
     /// The exec-start-pre command asked for could not be spawned: as if it
@@ -596,18 +665,7 @@ impl Machine {
         };
         tracing::error!(service = %self.name, command = pre.index, error = %why, "cannot run exec-start-pre");
         let failed = format!("cannot run exec-start-pre[{}]: {why}", pre.index);
-        let inst = pre
-            .inst
-            .insert(command_instance(InstanceId(0), 0, now, None));
-        let ignored = self
-            .cfg
-            .commands
-            .start_pre
-            .get(pre.index)
-            .is_some_and(|c| c.ignore_failure);
-        if !ignored {
-            inst.failed = Some(failed);
-        }
+        pre.spawn_failed(&self.cfg.commands.start_pre, failed, now);
         self.pre_exited(Exit::Code(127), now, false)
     }
 
@@ -615,58 +673,30 @@ impl Machine {
     /// instance, or (it failed, or a stop or restart interrupted it) what
     /// follows a main process's exit before it was ready.
     fn pre_exited(&mut self, exit: Exit, now: Instant, shutting_down: bool) -> Vec<Effect> {
-        let Some(PreRun {
-            role,
-            index,
-            by,
-            inst: Some(mut inst),
-        }) = self.pre.take()
-        else {
+        let Some(mut pre) = self.pre.take() else {
+            return Vec::new();
+        };
+        let role = pre.what;
+        let interrupted = match role {
+            SpawnRole::Main => shutting_down || self.stop_requested || self.restart_requested,
+            SpawnRole::Candidate => false,
+        };
+        let list = &self.cfg.commands.start_pre;
+        let after = pre.after_exit(&self.name, "exec-start-pre", list, exit, interrupted);
+        let Some(mut inst) = pre.inst.take() else {
             return Vec::new();
         };
         if inst.pid != 0 {
             self.gone(inst.pid);
         }
-        let ignore = self
-            .cfg
-            .commands
-            .start_pre
-            .get(index)
-            .is_some_and(|c| c.ignore_failure);
-        let interrupted = match role {
-            SpawnRole::Main => shutting_down || self.stop_requested || self.restart_requested,
-            SpawnRole::Candidate => false,
+        let why = match after {
+            AfterCommand::Next(index) => {
+                self.pre = Some(pre.next(index));
+                return vec![Effect::SpawnPre { role, index }];
+            }
+            AfterCommand::Done(None) => return vec![Effect::Spawn(role)],
+            AfterCommand::Done(Some(why)) => why,
         };
-        let passed = inst.kill_at.is_none()
-            && inst.failed.is_none()
-            && (exit.success() || ignore)
-            && !interrupted;
-        if passed {
-            if !exit.success() {
-                tracing::warn!(service = %self.name, pid = inst.pid, command = index, %exit, "exec-start-pre failed; ignored (-)");
-            }
-            let next = index + 1;
-            if next < self.cfg.commands.start_pre.len() {
-                self.pre = Some(PreRun {
-                    role,
-                    index: next,
-                    by,
-                    inst: None,
-                });
-                return vec![Effect::SpawnPre { role, index: next }];
-            }
-            return vec![Effect::Spawn(role)];
-        }
-        let program = self
-            .cfg
-            .commands
-            .start_pre
-            .get(index)
-            .map_or("", |c| c.argv[0].as_str());
-        let why = inst
-            .failed
-            .take()
-            .unwrap_or_else(|| format!("exec-start-pre[{index}] ({program}) failed: {exit}"));
         match role {
             SpawnRole::Candidate => {
                 tracing::error!(service = %self.name, pid = inst.pid, %exit, "overlap restart: {why}; the old one keeps serving");
@@ -773,24 +803,17 @@ impl Machine {
             CommandKind::Stop => self.cfg.stop_timeout,
             CommandKind::StartPost | CommandKind::Reload => self.cfg.start_timeout,
         };
-        self.control = Some(ControlRun {
-            kind,
-            index: 0,
-            by: deadline(now, timeout),
-            inst: None,
-        });
+        self.control = Some(ControlRun::new(kind, deadline(now, timeout)));
         Some(Effect::SpawnCommand { kind, index: 0 })
     }
 
     /// The command asked for by `Effect::SpawnCommand` runs as `pid`.
     pub fn command_spawned(&mut self, pid: i32, now: Instant) -> InstanceId {
-        let id = InstanceId(self.next_id);
-        self.next_id += 1;
-        let Some(c) = self.control.as_mut() else {
-            return id;
-        };
-        tracing::info!(service = %self.name, pid, command = c.index, "{} started", c.kind.key());
-        c.inst = Some(command_instance(id, pid, now, Some(c.by)));
+        let id = self.new_id();
+        if let Some(c) = self.control.as_mut() {
+            tracing::info!(service = %self.name, pid, command = c.index, "{} started", c.what.key());
+            c.spawned(id, pid, now);
+        }
         id
     }
 
@@ -800,57 +823,30 @@ impl Machine {
         let Some(c) = self.control.as_mut() else {
             return Vec::new();
         };
-        let key = c.kind.key();
+        let key = c.what.key();
         tracing::error!(service = %self.name, command = c.index, error = %why, "cannot run {key}");
-        let ignored = c
-            .kind
-            .of(&self.cfg.commands)
-            .get(c.index)
-            .is_some_and(|c| c.ignore_failure);
         let failed = format!("cannot run {key}[{}]: {why}", c.index);
-        let inst = c.inst.insert(command_instance(InstanceId(0), 0, now, None));
-        if !ignored {
-            inst.failed = Some(failed);
-        }
+        c.spawn_failed(c.what.of(&self.cfg.commands), failed, now);
         self.command_exited(Exit::Code(127), now)
     }
 
     /// The running exec-start-post, exec-stop or exec-reload command exited.
     fn command_exited(&mut self, exit: Exit, now: Instant) -> Vec<Effect> {
-        let Some(ControlRun {
-            kind,
-            index,
-            by,
-            inst: Some(mut inst),
-        }) = self.control.take()
-        else {
+        let Some(mut c) = self.control.take() else {
             return Vec::new();
         };
+        let kind = c.what;
         let list = kind.of(&self.cfg.commands);
-        let ignore = list.get(index).is_some_and(|c| c.ignore_failure);
-        let program = list.get(index).map_or("", |c| c.argv[0].as_str());
-        let key = kind.key();
-        let passed = inst.failed.is_none() && inst.kill_at.is_none() && (exit.success() || ignore);
-        if passed && !exit.success() {
-            tracing::warn!(service = %self.name, pid = inst.pid, command = index, %exit, "{key} failed; ignored (-)");
-        }
-        if passed && index + 1 < list.len() {
-            self.control = Some(ControlRun {
-                kind,
-                index: index + 1,
-                by,
-                inst: None,
-            });
-            return vec![Effect::SpawnCommand {
-                kind,
-                index: index + 1,
-            }];
-        }
-        let why = (!passed).then(|| {
-            inst.failed
-                .take()
-                .unwrap_or_else(|| format!("{key}[{index}] ({program}) failed: {exit}"))
-        });
+        let why = match c.after_exit(&self.name, kind.key(), list, exit, false) {
+            AfterCommand::Next(index) => {
+                self.control = Some(c.next(index));
+                return vec![Effect::SpawnCommand { kind, index }];
+            }
+            AfterCommand::Done(why) => why,
+        };
+        let Some(inst) = c.inst.take() else {
+            return Vec::new();
+        };
         let mut fx = Vec::new();
         let stop_timeout = self.cfg.stop_timeout;
         // A stop or restart asked for meanwhile is no failure of the service.
@@ -916,7 +912,7 @@ impl Machine {
     /// kill-signal now. Another command that runs is stopped with it.
     fn stop_main(&mut self, now: Instant, fx: &mut Vec<Effect>) {
         let timeout = self.cfg.stop_timeout;
-        let busy = self.control.as_ref().map(|c| c.kind);
+        let busy = self.control.as_ref().map(|c| c.what);
         if busy == Some(CommandKind::Stop) {
             return;
         }
@@ -954,7 +950,7 @@ impl Machine {
         if let Some(c) = &self.control {
             return Err(format!(
                 "service {name:?} runs its {} commands now; try again once they are done",
-                c.kind.key()
+                c.what.key()
             ));
         }
         if self.signal_reload.is_some() {
@@ -1037,7 +1033,7 @@ impl Machine {
             if let Some(inst) = pre.inst.as_mut() {
                 inst.terminate(now, timeout, &mut fx);
             }
-            if pre.role == SpawnRole::Main {
+            if pre.what == SpawnRole::Main {
                 // Its exit ends the start: stopped.
                 self.stop_requested = true;
                 self.restart_requested = false;
@@ -1146,7 +1142,7 @@ impl Machine {
     fn main_pre_mut(&mut self) -> Option<&mut Instance> {
         self.pre
             .as_mut()
-            .filter(|p| p.role == SpawnRole::Main)
+            .filter(|p| p.what == SpawnRole::Main)
             .and_then(|p| p.inst.as_mut())
     }
 
@@ -1233,9 +1229,9 @@ impl Machine {
                 return Vec::new();
             }
             // The candidate is still in its exec-start-pre: it becomes the main start.
-            if let Some(pre) = self.pre.as_mut().filter(|p| p.role == SpawnRole::Candidate) {
+            if let Some(pre) = self.pre.as_mut().filter(|p| p.what == SpawnRole::Candidate) {
                 tracing::warn!(service = %self.name, pid = main.pid, %exit, "exited during an overlap restart; the new instance, in its exec-start-pre, takes over");
-                pre.role = SpawnRole::Main;
+                pre.what = SpawnRole::Main;
                 self.state = State::Starting;
                 self.restarts += 1;
                 return Vec::new();
@@ -1274,7 +1270,7 @@ impl Machine {
         if let Some(c) = self
             .control
             .as_mut()
-            .filter(|c| c.kind != CommandKind::Stop)
+            .filter(|c| c.what != CommandKind::Stop)
         {
             if let Some(inst) = c.inst.as_mut() {
                 inst.terminate(now, timeout, fx);
@@ -1396,7 +1392,7 @@ impl Machine {
         let post = self
             .control
             .as_ref()
-            .is_some_and(|c| c.kind == CommandKind::StartPost);
+            .is_some_and(|c| c.what == CommandKind::StartPost);
         // A reload by signal: READY=1 ends it only after RELOADING=1.
         if let Some(r) = self.signal_reload.as_mut() {
             match heard.main_state {
@@ -1460,7 +1456,7 @@ impl Machine {
                 tracing::error!(service = %self.name, pid = inst.pid, "{why}: stopping it");
                 inst.terminate(now, stop_timeout, &mut fx);
                 inst.failed = Some(why);
-                if pre.role == SpawnRole::Main {
+                if pre.what == SpawnRole::Main {
                     self.state = State::Stopping;
                 }
             }
@@ -1474,7 +1470,7 @@ impl Machine {
                 .as_mut()
                 .filter(|i| i.ready_by.is_some_and(|t| t <= now))
             {
-                let (timeout, which) = match c.kind {
+                let (timeout, which) = match c.what {
                     CommandKind::Stop => (stop_timeout, "stop-timeout"),
                     CommandKind::StartPost | CommandKind::Reload => {
                         (start_timeout, "start-timeout")
@@ -1482,14 +1478,14 @@ impl Machine {
                 };
                 let why = format!(
                     "{}[{}] did not finish within {which} ({})",
-                    c.kind.key(),
+                    c.what.key(),
                     c.index,
                     humantime::format_duration(timeout)
                 );
                 tracing::error!(service = %self.name, pid = inst.pid, "{why}: stopping it");
                 inst.terminate(now, stop_timeout, &mut fx);
                 inst.failed = Some(why);
-                if c.kind == CommandKind::Stop {
+                if c.what == CommandKind::Stop {
                     if let Some(main) = self.main.as_mut() {
                         main.terminate(now, stop_timeout, &mut fx);
                     }
@@ -1922,6 +1918,39 @@ mod tests {
         assert_eq!(m.state(), State::Stopped);
     }
 
+    /// A machine whose exec-start-pre commands are `pre` ("-x": x, its
+    /// failure ignored).
+    fn pre_machine(kind: ServiceType, restart: RestartPolicy, pre: &[&str]) -> Machine {
+        let list: Vec<(&str, bool)> = pre
+            .iter()
+            .map(|p| p.strip_prefix('-').map_or((*p, false), |p| (p, true)))
+            .collect();
+        Machine::new("s", &with_pre(kind, restart, &list), false)
+    }
+
+    /// A machine with `n` commands of `which`.
+    fn cmd_machine(
+        kind: ServiceType,
+        restart: RestartPolicy,
+        which: CommandKind,
+        n: usize,
+    ) -> Machine {
+        Machine::new("s", &with_commands(kind, restart, which, n), false)
+    }
+
+    /// Runs a spawned exec-start-pre command as `pid` to its `exit`.
+    fn pre_ran(m: &mut Machine, pid: i32, exit: Exit, now: Instant) -> Vec<Effect> {
+        let id = m.pre_spawned(pid, now);
+        m.exited(id, exit, now, false)
+    }
+
+    /// Runs a spawned exec-start-post, exec-stop or exec-reload command as
+    /// `pid` to its `exit`.
+    fn ran(m: &mut Machine, pid: i32, exit: Exit, now: Instant) -> Vec<Effect> {
+        let id = m.command_spawned(pid, now);
+        m.exited(id, exit, now, false)
+    }
+
     fn with_pre(kind: ServiceType, restart: RestartPolicy, pre: &[(&str, bool)]) -> ServiceConfig {
         let mut c = cfg(kind, restart);
         c.commands.start_pre = pre
@@ -1946,12 +1975,7 @@ mod tests {
     #[test]
     fn pre_commands_run_one_after_another_before_the_main_process() {
         let now = Instant::now();
-        let c = with_pre(
-            ServiceType::Simple,
-            RestartPolicy::OnFailure,
-            &[("a", false), ("b", false)],
-        );
-        let mut m = Machine::new("s", &c, false);
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::OnFailure, &["a", "b"]);
         assert_eq!(m.boot(now), pre(SpawnRole::Main, 0));
         assert_eq!(m.state(), State::Starting);
         let a = m.pre_spawned(20, now);
@@ -1962,9 +1986,8 @@ mod tests {
             m.exited(a, Exit::Code(0), now, false),
             pre(SpawnRole::Main, 1)
         );
-        let b = m.pre_spawned(21, now);
         assert_eq!(
-            m.exited(b, Exit::Code(0), now, false),
+            pre_ran(&mut m, 21, Exit::Code(0), now),
             vec![Effect::Spawn(SpawnRole::Main)]
         );
         assert!(m.pre_command().is_none());
@@ -2009,17 +2032,10 @@ mod tests {
         assert!(m.failure().unwrap().contains("start limit"));
 
         // restart = "never": failed at once, saying which command.
-        let c = with_pre(
-            ServiceType::Simple,
-            RestartPolicy::Never,
-            &[("ok", false), ("check", false)],
-        );
-        let mut m = Machine::new("s", &c, false);
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Never, &["ok", "check"]);
         m.boot(now);
-        let id = m.pre_spawned(10, now);
-        m.exited(id, Exit::Code(0), now, false);
-        let id = m.pre_spawned(11, now);
-        m.exited(id, Exit::Signal(9), now, false);
+        pre_ran(&mut m, 10, Exit::Code(0), now);
+        pre_ran(&mut m, 11, Exit::Signal(9), now);
         assert_eq!(m.state(), State::Failed);
         let why = m.failure().unwrap();
         assert!(why.contains("exec-start-pre[1] (check) failed"), "{why}");
@@ -2029,12 +2045,11 @@ mod tests {
     #[test]
     fn a_dash_command_may_fail_and_cannot_be_spawned_as_well() {
         let now = Instant::now();
-        let c = with_pre(
+        let mut m = pre_machine(
             ServiceType::Notify,
             RestartPolicy::OnFailure,
-            &[("a", true), ("b", true), ("c", false)],
+            &["-a", "-b", "c"],
         );
-        let mut m = Machine::new("s", &c, false);
         m.boot(now);
         let a = m.pre_spawned(10, now);
         assert_eq!(
@@ -2054,12 +2069,7 @@ mod tests {
     #[test]
     fn pre_commands_must_finish_within_start_timeout() {
         let now = Instant::now();
-        let c = with_pre(
-            ServiceType::Simple,
-            RestartPolicy::Never,
-            &[("a", false), ("slow", true)],
-        );
-        let mut m = Machine::new("s", &c, false);
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Never, &["a", "-slow"]);
         m.boot(now);
         let a = m.pre_spawned(10, now);
         m.exited(a, Exit::Code(0), now + 600 * MS, false);
@@ -2085,8 +2095,7 @@ mod tests {
     #[test]
     fn a_stop_during_a_pre_command_stops_it_and_nothing_starts() {
         let now = Instant::now();
-        let c = with_pre(ServiceType::Simple, RestartPolicy::Always, &[("a", false)]);
-        let mut m = Machine::new("s", &c, false);
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Always, &["a"]);
         m.boot(now);
         let a = m.pre_spawned(10, now);
         assert_eq!(m.stop(now), vec![Effect::Terminate(a)]);
@@ -2109,15 +2118,9 @@ mod tests {
     #[test]
     fn a_restart_during_a_pre_command_starts_again_from_the_first() {
         let now = Instant::now();
-        let c = with_pre(
-            ServiceType::Simple,
-            RestartPolicy::Never,
-            &[("a", false), ("b", false)],
-        );
-        let mut m = Machine::new("s", &c, false);
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Never, &["a", "b"]);
         m.boot(now);
-        let a = m.pre_spawned(10, now);
-        m.exited(a, Exit::Code(0), now, false);
+        pre_ran(&mut m, 10, Exit::Code(0), now);
         let b = m.pre_spawned(11, now);
         assert_eq!(m.restart(None, now).unwrap(), vec![Effect::Terminate(b)]);
         assert_eq!(
@@ -2130,15 +2133,9 @@ mod tests {
     #[test]
     fn an_overlap_candidate_runs_the_pre_commands_and_their_failure_keeps_the_old_one() {
         let now = Instant::now();
-        let c = with_pre(
-            ServiceType::Simple,
-            RestartPolicy::OnFailure,
-            &[("check", false)],
-        );
-        let mut m = Machine::new("s", &c, false);
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::OnFailure, &["check"]);
         m.boot(now);
-        let p = m.pre_spawned(10, now);
-        m.exited(p, Exit::Code(0), now, false);
+        pre_ran(&mut m, 10, Exit::Code(0), now);
         let (old, _) = m.spawned(SpawnRole::Main, 11, now);
         assert_eq!(
             m.restart(Some(RestartMode::Overlap), now).unwrap(),
@@ -2182,12 +2179,7 @@ mod tests {
     #[test]
     fn a_pre_command_survives_serialization_for_the_upgrade() {
         let now = Instant::now();
-        let c = with_pre(
-            ServiceType::Simple,
-            RestartPolicy::OnFailure,
-            &[("a", false), ("b", false)],
-        );
-        let mut m = Machine::new("s", &c, false);
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::OnFailure, &["a", "b"]);
         m.boot(now);
         let a = m.pre_spawned(10, now);
         let json = serde_json::to_string(&m).unwrap();
@@ -2236,13 +2228,12 @@ mod tests {
     fn start_post_runs_once_ready_and_the_service_is_running_when_it_is_done() {
         let now = Instant::now();
         // simple: at once.
-        let c = with_commands(
+        let mut m = cmd_machine(
             ServiceType::Simple,
             RestartPolicy::OnFailure,
             CommandKind::StartPost,
             2,
         );
-        let mut m = Machine::new("s", &c, false);
         m.boot(now);
         let (main, fx) = m.spawned(SpawnRole::Main, 10, now);
         assert_eq!(fx, command(CommandKind::StartPost, 0));
@@ -2257,13 +2248,12 @@ mod tests {
         assert_eq!(m.state(), State::Running);
         assert_eq!(m.main().unwrap().id, main);
         // notify: after READY=1; a second READY=1 meanwhile does not make it running.
-        let c = with_commands(
+        let mut m = cmd_machine(
             ServiceType::Notify,
             RestartPolicy::OnFailure,
             CommandKind::StartPost,
             1,
         );
-        let mut m = Machine::new("s", &c, false);
         m.boot(now);
         let (main, fx) = m.spawned(SpawnRole::Main, 10, now);
         assert!(fx.is_empty());
@@ -2274,26 +2264,22 @@ mod tests {
         assert_eq!(m.state(), State::Starting);
         m.said(main, Role::Main, vec![Said::Ready], now);
         assert_eq!(m.state(), State::Starting);
-        let p = m.command_spawned(11, now);
-        m.exited(p, Exit::Code(0), now, false);
+        ran(&mut m, 11, Exit::Code(0), now);
         assert_eq!(m.state(), State::Running);
     }
 
     #[test]
     fn a_failing_start_post_stops_the_service_as_failed() {
         let now = Instant::now();
-        let c = with_commands(
+        let mut m = cmd_machine(
             ServiceType::Simple,
             RestartPolicy::Never,
             CommandKind::StartPost,
             1,
         );
-        let mut m = Machine::new("s", &c, false);
-        m.boot(now);
-        let (main, _) = m.spawned(SpawnRole::Main, 10, now);
-        let p = m.command_spawned(11, now);
+        let main = started(&mut m, now, 10);
         assert_eq!(
-            m.exited(p, Exit::Code(2), now, false),
+            ran(&mut m, 11, Exit::Code(2), now),
             vec![Effect::Terminate(main)]
         );
         assert_eq!(m.state(), State::Stopping);
@@ -2345,8 +2331,7 @@ mod tests {
             m.exited(a, Exit::Code(0), now, false),
             command(CommandKind::Stop, 1)
         );
-        let b = m.command_spawned(12, now);
-        assert_eq!(m.exited(b, Exit::Code(0), now, false), released());
+        assert_eq!(ran(&mut m, 12, Exit::Code(0), now), released());
         assert!(!m.has_instances());
 
         // exec-stop hangs: at stop-timeout, kill-signal to both; SIGKILL after another.
@@ -2399,8 +2384,7 @@ mod tests {
         assert_eq!(m.state(), State::Running);
         // A failure: the service runs on, the reload failed.
         let (seq, _) = m.reload(now).unwrap();
-        let a = m.command_spawned(13, now);
-        m.exited(a, Exit::Code(1), now, false);
+        ran(&mut m, 13, Exit::Code(1), now);
         assert!(m
             .reload_outcome(seq)
             .unwrap()
@@ -2467,13 +2451,12 @@ mod tests {
     #[test]
     fn a_restart_waits_for_exec_stop_to_end_and_start_post_ends_with_its_main() {
         let now = Instant::now();
-        let c = with_commands(
+        let mut m = cmd_machine(
             ServiceType::Simple,
             RestartPolicy::OnFailure,
             CommandKind::Stop,
             1,
         );
-        let mut m = Machine::new("s", &c, false);
         let main = started(&mut m, now, 10);
         assert_eq!(m.restart(None, now).unwrap(), command(CommandKind::Stop, 0));
         let stop = m.command_spawned(11, now);
@@ -2487,15 +2470,13 @@ mod tests {
         );
 
         // The main process dies during exec-start-post: the command is stopped.
-        let c = with_commands(
+        let mut m = cmd_machine(
             ServiceType::Simple,
             RestartPolicy::OnFailure,
             CommandKind::StartPost,
             1,
         );
-        let mut m = Machine::new("s", &c, false);
-        m.boot(now);
-        let (main, _) = m.spawned(SpawnRole::Main, 10, now);
+        let main = started(&mut m, now, 10);
         let post = m.command_spawned(11, now);
         assert_eq!(
             m.exited(main, Exit::Code(1), now, false),

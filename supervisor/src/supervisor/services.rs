@@ -439,20 +439,7 @@ impl Supervisor {
             let group = |i: InstanceId| svc.groups.get(&i).copied();
             match effect {
                 Effect::SpawnCommand { kind, index } => {
-                    let more = match self.spawn_instance(id, Process::Command(kind, index)) {
-                        Ok(pid) => {
-                            let svc = self.registry.get_mut(id).expect("still there");
-                            let instance = svc.machine.command_spawned(pid.as_raw(), now);
-                            svc.groups.insert(instance, pid);
-                            self.registry
-                                .track(pid.as_raw(), id, Owner::Instance(instance));
-                            Vec::new()
-                        }
-                        Err(e) => {
-                            let svc = self.registry.get_mut(id).expect("still there");
-                            svc.machine.command_spawn_failed(&e.to_string(), now)
-                        }
-                    };
+                    let more = self.spawn_command(id, Process::Command(kind, index), now);
                     queue.extend(more);
                 }
                 Effect::ReloadSignal(i) => {
@@ -461,20 +448,7 @@ impl Supervisor {
                     signal_main(svc, i, signal, "reload");
                 }
                 Effect::SpawnPre { role: _, index } => {
-                    let more = match self.spawn_instance(id, Process::Pre(index)) {
-                        Ok(pid) => {
-                            let svc = self.registry.get_mut(id).expect("still there");
-                            let instance = svc.machine.pre_spawned(pid.as_raw(), now);
-                            svc.groups.insert(instance, pid);
-                            self.registry
-                                .track(pid.as_raw(), id, Owner::Instance(instance));
-                            Vec::new()
-                        }
-                        Err(e) => {
-                            let svc = self.registry.get_mut(id).expect("still there");
-                            svc.machine.pre_spawn_failed(&e.to_string(), now)
-                        }
-                    };
+                    let more = self.spawn_command(id, Process::Pre(index), now);
                     queue.extend(more);
                 }
                 Effect::Spawn(role) => match self.spawn_instance(id, Process::Main) {
@@ -519,6 +493,31 @@ impl Supervisor {
                 Effect::ReleaseOldSockets => svc.old_sockets.clear(),
             }
         }
+    }
+
+    /// Spawns a command beside the main process (`what`: not `Main`) and
+    /// tells the machine what came of it; returns what it answers.
+    fn spawn_command(&mut self, id: ServiceId, what: Process, now: Instant) -> Vec<Effect> {
+        let spawned = self.spawn_instance(id, what);
+        let svc = self.registry.get_mut(id).expect("still there");
+        let m = &mut svc.machine;
+        let pid = match spawned {
+            Ok(pid) => pid,
+            Err(e) => {
+                return match what {
+                    Process::Pre(_) => m.pre_spawn_failed(&e.to_string(), now),
+                    _ => m.command_spawn_failed(&e.to_string(), now),
+                }
+            }
+        };
+        let instance = match what {
+            Process::Pre(_) => m.pre_spawned(pid.as_raw(), now),
+            _ => m.command_spawned(pid.as_raw(), now),
+        };
+        svc.groups.insert(instance, pid);
+        self.registry
+            .track(pid.as_raw(), id, Owner::Instance(instance));
+        Vec::new()
     }
 
     /// The PATH a service's program is looked up in, and the environment

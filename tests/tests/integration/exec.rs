@@ -4,14 +4,22 @@
 //! the start (restart policy, start limit); a stop stops it; an in-place
 //! upgrade carries it over.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+
 use holdfast_testkit::{
-    netns_and_sandbox, process_gone, skip_unless, toml_str, wait_for, Holdfast,
+    netns_and_sandbox, process_gone, skip_unless, toml_str, wait_for, Holdfast, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
+
+/// Writes `units/web.toml` on 127.0.0.1:8080 with the `[service]` lines
+/// `service` makes from the sandbox's out dir.
+fn web_unit(sandbox: &Sandbox, service: impl FnOnce(&Path) -> String) -> Result<()> {
+    sandbox.write_local_unit("web", 8080, &service(&sandbox.out_dir()))
+}
 
 fn sh(script: &str) -> String {
     format!("[\"/bin/sh\", \"-c\", {}]", toml_str(script))
@@ -30,16 +38,14 @@ fn pre_commands_run_before_the_main_process_with_its_environment_but_no_socket()
         "cp {out}/pre {out}/main-saw && echo \"fds=$LISTEN_FDS\" >> {out}/main-saw; exec sleep 1000",
         out = out.display()
     );
-    sandbox.write_local_unit(
-        "web",
-        8080,
-        &format!(
+    web_unit(&sandbox, |out| {
+        format!(
             "exec = {main}\nexec-start-pre = [{pre}, [\"-/bin/false\"]]\nenvironment = {{ GREETING = \"hi\" }}\nworking-directory = {dir}\n",
             main = sh(&main),
             pre = sh(&pre),
             dir = toml_str(&out.display().to_string()),
-        ),
-    )?;
+        )
+    })?;
     let hf = Holdfast::start_in(&ns, sandbox)?;
     hf.wait_running("web", T)?;
     let out = hf.sandbox().out_dir();
@@ -71,16 +77,13 @@ fn pre_commands_run_before_the_main_process_with_its_environment_but_no_socket()
 #[test]
 fn a_failing_pre_command_fails_the_start_and_the_service_at_the_start_limit() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let out = sandbox.out_dir();
-    sandbox.write_local_unit(
-        "web",
-        8080,
-        &format!(
-            "exec = {main}\nexec-start-pre = [{pre}]\nrestart = \"always\"\nrestart-delay = \"100ms\"\nstart-limit-burst = 3\nstart-limit-interval = \"30s\"\n",
-            main = sh(&format!("touch {}/main; exec sleep 1000", out.display())),
-            pre = sh(&format!("echo try >> {}/tries; exit 3", out.display())),
-        ),
-    )?;
+    web_unit(&sandbox, |out| {
+        format!(
+                "exec = {main}\nexec-start-pre = [{pre}]\nrestart = \"always\"\nrestart-delay = \"100ms\"\nstart-limit-burst = 3\nstart-limit-interval = \"30s\"\n",
+                main = sh(&format!("touch {}/main; exec sleep 1000", out.display())),
+                pre = sh(&format!("echo try >> {}/tries; exit 3", out.display())),
+        )
+    })?;
     let hf = Holdfast::start_in(&ns, sandbox)?;
     let failed = hf.wait_state("web", "failed", Duration::from_secs(15))?;
     let out = hf.sandbox().out_dir();
@@ -106,22 +109,17 @@ fn a_failing_pre_command_fails_the_start_and_the_service_at_the_start_limit() ->
 }
 
 /// A pre command that waits for `out/go`, its pid in `out/pre-pid`.
-fn waiting_pre(sandbox: &holdfast_testkit::Sandbox) -> Result<()> {
-    let out = sandbox.out_dir();
-    sandbox
-        .write_local_unit(
-            "web",
-            8080,
-            &format!(
-                "exec = {main}\nexec-start-pre = [{pre}]\nstop-timeout = \"2s\"\n",
-                main = sh(&format!("touch {}/main; exec sleep 1000", out.display())),
-                pre = sh(&format!(
-                    "echo $$ > {out}/pre-pid; while [ ! -e {out}/go ]; do sleep 0.05; done",
-                    out = out.display()
-                )),
-            ),
+fn waiting_pre(sandbox: &Sandbox) -> Result<()> {
+    web_unit(sandbox, |out| {
+        format!(
+            "exec = {main}\nexec-start-pre = [{pre}]\nstop-timeout = \"2s\"\n",
+            main = sh(&format!("touch {}/main; exec sleep 1000", out.display())),
+            pre = sh(&format!(
+                "echo $$ > {out}/pre-pid; while [ ! -e {out}/go ]; do sleep 0.05; done",
+                out = out.display()
+            )),
         )
-        .map(drop)
+    })
 }
 
 fn pre_pid(hf: &Holdfast) -> Result<i32> {
@@ -181,16 +179,13 @@ fn read(hf: &Holdfast, name: &str) -> String {
 #[test]
 fn reload_service_runs_exec_reload_with_mainpid_and_says_when_it_fails() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let out = sandbox.out_dir();
-    sandbox.write_local_unit(
-        "web",
-        8080,
-        &format!(
+    web_unit(&sandbox, |out| {
+        format!(
             "exec = {main}\nexec-reload = [{env}, [\"/bin/kill\", \"-HUP\", \"$MAINPID\"]]\n",
-            main = trapping_main(&out),
+            main = trapping_main(out),
             env = sh(&format!("echo \"$MAINPID\" > {}/reload-env", out.display())),
-        ),
-    )?;
+        )
+    })?;
     sandbox.write_local_unit(
         "bad",
         8081,
@@ -235,19 +230,16 @@ fn reload_service_runs_exec_reload_with_mainpid_and_says_when_it_fails() -> Resu
 #[test]
 fn exec_stop_runs_with_mainpid_before_the_kill_signal() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let out = sandbox.out_dir();
-    sandbox.write_local_unit(
-        "web",
-        8080,
-        &format!(
+    web_unit(&sandbox, |out| {
+        format!(
             "exec = {main}\nexec-stop = [{stop}]\n",
-            main = trapping_main(&out),
+            main = trapping_main(out),
             stop = sh(&format!(
                 "echo \"stop $MAINPID\" >> {}/order; sleep 0.3",
                 out.display()
             )),
-        ),
-    )?;
+        )
+    })?;
     let hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = hf.wait_running("web", T)?;
     let stopped = hf.cli(&["stop", "web"])?;
@@ -264,18 +256,15 @@ fn exec_stop_runs_with_mainpid_before_the_kill_signal() -> Result<()> {
 #[test]
 fn exec_start_post_runs_once_started_and_its_failure_fails_the_service() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let out = sandbox.out_dir();
-    sandbox.write_local_unit(
-        "web",
-        8080,
-        &format!(
+    web_unit(&sandbox, |out| {
+        format!(
             "exec = [\"/bin/sleep\", \"1000\"]\nexec-start-post = [{post}]\n",
             post = sh(&format!(
                 "sleep 0.3; echo \"post $MAINPID\" > {}/post",
                 out.display()
             )),
-        ),
-    )?;
+        )
+    })?;
     sandbox.write_local_unit(
         "bad",
         8081,
@@ -316,14 +305,12 @@ fn notify_reload_sends_the_reload_signal_and_waits_for_ready() -> Result<()> {
          systemd-notify --ready; while :; do sleep 0.05; done",
         o = out.display()
     );
-    sandbox.write_local_unit(
-        "web",
-        8080,
-        &format!(
+    web_unit(&sandbox, |_| {
+        format!(
             "exec = {main}\ntype = \"notify-reload\"\nreload-signal = \"SIGUSR1\"\n",
             main = sh(&main)
-        ),
-    )?;
+        )
+    })?;
     let hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = hf.wait_running("web", T)?;
     let reply: serde_json::Value =
