@@ -260,7 +260,7 @@ fn exec_start_post_runs_once_started_and_its_failure_fails_the_service() -> Resu
         format!(
             "exec = [\"/bin/sleep\", \"1000\"]\nexec-start-post = [{post}]\n",
             post = sh(&format!(
-                "sleep 0.3; echo \"post $MAINPID\" > {}/post",
+                "sleep 1; echo \"post $MAINPID\" > {}/post",
                 out.display()
             )),
         )
@@ -326,5 +326,48 @@ fn notify_reload_sends_the_reload_signal_and_waits_for_ready() -> Result<()> {
         read(&hf, "reloads")
     );
     ensure!(hf.service("web")?["restarts"] == 0);
+    Ok(())
+}
+
+#[test]
+fn an_exec_reload_running_across_an_upgrade_ends_in_the_new_holdfast() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    web_unit(&sandbox, |out| {
+        format!(
+            "exec = [\"/bin/sleep\", \"1000\"]\nexec-reload = [{reload}]\n",
+            reload = sh(&format!(
+                "echo $$ > {o}/reload-pid; while [ ! -e {o}/go ]; do sleep 0.05; done",
+                o = out.display()
+            )),
+        )
+    })?;
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = hf.wait_running("web", T)?;
+    // The request waits for the command; the upgrade answers it with an error.
+    let mut waiting = std::process::Command::new(holdfast_testkit::holdfast_bin())
+        .args(["reload-service", "web", "--state-dir"])
+        .arg(hf.sandbox().state_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let file = hf.sandbox().out("reload-pid");
+    let reload: i32 = wait_for("the exec-reload command", T, || {
+        std::fs::read_to_string(&file).ok()?.trim().parse().ok()
+    })?;
+    ensure!(hf.service("web")?["state"] == "reloading");
+    hf.cli_ok(&["upgrade"])?;
+    let _ = waiting.wait();
+    ensure!(hf.service("web")?["state"] == "reloading");
+    ensure!(
+        !process_gone(reload),
+        "the exec-reload command {reload} did not survive"
+    );
+    std::fs::write(hf.sandbox().out("go"), "")?;
+    let s = hf.wait_state("web", "running", T)?;
+    ensure!(s["pid"] == pid && s["restarts"] == 0, "{s}");
+    // The new holdfast reaped it and ended the reload.
+    wait_for("the reload's end in the log", T, || {
+        hf.log().contains("reloaded (exec-reload)").then_some(())
+    })?;
     Ok(())
 }
