@@ -89,7 +89,14 @@ fn measure(
     // holdfast with a cgroup per connection (the default), and the same with
     // process groups only: what the kernel's cgroup bookkeeping costs a spawn.
     let _daemon = start_holdfast(holdfast, scratch, "cgroups", HOLDFAST_ADDR, &ns, &[])?;
-    let _plain = start_holdfast(holdfast, scratch, "pgroups", PGROUPS_ADDR, &ns, &["--no-cgroups"])?;
+    let _plain = start_holdfast(
+        holdfast,
+        scratch,
+        "pgroups",
+        PGROUPS_ADDR,
+        &ns,
+        &["--no-cgroups"],
+    )?;
 
     let baseline_log = File::create(scratch.join("socket-activate.log"))?;
     let mut cmd = in_netns(ip, &ns, activate);

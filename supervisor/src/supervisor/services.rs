@@ -168,6 +168,9 @@ impl Service {
     pub fn usage(&self) -> Option<crate::cgroup::Usage> {
         self.tracking.usage()
     }
+    pub fn tracking(&self) -> &Tracking {
+        &self.tracking
+    }
     pub fn tracking_mut(&mut self) -> &mut Tracking {
         &mut self.tracking
     }
