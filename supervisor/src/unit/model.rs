@@ -74,6 +74,36 @@ pub struct ProcessConfig {
     pub non_blocking: bool,
     pub standard_input: StandardInput,
     pub standard_output: StandardOutput,
+    /// The file mode creation mask set before exec (systemd's `UMask=`, default 0022).
+    #[serde(default = "default_umask")]
+    pub umask: u32,
+    /// Groups (names or numeric ids) the process is in besides its user's
+    /// own (systemd's `SupplementaryGroups=`).
+    #[serde(default)]
+    pub supplementary_groups: Vec<String>,
+    /// PR_SET_NO_NEW_PRIVS: exec can never grant more privileges (setuid
+    /// bits, file capabilities) than the process has.
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// Read at each start, in order, after `environment` (later values win).
+    #[serde(default)]
+    pub environment_files: Vec<EnvironmentFile>,
+}
+
+/// systemd's default `UMask=`.
+pub const DEFAULT_UMASK: u32 = 0o022;
+
+fn default_umask() -> u32 {
+    DEFAULT_UMASK
+}
+
+/// One `environment-file` entry: `"/etc/default/web"`, or `"-/etc/default/web"`
+/// for a file that may be missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentFile {
+    pub path: PathBuf,
+    /// A missing file is skipped instead of failing the start.
+    pub optional: bool,
 }
 
 impl ProcessConfig {
@@ -87,6 +117,10 @@ impl ProcessConfig {
             non_blocking: false,
             standard_input: StandardInput::Null,
             standard_output: StandardOutput::Log,
+            umask: DEFAULT_UMASK,
+            supplementary_groups: Vec::new(),
+            no_new_privileges: false,
+            environment_files: Vec::new(),
         }
     }
 }
@@ -305,6 +339,16 @@ pub struct SocketOptions {
     pub ipv6_only: Option<bool>,
     /// Unix socket file mode, e.g. 0o660.
     pub mode: Option<u32>,
+    /// Unix sockets: the owner and group of the socket file (names or
+    /// numeric ids; `None`: holdfast's).
+    #[serde(default)]
+    pub socket_user: Option<String>,
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Unix sockets: the socket file is removed when holdfast closes the
+    /// socket (a reload that drops it, or holdfast's exit).
+    #[serde(default)]
+    pub remove_on_stop: bool,
     /// holdfast accepts and starts one instance per connection (inetd's
     /// `wait = no`, systemd's `Accept=yes`). Stream sockets only.
     pub accept: bool,
@@ -331,10 +375,11 @@ impl SocketOptions {
         self.allow.is_empty() || self.allow.iter().any(|p| p.contains(source))
     }
 
-    /// These options without holdfast's own policy (allow, deny and the
-    /// accept limits): what the kernel socket itself is made with.
+    /// These options without holdfast's own policy (allow, deny, the
+    /// accept limits, remove-on-stop): what the kernel socket itself is made with.
     pub fn without_policy(&self) -> SocketOptions {
         SocketOptions {
+            remove_on_stop: false,
             allow: Vec::new(),
             deny: Vec::new(),
             max_connections: None,

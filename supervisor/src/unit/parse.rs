@@ -67,6 +67,10 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "non-blocking",
     "standard-input",
     "standard-output",
+    "umask",
+    "supplementary-groups",
+    "no-new-privileges",
+    "environment-file",
 ];
 pub(crate) const SOCKET_KEYS: &[&str] = &[
     "name",
@@ -92,6 +96,9 @@ pub(crate) const SOCKET_KEYS: &[&str] = &[
     "deny",
     "ipv6-only",
     "mode",
+    "socket-user",
+    "socket-group",
+    "remove-on-stop",
 ];
 
 const PORT_HINT: &str =
@@ -1180,9 +1187,7 @@ impl<'a> Cx<'a> {
         if let Some(f) = fs.get("ipv6-only") {
             o.ipv6_only = self.bool(f);
         }
-        if let Some(f) = fs.get("mode") {
-            o.mode = self.mode(f);
-        }
+        self.unix_file_options(fs, o);
         if let Some(f) = fs.get("accept") {
             o.accept = self.bool(f).unwrap_or(false);
         }
@@ -1207,8 +1212,31 @@ impl<'a> Cx<'a> {
         }
     }
 
+    /// A unix socket's file: `mode`, `socket-user`, `socket-group`, `remove-on-stop`.
+    fn unix_file_options(&mut self, fs: &HashMap<&'static str, Field<'_>>, o: &mut SocketOptions) {
+        if let Some(f) = fs.get("mode") {
+            o.mode = self.mode(f);
+        }
+        if let Some(f) = fs.get("socket-user") {
+            o.socket_user = self.account(f, "socket-user = \"www-data\"");
+        }
+        if let Some(f) = fs.get("socket-group") {
+            o.socket_group = self.account(f, "socket-group = \"www-data\"");
+        }
+        if let Some(f) = fs.get("remove-on-stop") {
+            o.remove_on_stop = self.bool(f).unwrap_or(false);
+        }
+    }
+
     fn mode(&mut self, f: &Field<'_>) -> Option<u32> {
         let hint = "write the mode in octal, as 0o660 or \"0660\"";
+        self.octal(f, "mode", 0o7777, hint)
+    }
+
+    /// An octal number up to `max`: `0o660` or `"0660"` (a decimal-looking
+    /// integer such as 660 is refused: it was meant as octal). `what` names
+    /// it in messages ("mode", "umask").
+    fn octal(&mut self, f: &Field<'_>, what: &str, max: u32, hint: &str) -> Option<u32> {
         let (value, shown) = match f.item.value() {
             Some(toml_edit::Value::Integer(i)) => {
                 let raw = self.raw(f.item).unwrap_or("").trim();
@@ -1218,7 +1246,7 @@ impl<'a> Cx<'a> {
                     self.err(
                         f.pos,
                         f.path.clone(),
-                        format!("mode {raw} is not octal (TOML reads it as the number {n})"),
+                        format!("{what} {raw} is not octal (TOML reads it as the number {n})"),
                         format!("write 0o{raw} or \"0{raw}\""),
                     );
                     return None;
@@ -1236,7 +1264,7 @@ impl<'a> Cx<'a> {
                     self.err(
                         f.pos,
                         f.path.clone(),
-                        format!("{:?} is not an octal file mode", s.value()),
+                        format!("{:?} is not an octal {what}", s.value()),
                         hint,
                     );
                     return None;
@@ -1244,17 +1272,17 @@ impl<'a> Cx<'a> {
                 (n, format!("{:?}", s.value()))
             }
             _ => {
-                self.type_error(f, "a file mode", hint);
+                self.type_error(f, &format!("an octal {what}"), hint);
                 return None;
             }
         };
         match value {
-            Some(m) if m <= 0o7777 => Some(m),
+            Some(m) if m <= max => Some(m),
             _ => {
                 self.err(
                     f.pos,
                     f.path.clone(),
-                    format!("mode {shown} is more than 0o7777"),
+                    format!("{what} {shown} is more than 0o{max:o}"),
                     hint,
                 );
                 None
@@ -1348,7 +1376,7 @@ fn option_fits(key: &str, protocol: Protocol) -> bool {
         "backlog" => matches!(protocol, Protocol::Tcp | Protocol::UnixStream),
         "keep-alive" | "no-delay" => protocol == Protocol::Tcp,
         "reuse-port" | "free-bind" | "transparent" | "ipv6-only" => protocol.is_ip(),
-        "mode" => !protocol.is_ip(),
+        "mode" | "socket-user" | "socket-group" | "remove-on-stop" => !protocol.is_ip(),
         "accept"
         | "max-connections"
         | "max-connections-per-source"

@@ -6,7 +6,8 @@ use std::time::Duration;
 use toml_edit::{value, Array, ArrayOfTables, DocumentMut, Item, Table};
 
 use super::model::{
-    Limit, RestartMode, RestartPolicy, Rlimit, ServiceType, StandardInput, StandardOutput, Unit,
+    Limit, ProcessConfig, RestartMode, RestartPolicy, Rlimit, ServiceConfig, ServiceType,
+    SocketConfig, SocketOptions, StandardInput, StandardOutput, Unit,
 };
 use super::parse::signal_name;
 
@@ -21,7 +22,20 @@ fn strings<'a>(items: impl IntoIterator<Item = &'a str>) -> Item {
 /// The unit as a TOML document. `unit.name` and `unit.path` are not in it:
 /// they come from the file name.
 pub fn to_toml(unit: &Unit) -> String {
-    let s = &unit.service;
+    let mut doc = DocumentMut::new();
+    doc["service"] = Item::Table(service_table(&unit.service));
+    let mut sockets = ArrayOfTables::new();
+    for sock in &unit.sockets {
+        sockets.push(socket_table(sock));
+    }
+    if !sockets.is_empty() {
+        doc["socket"] = Item::ArrayOfTables(sockets);
+    }
+    doc.to_string()
+}
+
+/// `[service]`.
+fn service_table(s: &ServiceConfig) -> Table {
     let mut svc = Table::new();
     svc["exec"] = strings(s.exec.iter().map(String::as_str));
     svc["type"] = value(match s.kind {
@@ -58,11 +72,54 @@ pub fn to_toml(unit: &Unit) -> String {
     if let Some(g) = &s.group {
         svc["group"] = value(g.as_str());
     }
-    svc["notify-access"] = value(s.process.notify_access.as_str());
-    svc["kill-signal"] = match signal_name(s.process.kill_signal) {
+    process_keys(&mut svc, &s.process);
+    if !s.environment.is_empty() {
+        let mut env = Table::new();
+        for (k, v) in &s.environment {
+            env[k.as_str()] = value(v.as_str());
+        }
+        svc["environment"] = Item::Table(env);
+    }
+    svc
+}
+
+/// The process keys of `[service]`.
+fn process_keys(svc: &mut Table, p: &ProcessConfig) {
+    svc["notify-access"] = value(p.notify_access.as_str());
+    svc["kill-signal"] = match signal_name(p.kill_signal) {
         Some(name) => value(name),
-        None => value(i64::from(s.process.kill_signal.0)),
+        None => value(i64::from(p.kill_signal.0)),
     };
+    limit_keys(svc, p);
+    svc["non-blocking"] = value(p.non_blocking);
+    svc["standard-input"] = value(match p.standard_input {
+        StandardInput::Null => "null",
+        StandardInput::Socket => "socket",
+    });
+    svc["standard-output"] = value(match p.standard_output {
+        StandardOutput::Log => "log",
+        StandardOutput::Socket => "socket",
+    });
+    svc["umask"] = value(format!("{:04o}", p.umask));
+    if !p.supplementary_groups.is_empty() {
+        svc["supplementary-groups"] = strings(p.supplementary_groups.iter().map(String::as_str));
+    }
+    svc["no-new-privileges"] = value(p.no_new_privileges);
+    if !p.environment_files.is_empty() {
+        let shown: Vec<String> = p
+            .environment_files
+            .iter()
+            .map(|f| {
+                let dash = if f.optional { "-" } else { "" };
+                format!("{dash}{}", f.path.to_string_lossy())
+            })
+            .collect();
+        svc["environment-file"] = strings(shown.iter().map(String::as_str));
+    }
+}
+
+/// The rlimits and the cgroup limits.
+fn limit_keys(svc: &mut Table, p: &ProcessConfig) {
     let rlimit = |n: u64| {
         if n == Rlimit::INFINITY {
             "infinity".to_string()
@@ -71,16 +128,16 @@ pub fn to_toml(unit: &Unit) -> String {
         }
     };
     for (key, l) in [
-        ("limit-nofile", s.process.rlimits.nofile),
-        ("limit-nproc", s.process.rlimits.nproc),
-        ("limit-core", s.process.rlimits.core),
-        ("limit-memlock", s.process.rlimits.memlock),
+        ("limit-nofile", p.rlimits.nofile),
+        ("limit-nproc", p.rlimits.nproc),
+        ("limit-core", p.rlimits.core),
+        ("limit-memlock", p.rlimits.memlock),
     ] {
         if let Some(l) = l {
             svc[key] = value(format!("{}:{}", rlimit(l.soft), rlimit(l.hard)));
         }
     }
-    let c = &s.process.cgroup_limits;
+    let c = &p.cgroup_limits;
     for (key, l) in [
         ("memory-max", c.memory_max),
         ("memory-high", c.memory_high),
@@ -100,94 +157,86 @@ pub fn to_toml(unit: &Unit) -> String {
             svc[key] = value(i64::from(w));
         }
     }
-    svc["non-blocking"] = value(s.process.non_blocking);
-    svc["standard-input"] = value(match s.process.standard_input {
-        StandardInput::Null => "null",
-        StandardInput::Socket => "socket",
-    });
-    svc["standard-output"] = value(match s.process.standard_output {
-        StandardOutput::Log => "log",
-        StandardOutput::Socket => "socket",
-    });
-    if !s.environment.is_empty() {
-        let mut env = Table::new();
-        for (k, v) in &s.environment {
-            env[k.as_str()] = value(v.as_str());
-        }
-        svc["environment"] = Item::Table(env);
-    }
+}
 
-    let mut doc = DocumentMut::new();
-    doc["service"] = Item::Table(svc);
-    let mut sockets = ArrayOfTables::new();
-    for sock in &unit.sockets {
-        let mut t = Table::new();
-        t["name"] = value(sock.name.as_str());
-        t["protocol"] = value(sock.protocol.as_str());
-        if !sock.addresses.is_empty() {
-            let shown: Vec<String> = sock.addresses.iter().map(ToString::to_string).collect();
-            t["addresses"] = strings(shown.iter().map(String::as_str));
-        }
-        if !sock.ports.is_empty() {
-            let shown: Vec<String> = sock.ports.iter().map(ToString::to_string).collect();
-            t["ports"] = strings(shown.iter().map(String::as_str));
-        }
-        if let Some(p) = &sock.path {
-            t["path"] = value(p.to_string_lossy().into_owned());
-        }
-        let o = &sock.options;
-        for (key, n) in [
-            ("backlog", o.backlog),
-            ("receive-buffer", o.receive_buffer),
-            ("send-buffer", o.send_buffer),
-            ("mark", o.mark),
-        ] {
-            if let Some(n) = n {
-                t[key] = value(i64::from(n));
-            }
-        }
-        for (key, on) in [
-            ("reuse-port", o.reuse_port),
-            ("free-bind", o.free_bind),
-            ("transparent", o.transparent),
-            ("keep-alive", o.keep_alive),
-            ("no-delay", o.no_delay),
-        ] {
-            if on {
-                t[key] = value(true);
-            }
-        }
-        if let Some(b) = o.ipv6_only {
-            t["ipv6-only"] = value(b);
-        }
-        if let Some(m) = o.mode {
-            t["mode"] = value(format!("{m:04o}"));
-        }
-        if o.accept {
-            t["accept"] = value(true);
-        }
-        for (key, n) in [
-            ("max-connections", o.max_connections),
-            ("max-connections-per-source", o.max_connections_per_source),
-            ("max-connection-rate", o.max_connection_rate),
-        ] {
-            if let Some(n) = n {
-                t[key] = value(i64::from(n));
-            }
-        }
-        if let Some(d) = o.rate_limit_pause {
-            t["rate-limit-pause"] = value(humantime::format_duration(d).to_string());
-        }
-        for (key, list) in [("allow", &o.allow), ("deny", &o.deny)] {
-            if !list.is_empty() {
-                let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
-                t[key] = strings(shown.iter().map(String::as_str));
-            }
-        }
-        sockets.push(t);
+/// One `[[socket]]`.
+fn socket_table(sock: &SocketConfig) -> Table {
+    let mut t = Table::new();
+    t["name"] = value(sock.name.as_str());
+    t["protocol"] = value(sock.protocol.as_str());
+    if !sock.addresses.is_empty() {
+        let shown: Vec<String> = sock.addresses.iter().map(ToString::to_string).collect();
+        t["addresses"] = strings(shown.iter().map(String::as_str));
     }
-    if !sockets.is_empty() {
-        doc["socket"] = Item::ArrayOfTables(sockets);
+    if !sock.ports.is_empty() {
+        let shown: Vec<String> = sock.ports.iter().map(ToString::to_string).collect();
+        t["ports"] = strings(shown.iter().map(String::as_str));
     }
-    doc.to_string()
+    if let Some(p) = &sock.path {
+        t["path"] = value(p.to_string_lossy().into_owned());
+    }
+    let o = &sock.options;
+    for (key, n) in [
+        ("backlog", o.backlog),
+        ("receive-buffer", o.receive_buffer),
+        ("send-buffer", o.send_buffer),
+        ("mark", o.mark),
+    ] {
+        if let Some(n) = n {
+            t[key] = value(i64::from(n));
+        }
+    }
+    for (key, on) in [
+        ("reuse-port", o.reuse_port),
+        ("free-bind", o.free_bind),
+        ("transparent", o.transparent),
+        ("keep-alive", o.keep_alive),
+        ("no-delay", o.no_delay),
+        ("remove-on-stop", o.remove_on_stop),
+    ] {
+        if on {
+            t[key] = value(true);
+        }
+    }
+    if let Some(b) = o.ipv6_only {
+        t["ipv6-only"] = value(b);
+    }
+    if let Some(m) = o.mode {
+        t["mode"] = value(format!("{m:04o}"));
+    }
+    for (key, account) in [
+        ("socket-user", &o.socket_user),
+        ("socket-group", &o.socket_group),
+    ] {
+        if let Some(a) = account {
+            t[key] = value(a.as_str());
+        }
+    }
+    accept_keys(&mut t, o);
+    t
+}
+
+/// `accept`, its limits, and the source rules.
+fn accept_keys(t: &mut Table, o: &SocketOptions) {
+    if o.accept {
+        t["accept"] = value(true);
+    }
+    for (key, n) in [
+        ("max-connections", o.max_connections),
+        ("max-connections-per-source", o.max_connections_per_source),
+        ("max-connection-rate", o.max_connection_rate),
+    ] {
+        if let Some(n) = n {
+            t[key] = value(i64::from(n));
+        }
+    }
+    if let Some(d) = o.rate_limit_pause {
+        t["rate-limit-pause"] = value(humantime::format_duration(d).to_string());
+    }
+    for (key, list) in [("allow", &o.allow), ("deny", &o.deny)] {
+        if !list.is_empty() {
+            let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
+            t[key] = strings(shown.iter().map(String::as_str));
+        }
+    }
 }
