@@ -19,11 +19,15 @@
 //! buffer reserved before it), O_NONBLOCK set on them or cleared
 //! (`non-blocking`, on every spawn, whatever an earlier instance did to the
 //! shared open file); every other fd closed; an empty signal mask and default
-//! signal dispositions; the unit's rlimits; then setgroups, setgid, setuid,
-//! chdir (to `/` unless `working-directory` says otherwise), execve. Its
-//! environment is systemd's for a system service: PATH (systemd's default
-//! unless given), LANG when holdfast has it, HOME/USER/LOGNAME/SHELL for a
-//! `user`, and a fresh INVOCATION_ID.
+//! signal dispositions; the unit's rlimits; its umask (systemd's 0022 unless
+//! `umask` says otherwise); then setgroups (the user's groups and the
+//! `supplementary-groups`), setgid, setuid, PR_SET_NO_NEW_PRIVS
+//! (`no-new-privileges`), chdir (to `/` unless `working-directory` says
+//! otherwise), execve. Its environment is systemd's for a system service:
+//! PATH (systemd's default unless given), LANG when holdfast has it,
+//! HOME/USER/LOGNAME/SHELL for a `user`, and a fresh INVOCATION_ID; then the
+//! unit's `environment`, then its `environment-file`s, read at each start
+//! ([`Setup::for_process`]).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -34,7 +38,9 @@ use std::path::{Path, PathBuf};
 use nix::unistd::Pid;
 
 use crate::pidfd::Pidfd;
-use crate::unit::{Rlimits, StandardInput, StandardOutput};
+use crate::unit::{ProcessConfig, Rlimits, StandardInput, StandardOutput, DEFAULT_UMASK};
+
+mod envfile;
 
 /// The width reserved for LISTEN_PID's digits (a pid_t has at most 10).
 const PID_DIGITS: usize = 20;
@@ -66,6 +72,12 @@ pub enum SpawnError {
     Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("standard-input or standard-output is \"socket\", but the service is given no socket")]
     NoSocketForStdio,
+    #[error("environment file {}: {source}", path.display())]
+    EnvironmentFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{stage} failed in the child: {source}")]
     Child {
         stage: &'static str,
@@ -95,7 +107,7 @@ impl Credentials {
         user: Option<&str>,
         group: Option<&str>,
     ) -> Result<Option<Credentials>, SpawnError> {
-        use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
+        use nix::unistd::{getgrouplist, Gid, Uid, User};
         if user.is_none() && group.is_none() {
             return Ok(None);
         }
@@ -116,17 +128,7 @@ impl Credentials {
                 },
             };
         let gid = match group {
-            Some(g) => match g.parse::<u32>() {
-                Ok(id) => id,
-                Err(_) => Group::from_name(g)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| SpawnError::NoGroup {
-                        group: g.to_string(),
-                    })?
-                    .gid
-                    .as_raw(),
-            },
+            Some(g) => group_id(g)?,
             None => entry
                 .as_ref()
                 .map(|e| e.gid.as_raw())
@@ -152,6 +154,65 @@ impl Credentials {
             user_name: entry.as_ref().map(|e| e.name.clone()),
             shell: entry.as_ref().map(|e| e.shell.clone()),
         }))
+    }
+}
+
+/// A group's id: a numeric id as it is, a name looked up in the group database.
+pub fn group_id(group: &str) -> Result<libc::gid_t, SpawnError> {
+    if let Ok(id) = group.parse::<u32>() {
+        return Ok(id);
+    }
+    nix::unistd::Group::from_name(group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| SpawnError::NoGroup {
+            group: group.to_string(),
+        })
+}
+
+/// What a unit sets up in its process besides the fds and credentials of
+/// [`Command`]: resolved and read before fork, at each start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setup {
+    /// The umask the child gets (`umask`).
+    pub umask: libc::mode_t,
+    /// PR_SET_NO_NEW_PRIVS (`no-new-privileges`).
+    pub no_new_privileges: bool,
+    /// Groups the child is in besides its user's (`supplementary-groups`);
+    /// with no user or group they are its only supplementary groups.
+    pub supplementary_groups: Vec<libc::gid_t>,
+    /// The variables of the `environment-file`s, applied after `Command::env`.
+    pub environment: Vec<(String, OsString)>,
+}
+
+impl Default for Setup {
+    /// systemd's: umask 0022, nothing else.
+    fn default() -> Setup {
+        Setup {
+            umask: DEFAULT_UMASK,
+            no_new_privileges: false,
+            supplementary_groups: Vec::new(),
+            environment: Vec::new(),
+        }
+    }
+}
+
+impl Setup {
+    /// Resolves `supplementary-groups` and reads the `environment-file`s
+    /// (now: call it at each start). A group that does not exist, or a
+    /// non-optional environment file that cannot be read, fails naming it.
+    pub fn for_process(p: &ProcessConfig) -> Result<Setup, SpawnError> {
+        Ok(Setup {
+            umask: p.umask,
+            no_new_privileges: p.no_new_privileges,
+            supplementary_groups: p
+                .supplementary_groups
+                .iter()
+                .map(|g| group_id(g))
+                .collect::<Result<_, _>>()?,
+            environment: envfile::read(&p.environment_files)?,
+        })
     }
 }
 
@@ -239,8 +300,11 @@ struct Prepared {
     /// Scratch for the high duplicates, filled in by the child.
     scratch: Vec<RawFd>,
     first_free: RawFd,
-    groups: Vec<libc::gid_t>,
+    /// setgroups' list, when the child sets its groups.
+    groups: Option<Vec<libc::gid_t>>,
     ids: Option<(libc::uid_t, libc::gid_t)>,
+    umask: libc::mode_t,
+    no_new_privileges: bool,
     cwd: CString,
     /// (failure stage, resource, limit) for setrlimit.
     rlimits: Vec<(usize, libc::__rlimit_resource_t, libc::rlimit)>,
@@ -267,16 +331,21 @@ enum ForkMethod {
 /// Starts `cmd` (see the module doc). Returns once the child has exec'd
 /// (or failed to, reported through a CLOEXEC pipe as systemd and std do).
 pub fn spawn(cmd: &Command<'_>) -> Result<Spawned, SpawnError> {
-    spawn_with(cmd, ForkMethod::Clone3)
+    spawn_with(cmd, &Setup::default(), ForkMethod::Clone3)
 }
 
-fn spawn_with(cmd: &Command<'_>, how: ForkMethod) -> Result<Spawned, SpawnError> {
+/// [`spawn`], the child set up as `setup` says (from [`Setup::for_process`]).
+pub fn spawn_set_up(cmd: &Command<'_>, setup: &Setup) -> Result<Spawned, SpawnError> {
+    spawn_with(cmd, setup, ForkMethod::Clone3)
+}
+
+fn spawn_with(cmd: &Command<'_>, setup: &Setup, how: ForkMethod) -> Result<Spawned, SpawnError> {
     let devnull = std::fs::File::open("/dev/null").map_err(|source| SpawnError::Syscall {
         call: "open(/dev/null)",
         source,
     })?;
     let invocation_id = invocation_id()?;
-    let mut p = prepare(cmd, devnull.as_raw_fd(), &invocation_id)?;
+    let mut p = prepare(cmd, setup, devnull.as_raw_fd(), &invocation_id)?;
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Syscall {
             call: "pipe2",
@@ -438,7 +507,12 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
     done
 }
 
-fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Prepared, SpawnError> {
+fn prepare(
+    cmd: &Command<'_>,
+    setup: &Setup,
+    devnull: RawFd,
+    invocation_id: &str,
+) -> Result<Prepared, SpawnError> {
     // The child runs in its working directory: a relative program is
     // resolved against ours first.
     let program = std::path::absolute(cmd.program).map_err(|source| SpawnError::Syscall {
@@ -453,7 +527,53 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
         .collect::<Result<_, _>>()?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
+    let env = environment(cmd, setup, invocation_id)?;
+    let fds = fd_layout(cmd, devnull)?;
+    let cwd = cstring(
+        cmd.working_directory
+            .unwrap_or(Path::new("/"))
+            .as_os_str()
+            .as_bytes(),
+        "working directory",
+    )?;
+    Ok(Prepared {
+        program,
+        _argv: argv,
+        argv_ptrs,
+        _env: env.vars,
+        listen_pid: env.listen_pid,
+        watchdog_pid: env.watchdog_pid,
+        envp: env.envp,
+        scratch: vec![-1; fds.moves.len()],
+        moves: fds.moves,
+        first_free: fds.first_free,
+        groups: groups(cmd.credentials, &setup.supplementary_groups),
+        ids: cmd.credentials.map(|c| (c.uid, c.gid)),
+        umask: setup.umask,
+        no_new_privileges: setup.no_new_privileges,
+        cwd,
+        rlimits: rlimits(&cmd.rlimits),
+        nonblock_targets: fds.nonblock_targets,
+        non_blocking: cmd.non_blocking,
+        cgroup_procs: None,
+    })
+}
 
+/// The child's environment, its strings and the pointers to them.
+struct Environment {
+    vars: Vec<CString>,
+    listen_pid: Vec<u8>,
+    watchdog_pid: Vec<u8>,
+    envp: Vec<*const libc::c_char>,
+}
+
+/// systemd's variables, then `cmd.env`, then the environment files', then
+/// LISTEN_*; LISTEN_PID and WATCHDOG_PID get buffers the child fills in.
+fn environment(
+    cmd: &Command<'_>,
+    setup: &Setup,
+    invocation_id: &str,
+) -> Result<Environment, SpawnError> {
     let mut vars: Vec<(String, OsString)> = Vec::new();
     let mut set = |k: &str, v: OsString| {
         vars.retain(|(key, _)| key != k);
@@ -476,7 +596,7 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
             set("SHELL", shell.clone().into_os_string());
         }
     }
-    for (k, v) in &cmd.env {
+    for (k, v) in cmd.env.iter().chain(&setup.environment) {
         set(k, v.clone());
     }
     if !cmd.fds.is_empty() {
@@ -484,7 +604,8 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
         let names: Vec<&str> = cmd.fds.iter().map(|(_, n)| *n).collect();
         set("LISTEN_FDNAMES", names.join(":").into());
     }
-    let env: Vec<CString> = vars
+    let watchdog = vars.iter().any(|(k, _)| k == "WATCHDOG_USEC");
+    let vars: Vec<CString> = vars
         .into_iter()
         .filter(|(k, _)| k != "LISTEN_PID" && k != "WATCHDOG_PID")
         .map(|(k, v)| {
@@ -494,7 +615,6 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
             cstring(&bytes, "an environment variable")
         })
         .collect::<Result<_, _>>()?;
-    let watchdog = cmd.env.iter().any(|(k, _)| k == "WATCHDOG_USEC");
     let pid_buffer = |prefix: &[u8]| {
         let mut b = prefix.to_vec();
         b.resize(prefix.len() + PID_DIGITS + 1, 0);
@@ -502,7 +622,7 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
     };
     let listen_pid = pid_buffer(LISTEN_PID_PREFIX);
     let watchdog_pid = pid_buffer(WATCHDOG_PID_PREFIX);
-    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    let mut envp: Vec<*const libc::c_char> = vars.iter().map(|e| e.as_ptr()).collect();
     if !cmd.fds.is_empty() {
         envp.push(listen_pid.as_ptr().cast());
     }
@@ -510,7 +630,23 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
         envp.push(watchdog_pid.as_ptr().cast());
     }
     envp.push(std::ptr::null());
+    Ok(Environment {
+        vars,
+        listen_pid,
+        watchdog_pid,
+        envp,
+    })
+}
 
+/// Where the child's fds come from and go.
+struct FdLayout {
+    /// (source fd, target fd): stdin, stdout, stderr, then the sockets.
+    moves: Vec<(RawFd, RawFd)>,
+    first_free: RawFd,
+    nonblock_targets: Vec<RawFd>,
+}
+
+fn fd_layout(cmd: &Command<'_>, devnull: RawFd) -> Result<FdLayout, SpawnError> {
     let socket = cmd
         .stdin
         .or_else(|| cmd.fds.first().map(|(fd, _)| *fd))
@@ -536,21 +672,34 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
     for (i, (fd, _)) in cmd.fds.iter().enumerate() {
         moves.push((fd.as_raw_fd(), 3 + i as RawFd));
     }
-    let first_free = 3 + cmd.fds.len() as RawFd;
-    let scratch = vec![-1; moves.len()];
-    let (groups, ids) = match cmd.credentials {
-        Some(c) => (c.groups.clone(), Some((c.uid, c.gid))),
-        None => (Vec::new(), None),
+    Ok(FdLayout {
+        moves,
+        first_free: 3 + cmd.fds.len() as RawFd,
+        nonblock_targets,
+    })
+}
+
+/// setgroups' list: the user's groups and the supplementary ones (sorted,
+/// once each); the supplementary ones alone without credentials; `None`
+/// (the groups are left as they are) when there is neither.
+fn groups(
+    credentials: Option<&Credentials>,
+    supplementary: &[libc::gid_t],
+) -> Option<Vec<libc::gid_t>> {
+    let mut list = match credentials {
+        Some(c) => c.groups.clone(),
+        None if supplementary.is_empty() => return None,
+        None => Vec::new(),
     };
-    let cwd = cstring(
-        cmd.working_directory
-            .unwrap_or(Path::new("/"))
-            .as_os_str()
-            .as_bytes(),
-        "working directory",
-    )?;
-    let r = &cmd.rlimits;
-    let rlimits = [
+    list.extend_from_slice(supplementary);
+    list.sort_unstable();
+    list.dedup();
+    Some(list)
+}
+
+/// (failure stage, resource, limit) for each rlimit the unit sets.
+fn rlimits(r: &Rlimits) -> Vec<(usize, libc::__rlimit_resource_t, libc::rlimit)> {
+    [
         (libc::RLIMIT_NOFILE, r.nofile),
         (libc::RLIMIT_NPROC, r.nproc),
         (libc::RLIMIT_CORE, r.core),
@@ -570,26 +719,7 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
             )
         })
     })
-    .collect();
-    Ok(Prepared {
-        program,
-        _argv: argv,
-        argv_ptrs,
-        _env: env,
-        listen_pid,
-        watchdog_pid,
-        envp,
-        moves,
-        scratch,
-        first_free,
-        groups,
-        ids,
-        cwd,
-        rlimits,
-        nonblock_targets,
-        non_blocking: cmd.non_blocking,
-        cgroup_procs: None,
-    })
+    .collect()
 }
 
 const STAGES: &[&str] = &[
@@ -610,9 +740,12 @@ const STAGES: &[&str] = &[
     "setrlimit for limit-nproc",
     "setrlimit for limit-core",
     "setrlimit for limit-memlock",
+    "prctl(PR_SET_NO_NEW_PRIVS)",
 ];
 /// The first setrlimit stage in STAGES.
 const RLIMIT_STAGE: usize = 12;
+/// The no-new-privileges stage in STAGES.
+const NO_NEW_PRIVS_STAGE: usize = 16;
 
 /// The child between fork and exec: async-signal-safe calls only, on memory
 /// prepared before fork. Never returns.
@@ -708,16 +841,22 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
                 fail(*stage);
             }
         }
-        if let Some((uid, gid)) = p.ids {
-            if libc::setgroups(p.groups.len(), p.groups.as_ptr()) != 0 {
+        libc::umask(p.umask);
+        if let Some(groups) = &p.groups {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
                 fail(5);
             }
+        }
+        if let Some((uid, gid)) = p.ids {
             if libc::setgid(gid) != 0 {
                 fail(6);
             }
             if libc::setuid(uid) != 0 {
                 fail(7);
             }
+        }
+        if p.no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(NO_NEW_PRIVS_STAGE);
         }
         if libc::chdir(p.cwd.as_ptr()) != 0 {
             fail(8);
