@@ -74,6 +74,12 @@ pub enum PlacementError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
+    #[error("{key} {name:?} of {what} does not exist")]
+    NoAccount {
+        key: &'static str,
+        name: String,
+        what: String,
+    },
     #[error("{call} on {what}: {source}")]
     Syscall {
         call: &'static str,
@@ -254,10 +260,54 @@ fn create_unix(cfg: &SocketConfig, path: &Path) -> Result<OwnedFd, ListenerError
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(|source| syscall_err("chmod", &what, source))?;
     }
+    let (uid, gid) = owner(cfg, &what)?;
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::lchown(path, uid, gid)
+            .map_err(|source| syscall_err("chown", &what, source))?;
+    }
     if ty == SockType::Stream {
         listen(&fd, cfg, &what)?;
     }
     Ok(fd)
+}
+
+/// The socket file's owner and group from `socket-user` and `socket-group`
+/// (names or ids), as systemd's SocketUser=/SocketGroup=: a named user alone
+/// brings its primary group. `None`: left as created (holdfast's).
+fn owner(cfg: &SocketConfig, what: &str) -> Result<(Option<u32>, Option<u32>), ListenerError> {
+    use nix::unistd::{Group, User};
+    let missing = |key, name: &str| ListenerError::NoAccount {
+        key,
+        name: name.to_string(),
+        what: what.to_string(),
+    };
+    let o = &cfg.options;
+    let (mut uid, mut gid) = (None, None);
+    if let Some(u) = &o.socket_user {
+        match u.parse::<u32>() {
+            Ok(id) => uid = Some(id),
+            Err(_) => {
+                let user = User::from_name(u)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| missing("socket-user", u))?;
+                uid = Some(user.uid.as_raw());
+                gid = Some(user.gid.as_raw());
+            }
+        }
+    }
+    if let Some(g) = &o.socket_group {
+        gid = Some(match g.parse::<u32>() {
+            Ok(id) => id,
+            Err(_) => Group::from_name(g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| missing("socket-group", g))?
+                .gid
+                .as_raw(),
+        });
+    }
+    Ok((uid, gid))
 }
 
 fn set_common(fd: &OwnedFd, cfg: &SocketConfig, what: &str) -> Result<(), ListenerError> {
@@ -526,6 +576,60 @@ pub(crate) mod tests {
         let first = create(&cfg, &Placement::Bound("127.0.0.1:0".parse().unwrap())).unwrap();
         let addr = local_addr(&first).unwrap();
         create(&cfg, &Placement::Bound(addr)).expect("a second udp socket on the same address");
+    }
+
+    fn unix(path: &Path) -> SocketConfig {
+        SocketConfig {
+            name: "ctl".into(),
+            protocol: Protocol::UnixStream,
+            addresses: Vec::new(),
+            ports: Vec::new(),
+            path: Some(path.to_path_buf()),
+            options: SocketOptions::default(),
+        }
+    }
+
+    #[test]
+    fn a_unix_socket_file_gets_its_owner_group_and_mode() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            let why = "chown to another user needs root (geteuid != 0)";
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{why}");
+            }
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("holdfast-listener-{}", std::process::id()));
+        let path = dir.join("ctl.sock");
+        let mut cfg = unix(&path);
+        cfg.options.mode = Some(0o660);
+        cfg.options.socket_user = Some("65534".into());
+        cfg.options.socket_group = Some("4242".into());
+        let _fd = create(&cfg, &Placement::Unix(path.clone())).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (65534, 4242, 0o660)
+        );
+        // A named user alone brings its primary group, as SocketUser= does.
+        let nobody = nix::unistd::User::from_uid(65534.into()).unwrap().unwrap();
+        assert_ne!(nobody.gid.as_raw(), 0);
+        cfg.options.socket_user = Some(nobody.name.clone());
+        cfg.options.socket_group = None;
+        let _fd = create(&cfg, &Placement::Unix(path.clone())).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, nobody.gid.as_raw()));
+        // Unknown names fail the socket, naming the key.
+        cfg.options.socket_group = Some("no-such-group-hf".into());
+        let err = create(&cfg, &Placement::Unix(path.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("socket-group \"no-such-group-hf\" of unix-stream socket"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -139,22 +139,17 @@ fn locate(path: &Path, key: &str) -> Option<Pos> {
     let text = fs::read_to_string(path).ok()?;
     let doc = toml_edit::ImDocument::parse(text.as_str()).ok()?;
     let mut item = doc.as_item();
-    let mut span = None;
-    let segments: Vec<&str> = key.split('.').collect();
-    for (i, segment) in segments.iter().enumerate() {
+    for segment in key.split('.') {
         let (name, index) = match segment.split_once('[') {
             Some((name, rest)) => (name, Some(rest.strip_suffix(']')?.parse::<usize>().ok()?)),
-            None => (*segment, None),
+            None => (segment, None),
         };
         item = item.get(name)?;
-        span = item.span();
+        // An element of an array, or a table of an array of tables (`socket[0]`).
         if let Some(index) = index {
-            // An array element is a value, not an item: only last in a path.
-            if i + 1 != segments.len() {
-                return None;
-            }
-            span = item.as_array()?.get(index)?.span();
+            item = item.get(index)?;
         }
     }
+    let span = item.span();
     Some(LineIndex::new(&text).pos(span?.start))
 }
