@@ -561,8 +561,7 @@ impl<'a> Cx<'a> {
     fn service(&mut self, tbl: &Tbl<'_>) -> ServiceConfig {
         let mut fs = self.fields(tbl, SERVICE_KEYS, "in [service]");
         let mut take = |k: &str| fs.remove(k);
-        let exec_f = take("exec");
-        let exec = match &exec_f {
+        let exec = match take("exec") {
             None => {
                 self.err(
                     tbl.pos,
@@ -572,7 +571,7 @@ impl<'a> Cx<'a> {
                 );
                 Vec::new()
             }
-            Some(f) => self.exec(f),
+            Some(f) => self.exec(&f),
         };
         let mut svc = ServiceConfig {
             exec,
@@ -595,6 +594,20 @@ impl<'a> Cx<'a> {
             group: None,
             process: ProcessConfig::defaults_for(ServiceType::Simple),
         };
+        self.kind_keys(&mut svc, &mut take);
+        self.timing_keys(&mut svc, &mut take);
+        self.instance_keys(&mut svc, &mut take);
+        self.identity_keys(&mut svc, &mut take);
+        self.process_keys(&mut svc, &mut take);
+        svc
+    }
+
+    /// `type`, `restart`, `restart-mode`.
+    fn kind_keys<'t>(
+        &mut self,
+        svc: &mut ServiceConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
         if let Some(f) = take("type") {
             let options = [
                 ("simple", ServiceType::Simple),
@@ -617,6 +630,14 @@ impl<'a> Cx<'a> {
             ];
             svc.restart_mode = self.choice(&f, &options).unwrap_or(svc.restart_mode);
         }
+    }
+
+    /// The restart delays, the timeouts, the start limit, the watchdog.
+    fn timing_keys<'t>(
+        &mut self,
+        svc: &mut ServiceConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
         let delay_f = take("restart-delay");
         if let Some(f) = &delay_f {
             svc.restart_delay = self.duration(f).unwrap_or(svc.restart_delay);
@@ -662,6 +683,14 @@ impl<'a> Cx<'a> {
             // "0" turns the watchdog off, as systemd's WatchdogSec=0.
             svc.watchdog = self.duration(&f).filter(|d| !d.is_zero());
         }
+    }
+
+    /// `fd-store-max`, `single-instance`, `on-demand`.
+    fn instance_keys<'t>(
+        &mut self,
+        svc: &mut ServiceConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
         if let Some(f) = take("fd-store-max") {
             svc.fd_store_max = self.u32(&f, 0, 65536, 16).unwrap_or(0);
         }
@@ -679,6 +708,14 @@ impl<'a> Cx<'a> {
         if let Some(f) = take("on-demand") {
             svc.on_demand = self.bool(&f).unwrap_or(false);
         }
+    }
+
+    /// `environment`, `working-directory`, `user`, `group`.
+    fn identity_keys<'t>(
+        &mut self,
+        svc: &mut ServiceConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
         if let Some(f) = take("environment") {
             svc.environment = self.environment(&f);
         }
@@ -705,8 +742,6 @@ impl<'a> Cx<'a> {
         if let Some(f) = take("group") {
             svc.group = self.account(&f, "group = \"www-data\"");
         }
-        self.process_keys(&mut svc, &mut take);
-        svc
     }
 
     fn exec(&mut self, f: &Field<'_>) -> Vec<String> {
@@ -949,8 +984,13 @@ impl<'a> Cx<'a> {
             table: tbl.pos,
             ..SocketSpans::default()
         };
-        let protocol_f = fs.remove("protocol");
-        let protocol = match &protocol_f {
+        let keys = PlaceKeys {
+            protocol: fs.remove("protocol"),
+            addresses: fs.remove("addresses"),
+            ports: fs.remove("ports"),
+            path: fs.remove("path"),
+        };
+        let protocol = match &keys.protocol {
             Some(f) => self.choice(
                 f,
                 &[
@@ -970,62 +1010,20 @@ impl<'a> Cx<'a> {
             path: None,
             options: SocketOptions::default(),
         };
-        let mut name_pos = tbl.pos;
-        if let Some(f) = fs.remove("name") {
-            name_pos = f.pos;
-            if let Some(s) = self.string(&f, "name = \"http\"") {
-                if let Some(problem) = fdname_problem(&s) {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
-                        format!("socket name {s:?} {problem}"),
-                        "write printable ASCII without ':', at most 255 characters, e.g. name = \"http\"",
-                    );
-                }
-                sock.name = s;
+        let name_pos = match fs.remove("name") {
+            Some(f) => {
+                self.socket_name(&f, &mut sock);
+                f.pos
             }
-        }
-        let addresses_f = fs.remove("addresses");
-        if let Some(f) = &addresses_f {
-            let hint = format!("write a list of addresses or prefixes, e.g. addresses = [\"127.0.0.1\", \"2001:db8::/64\"]; {ADDRESS_HINT}");
-            sock.addresses = self.list(f, &hint, &mut spans.addresses, Self::prefix);
-        }
-        let ports_f = fs.remove("ports");
-        if let Some(f) = &ports_f {
-            let hint = "write a list of ports and ranges, e.g. ports = [\"8080\", \"8000-8099\"]";
-            sock.ports = self.list(f, hint, &mut spans.ports, Self::port_range);
-        }
-        let path_f = fs.remove("path");
-        if let Some(f) = &path_f {
-            spans.path = f.pos;
-            if let Some(s) = self.string(f, "path = \"/run/web.sock\"") {
-                if !s.starts_with('/') {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
-                        format!("unix socket path {s:?} is not absolute"),
-                        format!(
-                            "write a path that starts with /, e.g. \"/run/{}\"",
-                            s.trim_start_matches("./")
-                        ),
-                    );
-                } else if s.len() > UNIX_PATH_MAX {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
-                        format!("unix socket path is {} bytes long, more than the {UNIX_PATH_MAX} bind() takes", s.len()),
-                        "choose a shorter path, e.g. under /run",
-                    );
-                }
-                sock.path = Some(PathBuf::from(s));
-            }
-        }
+            None => tbl.pos,
+        };
+        self.socket_place(&keys, &mut sock, &mut spans);
         let Some(protocol) = protocol else {
             // The protocol is unknown, so which keys belong is unknown too.
             self.socket_options(&fs, &mut sock.options);
             return (sock, spans, name_pos);
         };
-        let proto_note = match &protocol_f {
+        let proto_note = match &keys.protocol {
             Some(_) => format!("this socket is {protocol}"),
             None => "this socket is tcp (the default protocol)".to_string(),
         };
@@ -1051,7 +1049,79 @@ impl<'a> Cx<'a> {
             );
         }
         self.socket_options(&fs, &mut sock.options);
-        if protocol_f.is_none() && path_f.is_some() && addresses_f.is_none() && ports_f.is_none() {
+        self.check_place(tbl, &keys, protocol, &proto_note);
+        (sock, spans, name_pos)
+    }
+
+    /// `name`: a LISTEN_FDNAMES entry.
+    fn socket_name(&mut self, f: &Field<'_>, sock: &mut SocketConfig) {
+        if let Some(s) = self.string(f, "name = \"http\"") {
+            if let Some(problem) = fdname_problem(&s) {
+                self.err(
+                    f.pos,
+                    f.path.clone(),
+                    format!("socket name {s:?} {problem}"),
+                    "write printable ASCII without ':', at most 255 characters, e.g. name = \"http\"",
+                );
+            }
+            sock.name = s;
+        }
+    }
+
+    /// `addresses`, `ports` and `path`, each read on its own.
+    fn socket_place(
+        &mut self,
+        keys: &PlaceKeys<'_>,
+        sock: &mut SocketConfig,
+        spans: &mut SocketSpans,
+    ) {
+        if let Some(f) = &keys.addresses {
+            let hint = format!("write a list of addresses or prefixes, e.g. addresses = [\"127.0.0.1\", \"2001:db8::/64\"]; {ADDRESS_HINT}");
+            sock.addresses = self.list(f, &hint, &mut spans.addresses, Self::prefix);
+        }
+        if let Some(f) = &keys.ports {
+            let hint = "write a list of ports and ranges, e.g. ports = [\"8080\", \"8000-8099\"]";
+            sock.ports = self.list(f, hint, &mut spans.ports, Self::port_range);
+        }
+        if let Some(f) = &keys.path {
+            spans.path = f.pos;
+            if let Some(s) = self.string(f, "path = \"/run/web.sock\"") {
+                if !s.starts_with('/') {
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("unix socket path {s:?} is not absolute"),
+                        format!(
+                            "write a path that starts with /, e.g. \"/run/{}\"",
+                            s.trim_start_matches("./")
+                        ),
+                    );
+                } else if s.len() > UNIX_PATH_MAX {
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("unix socket path is {} bytes long, more than the {UNIX_PATH_MAX} bind() takes", s.len()),
+                        "choose a shorter path, e.g. under /run",
+                    );
+                }
+                sock.path = Some(PathBuf::from(s));
+            }
+        }
+    }
+
+    /// Whether `protocol`, `addresses`, `ports` and `path` go together.
+    fn check_place(
+        &mut self,
+        tbl: &Tbl<'_>,
+        keys: &PlaceKeys<'_>,
+        protocol: Protocol,
+        proto_note: &str,
+    ) {
+        if keys.protocol.is_none()
+            && keys.path.is_some()
+            && keys.addresses.is_none()
+            && keys.ports.is_none()
+        {
             self.err(
                 tbl.pos,
                 format!("{}.protocol", tbl.path),
@@ -1063,14 +1133,14 @@ impl<'a> Cx<'a> {
             self.need_some(
                 tbl,
                 "addresses",
-                addresses_f.as_ref(),
+                keys.addresses.as_ref(),
                 protocol,
                 "address",
                 example,
             );
             let example = "[\"8080\"] or a range such as [\"8000-8099\"]";
-            self.need_some(tbl, "ports", ports_f.as_ref(), protocol, "port", example);
-            if let Some(f) = &path_f {
+            self.need_some(tbl, "ports", keys.ports.as_ref(), protocol, "port", example);
+            if let Some(f) = &keys.path {
                 self.err(
                     f.key_pos,
                     f.path.clone(),
@@ -1079,7 +1149,7 @@ impl<'a> Cx<'a> {
                 );
             }
         } else {
-            if path_f.is_none() {
+            if keys.path.is_none() {
                 self.err(
                     tbl.pos,
                     format!("{}.path", tbl.path),
@@ -1087,7 +1157,7 @@ impl<'a> Cx<'a> {
                     "add path = \"/run/NAME.sock\"",
                 );
             }
-            for f in [&addresses_f, &ports_f].into_iter().flatten() {
+            for f in [&keys.addresses, &keys.ports].into_iter().flatten() {
                 self.err(
                     f.key_pos,
                     f.path.clone(),
@@ -1102,7 +1172,6 @@ impl<'a> Cx<'a> {
                 );
             }
         }
-        (sock, spans, name_pos)
     }
 
     /// An IP socket's `addresses` or `ports`: missing or empty is a mistake.
@@ -1325,6 +1394,14 @@ impl<'a> Cx<'a> {
             }
         }
     }
+}
+
+/// The keys of a `[[socket]]` that say where it is, as written.
+struct PlaceKeys<'t> {
+    protocol: Option<Field<'t>>,
+    addresses: Option<Field<'t>>,
+    ports: Option<Field<'t>>,
+    path: Option<Field<'t>>,
 }
 
 /// A value in the document: a table entry (`Item`) or an array element (`Value`).
