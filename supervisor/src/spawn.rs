@@ -351,80 +351,13 @@ fn spawn_with(cmd: &Command<'_>, setup: &Setup, how: ForkMethod) -> Result<Spawn
             call: "pipe2",
             source: e.into(),
         })?;
-
-    let mut pidfd: RawFd = -1;
-    let mut pid = -1;
-    if how == ForkMethod::Clone3 {
-        // SAFETY: clone_args is plain integers; zero is "no such option".
-        let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-        args.flags = libc::CLONE_PIDFD as u64;
-        args.pidfd = std::ptr::addr_of_mut!(pidfd) as u64;
-        args.exit_signal = libc::SIGCHLD as u64;
-        if let Some(cg) = cmd.cgroup {
-            args.flags |= CLONE_INTO_CGROUP;
-            args.cgroup = cg.as_raw_fd() as u64;
-        }
-        // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of
-        // this thread's memory and only calls async-signal-safe functions on
-        // memory prepared above (see `child`), never returning from it.
-        pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                std::ptr::addr_of_mut!(args),
-                std::mem::size_of::<libc::clone_args>(),
-            )
-        } as i32;
-        if pid == 0 {
-            // SAFETY: we are the freshly cloned child; `child` execs or _exits.
-            unsafe { child(&mut p, err_w.as_raw_fd(), false) }
-        }
-        if pid < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOSYS) {
-                return Err(SpawnError::Syscall {
-                    call: "clone3",
-                    source: e,
-                });
-            }
-        }
-    }
-    if pid < 0 {
-        if cmd.cgroup.is_some() {
-            p.cgroup_procs = Some(open_procs(cmd.cgroup)?);
-        }
-        // SAFETY: as for clone3 above.
-        pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(SpawnError::Syscall {
-                call: "fork",
-                source: io::Error::last_os_error(),
-            });
-        }
-        if pid == 0 {
-            // SAFETY: we are the freshly forked child; `child` execs or _exits.
-            unsafe { child(&mut p, err_w.as_raw_fd(), true) }
-        }
-    }
-    // The child is ours and unreaped (only the event loop's thread reaps,
-    // and it is here): its pid cannot have been reused yet.
-    let pidfd = if pidfd >= 0 {
-        // SAFETY: CLONE_PIDFD stored a fresh CLOEXEC pidfd there for us.
-        unsafe { Pidfd::from_raw(pidfd, pid) }
-    } else {
-        match Pidfd::open(pid) {
-            Ok(fd) => fd,
-            Err(e) => {
-                // SAFETY: plain kill of our own unreaped child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
-                return Err(SpawnError::Syscall {
-                    call: "pidfd_open",
-                    source: match e {
-                        crate::pidfd::PidfdError::Syscall { source, .. } => source,
-                    },
-                });
-            }
-        }
+    let cloned = match how {
+        ForkMethod::Clone3 => clone3(cmd, &mut p, err_w.as_raw_fd())?,
+        ForkMethod::Fork => None,
+    };
+    let (pid, pidfd) = match cloned {
+        Some(child) => child,
+        None => fork(cmd, &mut p, err_w.as_raw_fd())?,
     };
     drop(err_w);
     let mut report = [0u8; 8];
@@ -447,6 +380,96 @@ fn spawn_with(cmd: &Command<'_>, setup: &Setup, how: ForkMethod) -> Result<Spawn
             })
         }
         _ => Ok(spawned),
+    }
+}
+
+/// The child by clone3 (CLONE_PIDFD, CLONE_INTO_CGROUP): its pid and pidfd,
+/// or `None` where clone3 is refused (ENOSYS).
+fn clone3(
+    cmd: &Command<'_>,
+    p: &mut Prepared,
+    err_w: RawFd,
+) -> Result<Option<(i32, Pidfd)>, SpawnError> {
+    let mut pidfd: RawFd = -1;
+    // SAFETY: clone_args is plain integers; zero is "no such option".
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = libc::CLONE_PIDFD as u64;
+    args.pidfd = std::ptr::addr_of_mut!(pidfd) as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    if let Some(cg) = cmd.cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = cg.as_raw_fd() as u64;
+    }
+    // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of
+    // this thread's memory and only calls async-signal-safe functions on
+    // memory prepared before (see `child`), never returning from it.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::addr_of_mut!(args),
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    } as i32;
+    if pid == 0 {
+        // SAFETY: we are the freshly cloned child; `child` execs or _exits.
+        unsafe { child(p, err_w, false) }
+    }
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            return Ok(None);
+        }
+        return Err(SpawnError::Syscall {
+            call: "clone3",
+            source: e,
+        });
+    }
+    if pidfd < 0 {
+        return open_pidfd(pid).map(|fd| Some((pid, fd)));
+    }
+    // SAFETY: CLONE_PIDFD stored a fresh CLOEXEC pidfd there for us.
+    Ok(Some((pid, unsafe { Pidfd::from_raw(pidfd, pid) })))
+}
+
+/// The child by fork: it writes itself into its cgroup, and the parent
+/// opens its pidfd before anything can reap it.
+fn fork(cmd: &Command<'_>, p: &mut Prepared, err_w: RawFd) -> Result<(i32, Pidfd), SpawnError> {
+    if cmd.cgroup.is_some() {
+        p.cgroup_procs = Some(open_procs(cmd.cgroup)?);
+    }
+    // SAFETY: as for clone3: the child only calls async-signal-safe
+    // functions on prepared memory, never returning.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SpawnError::Syscall {
+            call: "fork",
+            source: io::Error::last_os_error(),
+        });
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child; `child` execs or _exits.
+        unsafe { child(p, err_w, true) }
+    }
+    open_pidfd(pid).map(|fd| (pid, fd))
+}
+
+/// A pidfd for our child `pid`, which is killed and reaped if it cannot be had.
+fn open_pidfd(pid: i32) -> Result<Pidfd, SpawnError> {
+    // The child is ours and unreaped (only the event loop's thread reaps,
+    // and it is here): its pid cannot have been reused yet.
+    match Pidfd::open(pid) {
+        Ok(fd) => Ok(fd),
+        Err(e) => {
+            // SAFETY: plain kill of our own unreaped child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+            Err(SpawnError::Syscall {
+                call: "pidfd_open",
+                source: match e {
+                    crate::pidfd::PidfdError::Syscall { source, .. } => source,
+                },
+            })
+        }
     }
 }
 
@@ -755,30 +778,64 @@ const NO_NEW_PRIVS_STAGE: usize = 16;
 /// # Safety
 /// Must be called only in a freshly forked child.
 unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
-    let fail = |stage: usize| -> ! {
-        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        let mut report = [0u8; 8];
-        report[0..4].copy_from_slice(&(stage as u32).to_ne_bytes());
-        report[4..8].copy_from_slice(&errno.to_ne_bytes());
-        // SAFETY: write and _exit are async-signal-safe; the buffer is on the stack.
-        unsafe {
-            libc::write(err_w, report.as_ptr().cast(), report.len());
-            libc::_exit(127)
-        }
-    };
-    // SAFETY: all calls below are async-signal-safe system calls on prepared,
+    // SAFETY: each step makes async-signal-safe system calls on prepared,
     // live memory; the pointers stay valid because `p` outlives the exec.
+    // A failing step returns its stage at once, errno untouched since.
+    let done = unsafe {
+        enter_session(p, join_cgroup)
+            .and_then(|()| place_fds(p, err_w))
+            .and_then(|()| set_limits_and_ids(p))
+    };
+    if let Err(stage) = done {
+        report(err_w, stage)
+    }
+    // SAFETY: as above; `cwd` is a prepared C string.
+    if unsafe { libc::chdir(p.cwd.as_ptr()) } != 0 {
+        report(err_w, 8)
+    }
+    // LISTEN_PID and WATCHDOG_PID: our own pid, in the reserved buffers.
+    // SAFETY: getpid cannot fail and touches no memory.
+    let pid = unsafe { libc::getpid() } as u64;
+    write_pid(&mut p.listen_pid, LISTEN_PID_PREFIX.len(), pid);
+    write_pid(&mut p.watchdog_pid, WATCHDOG_PID_PREFIX.len(), pid);
+    // SAFETY: the program, argv and envp are NUL-terminated arrays of
+    // prepared C strings, alive until exec replaces this process.
+    unsafe { libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp.as_ptr()) };
+    report(err_w, 9)
+}
+
+/// Tells the parent which stage failed, with errno, through the CLOEXEC
+/// pipe, and exits. Async-signal-safe: a write from the stack, then _exit.
+fn report(err_w: RawFd, stage: usize) -> ! {
+    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    let mut report = [0u8; 8];
+    report[0..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+    report[4..8].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: write and _exit are async-signal-safe; the buffer is on the stack.
+    unsafe {
+        libc::write(err_w, report.as_ptr().cast(), report.len());
+        libc::_exit(127)
+    }
+}
+
+/// The child's cgroup (fork fallback), its own session, default signal
+/// dispositions and an empty mask.
+///
+/// # Safety
+/// Only in the child (see [`child`]).
+unsafe fn enter_session(p: &Prepared, join_cgroup: bool) -> Result<(), usize> {
+    // SAFETY: async-signal-safe system calls on prepared memory and the stack.
     unsafe {
         if join_cgroup {
             if let Some(procs) = &p.cgroup_procs {
                 // "0": the writing process itself.
                 if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    fail(10);
+                    return Err(10);
                 }
             }
         }
         if libc::setsid() < 0 {
-            fail(0);
+            return Err(0);
         }
         // Default dispositions (Rust ignores SIGPIPE; handlers do not survive exec
         // anyway, but ignored signals do) and an empty mask.
@@ -790,21 +847,33 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
-            fail(1);
+            return Err(1);
         }
+    }
+    Ok(())
+}
+
+/// stdin, stdout, stderr and the handed-over fds into place, every other fd
+/// closed (but the error pipe), O_NONBLOCK set or cleared on the sockets.
+///
+/// # Safety
+/// Only in the child (see [`child`]).
+unsafe fn place_fds(p: &mut Prepared, err_w: RawFd) -> Result<(), usize> {
+    // SAFETY: fcntl, dup2 and close_range on fds; `scratch` was sized before fork.
+    unsafe {
         // Move every source above the targets first, so no dup2 clobbers a
         // source still to be moved; then into place (dup2 clears CLOEXEC).
         let high = p.first_free.max(err_w + 1);
         for (i, (src, _)) in p.moves.iter().enumerate() {
             let fd = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, high);
             if fd < 0 {
-                fail(2);
+                return Err(2);
             }
             p.scratch[i] = fd;
         }
         for (i, (_, target)) in p.moves.iter().enumerate() {
             if libc::dup2(p.scratch[i], *target) < 0 {
-                fail(3);
+                return Err(3);
             }
         }
         // Everything above the handed-over fds is CLOEXEC already, except what
@@ -823,7 +892,6 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
             libc::c_uint::MAX,
             0 as libc::c_uint,
         );
-
         for &target in &p.nonblock_targets {
             let flags = libc::fcntl(target, libc::F_GETFL);
             let want = if p.non_blocking {
@@ -832,43 +900,51 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
                 flags & !libc::O_NONBLOCK
             };
             if flags < 0 || (want != flags && libc::fcntl(target, libc::F_SETFL, want) < 0) {
-                fail(11);
+                return Err(11);
             }
         }
+    }
+    Ok(())
+}
+
+/// The rlimits, the umask, the groups, gid and uid, and no-new-privileges.
+///
+/// # Safety
+/// Only in the child (see [`child`]).
+unsafe fn set_limits_and_ids(p: &Prepared) -> Result<(), usize> {
+    // SAFETY: setrlimit, umask, setgroups, setgid, setuid and prctl on
+    // prepared memory.
+    unsafe {
         // Before setuid: raising a hard limit needs CAP_SYS_RESOURCE.
         for (stage, resource, limit) in &p.rlimits {
             if libc::setrlimit(*resource, limit) != 0 {
-                fail(*stage);
+                return Err(*stage);
             }
         }
         libc::umask(p.umask);
+        // Raw system calls, not glibc's setgroups/setgid/setuid: those apply
+        // the change to every thread glibc believes the process has, and a
+        // clone3 child inherits the parent's thread list without its threads,
+        // so glibc would wait forever for a thread that was being created at
+        // the clone (seen as a hang in the tests). This process has one thread.
         if let Some(groups) = &p.groups {
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
-                fail(5);
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                return Err(5);
             }
         }
         if let Some((uid, gid)) = p.ids {
-            if libc::setgid(gid) != 0 {
-                fail(6);
+            if libc::syscall(libc::SYS_setgid, gid) != 0 {
+                return Err(6);
             }
-            if libc::setuid(uid) != 0 {
-                fail(7);
+            if libc::syscall(libc::SYS_setuid, uid) != 0 {
+                return Err(7);
             }
         }
         if p.no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            fail(NO_NEW_PRIVS_STAGE);
+            return Err(NO_NEW_PRIVS_STAGE);
         }
-        if libc::chdir(p.cwd.as_ptr()) != 0 {
-            fail(8);
-        }
-        // LISTEN_PID and WATCHDOG_PID: our own pid, in the reserved buffers.
-        let pid = libc::getpid() as u64;
-        write_pid(&mut p.listen_pid, LISTEN_PID_PREFIX.len(), pid);
-        write_pid(&mut p.watchdog_pid, WATCHDOG_PID_PREFIX.len(), pid);
-
-        libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp.as_ptr());
-        fail(9)
     }
+    Ok(())
 }
 
 /// Writes `pid`'s digits and a NUL into `buf` from `base` (room reserved

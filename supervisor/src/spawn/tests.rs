@@ -442,6 +442,47 @@ fn supplementary_groups_join_the_users_groups() {
 }
 
 #[test]
+fn credentials_are_set_while_other_threads_are_being_created() {
+    // glibc's setgroups/setgid/setuid wait for every thread glibc knows of;
+    // in a clone3 child a thread the parent was creating never answers.
+    if !nix::unistd::geteuid().is_root() {
+        let why = "setgroups needs root (geteuid != 0)";
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{why}");
+        }
+        eprintln!("skipped: {why}");
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::spawn(|| {}).join().unwrap();
+            }
+        })
+    };
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let root = Credentials::resolve(Some("0"), Some("0")).unwrap().unwrap();
+        for _ in 0..200 {
+            let mut o = opts();
+            o.credentials = Some(&root);
+            o.setup.supplementary_groups = vec![4242];
+            let (_, exit, _) = run_sh("exit 0", o).unwrap();
+            assert_eq!(exit, Exit::Code(0));
+        }
+        done_tx.send(()).unwrap();
+    });
+    let finished = done_rx.recv_timeout(std::time::Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    finished.expect("a child hung before exec, setting its credentials");
+}
+
+#[test]
 fn setup_resolves_groups_and_reads_environment_files_at_each_call() {
     use crate::unit::{EnvironmentFile, ProcessConfig, ServiceType};
     let dir = std::env::temp_dir().join(format!("holdfast-spawn-env-{}", std::process::id()));
