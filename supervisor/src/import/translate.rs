@@ -624,6 +624,34 @@ fn process_directives(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceCon
             Err(why) => r.drop(e, why),
         }
     }
+    limit_directives(d, r, p);
+    if let Some(e) = d.last(S, "NonBlocking") {
+        match values::boolean(&e.value) {
+            Ok(b) => p.non_blocking = b,
+            Err(why) => r.drop(e, why),
+        }
+    }
+    if let Some(e) = d.last(S, "StandardInput") {
+        match (e.value.as_str(), accept) {
+            ("null", false) => p.standard_input = StandardInput::Null,
+            ("socket", _) => p.standard_input = StandardInput::Socket,
+            ("null", true) => r.drop(e, "holdfast's accept mode puts the connection on stdin (and fd 3) whatever standard-input says"),
+            _ => r.drop(e, "holdfast's standard-input is null or socket"),
+        }
+    }
+    for key in ["StandardOutput", "StandardError"] {
+        if let Some(e) = d.last(S, key) {
+            match e.value.as_str() {
+                "journal" | "inherit" | "journal+console" | "kmsg" | "kmsg+console" | "syslog" => {}
+                "socket" if key == "StandardOutput" => p.standard_output = StandardOutput::Socket,
+                _ => r.drop(e, "holdfast captures stdout and stderr into its log (holdfast logs NAME); redirect in the program if it must write a file"),
+            }
+        }
+    }
+}
+
+/// `Limit*=` and the cgroup limits.
+fn limit_directives(d: &mut Directives<'_>, r: &mut Report, p: &mut crate::unit::ProcessConfig) {
     for (key, slot, bytes) in [
         ("LimitNOFILE", &mut p.rlimits.nofile, false),
         ("LimitNPROC", &mut p.rlimits.nproc, false),
@@ -668,29 +696,6 @@ fn process_directives(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceCon
             match e.value.parse::<u32>() {
                 Ok(n) if (1..=10_000).contains(&n) => *slot = Some(n),
                 _ => r.drop(e, "holdfast takes a weight from 1 to 10000"),
-            }
-        }
-    }
-    if let Some(e) = d.last(S, "NonBlocking") {
-        match values::boolean(&e.value) {
-            Ok(b) => p.non_blocking = b,
-            Err(why) => r.drop(e, why),
-        }
-    }
-    if let Some(e) = d.last(S, "StandardInput") {
-        match (e.value.as_str(), accept) {
-            ("null", false) => p.standard_input = StandardInput::Null,
-            ("socket", _) => p.standard_input = StandardInput::Socket,
-            ("null", true) => r.drop(e, "holdfast's accept mode puts the connection on stdin (and fd 3) whatever standard-input says"),
-            _ => r.drop(e, "holdfast's standard-input is null or socket"),
-        }
-    }
-    for key in ["StandardOutput", "StandardError"] {
-        if let Some(e) = d.last(S, key) {
-            match e.value.as_str() {
-                "journal" | "inherit" | "journal+console" | "kmsg" | "kmsg+console" | "syslog" => {}
-                "socket" if key == "StandardOutput" => p.standard_output = StandardOutput::Socket,
-                _ => r.drop(e, "holdfast captures stdout and stderr into its log (holdfast logs NAME); redirect in the program if it must write a file"),
             }
         }
     }

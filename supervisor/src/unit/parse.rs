@@ -178,32 +178,7 @@ pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
         pos: Pos { line: 1, column: 1 },
     };
     let mut fields = cx.fields(&root, ROOT_KEYS, "at the top level");
-    let service = match fields.remove("service") {
-        Some(f) => match f.item.as_table_like() {
-            Some(t) => Some(cx.service(&Tbl {
-                t,
-                path: "service".into(),
-                pos: f.pos,
-            })),
-            None => {
-                cx.type_error(
-                    &f,
-                    "a table",
-                    "write a [service] table with exec = [\"/path/to/program\"] in it",
-                );
-                None
-            }
-        },
-        None => {
-            cx.err(
-                Pos { line: 1, column: 1 },
-                "service",
-                "missing [service] table",
-                "add a [service] table, e.g. [service] and below it exec = [\"/usr/bin/program\", \"--flag\"]",
-            );
-            None
-        }
-    };
+    let service = cx.service_table(fields.remove("service"));
     let (sockets, spans) = match fields.remove("socket") {
         Some(f) => cx.sockets(&f, name),
         None => (Vec::new(), UnitSpans::default()),
@@ -220,6 +195,38 @@ pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
         unit,
         spans,
         diags: cx.diags,
+    }
+}
+
+impl Cx<'_> {
+    /// The `[service]` table, when it is there and a table.
+    fn service_table(&mut self, f: Option<Field<'_>>) -> Option<ServiceConfig> {
+        match f {
+            Some(f) => match f.item.as_table_like() {
+                Some(t) => Some(self.service(&Tbl {
+                    t,
+                    path: "service".into(),
+                    pos: f.pos,
+                })),
+                None => {
+                    self.type_error(
+                        &f,
+                        "a table",
+                        "write a [service] table with exec = [\"/path/to/program\"] in it",
+                    );
+                    None
+                }
+            },
+            None => {
+                self.err(
+                    Pos { line: 1, column: 1 },
+                    "service",
+                    "missing [service] table",
+                    "add a [service] table, e.g. [service] and below it exec = [\"/usr/bin/program\", \"--flag\"]",
+                );
+                None
+            }
+        }
     }
 }
 
@@ -796,27 +803,7 @@ impl<'a> Cx<'a> {
                 pos: item.span().map_or(key_pos, |r| self.lines.pos(r.start)),
                 key_pos,
             };
-            let valid_name = name
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid_name {
-                let fixed: String = name
-                    .chars()
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() {
-                            c.to_ascii_uppercase()
-                        } else {
-                            '_'
-                        }
-                    })
-                    .collect();
-                let fixed = if fixed.starts_with(|c: char| c.is_ascii_digit()) || fixed.is_empty() {
-                    format!("_{fixed}")
-                } else {
-                    fixed
-                };
+            if let Some(fixed) = env_name_fix(name) {
                 self.err(
                     vf.key_pos,
                     vf.path.clone(),
@@ -890,7 +877,8 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn sockets(&mut self, f: &Field<'_>, service: &str) -> (Vec<SocketConfig>, UnitSpans) {
+    /// The tables of `socket`: `[[socket]]` or an array of inline tables.
+    fn socket_tables<'t>(&mut self, f: &Field<'t>) -> Vec<Tbl<'t>> {
         let mut tables: Vec<Tbl<'_>> = Vec::new();
         match f.item {
             Node::Item(Item::ArrayOfTables(aot)) => {
@@ -934,6 +922,11 @@ impl<'a> Cx<'a> {
                 "write each socket as a [[socket]] table",
             ),
         }
+        tables
+    }
+
+    fn sockets(&mut self, f: &Field<'_>, service: &str) -> (Vec<SocketConfig>, UnitSpans) {
+        let tables = self.socket_tables(f);
         let mut sockets = Vec::new();
         let mut spans = UnitSpans::default();
         // Socket name → (index, where its name came from).
@@ -1623,6 +1616,35 @@ fn fdname_problem(s: &str) -> Option<String> {
             .find(|c| !(' '..='~').contains(c))
             .map(|c| format!("contains {c:?}, which is not printable ASCII"))
     }
+}
+
+/// A valid environment variable name like `name`, when `name` is not one.
+fn env_name_fix(name: &str) -> Option<String> {
+    let valid = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        return None;
+    }
+    let fixed: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Some(
+        if fixed.starts_with(|c: char| c.is_ascii_digit()) || fixed.is_empty() {
+            format!("_{fixed}")
+        } else {
+            fixed
+        },
+    )
 }
 
 /// A value's text cut to one short line, for quoting in a message.
