@@ -276,6 +276,14 @@ fn service_config(
 /// The `[Service]` section.
 const S: &str = "Service";
 
+/// The `Type=` values holdfast cannot follow: what each is written as, and why.
+const UNSUPPORTED_TYPES: &[(&str, ServiceType, &str)] = &[
+    ("notify-reload", ServiceType::Notify, "holdfast has no reload by signal (type notify-reload) yet; written as type = \"notify\", reload with holdfast restart --mode overlap"),
+    ("forking", ServiceType::Simple, "holdfast does not follow forking daemons; run the program in the foreground (its -D, -f or --foreground flag) and keep type = \"simple\", or \"notify\" if it sends READY=1"),
+    ("oneshot", ServiceType::Simple, "holdfast supervises long-running services, not one-shot commands; run the command from holdfast.service's ExecStartPre= or a timer instead"),
+    ("dbus", ServiceType::Simple, "holdfast does not watch D-Bus names; written as type = \"simple\" (\"notify\" if the program sends READY=1)"),
+];
+
 /// `Type=`, when it is given.
 fn service_type(d: &mut Directives<'_>, r: &mut Report) -> Option<ServiceType> {
     let e = d.last(S, "Type")?;
@@ -289,29 +297,19 @@ fn service_type(d: &mut Directives<'_>, r: &mut Report) -> Option<ServiceType> {
             );
             ServiceType::Simple
         }
-        "notify-reload" => {
-            r.drop(e, "holdfast has no reload by signal (type notify-reload) yet; written as type = \"notify\", reload with holdfast restart --mode overlap");
-            ServiceType::Notify
-        }
-        "forking" => {
-            r.drop(e, "holdfast does not follow forking daemons; run the program in the foreground (its -D, -f or --foreground flag) and keep type = \"simple\", or \"notify\" if it sends READY=1");
-            ServiceType::Simple
-        }
-        "oneshot" => {
-            r.drop(e, "holdfast supervises long-running services, not one-shot commands; run the command from holdfast.service's ExecStartPre= or a timer instead");
-            ServiceType::Simple
-        }
-        "dbus" => {
-            r.drop(e, "holdfast does not watch D-Bus names; written as type = \"simple\" (\"notify\" if the program sends READY=1)");
-            ServiceType::Simple
-        }
-        other => {
-            r.drop(
-                e,
-                format!("unknown Type={other}; written as type = \"simple\""),
-            );
-            ServiceType::Simple
-        }
+        other => match UNSUPPORTED_TYPES.iter().find(|(name, ..)| *name == other) {
+            Some((_, kind, why)) => {
+                r.drop(e, *why);
+                *kind
+            }
+            None => {
+                r.drop(
+                    e,
+                    format!("unknown Type={other}; written as type = \"simple\""),
+                );
+                ServiceType::Simple
+            }
+        },
     })
 }
 

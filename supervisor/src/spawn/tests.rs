@@ -414,12 +414,7 @@ fn no_new_privileges_is_what_the_child_sees() {
 
 #[test]
 fn supplementary_groups_join_the_users_groups() {
-    if !nix::unistd::geteuid().is_root() {
-        let why = "setgroups needs root (geteuid != 0)";
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{why}");
-        }
-        eprintln!("skipped: {why}");
+    if !crate::testing::is_root_or_skip("setgroups needs root (geteuid != 0)") {
         return;
     }
     // Without user or group: the supplementary groups alone.
@@ -445,12 +440,7 @@ fn supplementary_groups_join_the_users_groups() {
 fn credentials_are_set_while_other_threads_are_being_created() {
     // glibc's setgroups/setgid/setuid wait for every thread glibc knows of;
     // in a clone3 child a thread the parent was creating never answers.
-    if !nix::unistd::geteuid().is_root() {
-        let why = "setgroups needs root (geteuid != 0)";
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{why}");
-        }
-        eprintln!("skipped: {why}");
+    if !crate::testing::is_root_or_skip("setgroups needs root (geteuid != 0)") {
         return;
     }
     use std::sync::atomic::{AtomicBool, Ordering};

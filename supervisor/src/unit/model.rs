@@ -224,6 +224,16 @@ pub enum StandardInput {
     Socket,
 }
 
+impl StandardInput {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StandardInput::Null => "null",
+            StandardInput::Socket => "socket",
+        }
+    }
+}
+
 /// systemd's `StandardOutput=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -232,6 +242,16 @@ pub enum StandardOutput {
     Log,
     /// The socket, as for stdin.
     Socket,
+}
+
+impl StandardOutput {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StandardOutput::Log => "log",
+            StandardOutput::Socket => "socket",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,12 +263,33 @@ pub enum ServiceType {
     Notify,
 }
 
+impl ServiceType {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::Simple => "simple",
+            ServiceType::Notify => "notify",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     Always,
     OnFailure,
     Never,
+}
+
+impl RestartPolicy {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
 }
 
 /// One list for the unit key, `--mode` (clap) and the control protocol (serde).
@@ -259,6 +300,16 @@ pub enum RestartMode {
     StopStart,
     /// Start the new instance on the same sockets, wait for it to be ready, then stop the old one.
     Overlap,
+}
+
+impl RestartMode {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartMode::StopStart => "stop-start",
+            RestartMode::Overlap => "overlap",
+        }
+    }
 }
 
 /// `[[socket]]`.

@@ -6,8 +6,7 @@ use std::time::Duration;
 use toml_edit::{value, Array, ArrayOfTables, DocumentMut, Item, Table};
 
 use super::model::{
-    Limit, ProcessConfig, RestartMode, RestartPolicy, Rlimit, ServiceConfig, ServiceType,
-    SocketConfig, SocketOptions, StandardInput, StandardOutput, Unit,
+    Limit, ProcessConfig, Rlimit, ServiceConfig, SocketConfig, SocketOptions, Unit,
 };
 use super::parse::signal_name;
 
@@ -17,6 +16,15 @@ fn duration(d: Duration) -> Item {
 
 fn strings<'a>(items: impl IntoIterator<Item = &'a str>) -> Item {
     value(Array::from_iter(items))
+}
+
+/// Each key whose number is set.
+fn numbers<const N: usize>(t: &mut Table, keys: [(&str, Option<u32>); N]) {
+    for (key, n) in keys {
+        if let Some(n) = n {
+            t[key] = value(i64::from(n));
+        }
+    }
 }
 
 /// The unit as a TOML document. `unit.name` and `unit.path` are not in it:
@@ -38,19 +46,9 @@ pub fn to_toml(unit: &Unit) -> String {
 fn service_table(s: &ServiceConfig) -> Table {
     let mut svc = Table::new();
     svc["exec"] = strings(s.exec.iter().map(String::as_str));
-    svc["type"] = value(match s.kind {
-        ServiceType::Simple => "simple",
-        ServiceType::Notify => "notify",
-    });
-    svc["restart"] = value(match s.restart {
-        RestartPolicy::Always => "always",
-        RestartPolicy::OnFailure => "on-failure",
-        RestartPolicy::Never => "never",
-    });
-    svc["restart-mode"] = value(match s.restart_mode {
-        RestartMode::StopStart => "stop-start",
-        RestartMode::Overlap => "overlap",
-    });
+    svc["type"] = value(s.kind.as_str());
+    svc["restart"] = value(s.restart.as_str());
+    svc["restart-mode"] = value(s.restart_mode.as_str());
     svc["restart-delay"] = duration(s.restart_delay);
     svc["restart-delay-max"] = duration(s.restart_delay_max);
     svc["stop-timeout"] = duration(s.stop_timeout);
@@ -92,14 +90,8 @@ fn process_keys(svc: &mut Table, p: &ProcessConfig) {
     };
     limit_keys(svc, p);
     svc["non-blocking"] = value(p.non_blocking);
-    svc["standard-input"] = value(match p.standard_input {
-        StandardInput::Null => "null",
-        StandardInput::Socket => "socket",
-    });
-    svc["standard-output"] = value(match p.standard_output {
-        StandardOutput::Log => "log",
-        StandardOutput::Socket => "socket",
-    });
+    svc["standard-input"] = value(p.standard_input.as_str());
+    svc["standard-output"] = value(p.standard_output.as_str());
     svc["umask"] = value(format!("{:04o}", p.umask));
     if !p.supplementary_groups.is_empty() {
         svc["supplementary-groups"] = strings(p.supplementary_groups.iter().map(String::as_str));
@@ -152,11 +144,10 @@ fn limit_keys(svc: &mut Table, p: &ProcessConfig) {
     if let Some(p) = c.cpu_quota {
         svc["cpu-quota"] = value(format!("{p}%"));
     }
-    for (key, w) in [("cpu-weight", c.cpu_weight), ("io-weight", c.io_weight)] {
-        if let Some(w) = w {
-            svc[key] = value(i64::from(w));
-        }
-    }
+    numbers(
+        svc,
+        [("cpu-weight", c.cpu_weight), ("io-weight", c.io_weight)],
+    );
 }
 
 /// One `[[socket]]`.
@@ -176,16 +167,15 @@ fn socket_table(sock: &SocketConfig) -> Table {
         t["path"] = value(p.to_string_lossy().into_owned());
     }
     let o = &sock.options;
-    for (key, n) in [
-        ("backlog", o.backlog),
-        ("receive-buffer", o.receive_buffer),
-        ("send-buffer", o.send_buffer),
-        ("mark", o.mark),
-    ] {
-        if let Some(n) = n {
-            t[key] = value(i64::from(n));
-        }
-    }
+    numbers(
+        &mut t,
+        [
+            ("backlog", o.backlog),
+            ("receive-buffer", o.receive_buffer),
+            ("send-buffer", o.send_buffer),
+            ("mark", o.mark),
+        ],
+    );
     for (key, on) in [
         ("reuse-port", o.reuse_port),
         ("free-bind", o.free_bind),
@@ -221,15 +211,14 @@ fn accept_keys(t: &mut Table, o: &SocketOptions) {
     if o.accept {
         t["accept"] = value(true);
     }
-    for (key, n) in [
-        ("max-connections", o.max_connections),
-        ("max-connections-per-source", o.max_connections_per_source),
-        ("max-connection-rate", o.max_connection_rate),
-    ] {
-        if let Some(n) = n {
-            t[key] = value(i64::from(n));
-        }
-    }
+    numbers(
+        t,
+        [
+            ("max-connections", o.max_connections),
+            ("max-connections-per-source", o.max_connections_per_source),
+            ("max-connection-rate", o.max_connection_rate),
+        ],
+    );
     if let Some(d) = o.rate_limit_pause {
         t["rate-limit-pause"] = value(humantime::format_duration(d).to_string());
     }
