@@ -12,6 +12,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::path::Path;
 
 use crate::unit::EnvironmentFile;
 
@@ -22,7 +23,7 @@ use super::SpawnError;
 pub(super) fn read(files: &[EnvironmentFile]) -> Result<Vec<(String, OsString)>, SpawnError> {
     let mut out: Vec<(String, OsString)> = Vec::new();
     for file in files {
-        let text = match std::fs::read_to_string(&file.path) {
+        let text = match read_text(&file.path) {
             Ok(text) => text,
             Err(e) if file.optional && e.kind() == io::ErrorKind::NotFound => continue,
             Err(source) => {
@@ -38,6 +39,39 @@ pub(super) fn read(files: &[EnvironmentFile]) -> Result<Vec<(String, OsString)>,
         }
     }
     Ok(out)
+}
+
+/// The most an environment file may hold.
+const MAX_BYTES: u64 = 1 << 20;
+
+/// A regular file's text, read without ever blocking the caller (the
+/// daemon's event loop): a FIFO or a device is refused, not waited on.
+fn read_text(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > MAX_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} bytes, more than the {MAX_BYTES} an environment file may have",
+                meta.len()
+            ),
+        ));
+    }
+    let mut text = String::new();
+    f.by_ref().take(MAX_BYTES).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Where the reader is, as in systemd's `parse_env_file_internal`.
@@ -238,6 +272,17 @@ mod tests {
         let shown = err.to_string();
         assert!(shown.contains(&missing.display().to_string()), "{shown}");
         assert!(shown.contains("No such file"), "{shown}");
+        // A FIFO would block the daemon's loop until a writer came: refused at once.
+        let fifo = dir.join("fifo.env");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = read(&[file(&fifo, true)]).unwrap_err().to_string();
+        assert!(err.ends_with("fifo.env: not a regular file"), "{err}");
+        let err = read(&[file(&dir, false)]).unwrap_err().to_string();
+        assert!(err.ends_with("not a regular file"), "{err}");
+        let big = dir.join("big.env");
+        std::fs::write(&big, vec![b'#'; MAX_BYTES as usize + 1]).unwrap();
+        let err = read(&[file(&big, false)]).unwrap_err().to_string();
+        assert!(err.contains("more than the 1048576"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
