@@ -142,62 +142,9 @@ fn create_ip(
         &what,
         socket::socket(family, ty, SockFlag::SOCK_CLOEXEC, proto),
     )?;
-    let o = &cfg.options;
-    if addr.is_ipv6() {
-        let v6only = match (o.ipv6_only, dual_stack) {
-            (Some(v), _) => v,
-            (None, Some(dual)) => !dual,
-            (None, None) => false,
-        };
-        sys(
-            "setsockopt(IPV6_V6ONLY)",
-            &what,
-            setsockopt(&fd, sockopt::Ipv6V6Only, &v6only),
-        )?;
-    }
-    // Stream sockets: a restarted holdfast must be able to bind while old
-    // connections sit in TIME_WAIT. Datagram sockets get it too, as systemd
-    // gives every socket unit (ReuseAddress= is on for both): a service that
-    // opens its own socket on the same address next to the passed one, or a
-    // second holdfast instance taking over, can bind.
-    sys(
-        "setsockopt(SO_REUSEADDR)",
-        &what,
-        setsockopt(&fd, sockopt::ReuseAddr, &true),
-    )?;
-    if o.reuse_port {
-        sys(
-            "setsockopt(SO_REUSEPORT)",
-            &what,
-            setsockopt(&fd, sockopt::ReusePort, &true),
-        )?;
-    }
-    // A steered socket binds to loopback, which may be down in a fresh namespace.
-    if o.free_bind || steered {
-        if addr.is_ipv4() {
-            sys(
-                "setsockopt(IP_FREEBIND)",
-                &what,
-                setsockopt(&fd, sockopt::IpFreebind, &true),
-            )?;
-        } else {
-            set_int(&fd, libc::SOL_IPV6, libc::IPV6_FREEBIND, 1)
-                .map_err(|source| syscall_err("setsockopt(IPV6_FREEBIND)", &what, source))?;
-        }
-    }
-    if o.transparent {
-        if addr.is_ipv4() {
-            sys(
-                "setsockopt(IP_TRANSPARENT)",
-                &what,
-                setsockopt(&fd, sockopt::IpTransparent, &true),
-            )?;
-        } else {
-            set_int(&fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
-                .map_err(|source| syscall_err("setsockopt(IPV6_TRANSPARENT)", &what, source))?;
-        }
-    }
+    ip_options(&fd, cfg, addr, steered, dual_stack, &what)?;
     set_common(&fd, cfg, &what)?;
+    let o = &cfg.options;
     if ty == SockType::Stream {
         if o.keep_alive {
             sys(
@@ -230,6 +177,74 @@ fn create_ip(
         listen(&fd, cfg, &what)?;
     }
     Ok(fd)
+}
+
+/// An IP socket's options before bind: IPV6_V6ONLY, SO_REUSEADDR (and
+/// SO_REUSEPORT), IP(V6)_FREEBIND on a steered socket, IP(V6)_TRANSPARENT.
+fn ip_options(
+    fd: &OwnedFd,
+    cfg: &SocketConfig,
+    addr: SocketAddr,
+    steered: bool,
+    dual_stack: Option<bool>,
+    what: &str,
+) -> Result<(), ListenerError> {
+    let o = &cfg.options;
+    if addr.is_ipv6() {
+        let v6only = match (o.ipv6_only, dual_stack) {
+            (Some(v), _) => v,
+            (None, Some(dual)) => !dual,
+            (None, None) => false,
+        };
+        sys(
+            "setsockopt(IPV6_V6ONLY)",
+            what,
+            setsockopt(fd, sockopt::Ipv6V6Only, &v6only),
+        )?;
+    }
+    // Stream sockets: a restarted holdfast must be able to bind while old
+    // connections sit in TIME_WAIT. Datagram sockets get it too, as systemd
+    // gives every socket unit (ReuseAddress= is on for both): a service that
+    // opens its own socket on the same address next to the passed one, or a
+    // second holdfast instance taking over, can bind.
+    sys(
+        "setsockopt(SO_REUSEADDR)",
+        what,
+        setsockopt(fd, sockopt::ReuseAddr, &true),
+    )?;
+    if o.reuse_port {
+        sys(
+            "setsockopt(SO_REUSEPORT)",
+            what,
+            setsockopt(fd, sockopt::ReusePort, &true),
+        )?;
+    }
+    // A steered socket binds to loopback, which may be down in a fresh namespace.
+    if o.free_bind || steered {
+        if addr.is_ipv4() {
+            sys(
+                "setsockopt(IP_FREEBIND)",
+                what,
+                setsockopt(fd, sockopt::IpFreebind, &true),
+            )?;
+        } else {
+            set_int(fd, libc::SOL_IPV6, libc::IPV6_FREEBIND, 1)
+                .map_err(|source| syscall_err("setsockopt(IPV6_FREEBIND)", what, source))?;
+        }
+    }
+    if o.transparent {
+        if addr.is_ipv4() {
+            sys(
+                "setsockopt(IP_TRANSPARENT)",
+                what,
+                setsockopt(fd, sockopt::IpTransparent, &true),
+            )?;
+        } else {
+            set_int(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
+                .map_err(|source| syscall_err("setsockopt(IPV6_TRANSPARENT)", what, source))?;
+        }
+    }
+    Ok(())
 }
 
 fn create_unix(cfg: &SocketConfig, path: &Path) -> Result<OwnedFd, ListenerError> {

@@ -34,6 +34,39 @@ use diag::{LineIndex, Pos};
 /// every file comes back at once.
 pub fn load_dir(dir: &Path) -> Result<Vec<Unit>, Diagnostics> {
     let mut diags = Vec::new();
+    let mut parsed = Vec::new();
+    for (name, path) in unit_files(dir, &mut diags)? {
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) => {
+                diags.push(Pos::NONE.diag(
+                    &path,
+                    "",
+                    format!("cannot read: {e}"),
+                    "unit files are UTF-8 text",
+                ));
+                continue;
+            }
+        };
+        let p = parse::parse_spanned(&name, &path, &text);
+        diags.extend(p.diags);
+        if let Some(unit) = p.unit {
+            parsed.push((unit, p.spans));
+        }
+    }
+    let refs: Vec<_> = parsed.iter().map(|(u, s)| (u, s)).collect();
+    diags.extend(check::check_spanned(&refs));
+    Diagnostics::into_result(diags)?;
+    Ok(parsed.into_iter().map(|(u, _)| u).collect())
+}
+
+/// The unit files of `dir` (not hidden ones) as (service name, path), sorted;
+/// what cannot be listed or is not a regular file goes to `diags`. An
+/// unreadable directory is the one mistake returned.
+fn unit_files(
+    dir: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> Result<Vec<(String, PathBuf)>, Diagnostics> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -90,30 +123,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Unit>, Diagnostics> {
         }
     }
     files.sort();
-    let mut parsed = Vec::new();
-    for (name, path) in files {
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) => {
-                diags.push(Pos::NONE.diag(
-                    &path,
-                    "",
-                    format!("cannot read: {e}"),
-                    "unit files are UTF-8 text",
-                ));
-                continue;
-            }
-        };
-        let p = parse::parse_spanned(&name, &path, &text);
-        diags.extend(p.diags);
-        if let Some(unit) = p.unit {
-            parsed.push((unit, p.spans));
-        }
-    }
-    let refs: Vec<_> = parsed.iter().map(|(u, s)| (u, s)).collect();
-    diags.extend(check::check_spanned(&refs));
-    Diagnostics::into_result(diags)?;
-    Ok(parsed.into_iter().map(|(u, _)| u).collect())
+    Ok(files)
 }
 
 /// A diagnostic about `key` of `unit` (a key path as diagnostics write it:
