@@ -328,8 +328,11 @@ enum ForkMethod {
     Fork,
 }
 
-/// Starts `cmd` (see the module doc). Returns once the child has exec'd
-/// (or failed to, reported through a CLOEXEC pipe as systemd and std do).
+/// Starts `cmd` (see the module doc) with [`Setup::default`] (umask 0022,
+/// nothing else): a unit's `umask`, `supplementary-groups`,
+/// `no-new-privileges` and `environment-file` need [`spawn_set_up`]. Returns
+/// once the child has exec'd (or failed to, reported through a CLOEXEC pipe
+/// as systemd and std do).
 pub fn spawn(cmd: &Command<'_>) -> Result<Spawned, SpawnError> {
     spawn_with(cmd, &Setup::default(), ForkMethod::Clone3)
 }
