@@ -374,7 +374,10 @@ fn templates_need_an_instance_and_drop_ins_are_read() {
 fn exit_codes_and_the_written_file() {
     let dir = dir_with(&[
         ("ok.service", "[Service]\nExecStart=/bin/ok\n"),
-        ("bad.service", "[Service]\nExecStart=/bin/bad\nUMask=0077\n"),
+        (
+            "bad.service",
+            "[Service]\nExecStart=/bin/bad\nLimitSTACK=8M\n",
+        ),
         ("none.service", "[Service]\nType=simple\n"),
     ]);
     let out = tempfile::tempdir().unwrap();
@@ -558,4 +561,76 @@ fn notify_reload_takes_its_reload_signal_and_no_exec_reload() {
         "{:#?}",
         got.dropped
     );
+}
+
+#[test]
+fn exec_setup_and_socket_file_directives_land_on_their_keys() {
+    use crate::unit::EnvironmentFile;
+    let dir = dir_with(&[
+        (
+            "k.socket",
+            "[Socket]\nListenStream=/run/k.sock\nListenStream=127.0.0.1:9\nSocketMode=0660\n\
+             SocketUser=www-data\nSocketGroup=adm\nRemoveOnStop=yes\n",
+        ),
+        (
+            "k.service",
+            "[Service]\nExecStart=/bin/k $OPTS\nUMask=0027\nSupplementaryGroups=adm 44\n\
+             SupplementaryGroups=adm\nNoNewPrivileges=yes\nEnvironmentFile=-/etc/default/k\n\
+             EnvironmentFile=/etc/k.env\nEnvironmentFile=/etc/k/*.env\nEnvironmentFile=k.env\n",
+        ),
+        (
+            "m.service",
+            "[Service]\nExecStart=/bin/m\nUMask=0800\nNoNewPrivileges=maybe\n",
+        ),
+    ]);
+    let got = import(&req(dir.path(), &["k.socket"])).unwrap();
+    let p = &got.unit.service.process;
+    assert_eq!(p.umask, 0o027);
+    assert_eq!(p.supplementary_groups, ["adm", "44"]);
+    assert!(p.no_new_privileges);
+    let file = |path: &str, optional| EnvironmentFile {
+        path: PathBuf::from(path),
+        optional,
+    };
+    assert_eq!(
+        p.environment_files,
+        [file("/etc/default/k", true), file("/etc/k.env", false)]
+    );
+    let unix = &got.unit.sockets[0].options;
+    assert_eq!(unix.mode, Some(0o660));
+    assert_eq!(unix.socket_user.as_deref(), Some("www-data"));
+    assert_eq!(unix.socket_group.as_deref(), Some("adm"));
+    assert!(unix.remove_on_stop);
+    // They mean nothing for the IP socket beside it.
+    let ip = &got.unit.sockets[1].options;
+    assert_eq!(
+        (&ip.socket_user, &ip.socket_group, ip.remove_on_stop),
+        (&None, &None, false)
+    );
+    let dropped: Vec<&str> = got.dropped.iter().map(|f| f.directive.as_str()).collect();
+    assert_eq!(
+        dropped,
+        ["EnvironmentFile=/etc/k/*.env", "EnvironmentFile=k.env"],
+        "{:#?}",
+        got.dropped
+    );
+    let bad = import(&req(dir.path(), &["m.service"])).unwrap();
+    let dropped: Vec<&str> = bad.dropped.iter().map(|f| f.directive.as_str()).collect();
+    assert_eq!(dropped, ["UMask=0800", "NoNewPrivileges=maybe"]);
+    assert_eq!(bad.unit.service.process.umask, 0o022, "systemd's default");
+    // $OPTS may come from the file: said, since holdfast does not expand it in exec.
+    assert!(
+        got.notes.iter().any(|n| n.why.contains("environment-file")),
+        "{:#?}",
+        got.notes
+    );
+    for key in [
+        "umask = \"0027\"",
+        "no-new-privileges = true",
+        "environment-file = [\"-/etc/default/k\", \"/etc/k.env\"]",
+        "socket-user = \"www-data\"",
+        "remove-on-stop = true",
+    ] {
+        assert!(got.toml.contains(key), "{key}: {}", got.toml);
+    }
 }

@@ -392,9 +392,12 @@ impl Supervisor {
         let state = m.state();
         let exit = || m.last_exit().map(|e| format!(" ({e})")).unwrap_or_default();
         match w.until {
+            // Down is no process left, as systemd counts it: the cgroup
+            // empty, a setsid'd grandchild included.
             Until::Down => (matches!(state, State::Stopped | State::Failed)
-                && acceptor_counts(svc).0 == 0)
-                .then(|| Reply::ok(&status_of(svc, now))),
+                && acceptor_counts(svc).0 == 0
+                && !svc.tracking().any_left())
+            .then(|| Reply::ok(&status_of(svc, now))),
             Until::Reloaded { seq } => match m.reload_outcome(seq) {
                 Some(Ok(())) => Some(Reply::ok(&status_of(svc, now))),
                 Some(Err(why)) => Some(Reply::error(format!("reload of {name:?} failed: {why}"))),

@@ -168,6 +168,9 @@ impl Service {
     pub fn usage(&self) -> Option<crate::cgroup::Usage> {
         self.tracking.usage()
     }
+    pub fn tracking(&self) -> &Tracking {
+        &self.tracking
+    }
     pub fn tracking_mut(&mut self) -> &mut Tracking {
         &mut self.tracking
     }
@@ -572,6 +575,8 @@ impl Supervisor {
         };
         let program = spawn::resolve_program(&argv[0], path_var.as_deref())?;
         let credentials = Credentials::resolve(cfg.user.as_deref(), cfg.group.as_deref())?;
+        // umask, supplementary groups, no-new-privileges, environment files.
+        let setup = spawn::Setup::for_process(&cfg.process)?;
         let (out_r, out_w) = spawn::output_pipe()?;
         let (err_r, err_w) = spawn::output_pipe()?;
         for (k, v) in &cfg.environment {
@@ -610,7 +615,7 @@ impl Supervisor {
             standard_output,
         };
         // The core is to keep the pidfd (issue 10); for now the pid only.
-        let spawned = spawn::spawn(&cmd);
+        let spawned = spawn::spawn_set_up(&cmd, &setup);
         drop(cmd);
         let svc = self.registry.get_mut(id).expect("a known service");
         let pid = svc.tracking.spawned(spawned, leaf)?;

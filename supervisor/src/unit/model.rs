@@ -138,6 +138,36 @@ pub struct ProcessConfig {
     pub non_blocking: bool,
     pub standard_input: StandardInput,
     pub standard_output: StandardOutput,
+    /// The file mode creation mask set before exec (systemd's `UMask=`, default 0022).
+    #[serde(default = "default_umask")]
+    pub umask: u32,
+    /// Groups (names or numeric ids) the process is in besides its user's
+    /// own (systemd's `SupplementaryGroups=`).
+    #[serde(default)]
+    pub supplementary_groups: Vec<String>,
+    /// PR_SET_NO_NEW_PRIVS: exec can never grant more privileges (setuid
+    /// bits, file capabilities) than the process has.
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// Read at each start, in order, after `environment` (later values win).
+    #[serde(default)]
+    pub environment_files: Vec<EnvironmentFile>,
+}
+
+/// systemd's default `UMask=`.
+pub const DEFAULT_UMASK: u32 = 0o022;
+
+fn default_umask() -> u32 {
+    DEFAULT_UMASK
+}
+
+/// One `environment-file` entry: `"/etc/default/web"`, or `"-/etc/default/web"`
+/// for a file that may be missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentFile {
+    pub path: PathBuf,
+    /// A missing file is skipped instead of failing the start.
+    pub optional: bool,
 }
 
 impl ProcessConfig {
@@ -151,6 +181,10 @@ impl ProcessConfig {
             non_blocking: false,
             standard_input: StandardInput::Null,
             standard_output: StandardOutput::Log,
+            umask: DEFAULT_UMASK,
+            supplementary_groups: Vec::new(),
+            no_new_privileges: false,
+            environment_files: Vec::new(),
         }
     }
 }
@@ -254,6 +288,16 @@ pub enum StandardInput {
     Socket,
 }
 
+impl StandardInput {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StandardInput::Null => "null",
+            StandardInput::Socket => "socket",
+        }
+    }
+}
+
 /// systemd's `StandardOutput=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -262,6 +306,16 @@ pub enum StandardOutput {
     Log,
     /// The socket, as for stdin.
     Socket,
+}
+
+impl StandardOutput {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StandardOutput::Log => "log",
+            StandardOutput::Socket => "socket",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +334,7 @@ impl ServiceType {
     pub fn notifies(self) -> bool {
         self != ServiceType::Simple
     }
+    /// The name in unit files (and serde's).
     pub fn as_str(self) -> &'static str {
         match self {
             ServiceType::Simple => "simple",
@@ -297,6 +352,17 @@ pub enum RestartPolicy {
     Never,
 }
 
+impl RestartPolicy {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+}
+
 /// One list for the unit key, `--mode` (clap) and the control protocol (serde).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -305,6 +371,16 @@ pub enum RestartMode {
     StopStart,
     /// Start the new instance on the same sockets, wait for it to be ready, then stop the old one.
     Overlap,
+}
+
+impl RestartMode {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartMode::StopStart => "stop-start",
+            RestartMode::Overlap => "overlap",
+        }
+    }
 }
 
 /// `[[socket]]`.
@@ -385,6 +461,16 @@ pub struct SocketOptions {
     pub ipv6_only: Option<bool>,
     /// Unix socket file mode, e.g. 0o660.
     pub mode: Option<u32>,
+    /// Unix sockets: the owner and group of the socket file (names or
+    /// numeric ids; `None`: holdfast's).
+    #[serde(default)]
+    pub socket_user: Option<String>,
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Unix sockets: the socket file is removed when holdfast closes the
+    /// socket (a reload that drops it, or holdfast's exit).
+    #[serde(default)]
+    pub remove_on_stop: bool,
     /// holdfast accepts and starts one instance per connection (inetd's
     /// `wait = no`, systemd's `Accept=yes`). Stream sockets only.
     pub accept: bool,
@@ -411,10 +497,11 @@ impl SocketOptions {
         self.allow.is_empty() || self.allow.iter().any(|p| p.contains(source))
     }
 
-    /// These options without holdfast's own policy (allow, deny and the
-    /// accept limits): what the kernel socket itself is made with.
+    /// These options without holdfast's own policy (allow, deny, the
+    /// accept limits, remove-on-stop): what the kernel socket itself is made with.
     pub fn without_policy(&self) -> SocketOptions {
         SocketOptions {
+            remove_on_stop: false,
             allow: Vec::new(),
             deny: Vec::new(),
             max_connections: None,
