@@ -12,6 +12,10 @@
 //! namespace, its scratch directory (kept when it fails: units, the daemon's log) and the
 //! processes it starts.
 //!
+//! The same service under a holdfast with `--no-cgroups` measures what a cgroup per connection
+//! costs a spawn (issue 10's spawn cost, aim ≥ 0.8), and both daemons time `holdfast restart` of a
+//! simple service until it runs again.
+//!
 //! Options (`holdfast-bench inetd --help`): `--duration` (each run, default 5s), `--threads`
 //! (client threads, default 8), `--rounds` (runs of each, default 2); `--quick`: 2 s, one round.
 
@@ -30,6 +34,7 @@ use crate::report::{self as shell, Env, Row, Skip};
 
 const HOLDFAST_ADDR: &str = "127.0.0.1:9001";
 const BASELINE_ADDR: &str = "127.0.0.1:9002";
+const PGROUPS_ADDR: &str = "127.0.0.1:9003";
 const LINE: &[u8] = b"hello inetd\n";
 /// One connection may take this long (a cold fork+exec on a loaded machine included).
 const CONN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,34 +85,18 @@ fn measure(
     opts: Options,
 ) -> Result<Vec<Row>> {
     let _ = fs::remove_dir_all(scratch);
-    let units = scratch.join("units");
-    fs::create_dir_all(&units).with_context(|| format!("create {}", units.display()))?;
-    let (host, port) = HOLDFAST_ADDR.split_once(':').expect("ADDR:PORT");
-    fs::write(
-        units.join("cat.toml"),
-        format!(
-            "# One /bin/cat per connection.\n[service]\nexec = [\"/bin/cat\"]\n\n[[socket]]\nprotocol = \"tcp\"\naddresses = [\"{host}/32\"]\nports = [\"{port}\"]\naccept = true\nbacklog = 1024\n"
-        ),
-    )
-    .context("write cat.toml")?;
     let ns = Netns::new()?;
-
-    let log = File::create(scratch.join("holdfast.log")).context("create holdfast.log")?;
-    let mut cmd = Command::new(holdfast);
-    cmd.arg("run")
-        .arg("--units")
-        .arg(&units)
-        .arg("--state-dir")
-        .arg(scratch.join("state"))
-        .arg("--netns")
-        .arg(ns.path())
-        .arg("--no-dispatcher")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().context("dup the log")?)
-        .stderr(log);
-    eprintln!("inetd: $ {}", shell::display(&cmd));
-    let _daemon = Reaped(cmd.spawn().context("start holdfast run")?);
+    // holdfast with a cgroup per connection (the default), and the same with
+    // process groups only: what the kernel's cgroup bookkeeping costs a spawn.
+    let _daemon = start_holdfast(holdfast, scratch, "cgroups", HOLDFAST_ADDR, &ns, &[])?;
+    let _plain = start_holdfast(
+        holdfast,
+        scratch,
+        "pgroups",
+        PGROUPS_ADDR,
+        &ns,
+        &["--no-cgroups"],
+    )?;
 
     let baseline_log = File::create(scratch.join("socket-activate.log"))?;
     let mut cmd = in_netns(ip, &ns, activate);
@@ -121,11 +110,13 @@ fn measure(
     let ns_file = File::open(ns.path()).with_context(|| format!("open {}", ns.path().display()))?;
     let holdfast_addr: SocketAddr = HOLDFAST_ADDR.parse()?;
     let baseline_addr: SocketAddr = BASELINE_ADDR.parse()?;
-    for addr in [holdfast_addr, baseline_addr] {
+    let pgroups_addr: SocketAddr = PGROUPS_ADDR.parse()?;
+    for addr in [holdfast_addr, baseline_addr, pgroups_addr] {
         wait_up(&ns_file, addr)?;
     }
 
-    let (mut ours, mut theirs) = (Tally::default(), Tally::default());
+    let (mut ours, mut theirs, mut pgroups) =
+        (Tally::default(), Tally::default(), Tally::default());
     for round in 0..opts.rounds {
         for (addr, total, who) in [
             (holdfast_addr, &mut ours, "holdfast accept = true"),
@@ -133,6 +124,11 @@ fn measure(
                 baseline_addr,
                 &mut theirs,
                 "systemd-socket-activate --accept --inetd",
+            ),
+            (
+                pgroups_addr,
+                &mut pgroups,
+                "holdfast accept = true --no-cgroups",
             ),
         ] {
             let t = load(&ns_file, addr, opts)?;
@@ -148,7 +144,11 @@ fn measure(
             total.add(t);
         }
     }
-    for (t, who) in [(&ours, "holdfast"), (&theirs, "systemd-socket-activate")] {
+    for (t, who) in [
+        (&ours, "holdfast"),
+        (&theirs, "systemd-socket-activate"),
+        (&pgroups, "holdfast --no-cgroups"),
+    ] {
         ensure!(
             t.errors.is_empty(),
             "{who}: {} of {} connections failed, e.g. {:?}",
@@ -172,7 +172,90 @@ fn measure(
             Some(theirs.mean_ms()),
             "ms",
         ),
+        Row::new(
+            format!("spawn cost: inetd conn/s, a cgroup per connection ÷ process groups (--no-cgroups), {label} (aim ≥ 0.8)"),
+            ours.rate(),
+            Some(pgroups.rate()),
+            "conn/s",
+        ),
+        Row::new(
+            format!("spawn cost: restart of a simple service until running, process groups ÷ cgroups, mean of {RESTARTS} (aim ≥ 0.8)"),
+            restart_ms(holdfast, scratch, "pgroups")?,
+            Some(restart_ms(holdfast, scratch, "cgroups")?),
+            "ms",
+        ),
     ])
+}
+
+/// Restarts to time per daemon.
+const RESTARTS: u32 = 20;
+
+/// Mean wall time of `holdfast restart sleeper` (the reply comes once the
+/// new instance runs) against the daemon of state dir `scratch/TAG`.
+fn restart_ms(holdfast: &Path, scratch: &Path, tag: &str) -> Result<f64> {
+    let state = scratch.join(tag).join("state");
+    let mut total = Duration::ZERO;
+    for _ in 0..RESTARTS {
+        let began = Instant::now();
+        let out = Command::new(holdfast)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["restart", "sleeper"])
+            .output()
+            .context("holdfast restart")?;
+        ensure!(
+            out.status.success(),
+            "holdfast restart sleeper ({tag}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        total += began.elapsed();
+    }
+    Ok(total.as_secs_f64() * 1000.0 / f64::from(RESTARTS))
+}
+
+/// `holdfast run` in `ns` on `scratch/TAG`: `cat` (one /bin/cat per
+/// connection on `addr`) and `sleeper` (a simple service to restart).
+fn start_holdfast(
+    holdfast: &Path,
+    scratch: &Path,
+    tag: &str,
+    addr: &str,
+    ns: &Netns,
+    extra: &[&str],
+) -> Result<Reaped> {
+    let dir = scratch.join(tag);
+    let units = dir.join("units");
+    fs::create_dir_all(&units).with_context(|| format!("create {}", units.display()))?;
+    let (host, port) = addr.split_once(':').expect("ADDR:PORT");
+    fs::write(
+        units.join("cat.toml"),
+        format!(
+            "# One /bin/cat per connection.\n[service]\nexec = [\"/bin/cat\"]\n\n[[socket]]\nprotocol = \"tcp\"\naddresses = [\"{host}/32\"]\nports = [\"{port}\"]\naccept = true\nbacklog = 1024\n"
+        ),
+    )
+    .context("write cat.toml")?;
+    fs::write(
+        units.join("sleeper.toml"),
+        "[service]\nexec = [\"/bin/sleep\", \"1000\"]\nrestart = \"always\"\n",
+    )
+    .context("write sleeper.toml")?;
+    let log = File::create(dir.join("holdfast.log")).context("create holdfast.log")?;
+    let mut cmd = Command::new(holdfast);
+    cmd.arg("run")
+        .arg("--units")
+        .arg(&units)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--netns")
+        .arg(ns.path())
+        .arg("--no-dispatcher")
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("dup the log")?)
+        .stderr(log);
+    eprintln!("inetd: $ {}", shell::display(&cmd));
+    Ok(Reaped(cmd.spawn().context("start holdfast run")?))
 }
 
 /// What the client threads saw.

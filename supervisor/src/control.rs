@@ -51,6 +51,11 @@ pub enum Request {
     Bindings,
     Metrics,
     Reload,
+    /// Reload one service: its exec-reload, or (notify-reload) its
+    /// reload-signal, answered once it is done.
+    ReloadService {
+        name: String,
+    },
     /// Re-execute holdfast in place (the binary now at its path).
     Upgrade,
     /// A service's captured output: those numbered `after` and later, read

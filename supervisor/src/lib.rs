@@ -28,4 +28,6 @@ mod signals;
 pub mod spawn;
 pub mod statedir;
 pub mod supervisor;
+#[cfg(test)]
+mod testing;
 pub mod unit;

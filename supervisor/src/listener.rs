@@ -153,6 +153,12 @@ pub enum PlacementError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
+    #[error("{key} {name:?} of {what} does not exist")]
+    NoAccount {
+        key: &'static str,
+        name: String,
+        what: String,
+    },
     #[error("{call} on {what}: {source}")]
     Syscall {
         call: &'static str,
@@ -167,7 +173,9 @@ impl ListenerError {
     /// with EADDRINUSE (taken), EADDRNOTAVAIL or EINVAL (an address this
     /// host cannot bind), or EACCES (a port below 1024 without the capability).
     pub fn address_refused(&self) -> bool {
-        let ListenerError::Syscall { call, source, .. } = self;
+        let ListenerError::Syscall { call, source, .. } = self else {
+            return false;
+        };
         let refusals = [
             libc::EADDRINUSE,
             libc::EADDRNOTAVAIL,
@@ -349,62 +357,9 @@ fn create_ip(
         &what,
         socket::socket(family, ty, SockFlag::SOCK_CLOEXEC, proto),
     )?;
-    let o = &cfg.options;
-    if addr.is_ipv6() {
-        let v6only = match (o.ipv6_only, dual_stack) {
-            (Some(v), _) => v,
-            (None, Some(dual)) => !dual,
-            (None, None) => false,
-        };
-        sys(
-            "setsockopt(IPV6_V6ONLY)",
-            &what,
-            setsockopt(&fd, sockopt::Ipv6V6Only, &v6only),
-        )?;
-    }
-    // Stream sockets: a restarted holdfast must be able to bind while old
-    // connections sit in TIME_WAIT. Datagram sockets get it too, as systemd
-    // gives every socket unit (ReuseAddress= is on for both): a service that
-    // opens its own socket on the same address next to the passed one, or a
-    // second holdfast instance taking over, can bind.
-    sys(
-        "setsockopt(SO_REUSEADDR)",
-        &what,
-        setsockopt(&fd, sockopt::ReuseAddr, &true),
-    )?;
-    if o.reuse_port || reuse_port {
-        sys(
-            "setsockopt(SO_REUSEPORT)",
-            &what,
-            setsockopt(&fd, sockopt::ReusePort, &true),
-        )?;
-    }
-    // A steered socket binds to loopback, which may be down in a fresh namespace.
-    if o.free_bind || steered {
-        if addr.is_ipv4() {
-            sys(
-                "setsockopt(IP_FREEBIND)",
-                &what,
-                setsockopt(&fd, sockopt::IpFreebind, &true),
-            )?;
-        } else {
-            set_int(&fd, libc::SOL_IPV6, libc::IPV6_FREEBIND, 1)
-                .map_err(|source| syscall_err("setsockopt(IPV6_FREEBIND)", &what, source))?;
-        }
-    }
-    if o.transparent {
-        if addr.is_ipv4() {
-            sys(
-                "setsockopt(IP_TRANSPARENT)",
-                &what,
-                setsockopt(&fd, sockopt::IpTransparent, &true),
-            )?;
-        } else {
-            set_int(&fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
-                .map_err(|source| syscall_err("setsockopt(IPV6_TRANSPARENT)", &what, source))?;
-        }
-    }
+    ip_options(&fd, cfg, addr, steered, dual_stack, reuse_port, &what)?;
     set_common(&fd, cfg, &what)?;
+    let o = &cfg.options;
     // A steered socket bound to its own address and port can be found by the
     // kernel's own lookup before the sk_lookup program steers to it (its
     // bindings are published after it listens), and that lookup knows
@@ -513,6 +468,75 @@ pub fn unseal(fd: &impl AsFd) -> io::Result<()> {
     set_int(fd, libc::SOL_SOCKET, libc::SO_DETACH_FILTER, 0)
 }
 
+/// An IP socket's options before bind: IPV6_V6ONLY, SO_REUSEADDR (and
+/// SO_REUSEPORT: the unit's, or `reuse_port` for a reload's replacement), IP(V6)_FREEBIND on a steered socket, IP(V6)_TRANSPARENT.
+fn ip_options(
+    fd: &OwnedFd,
+    cfg: &SocketConfig,
+    addr: SocketAddr,
+    steered: bool,
+    dual_stack: Option<bool>,
+    reuse_port: bool,
+    what: &str,
+) -> Result<(), ListenerError> {
+    let o = &cfg.options;
+    if addr.is_ipv6() {
+        let v6only = match (o.ipv6_only, dual_stack) {
+            (Some(v), _) => v,
+            (None, Some(dual)) => !dual,
+            (None, None) => false,
+        };
+        sys(
+            "setsockopt(IPV6_V6ONLY)",
+            what,
+            setsockopt(fd, sockopt::Ipv6V6Only, &v6only),
+        )?;
+    }
+    // Stream sockets: a restarted holdfast must be able to bind while old
+    // connections sit in TIME_WAIT. Datagram sockets get it too, as systemd
+    // gives every socket unit (ReuseAddress= is on for both): a service that
+    // opens its own socket on the same address next to the passed one, or a
+    // second holdfast instance taking over, can bind.
+    sys(
+        "setsockopt(SO_REUSEADDR)",
+        what,
+        setsockopt(fd, sockopt::ReuseAddr, &true),
+    )?;
+    if o.reuse_port || reuse_port {
+        sys(
+            "setsockopt(SO_REUSEPORT)",
+            what,
+            setsockopt(fd, sockopt::ReusePort, &true),
+        )?;
+    }
+    // A steered socket binds to loopback, which may be down in a fresh namespace.
+    if o.free_bind || steered {
+        if addr.is_ipv4() {
+            sys(
+                "setsockopt(IP_FREEBIND)",
+                what,
+                setsockopt(fd, sockopt::IpFreebind, &true),
+            )?;
+        } else {
+            set_int(fd, libc::SOL_IPV6, libc::IPV6_FREEBIND, 1)
+                .map_err(|source| syscall_err("setsockopt(IPV6_FREEBIND)", what, source))?;
+        }
+    }
+    if o.transparent {
+        if addr.is_ipv4() {
+            sys(
+                "setsockopt(IP_TRANSPARENT)",
+                what,
+                setsockopt(fd, sockopt::IpTransparent, &true),
+            )?;
+        } else {
+            set_int(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
+                .map_err(|source| syscall_err("setsockopt(IPV6_TRANSPARENT)", what, source))?;
+        }
+    }
+    Ok(())
+}
+
 fn create_unix(cfg: &SocketConfig, path: &Path) -> Result<OwnedFd, ListenerError> {
     let what = format!("{} socket {}", cfg.protocol, path.display());
     let ty = match cfg.protocol {
@@ -541,10 +565,54 @@ fn create_unix(cfg: &SocketConfig, path: &Path) -> Result<OwnedFd, ListenerError
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(|source| syscall_err("chmod", &what, source))?;
     }
+    let (uid, gid) = owner(cfg, &what)?;
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::lchown(path, uid, gid)
+            .map_err(|source| syscall_err("chown", &what, source))?;
+    }
     if ty == SockType::Stream {
         listen(&fd, cfg, &what)?;
     }
     Ok(fd)
+}
+
+/// The socket file's owner and group from `socket-user` and `socket-group`
+/// (names or ids), as systemd's SocketUser=/SocketGroup=: a named user alone
+/// brings its primary group. `None`: left as created (holdfast's).
+fn owner(cfg: &SocketConfig, what: &str) -> Result<(Option<u32>, Option<u32>), ListenerError> {
+    use nix::unistd::{Group, User};
+    let missing = |key, name: &str| ListenerError::NoAccount {
+        key,
+        name: name.to_string(),
+        what: what.to_string(),
+    };
+    let o = &cfg.options;
+    let (mut uid, mut gid) = (None, None);
+    if let Some(u) = &o.socket_user {
+        match u.parse::<u32>() {
+            Ok(id) => uid = Some(id),
+            Err(_) => {
+                let user = User::from_name(u)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| missing("socket-user", u))?;
+                uid = Some(user.uid.as_raw());
+                gid = Some(user.gid.as_raw());
+            }
+        }
+    }
+    if let Some(g) = &o.socket_group {
+        gid = Some(match g.parse::<u32>() {
+            Ok(id) => id,
+            Err(_) => Group::from_name(g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| missing("socket-group", g))?
+                .gid
+                .as_raw(),
+        });
+    }
+    Ok((uid, gid))
 }
 
 fn set_common(fd: &OwnedFd, cfg: &SocketConfig, what: &str) -> Result<(), ListenerError> {
@@ -1026,6 +1094,55 @@ pub(crate) mod tests {
         let first = create(&cfg, &Placement::Bound("127.0.0.1:0".parse().unwrap())).unwrap();
         let addr = local_addr(&first).unwrap();
         create(&cfg, &Placement::Bound(addr)).expect("a second udp socket on the same address");
+    }
+
+    fn unix(path: &Path) -> SocketConfig {
+        SocketConfig {
+            name: "ctl".into(),
+            protocol: Protocol::UnixStream,
+            addresses: Vec::new(),
+            ports: Vec::new(),
+            path: Some(path.to_path_buf()),
+            options: SocketOptions::default(),
+        }
+    }
+
+    #[test]
+    fn a_unix_socket_file_gets_its_owner_group_and_mode() {
+        use std::os::unix::fs::MetadataExt;
+        if !crate::testing::is_root_or_skip("chown to another user needs root (geteuid != 0)") {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("holdfast-listener-{}", std::process::id()));
+        let path = dir.join("ctl.sock");
+        let mut cfg = unix(&path);
+        cfg.options.mode = Some(0o660);
+        cfg.options.socket_user = Some("65534".into());
+        cfg.options.socket_group = Some("4242".into());
+        let _fd = create(&cfg, &Placement::Unix(path.clone())).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (65534, 4242, 0o660)
+        );
+        // A named user alone brings its primary group, as SocketUser= does.
+        let nobody = nix::unistd::User::from_uid(65534.into()).unwrap().unwrap();
+        assert_ne!(nobody.gid.as_raw(), 0);
+        cfg.options.socket_user = Some(nobody.name.clone());
+        cfg.options.socket_group = None;
+        let _fd = create(&cfg, &Placement::Unix(path.clone())).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, nobody.gid.as_raw()));
+        // Unknown names fail the socket, naming the key.
+        cfg.options.socket_group = Some("no-such-group-hf".into());
+        let err = create(&cfg, &Placement::Unix(path.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("socket-group \"no-such-group-hf\" of unix-stream socket"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

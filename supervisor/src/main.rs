@@ -117,6 +117,11 @@ enum Command {
     Metrics,
     /// Re-read the units directory and apply the difference (SIGHUP does the same).
     Reload,
+    /// Reload one service in place: run its exec-reload commands (with
+    /// $MAINPID), or for type = "notify-reload" send its reload-signal and
+    /// wait for RELOADING=1 then READY=1. Exit 1 if it has neither or the
+    /// reload failed.
+    ReloadService { name: String },
     /// Show a service's captured output (the last 1000 lines are kept), each
     /// line with when it was read (UTC), its stream and its instance's pid.
     Logs {
@@ -174,7 +179,7 @@ fn main() -> ExitCode {
             } else {
                 log_format
             });
-            let opts = supervisor::Options {
+            run_daemon(&supervisor::Options {
                 units,
                 state_dir: cli.state_dir,
                 netns,
@@ -184,14 +189,7 @@ fn main() -> ExitCode {
                 cgroup_root,
                 no_cgroups,
                 journal: (journal == JournalMode::Auto).then_some(journal_socket),
-            };
-            match supervisor::run(&opts) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("holdfast: {e}");
-                    ExitCode::from(1)
-                }
-            }
+            })
         }
         Command::Check { dir: units_dir } => check(&units_dir, dir, out),
         Command::Import {
@@ -199,14 +197,7 @@ fn main() -> ExitCode {
             output,
             instance,
             force,
-        } => {
-            if cli.json {
-                eprintln!("holdfast: import prints what it wrote and what it dropped; it has no --json output");
-                return ExitCode::from(2);
-            }
-            let req = holdfast::import::Request { files, instance };
-            ExitCode::from(holdfast::import::run(&req, &output, force))
-        }
+        } => import(files, &output, instance, force, cli.json),
         Command::Status { name } => {
             ask::<Vec<ServiceStatus>>(dir, &Request::Status { name }, |rows| {
                 out.show(&rows, || print_status(&rows))
@@ -220,6 +211,11 @@ fn main() -> ExitCode {
         }),
         // The summary is JSON either way (scripts read it).
         Command::Reload => ask::<ReloadSummary>(dir, &Request::Reload, |s| out.json(&s)),
+        Command::ReloadService { name } => {
+            ask::<ServiceStatus>(dir, &Request::ReloadService { name }, |s| {
+                out.show(&s, || {})
+            })
+        }
         Command::Logs {
             name,
             lines,
@@ -240,23 +236,55 @@ fn main() -> ExitCode {
                 )
             })
         }),
-        Command::AcceptsState { version } => {
-            if supervisor::accepts_state_version(version) {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!(
-                    "holdfast {} resumes from state version {}, not {version}",
-                    env!("CARGO_PKG_VERSION"),
-                    supervisor::STATE_VERSION
-                );
-                ExitCode::from(1)
-            }
-        }
+        Command::AcceptsState { version } => accepts_state(version),
         Command::Restart { name, mode } => {
             ask::<ServiceStatus>(dir, &Request::Restart { name, mode }, |s| {
                 out.show(&s, || {})
             })
         }
+    }
+}
+
+/// `holdfast run`: the daemon until it is stopped; 1 if it could not start.
+fn run_daemon(opts: &supervisor::Options) -> ExitCode {
+    match supervisor::run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("holdfast: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `holdfast import`: its own exit codes (0 all translated, 1 some not, 2 usage).
+fn import(
+    files: Vec<PathBuf>,
+    output: &Path,
+    instance: Option<String>,
+    force: bool,
+    json: bool,
+) -> ExitCode {
+    if json {
+        eprintln!(
+            "holdfast: import prints what it wrote and what it dropped; it has no --json output"
+        );
+        return ExitCode::from(2);
+    }
+    let req = holdfast::import::Request { files, instance };
+    ExitCode::from(holdfast::import::run(&req, output, force))
+}
+
+/// `holdfast __accepts-state VERSION`, asked before an upgrade.
+fn accepts_state(version: u32) -> ExitCode {
+    if supervisor::accepts_state_version(version) {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "holdfast {} resumes from state version {}, not {version}",
+            env!("CARGO_PKG_VERSION"),
+            supervisor::STATE_VERSION
+        );
+        ExitCode::from(1)
     }
 }
 

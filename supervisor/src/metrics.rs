@@ -135,86 +135,59 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 /// Prometheus and its parsers read).
 pub fn render(s: &Snapshot) -> String {
     let mut r = Registry::with_prefix("holdfast");
+    render_services(&mut r, s);
+    render_journal(&mut r, s);
+    render_destinations(&mut r, s);
+    render_sockets(&mut r, s);
+    let mut out = String::new();
+    encode(&mut out, &r).expect("writing to a String cannot fail");
+    out
+}
+
+/// The per-service families: state, restarts, readiness, uptime, exits,
+/// per-connection instances, cgroup usage.
+fn render_services(r: &mut Registry, s: &Snapshot) {
     let state = gauge(
-        &mut r,
+        r,
         "service_state",
         "1 for the state the service is in, 0 for the others",
     );
-    let restarts = counter(
-        &mut r,
-        "service_restarts",
-        "Restarts since holdfast started",
-    );
-    let ready = gauge(&mut r, "service_ready", "1 when the main instance is ready");
+    let restarts = counter(r, "service_restarts", "Restarts since holdfast started");
+    let ready = gauge(r, "service_ready", "1 when the main instance is ready");
     let uptime = gauge(
-        &mut r,
+        r,
         "service_uptime_seconds",
         "Seconds since the main instance started",
     );
     let exit = gauge(
-        &mut r,
+        r,
         "service_last_exit_status",
         "The last exit status (code, or 128 + signal)",
     );
     let instances = gauge(
-        &mut r,
+        r,
         "service_instances",
         "Per-connection instances running (accept services)",
     );
     let conns = counter(
-        &mut r,
+        r,
         "service_connections",
         "Connections accepted by holdfast (accept services)",
     );
     let denied = counter(
-        &mut r,
+        r,
         "service_denied_connections",
         "Connections refused by allow/deny or the per-source limit",
     );
     let memory = gauge(
-        &mut r,
+        r,
         "service_memory_bytes",
         "Memory used by the service's cgroup (memory.current)",
     );
     let cpu = family::<FloatCounter>(
-        &mut r,
+        r,
         "service_cpu_seconds",
         "CPU time used by the service's cgroup (cpu.stat usage_usec)",
-    );
-    let lookups = counter(
-        &mut r,
-        "destination_lookups",
-        "sk_lookup hits on the destination's bindings",
-    );
-    let misses = counter(
-        &mut r,
-        "destination_misses",
-        "Hits dropped because the destination's socket was missing",
-    );
-    let errors = counter(
-        &mut r,
-        "destination_errors",
-        "Hits dropped because bpf_sk_assign failed",
-    );
-    let dest_denied = counter(
-        &mut r,
-        "destination_denied",
-        "Hits dropped because the socket's allow/deny rules refused the source",
-    );
-    let present = gauge(
-        &mut r,
-        "destination_socket_present",
-        "1 when the destination's socket is in the sockmap",
-    );
-    let queued = gauge(
-        &mut r,
-        "socket_backlog_queued",
-        "Connections waiting in the socket's accept queue",
-    );
-    let limit = gauge(
-        &mut r,
-        "socket_backlog_limit",
-        "The socket's accept queue limit",
     );
     for m in &s.services {
         for st in &s.states {
@@ -239,6 +212,10 @@ pub fn render(s: &Snapshot) -> String {
             cpu.get_or_create(&l).inc_by(c);
         }
     }
+}
+
+/// What was forwarded to journald, when holdfast forwards.
+fn render_journal(r: &mut Registry, s: &Snapshot) {
     if let Some(j) = &s.journal {
         for (name, help, n) in [
             (
@@ -257,6 +234,35 @@ pub fn render(s: &Snapshot) -> String {
             r.register(name, help, c);
         }
     }
+}
+
+/// The dispatcher's per-destination counters.
+fn render_destinations(r: &mut Registry, s: &Snapshot) {
+    let lookups = counter(
+        r,
+        "destination_lookups",
+        "sk_lookup hits on the destination's bindings",
+    );
+    let misses = counter(
+        r,
+        "destination_misses",
+        "Hits dropped because the destination's socket was missing",
+    );
+    let errors = counter(
+        r,
+        "destination_errors",
+        "Hits dropped because bpf_sk_assign failed",
+    );
+    let dest_denied = counter(
+        r,
+        "destination_denied",
+        "Hits dropped because the socket's allow/deny rules refused the source",
+    );
+    let present = gauge(
+        r,
+        "destination_socket_present",
+        "1 when the destination's socket is in the sockmap",
+    );
     for d in &s.destinations {
         let id = d.destination.to_string();
         let l = labels(&[
@@ -272,6 +278,16 @@ pub fn render(s: &Snapshot) -> String {
             .get_or_create(&l)
             .set(if d.socket_present { 1.0 } else { 0.0 });
     }
+}
+
+/// Each socket's accept queue.
+fn render_sockets(r: &mut Registry, s: &Snapshot) {
+    let queued = gauge(
+        r,
+        "socket_backlog_queued",
+        "Connections waiting in the socket's accept queue",
+    );
+    let limit = gauge(r, "socket_backlog_limit", "The socket's accept queue limit");
     for k in &s.sockets {
         let l = labels(&[
             ("service", &k.service),
@@ -285,9 +301,6 @@ pub fn render(s: &Snapshot) -> String {
             limit.get_or_create(&l).set(q as f64);
         }
     }
-    let mut out = String::new();
-    encode(&mut out, &r).expect("writing to a String cannot fail");
-    out
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,7 @@
 //! Checks of valid units against this machine, made before anything runs:
 //! each `user` and `group` exists, `exec[0]` is an executable file (looked up
-//! through PATH as spawn looks it up), and each service's notify socket path
+//! through PATH as spawn looks it up), so do each of its `supplementary-groups`
+//! and each unix socket's `socket-user` and `socket-group`, and each service's notify socket path
 //! under the state dir fits a unix socket address, and, where holdfast
 //! tracks services by cgroup, each cgroup limit's controller is there. `unit` may only read the
 //! unit files, so these live here; `holdfast check` and the daemon's start
@@ -42,32 +43,14 @@ pub fn check_units(
 fn check_unit(unit: &Unit, state_dir: &Path, base_path: Option<&OsStr>) -> Vec<Diagnostic> {
     let mut diags = Vec::new();
     let svc = &unit.service;
-    if let Some(user) = &svc.user {
-        if let Err(SpawnError::NoUser { .. }) = Credentials::resolve(Some(user), None) {
-            diags.push(diagnostic_at(
-                unit,
-                "service.user",
-                format!("user {user:?} does not exist on this machine"),
-                "create it (e.g. useradd --system NAME), or write an existing user name or a numeric uid",
-            ));
-        }
-    }
-    if let Some(group) = &svc.group {
-        if let Err(SpawnError::NoGroup { .. }) = Credentials::resolve(None, Some(group)) {
-            diags.push(diagnostic_at(
-                unit,
-                "service.group",
-                format!("group {group:?} does not exist on this machine"),
-                "create it (e.g. groupadd --system NAME), or write an existing group name or a numeric gid",
-            ));
-        }
-    }
+    diags.extend(check_accounts(unit));
     if let Some(program) = svc.exec.first() {
         let path_var = svc.environment.get("PATH").map(OsStr::new).or(base_path);
         if let Some((message, hint)) = program_problem(program, path_var) {
             diags.push(diagnostic_at(unit, "service.exec[0]", message, hint));
         }
     }
+    diags.extend(check_commands(unit, base_path));
     let socket = notify_socket_path(state_dir, &unit.name);
     let len = socket.as_os_str().len();
     if len > UNIX_PATH_MAX {
@@ -81,6 +64,89 @@ fn check_unit(unit: &Unit, state_dir: &Path, base_path: Option<&OsStr>) -> Vec<D
             ),
             format!("shorten the file name to at most {room} characters before .toml, or run holdfast with a shorter --state-dir"),
         ));
+    }
+    diags
+}
+
+/// The programs of the command keys (exec-start-pre and friends), as
+/// `exec[0]`; one written with `-` may be missing (its failure is ignored).
+fn check_commands(unit: &Unit, base_path: Option<&OsStr>) -> Vec<Diagnostic> {
+    let svc = &unit.service;
+    let path_var = svc.environment.get("PATH").map(OsStr::new).or(base_path);
+    let c = &svc.commands;
+    let keys = [
+        ("exec-start-pre", &c.start_pre),
+        ("exec-start-post", &c.start_post),
+        ("exec-stop", &c.stop),
+        ("exec-reload", &c.reload),
+    ];
+    let mut diags = Vec::new();
+    for (key, list) in keys {
+        for (k, command) in list.iter().enumerate() {
+            if command.ignore_failure {
+                continue;
+            }
+            if let Some((message, hint)) = program_problem(&command.argv[0], path_var) {
+                let at = format!("service.{key}[{k}]");
+                diags.push(diagnostic_at(unit, &at, message, hint));
+            }
+        }
+    }
+    diags
+}
+
+/// Each user and group the unit names exists: `user`, `group`,
+/// `supplementary-groups`, and each unix socket's `socket-user` and `socket-group`.
+fn check_accounts(unit: &Unit) -> Vec<Diagnostic> {
+    let svc = &unit.service;
+    let mut users: Vec<(String, &str)> = Vec::new();
+    let mut groups: Vec<(String, &str)> = Vec::new();
+    users.extend(
+        svc.user
+            .iter()
+            .map(|u| ("service.user".to_string(), u.as_str())),
+    );
+    groups.extend(
+        svc.group
+            .iter()
+            .map(|g| ("service.group".to_string(), g.as_str())),
+    );
+    for (i, g) in svc.process.supplementary_groups.iter().enumerate() {
+        groups.push((format!("service.supplementary-groups[{i}]"), g));
+    }
+    for (i, sock) in unit.sockets.iter().enumerate() {
+        let o = &sock.options;
+        users.extend(
+            o.socket_user
+                .iter()
+                .map(|u| (format!("socket[{i}].socket-user"), u.as_str())),
+        );
+        groups.extend(
+            o.socket_group
+                .iter()
+                .map(|g| (format!("socket[{i}].socket-group"), g.as_str())),
+        );
+    }
+    let mut diags = Vec::new();
+    for (key, user) in users {
+        if let Err(SpawnError::NoUser { .. }) = Credentials::resolve(Some(user), None) {
+            diags.push(diagnostic_at(
+                unit,
+                &key,
+                format!("user {user:?} does not exist on this machine"),
+                "create it (e.g. useradd --system NAME), or write an existing user name or a numeric uid",
+            ));
+        }
+    }
+    for (key, group) in groups {
+        if let Err(SpawnError::NoGroup { .. }) = spawn::group_id(group) {
+            diags.push(diagnostic_at(
+                unit,
+                &key,
+                format!("group {group:?} does not exist on this machine"),
+                "create it (e.g. groupadd --system NAME), or write an existing group name or a numeric gid",
+            ));
+        }
     }
     diags
 }
@@ -157,8 +223,13 @@ mod tests {
 
     /// (name, unit text) → the diagnostics, as (line, column, key, message).
     fn check(name: &str, text: &str, state_dir: &str) -> Vec<(usize, usize, String, String)> {
-        let dir =
-            std::env::temp_dir().join(format!("holdfast-preflight-{}-{name}", std::process::id()));
+        // A directory per call: the tests run at once, and each removes its own.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "holdfast-preflight-{}-{call}-{name}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join(format!("{name}.toml"));
         std::fs::write(&file, text).unwrap();
@@ -220,6 +291,34 @@ mod tests {
     }
 
     #[test]
+    fn supplementary_groups_and_socket_owners_must_exist() {
+        let ok = "[service]\nexec = [\"/bin/true\"]\nsupplementary-groups = [\"root\", \"4242\"]\n[[socket]]\nprotocol = \"unix-stream\"\npath = \"/run/x.sock\"\nsocket-user = \"root\"\nsocket-group = \"4242\"\n";
+        assert_eq!(check("accounts", ok, "/run/holdfast"), vec![]);
+        let text = "[service]\nexec = [\"/bin/true\"]\nsupplementary-groups = [\"root\", \"no-such-group-hf\"]\n[[socket]]\nprotocol = \"unix-stream\"\npath = \"/run/x.sock\"\nsocket-user = \"no-such-user-hf\"\nsocket-group = \"no-such-group-hf\"\n";
+        let got = check("accounts", text, "/run/holdfast");
+        let keys: Vec<_> = got.iter().map(|g| (g.0, g.1, g.2.as_str())).collect();
+        assert_eq!(
+            keys,
+            vec![
+                (3, 33, "service.supplementary-groups[1]"),
+                (7, 15, "socket[0].socket-user"),
+                (8, 16, "socket[0].socket-group"),
+            ],
+            "{got:?}"
+        );
+        assert!(
+            got[0]
+                .3
+                .contains("group \"no-such-group-hf\" does not exist"),
+            "{got:?}"
+        );
+        assert!(
+            got[1].3.contains("user \"no-such-user-hf\" does not exist"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
     fn programs_that_are_not_executable_files_are_refused() {
         let cases = [
             ("no-such-program-hf", "is not found in PATH=/usr/bin:/bin"),
@@ -237,6 +336,18 @@ mod tests {
         let text = "[service]\nexec = [\"sh\"]\nenvironment = { PATH = \"/nonexistent\" }\n";
         let got = check("web", text, "/run/holdfast");
         assert!(got[0].3.contains("PATH=/nonexistent"), "{got:?}");
+    }
+
+    #[test]
+    fn exec_start_pre_programs_are_checked_unless_written_with_a_dash() {
+        let text = "[service]\nexec = [\"/bin/true\"]\nexec-start-pre = [[\"-/nonexistent/a\"], [\"/bin/true\"], [\"/nonexistent/b\", \"-t\"]]\n";
+        let got = check("web", text, "/run/holdfast");
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            (got[0].0, got[0].1, got[0].2.as_str()),
+            (3, 55, "service.exec-start-pre[2]")
+        );
+        assert!(got[0].3.contains("/nonexistent/b"), "{got:?}");
     }
 
     #[test]

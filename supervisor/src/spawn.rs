@@ -19,11 +19,15 @@
 //! buffer reserved before it), O_NONBLOCK set on them or cleared
 //! (`non-blocking`, on every spawn, whatever an earlier instance did to the
 //! shared open file); every other fd closed; an empty signal mask and default
-//! signal dispositions; the unit's rlimits; then setgroups, setgid, setuid,
-//! chdir (to `/` unless `working-directory` says otherwise), execve. Its
-//! environment is systemd's for a system service: PATH (systemd's default
-//! unless given), LANG when holdfast has it, HOME/USER/LOGNAME/SHELL for a
-//! `user`, and a fresh INVOCATION_ID.
+//! signal dispositions; the unit's rlimits; its umask (systemd's 0022 unless
+//! `umask` says otherwise); then setgroups (the user's groups and the
+//! `supplementary-groups`), setgid, setuid, PR_SET_NO_NEW_PRIVS
+//! (`no-new-privileges`), chdir (to `/` unless `working-directory` says
+//! otherwise), execve. Its environment is systemd's for a system service:
+//! PATH (systemd's default unless given), LANG when holdfast has it,
+//! HOME/USER/LOGNAME/SHELL for a `user`, and a fresh INVOCATION_ID; then the
+//! unit's `environment`, then its `environment-file`s, read at each start
+//! ([`Setup::for_process`]).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -34,7 +38,9 @@ use std::path::{Path, PathBuf};
 use nix::unistd::Pid;
 
 use crate::pidfd::Pidfd;
-use crate::unit::{Rlimits, StandardInput, StandardOutput};
+use crate::unit::{ProcessConfig, Rlimits, StandardInput, StandardOutput, DEFAULT_UMASK};
+
+mod envfile;
 
 /// The width reserved for LISTEN_PID's digits (a pid_t has at most 10).
 const PID_DIGITS: usize = 20;
@@ -66,6 +72,12 @@ pub enum SpawnError {
     Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("standard-input or standard-output is \"socket\", but the service is given no socket")]
     NoSocketForStdio,
+    #[error("environment file {}: {source}", path.display())]
+    EnvironmentFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{stage} failed in the child: {source}")]
     Child {
         stage: &'static str,
@@ -95,7 +107,7 @@ impl Credentials {
         user: Option<&str>,
         group: Option<&str>,
     ) -> Result<Option<Credentials>, SpawnError> {
-        use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
+        use nix::unistd::{getgrouplist, Gid, Uid, User};
         if user.is_none() && group.is_none() {
             return Ok(None);
         }
@@ -116,17 +128,7 @@ impl Credentials {
                 },
             };
         let gid = match group {
-            Some(g) => match g.parse::<u32>() {
-                Ok(id) => id,
-                Err(_) => Group::from_name(g)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| SpawnError::NoGroup {
-                        group: g.to_string(),
-                    })?
-                    .gid
-                    .as_raw(),
-            },
+            Some(g) => group_id(g)?,
             None => entry
                 .as_ref()
                 .map(|e| e.gid.as_raw())
@@ -152,6 +154,65 @@ impl Credentials {
             user_name: entry.as_ref().map(|e| e.name.clone()),
             shell: entry.as_ref().map(|e| e.shell.clone()),
         }))
+    }
+}
+
+/// A group's id: a numeric id as it is, a name looked up in the group database.
+pub fn group_id(group: &str) -> Result<libc::gid_t, SpawnError> {
+    if let Ok(id) = group.parse::<u32>() {
+        return Ok(id);
+    }
+    nix::unistd::Group::from_name(group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| SpawnError::NoGroup {
+            group: group.to_string(),
+        })
+}
+
+/// What a unit sets up in its process besides the fds and credentials of
+/// [`Command`]: resolved and read before fork, at each start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setup {
+    /// The umask the child gets (`umask`).
+    pub umask: libc::mode_t,
+    /// PR_SET_NO_NEW_PRIVS (`no-new-privileges`).
+    pub no_new_privileges: bool,
+    /// Groups the child is in besides its user's (`supplementary-groups`);
+    /// with no user or group they are its only supplementary groups.
+    pub supplementary_groups: Vec<libc::gid_t>,
+    /// The variables of the `environment-file`s, applied after `Command::env`.
+    pub environment: Vec<(String, OsString)>,
+}
+
+impl Default for Setup {
+    /// systemd's: umask 0022, nothing else.
+    fn default() -> Setup {
+        Setup {
+            umask: DEFAULT_UMASK,
+            no_new_privileges: false,
+            supplementary_groups: Vec::new(),
+            environment: Vec::new(),
+        }
+    }
+}
+
+impl Setup {
+    /// Resolves `supplementary-groups` and reads the `environment-file`s
+    /// (now: call it at each start). A group that does not exist, or a
+    /// non-optional environment file that cannot be read, fails naming it.
+    pub fn for_process(p: &ProcessConfig) -> Result<Setup, SpawnError> {
+        Ok(Setup {
+            umask: p.umask,
+            no_new_privileges: p.no_new_privileges,
+            supplementary_groups: p
+                .supplementary_groups
+                .iter()
+                .map(|g| group_id(g))
+                .collect::<Result<_, _>>()?,
+            environment: envfile::read(&p.environment_files)?,
+        })
     }
 }
 
@@ -239,8 +300,11 @@ struct Prepared {
     /// Scratch for the high duplicates, filled in by the child.
     scratch: Vec<RawFd>,
     first_free: RawFd,
-    groups: Vec<libc::gid_t>,
+    /// setgroups' list, when the child sets its groups.
+    groups: Option<Vec<libc::gid_t>>,
     ids: Option<(libc::uid_t, libc::gid_t)>,
+    umask: libc::mode_t,
+    no_new_privileges: bool,
     cwd: CString,
     /// (failure stage, resource, limit) for setrlimit.
     rlimits: Vec<(usize, libc::__rlimit_resource_t, libc::rlimit)>,
@@ -264,98 +328,39 @@ enum ForkMethod {
     Fork,
 }
 
-/// Starts `cmd` (see the module doc). Returns once the child has exec'd
-/// (or failed to, reported through a CLOEXEC pipe as systemd and std do).
+/// Starts `cmd` (see the module doc) with [`Setup::default`] (umask 0022,
+/// nothing else): a unit's `umask`, `supplementary-groups`,
+/// `no-new-privileges` and `environment-file` need [`spawn_set_up`]. Returns
+/// once the child has exec'd (or failed to, reported through a CLOEXEC pipe
+/// as systemd and std do).
 pub fn spawn(cmd: &Command<'_>) -> Result<Spawned, SpawnError> {
-    spawn_with(cmd, ForkMethod::Clone3)
+    spawn_with(cmd, &Setup::default(), ForkMethod::Clone3)
 }
 
-fn spawn_with(cmd: &Command<'_>, how: ForkMethod) -> Result<Spawned, SpawnError> {
+/// [`spawn`], the child set up as `setup` says (from [`Setup::for_process`]).
+pub fn spawn_set_up(cmd: &Command<'_>, setup: &Setup) -> Result<Spawned, SpawnError> {
+    spawn_with(cmd, setup, ForkMethod::Clone3)
+}
+
+fn spawn_with(cmd: &Command<'_>, setup: &Setup, how: ForkMethod) -> Result<Spawned, SpawnError> {
     let devnull = std::fs::File::open("/dev/null").map_err(|source| SpawnError::Syscall {
         call: "open(/dev/null)",
         source,
     })?;
     let invocation_id = invocation_id()?;
-    let mut p = prepare(cmd, devnull.as_raw_fd(), &invocation_id)?;
+    let mut p = prepare(cmd, setup, devnull.as_raw_fd(), &invocation_id)?;
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Syscall {
             call: "pipe2",
             source: e.into(),
         })?;
-
-    let mut pidfd: RawFd = -1;
-    let mut pid = -1;
-    if how == ForkMethod::Clone3 {
-        // SAFETY: clone_args is plain integers; zero is "no such option".
-        let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-        args.flags = libc::CLONE_PIDFD as u64;
-        args.pidfd = std::ptr::addr_of_mut!(pidfd) as u64;
-        args.exit_signal = libc::SIGCHLD as u64;
-        if let Some(cg) = cmd.cgroup {
-            args.flags |= CLONE_INTO_CGROUP;
-            args.cgroup = cg.as_raw_fd() as u64;
-        }
-        // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of
-        // this thread's memory and only calls async-signal-safe functions on
-        // memory prepared above (see `child`), never returning from it.
-        pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                std::ptr::addr_of_mut!(args),
-                std::mem::size_of::<libc::clone_args>(),
-            )
-        } as i32;
-        if pid == 0 {
-            // SAFETY: we are the freshly cloned child; `child` execs or _exits.
-            unsafe { child(&mut p, err_w.as_raw_fd(), false) }
-        }
-        if pid < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOSYS) {
-                return Err(SpawnError::Syscall {
-                    call: "clone3",
-                    source: e,
-                });
-            }
-        }
-    }
-    if pid < 0 {
-        if cmd.cgroup.is_some() {
-            p.cgroup_procs = Some(open_procs(cmd.cgroup)?);
-        }
-        // SAFETY: as for clone3 above.
-        pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(SpawnError::Syscall {
-                call: "fork",
-                source: io::Error::last_os_error(),
-            });
-        }
-        if pid == 0 {
-            // SAFETY: we are the freshly forked child; `child` execs or _exits.
-            unsafe { child(&mut p, err_w.as_raw_fd(), true) }
-        }
-    }
-    // The child is ours and unreaped (only the event loop's thread reaps,
-    // and it is here): its pid cannot have been reused yet.
-    let pidfd = if pidfd >= 0 {
-        // SAFETY: CLONE_PIDFD stored a fresh CLOEXEC pidfd there for us.
-        unsafe { Pidfd::from_raw(pidfd, pid) }
-    } else {
-        match Pidfd::open(pid) {
-            Ok(fd) => fd,
-            Err(e) => {
-                // SAFETY: plain kill of our own unreaped child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
-                return Err(SpawnError::Syscall {
-                    call: "pidfd_open",
-                    source: match e {
-                        crate::pidfd::PidfdError::Syscall { source, .. } => source,
-                    },
-                });
-            }
-        }
+    let cloned = match how {
+        ForkMethod::Clone3 => clone3(cmd, &mut p, err_w.as_raw_fd())?,
+        ForkMethod::Fork => None,
+    };
+    let (pid, pidfd) = match cloned {
+        Some(child) => child,
+        None => fork(cmd, &mut p, err_w.as_raw_fd())?,
     };
     drop(err_w);
     let mut report = [0u8; 8];
@@ -378,6 +383,96 @@ fn spawn_with(cmd: &Command<'_>, how: ForkMethod) -> Result<Spawned, SpawnError>
             })
         }
         _ => Ok(spawned),
+    }
+}
+
+/// The child by clone3 (CLONE_PIDFD, CLONE_INTO_CGROUP): its pid and pidfd,
+/// or `None` where clone3 is refused (ENOSYS).
+fn clone3(
+    cmd: &Command<'_>,
+    p: &mut Prepared,
+    err_w: RawFd,
+) -> Result<Option<(i32, Pidfd)>, SpawnError> {
+    let mut pidfd: RawFd = -1;
+    // SAFETY: clone_args is plain integers; zero is "no such option".
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = libc::CLONE_PIDFD as u64;
+    args.pidfd = std::ptr::addr_of_mut!(pidfd) as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    if let Some(cg) = cmd.cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = cg.as_raw_fd() as u64;
+    }
+    // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of
+    // this thread's memory and only calls async-signal-safe functions on
+    // memory prepared before (see `child`), never returning from it.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::addr_of_mut!(args),
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    } as i32;
+    if pid == 0 {
+        // SAFETY: we are the freshly cloned child; `child` execs or _exits.
+        unsafe { child(p, err_w, false) }
+    }
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            return Ok(None);
+        }
+        return Err(SpawnError::Syscall {
+            call: "clone3",
+            source: e,
+        });
+    }
+    if pidfd < 0 {
+        return open_pidfd(pid).map(|fd| Some((pid, fd)));
+    }
+    // SAFETY: CLONE_PIDFD stored a fresh CLOEXEC pidfd there for us.
+    Ok(Some((pid, unsafe { Pidfd::from_raw(pidfd, pid) })))
+}
+
+/// The child by fork: it writes itself into its cgroup, and the parent
+/// opens its pidfd before anything can reap it.
+fn fork(cmd: &Command<'_>, p: &mut Prepared, err_w: RawFd) -> Result<(i32, Pidfd), SpawnError> {
+    if cmd.cgroup.is_some() {
+        p.cgroup_procs = Some(open_procs(cmd.cgroup)?);
+    }
+    // SAFETY: as for clone3: the child only calls async-signal-safe
+    // functions on prepared memory, never returning.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SpawnError::Syscall {
+            call: "fork",
+            source: io::Error::last_os_error(),
+        });
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child; `child` execs or _exits.
+        unsafe { child(p, err_w, true) }
+    }
+    open_pidfd(pid).map(|fd| (pid, fd))
+}
+
+/// A pidfd for our child `pid`, which is killed and reaped if it cannot be had.
+fn open_pidfd(pid: i32) -> Result<Pidfd, SpawnError> {
+    // The child is ours and unreaped (only the event loop's thread reaps,
+    // and it is here): its pid cannot have been reused yet.
+    match Pidfd::open(pid) {
+        Ok(fd) => Ok(fd),
+        Err(e) => {
+            // SAFETY: plain kill of our own unreaped child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+            Err(SpawnError::Syscall {
+                call: "pidfd_open",
+                source: match e {
+                    crate::pidfd::PidfdError::Syscall { source, .. } => source,
+                },
+            })
+        }
     }
 }
 
@@ -438,7 +533,12 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
     done
 }
 
-fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Prepared, SpawnError> {
+fn prepare(
+    cmd: &Command<'_>,
+    setup: &Setup,
+    devnull: RawFd,
+    invocation_id: &str,
+) -> Result<Prepared, SpawnError> {
     // The child runs in its working directory: a relative program is
     // resolved against ours first.
     let program = std::path::absolute(cmd.program).map_err(|source| SpawnError::Syscall {
@@ -453,7 +553,53 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
         .collect::<Result<_, _>>()?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
+    let env = environment(cmd, setup, invocation_id)?;
+    let fds = fd_layout(cmd, devnull)?;
+    let cwd = cstring(
+        cmd.working_directory
+            .unwrap_or(Path::new("/"))
+            .as_os_str()
+            .as_bytes(),
+        "working directory",
+    )?;
+    Ok(Prepared {
+        program,
+        _argv: argv,
+        argv_ptrs,
+        _env: env.vars,
+        listen_pid: env.listen_pid,
+        watchdog_pid: env.watchdog_pid,
+        envp: env.envp,
+        scratch: vec![-1; fds.moves.len()],
+        moves: fds.moves,
+        first_free: fds.first_free,
+        groups: groups(cmd.credentials, &setup.supplementary_groups),
+        ids: cmd.credentials.map(|c| (c.uid, c.gid)),
+        umask: setup.umask,
+        no_new_privileges: setup.no_new_privileges,
+        cwd,
+        rlimits: rlimits(&cmd.rlimits),
+        nonblock_targets: fds.nonblock_targets,
+        non_blocking: cmd.non_blocking,
+        cgroup_procs: None,
+    })
+}
 
+/// The child's environment, its strings and the pointers to them.
+struct Environment {
+    vars: Vec<CString>,
+    listen_pid: Vec<u8>,
+    watchdog_pid: Vec<u8>,
+    envp: Vec<*const libc::c_char>,
+}
+
+/// systemd's variables, then `cmd.env`, then the environment files', then
+/// LISTEN_*; LISTEN_PID and WATCHDOG_PID get buffers the child fills in.
+fn environment(
+    cmd: &Command<'_>,
+    setup: &Setup,
+    invocation_id: &str,
+) -> Result<Environment, SpawnError> {
     let mut vars: Vec<(String, OsString)> = Vec::new();
     let mut set = |k: &str, v: OsString| {
         vars.retain(|(key, _)| key != k);
@@ -476,7 +622,7 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
             set("SHELL", shell.clone().into_os_string());
         }
     }
-    for (k, v) in &cmd.env {
+    for (k, v) in cmd.env.iter().chain(&setup.environment) {
         set(k, v.clone());
     }
     if !cmd.fds.is_empty() {
@@ -484,7 +630,8 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
         let names: Vec<&str> = cmd.fds.iter().map(|(_, n)| *n).collect();
         set("LISTEN_FDNAMES", names.join(":").into());
     }
-    let env: Vec<CString> = vars
+    let watchdog = vars.iter().any(|(k, _)| k == "WATCHDOG_USEC");
+    let vars: Vec<CString> = vars
         .into_iter()
         .filter(|(k, _)| k != "LISTEN_PID" && k != "WATCHDOG_PID")
         .map(|(k, v)| {
@@ -494,7 +641,6 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
             cstring(&bytes, "an environment variable")
         })
         .collect::<Result<_, _>>()?;
-    let watchdog = cmd.env.iter().any(|(k, _)| k == "WATCHDOG_USEC");
     let pid_buffer = |prefix: &[u8]| {
         let mut b = prefix.to_vec();
         b.resize(prefix.len() + PID_DIGITS + 1, 0);
@@ -502,7 +648,7 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
     };
     let listen_pid = pid_buffer(LISTEN_PID_PREFIX);
     let watchdog_pid = pid_buffer(WATCHDOG_PID_PREFIX);
-    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    let mut envp: Vec<*const libc::c_char> = vars.iter().map(|e| e.as_ptr()).collect();
     if !cmd.fds.is_empty() {
         envp.push(listen_pid.as_ptr().cast());
     }
@@ -510,7 +656,23 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
         envp.push(watchdog_pid.as_ptr().cast());
     }
     envp.push(std::ptr::null());
+    Ok(Environment {
+        vars,
+        listen_pid,
+        watchdog_pid,
+        envp,
+    })
+}
 
+/// Where the child's fds come from and go.
+struct FdLayout {
+    /// (source fd, target fd): stdin, stdout, stderr, then the sockets.
+    moves: Vec<(RawFd, RawFd)>,
+    first_free: RawFd,
+    nonblock_targets: Vec<RawFd>,
+}
+
+fn fd_layout(cmd: &Command<'_>, devnull: RawFd) -> Result<FdLayout, SpawnError> {
     let socket = cmd
         .stdin
         .or_else(|| cmd.fds.first().map(|(fd, _)| *fd))
@@ -536,21 +698,34 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
     for (i, (fd, _)) in cmd.fds.iter().enumerate() {
         moves.push((fd.as_raw_fd(), 3 + i as RawFd));
     }
-    let first_free = 3 + cmd.fds.len() as RawFd;
-    let scratch = vec![-1; moves.len()];
-    let (groups, ids) = match cmd.credentials {
-        Some(c) => (c.groups.clone(), Some((c.uid, c.gid))),
-        None => (Vec::new(), None),
+    Ok(FdLayout {
+        moves,
+        first_free: 3 + cmd.fds.len() as RawFd,
+        nonblock_targets,
+    })
+}
+
+/// setgroups' list: the user's groups and the supplementary ones (sorted,
+/// once each); the supplementary ones alone without credentials; `None`
+/// (the groups are left as they are) when there is neither.
+fn groups(
+    credentials: Option<&Credentials>,
+    supplementary: &[libc::gid_t],
+) -> Option<Vec<libc::gid_t>> {
+    let mut list = match credentials {
+        Some(c) => c.groups.clone(),
+        None if supplementary.is_empty() => return None,
+        None => Vec::new(),
     };
-    let cwd = cstring(
-        cmd.working_directory
-            .unwrap_or(Path::new("/"))
-            .as_os_str()
-            .as_bytes(),
-        "working directory",
-    )?;
-    let r = &cmd.rlimits;
-    let rlimits = [
+    list.extend_from_slice(supplementary);
+    list.sort_unstable();
+    list.dedup();
+    Some(list)
+}
+
+/// (failure stage, resource, limit) for each rlimit the unit sets.
+fn rlimits(r: &Rlimits) -> Vec<(usize, libc::__rlimit_resource_t, libc::rlimit)> {
+    [
         (libc::RLIMIT_NOFILE, r.nofile),
         (libc::RLIMIT_NPROC, r.nproc),
         (libc::RLIMIT_CORE, r.core),
@@ -570,26 +745,7 @@ fn prepare(cmd: &Command<'_>, devnull: RawFd, invocation_id: &str) -> Result<Pre
             )
         })
     })
-    .collect();
-    Ok(Prepared {
-        program,
-        _argv: argv,
-        argv_ptrs,
-        _env: env,
-        listen_pid,
-        watchdog_pid,
-        envp,
-        moves,
-        scratch,
-        first_free,
-        groups,
-        ids,
-        cwd,
-        rlimits,
-        nonblock_targets,
-        non_blocking: cmd.non_blocking,
-        cgroup_procs: None,
-    })
+    .collect()
 }
 
 const STAGES: &[&str] = &[
@@ -610,9 +766,12 @@ const STAGES: &[&str] = &[
     "setrlimit for limit-nproc",
     "setrlimit for limit-core",
     "setrlimit for limit-memlock",
+    "prctl(PR_SET_NO_NEW_PRIVS)",
 ];
 /// The first setrlimit stage in STAGES.
 const RLIMIT_STAGE: usize = 12;
+/// The no-new-privileges stage in STAGES.
+const NO_NEW_PRIVS_STAGE: usize = 16;
 
 /// The child between fork and exec: async-signal-safe calls only, on memory
 /// prepared before fork. Never returns.
@@ -622,30 +781,64 @@ const RLIMIT_STAGE: usize = 12;
 /// # Safety
 /// Must be called only in a freshly forked child.
 unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
-    let fail = |stage: usize| -> ! {
-        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        let mut report = [0u8; 8];
-        report[0..4].copy_from_slice(&(stage as u32).to_ne_bytes());
-        report[4..8].copy_from_slice(&errno.to_ne_bytes());
-        // SAFETY: write and _exit are async-signal-safe; the buffer is on the stack.
-        unsafe {
-            libc::write(err_w, report.as_ptr().cast(), report.len());
-            libc::_exit(127)
-        }
-    };
-    // SAFETY: all calls below are async-signal-safe system calls on prepared,
+    // SAFETY: each step makes async-signal-safe system calls on prepared,
     // live memory; the pointers stay valid because `p` outlives the exec.
+    // A failing step returns its stage at once, errno untouched since.
+    let done = unsafe {
+        enter_session(p, join_cgroup)
+            .and_then(|()| place_fds(p, err_w))
+            .and_then(|()| set_limits_and_ids(p))
+    };
+    if let Err(stage) = done {
+        report(err_w, stage)
+    }
+    // SAFETY: as above; `cwd` is a prepared C string.
+    if unsafe { libc::chdir(p.cwd.as_ptr()) } != 0 {
+        report(err_w, 8)
+    }
+    // LISTEN_PID and WATCHDOG_PID: our own pid, in the reserved buffers.
+    // SAFETY: getpid cannot fail and touches no memory.
+    let pid = unsafe { libc::getpid() } as u64;
+    write_pid(&mut p.listen_pid, LISTEN_PID_PREFIX.len(), pid);
+    write_pid(&mut p.watchdog_pid, WATCHDOG_PID_PREFIX.len(), pid);
+    // SAFETY: the program, argv and envp are NUL-terminated arrays of
+    // prepared C strings, alive until exec replaces this process.
+    unsafe { libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp.as_ptr()) };
+    report(err_w, 9)
+}
+
+/// Tells the parent which stage failed, with errno, through the CLOEXEC
+/// pipe, and exits. Async-signal-safe: a write from the stack, then _exit.
+fn report(err_w: RawFd, stage: usize) -> ! {
+    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    let mut report = [0u8; 8];
+    report[0..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+    report[4..8].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: write and _exit are async-signal-safe; the buffer is on the stack.
+    unsafe {
+        libc::write(err_w, report.as_ptr().cast(), report.len());
+        libc::_exit(127)
+    }
+}
+
+/// The child's cgroup (fork fallback), its own session, default signal
+/// dispositions and an empty mask.
+///
+/// # Safety
+/// Only in the child (see [`child`]).
+unsafe fn enter_session(p: &Prepared, join_cgroup: bool) -> Result<(), usize> {
+    // SAFETY: async-signal-safe system calls on prepared memory and the stack.
     unsafe {
         if join_cgroup {
             if let Some(procs) = &p.cgroup_procs {
                 // "0": the writing process itself.
                 if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    fail(10);
+                    return Err(10);
                 }
             }
         }
         if libc::setsid() < 0 {
-            fail(0);
+            return Err(0);
         }
         // Default dispositions (Rust ignores SIGPIPE; handlers do not survive exec
         // anyway, but ignored signals do) and an empty mask.
@@ -657,21 +850,33 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
-            fail(1);
+            return Err(1);
         }
+    }
+    Ok(())
+}
+
+/// stdin, stdout, stderr and the handed-over fds into place, every other fd
+/// closed (but the error pipe), O_NONBLOCK set or cleared on the sockets.
+///
+/// # Safety
+/// Only in the child (see [`child`]).
+unsafe fn place_fds(p: &mut Prepared, err_w: RawFd) -> Result<(), usize> {
+    // SAFETY: fcntl, dup2 and close_range on fds; `scratch` was sized before fork.
+    unsafe {
         // Move every source above the targets first, so no dup2 clobbers a
         // source still to be moved; then into place (dup2 clears CLOEXEC).
         let high = p.first_free.max(err_w + 1);
         for (i, (src, _)) in p.moves.iter().enumerate() {
             let fd = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, high);
             if fd < 0 {
-                fail(2);
+                return Err(2);
             }
             p.scratch[i] = fd;
         }
         for (i, (_, target)) in p.moves.iter().enumerate() {
             if libc::dup2(p.scratch[i], *target) < 0 {
-                fail(3);
+                return Err(3);
             }
         }
         // Everything above the handed-over fds is CLOEXEC already, except what
@@ -690,7 +895,6 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
             libc::c_uint::MAX,
             0 as libc::c_uint,
         );
-
         for &target in &p.nonblock_targets {
             let flags = libc::fcntl(target, libc::F_GETFL);
             let want = if p.non_blocking {
@@ -699,37 +903,51 @@ unsafe fn child(p: &mut Prepared, err_w: RawFd, join_cgroup: bool) -> ! {
                 flags & !libc::O_NONBLOCK
             };
             if flags < 0 || (want != flags && libc::fcntl(target, libc::F_SETFL, want) < 0) {
-                fail(11);
+                return Err(11);
             }
         }
+    }
+    Ok(())
+}
+
+/// The rlimits, the umask, the groups, gid and uid, and no-new-privileges.
+///
+/// # Safety
+/// Only in the child (see [`child`]).
+unsafe fn set_limits_and_ids(p: &Prepared) -> Result<(), usize> {
+    // SAFETY: setrlimit, umask, setgroups, setgid, setuid and prctl on
+    // prepared memory.
+    unsafe {
         // Before setuid: raising a hard limit needs CAP_SYS_RESOURCE.
         for (stage, resource, limit) in &p.rlimits {
             if libc::setrlimit(*resource, limit) != 0 {
-                fail(*stage);
+                return Err(*stage);
+            }
+        }
+        libc::umask(p.umask);
+        // Raw system calls, not glibc's setgroups/setgid/setuid: those apply
+        // the change to every thread glibc believes the process has, and a
+        // clone3 child inherits the parent's thread list without its threads,
+        // so glibc would wait forever for a thread that was being created at
+        // the clone (seen as a hang in the tests). This process has one thread.
+        if let Some(groups) = &p.groups {
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                return Err(5);
             }
         }
         if let Some((uid, gid)) = p.ids {
-            if libc::setgroups(p.groups.len(), p.groups.as_ptr()) != 0 {
-                fail(5);
+            if libc::syscall(libc::SYS_setgid, gid) != 0 {
+                return Err(6);
             }
-            if libc::setgid(gid) != 0 {
-                fail(6);
-            }
-            if libc::setuid(uid) != 0 {
-                fail(7);
+            if libc::syscall(libc::SYS_setuid, uid) != 0 {
+                return Err(7);
             }
         }
-        if libc::chdir(p.cwd.as_ptr()) != 0 {
-            fail(8);
+        if p.no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(NO_NEW_PRIVS_STAGE);
         }
-        // LISTEN_PID and WATCHDOG_PID: our own pid, in the reserved buffers.
-        let pid = libc::getpid() as u64;
-        write_pid(&mut p.listen_pid, LISTEN_PID_PREFIX.len(), pid);
-        write_pid(&mut p.watchdog_pid, WATCHDOG_PID_PREFIX.len(), pid);
-
-        libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp.as_ptr());
-        fail(9)
     }
+    Ok(())
 }
 
 /// Writes `pid`'s digits and a NUL into `buf` from `base` (room reserved

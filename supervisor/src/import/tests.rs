@@ -285,7 +285,7 @@ fn a_socket_activated_service_not_enabled_on_its_own_starts_on_demand() {
 fn what_is_not_translated_is_listed_with_file_line_and_why() {
     let dir = dir_with(&[(
         "x.service",
-        "[Unit]\nAfter=postgresql.service\n[Service]\nExecStartPre=/bin/true\nExecStart=+/bin/x %H\n\
+        "[Unit]\nAfter=postgresql.service\n[Service]\nExecCondition=/bin/true\nExecStart=+/bin/x %H\n\
          ExecStart=/bin/x\nExecStart=\nExecStart=/bin/y\nLimitSTACK=8M\nType=forking\nProtectSystem=strict\n",
     )]);
     let got = import(&req(dir.path(), &["x.service"])).unwrap();
@@ -299,7 +299,7 @@ fn what_is_not_translated_is_listed_with_file_line_and_why() {
     );
     let why: Vec<&str> = got.dropped.iter().map(|f| f.why.as_str()).collect();
     assert!(why[0].contains("postgresql.service"));
-    assert!(why[1].contains("exec-start-pre"));
+    assert!(why[1].contains("exec-condition"), "{}", why[1]);
     assert!(why[2].contains("host"), "%H: {}", why[2]);
     assert!(why[3].contains("limit-stack"), "{}", why[3]);
     assert!(why[4].contains("foreground"));
@@ -374,7 +374,10 @@ fn templates_need_an_instance_and_drop_ins_are_read() {
 fn exit_codes_and_the_written_file() {
     let dir = dir_with(&[
         ("ok.service", "[Service]\nExecStart=/bin/ok\n"),
-        ("bad.service", "[Service]\nExecStart=/bin/bad\nUMask=0077\n"),
+        (
+            "bad.service",
+            "[Service]\nExecStart=/bin/bad\nLimitSTACK=8M\n",
+        ),
         ("none.service", "[Service]\nType=simple\n"),
     ]);
     let out = tempfile::tempdir().unwrap();
@@ -451,4 +454,183 @@ fn process_directives_land_on_holdfasts_process_keys() {
     assert_eq!(super::values::signal("term"), Ok(15));
     assert_eq!(super::values::signal("9"), Ok(9));
     assert!(got.toml.contains("notify-access = \"all\""), "{}", got.toml);
+}
+
+#[test]
+fn exec_start_pre_lines_become_exec_start_pre_commands() {
+    let dir = dir_with(&[(
+        "p.service",
+        "[Service]\nEnvironment=OPTS=-q\nExecStartPre=/usr/sbin/sshd -t $OPTS\nExecStartPre=-/bin/mkdir -p \"/run/a b\"\n\
+         ExecStartPre=+/bin/chown x /run/p\nExecStart=/bin/p\n",
+    )]);
+    let got = import(&req(dir.path(), &["p.service"])).unwrap();
+    let pre: Vec<(Vec<&str>, bool)> = got
+        .unit
+        .service
+        .commands
+        .start_pre
+        .iter()
+        .map(|c| {
+            (
+                c.argv.iter().map(String::as_str).collect(),
+                c.ignore_failure,
+            )
+        })
+        .collect();
+    assert_eq!(
+        pre,
+        [
+            (vec!["/usr/sbin/sshd", "-t", "-q"], false),
+            (vec!["/bin/mkdir", "-p", "/run/a b"], true),
+            (vec!["/bin/chown", "x", "/run/p"], false),
+        ]
+    );
+    // The + prefix (full privileges) has no equivalent: said, line 5.
+    let dropped: Vec<String> = got.dropped.iter().map(|f| f.place.clone()).collect();
+    assert_eq!(dropped.len(), 1, "{:#?}", got.dropped);
+    assert!(dropped[0].ends_with(":5"), "{dropped:?}");
+    assert!(got.dropped[0].why.contains("+ prefix"));
+
+    // Not with Accept=yes: reported, not written.
+    let dir = dir_with(&[
+        (
+            "q.socket",
+            "[Socket]\nListenStream=127.0.0.1:9000\nAccept=yes\n",
+        ),
+        (
+            "q@.service",
+            "[Service]\nExecStartPre=/bin/true\nExecStart=/bin/q\n",
+        ),
+    ]);
+    let got = import(&req(dir.path(), &["q.socket"])).unwrap();
+    assert!(got.unit.service.commands.start_pre.is_empty());
+    assert!(
+        got.dropped.iter().any(|f| f.why.contains("Accept=yes")),
+        "{:#?}",
+        got.dropped
+    );
+}
+
+#[test]
+fn post_stop_and_reload_lines_keep_mainpid_for_holdfast_to_fill_in() {
+    let dir = dir_with(&[(
+        "r.service",
+        "[Service]\nType=notify\nExecStart=/usr/sbin/sshd -D\nExecStartPost=-/bin/register ${MAINPID}\n\
+         ExecStop=/bin/kill -TERM $MAINPID\nExecReload=/usr/sbin/sshd -t\nExecReload=/bin/kill -HUP $MAINPID\n",
+    )]);
+    let got = import(&req(dir.path(), &["r.service"])).unwrap();
+    assert!(got.dropped.is_empty(), "{:#?}", got.dropped);
+    let argv = |list: &[crate::unit::ExecCommand]| -> Vec<Vec<String>> {
+        list.iter().map(|c| c.written()).collect()
+    };
+    let c = &got.unit.service.commands;
+    assert_eq!(argv(&c.start_post), [["-/bin/register", "$MAINPID"]]);
+    assert_eq!(argv(&c.stop), [["/bin/kill", "-TERM", "$MAINPID"]]);
+    assert_eq!(
+        argv(&c.reload),
+        [
+            vec!["/usr/sbin/sshd", "-t"],
+            vec!["/bin/kill", "-HUP", "$MAINPID"]
+        ]
+    );
+}
+
+#[test]
+fn notify_reload_takes_its_reload_signal_and_no_exec_reload() {
+    let dir = dir_with(&[(
+        "n.service",
+        "[Service]\nType=notify-reload\nExecStart=/bin/n\nReloadSignal=SIGUSR1\nExecReload=/bin/kill -HUP $MAINPID\n",
+    )]);
+    let got = import(&req(dir.path(), &["n.service"])).unwrap();
+    let s = &got.unit.service;
+    assert_eq!(s.kind, ServiceType::NotifyReload);
+    assert_eq!(s.commands.reload_signal, Some(crate::unit::KillSignal(10)));
+    assert!(s.commands.reload.is_empty());
+    let places: Vec<&str> = got.dropped.iter().map(|f| f.place.as_str()).collect();
+    assert_eq!(places.len(), 1, "{:#?}", got.dropped);
+    assert!(places[0].ends_with(":5"), "{places:?}");
+    // Not notify-reload: ReloadSignal= has nothing to go to.
+    let dir = dir_with(&[(
+        "m.service",
+        "[Service]\nExecStart=/bin/m\nReloadSignal=SIGUSR1\n",
+    )]);
+    let got = import(&req(dir.path(), &["m.service"])).unwrap();
+    assert!(got.unit.service.commands.reload_signal.is_none());
+    assert!(
+        got.dropped[0].why.contains("notify-reload"),
+        "{:#?}",
+        got.dropped
+    );
+}
+
+#[test]
+fn exec_setup_and_socket_file_directives_land_on_their_keys() {
+    use crate::unit::EnvironmentFile;
+    let dir = dir_with(&[
+        (
+            "k.socket",
+            "[Socket]\nListenStream=/run/k.sock\nListenStream=127.0.0.1:9\nSocketMode=0660\n\
+             SocketUser=www-data\nSocketGroup=adm\nRemoveOnStop=yes\n",
+        ),
+        (
+            "k.service",
+            "[Service]\nExecStart=/bin/k $OPTS\nUMask=0027\nSupplementaryGroups=adm 44\n\
+             SupplementaryGroups=adm\nNoNewPrivileges=yes\nEnvironmentFile=-/etc/default/k\n\
+             EnvironmentFile=/etc/k.env\nEnvironmentFile=/etc/k/*.env\nEnvironmentFile=k.env\n",
+        ),
+        (
+            "m.service",
+            "[Service]\nExecStart=/bin/m\nUMask=0800\nNoNewPrivileges=maybe\n",
+        ),
+    ]);
+    let got = import(&req(dir.path(), &["k.socket"])).unwrap();
+    let p = &got.unit.service.process;
+    assert_eq!(p.umask, 0o027);
+    assert_eq!(p.supplementary_groups, ["adm", "44"]);
+    assert!(p.no_new_privileges);
+    let file = |path: &str, optional| EnvironmentFile {
+        path: PathBuf::from(path),
+        optional,
+    };
+    assert_eq!(
+        p.environment_files,
+        [file("/etc/default/k", true), file("/etc/k.env", false)]
+    );
+    let unix = &got.unit.sockets[0].options;
+    assert_eq!(unix.mode, Some(0o660));
+    assert_eq!(unix.socket_user.as_deref(), Some("www-data"));
+    assert_eq!(unix.socket_group.as_deref(), Some("adm"));
+    assert!(unix.remove_on_stop);
+    // They mean nothing for the IP socket beside it.
+    let ip = &got.unit.sockets[1].options;
+    assert_eq!(
+        (&ip.socket_user, &ip.socket_group, ip.remove_on_stop),
+        (&None, &None, false)
+    );
+    let dropped: Vec<&str> = got.dropped.iter().map(|f| f.directive.as_str()).collect();
+    assert_eq!(
+        dropped,
+        ["EnvironmentFile=/etc/k/*.env", "EnvironmentFile=k.env"],
+        "{:#?}",
+        got.dropped
+    );
+    let bad = import(&req(dir.path(), &["m.service"])).unwrap();
+    let dropped: Vec<&str> = bad.dropped.iter().map(|f| f.directive.as_str()).collect();
+    assert_eq!(dropped, ["UMask=0800", "NoNewPrivileges=maybe"]);
+    assert_eq!(bad.unit.service.process.umask, 0o022, "systemd's default");
+    // $OPTS may come from the file: said, since holdfast does not expand it in exec.
+    assert!(
+        got.notes.iter().any(|n| n.why.contains("environment-file")),
+        "{:#?}",
+        got.notes
+    );
+    for key in [
+        "umask = \"0027\"",
+        "no-new-privileges = true",
+        "environment-file = [\"-/etc/default/k\", \"/etc/k.env\"]",
+        "socket-user = \"www-data\"",
+        "remove-on-stop = true",
+    ] {
+        assert!(got.toml.contains(key), "{key}: {}", got.toml);
+    }
 }

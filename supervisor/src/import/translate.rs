@@ -13,8 +13,9 @@ use std::time::Duration;
 use super::ini::Entry;
 use super::values;
 use crate::unit::{
-    IpPrefix, KillSignal, NotifyAccess, PortRange, Protocol, RestartMode, RestartPolicy, Rlimit,
-    ServiceConfig, ServiceType, SocketConfig, SocketOptions, StandardInput, StandardOutput, Unit,
+    EnvironmentFile, IpPrefix, KillSignal, NotifyAccess, PortRange, Protocol, RestartMode,
+    RestartPolicy, Rlimit, ServiceConfig, ServiceType, SocketConfig, SocketOptions, StandardInput,
+    StandardOutput, Unit,
 };
 
 /// A directive that was not translated (or translated with a difference,
@@ -223,70 +224,124 @@ fn service_config(
         user: None,
         group: None,
         process: crate::unit::ProcessConfig::defaults_for(crate::unit::ServiceType::Simple),
+        commands: Default::default(),
     };
-    const S: &str = "Service";
+    if let Some(kind) = service_type(d, r) {
+        s.kind = kind;
+    }
+    if let Some(restart) = restart_policy(d, r) {
+        s.restart = restart;
+    }
+    // Environment first: ExecStart's $VARs are expanded from it.
+    let env_files = environment(d, r, &mut s);
+    let starts = d.list(S, "ExecStart");
+    if let [first, rest @ ..] = starts.as_slice() {
+        s.exec = exec_start(first, r, &s, accept, env_files);
+        for e in rest {
+            r.drop(
+                e,
+                "holdfast runs one command per service; only the first ExecStart= is used",
+            );
+        }
+    }
+    restart_delays(d, r, &mut s);
+    timeouts(d, r, &mut s);
+    identity(d, r, &mut s);
+    for key in [
+        "StartLimitBurst",
+        "StartLimitIntervalSec",
+        "StartLimitInterval",
+    ] {
+        start_limit(d, r, &mut s, "Unit", key);
+        start_limit(d, r, &mut s, S, key);
+    }
+    if let Some(e) = d.last(S, "KillMode") {
+        if e.value != "control-group" {
+            r.drop(e, "holdfast signals the service's whole process group when it stops it (KillMode=control-group)");
+        }
+    }
+    process_directives(d, r, &mut s, accept);
+    exec_setup_directives(d, r, &mut s);
+    command_directives(d, r, &mut s, accept, env_files);
+    if let Some(e) = d.last(S, "Sockets") {
+        let only_ours = e
+            .value
+            .split_whitespace()
+            .all(|n| n == input.socket_name && input.socket.is_some());
+        if !only_ours {
+            r.drop(e, "import takes one .socket file; import each socket's unit, or merge their Listen*= lines into one .socket");
+        }
+    }
+    s
+}
 
-    if let Some(e) = d.last(S, "Type") {
-        s.kind = match e.value.as_str() {
-            "simple" | "exec" => ServiceType::Simple,
-            "notify" => ServiceType::Notify,
-            "idle" => {
-                r.note(
-                    e,
-                    "idle is simple with a delayed start; written as type = \"simple\"",
-                );
-                ServiceType::Simple
+/// The `[Service]` section.
+const S: &str = "Service";
+
+/// The `Type=` values holdfast cannot follow: what each is written as, and why.
+const UNSUPPORTED_TYPES: &[(&str, ServiceType, &str)] = &[
+    ("forking", ServiceType::Simple, "holdfast does not follow forking daemons; run the program in the foreground (its -D, -f or --foreground flag) and keep type = \"simple\", or \"notify\" if it sends READY=1"),
+    ("oneshot", ServiceType::Simple, "holdfast supervises long-running services, not one-shot commands; run the command from holdfast.service's ExecStartPre= or a timer instead"),
+    ("dbus", ServiceType::Simple, "holdfast does not watch D-Bus names; written as type = \"simple\" (\"notify\" if the program sends READY=1)"),
+];
+
+/// `Type=`, when it is given.
+fn service_type(d: &mut Directives<'_>, r: &mut Report) -> Option<ServiceType> {
+    let e = d.last(S, "Type")?;
+    Some(match e.value.as_str() {
+        "simple" | "exec" => ServiceType::Simple,
+        "notify" => ServiceType::Notify,
+        "notify-reload" => ServiceType::NotifyReload,
+        "idle" => {
+            r.note(
+                e,
+                "idle is simple with a delayed start; written as type = \"simple\"",
+            );
+            ServiceType::Simple
+        }
+        other => match UNSUPPORTED_TYPES.iter().find(|(name, ..)| *name == other) {
+            Some((_, kind, why)) => {
+                r.drop(e, *why);
+                *kind
             }
-            "notify-reload" => {
-                r.drop(e, "holdfast has no reload by signal (type notify-reload) yet; written as type = \"notify\", reload with holdfast restart --mode overlap");
-                ServiceType::Notify
-            }
-            "forking" => {
-                r.drop(e, "holdfast does not follow forking daemons; run the program in the foreground (its -D, -f or --foreground flag) and keep type = \"simple\", or \"notify\" if it sends READY=1");
-                ServiceType::Simple
-            }
-            "oneshot" => {
-                r.drop(e, "holdfast supervises long-running services, not one-shot commands; run the command from holdfast.service's ExecStartPre= or a timer instead");
-                ServiceType::Simple
-            }
-            "dbus" => {
-                r.drop(e, "holdfast does not watch D-Bus names; written as type = \"simple\" (\"notify\" if the program sends READY=1)");
-                ServiceType::Simple
-            }
-            other => {
+            None => {
                 r.drop(
                     e,
                     format!("unknown Type={other}; written as type = \"simple\""),
                 );
                 ServiceType::Simple
             }
-        };
-    }
+        },
+    })
+}
 
-    if let Some(e) = d.last(S, "Restart") {
-        s.restart = match e.value.as_str() {
-            "no" => RestartPolicy::Never,
-            "always" => RestartPolicy::Always,
-            "on-failure" => RestartPolicy::OnFailure,
-            "on-abnormal" | "on-abort" | "on-watchdog" => {
-                r.drop(e, format!("holdfast has no {}: written as restart = \"on-failure\", which also restarts after a failing exit code", e.value));
-                RestartPolicy::OnFailure
-            }
-            "on-success" => {
-                r.drop(
-                    e,
-                    "holdfast has no on-success; written as restart = \"never\"",
-                );
-                RestartPolicy::Never
-            }
-            other => {
-                r.drop(e, format!("unknown Restart={other}"));
-                RestartPolicy::Never
-            }
-        };
-    }
+/// `Restart=`, when it is given.
+fn restart_policy(d: &mut Directives<'_>, r: &mut Report) -> Option<RestartPolicy> {
+    let e = d.last(S, "Restart")?;
+    Some(match e.value.as_str() {
+        "no" => RestartPolicy::Never,
+        "always" => RestartPolicy::Always,
+        "on-failure" => RestartPolicy::OnFailure,
+        "on-abnormal" | "on-abort" | "on-watchdog" => {
+            r.drop(e, format!("holdfast has no {}: written as restart = \"on-failure\", which also restarts after a failing exit code", e.value));
+            RestartPolicy::OnFailure
+        }
+        "on-success" => {
+            r.drop(
+                e,
+                "holdfast has no on-success; written as restart = \"never\"",
+            );
+            RestartPolicy::Never
+        }
+        other => {
+            r.drop(e, format!("unknown Restart={other}"));
+            RestartPolicy::Never
+        }
+    })
+}
 
-    // Environment first: ExecStart's $VARs are expanded from it.
+/// `Environment=` and `EnvironmentFile=`; whether there is an environment file.
+fn environment(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceConfig) -> bool {
     for e in d.list(S, "Environment") {
         match values::assignments(&e.value) {
             Ok((good, bad)) => {
@@ -300,37 +355,31 @@ fn service_config(
             Err(why) => r.drop(e, why),
         }
     }
-    let env_files = d.list(S, "EnvironmentFile");
-    for e in &env_files {
-        r.drop(e, "holdfast has no environment-file key yet; copy the variables into Environment= (or environment in the unit) and import again");
-    }
-
-    let starts = d.list(S, "ExecStart");
-    match starts.as_slice() {
-        [] => {}
-        [e] => s.exec = exec_start(e, r, &s, accept, !env_files.is_empty()),
-        [first, rest @ ..] => {
-            s.exec = exec_start(first, r, &s, accept, !env_files.is_empty());
-            for e in rest {
-                r.drop(
-                    e,
-                    "holdfast runs one command per service; only the first ExecStart= is used",
-                );
-            }
+    let files = d.list(S, "EnvironmentFile");
+    for e in &files {
+        let (optional, path) = match e.value.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, e.value.as_str()),
+        };
+        if !path.starts_with('/') {
+            r.drop(e, "holdfast needs an absolute path; write it");
+        } else if path.contains(['*', '?', '[']) {
+            r.drop(
+                e,
+                "holdfast reads named files, not wildcards; list each file in environment-file",
+            );
+        } else {
+            s.process.environment_files.push(EnvironmentFile {
+                path: PathBuf::from(path),
+                optional,
+            });
         }
     }
+    !files.is_empty()
+}
 
-    let timespan = |r: &mut Report, e: &Entry| match values::timespan(&e.value) {
-        Ok(Some(t)) if !t.is_zero() => Some(t),
-        Ok(_) => {
-            r.drop(e, "holdfast needs a finite, non-zero time; write one");
-            None
-        }
-        Err(why) => {
-            r.drop(e, why);
-            None
-        }
-    };
+/// `RestartSec=`, `RestartMaxDelaySec=`, `RestartSteps=`.
+fn restart_delays(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceConfig) {
     if let Some(e) = d.last(S, "RestartSec") {
         match values::timespan(&e.value) {
             Ok(Some(t)) => s.restart_delay = t,
@@ -361,17 +410,32 @@ fn service_config(
             r.note(e, "holdfast doubles the delay after each quick failure up to restart-delay-max, instead of reaching it in RestartSteps= steps");
         }
     }
-    for key in ["TimeoutSec", "TimeoutStartSec"] {
-        if let Some(e) = d.last(S, key) {
-            if let Some(t) = timespan(r, e) {
-                s.start_timeout = t;
-            }
+}
+
+/// The start and stop timeouts, `WatchdogSec=`, `FileDescriptorStoreMax=`.
+fn timeouts(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceConfig) {
+    let timespan = |r: &mut Report, e: &Entry| match values::timespan(&e.value) {
+        Ok(Some(t)) if !t.is_zero() => Some(t),
+        Ok(_) => {
+            r.drop(e, "holdfast needs a finite, non-zero time; write one");
+            None
         }
-    }
-    for key in ["TimeoutSec", "TimeoutStopSec"] {
-        if let Some(e) = d.last(S, key) {
-            if let Some(t) = timespan(r, e) {
+        Err(why) => {
+            r.drop(e, why);
+            None
+        }
+    };
+    for (key, stop) in [
+        ("TimeoutSec", false),
+        ("TimeoutStartSec", false),
+        ("TimeoutSec", true),
+        ("TimeoutStopSec", true),
+    ] {
+        if let Some(t) = d.last(S, key).and_then(|e| timespan(r, e)) {
+            if stop {
                 s.stop_timeout = t;
+            } else {
+                s.start_timeout = t;
             }
         }
     }
@@ -390,17 +454,26 @@ fn service_config(
             ),
         }
     }
+}
+
+/// Whether holdfast takes `v` as a user or group name (or id).
+fn account_name(v: &str) -> bool {
+    !v.is_empty()
+        && !v.contains(|c: char| c.is_whitespace() || c == ':' || c == '/')
+        && !v.starts_with('-')
+}
+
+/// `User=`, `Group=`, `DynamicUser=`, `WorkingDirectory=`.
+fn identity(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceConfig) {
     for (key, slot) in [("User", &mut s.user), ("Group", &mut s.group)] {
         if let Some(e) = d.last(S, key) {
-            let v = &e.value;
-            if v.contains(|c: char| c.is_whitespace() || c == ':' || c == '/') || v.starts_with('-')
-            {
+            if account_name(&e.value) {
+                *slot = Some(e.value.clone());
+            } else {
                 r.drop(
                     e,
-                    format!("{v:?} is not a user or group name holdfast accepts"),
+                    format!("{:?} is not a user or group name holdfast accepts", e.value),
                 );
-            } else {
-                *slot = Some(v.clone());
             }
         }
     }
@@ -426,30 +499,32 @@ fn service_config(
             );
         }
     }
-    for key in [
-        "StartLimitBurst",
-        "StartLimitIntervalSec",
-        "StartLimitInterval",
-    ] {
-        start_limit(d, r, &mut s, "Unit", key);
-        start_limit(d, r, &mut s, S, key);
-    }
-    if let Some(e) = d.last(S, "KillMode") {
-        if e.value != "control-group" {
-            r.drop(e, "holdfast signals the service's whole process group when it stops it (KillMode=control-group)");
+}
+
+/// `UMask=`, `SupplementaryGroups=`, `NoNewPrivileges=`.
+fn exec_setup_directives(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceConfig) {
+    let p = &mut s.process;
+    if let Some(e) = d.last(S, "UMask") {
+        match u32::from_str_radix(&e.value, 8) {
+            Ok(m) if m <= 0o777 => p.umask = m,
+            _ => r.drop(e, "write the umask in octal, at most 0777, e.g. UMask=0027"),
         }
     }
-    process_directives(d, r, &mut s, accept);
-    if let Some(e) = d.last(S, "Sockets") {
-        let only_ours = e
-            .value
-            .split_whitespace()
-            .all(|n| n == input.socket_name && input.socket.is_some());
-        if !only_ours {
-            r.drop(e, "import takes one .socket file; import each socket's unit, or merge their Listen*= lines into one .socket");
+    for e in d.list(S, "SupplementaryGroups") {
+        for g in e.value.split_whitespace() {
+            if !account_name(g) {
+                r.drop(e, format!("{g:?} is not a group name holdfast accepts"));
+            } else if !p.supplementary_groups.iter().any(|have| have == g) {
+                p.supplementary_groups.push(g.to_string());
+            }
         }
     }
-    s
+    if let Some(e) = d.last(S, "NoNewPrivileges") {
+        match values::boolean(&e.value) {
+            Ok(b) => p.no_new_privileges = b,
+            Err(why) => r.drop(e, why),
+        }
+    }
 }
 
 fn start_limit(
@@ -499,7 +574,7 @@ fn exec_start(
         words = expanded;
         for name in missing {
             let from = if has_env_file {
-                " (it may come from the EnvironmentFile= that was not translated)"
+                " (it may come from the environment-file: holdfast passes its variables to the program, but does not expand them in exec; write the value into exec or Environment=)"
             } else {
                 ""
             };
@@ -529,10 +604,89 @@ fn exec_start(
     words
 }
 
+/// The commands beside the main process: `ExecStartPre=`, `ExecStartPost=`,
+/// `ExecStop=`, `ExecReload=` onto the keys of the same names, each line
+/// read as `ExecStart=` is (prefixes, quoting, `$VAR`s), its `-` kept,
+/// `$MAINPID` left for holdfast to fill in where systemd does; and
+/// `ReloadSignal=` of a notify-reload service.
+fn command_directives(
+    d: &mut Directives<'_>,
+    r: &mut Report,
+    s: &mut ServiceConfig,
+    accept: bool,
+    has_env_file: bool,
+) {
+    let notify_reload = s.kind == ServiceType::NotifyReload;
+    if let Some(e) = d.last(S, "ReloadSignal") {
+        match values::signal(&e.value) {
+            Ok(n) if notify_reload => s.commands.reload_signal = Some(KillSignal(n)),
+            Ok(_) => r.drop(
+                e,
+                "holdfast sends reload-signal only to a Type=notify-reload service",
+            ),
+            Err(why) => r.drop(e, why),
+        }
+    }
+    // With $MAINPID standing for itself, for holdfast to replace at run time.
+    let mut with_main_pid = s.clone();
+    with_main_pid
+        .environment
+        .insert("MAINPID".into(), "$MAINPID".into());
+    for (key, main_pid) in [
+        ("ExecStartPre", false),
+        ("ExecStartPost", true),
+        ("ExecStop", true),
+        ("ExecReload", true),
+    ] {
+        let lines = d.list(S, key);
+        if accept {
+            for e in lines {
+                r.drop(e, format!("with Accept=yes holdfast starts each connection's process at once and stops it with kill-signal: {} does not run; do its work in the program, or on the host", kebab(key)));
+            }
+            continue;
+        }
+        if key == "ExecReload" && notify_reload {
+            for e in lines {
+                r.drop(e, "a Type=notify-reload service is reloaded by its reload-signal in holdfast, with no exec-reload beside it; holdfast reload-service sends the signal");
+            }
+            continue;
+        }
+        let env = if main_pid { &with_main_pid } else { &*s };
+        let commands: Vec<_> = lines
+            .into_iter()
+            .filter_map(|e| exec_command(e, r, env, has_env_file))
+            .collect();
+        let c = &mut s.commands;
+        match key {
+            "ExecStartPre" => c.start_pre = commands,
+            "ExecStartPost" => c.start_post = commands,
+            "ExecStop" => c.stop = commands,
+            _ => c.reload = commands,
+        }
+    }
+}
+
+/// One `ExecStartPre=`-like line as a command; `None` (reported) when it
+/// cannot be read.
+fn exec_command(
+    e: &Entry,
+    r: &mut Report,
+    s: &ServiceConfig,
+    has_env_file: bool,
+) -> Option<crate::unit::ExecCommand> {
+    // As ExecStart= (what cannot be translated is reported there), but a
+    // `-` is kept: its failure is ignored.
+    let argv = exec_start(e, r, s, true, has_env_file);
+    let ignore_failure = values::exec_line(&e.value).ok()?.ignore_failure;
+    (!argv.is_empty()).then_some(crate::unit::ExecCommand {
+        argv,
+        ignore_failure,
+    })
+}
+
 /// The directives holdfast's process keys take (`notify-access`, `kill-signal`, the
 /// rlimits, the cgroup limits, `non-blocking`, `standard-input`/`-output`).
 fn process_directives(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceConfig, accept: bool) {
-    const S: &str = "Service";
     let p = &mut s.process;
     p.notify_access = NotifyAccess::default_for(s.kind);
     if let Some(e) = d.last(S, "NotifyAccess") {
@@ -550,6 +704,34 @@ fn process_directives(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceCon
             Err(why) => r.drop(e, why),
         }
     }
+    limit_directives(d, r, p);
+    if let Some(e) = d.last(S, "NonBlocking") {
+        match values::boolean(&e.value) {
+            Ok(b) => p.non_blocking = b,
+            Err(why) => r.drop(e, why),
+        }
+    }
+    if let Some(e) = d.last(S, "StandardInput") {
+        match (e.value.as_str(), accept) {
+            ("null", false) => p.standard_input = StandardInput::Null,
+            ("socket", _) => p.standard_input = StandardInput::Socket,
+            ("null", true) => r.drop(e, "holdfast's accept mode puts the connection on stdin (and fd 3) whatever standard-input says"),
+            _ => r.drop(e, "holdfast's standard-input is null or socket"),
+        }
+    }
+    for key in ["StandardOutput", "StandardError"] {
+        if let Some(e) = d.last(S, key) {
+            match e.value.as_str() {
+                "journal" | "inherit" | "journal+console" | "kmsg" | "kmsg+console" | "syslog" => {}
+                "socket" if key == "StandardOutput" => p.standard_output = StandardOutput::Socket,
+                _ => r.drop(e, "holdfast captures stdout and stderr into its log (holdfast logs NAME); redirect in the program if it must write a file"),
+            }
+        }
+    }
+}
+
+/// `Limit*=` and the cgroup limits.
+fn limit_directives(d: &mut Directives<'_>, r: &mut Report, p: &mut crate::unit::ProcessConfig) {
     for (key, slot, bytes) in [
         ("LimitNOFILE", &mut p.rlimits.nofile, false),
         ("LimitNPROC", &mut p.rlimits.nproc, false),
@@ -594,29 +776,6 @@ fn process_directives(d: &mut Directives<'_>, r: &mut Report, s: &mut ServiceCon
             match e.value.parse::<u32>() {
                 Ok(n) if (1..=10_000).contains(&n) => *slot = Some(n),
                 _ => r.drop(e, "holdfast takes a weight from 1 to 10000"),
-            }
-        }
-    }
-    if let Some(e) = d.last(S, "NonBlocking") {
-        match values::boolean(&e.value) {
-            Ok(b) => p.non_blocking = b,
-            Err(why) => r.drop(e, why),
-        }
-    }
-    if let Some(e) = d.last(S, "StandardInput") {
-        match (e.value.as_str(), accept) {
-            ("null", false) => p.standard_input = StandardInput::Null,
-            ("socket", _) => p.standard_input = StandardInput::Socket,
-            ("null", true) => r.drop(e, "holdfast's accept mode puts the connection on stdin (and fd 3) whatever standard-input says"),
-            _ => r.drop(e, "holdfast's standard-input is null or socket"),
-        }
-    }
-    for key in ["StandardOutput", "StandardError"] {
-        if let Some(e) = d.last(S, key) {
-            match e.value.as_str() {
-                "journal" | "inherit" | "journal+console" | "kmsg" | "kmsg+console" | "syslog" => {}
-                "socket" if key == "StandardOutput" => p.standard_output = StandardOutput::Socket,
-                _ => r.drop(e, "holdfast captures stdout and stderr into its log (holdfast logs NAME); redirect in the program if it must write a file"),
             }
         }
     }
@@ -675,25 +834,15 @@ fn install_section(d: &mut Directives<'_>, r: &mut Report) {
 fn why_not(section: &str, key: &str) -> String {
     let no_key = |k: &str| format!("holdfast has no {k} key yet");
     match key {
-        "ExecStartPre" | "ExecStartPost" | "ExecCondition" => format!(
+        "ExecCondition" => format!(
             "{}; run it in a wrapper that then execs the program, or on the host before holdfast starts",
             no_key(&kebab(key))
         ),
-        "ExecReload" => format!(
-            "{}; holdfast restart --mode overlap NAME replaces the service without refusing a connection",
-            no_key(&kebab(key))
-        ),
-        "ExecStop" | "ExecStopPost" => format!(
+        "ExecStopPost" => format!(
             "{}; holdfast stops a service with SIGTERM to its process group, then SIGKILL after stop-timeout",
             no_key(&kebab(key))
         ),
-        "UMask" | "SupplementaryGroups" | "NoNewPrivileges" => no_key(&kebab(key)),
         k if k.starts_with("Limit") => no_key(&kebab(k)),
-        "SocketUser" | "SocketGroup" => format!(
-            "{}: holdfast creates the socket file as root; widen SocketMode= or chown it from the service",
-            no_key(&kebab(key))
-        ),
-        "RemoveOnStop" => "holdfast leaves the socket file when it stops (and replaces a stale one when it starts); no remove-on-stop key yet".into(),
         "RuntimeDirectory" | "StateDirectory" | "CacheDirectory" | "LogsDirectory"
         | "ConfigurationDirectory" | "RuntimeDirectoryMode" | "StateDirectoryMode" => {
             "holdfast does not create directories for a service; create it on the host (tmpfiles.d, or the image)".into()
@@ -913,23 +1062,15 @@ fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
     a.contains(b.addr) || b.contains(a.addr)
 }
 
+/// The `[Socket]` section.
+const K: &str = "Socket";
+
 fn socket_configs(
     d: &mut Directives<'_>,
     r: &mut Report,
     input: &Input<'_>,
     accept: bool,
 ) -> Vec<SocketConfig> {
-    const K: &str = "Socket";
-    let bool_opt = |d: &mut Directives<'_>, r: &mut Report, key: &str| -> Option<bool> {
-        let e = d.last(K, key)?;
-        match values::boolean(&e.value) {
-            Ok(b) => Some(b),
-            Err(why) => {
-                r.drop(e, why);
-                None
-            }
-        }
-    };
     let mut o = SocketOptions {
         accept,
         ..SocketOptions::default()
@@ -946,6 +1087,52 @@ fn socket_configs(
             other => r.drop(e, format!("{other:?} is not default, both or ipv6-only")),
         }
     }
+    kernel_options(d, r, &mut o);
+    unix_file_options(d, r, &mut o);
+    accept_limits(d, r, &mut o, accept);
+    let name = match d.last(K, "FileDescriptorName") {
+        Some(e) => e.value.clone(),
+        None => input.socket_name.to_string(),
+    };
+    d.all(K, "Service"); // read by the caller to find the service
+    source_rules(d, r, &mut o);
+
+    let mut sockets = Vec::new();
+    for (i, l) in listens(d, r, v6_only).into_iter().enumerate() {
+        let opts = fit_options(&o, &l, r);
+        let sock_name = if i == 0 {
+            name.clone()
+        } else {
+            let n = format!("{name}-{}", i + 1);
+            r.note(l.entry, format!("holdfast names each socket apart: LISTEN_FDNAMES has {n} for this one (systemd would repeat {name})"));
+            n
+        };
+        sockets.push(SocketConfig {
+            name: sock_name,
+            protocol: l.protocol,
+            addresses: l.addresses,
+            ports: l.port.into_iter().collect(),
+            path: l.path,
+            options: opts,
+        });
+    }
+    sockets
+}
+
+/// A boolean `[Socket]` directive, when it is given and valid.
+fn socket_bool(d: &mut Directives<'_>, r: &mut Report, key: &str) -> Option<bool> {
+    let e = d.last(K, key)?;
+    match values::boolean(&e.value) {
+        Ok(b) => Some(b),
+        Err(why) => {
+            r.drop(e, why);
+            None
+        }
+    }
+}
+
+/// The options the kernel socket is made with: flags, buffers, backlog, mark.
+fn kernel_options(d: &mut Directives<'_>, r: &mut Report, o: &mut SocketOptions) {
     for (key, slot) in [
         ("ReusePort", &mut o.reuse_port),
         ("FreeBind", &mut o.free_bind),
@@ -953,7 +1140,7 @@ fn socket_configs(
         ("KeepAlive", &mut o.keep_alive),
         ("NoDelay", &mut o.no_delay),
     ] {
-        if let Some(b) = bool_opt(d, r, key) {
+        if let Some(b) = socket_bool(d, r, key) {
             *slot = b;
         }
     }
@@ -982,46 +1169,63 @@ fn socket_configs(
             Err(_) => r.drop(e, "write the mark as a number"),
         }
     }
+}
+
+/// `SocketMode=`, `SocketUser=`, `SocketGroup=`, `RemoveOnStop=`: a unix socket's file.
+fn unix_file_options(d: &mut Directives<'_>, r: &mut Report, o: &mut SocketOptions) {
     if let Some(e) = d.last(K, "SocketMode") {
         match u32::from_str_radix(&e.value, 8) {
             Ok(m) if m <= 0o7777 => o.mode = Some(m),
             _ => r.drop(e, "write the mode in octal, e.g. 0660"),
         }
     }
-    if accept {
-        if let Some(e) = d.last(K, "MaxConnections") {
-            match e.value.parse::<u32>() {
-                Ok(n) if (1..=65536).contains(&n) => o.max_connections = Some(n),
-                _ => r.drop(e, "holdfast allows 1 to 65536 instances at once"),
-            }
-        }
-        if let Some(e) = d.last(K, "MaxConnectionsPerSource") {
-            match e.value.parse::<u32>() {
-                Ok(n) if (1..=65536).contains(&n) => o.max_connections_per_source = Some(n),
-                _ => r.drop(e, "holdfast allows 1 to 65536 instances per source"),
+    for (key, slot) in [
+        ("SocketUser", &mut o.socket_user),
+        ("SocketGroup", &mut o.socket_group),
+    ] {
+        if let Some(e) = d.last(K, key) {
+            if account_name(&e.value) {
+                *slot = Some(e.value.clone());
+            } else {
+                r.drop(
+                    e,
+                    format!("{:?} is not a user or group name holdfast accepts", e.value),
+                );
             }
         }
     }
+    if let Some(b) = socket_bool(d, r, "RemoveOnStop") {
+        o.remove_on_stop = b;
+    }
+}
+
+/// `MaxConnections=`, `MaxConnectionsPerSource=`: only with `Accept=yes`.
+fn accept_limits(d: &mut Directives<'_>, r: &mut Report, o: &mut SocketOptions, accept: bool) {
     if !accept {
         // systemd: "only has an effect for sockets configured with Accept=yes".
         d.all(K, "MaxConnections");
         d.all(K, "MaxConnectionsPerSource");
+        return;
     }
-    if let Some(e) = d.last(K, "RemoveOnStop") {
-        if values::boolean(&e.value) == Ok(false) {
-            d.all(K, "RemoveOnStop"); // holdfast's behaviour too
+    if let Some(e) = d.last(K, "MaxConnections") {
+        match e.value.parse::<u32>() {
+            Ok(n) if (1..=65536).contains(&n) => o.max_connections = Some(n),
+            _ => r.drop(e, "holdfast allows 1 to 65536 instances at once"),
         }
     }
-    let name = match d.last(K, "FileDescriptorName") {
-        Some(e) => e.value.clone(),
-        None => input.socket_name.to_string(),
-    };
-    d.all(K, "Service"); // read by the caller to find the service
+    if let Some(e) = d.last(K, "MaxConnectionsPerSource") {
+        match e.value.parse::<u32>() {
+            Ok(n) if (1..=65536).contains(&n) => o.max_connections_per_source = Some(n),
+            _ => r.drop(e, "holdfast allows 1 to 65536 instances per source"),
+        }
+    }
+}
 
-    // Source rules. systemd grants what Allow matches, else refuses what Deny
-    // matches; holdfast refuses what deny matches, else needs allow (when
-    // set). They agree when Deny is everything (allow = Allow), or when no
-    // Allow prefix overlaps a Deny one (deny = Deny).
+/// Source rules. systemd grants what Allow matches, else refuses what Deny
+/// matches; holdfast refuses what deny matches, else needs allow (when
+/// set). They agree when Deny is everything (allow = Allow), or when no
+/// Allow prefix overlaps a Deny one (deny = Deny).
+fn source_rules(d: &mut Directives<'_>, r: &mut Report, o: &mut SocketOptions) {
     let mut rules = |key: &str| -> (Vec<IpPrefix>, Vec<&Entry>) {
         let mut out = Vec::new();
         let entries = d.list(K, key);
@@ -1045,12 +1249,15 @@ fn socket_configs(
             r.drop(e, "holdfast's deny wins over allow, systemd's allow wins over deny: an IPAddressAllow= prefix inside an IPAddressDeny= one cannot be written; list only what to refuse in deny");
         }
     }
+}
 
-    let mut listens = Vec::new();
+/// Every `Listen*=` line holdfast can create, in file order.
+fn listens<'a>(d: &mut Directives<'a>, r: &mut Report, v6_only: bool) -> Vec<Listen<'a>> {
+    let mut out = Vec::new();
     for (key, stream) in [("ListenStream", true), ("ListenDatagram", false)] {
         for e in d.list(K, key) {
             match listen(e, stream, v6_only) {
-                Ok(l) => listens.push(l),
+                Ok(l) => out.push(l),
                 Err(why) => r.drop(e, why),
             }
         }
@@ -1061,55 +1268,45 @@ fn socket_configs(
             "holdfast has no SOCK_SEQPACKET sockets; ListenStream= on the same path is the nearest",
         );
     }
-    listens.sort_by_key(|l| l.entry.line);
-    let mut sockets = Vec::new();
-    for (i, l) in listens.into_iter().enumerate() {
-        let mut opts = o.clone();
-        let p = l.protocol;
-        // Options that do not apply to this kind of socket are ignored, as systemd does.
-        if !p.is_ip() {
-            opts.reuse_port = false;
-            opts.free_bind = false;
-            opts.transparent = false;
+    out.sort_by_key(|l| l.entry.line);
+    out
+}
+
+/// The socket options `o` as they apply to `l`'s kind of socket: the others
+/// are ignored, as systemd does.
+fn fit_options(o: &SocketOptions, l: &Listen<'_>, r: &mut Report) -> SocketOptions {
+    let mut opts = o.clone();
+    let p = l.protocol;
+    if !p.is_ip() {
+        opts.reuse_port = false;
+        opts.free_bind = false;
+        opts.transparent = false;
+        opts.ipv6_only = None;
+        opts.allow.clear();
+        opts.deny.clear();
+    } else {
+        opts.mode = None;
+        opts.socket_user = None;
+        opts.socket_group = None;
+        opts.remove_on_stop = false;
+        if opts.ipv6_only.is_some() && !l.addresses.iter().all(|a| a.addr.is_ipv6()) {
             opts.ipv6_only = None;
-            opts.allow.clear();
-            opts.deny.clear();
-        } else {
-            opts.mode = None;
-            if opts.ipv6_only.is_some() && !l.addresses.iter().all(|a| a.addr.is_ipv6()) {
-                opts.ipv6_only = None;
-            }
         }
-        if p != Protocol::Tcp {
-            opts.keep_alive = false;
-            opts.no_delay = false;
-        }
-        if matches!(p, Protocol::Udp | Protocol::UnixDgram) {
-            opts.backlog = None;
-            if opts.accept {
-                r.drop(l.entry, "Accept=yes applies to stream sockets; holdfast starts the service on a datagram's arrival with on-demand instead");
-                opts.accept = false;
-                opts.max_connections = None;
-                opts.max_connections_per_source = None;
-            }
-        }
-        let sock_name = if i == 0 {
-            name.clone()
-        } else {
-            let n = format!("{name}-{}", i + 1);
-            r.note(l.entry, format!("holdfast names each socket apart: LISTEN_FDNAMES has {n} for this one (systemd would repeat {name})"));
-            n
-        };
-        sockets.push(SocketConfig {
-            name: sock_name,
-            protocol: p,
-            addresses: l.addresses,
-            ports: l.port.into_iter().collect(),
-            path: l.path,
-            options: opts,
-        });
     }
-    sockets
+    if p != Protocol::Tcp {
+        opts.keep_alive = false;
+        opts.no_delay = false;
+    }
+    if matches!(p, Protocol::Udp | Protocol::UnixDgram) {
+        opts.backlog = None;
+        if opts.accept {
+            r.drop(l.entry, "Accept=yes applies to stream sockets; holdfast starts the service on a datagram's arrival with on-demand instead");
+            opts.accept = false;
+            opts.max_connections = None;
+            opts.max_connections_per_source = None;
+        }
+    }
+    opts
 }
 
 #[cfg(test)]

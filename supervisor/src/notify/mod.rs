@@ -592,41 +592,59 @@ fn recv_datagram(
         // cmsg_len is a size_t with glibc, a u32 with musl.
         let len: usize = len as _;
         let data_len = len.saturating_sub(data as usize - cmsg as usize);
-        match (level, kind) {
-            (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
-                for i in 0..data_len / std::mem::size_of::<libc::c_int>() {
-                    // SAFETY: i is within the cmsg's data, which the kernel
-                    // filled with fd numbers it just installed for us.
-                    let raw = unsafe { data.cast::<libc::c_int>().add(i).read_unaligned() };
-                    // SAFETY: the kernel installed this fd in our table for
-                    // this message only; nobody else owns it.
-                    d.fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                }
-            }
-            (libc::SOL_SOCKET, libc::SCM_CREDENTIALS)
-                if data_len >= std::mem::size_of::<libc::ucred>() =>
-            {
-                // SAFETY: the data holds a whole ucred (checked above).
-                let c = unsafe { data.cast::<libc::ucred>().read_unaligned() };
-                d.sender = Some(Sender {
-                    pid: c.pid,
-                    uid: c.uid,
-                    gid: c.gid,
-                    cgroup: None,
-                });
-            }
-            (libc::SOL_SOCKET, SCM_PIDFD) if data_len >= std::mem::size_of::<libc::c_int>() => {
-                // SAFETY: the data holds one fd number (checked above).
-                let raw = unsafe { data.cast::<libc::c_int>().read_unaligned() };
-                if raw >= 0 {
-                    // SAFETY: the kernel installed this pidfd for this message only.
-                    d.pidfd = Some(unsafe { OwnedFd::from_raw_fd(raw) });
-                }
-            }
-            _ => {}
-        }
+        // SAFETY: data points at data_len bytes of this control message,
+        // filled in by the kernel for this call.
+        unsafe { take_control_message(&mut d, level, kind, data, data_len) };
         // SAFETY: msg and cmsg are as above.
         cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
     Ok(d)
+}
+
+/// Takes what one control message carries into `d`: SCM_RIGHTS fds,
+/// SCM_CREDENTIALS, SCM_PIDFD; anything else is left alone.
+///
+/// # Safety
+/// `data` must point at `data_len` readable bytes of a control message the
+/// kernel filled in for this process, whose fds nobody else owns.
+unsafe fn take_control_message(
+    d: &mut Datagram,
+    level: libc::c_int,
+    kind: libc::c_int,
+    data: *const libc::c_uchar,
+    data_len: usize,
+) {
+    match (level, kind) {
+        (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
+            for i in 0..data_len / std::mem::size_of::<libc::c_int>() {
+                // SAFETY: i is within the cmsg's data, which the kernel
+                // filled with fd numbers it just installed for us.
+                let raw = unsafe { data.cast::<libc::c_int>().add(i).read_unaligned() };
+                // SAFETY: the kernel installed this fd in our table for
+                // this message only; nobody else owns it.
+                d.fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        (libc::SOL_SOCKET, libc::SCM_CREDENTIALS)
+            if data_len >= std::mem::size_of::<libc::ucred>() =>
+        {
+            // SAFETY: the data holds a whole ucred (checked above).
+            let c = unsafe { data.cast::<libc::ucred>().read_unaligned() };
+            d.sender = Some(Sender {
+                pid: c.pid,
+                uid: c.uid,
+                gid: c.gid,
+                cgroup: None,
+            });
+        }
+        (libc::SOL_SOCKET, SCM_PIDFD) if data_len >= std::mem::size_of::<libc::c_int>() => {
+            // SAFETY: the data holds one fd number (checked above).
+            let raw = unsafe { data.cast::<libc::c_int>().read_unaligned() };
+            if raw >= 0 {
+                // SAFETY: the kernel installed this pidfd for this message only.
+                d.pidfd = Some(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        _ => {}
+    }
 }

@@ -102,7 +102,30 @@ pub fn parse(payload: &[u8]) -> Result<Parsed, NotifyError> {
         return Err(NotifyError::Nul);
     }
     let mut parsed = Parsed::default();
-    let ignored = &mut parsed.ignored;
+    let lines = fields(payload, &mut parsed.ignored);
+    let fd_name = match lines.iter().find(|(k, _)| *k == "FDNAME") {
+        Some((_, name)) if !fd_name_is_valid(name) => {
+            parsed.ignored.push(NotifyError::BadFdName {
+                name: name.to_string(),
+            });
+            None
+        }
+        Some((_, name)) => Some(name.to_string()),
+        None => None,
+    };
+    for (key, value) in lines {
+        match field(key, value, &fd_name) {
+            Field::Item(item) => parsed.items.push(item),
+            Field::Skip => {}
+            Field::Bad(e) => parsed.ignored.push(e),
+        }
+    }
+    Ok(parsed)
+}
+
+/// The `KEY=VALUE` lines of a payload; a line that is not UTF-8, has no
+/// `=` or a key systemd would not take goes to `ignored`.
+fn fields<'a>(payload: &'a [u8], ignored: &mut Vec<NotifyError>) -> Vec<(&'a str, &'a str)> {
     let mut lines = Vec::new();
     for raw in payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         let Ok(line) = std::str::from_utf8(raw) else {
@@ -130,63 +153,62 @@ pub fn parse(payload: &[u8]) -> Result<Parsed, NotifyError> {
         }
         lines.push((key, value));
     }
-    let fd_name = match lines.iter().find(|(k, _)| *k == "FDNAME") {
-        Some((_, name)) if !fd_name_is_valid(name) => {
-            ignored.push(NotifyError::BadFdName {
-                name: name.to_string(),
-            });
-            None
-        }
-        Some((_, name)) => Some(name.to_string()),
-        None => None,
-    };
+    lines
+}
+
+/// What one field of a message says.
+enum Field {
+    Item(Notification),
+    /// Read with another field (FDNAME=, with FDSTORE=).
+    Skip,
+    Bad(NotifyError),
+}
+
+/// One `KEY=VALUE` field, with the message's valid FDNAME= if any.
+fn field(key: &str, value: &str, fd_name: &Option<String>) -> Field {
     let usec = |value: &str| number(value).map(|n| Duration::from_micros(n).min(MAX_USEC_DURATION));
-    for (key, value) in lines {
-        let flag = |item: Notification| (value == "1").then_some(item);
-        let item = match key {
-            "READY" => flag(Notification::Ready),
-            "RELOADING" => flag(Notification::Reloading),
-            "STOPPING" => flag(Notification::Stopping),
-            "BARRIER" => flag(Notification::Barrier),
-            "STATUS" => Some(Notification::Status(value.to_string())),
-            "MAINPID" => number(value)
-                .and_then(|n| i32::try_from(n).ok())
-                .filter(|&pid| pid > 0)
-                .map(Notification::MainPid),
-            "EXTEND_TIMEOUT_USEC" => usec(value).map(Notification::ExtendTimeout),
-            "WATCHDOG" => match value {
-                "1" => Some(Notification::Watchdog),
-                "trigger" => Some(Notification::WatchdogTrigger),
-                _ => None,
-            },
-            "WATCHDOG_USEC" => usec(value).map(Notification::WatchdogUsec),
-            "ERRNO" => number(value)
-                .and_then(|n| i32::try_from(n).ok())
-                .filter(|&e| e <= MAX_ERRNO)
-                .map(Notification::Errno),
-            "FDSTORE" => flag(Notification::FdStore {
-                name: fd_name.clone(),
-            }),
-            "FDSTOREREMOVE" if value == "1" => match &fd_name {
-                Some(name) => Some(Notification::FdStoreRemove { name: name.clone() }),
-                None => {
-                    ignored.push(NotifyError::NoFdName);
-                    continue;
-                }
-            },
-            "FDSTOREREMOVE" => None,
-            "FDNAME" => continue,
-            _ => Some(Notification::Other(key.to_string(), value.to_string())),
-        };
-        match item {
-            Some(item) => parsed.items.push(item),
-            None => ignored.push(NotifyError::BadValue {
-                key: key.to_string(),
-                value: value.to_string(),
-            }),
+    let flag = |item: Notification| (value == "1").then_some(item);
+    let item = match key {
+        "READY" => flag(Notification::Ready),
+        "RELOADING" => flag(Notification::Reloading),
+        "STOPPING" => flag(Notification::Stopping),
+        "BARRIER" => flag(Notification::Barrier),
+        "STATUS" => Some(Notification::Status(value.to_string())),
+        "MAINPID" => number(value)
+            .and_then(|n| i32::try_from(n).ok())
+            .filter(|&pid| pid > 0)
+            .map(Notification::MainPid),
+        "EXTEND_TIMEOUT_USEC" => usec(value).map(Notification::ExtendTimeout),
+        "WATCHDOG" => match value {
+            "1" => Some(Notification::Watchdog),
+            "trigger" => Some(Notification::WatchdogTrigger),
+            _ => None,
+        },
+        "WATCHDOG_USEC" => usec(value).map(Notification::WatchdogUsec),
+        "ERRNO" => number(value)
+            .and_then(|n| i32::try_from(n).ok())
+            .filter(|&e| e <= MAX_ERRNO)
+            .map(Notification::Errno),
+        "FDSTORE" => flag(Notification::FdStore {
+            name: fd_name.clone(),
+        }),
+        "FDSTOREREMOVE" if value == "1" => {
+            return match fd_name {
+                Some(name) => Field::Item(Notification::FdStoreRemove { name: name.clone() }),
+                None => Field::Bad(NotifyError::NoFdName),
+            }
         }
+        "FDSTOREREMOVE" => None,
+        "FDNAME" => return Field::Skip,
+        _ => Some(Notification::Other(key.to_string(), value.to_string())),
+    };
+    match item {
+        Some(item) => Field::Item(item),
+        None => Field::Bad(NotifyError::BadValue {
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
     }
-    Ok(parsed)
 }
 
 /// A plain decimal number: digits only, no sign, no spaces.

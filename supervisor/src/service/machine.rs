@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::unit::{RestartMode, RestartPolicy, ServiceConfig, ServiceType};
+use crate::unit::{Commands, ExecCommand, RestartMode, RestartPolicy, ServiceConfig, ServiceType};
 
 use super::{Backoff, Exit, StartLimit, State};
 
@@ -20,12 +20,43 @@ use super::{Backoff, Exit, StartLimit, State};
 pub struct InstanceId(pub u64);
 
 /// Which instance a spawn is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SpawnRole {
     /// The service's main instance.
     Main,
     /// The new instance of an overlap restart, on the same sockets.
     Candidate,
+}
+
+/// Which of the commands a service runs beside its main process, one at a
+/// time, with `$MAINPID`: [`Effect::SpawnCommand`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandKind {
+    /// `exec-start-post`: once the main process started (or said READY=1).
+    StartPost,
+    /// `exec-stop`: on a stop, before kill-signal.
+    Stop,
+    /// `exec-reload`: `holdfast reload-service`.
+    Reload,
+}
+
+impl CommandKind {
+    /// Its key in the unit file.
+    pub fn key(self) -> &'static str {
+        match self {
+            CommandKind::StartPost => "exec-start-post",
+            CommandKind::Stop => "exec-stop",
+            CommandKind::Reload => "exec-reload",
+        }
+    }
+    /// Its commands in `c`.
+    pub fn of(self, c: &Commands) -> &[ExecCommand] {
+        match self {
+            CommandKind::StartPost => &c.start_post,
+            CommandKind::Stop => &c.stop,
+            CommandKind::Reload => &c.reload,
+        }
+    }
 }
 
 /// Which of a service's instances something came from.
@@ -43,6 +74,18 @@ pub enum Role {
 pub enum Effect {
     /// Spawn an instance; report with [`Machine::spawned`] or [`Machine::spawn_failed`].
     Spawn(SpawnRole),
+    /// Run `exec-start-pre` command `index` (no sockets) before the
+    /// instance `role`; report with [`Machine::pre_spawned`] or
+    /// [`Machine::pre_spawn_failed`]. Its exit comes to [`Machine::exited`]
+    /// under the id `pre_spawned` gave it.
+    SpawnPre { role: SpawnRole, index: usize },
+    /// Run command `index` of `kind` (no sockets, `$MAINPID` the main
+    /// instance's pid); report with [`Machine::command_spawned`] or
+    /// [`Machine::command_spawn_failed`]; its exit comes to [`Machine::exited`].
+    SpawnCommand { kind: CommandKind, index: usize },
+    /// The unit's `reload-signal` to the instance's main process (type
+    /// notify-reload).
+    ReloadSignal(InstanceId),
     /// Ask every process of the instance to stop (SIGTERM, then SIGCONT).
     Terminate(InstanceId),
     /// SIGKILL to every process of the instance.
@@ -96,6 +139,115 @@ pub struct Instance {
     /// Why holdfast stopped it (start timeout, watchdog): its exit is a
     /// failure whatever its status, as systemd counts it.
     failed: Option<String>,
+}
+
+/// The commands of one kind under way: which one runs, as an instance of
+/// its own (so stop, kill and reaping work on it as on a main instance).
+/// `what`: for exec-start-pre the instance they come before
+/// ([`SpawnRole`]); else the [`CommandKind`] (one such command at a time).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CommandRun<K> {
+    what: K,
+    /// The command of its list that runs (or is being spawned).
+    index: usize,
+    /// Every command of the list must be done by then (start-timeout;
+    /// stop-timeout for exec-stop).
+    #[serde(with = "super::mono")]
+    by: Instant,
+    /// The running command, once spawned.
+    inst: Option<Instance>,
+}
+
+type PreRun = CommandRun<SpawnRole>;
+type ControlRun = CommandRun<CommandKind>;
+
+/// What follows a command's exit.
+enum AfterCommand {
+    /// The next command of the list, by index.
+    Next(usize),
+    /// The list is over; with why, when it failed.
+    Done(Option<String>),
+}
+
+impl<K: Copy> CommandRun<K> {
+    fn new(what: K, by: Instant) -> CommandRun<K> {
+        CommandRun {
+            what,
+            index: 0,
+            by,
+            inst: None,
+        }
+    }
+
+    /// The command asked for runs as `pid`, named `id`.
+    fn spawned(&mut self, id: InstanceId, pid: i32, now: Instant) {
+        self.inst = Some(command_instance(id, pid, now, Some(self.by)));
+    }
+
+    /// The command asked for could not be spawned: it stands as a command
+    /// that failed (unless written with `-`), to be ended as if it exited.
+    fn spawn_failed(&mut self, list: &[ExecCommand], failed: String, now: Instant) {
+        let ignored = list.get(self.index).is_some_and(|c| c.ignore_failure);
+        let inst = self
+            .inst
+            .insert(command_instance(InstanceId(0), 0, now, None));
+        if !ignored {
+            inst.failed = Some(failed);
+        }
+    }
+
+    /// After its command (of `list`, under `key`) exited with `exit`: the
+    /// next one, or the end. `interrupted`: a stop or restart came, which
+    /// ends the list however it exited.
+    fn after_exit(
+        &mut self,
+        service: &str,
+        key: &str,
+        list: &[ExecCommand],
+        exit: Exit,
+        interrupted: bool,
+    ) -> AfterCommand {
+        let index = self.index;
+        let Some(inst) = self.inst.as_mut() else {
+            return AfterCommand::Done(None);
+        };
+        let ignore = list.get(index).is_some_and(|c| c.ignore_failure);
+        let passed = inst.failed.is_none()
+            && inst.kill_at.is_none()
+            && (exit.success() || ignore)
+            && !interrupted;
+        if passed && !exit.success() {
+            tracing::warn!(service, pid = inst.pid, command = index, %exit, "{key} failed; ignored (-)");
+        }
+        if passed && index + 1 < list.len() {
+            return AfterCommand::Next(index + 1);
+        }
+        let program = list.get(index).map_or("", |c| c.argv[0].as_str());
+        AfterCommand::Done((!passed).then(|| {
+            inst.failed
+                .take()
+                .unwrap_or_else(|| format!("{key}[{index}] ({program}) failed: {exit}"))
+        }))
+    }
+
+    /// The next command of the list, to be spawned.
+    fn next(self, index: usize) -> CommandRun<K> {
+        CommandRun {
+            index,
+            inst: None,
+            ..self
+        }
+    }
+}
+
+/// A reload of a notify-reload service: reload-signal sent, RELOADING=1
+/// then READY=1 awaited.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SignalReload {
+    #[serde(with = "super::mono")]
+    by: Instant,
+    /// RELOADING=1 came.
+    reloading: bool,
 }
 
 /// A main instance that exited, as the restart policy sees it.
@@ -208,6 +360,22 @@ impl Instance {
     }
 }
 
+/// The bookkeeping of a command run beside the main process (exec-start-pre
+/// and friends): never ready, its `ready_by` the deadline of its kind.
+fn command_instance(id: InstanceId, pid: i32, now: Instant, by: Option<Instant>) -> Instance {
+    Instance {
+        id,
+        pid,
+        started_at: now,
+        ready: false,
+        ready_by: by,
+        watchdog: None,
+        watchdog_at: None,
+        kill_at: None,
+        failed: None,
+    }
+}
+
 /// `now + d` without the panic `Instant + Duration` gives on overflow: a
 /// deadline too far to represent becomes about 100 years from now ("never"
 /// for any service). Every deadline computed from a configured or notified
@@ -252,6 +420,19 @@ pub struct Machine {
     failure: Option<String>,
     /// Main pids of instances that have exited, newest last.
     gone_pids: std::collections::VecDeque<i32>,
+    /// The exec-start-pre command running before a start.
+    #[serde(default)]
+    pre: Option<PreRun>,
+    /// The exec-start-post, exec-stop or exec-reload command running.
+    #[serde(default)]
+    control: Option<ControlRun>,
+    /// Reloads asked for (`holdfast reload-service`), and how the last one ended.
+    #[serde(default)]
+    reloads: u64,
+    #[serde(default)]
+    reload_outcome: Option<(u64, Result<(), String>)>,
+    #[serde(default)]
+    signal_reload: Option<SignalReload>,
 }
 
 impl Machine {
@@ -277,6 +458,11 @@ impl Machine {
             overlap_failure: None,
             failure: None,
             gone_pids: Default::default(),
+            pre: None,
+            control: None,
+            reloads: 0,
+            reload_outcome: None,
+            signal_reload: None,
         }
     }
 
@@ -318,12 +504,34 @@ impl Machine {
     pub fn draining(&self) -> &[Instance] {
         &self.draining
     }
-    /// Every instance: main, candidate, draining.
+    /// Every instance: main, candidate, draining, and a running
+    /// exec-start-pre command.
     pub fn instances(&self) -> impl Iterator<Item = &Instance> {
         self.main
             .iter()
             .chain(&self.candidate)
             .chain(&self.draining)
+            .chain(self.pre.as_ref().and_then(|p| p.inst.as_ref()))
+            .chain(self.control.as_ref().and_then(|c| c.inst.as_ref()))
+    }
+    /// The exec-start-post, exec-stop or exec-reload command that runs now.
+    pub fn running_command(&self) -> Option<(CommandKind, usize, &Instance)> {
+        self.control
+            .as_ref()
+            .and_then(|c| c.inst.as_ref().map(|i| (c.what, c.index, i)))
+    }
+    /// How reload number `seq` ended, once it has.
+    pub fn reload_outcome(&self, seq: u64) -> Option<Result<(), &str>> {
+        match &self.reload_outcome {
+            Some((n, r)) if *n == seq => Some(r.as_ref().map(|_| ()).map_err(String::as_str)),
+            _ => None,
+        }
+    }
+    /// The exec-start-pre command that runs now: its index and instance.
+    pub fn pre_command(&self) -> Option<(usize, &Instance)> {
+        self.pre
+            .as_ref()
+            .and_then(|p| p.inst.as_ref().map(|i| (p.index, i)))
     }
     pub fn has_instances(&self) -> bool {
         self.instances().next().is_some()
@@ -339,7 +547,8 @@ impl Machine {
     pub fn deadline(&self) -> Option<Instant> {
         self.instances()
             .filter_map(Instance::deadline)
-            .chain(self.next_start)
+            .chain(self.next_start.filter(|_| self.control.is_none()))
+            .chain(self.signal_reload.as_ref().map(|r| r.by))
             .min()
     }
 
@@ -413,7 +622,97 @@ impl Machine {
             self.state = State::Failed;
             return Vec::new();
         }
-        vec![Effect::Spawn(SpawnRole::Main)]
+        self.begin(SpawnRole::Main, now).into_iter().collect()
+    }
+
+    /// The first step of starting an instance `role`: its first
+    /// exec-start-pre command, or the instance itself. `None` while pre
+    /// commands already run for a start.
+    fn begin(&mut self, role: SpawnRole, now: Instant) -> Option<Effect> {
+        if self.pre.is_some() {
+            return None;
+        }
+        if self.cfg.commands.start_pre.is_empty() {
+            return Some(Effect::Spawn(role));
+        }
+        self.pre = Some(PreRun::new(role, deadline(now, self.cfg.start_timeout)));
+        if role == SpawnRole::Main {
+            self.state = State::Starting;
+        }
+        Some(Effect::SpawnPre { role, index: 0 })
+    }
+
+    /// The exec-start-pre command asked for by `Effect::SpawnPre` runs as `pid`.
+    pub fn pre_spawned(&mut self, pid: i32, now: Instant) -> InstanceId {
+        let id = self.new_id();
+        if let Some(pre) = self.pre.as_mut() {
+            tracing::info!(service = %self.name, pid, command = pre.index, "exec-start-pre started");
+            pre.spawned(id, pid, now);
+        }
+        id
+    }
+
+    fn new_id(&mut self) -> InstanceId {
+        self.next_id += 1;
+        InstanceId(self.next_id - 1)
+    }
+
+    /// The exec-start-pre command asked for could not be spawned: as if it
+    /// had exited with 127 (ignored for a `-` command).
+    pub fn pre_spawn_failed(&mut self, why: &str, now: Instant) -> Vec<Effect> {
+        let Some(pre) = self.pre.as_mut() else {
+            return Vec::new();
+        };
+        tracing::error!(service = %self.name, command = pre.index, error = %why, "cannot run exec-start-pre");
+        let failed = format!("cannot run exec-start-pre[{}]: {why}", pre.index);
+        pre.spawn_failed(&self.cfg.commands.start_pre, failed, now);
+        self.pre_exited(Exit::Code(127), now, false)
+    }
+
+    /// The running exec-start-pre command exited: the next one, the
+    /// instance, or (it failed, or a stop or restart interrupted it) what
+    /// follows a main process's exit before it was ready.
+    fn pre_exited(&mut self, exit: Exit, now: Instant, shutting_down: bool) -> Vec<Effect> {
+        let Some(mut pre) = self.pre.take() else {
+            return Vec::new();
+        };
+        let role = pre.what;
+        let interrupted = match role {
+            SpawnRole::Main => shutting_down || self.stop_requested || self.restart_requested,
+            SpawnRole::Candidate => false,
+        };
+        let list = &self.cfg.commands.start_pre;
+        let after = pre.after_exit(&self.name, "exec-start-pre", list, exit, interrupted);
+        let Some(mut inst) = pre.inst.take() else {
+            return Vec::new();
+        };
+        if inst.pid != 0 {
+            self.gone(inst.pid);
+        }
+        let why = match after {
+            AfterCommand::Next(index) => {
+                self.pre = Some(pre.next(index));
+                return vec![Effect::SpawnPre { role, index }];
+            }
+            AfterCommand::Done(None) => return vec![Effect::Spawn(role)],
+            AfterCommand::Done(Some(why)) => why,
+        };
+        match role {
+            SpawnRole::Candidate => {
+                tracing::error!(service = %self.name, pid = inst.pid, %exit, "overlap restart: {why}; the old one keeps serving");
+                self.overlap_failure = Some(format!("{why}; the old instance keeps serving"));
+                Vec::new()
+            }
+            SpawnRole::Main => {
+                if !interrupted {
+                    tracing::error!(service = %self.name, pid = inst.pid, %exit, "{why}: the start failed");
+                }
+                // The start failed as a main process that exits before it
+                // is ready: the restart policy and the start limit apply.
+                inst.failed = Some(why);
+                self.main_exited(inst, exit, now, shutting_down)
+            }
+        }
     }
 
     /// Traffic arrived for an on-demand service with no instance running.
@@ -434,7 +733,7 @@ impl Machine {
     ) -> (InstanceId, Vec<Effect>) {
         let id = InstanceId(self.next_id);
         self.next_id += 1;
-        let notify = self.cfg.kind == ServiceType::Notify;
+        let notify = self.cfg.kind.notifies();
         let inst = Instance {
             id,
             pid,
@@ -450,13 +749,17 @@ impl Machine {
         let mut fx = Vec::new();
         match role {
             SpawnRole::Main => {
-                self.state = if inst.ready {
+                let ready = inst.ready;
+                self.state = if ready {
                     State::Running
                 } else {
                     State::Starting
                 };
                 self.status_text = None;
                 self.main = Some(inst);
+                if ready {
+                    self.after_ready(now, &mut fx);
+                }
             }
             SpawnRole::Candidate => {
                 let ready = inst.ready;
@@ -488,6 +791,208 @@ impl Machine {
                 ));
             }
         }
+    }
+
+    /// Starts running the commands of `kind`: the first one's spawn, or
+    /// `None` when there is none or another command runs.
+    fn begin_command(&mut self, kind: CommandKind, now: Instant) -> Option<Effect> {
+        if self.control.is_some() || kind.of(&self.cfg.commands).is_empty() {
+            return None;
+        }
+        let timeout = match kind {
+            CommandKind::Stop => self.cfg.stop_timeout,
+            CommandKind::StartPost | CommandKind::Reload => self.cfg.start_timeout,
+        };
+        self.control = Some(ControlRun::new(kind, deadline(now, timeout)));
+        Some(Effect::SpawnCommand { kind, index: 0 })
+    }
+
+    /// The command asked for by `Effect::SpawnCommand` runs as `pid`.
+    pub fn command_spawned(&mut self, pid: i32, now: Instant) -> InstanceId {
+        let id = self.new_id();
+        if let Some(c) = self.control.as_mut() {
+            tracing::info!(service = %self.name, pid, command = c.index, "{} started", c.what.key());
+            c.spawned(id, pid, now);
+        }
+        id
+    }
+
+    /// The command asked for could not be spawned: as if it had exited with
+    /// 127 (ignored for a `-` command).
+    pub fn command_spawn_failed(&mut self, why: &str, now: Instant) -> Vec<Effect> {
+        let Some(c) = self.control.as_mut() else {
+            return Vec::new();
+        };
+        let key = c.what.key();
+        tracing::error!(service = %self.name, command = c.index, error = %why, "cannot run {key}");
+        let failed = format!("cannot run {key}[{}]: {why}", c.index);
+        c.spawn_failed(c.what.of(&self.cfg.commands), failed, now);
+        self.command_exited(Exit::Code(127), now)
+    }
+
+    /// The running exec-start-post, exec-stop or exec-reload command exited.
+    fn command_exited(&mut self, exit: Exit, now: Instant) -> Vec<Effect> {
+        let Some(mut c) = self.control.take() else {
+            return Vec::new();
+        };
+        let kind = c.what;
+        let list = kind.of(&self.cfg.commands);
+        let why = match c.after_exit(&self.name, kind.key(), list, exit, false) {
+            AfterCommand::Next(index) => {
+                self.control = Some(c.next(index));
+                return vec![Effect::SpawnCommand { kind, index }];
+            }
+            AfterCommand::Done(why) => why,
+        };
+        let Some(inst) = c.inst.take() else {
+            return Vec::new();
+        };
+        let mut fx = Vec::new();
+        let stop_timeout = self.cfg.stop_timeout;
+        // A stop or restart asked for meanwhile is no failure of the service.
+        let stopping = self.stop_requested
+            || self.restart_requested
+            || self.main.as_ref().is_none_or(|m| m.kill_at.is_some());
+        match kind {
+            CommandKind::StartPost => match why {
+                None => {
+                    if self.state == State::Starting && self.main.as_ref().is_some_and(|m| m.ready)
+                    {
+                        tracing::info!(service = %self.name, "exec-start-post done: running");
+                        self.state = State::Running;
+                    }
+                }
+                Some(why) if !stopping => {
+                    tracing::error!(service = %self.name, pid = inst.pid, %exit, "{why}: stopping the service as failed");
+                    if let Some(main) = self.main.as_mut() {
+                        main.failed = Some(why);
+                    }
+                    self.state = State::Stopping;
+                    self.stop_main(now, &mut fx);
+                }
+                Some(_) => {}
+            },
+            CommandKind::Stop => {
+                if let Some(why) = &why {
+                    tracing::warn!(service = %self.name, pid = inst.pid, "{why}; kill-signal to what is left");
+                }
+                if let Some(main) = self.main.as_mut() {
+                    main.terminate(now, stop_timeout, &mut fx);
+                }
+            }
+            CommandKind::Reload => {
+                let outcome = match why {
+                    None => {
+                        tracing::info!(service = %self.name, "reloaded (exec-reload)");
+                        Ok(())
+                    }
+                    Some(why) => {
+                        tracing::error!(service = %self.name, pid = inst.pid, %exit, "{why}: the reload failed; the service runs on");
+                        Err(why)
+                    }
+                };
+                self.reload_outcome = Some((self.reloads, outcome));
+                if self.state == State::Reloading {
+                    self.state = State::Running;
+                }
+            }
+        }
+        if !self.has_instances() {
+            fx.push(Effect::ReleaseOldSockets);
+            // A start that waited for this command to end.
+            if self.next_start.is_some_and(|t| t <= now) {
+                fx.extend(self.start(now, false));
+            }
+        }
+        fx
+    }
+
+    /// Stops the main instance: its exec-stop commands first (then
+    /// kill-signal once they are done, or at stop-timeout), else
+    /// kill-signal now. Another command that runs is stopped with it.
+    fn stop_main(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let timeout = self.cfg.stop_timeout;
+        let busy = self.control.as_ref().map(|c| c.what);
+        if busy == Some(CommandKind::Stop) {
+            return;
+        }
+        let Some(main) = self.main.as_mut() else {
+            return;
+        };
+        if main.kill_at.is_some() {
+            return;
+        }
+        if busy.is_none() && !self.cfg.commands.stop.is_empty() {
+            main.ready_by = None;
+            main.watchdog_at = None;
+            fx.extend(self.begin_command(CommandKind::Stop, now));
+            return;
+        }
+        main.terminate(now, timeout, fx);
+        if let Some(inst) = self.control.as_mut().and_then(|c| c.inst.as_mut()) {
+            inst.terminate(now, timeout, fx);
+        }
+    }
+
+    /// The main instance is ready: exec-start-post, the service `starting`
+    /// until it is done.
+    fn after_ready(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        if let Some(e) = self.begin_command(CommandKind::StartPost, now) {
+            self.state = State::Starting;
+            fx.push(e);
+        }
+    }
+
+    /// `holdfast reload-service`: exec-reload, or (notify-reload) the
+    /// reload-signal; the number to wait for with [`Machine::reload_outcome`].
+    pub fn reload(&mut self, now: Instant) -> Result<(u64, Vec<Effect>), String> {
+        let name = &self.name;
+        if let Some(c) = &self.control {
+            return Err(format!(
+                "service {name:?} runs its {} commands now; try again once they are done",
+                c.what.key()
+            ));
+        }
+        if self.signal_reload.is_some() {
+            return Err(format!(
+                "service {name:?} is reloading now; try again once it is done"
+            ));
+        }
+        let Some(main) = self.main.as_ref().filter(|_| self.state == State::Running) else {
+            return Err(format!(
+                "service {name:?} is {}: only a running service can be reloaded",
+                self.state.as_str()
+            ));
+        };
+        let signal = self.cfg.kind == ServiceType::NotifyReload;
+        if !signal && self.cfg.commands.reload.is_empty() {
+            return Err(format!("service {name:?} has no exec-reload and is not type = \"notify-reload\": nothing reloads it; use holdfast restart"));
+        }
+        self.reloads += 1;
+        self.state = State::Reloading;
+        tracing::info!(service = %self.name, pid = main.pid, "reloading");
+        if signal {
+            let id = main.id;
+            self.signal_reload = Some(SignalReload {
+                by: deadline(now, self.cfg.start_timeout),
+                reloading: false,
+            });
+            return Ok((self.reloads, vec![Effect::ReloadSignal(id)]));
+        }
+        let fx = self.begin_command(CommandKind::Reload, now);
+        Ok((self.reloads, fx.into_iter().collect()))
+    }
+
+    /// A reload by signal is over: `Err` says why it failed.
+    fn end_signal_reload(&mut self, outcome: Result<(), String>) {
+        if self.signal_reload.take().is_none() {
+            return;
+        }
+        match &outcome {
+            Ok(()) => tracing::info!(service = %self.name, "reloaded (RELOADING=1, then READY=1)"),
+            Err(why) => tracing::error!(service = %self.name, "the reload failed: {why}"),
+        }
+        self.reload_outcome = Some((self.reloads, outcome));
     }
 
     /// `holdfast start`: true when the reply must wait for the service to be up.
@@ -524,11 +1029,23 @@ impl Machine {
             c.terminate(now, timeout, &mut fx);
             self.draining.push(c);
         }
-        match self.main.as_mut() {
-            Some(main) => {
+        if let Some(pre) = self.pre.as_mut() {
+            if let Some(inst) = pre.inst.as_mut() {
+                inst.terminate(now, timeout, &mut fx);
+            }
+            if pre.what == SpawnRole::Main {
+                // Its exit ends the start: stopped.
                 self.stop_requested = true;
                 self.restart_requested = false;
-                main.terminate(now, timeout, &mut fx);
+                self.state = State::Stopping;
+                return fx;
+            }
+        }
+        match self.main.as_mut() {
+            Some(_) => {
+                self.stop_requested = true;
+                self.restart_requested = false;
+                self.stop_main(now, &mut fx);
                 self.state = State::Stopping;
             }
             None => {
@@ -554,7 +1071,16 @@ impl Machine {
         self.stop_requested = true;
         self.state = State::Stopping;
         let timeout = self.cfg.stop_timeout;
-        for mut inst in self.candidate.take().into_iter().chain(self.main.take()) {
+        let pre = self.pre.take().and_then(|p| p.inst);
+        let control = self.control.take().and_then(|c| c.inst);
+        for mut inst in self
+            .candidate
+            .take()
+            .into_iter()
+            .chain(self.main.take())
+            .chain(pre)
+            .chain(control)
+        {
             inst.terminate(now, timeout, &mut fx);
             self.draining.push(inst);
         }
@@ -578,7 +1104,7 @@ impl Machine {
             RestartMode::Overlap if self.main.is_some() => Ok(if self.candidate.is_some() {
                 Vec::new()
             } else {
-                vec![Effect::Spawn(SpawnRole::Candidate)]
+                self.begin(SpawnRole::Candidate, now).into_iter().collect()
             }),
             _ => Ok(self.restart_stop_start(now)),
         }
@@ -588,19 +1114,36 @@ impl Machine {
     fn restart_stop_start(&mut self, now: Instant) -> Vec<Effect> {
         let timeout = self.cfg.stop_timeout;
         match self.main.as_mut() {
-            Some(main) => {
+            Some(_) => {
                 let mut fx = Vec::new();
                 self.restart_requested = true;
                 self.stop_requested = false;
-                main.terminate(now, timeout, &mut fx);
+                self.stop_main(now, &mut fx);
                 self.state = State::Stopping;
                 fx
             }
             None => {
+                // A start under way in its exec-start-pre: stopped, then started again.
+                if let Some(inst) = self.main_pre_mut() {
+                    let mut fx = Vec::new();
+                    inst.terminate(now, timeout, &mut fx);
+                    self.restart_requested = true;
+                    self.stop_requested = false;
+                    self.state = State::Stopping;
+                    return fx;
+                }
                 self.reset();
                 self.start(now, false)
             }
         }
+    }
+
+    /// The running exec-start-pre command of a main instance's start.
+    fn main_pre_mut(&mut self) -> Option<&mut Instance> {
+        self.pre
+            .as_mut()
+            .filter(|p| p.what == SpawnRole::Main)
+            .and_then(|p| p.inst.as_mut())
     }
 
     /// The main process of instance `id` exited. `shutting_down`: holdfast
@@ -614,6 +1157,12 @@ impl Machine {
     ) -> Vec<Effect> {
         if let Some(k) = self.draining.iter().position(|d| d.id == id) {
             return self.draining_exited(k, exit);
+        }
+        if self.pre_command().is_some_and(|(_, i)| i.id == id) {
+            return self.pre_exited(exit, now, shutting_down);
+        }
+        if self.running_command().is_some_and(|(_, _, i)| i.id == id) {
+            return self.command_exited(exit, now);
         }
         if self.candidate.as_ref().is_some_and(|c| c.id == id) {
             self.candidate_exited(exit);
@@ -661,6 +1210,7 @@ impl Machine {
         shutting_down: bool,
     ) -> Vec<Effect> {
         self.gone(main.pid);
+        self.end_signal_reload(Err(format!("the main process exited ({exit})")));
         let uptime = now.saturating_duration_since(main.started_at);
         self.last_exit = Some(exit);
         let failed = !exit.success() || main.failed.is_some();
@@ -675,6 +1225,14 @@ impl Machine {
                     State::Starting
                 };
                 self.main = Some(c);
+                self.restarts += 1;
+                return Vec::new();
+            }
+            // The candidate is still in its exec-start-pre: it becomes the main start.
+            if let Some(pre) = self.pre.as_mut().filter(|p| p.what == SpawnRole::Candidate) {
+                tracing::warn!(service = %self.name, pid = main.pid, %exit, "exited during an overlap restart; the new instance, in its exec-start-pre, takes over");
+                pre.what = SpawnRole::Main;
+                self.state = State::Starting;
                 self.restarts += 1;
                 return Vec::new();
             }
@@ -696,10 +1254,28 @@ impl Machine {
         if !self.has_instances() {
             fx.push(Effect::ReleaseOldSockets);
         }
-        if !listens_again && self.next_start.is_some_and(|t| t <= now) {
+        // A command still runs beside it (exec-stop): the next start waits
+        // for its end. Those about this main process end with it.
+        self.end_commands_of_main(now, &mut fx);
+        if !listens_again && self.control.is_none() && self.next_start.is_some_and(|t| t <= now) {
             fx.extend(self.start(now, !asked));
         }
         fx
+    }
+
+    /// The main process is gone: its exec-start-post or exec-reload command
+    /// is stopped (exec-stop runs on to its end).
+    fn end_commands_of_main(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let timeout = self.cfg.stop_timeout;
+        if let Some(c) = self
+            .control
+            .as_mut()
+            .filter(|c| c.what != CommandKind::Stop)
+        {
+            if let Some(inst) = c.inst.as_mut() {
+                inst.terminate(now, timeout, fx);
+            }
+        }
     }
 
     /// An on-demand service waits for traffic again, unless it was stopped
@@ -785,6 +1361,9 @@ impl Machine {
         if became_ready && role == Role::Candidate {
             self.promote(now, &mut fx);
         }
+        if became_ready && role == Role::Main && self.state == State::Running {
+            self.after_ready(now, &mut fx);
+        }
         fx
     }
 
@@ -809,7 +1388,27 @@ impl Machine {
             Some(State::Stopping) => &[State::Running, State::Starting, State::Reloading],
             _ => &[],
         };
-        if let Some(to) = heard.main_state.filter(|_| from.contains(&self.state)) {
+        // Still in exec-start-post: starting until it is done.
+        let post = self
+            .control
+            .as_ref()
+            .is_some_and(|c| c.what == CommandKind::StartPost);
+        // A reload by signal: READY=1 ends it only after RELOADING=1.
+        if let Some(r) = self.signal_reload.as_mut() {
+            match heard.main_state {
+                Some(State::Reloading) => r.reloading = true,
+                Some(State::Running) if !r.reloading => return,
+                _ => {}
+            }
+        }
+        if let Some(to) = heard
+            .main_state
+            .filter(|_| from.contains(&self.state))
+            .filter(|to| !(post && *to == State::Running))
+        {
+            if to == State::Running && self.state == State::Reloading {
+                self.end_signal_reload(Ok(()));
+            }
             self.state = to;
         }
     }
@@ -826,6 +1425,8 @@ impl Machine {
             .iter_mut()
             .chain(&mut self.candidate)
             .chain(&mut self.draining)
+            .chain(self.pre.as_mut().and_then(|p| p.inst.as_mut()))
+            .chain(self.control.as_mut().and_then(|c| c.inst.as_mut()))
         {
             if inst.kill_at.is_some_and(|t| t <= now) {
                 inst.kill_at = Some(deadline(now, Duration::from_secs(3600)));
@@ -839,6 +1440,68 @@ impl Machine {
                 humantime::format_duration(start_timeout)
             )
         };
+        // Start timeout in an exec-start-pre command: stop it; its exit
+        // fails the start.
+        if let Some(pre) = self.pre.as_mut() {
+            if let Some(inst) = pre
+                .inst
+                .as_mut()
+                .filter(|i| i.ready_by.is_some_and(|t| t <= now))
+            {
+                let why = format!(
+                    "exec-start-pre[{}] did not finish within start-timeout ({})",
+                    pre.index,
+                    humantime::format_duration(start_timeout)
+                );
+                tracing::error!(service = %self.name, pid = inst.pid, "{why}: stopping it");
+                inst.terminate(now, stop_timeout, &mut fx);
+                inst.failed = Some(why);
+                if pre.what == SpawnRole::Main {
+                    self.state = State::Stopping;
+                }
+            }
+        }
+        // A command beside the main process not done in time: stopped; its
+        // exit fails it. exec-stop's timeout sends kill-signal to the main
+        // process at once.
+        if let Some(c) = self.control.as_mut() {
+            if let Some(inst) = c
+                .inst
+                .as_mut()
+                .filter(|i| i.ready_by.is_some_and(|t| t <= now))
+            {
+                let (timeout, which) = match c.what {
+                    CommandKind::Stop => (stop_timeout, "stop-timeout"),
+                    CommandKind::StartPost | CommandKind::Reload => {
+                        (start_timeout, "start-timeout")
+                    }
+                };
+                let why = format!(
+                    "{}[{}] did not finish within {which} ({})",
+                    c.what.key(),
+                    c.index,
+                    humantime::format_duration(timeout)
+                );
+                tracing::error!(service = %self.name, pid = inst.pid, "{why}: stopping it");
+                inst.terminate(now, stop_timeout, &mut fx);
+                inst.failed = Some(why);
+                if c.what == CommandKind::Stop {
+                    if let Some(main) = self.main.as_mut() {
+                        main.terminate(now, stop_timeout, &mut fx);
+                    }
+                }
+            }
+        }
+        if self.signal_reload.as_ref().is_some_and(|r| r.by <= now) {
+            let why = format!(
+                "no RELOADING=1 then READY=1 within start-timeout ({}) after reload-signal",
+                humantime::format_duration(start_timeout)
+            );
+            self.end_signal_reload(Err(why));
+            if self.state == State::Reloading {
+                self.state = State::Running;
+            }
+        }
         // Start timeout of an overlap candidate: give up on it.
         if self
             .candidate
@@ -870,7 +1533,7 @@ impl Machine {
                 self.state = State::Stopping;
             }
         }
-        if may_start && self.next_start.is_some_and(|t| t <= now) {
+        if may_start && self.control.is_none() && self.next_start.is_some_and(|t| t <= now) {
             if self.cfg.on_demand {
                 // The delay after a failed run is over: traffic starts it.
                 self.next_start = None;
@@ -898,6 +1561,7 @@ impl Machine {
         self.main = Some(new);
         self.restarts += 1;
         self.state = State::Running;
+        self.after_ready(now, fx);
     }
 
     /// The restart policy after a main process's exit: when to start again,
@@ -986,6 +1650,7 @@ mod tests {
             user: None,
             group: None,
             process: crate::unit::ProcessConfig::defaults_for(kind),
+            commands: Default::default(),
         }
     }
 
@@ -1251,5 +1916,577 @@ mod tests {
         assert_eq!(m.state(), State::Stopped);
         assert!(m.timers(t + Duration::from_secs(5), true).is_empty());
         assert_eq!(m.state(), State::Stopped);
+    }
+
+    /// A machine whose exec-start-pre commands are `pre` ("-x": x, its
+    /// failure ignored).
+    fn pre_machine(kind: ServiceType, restart: RestartPolicy, pre: &[&str]) -> Machine {
+        let list: Vec<(&str, bool)> = pre
+            .iter()
+            .map(|p| p.strip_prefix('-').map_or((*p, false), |p| (p, true)))
+            .collect();
+        Machine::new("s", &with_pre(kind, restart, &list), false)
+    }
+
+    /// A machine with `n` commands of `which`.
+    fn cmd_machine(
+        kind: ServiceType,
+        restart: RestartPolicy,
+        which: CommandKind,
+        n: usize,
+    ) -> Machine {
+        Machine::new("s", &with_commands(kind, restart, which, n), false)
+    }
+
+    /// Runs a spawned exec-start-pre command as `pid` to its `exit`.
+    fn pre_ran(m: &mut Machine, pid: i32, exit: Exit, now: Instant) -> Vec<Effect> {
+        let id = m.pre_spawned(pid, now);
+        m.exited(id, exit, now, false)
+    }
+
+    /// Runs a spawned exec-start-post, exec-stop or exec-reload command as
+    /// `pid` to its `exit`.
+    fn ran(m: &mut Machine, pid: i32, exit: Exit, now: Instant) -> Vec<Effect> {
+        let id = m.command_spawned(pid, now);
+        m.exited(id, exit, now, false)
+    }
+
+    fn with_pre(kind: ServiceType, restart: RestartPolicy, pre: &[(&str, bool)]) -> ServiceConfig {
+        let mut c = cfg(kind, restart);
+        c.commands.start_pre = pre
+            .iter()
+            .map(|(p, ignore)| crate::unit::ExecCommand {
+                argv: vec![p.to_string()],
+                ignore_failure: *ignore,
+            })
+            .collect();
+        c
+    }
+
+    /// A start that failed leaves no instance: sockets a reload replaced go.
+    fn released() -> Vec<Effect> {
+        vec![Effect::ReleaseOldSockets]
+    }
+
+    fn pre(role: SpawnRole, index: usize) -> Vec<Effect> {
+        vec![Effect::SpawnPre { role, index }]
+    }
+
+    #[test]
+    fn pre_commands_run_one_after_another_before_the_main_process() {
+        let now = Instant::now();
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::OnFailure, &["a", "b"]);
+        assert_eq!(m.boot(now), pre(SpawnRole::Main, 0));
+        assert_eq!(m.state(), State::Starting);
+        let a = m.pre_spawned(20, now);
+        assert_eq!(m.pre_command().map(|(k, i)| (k, i.pid)), Some((0, 20)));
+        assert!(m.has_instances());
+        assert!(m.main().is_none());
+        assert_eq!(
+            m.exited(a, Exit::Code(0), now, false),
+            pre(SpawnRole::Main, 1)
+        );
+        assert_eq!(
+            pre_ran(&mut m, 21, Exit::Code(0), now),
+            vec![Effect::Spawn(SpawnRole::Main)]
+        );
+        assert!(m.pre_command().is_none());
+        m.spawned(SpawnRole::Main, 22, now);
+        assert_eq!(m.state(), State::Running);
+        // A restart runs them again.
+        let main = m.main().unwrap().id;
+        m.exited(main, Exit::Code(1), now + MS, false);
+        assert_eq!(m.state(), State::Waiting);
+        assert_eq!(
+            m.timers(now + Duration::from_secs(1), true),
+            pre(SpawnRole::Main, 0)
+        );
+    }
+
+    #[test]
+    fn a_failing_pre_command_fails_the_start_and_the_start_limit_applies() {
+        let now = Instant::now();
+        let c = with_pre(
+            ServiceType::Simple,
+            RestartPolicy::Always,
+            &[("check", false)],
+        );
+        let mut m = Machine::new("s", &c, false);
+        let mut t = now;
+        for run in 0..5 {
+            let fx = if run == 0 {
+                m.boot(t)
+            } else {
+                m.timers(t, true)
+            };
+            assert_eq!(fx, pre(SpawnRole::Main, 0), "start {run}");
+            let id = m.pre_spawned(100 + run, t);
+            assert_eq!(m.exited(id, Exit::Code(1), t, false), released());
+            assert_eq!(m.state(), State::Waiting, "start {run}");
+            assert_eq!(m.last_exit(), Some(Exit::Code(1)));
+            t += Duration::from_secs(1);
+        }
+        assert_eq!(m.restarts(), 5);
+        assert!(m.timers(t, true).is_empty());
+        assert_eq!(m.state(), State::Failed);
+        assert!(m.failure().unwrap().contains("start limit"));
+
+        // restart = "never": failed at once, saying which command.
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Never, &["ok", "check"]);
+        m.boot(now);
+        pre_ran(&mut m, 10, Exit::Code(0), now);
+        pre_ran(&mut m, 11, Exit::Signal(9), now);
+        assert_eq!(m.state(), State::Failed);
+        let why = m.failure().unwrap();
+        assert!(why.contains("exec-start-pre[1] (check) failed"), "{why}");
+        assert!(!m.has_instances());
+    }
+
+    #[test]
+    fn a_dash_command_may_fail_and_cannot_be_spawned_as_well() {
+        let now = Instant::now();
+        let mut m = pre_machine(
+            ServiceType::Notify,
+            RestartPolicy::OnFailure,
+            &["-a", "-b", "c"],
+        );
+        m.boot(now);
+        let a = m.pre_spawned(10, now);
+        assert_eq!(
+            m.exited(a, Exit::Code(3), now, false),
+            pre(SpawnRole::Main, 1)
+        );
+        assert_eq!(
+            m.pre_spawn_failed("no such file", now),
+            pre(SpawnRole::Main, 2)
+        );
+        // Not a dash: a spawn failure fails the start.
+        assert_eq!(m.pre_spawn_failed("no such file", now), released());
+        assert_eq!(m.state(), State::Waiting);
+        assert_eq!(m.last_exit(), Some(Exit::Code(127)));
+    }
+
+    #[test]
+    fn pre_commands_must_finish_within_start_timeout() {
+        let now = Instant::now();
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Never, &["a", "-slow"]);
+        m.boot(now);
+        let a = m.pre_spawned(10, now);
+        m.exited(a, Exit::Code(0), now + 600 * MS, false);
+        let slow = m.pre_spawned(11, now + 600 * MS);
+        // One start-timeout for them all, from the start.
+        assert_eq!(m.deadline(), Some(now + 1000 * MS));
+        assert!(m.timers(now + 999 * MS, true).is_empty());
+        assert_eq!(
+            m.timers(now + 1000 * MS, true),
+            vec![Effect::Terminate(slow)]
+        );
+        assert_eq!(m.state(), State::Stopping);
+        assert_eq!(m.timers(now + 2000 * MS, true), vec![Effect::Kill(slow)]);
+        // Even a dash command that timed out fails the start.
+        assert_eq!(
+            m.exited(slow, Exit::Signal(9), now + 2001 * MS, false),
+            released()
+        );
+        assert_eq!(m.state(), State::Failed);
+        assert!(m.failure().unwrap().contains("within start-timeout"));
+    }
+
+    #[test]
+    fn a_stop_during_a_pre_command_stops_it_and_nothing_starts() {
+        let now = Instant::now();
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Always, &["a"]);
+        m.boot(now);
+        let a = m.pre_spawned(10, now);
+        assert_eq!(m.stop(now), vec![Effect::Terminate(a)]);
+        assert_eq!(m.state(), State::Stopping);
+        assert_eq!(m.timers(now + 1000 * MS, true), vec![Effect::Kill(a)]);
+        assert_eq!(
+            m.exited(a, Exit::Signal(9), now + 1001 * MS, false),
+            released()
+        );
+        assert_eq!(m.state(), State::Stopped);
+        assert!(m.failure().is_none());
+        assert!(!m.has_instances());
+        // Shutting down: stopped too, whatever its exit.
+        m.request_start(now);
+        let a = m.pre_spawned(11, now);
+        assert_eq!(m.exited(a, Exit::Code(0), now, true), released());
+        assert_eq!(m.state(), State::Stopped);
+    }
+
+    #[test]
+    fn a_restart_during_a_pre_command_starts_again_from_the_first() {
+        let now = Instant::now();
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Never, &["a", "b"]);
+        m.boot(now);
+        pre_ran(&mut m, 10, Exit::Code(0), now);
+        let b = m.pre_spawned(11, now);
+        assert_eq!(m.restart(None, now).unwrap(), vec![Effect::Terminate(b)]);
+        assert_eq!(
+            m.exited(b, Exit::Signal(15), now, false),
+            [released(), pre(SpawnRole::Main, 0)].concat()
+        );
+        assert_eq!(m.state(), State::Starting);
+    }
+
+    #[test]
+    fn an_overlap_candidate_runs_the_pre_commands_and_their_failure_keeps_the_old_one() {
+        let now = Instant::now();
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::OnFailure, &["check"]);
+        m.boot(now);
+        pre_ran(&mut m, 10, Exit::Code(0), now);
+        let (old, _) = m.spawned(SpawnRole::Main, 11, now);
+        assert_eq!(
+            m.restart(Some(RestartMode::Overlap), now).unwrap(),
+            pre(SpawnRole::Candidate, 0)
+        );
+        // Asked again while it runs: nothing more.
+        assert!(m
+            .restart(Some(RestartMode::Overlap), now)
+            .unwrap()
+            .is_empty());
+        let p = m.pre_spawned(12, now);
+        assert_eq!(m.state(), State::Running);
+        assert!(m.exited(p, Exit::Code(1), now, false).is_empty());
+        assert!(m
+            .overlap_failure()
+            .unwrap()
+            .contains("exec-start-pre[0] (check) failed"));
+        assert_eq!(m.main().unwrap().id, old);
+        assert_eq!(m.state(), State::Running);
+        // Passes: the candidate spawns, and (simple) takes over at once.
+        m.restart(Some(RestartMode::Overlap), now).unwrap();
+        let p = m.pre_spawned(13, now);
+        assert_eq!(
+            m.exited(p, Exit::Code(0), now, false),
+            vec![Effect::Spawn(SpawnRole::Candidate)]
+        );
+        let (_, fx) = m.spawned(SpawnRole::Candidate, 14, now);
+        assert_eq!(fx, vec![Effect::Terminate(old)]);
+        // The old one dies while a candidate is in its pre command: that start becomes the main one.
+        m.restart(Some(RestartMode::Overlap), now).unwrap();
+        let p = m.pre_spawned(15, now);
+        let main = m.main().unwrap().id;
+        assert!(m.exited(main, Exit::Code(1), now, false).is_empty());
+        assert_eq!(m.state(), State::Starting);
+        assert_eq!(
+            m.exited(p, Exit::Code(0), now, false),
+            vec![Effect::Spawn(SpawnRole::Main)]
+        );
+    }
+
+    #[test]
+    fn a_pre_command_survives_serialization_for_the_upgrade() {
+        let now = Instant::now();
+        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::OnFailure, &["a", "b"]);
+        m.boot(now);
+        let a = m.pre_spawned(10, now);
+        let json = serde_json::to_string(&m).unwrap();
+        let mut m: Machine = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            m.pre_command().map(|(k, i)| (k, i.pid, i.id)),
+            Some((0, 10, a))
+        );
+        assert_eq!(
+            m.exited(a, Exit::Code(0), now, false),
+            pre(SpawnRole::Main, 1)
+        );
+        // A machine saved before exec-start-pre existed reads as none running.
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v.as_object_mut().unwrap().remove("pre");
+        let old: Machine = serde_json::from_value(v).unwrap();
+        assert!(old.pre_command().is_none());
+    }
+
+    fn with_commands(
+        kind: ServiceType,
+        restart: RestartPolicy,
+        which: CommandKind,
+        n: usize,
+    ) -> ServiceConfig {
+        let mut c = cfg(kind, restart);
+        let list = (0..n)
+            .map(|k| crate::unit::ExecCommand {
+                argv: vec![format!("c{k}")],
+                ignore_failure: false,
+            })
+            .collect();
+        match which {
+            CommandKind::StartPost => c.commands.start_post = list,
+            CommandKind::Stop => c.commands.stop = list,
+            CommandKind::Reload => c.commands.reload = list,
+        }
+        c
+    }
+
+    fn command(kind: CommandKind, index: usize) -> Vec<Effect> {
+        vec![Effect::SpawnCommand { kind, index }]
+    }
+
+    #[test]
+    fn start_post_runs_once_ready_and_the_service_is_running_when_it_is_done() {
+        let now = Instant::now();
+        // simple: at once.
+        let mut m = cmd_machine(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            CommandKind::StartPost,
+            2,
+        );
+        m.boot(now);
+        let (main, fx) = m.spawned(SpawnRole::Main, 10, now);
+        assert_eq!(fx, command(CommandKind::StartPost, 0));
+        assert_eq!(m.state(), State::Starting);
+        let p = m.command_spawned(11, now);
+        assert_eq!(
+            m.exited(p, Exit::Code(0), now, false),
+            command(CommandKind::StartPost, 1)
+        );
+        let p = m.command_spawned(12, now);
+        assert!(m.exited(p, Exit::Code(0), now, false).is_empty());
+        assert_eq!(m.state(), State::Running);
+        assert_eq!(m.main().unwrap().id, main);
+        // notify: after READY=1; a second READY=1 meanwhile does not make it running.
+        let mut m = cmd_machine(
+            ServiceType::Notify,
+            RestartPolicy::OnFailure,
+            CommandKind::StartPost,
+            1,
+        );
+        m.boot(now);
+        let (main, fx) = m.spawned(SpawnRole::Main, 10, now);
+        assert!(fx.is_empty());
+        assert_eq!(
+            m.said(main, Role::Main, vec![Said::Ready], now),
+            command(CommandKind::StartPost, 0)
+        );
+        assert_eq!(m.state(), State::Starting);
+        m.said(main, Role::Main, vec![Said::Ready], now);
+        assert_eq!(m.state(), State::Starting);
+        ran(&mut m, 11, Exit::Code(0), now);
+        assert_eq!(m.state(), State::Running);
+    }
+
+    #[test]
+    fn a_failing_start_post_stops_the_service_as_failed() {
+        let now = Instant::now();
+        let mut m = cmd_machine(
+            ServiceType::Simple,
+            RestartPolicy::Never,
+            CommandKind::StartPost,
+            1,
+        );
+        let main = started(&mut m, now, 10);
+        assert_eq!(
+            ran(&mut m, 11, Exit::Code(2), now),
+            vec![Effect::Terminate(main)]
+        );
+        assert_eq!(m.state(), State::Stopping);
+        m.exited(main, Exit::Signal(15), now, false);
+        assert_eq!(m.state(), State::Failed);
+        assert!(m
+            .failure()
+            .unwrap()
+            .contains("exec-start-post[0] (c0) failed: exit code 2"));
+    }
+
+    #[test]
+    fn exec_stop_runs_before_kill_signal_and_its_timeout_sends_it() {
+        let now = Instant::now();
+        let c = with_commands(
+            ServiceType::Simple,
+            RestartPolicy::Always,
+            CommandKind::Stop,
+            2,
+        );
+        let mut m = Machine::new("s", &c, false);
+        let main = started(&mut m, now, 10);
+        assert_eq!(m.stop(now), command(CommandKind::Stop, 0));
+        assert_eq!(m.state(), State::Stopping);
+        // Asked again: nothing more.
+        assert!(m.stop(now).is_empty());
+        let a = m.command_spawned(11, now);
+        assert_eq!(
+            m.exited(a, Exit::Code(0), now, false),
+            command(CommandKind::Stop, 1)
+        );
+        let b = m.command_spawned(12, now);
+        assert_eq!(
+            m.exited(b, Exit::Code(0), now, false),
+            vec![Effect::Terminate(main)]
+        );
+        assert_eq!(m.timers(now + 1000 * MS, true), vec![Effect::Kill(main)]);
+        m.exited(main, Exit::Signal(9), now, false);
+        assert_eq!(m.state(), State::Stopped);
+
+        // The main process exits during exec-stop (it was told to): stopped.
+        let mut m = Machine::new("s", &c, false);
+        let main = started(&mut m, now, 10);
+        m.stop(now);
+        let a = m.command_spawned(11, now);
+        assert!(m.exited(main, Exit::Code(0), now, false).is_empty());
+        assert_eq!(m.state(), State::Stopped);
+        assert_eq!(
+            m.exited(a, Exit::Code(0), now, false),
+            command(CommandKind::Stop, 1)
+        );
+        assert_eq!(ran(&mut m, 12, Exit::Code(0), now), released());
+        assert!(!m.has_instances());
+
+        // exec-stop hangs: at stop-timeout, kill-signal to both; SIGKILL after another.
+        let mut m = Machine::new("s", &c, false);
+        let main = started(&mut m, now, 10);
+        m.restart(None, now).unwrap();
+        let a = m.command_spawned(11, now);
+        assert_eq!(
+            m.timers(now + 1000 * MS, true),
+            vec![Effect::Terminate(a), Effect::Terminate(main)]
+        );
+        assert_eq!(
+            m.timers(now + 2000 * MS, true),
+            vec![Effect::Kill(main), Effect::Kill(a)]
+        );
+        assert!(m
+            .exited(a, Exit::Signal(9), now + 2001 * MS, false)
+            .is_empty());
+        assert_eq!(
+            m.exited(main, Exit::Signal(9), now + 2001 * MS, false),
+            [released(), vec![Effect::Spawn(SpawnRole::Main)]].concat()
+        );
+    }
+
+    #[test]
+    fn exec_reload_runs_the_commands_and_says_how_it_ended() {
+        let now = Instant::now();
+        let c = with_commands(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            CommandKind::Reload,
+            2,
+        );
+        let mut m = Machine::new("s", &c, false);
+        started(&mut m, now, 10);
+        let (seq, fx) = m.reload(now).unwrap();
+        assert_eq!(fx, command(CommandKind::Reload, 0));
+        assert_eq!(m.state(), State::Reloading);
+        assert!(m.reload(now).unwrap_err().contains("runs its exec-reload"));
+        let a = m.command_spawned(11, now);
+        assert_eq!(
+            m.running_command().map(|(k, i, c)| (k, i, c.pid)),
+            Some((CommandKind::Reload, 0, 11))
+        );
+        m.exited(a, Exit::Code(0), now, false);
+        let b = m.command_spawned(12, now);
+        assert_eq!(m.reload_outcome(seq), None);
+        m.exited(b, Exit::Code(0), now, false);
+        assert_eq!(m.reload_outcome(seq), Some(Ok(())));
+        assert_eq!(m.state(), State::Running);
+        // A failure: the service runs on, the reload failed.
+        let (seq, _) = m.reload(now).unwrap();
+        ran(&mut m, 13, Exit::Code(1), now);
+        assert!(m
+            .reload_outcome(seq)
+            .unwrap()
+            .unwrap_err()
+            .contains("exec-reload[0] (c0) failed"));
+        assert_eq!(m.state(), State::Running);
+        assert_eq!(m.restarts(), 0);
+        // Nothing to reload with.
+        let mut m = Machine::new(
+            "s",
+            &cfg(ServiceType::Simple, RestartPolicy::OnFailure),
+            false,
+        );
+        started(&mut m, now, 10);
+        assert!(m.reload(now).unwrap_err().contains("has no exec-reload"));
+        m.stop(now);
+        assert!(m
+            .reload(now)
+            .unwrap_err()
+            .contains("only a running service"));
+    }
+
+    #[test]
+    fn notify_reload_sends_the_signal_and_waits_for_reloading_then_ready() {
+        let now = Instant::now();
+        let mut m = Machine::new(
+            "s",
+            &cfg(ServiceType::NotifyReload, RestartPolicy::OnFailure),
+            false,
+        );
+        let main = started(&mut m, now, 10);
+        m.said(main, Role::Main, vec![Said::Ready], now);
+        let (seq, fx) = m.reload(now).unwrap();
+        assert_eq!(fx, vec![Effect::ReloadSignal(main)]);
+        assert_eq!(m.state(), State::Reloading);
+        // READY=1 before RELOADING=1 does not end it.
+        m.said(main, Role::Main, vec![Said::Ready], now);
+        assert_eq!(m.state(), State::Reloading);
+        m.said(main, Role::Main, vec![Said::Reloading], now);
+        assert_eq!(m.reload_outcome(seq), None);
+        m.said(main, Role::Main, vec![Said::Ready], now);
+        assert_eq!(m.state(), State::Running);
+        assert_eq!(m.reload_outcome(seq), Some(Ok(())));
+        // No answer within start-timeout: failed, running on.
+        let (seq, _) = m.reload(now).unwrap();
+        assert_eq!(m.deadline(), Some(now + 1000 * MS));
+        m.timers(now + 1000 * MS, true);
+        assert!(m
+            .reload_outcome(seq)
+            .unwrap()
+            .unwrap_err()
+            .contains("no RELOADING=1"));
+        assert_eq!(m.state(), State::Running);
+        // The main process exits meanwhile: failed.
+        let (seq, _) = m.reload(now).unwrap();
+        m.exited(main, Exit::Code(1), now, false);
+        assert!(m
+            .reload_outcome(seq)
+            .unwrap()
+            .unwrap_err()
+            .contains("exited"));
+    }
+
+    #[test]
+    fn a_restart_waits_for_exec_stop_to_end_and_start_post_ends_with_its_main() {
+        let now = Instant::now();
+        let mut m = cmd_machine(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            CommandKind::Stop,
+            1,
+        );
+        let main = started(&mut m, now, 10);
+        assert_eq!(m.restart(None, now).unwrap(), command(CommandKind::Stop, 0));
+        let stop = m.command_spawned(11, now);
+        // It stopped the main process itself: the new one waits for exec-stop.
+        assert!(m.exited(main, Exit::Code(0), now, false).is_empty());
+        assert_eq!(m.deadline(), Some(now + 1000 * MS));
+        assert!(m.timers(now + 10 * MS, true).is_empty());
+        assert_eq!(
+            m.exited(stop, Exit::Code(0), now + 20 * MS, false),
+            [released(), vec![Effect::Spawn(SpawnRole::Main)]].concat()
+        );
+
+        // The main process dies during exec-start-post: the command is stopped.
+        let mut m = cmd_machine(
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            CommandKind::StartPost,
+            1,
+        );
+        let main = started(&mut m, now, 10);
+        let post = m.command_spawned(11, now);
+        assert_eq!(
+            m.exited(main, Exit::Code(1), now, false),
+            vec![Effect::Terminate(post)]
+        );
+        assert_eq!(m.state(), State::Waiting);
+        assert_eq!(m.exited(post, Exit::Signal(15), now, false), released());
+        assert_eq!(
+            m.timers(now + Duration::from_secs(1), true),
+            vec![Effect::Spawn(SpawnRole::Main)]
+        );
     }
 }

@@ -6,7 +6,9 @@
 mod machine;
 pub mod mono;
 
-pub use machine::{deadline, Effect, Instance, InstanceId, Machine, Role, Said, SpawnRole};
+pub use machine::{
+    deadline, CommandKind, Effect, Instance, InstanceId, Machine, Role, Said, SpawnRole,
+};
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

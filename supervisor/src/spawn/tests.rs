@@ -15,6 +15,9 @@ struct Opts<'f> {
     rlimits: Rlimits,
     non_blocking: bool,
     working_directory: Option<&'f Path>,
+    env: Vec<(String, OsString)>,
+    credentials: Option<&'f Credentials>,
+    setup: Setup,
     how: ForkMethod,
 }
 
@@ -26,6 +29,9 @@ fn opts<'f>() -> Opts<'f> {
         rlimits: Rlimits::default(),
         non_blocking: false,
         working_directory: None,
+        env: Vec::new(),
+        credentials: None,
+        setup: Setup::default(),
         how: ForkMethod::Clone3,
     }
 }
@@ -69,9 +75,11 @@ fn run_sh(script: &str, o: Opts<'_>) -> Result<(String, Exit, i32), SpawnError> 
         cgroup: o.cgroup,
         rlimits: o.rlimits,
         non_blocking: o.non_blocking,
+        env: o.env,
+        credentials: o.credentials,
         ..command(&program, &argv, out_w.as_fd())
     };
-    let spawned = spawn_with(&cmd, o.how)?;
+    let spawned = spawn_with(&cmd, &o.setup, o.how)?;
     drop(cmd);
     drop(out_w);
     drop(err_w);
@@ -167,7 +175,7 @@ fn exec_failure_is_reported_by_both_methods() {
         let program = PathBuf::from("/nonexistent/program");
         let argv = vec!["x".to_string()];
         let cmd = command(&program, &argv, w.as_fd());
-        match spawn_with(&cmd, how) {
+        match spawn_with(&cmd, &Setup::default(), how) {
             Err(SpawnError::Child { stage, source }) => {
                 assert_eq!(stage, "execve");
                 assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
@@ -371,6 +379,146 @@ fn a_pidfd_never_signals_the_process_that_got_the_pid_next() {
     assert_eq!(stranger.try_wait().unwrap(), None, "the stranger was hit");
     stranger.kill().unwrap();
     stranger.wait().unwrap();
+}
+
+/// The line of /proc/self/status named `field`, as the child `script` saw it.
+fn status_line(field: &str, o: Opts<'_>) -> String {
+    let script = format!("grep '^{field}:' /proc/self/status | cut -f2");
+    let (out, exit, _) = run_sh(&script, o).unwrap();
+    assert_eq!(exit, Exit::Code(0), "{out}");
+    out.trim().to_string()
+}
+
+#[test]
+fn the_child_gets_systemds_umask_or_the_units() {
+    // Whatever holdfast's own umask: 0022 unless the unit says otherwise.
+    let (out, _, _) = run_sh("umask", opts()).unwrap();
+    assert_eq!(out.trim(), "0022");
+    let mut o = opts();
+    o.setup.umask = 0o077;
+    let (out, _, _) = run_sh(
+        "umask; touch /tmp/hf-umask-$$; stat -c %a /tmp/hf-umask-$$; rm /tmp/hf-umask-$$",
+        o,
+    )
+    .unwrap();
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["0077", "600"]);
+}
+
+#[test]
+fn no_new_privileges_is_what_the_child_sees() {
+    assert_eq!(status_line("NoNewPrivs", opts()), "0");
+    let mut o = opts();
+    o.setup.no_new_privileges = true;
+    assert_eq!(status_line("NoNewPrivs", o), "1");
+}
+
+#[test]
+fn supplementary_groups_join_the_users_groups() {
+    if !crate::testing::is_root_or_skip("setgroups needs root (geteuid != 0)") {
+        return;
+    }
+    // Without user or group: the supplementary groups alone.
+    let mut o = opts();
+    o.setup.supplementary_groups = vec![4343, 4242];
+    assert_eq!(status_line("Groups", o), "4242 4343");
+    // With a user: its own groups and the supplementary ones.
+    let nobody = Credentials::resolve(Some("65534"), Some("65534"))
+        .unwrap()
+        .unwrap();
+    let mut o = opts();
+    o.credentials = Some(&nobody);
+    o.setup.supplementary_groups = vec![4242];
+    let mut want: Vec<u32> = nobody.groups.clone();
+    want.push(4242);
+    want.sort_unstable();
+    want.dedup();
+    let want: Vec<String> = want.iter().map(u32::to_string).collect();
+    assert_eq!(status_line("Groups", o), want.join(" "));
+}
+
+#[test]
+fn credentials_are_set_while_other_threads_are_being_created() {
+    // glibc's setgroups/setgid/setuid wait for every thread glibc knows of;
+    // in a clone3 child a thread the parent was creating never answers.
+    if !crate::testing::is_root_or_skip("setgroups needs root (geteuid != 0)") {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::spawn(|| {}).join().unwrap();
+            }
+        })
+    };
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let root = Credentials::resolve(Some("0"), Some("0")).unwrap().unwrap();
+        for _ in 0..200 {
+            let mut o = opts();
+            o.credentials = Some(&root);
+            o.setup.supplementary_groups = vec![4242];
+            let (_, exit, _) = run_sh("exit 0", o).unwrap();
+            assert_eq!(exit, Exit::Code(0));
+        }
+        done_tx.send(()).unwrap();
+    });
+    let finished = done_rx.recv_timeout(std::time::Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    finished.expect("a child hung before exec, setting its credentials");
+}
+
+#[test]
+fn setup_resolves_groups_and_reads_environment_files_at_each_call() {
+    use crate::unit::{EnvironmentFile, ProcessConfig, ServiceType};
+    let dir = std::env::temp_dir().join(format!("holdfast-spawn-env-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("web.env");
+    std::fs::write(&file, "# defaults\nFROM_FILE='one two'\nBOTH=file\n").unwrap();
+    let mut p = ProcessConfig::defaults_for(ServiceType::Simple);
+    p.supplementary_groups = vec!["root".into(), "4242".into()];
+    p.environment_files = vec![
+        EnvironmentFile {
+            path: file.clone(),
+            optional: false,
+        },
+        EnvironmentFile {
+            path: dir.join("missing.env"),
+            optional: true,
+        },
+    ];
+    let setup = Setup::for_process(&p).unwrap();
+    assert_eq!(setup.supplementary_groups, [0, 4242]);
+    assert_eq!(setup.umask, 0o022);
+    // The files' variables come after the unit's environment: they win.
+    let mut o = opts();
+    o.env = vec![
+        ("BOTH".into(), "environment".into()),
+        ("ONLY_ENV".into(), "e".into()),
+    ];
+    o.setup = setup;
+    let (out, _, _) = run_sh("echo \"$FROM_FILE|$BOTH|$ONLY_ENV\"", o).unwrap();
+    assert_eq!(out.trim(), "one two|file|e");
+    // Read again at the next start.
+    std::fs::write(&file, "BOTH=changed\n").unwrap();
+    let again = Setup::for_process(&p).unwrap();
+    assert_eq!(again.environment, [("BOTH".to_string(), "changed".into())]);
+    // A missing file that is not optional fails the start, naming it.
+    std::fs::remove_file(&file).unwrap();
+    let err = Setup::for_process(&p).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("environment file {}: ", file.display())),
+        "{err}"
+    );
+    p.environment_files.clear();
+    p.supplementary_groups = vec!["no-such-group-hf".into()];
+    let err = Setup::for_process(&p).unwrap_err().to_string();
+    assert_eq!(err, "group \"no-such-group-hf\" not found");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A command with the defaults, stdout and stderr on `out`.

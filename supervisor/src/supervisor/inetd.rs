@@ -164,6 +164,7 @@ impl Supervisor {
         }
         let program = spawn::resolve_program(&cfg.exec[0], path_var.as_deref())?;
         let credentials = spawn::Credentials::resolve(cfg.user.as_deref(), cfg.group.as_deref())?;
+        let setup = spawn::Setup::for_process(&cfg.process)?;
         let (err_r, err_w) = spawn::output_pipe()?;
         let cmd = spawn::Command {
             program: &program,
@@ -183,7 +184,7 @@ impl Supervisor {
             standard_output: cfg.process.standard_output,
         };
         // The core is to keep the pidfd (issue 10); for now the pid only.
-        let spawned = spawn::spawn(&cmd);
+        let spawned = spawn::spawn_set_up(&cmd, &setup);
         drop(cmd);
         let svc = self.registry.get_mut(id).expect("a known service");
         let pid = svc.tracking_mut().spawned(spawned, leaf)?;

@@ -194,18 +194,7 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
 
     // Whether sockets are steered is settled before any is made; the
     // program is attached once they are all in its maps (below).
-    let why_not = if opts.no_dispatcher {
-        Some("--no-dispatcher was given".to_string())
-    } else {
-        dispatch::probe().err().map(|e| {
-            let why = error_chain(&e);
-            tracing::warn!(
-                error = %why,
-                "BPF is not available: falling back to bind mode, where a socket can only have one address and one port"
-            );
-            format!("BPF is not available ({why})")
-        })
-    };
+    let why_not = why_no_dispatcher(opts);
     // What a holdfast that died here left running: its listeners taken back
     // (used below in place of new ones), its processes stopped. A dead
     // holdfast's sk_lookup program keeps steering to those listeners
@@ -247,6 +236,22 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
         }
     }
     sup.serve(unused_signals, true)
+}
+
+/// Why there will be no dispatcher (`--no-dispatcher`, or BPF cannot be
+/// loaded here: said once), or `None`: sockets are steered.
+fn why_no_dispatcher(opts: &Options) -> Option<String> {
+    if opts.no_dispatcher {
+        return Some("--no-dispatcher was given".to_string());
+    }
+    dispatch::probe().err().map(|e| {
+        let why = error_chain(&e);
+        tracing::warn!(
+            error = %why,
+            "BPF is not available: falling back to bind mode, where a socket can only have one address and one port"
+        );
+        format!("BPF is not available ({why})")
+    })
 }
 
 /// An error with its whole chain of causes (a cause its message already

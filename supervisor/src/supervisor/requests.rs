@@ -39,6 +39,10 @@ enum Until {
     Up {
         not: Option<i32>,
     },
+    /// Reload number `seq` of the service is over.
+    Reloaded {
+        seq: u64,
+    },
 }
 
 impl Supervisor {
@@ -81,6 +85,7 @@ impl Supervisor {
             Request::Start { name } => self.start_request(conn, name, now),
             Request::Stop { name } => self.stop_request(conn, name, now),
             Request::Restart { name, mode } => self.restart_request(conn, name, mode, now),
+            Request::ReloadService { name } => self.reload_service_request(conn, name, now),
             Request::Reload => Ok(Some(match self.reload() {
                 Ok(summary) => Reply::ok(&summary),
                 Err(e) => Reply::error(e.to_string()),
@@ -171,6 +176,25 @@ impl Supervisor {
             return Err(Reply::error(e));
         }
         self.wait(conn, id, name, Until::Up { not: old });
+        Ok(None)
+    }
+
+    fn reload_service_request(&mut self, conn: ConnectionId, name: String, now: Instant) -> Answer {
+        let id = self.named(&name)?;
+        self.refuse_when_shutting_down()?;
+        let mut asked = Err(String::new());
+        self.act(id, now, |m| match m.reload(now) {
+            Ok((seq, fx)) => {
+                asked = Ok(seq);
+                fx
+            }
+            Err(e) => {
+                asked = Err(e);
+                Vec::new()
+            }
+        });
+        let seq = asked.map_err(Reply::error)?;
+        self.wait(conn, id, name, Until::Reloaded { seq });
         Ok(None)
     }
 
@@ -368,9 +392,18 @@ impl Supervisor {
         let state = m.state();
         let exit = || m.last_exit().map(|e| format!(" ({e})")).unwrap_or_default();
         match w.until {
+            // Down is no process left, as systemd counts it: the cgroup
+            // empty, a setsid'd grandchild included.
             Until::Down => (matches!(state, State::Stopped | State::Failed)
-                && acceptor_counts(svc).0 == 0)
-                .then(|| Reply::ok(&status_of(svc, now))),
+                && acceptor_counts(svc).0 == 0
+                && !svc.tracking().any_left())
+            .then(|| Reply::ok(&status_of(svc, now))),
+            Until::Reloaded { seq } => match m.reload_outcome(seq) {
+                Some(Ok(())) => Some(Reply::ok(&status_of(svc, now))),
+                Some(Err(why)) => Some(Reply::error(format!("reload of {name:?} failed: {why}"))),
+                None if self.shutting_down => Some(Reply::error("holdfast is shutting down")),
+                None => None,
+            },
             Until::Up { not } => {
                 if let Some(why) = m.overlap_failure() {
                     Some(Reply::error(format!("restart of {name:?} failed: {why}")))

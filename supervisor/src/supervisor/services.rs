@@ -18,9 +18,9 @@ use crate::notify::{CgroupSenders, FdStore, Message, Notification, NotifySocket,
 use crate::pidfd::Pidfd;
 use crate::protocol::Stream;
 use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
-use crate::service::{Effect, Exit, InstanceId, Machine, Said};
+use crate::service::{CommandKind, Effect, Exit, InstanceId, Machine, Said};
 use crate::spawn::{self, Credentials};
-use crate::unit::Unit;
+use crate::unit::{StandardInput, StandardOutput, Unit};
 
 use super::acceptor::Acceptor;
 use super::output::LogRing;
@@ -171,6 +171,9 @@ impl Service {
     /// Its cgroup's memory and CPU usage (`None`: not tracked by cgroup).
     pub fn usage(&self) -> Option<crate::cgroup::Usage> {
         self.tracking.usage()
+    }
+    pub fn tracking(&self) -> &Tracking {
+        &self.tracking
     }
     pub fn tracking_mut(&mut self) -> &mut Tracking {
         &mut self.tracking
@@ -442,7 +445,20 @@ impl Supervisor {
             };
             let group = |i: InstanceId| svc.groups.get(&i).copied();
             match effect {
-                Effect::Spawn(role) => match self.spawn_instance(id) {
+                Effect::SpawnCommand { kind, index } => {
+                    let more = self.spawn_command(id, Process::Command(kind, index), now);
+                    queue.extend(more);
+                }
+                Effect::ReloadSignal(i) => {
+                    let n = svc.unit.service.commands.reload_signal().0;
+                    let signal = Signal::try_from(n).unwrap_or(Signal::SIGHUP);
+                    signal_main(svc, i, signal, "reload");
+                }
+                Effect::SpawnPre { role: _, index } => {
+                    let more = self.spawn_command(id, Process::Pre(index), now);
+                    queue.extend(more);
+                }
+                Effect::Spawn(role) => match self.spawn_instance(id, Process::Main) {
                     Ok(pid) => {
                         let svc = self.registry.get_mut(id).expect("still there");
                         let (instance, more) = svc.machine.spawned(role, pid.as_raw(), now);
@@ -473,19 +489,7 @@ impl Supervisor {
                         svc.tracking.kill(g);
                     }
                 }
-                Effect::Abort(i) => {
-                    // A MAINPID= process through its pidfd; else the main
-                    // pid is holdfast's child, its number held until reaped.
-                    if let Some(p) = svc.main_pidfds.get(&i) {
-                        let _ = p.signal(Signal::SIGABRT);
-                    } else if let Some(inst) = svc.machine.instance(i) {
-                        if svc.groups.get(&i).map(|g| g.as_raw()) == Some(inst.pid) {
-                            let _ = kill(Pid::from_raw(inst.pid), Signal::SIGABRT);
-                        } else {
-                            tracing::warn!(service = %svc.unit.name, pid = inst.pid, "watchdog: the main process is no longer held (no pidfd): no SIGABRT sent");
-                        }
-                    }
-                }
+                Effect::Abort(i) => signal_main(svc, i, Signal::SIGABRT, "watchdog"),
                 Effect::MainPid { instance, old, new } => {
                     let offered = svc.offered_main_pid.take().filter(|p| p.pid() == new);
                     // The old main pid's exit is no longer the instance's.
@@ -496,6 +500,31 @@ impl Supervisor {
                 Effect::ReleaseOldSockets => svc.old_sockets.clear(),
             }
         }
+    }
+
+    /// Spawns a command beside the main process (`what`: not `Main`) and
+    /// tells the machine what came of it; returns what it answers.
+    fn spawn_command(&mut self, id: ServiceId, what: Process, now: Instant) -> Vec<Effect> {
+        let spawned = self.spawn_instance(id, what);
+        let svc = self.registry.get_mut(id).expect("still there");
+        let m = &mut svc.machine;
+        let pid = match spawned {
+            Ok(pid) => pid,
+            Err(e) => {
+                return match what {
+                    Process::Pre(_) => m.pre_spawn_failed(&e.to_string(), now),
+                    _ => m.command_spawn_failed(&e.to_string(), now),
+                }
+            }
+        };
+        let instance = match what {
+            Process::Pre(_) => m.pre_spawned(pid.as_raw(), now),
+            _ => m.command_spawned(pid.as_raw(), now),
+        };
+        svc.groups.insert(instance, pid);
+        self.registry
+            .track(pid.as_raw(), id, Owner::Instance(instance));
+        Vec::new()
     }
 
     /// The PATH a service's program is looked up in, and the environment
@@ -522,10 +551,15 @@ impl Supervisor {
         (path_var, env)
     }
 
-    /// Spawns a new instance of service `id` with its sockets and stored fds.
-    fn spawn_instance(&mut self, id: ServiceId) -> Result<Pid, spawn::SpawnError> {
+    /// Spawns a new instance of service `id` with its sockets and stored
+    /// fds, or one of its commands (exec-start-pre and friends) with its
+    /// credentials, environment, directory and a cgroup leaf of its own,
+    /// but no socket; those beside a main process get `$MAINPID`.
+    fn spawn_instance(&mut self, id: ServiceId, what: Process) -> Result<Pid, spawn::SpawnError> {
         // A failed service's listeners listen again before it starts on them.
-        self.open_doors_before_spawn(id);
+        if !matches!(what, Process::Command(..)) {
+            self.open_doors_before_spawn(id);
+        }
         let hierarchy = self.cgroups.as_ref();
         let svc = self.registry.get_mut(id).expect("a known service");
         let leaf = svc
@@ -534,22 +568,42 @@ impl Supervisor {
         let svc = self.registry.get(id).expect("a known service");
         let (path_var, mut env) = self.base_env(svc);
         let cfg = &svc.unit.service;
-        let program = spawn::resolve_program(&cfg.exec[0], path_var.as_deref())?;
+        let main_pid = svc.machine.main().map(|m| m.pid);
+        let argv: std::borrow::Cow<'_, [String]> = match what {
+            Process::Main => (&cfg.exec[..]).into(),
+            Process::Pre(k) => (&cfg.commands.start_pre[k].argv[..]).into(),
+            Process::Command(kind, k) => {
+                let argv = &kind.of(&cfg.commands)[k].argv;
+                with_main_pid(argv, main_pid).into()
+            }
+        };
+        let program = spawn::resolve_program(&argv[0], path_var.as_deref())?;
         let credentials = Credentials::resolve(cfg.user.as_deref(), cfg.group.as_deref())?;
+        // umask, supplementary groups, no-new-privileges, environment files.
+        let setup = spawn::Setup::for_process(&cfg.process)?;
         let (out_r, out_w) = spawn::output_pipe()?;
         let (err_r, err_w) = spawn::output_pipe()?;
         for (k, v) in &cfg.environment {
             env.push((k.clone(), v.into()));
         }
-        let mut fds: Vec<(BorrowedFd<'_>, &str)> = svc
-            .sockets
-            .iter()
-            .map(|s| (s.fd.as_fd(), s.name.as_str()))
-            .collect();
-        fds.extend(svc.fd_store.fds().map(|(name, fd)| (fd, name)));
+        if let (Process::Command(..), Some(pid)) = (what, main_pid) {
+            env.push(("MAINPID".into(), pid.to_string().into()));
+        }
+        let mut fds: Vec<(BorrowedFd<'_>, &str)> = Vec::new();
+        let main = what == Process::Main;
+        if main {
+            fds.extend(svc.sockets.iter().map(|s| (s.fd.as_fd(), s.name.as_str())));
+            fds.extend(svc.fd_store.fds().map(|(name, fd)| (fd, name)));
+        }
+        let sockets = if main { svc.sockets.len() } else { 0 };
+        let (standard_input, standard_output) = if main {
+            (cfg.process.standard_input, cfg.process.standard_output)
+        } else {
+            (StandardInput::Null, StandardOutput::Log)
+        };
         let cmd = spawn::Command {
             program: &program,
-            argv: &cfg.exec,
+            argv: &argv,
             env,
             fds,
             stdin: None,
@@ -557,15 +611,15 @@ impl Supervisor {
             stderr: err_w.as_fd(),
             credentials: credentials.as_ref(),
             working_directory: cfg.working_directory.as_deref(),
-            sockets: svc.sockets.len(),
+            sockets,
             cgroup: leaf.as_ref().map(|l| l.as_fd()),
             rlimits: cfg.process.rlimits,
             non_blocking: cfg.process.non_blocking,
-            standard_input: cfg.process.standard_input,
-            standard_output: cfg.process.standard_output,
+            standard_input,
+            standard_output,
         };
         // The core is to keep the pidfd (issue 10); for now the pid only.
-        let spawned = spawn::spawn(&cmd);
+        let spawned = spawn::spawn_set_up(&cmd, &setup);
         drop(cmd);
         let svc = self.registry.get_mut(id).expect("a known service");
         let pid = svc.tracking.spawned(spawned, leaf)?;
@@ -911,6 +965,41 @@ impl Supervisor {
         self.act(id, now, |m| m.said(instance, role, said, now));
         if let Some(svc) = self.registry.get_mut(id) {
             svc.offered_main_pid = None;
+        }
+    }
+}
+
+/// What [`Supervisor::spawn_instance`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Process {
+    /// An instance: the unit's `exec`, with its sockets.
+    Main,
+    /// Command k of exec-start-pre.
+    Pre(usize),
+    /// Command k of exec-start-post, exec-stop or exec-reload.
+    Command(CommandKind, usize),
+}
+
+/// `argv` with `$MAINPID` and `${MAINPID}` replaced by the main pid (or
+/// nothing without one), as systemd expands them in ExecReload= and friends.
+fn with_main_pid(argv: &[String], main_pid: Option<i32>) -> Vec<String> {
+    let pid = main_pid.map(|p| p.to_string()).unwrap_or_default();
+    argv.iter()
+        .map(|a| a.replace("${MAINPID}", &pid).replace("$MAINPID", &pid))
+        .collect()
+}
+
+/// `signal` to instance `i`'s main process (`why`: for the log): a
+/// MAINPID= process through its pidfd; else the main pid is holdfast's
+/// child, its number held until reaped.
+fn signal_main(svc: &Service, i: InstanceId, signal: Signal, why: &str) {
+    if let Some(p) = svc.main_pidfds.get(&i) {
+        let _ = p.signal(signal);
+    } else if let Some(inst) = svc.machine.instance(i) {
+        if svc.groups.get(&i).map(|g| g.as_raw()) == Some(inst.pid) {
+            let _ = kill(Pid::from_raw(inst.pid), signal);
+        } else {
+            tracing::warn!(service = %svc.unit.name, pid = inst.pid, "{why}: the main process is no longer held (no pidfd): no {signal} sent");
         }
     }
 }

@@ -21,6 +21,46 @@ pub(super) struct Socket {
     /// What it was created from: a reload keeps the socket while this is unchanged.
     pub config: SocketConfig,
     pub fd: OwnedFd,
+    /// A unix socket's file as it was bound, so that `remove-on-stop`
+    /// removes that file and never a newer socket's at the same path.
+    pub file: Option<FileId>,
+}
+
+/// A file's device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The socket file at `path`, if there is one.
+    fn of_socket(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        meta.file_type().is_socket().then(|| FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+impl Drop for Socket {
+    /// `remove-on-stop`: the socket file goes with the socket (a reload
+    /// that drops it, holdfast's exit), unless another socket has taken its path.
+    fn drop(&mut self) {
+        if let (true, Placement::Unix(path), Some(file)) = (
+            self.config.options.remove_on_stop,
+            &self.placement,
+            self.file,
+        ) {
+            if FileId::of_socket(path) == Some(file) {
+                if let Err(e) = std::fs::remove_file(path) {
+                    tracing::warn!(socket = %self.name, path = %path.display(), error = %e, "cannot remove the socket file (remove-on-stop)");
+                }
+            }
+        }
+    }
 }
 
 impl Socket {
@@ -100,6 +140,8 @@ pub(super) struct SavedSocket {
     destination: Option<DestinationId>,
     config: SocketConfig,
     fd: RawFd,
+    #[serde(default)]
+    file: Option<FileId>,
 }
 
 impl Socket {
@@ -111,6 +153,7 @@ impl Socket {
             destination: self.destination,
             config: self.config.clone(),
             fd: self.fd.as_raw_fd(),
+            file: self.file,
         }
     }
 
@@ -126,6 +169,7 @@ impl Socket {
             // SAFETY: the fd was this socket's before the exec; the saved
             // state names it once, and nothing else in the new process owns it.
             fd: unsafe { OwnedFd::from_raw_fd(saved.fd) },
+            file: saved.file,
         })
     }
 }
@@ -226,6 +270,10 @@ pub(super) fn open(
             cfg.name
         )),
         Ok(fd) => Ok(Socket {
+            file: match &placement {
+                Placement::Unix(path) => FileId::of_socket(path),
+                _ => None,
+            },
             name: cfg.name.clone(),
             protocol: cfg.protocol,
             destination: matches!(placement, Placement::Steered { .. })
@@ -386,4 +434,52 @@ pub(super) fn enter_netns(path: &Path) -> Result<(), SupervisorError> {
     let f = std::fs::File::open(path).map_err(super::setup(format!("netns {}", path.display())))?;
     nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| super::setup(format!("setns({})", path.display()))(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::unit::SocketOptions;
+
+    fn unix_socket(path: &Path, remove_on_stop: bool) -> Socket {
+        let config = SocketConfig {
+            name: "ctl".into(),
+            protocol: Protocol::UnixStream,
+            addresses: Vec::new(),
+            ports: Vec::new(),
+            path: Some(path.to_path_buf()),
+            options: SocketOptions {
+                remove_on_stop,
+                ..SocketOptions::default()
+            },
+        };
+        let placement = Placement::Unix(path.to_path_buf());
+        let fd = listener::create(&config, &placement).unwrap();
+        Socket {
+            name: config.name.clone(),
+            protocol: config.protocol,
+            placement,
+            destination: None,
+            file: FileId::of_socket(path),
+            config,
+            fd,
+        }
+    }
+
+    #[test]
+    fn remove_on_stop_removes_its_own_socket_file_only() {
+        let dir = std::env::temp_dir().join(format!("holdfast-sockets-{}", std::process::id()));
+        let path = dir.join("ctl.sock");
+        drop(unix_socket(&path, false));
+        assert!(path.exists(), "kept without remove-on-stop");
+        drop(unix_socket(&path, true));
+        assert!(!path.exists(), "removed with remove-on-stop");
+        // A socket whose path a newer socket took leaves the newer one's file.
+        let old = unix_socket(&path, true);
+        let new = unix_socket(&path, false);
+        drop(old);
+        assert!(path.exists(), "the newer socket's file was removed");
+        drop(new);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

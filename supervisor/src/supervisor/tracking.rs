@@ -25,10 +25,23 @@ pub(super) struct Tracking {
     service: Option<Cgroup>,
     /// The leaf of each live instance or connection, by its first pid.
     leaves: HashMap<i32, Cgroup>,
-    /// Leaves whose instance is gone, removed once empty.
+    /// Leaves whose instance is gone, kept for reuse (or removed) once empty.
     dying: Vec<Cgroup>,
+    /// Empty leaves ready for the next instance: a per-connection service
+    /// would otherwise make and remove a cgroup per connection.
+    free: Vec<Cgroup>,
+    /// The cgroup limits last written to the service's cgroup.
+    applied: Option<crate::unit::CgroupLimits>,
+    /// Leaves (by id) that got a `cgroup.kill`: never reused. On this
+    /// kernel a process made into a once-killed cgroup with
+    /// `clone3(CLONE_INTO_CGROUP)` is SIGKILLed at birth (the kill count it
+    /// is compared with is its parent cgroup's), so they are removed.
+    killed: std::collections::HashSet<u64>,
     next_leaf: u64,
 }
+
+/// How many empty leaves a service keeps for reuse.
+const FREE_LEAVES: usize = 16;
 
 /// A service's cgroups as an in-place upgrade carries them: by path.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -48,7 +61,13 @@ impl Tracking {
                 .iter()
                 .map(|(pid, c)| (*pid, c.path().to_path_buf()))
                 .collect(),
-            dying: self.dying.iter().map(|c| c.path().to_path_buf()).collect(),
+            // Free leaves go as dying ones: swept (reused) after the exec.
+            dying: self
+                .dying
+                .iter()
+                .chain(&self.free)
+                .map(|c| c.path().to_path_buf())
+                .collect(),
             next_leaf: self.next_leaf,
         }
     }
@@ -70,6 +89,14 @@ impl Tracking {
                 .filter_map(|(pid, p)| open(p).map(|c| (*pid, c)))
                 .collect(),
             dying: saved.dying.iter().filter_map(|p| open(p)).collect(),
+            free: Vec::new(),
+            applied: None,
+            // Whether they were killed is not saved: none is reused.
+            killed: saved
+                .dying
+                .iter()
+                .filter_map(|p| Cgroup::open(p).ok().map(|c| c.id()))
+                .collect(),
             next_leaf: saved.next_leaf,
         }
     }
@@ -91,8 +118,15 @@ impl Tracking {
             self.service = Some(h.service(name)?);
         }
         let service = self.service.as_ref().expect("made above");
-        // Each start: a reload may have changed the limits.
-        service.apply_limits(&cfg.process.cgroup_limits)?;
+        // A reload may have changed the limits: written when they differ.
+        let limits = &cfg.process.cgroup_limits;
+        if self.applied.as_ref() != Some(limits) {
+            service.apply_limits(limits)?;
+            self.applied = Some(*limits);
+        }
+        if let Some(leaf) = self.free.pop() {
+            return Ok(Some(leaf));
+        }
         self.next_leaf += 1;
         service.create_child(&self.next_leaf.to_string()).map(Some)
     }
@@ -113,7 +147,7 @@ impl Tracking {
             }
             Err(e) => {
                 if let Some(leaf) = leaf {
-                    let _ = leaf.remove();
+                    self.dying.push(leaf);
                 }
                 Err(e)
             }
@@ -135,9 +169,10 @@ impl Tracking {
     }
 
     /// SIGKILL to every process of the instance spawned as `pid`.
-    pub fn kill(&self, pid: Pid) {
+    pub fn kill(&mut self, pid: Pid) {
         match self.leaves.get(&pid.as_raw()) {
             Some(leaf) => {
+                self.killed.insert(leaf.id());
                 if let Err(e) = leaf.kill() {
                     tracing::warn!(cgroup = %leaf.path().display(), error = %e, "cgroup.kill failed");
                 }
@@ -150,14 +185,23 @@ impl Tracking {
 
     /// The instance spawned as `pid` is over: whatever it left goes.
     pub fn gone(&mut self, pid: Pid) {
-        self.kill(pid);
-        if let Some(leaf) = self.leaves.remove(&pid.as_raw()) {
-            self.dying.push(leaf);
+        match self.leaves.remove(&pid.as_raw()) {
+            Some(leaf) => {
+                if leaf.populated().unwrap_or(true) {
+                    self.killed.insert(leaf.id());
+                    if let Err(e) = leaf.kill() {
+                        tracing::warn!(cgroup = %leaf.path().display(), error = %e, "cgroup.kill failed");
+                    }
+                }
+                self.dying.push(leaf);
+            }
+            None => self.kill(pid),
         }
         self.sweep();
     }
 
-    /// Removes the dying leaves that are empty.
+    /// Dying leaves that are empty are kept for reuse (up to
+    /// [`FREE_LEAVES`]) or removed.
     pub fn sweep(&mut self) {
         // What is not populated can go (rmdir; a failure leaves it to the next sweep).
         let (empty, busy): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dying)
@@ -165,7 +209,11 @@ impl Tracking {
             .partition(|l| !l.populated().unwrap_or(true));
         self.dying = busy;
         for leaf in empty {
-            let _ = leaf.remove();
+            if !self.killed.remove(&leaf.id()) && self.free.len() < FREE_LEAVES {
+                self.free.push(leaf);
+            } else {
+                let _ = leaf.remove();
+            }
         }
     }
 
@@ -173,6 +221,15 @@ impl Tracking {
     /// has been made and while it can be read).
     pub fn usage(&self) -> Option<crate::cgroup::Usage> {
         self.service.as_ref().and_then(|c| c.usage().ok())
+    }
+
+    /// Whether any process of the service is left: its cgroup is populated
+    /// (`cgroup.events`), instance leaves and dying ones alike. In
+    /// process-group mode there is no such record: false.
+    pub fn any_left(&self) -> bool {
+        self.service
+            .as_ref()
+            .is_some_and(|c| c.populated().unwrap_or(false))
     }
 
     /// Whether the service is tracked by cgroup.
@@ -203,6 +260,7 @@ impl Tracking {
         }
         self.leaves.clear();
         self.dying.clear();
+        self.free.clear();
         if let Err(e) = service.remove() {
             tracing::warn!(error = %e, "cannot remove a service cgroup");
         }

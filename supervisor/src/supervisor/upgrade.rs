@@ -392,6 +392,23 @@ pub(super) fn inherited() -> Result<Option<Saved>, SupervisorError> {
         .map_err(|e| bad(format!("unreadable state: {e}")))
 }
 
+/// Answers the `holdfast upgrade` that asked (its connection `fd`, inherited
+/// across the exec) with the report of the new binary.
+fn answer_upgrade(fd: OwnedFd, from: String, services: usize) {
+    let _ = crate::fds::set_cloexec(fd.as_raw_fd(), true);
+    let mut stream = UnixStream::from(fd);
+    let _ = stream.set_nonblocking(false);
+    let report = UpgradeReport {
+        pid: std::process::id(),
+        from,
+        to: env!("CARGO_PKG_VERSION").to_string(),
+        services,
+    };
+    let mut line = serde_json::to_vec(&Reply::ok(&report)).expect("replies serialize");
+    line.push(b'\n');
+    let _ = stream.write_all(&line);
+}
+
 /// Rebuilds the daemon from what the holdfast before the exec saved.
 pub(super) fn resume(opts: &Options, saved: Saved) -> Result<Supervisor, SupervisorError> {
     let adopt = |fd: RawFd| {
@@ -461,18 +478,7 @@ pub(super) fn resume(opts: &Options, saved: Saved) -> Result<Supervisor, Supervi
     let services = sup.registry.live_count();
     tracing::info!(from = %saved.from, services, "upgraded in place: resumed");
     if let Some(fd) = saved.reply_to {
-        let _ = crate::fds::set_cloexec(fd, true);
-        let mut stream = UnixStream::from(adopt(fd));
-        let _ = stream.set_nonblocking(false);
-        let report = UpgradeReport {
-            pid: std::process::id(),
-            from: saved.from,
-            to: env!("CARGO_PKG_VERSION").to_string(),
-            services,
-        };
-        let mut line = serde_json::to_vec(&Reply::ok(&report)).expect("replies serialize");
-        line.push(b'\n');
-        let _ = stream.write_all(&line);
+        answer_upgrade(adopt(fd), saved.from, services);
     }
     Ok(sup)
 }

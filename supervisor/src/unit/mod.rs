@@ -34,6 +34,39 @@ use diag::{LineIndex, Pos};
 /// every file comes back at once.
 pub fn load_dir(dir: &Path) -> Result<Vec<Unit>, Diagnostics> {
     let mut diags = Vec::new();
+    let mut parsed = Vec::new();
+    for (name, path) in unit_files(dir, &mut diags)? {
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) => {
+                diags.push(Pos::NONE.diag(
+                    &path,
+                    "",
+                    format!("cannot read: {e}"),
+                    "unit files are UTF-8 text",
+                ));
+                continue;
+            }
+        };
+        let p = parse::parse_spanned(&name, &path, &text);
+        diags.extend(p.diags);
+        if let Some(unit) = p.unit {
+            parsed.push((unit, p.spans));
+        }
+    }
+    let refs: Vec<_> = parsed.iter().map(|(u, s)| (u, s)).collect();
+    diags.extend(check::check_spanned(&refs));
+    Diagnostics::into_result(diags)?;
+    Ok(parsed.into_iter().map(|(u, _)| u).collect())
+}
+
+/// The unit files of `dir` (not hidden ones) as (service name, path), sorted;
+/// what cannot be listed or is not a regular file goes to `diags`. An
+/// unreadable directory is the one mistake returned.
+fn unit_files(
+    dir: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> Result<Vec<(String, PathBuf)>, Diagnostics> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -90,30 +123,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Unit>, Diagnostics> {
         }
     }
     files.sort();
-    let mut parsed = Vec::new();
-    for (name, path) in files {
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) => {
-                diags.push(Pos::NONE.diag(
-                    &path,
-                    "",
-                    format!("cannot read: {e}"),
-                    "unit files are UTF-8 text",
-                ));
-                continue;
-            }
-        };
-        let p = parse::parse_spanned(&name, &path, &text);
-        diags.extend(p.diags);
-        if let Some(unit) = p.unit {
-            parsed.push((unit, p.spans));
-        }
-    }
-    let refs: Vec<_> = parsed.iter().map(|(u, s)| (u, s)).collect();
-    diags.extend(check::check_spanned(&refs));
-    Diagnostics::into_result(diags)?;
-    Ok(parsed.into_iter().map(|(u, _)| u).collect())
+    Ok(files)
 }
 
 /// A diagnostic about `key` of `unit` (a key path as diagnostics write it:
@@ -139,22 +149,17 @@ fn locate(path: &Path, key: &str) -> Option<Pos> {
     let text = fs::read_to_string(path).ok()?;
     let doc = toml_edit::ImDocument::parse(text.as_str()).ok()?;
     let mut item = doc.as_item();
-    let mut span = None;
-    let segments: Vec<&str> = key.split('.').collect();
-    for (i, segment) in segments.iter().enumerate() {
+    for segment in key.split('.') {
         let (name, index) = match segment.split_once('[') {
             Some((name, rest)) => (name, Some(rest.strip_suffix(']')?.parse::<usize>().ok()?)),
-            None => (*segment, None),
+            None => (segment, None),
         };
         item = item.get(name)?;
-        span = item.span();
+        // An element of an array, or a table of an array of tables (`socket[0]`).
         if let Some(index) = index {
-            // An array element is a value, not an item: only last in a path.
-            if i + 1 != segments.len() {
-                return None;
-            }
-            span = item.as_array()?.get(index)?.span();
+            item = item.get(index)?;
         }
     }
+    let span = item.span();
     Some(LineIndex::new(&text).pos(span?.start))
 }

@@ -55,6 +55,70 @@ pub struct ServiceConfig {
     pub group: Option<String>,
     /// The keys about the service's processes (limits, signals, stdio).
     pub process: ProcessConfig,
+    /// The commands run around the main process (`exec-start-pre`).
+    #[serde(default)]
+    pub commands: Commands,
+}
+
+/// The commands a service runs beside its main process, systemd's
+/// `ExecStartPre=` and friends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commands {
+    /// `exec-start-pre`: run one after another, each to completion, before
+    /// every start of the main process, with its user, environment,
+    /// directory and cgroup but without its sockets.
+    pub start_pre: Vec<ExecCommand>,
+    /// `exec-start-post`: run one after another once the main process has
+    /// started (simple) or said READY=1 (notify); the service is `running`
+    /// when they are done, and stopped as failed if one fails.
+    #[serde(default)]
+    pub start_post: Vec<ExecCommand>,
+    /// `exec-stop`: run one after another when the service is stopped,
+    /// with `$MAINPID`; then `kill-signal` to what is left.
+    #[serde(default)]
+    pub stop: Vec<ExecCommand>,
+    /// `exec-reload`: run one after another by `holdfast reload-service`,
+    /// with `$MAINPID`.
+    #[serde(default)]
+    pub reload: Vec<ExecCommand>,
+    /// `reload-signal` of a `type = "notify-reload"` service; `None`: SIGHUP.
+    #[serde(default)]
+    pub reload_signal: Option<KillSignal>,
+}
+
+impl Commands {
+    pub fn is_empty(&self) -> bool {
+        *self == Commands::default()
+    }
+    /// What `reload-signal` says, SIGHUP by default.
+    pub fn reload_signal(&self) -> KillSignal {
+        self.reload_signal.unwrap_or(KillSignal(1))
+    }
+}
+
+/// One command of [`Commands`]: its argv, and whether its failure is
+/// ignored (a leading `-` on the program in the unit file, as in systemd).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecCommand {
+    /// argv, without the `-`; `argv[0]` is looked up in PATH at spawn.
+    pub argv: Vec<String>,
+    /// Written `-/path`: a failure (exit status, signal, cannot exec) is
+    /// logged and the start goes on.
+    pub ignore_failure: bool,
+}
+
+impl ExecCommand {
+    /// The command as written in a unit file: `argv` with the `-` back on
+    /// the program.
+    pub fn written(&self) -> Vec<String> {
+        let mut argv = self.argv.clone();
+        if self.ignore_failure {
+            if let Some(p) = argv.first_mut() {
+                p.insert(0, '-');
+            }
+        }
+        argv
+    }
 }
 
 /// The `[service]` keys about the service's processes, systemd's meanings.
@@ -74,6 +138,36 @@ pub struct ProcessConfig {
     pub non_blocking: bool,
     pub standard_input: StandardInput,
     pub standard_output: StandardOutput,
+    /// The file mode creation mask set before exec (systemd's `UMask=`, default 0022).
+    #[serde(default = "default_umask")]
+    pub umask: u32,
+    /// Groups (names or numeric ids) the process is in besides its user's
+    /// own (systemd's `SupplementaryGroups=`).
+    #[serde(default)]
+    pub supplementary_groups: Vec<String>,
+    /// PR_SET_NO_NEW_PRIVS: exec can never grant more privileges (setuid
+    /// bits, file capabilities) than the process has.
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// Read at each start, in order, after `environment` (later values win).
+    #[serde(default)]
+    pub environment_files: Vec<EnvironmentFile>,
+}
+
+/// systemd's default `UMask=`.
+pub const DEFAULT_UMASK: u32 = 0o022;
+
+fn default_umask() -> u32 {
+    DEFAULT_UMASK
+}
+
+/// One `environment-file` entry: `"/etc/default/web"`, or `"-/etc/default/web"`
+/// for a file that may be missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentFile {
+    pub path: PathBuf,
+    /// A missing file is skipped instead of failing the start.
+    pub optional: bool,
 }
 
 impl ProcessConfig {
@@ -87,6 +181,10 @@ impl ProcessConfig {
             non_blocking: false,
             standard_input: StandardInput::Null,
             standard_output: StandardOutput::Log,
+            umask: DEFAULT_UMASK,
+            supplementary_groups: Vec::new(),
+            no_new_privileges: false,
+            environment_files: Vec::new(),
         }
     }
 }
@@ -109,7 +207,7 @@ impl NotifyAccess {
     /// systemd's default: `main` for `type = "notify"`, otherwise `none`.
     pub fn default_for(kind: ServiceType) -> NotifyAccess {
         match kind {
-            ServiceType::Notify => NotifyAccess::Main,
+            ServiceType::Notify | ServiceType::NotifyReload => NotifyAccess::Main,
             ServiceType::Simple => NotifyAccess::None,
         }
     }
@@ -190,6 +288,16 @@ pub enum StandardInput {
     Socket,
 }
 
+impl StandardInput {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StandardInput::Null => "null",
+            StandardInput::Socket => "socket",
+        }
+    }
+}
+
 /// systemd's `StandardOutput=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -200,6 +308,16 @@ pub enum StandardOutput {
     Socket,
 }
 
+impl StandardOutput {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StandardOutput::Log => "log",
+            StandardOutput::Socket => "socket",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ServiceType {
@@ -207,6 +325,23 @@ pub enum ServiceType {
     Simple,
     /// Ready on READY=1 through NOTIFY_SOCKET.
     Notify,
+    /// As notify, and reloaded by `reload-signal`: RELOADING=1, then READY=1.
+    NotifyReload,
+}
+
+impl ServiceType {
+    /// Ready on READY=1 (notify, notify-reload).
+    pub fn notifies(self) -> bool {
+        self != ServiceType::Simple
+    }
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::Simple => "simple",
+            ServiceType::Notify => "notify",
+            ServiceType::NotifyReload => "notify-reload",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +352,17 @@ pub enum RestartPolicy {
     Never,
 }
 
+impl RestartPolicy {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+}
+
 /// One list for the unit key, `--mode` (clap) and the control protocol (serde).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -225,6 +371,16 @@ pub enum RestartMode {
     StopStart,
     /// Start the new instance on the same sockets, wait for it to be ready, then stop the old one.
     Overlap,
+}
+
+impl RestartMode {
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartMode::StopStart => "stop-start",
+            RestartMode::Overlap => "overlap",
+        }
+    }
 }
 
 /// `[[socket]]`.
@@ -305,6 +461,16 @@ pub struct SocketOptions {
     pub ipv6_only: Option<bool>,
     /// Unix socket file mode, e.g. 0o660.
     pub mode: Option<u32>,
+    /// Unix sockets: the owner and group of the socket file (names or
+    /// numeric ids; `None`: holdfast's).
+    #[serde(default)]
+    pub socket_user: Option<String>,
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Unix sockets: the socket file is removed when holdfast closes the
+    /// socket (a reload that drops it, or holdfast's exit).
+    #[serde(default)]
+    pub remove_on_stop: bool,
     /// holdfast accepts and starts one instance per connection (inetd's
     /// `wait = no`, systemd's `Accept=yes`). Stream sockets only.
     pub accept: bool,
@@ -331,10 +497,11 @@ impl SocketOptions {
         self.allow.is_empty() || self.allow.iter().any(|p| p.contains(source))
     }
 
-    /// These options without holdfast's own policy (allow, deny and the
-    /// accept limits): what the kernel socket itself is made with.
+    /// These options without holdfast's own policy (allow, deny, the
+    /// accept limits, remove-on-stop): what the kernel socket itself is made with.
     pub fn without_policy(&self) -> SocketOptions {
         SocketOptions {
+            remove_on_stop: false,
             allow: Vec::new(),
             deny: Vec::new(),
             max_connections: None,

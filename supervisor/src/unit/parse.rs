@@ -14,6 +14,7 @@ use toml_edit::{ImDocument, Item, TableLike};
 use super::diag::{Diagnostic, Diagnostics, LineIndex, Pos};
 use super::model::*;
 
+mod commands;
 mod process;
 pub(crate) use process::signal_name;
 
@@ -51,6 +52,12 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "working-directory",
     "user",
     "group",
+    // Read in `commands`:
+    "exec-start-pre",
+    "exec-start-post",
+    "exec-stop",
+    "exec-reload",
+    "reload-signal",
     // Read in `process`:
     "notify-access",
     "kill-signal",
@@ -67,6 +74,10 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "non-blocking",
     "standard-input",
     "standard-output",
+    "umask",
+    "supplementary-groups",
+    "no-new-privileges",
+    "environment-file",
 ];
 pub(crate) const SOCKET_KEYS: &[&str] = &[
     "name",
@@ -92,6 +103,9 @@ pub(crate) const SOCKET_KEYS: &[&str] = &[
     "deny",
     "ipv6-only",
     "mode",
+    "socket-user",
+    "socket-group",
+    "remove-on-stop",
 ];
 
 const PORT_HINT: &str =
@@ -140,6 +154,7 @@ pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
         text,
         diags: Vec::new(),
         stdio_socket: None,
+        commands_at: Vec::new(),
     };
     check_service_name(&mut cx, name);
     let doc = match ImDocument::parse(text) {
@@ -171,37 +186,13 @@ pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
         pos: Pos { line: 1, column: 1 },
     };
     let mut fields = cx.fields(&root, ROOT_KEYS, "at the top level");
-    let service = match fields.remove("service") {
-        Some(f) => match f.item.as_table_like() {
-            Some(t) => Some(cx.service(&Tbl {
-                t,
-                path: "service".into(),
-                pos: f.pos,
-            })),
-            None => {
-                cx.type_error(
-                    &f,
-                    "a table",
-                    "write a [service] table with exec = [\"/path/to/program\"] in it",
-                );
-                None
-            }
-        },
-        None => {
-            cx.err(
-                Pos { line: 1, column: 1 },
-                "service",
-                "missing [service] table",
-                "add a [service] table, e.g. [service] and below it exec = [\"/usr/bin/program\", \"--flag\"]",
-            );
-            None
-        }
-    };
+    let service = cx.service_table(fields.remove("service"));
     let (sockets, spans) = match fields.remove("socket") {
         Some(f) => cx.sockets(&f, name),
         None => (Vec::new(), UnitSpans::default()),
     };
     cx.check_stdio_socket(sockets.len());
+    cx.check_commands(&sockets);
     // A unit with mistakes is not returned: its parts would not line up with their places.
     let unit = service.filter(|_| cx.diags.is_empty()).map(|service| Unit {
         name: name.to_string(),
@@ -213,6 +204,38 @@ pub(crate) fn parse_spanned(name: &str, path: &Path, text: &str) -> Parsed {
         unit,
         spans,
         diags: cx.diags,
+    }
+}
+
+impl Cx<'_> {
+    /// The `[service]` table, when it is there and a table.
+    fn service_table(&mut self, f: Option<Field<'_>>) -> Option<ServiceConfig> {
+        match f {
+            Some(f) => match f.item.as_table_like() {
+                Some(t) => Some(self.service(&Tbl {
+                    t,
+                    path: "service".into(),
+                    pos: f.pos,
+                })),
+                None => {
+                    self.type_error(
+                        &f,
+                        "a table",
+                        "write a [service] table with exec = [\"/path/to/program\"] in it",
+                    );
+                    None
+                }
+            },
+            None => {
+                self.err(
+                    Pos { line: 1, column: 1 },
+                    "service",
+                    "missing [service] table",
+                    "add a [service] table, e.g. [service] and below it exec = [\"/usr/bin/program\", \"--flag\"]",
+                );
+                None
+            }
+        }
     }
 }
 
@@ -282,6 +305,8 @@ struct Cx<'a> {
     diags: Vec<Diagnostic>,
     /// Where standard-input or standard-output = "socket" was written.
     stdio_socket: Option<(Pos, String)>,
+    /// Where the command keys were written (accept services refuse them).
+    commands_at: Vec<(Pos, String)>,
 }
 
 impl<'a> Cx<'a> {
@@ -554,8 +579,7 @@ impl<'a> Cx<'a> {
     fn service(&mut self, tbl: &Tbl<'_>) -> ServiceConfig {
         let mut fs = self.fields(tbl, SERVICE_KEYS, "in [service]");
         let mut take = |k: &str| fs.remove(k);
-        let exec_f = take("exec");
-        let exec = match &exec_f {
+        let exec = match take("exec") {
             None => {
                 self.err(
                     tbl.pos,
@@ -565,7 +589,7 @@ impl<'a> Cx<'a> {
                 );
                 Vec::new()
             }
-            Some(f) => self.exec(f),
+            Some(f) => self.exec(&f),
         };
         let mut svc = ServiceConfig {
             exec,
@@ -587,11 +611,28 @@ impl<'a> Cx<'a> {
             user: None,
             group: None,
             process: ProcessConfig::defaults_for(ServiceType::Simple),
+            commands: Commands::default(),
         };
+        self.kind_keys(&mut svc, &mut take);
+        self.timing_keys(&mut svc, &mut take);
+        self.instance_keys(&mut svc, &mut take);
+        self.identity_keys(&mut svc, &mut take);
+        self.process_keys(&mut svc, &mut take);
+        self.command_keys(&mut svc, &mut take);
+        svc
+    }
+
+    /// `type`, `restart`, `restart-mode`.
+    fn kind_keys<'t>(
+        &mut self,
+        svc: &mut ServiceConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
         if let Some(f) = take("type") {
             let options = [
                 ("simple", ServiceType::Simple),
                 ("notify", ServiceType::Notify),
+                ("notify-reload", ServiceType::NotifyReload),
             ];
             svc.kind = self.choice(&f, &options).unwrap_or(svc.kind);
         }
@@ -610,6 +651,14 @@ impl<'a> Cx<'a> {
             ];
             svc.restart_mode = self.choice(&f, &options).unwrap_or(svc.restart_mode);
         }
+    }
+
+    /// The restart delays, the timeouts, the start limit, the watchdog.
+    fn timing_keys<'t>(
+        &mut self,
+        svc: &mut ServiceConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
         let delay_f = take("restart-delay");
         if let Some(f) = &delay_f {
             svc.restart_delay = self.duration(f).unwrap_or(svc.restart_delay);
@@ -655,6 +704,14 @@ impl<'a> Cx<'a> {
             // "0" turns the watchdog off, as systemd's WatchdogSec=0.
             svc.watchdog = self.duration(&f).filter(|d| !d.is_zero());
         }
+    }
+
+    /// `fd-store-max`, `single-instance`, `on-demand`.
+    fn instance_keys<'t>(
+        &mut self,
+        svc: &mut ServiceConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
         if let Some(f) = take("fd-store-max") {
             svc.fd_store_max = self.u32(&f, 0, 65536, 16).unwrap_or(0);
         }
@@ -672,6 +729,14 @@ impl<'a> Cx<'a> {
         if let Some(f) = take("on-demand") {
             svc.on_demand = self.bool(&f).unwrap_or(false);
         }
+    }
+
+    /// `environment`, `working-directory`, `user`, `group`.
+    fn identity_keys<'t>(
+        &mut self,
+        svc: &mut ServiceConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
         if let Some(f) = take("environment") {
             svc.environment = self.environment(&f);
         }
@@ -698,8 +763,6 @@ impl<'a> Cx<'a> {
         if let Some(f) = take("group") {
             svc.group = self.account(&f, "group = \"www-data\"");
         }
-        self.process_keys(&mut svc, &mut take);
-        svc
     }
 
     fn exec(&mut self, f: &Field<'_>) -> Vec<String> {
@@ -754,27 +817,7 @@ impl<'a> Cx<'a> {
                 pos: item.span().map_or(key_pos, |r| self.lines.pos(r.start)),
                 key_pos,
             };
-            let valid_name = name
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid_name {
-                let fixed: String = name
-                    .chars()
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() {
-                            c.to_ascii_uppercase()
-                        } else {
-                            '_'
-                        }
-                    })
-                    .collect();
-                let fixed = if fixed.starts_with(|c: char| c.is_ascii_digit()) || fixed.is_empty() {
-                    format!("_{fixed}")
-                } else {
-                    fixed
-                };
+            if let Some(fixed) = env_name_fix(name) {
                 self.err(
                     vf.key_pos,
                     vf.path.clone(),
@@ -848,7 +891,8 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn sockets(&mut self, f: &Field<'_>, service: &str) -> (Vec<SocketConfig>, UnitSpans) {
+    /// The tables of `socket`: `[[socket]]` or an array of inline tables.
+    fn socket_tables<'t>(&mut self, f: &Field<'t>) -> Vec<Tbl<'t>> {
         let mut tables: Vec<Tbl<'_>> = Vec::new();
         match f.item {
             Node::Item(Item::ArrayOfTables(aot)) => {
@@ -892,6 +936,11 @@ impl<'a> Cx<'a> {
                 "write each socket as a [[socket]] table",
             ),
         }
+        tables
+    }
+
+    fn sockets(&mut self, f: &Field<'_>, service: &str) -> (Vec<SocketConfig>, UnitSpans) {
+        let tables = self.socket_tables(f);
         let mut sockets = Vec::new();
         let mut spans = UnitSpans::default();
         // Socket name → (index, where its name came from).
@@ -942,8 +991,13 @@ impl<'a> Cx<'a> {
             table: tbl.pos,
             ..SocketSpans::default()
         };
-        let protocol_f = fs.remove("protocol");
-        let protocol = match &protocol_f {
+        let keys = PlaceKeys {
+            protocol: fs.remove("protocol"),
+            addresses: fs.remove("addresses"),
+            ports: fs.remove("ports"),
+            path: fs.remove("path"),
+        };
+        let protocol = match &keys.protocol {
             Some(f) => self.choice(
                 f,
                 &[
@@ -963,62 +1017,20 @@ impl<'a> Cx<'a> {
             path: None,
             options: SocketOptions::default(),
         };
-        let mut name_pos = tbl.pos;
-        if let Some(f) = fs.remove("name") {
-            name_pos = f.pos;
-            if let Some(s) = self.string(&f, "name = \"http\"") {
-                if let Some(problem) = fdname_problem(&s) {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
-                        format!("socket name {s:?} {problem}"),
-                        "write printable ASCII without ':', at most 255 characters, e.g. name = \"http\"",
-                    );
-                }
-                sock.name = s;
+        let name_pos = match fs.remove("name") {
+            Some(f) => {
+                self.socket_name(&f, &mut sock);
+                f.pos
             }
-        }
-        let addresses_f = fs.remove("addresses");
-        if let Some(f) = &addresses_f {
-            let hint = format!("write a list of addresses or prefixes, e.g. addresses = [\"127.0.0.1\", \"2001:db8::/64\"]; {ADDRESS_HINT}");
-            sock.addresses = self.list(f, &hint, &mut spans.addresses, Self::prefix);
-        }
-        let ports_f = fs.remove("ports");
-        if let Some(f) = &ports_f {
-            let hint = "write a list of ports and ranges, e.g. ports = [\"8080\", \"8000-8099\"]";
-            sock.ports = self.list(f, hint, &mut spans.ports, Self::port_range);
-        }
-        let path_f = fs.remove("path");
-        if let Some(f) = &path_f {
-            spans.path = f.pos;
-            if let Some(s) = self.string(f, "path = \"/run/web.sock\"") {
-                if !s.starts_with('/') {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
-                        format!("unix socket path {s:?} is not absolute"),
-                        format!(
-                            "write a path that starts with /, e.g. \"/run/{}\"",
-                            s.trim_start_matches("./")
-                        ),
-                    );
-                } else if s.len() > UNIX_PATH_MAX {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
-                        format!("unix socket path is {} bytes long, more than the {UNIX_PATH_MAX} bind() takes", s.len()),
-                        "choose a shorter path, e.g. under /run",
-                    );
-                }
-                sock.path = Some(PathBuf::from(s));
-            }
-        }
+            None => tbl.pos,
+        };
+        self.socket_place(&keys, &mut sock, &mut spans);
         let Some(protocol) = protocol else {
             // The protocol is unknown, so which keys belong is unknown too.
             self.socket_options(&fs, &mut sock.options);
             return (sock, spans, name_pos);
         };
-        let proto_note = match &protocol_f {
+        let proto_note = match &keys.protocol {
             Some(_) => format!("this socket is {protocol}"),
             None => "this socket is tcp (the default protocol)".to_string(),
         };
@@ -1044,7 +1056,79 @@ impl<'a> Cx<'a> {
             );
         }
         self.socket_options(&fs, &mut sock.options);
-        if protocol_f.is_none() && path_f.is_some() && addresses_f.is_none() && ports_f.is_none() {
+        self.check_place(tbl, &keys, protocol, &proto_note);
+        (sock, spans, name_pos)
+    }
+
+    /// `name`: a LISTEN_FDNAMES entry.
+    fn socket_name(&mut self, f: &Field<'_>, sock: &mut SocketConfig) {
+        if let Some(s) = self.string(f, "name = \"http\"") {
+            if let Some(problem) = fdname_problem(&s) {
+                self.err(
+                    f.pos,
+                    f.path.clone(),
+                    format!("socket name {s:?} {problem}"),
+                    "write printable ASCII without ':', at most 255 characters, e.g. name = \"http\"",
+                );
+            }
+            sock.name = s;
+        }
+    }
+
+    /// `addresses`, `ports` and `path`, each read on its own.
+    fn socket_place(
+        &mut self,
+        keys: &PlaceKeys<'_>,
+        sock: &mut SocketConfig,
+        spans: &mut SocketSpans,
+    ) {
+        if let Some(f) = &keys.addresses {
+            let hint = format!("write a list of addresses or prefixes, e.g. addresses = [\"127.0.0.1\", \"2001:db8::/64\"]; {ADDRESS_HINT}");
+            sock.addresses = self.list(f, &hint, &mut spans.addresses, Self::prefix);
+        }
+        if let Some(f) = &keys.ports {
+            let hint = "write a list of ports and ranges, e.g. ports = [\"8080\", \"8000-8099\"]";
+            sock.ports = self.list(f, hint, &mut spans.ports, Self::port_range);
+        }
+        if let Some(f) = &keys.path {
+            spans.path = f.pos;
+            if let Some(s) = self.string(f, "path = \"/run/web.sock\"") {
+                if !s.starts_with('/') {
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("unix socket path {s:?} is not absolute"),
+                        format!(
+                            "write a path that starts with /, e.g. \"/run/{}\"",
+                            s.trim_start_matches("./")
+                        ),
+                    );
+                } else if s.len() > UNIX_PATH_MAX {
+                    self.err(
+                        f.pos,
+                        f.path.clone(),
+                        format!("unix socket path is {} bytes long, more than the {UNIX_PATH_MAX} bind() takes", s.len()),
+                        "choose a shorter path, e.g. under /run",
+                    );
+                }
+                sock.path = Some(PathBuf::from(s));
+            }
+        }
+    }
+
+    /// Whether `protocol`, `addresses`, `ports` and `path` go together.
+    fn check_place(
+        &mut self,
+        tbl: &Tbl<'_>,
+        keys: &PlaceKeys<'_>,
+        protocol: Protocol,
+        proto_note: &str,
+    ) {
+        if keys.protocol.is_none()
+            && keys.path.is_some()
+            && keys.addresses.is_none()
+            && keys.ports.is_none()
+        {
             self.err(
                 tbl.pos,
                 format!("{}.protocol", tbl.path),
@@ -1056,14 +1140,14 @@ impl<'a> Cx<'a> {
             self.need_some(
                 tbl,
                 "addresses",
-                addresses_f.as_ref(),
+                keys.addresses.as_ref(),
                 protocol,
                 "address",
                 example,
             );
             let example = "[\"8080\"] or a range such as [\"8000-8099\"]";
-            self.need_some(tbl, "ports", ports_f.as_ref(), protocol, "port", example);
-            if let Some(f) = &path_f {
+            self.need_some(tbl, "ports", keys.ports.as_ref(), protocol, "port", example);
+            if let Some(f) = &keys.path {
                 self.err(
                     f.key_pos,
                     f.path.clone(),
@@ -1072,7 +1156,7 @@ impl<'a> Cx<'a> {
                 );
             }
         } else {
-            if path_f.is_none() {
+            if keys.path.is_none() {
                 self.err(
                     tbl.pos,
                     format!("{}.path", tbl.path),
@@ -1080,7 +1164,7 @@ impl<'a> Cx<'a> {
                     "add path = \"/run/NAME.sock\"",
                 );
             }
-            for f in [&addresses_f, &ports_f].into_iter().flatten() {
+            for f in [&keys.addresses, &keys.ports].into_iter().flatten() {
                 self.err(
                     f.key_pos,
                     f.path.clone(),
@@ -1095,7 +1179,6 @@ impl<'a> Cx<'a> {
                 );
             }
         }
-        (sock, spans, name_pos)
     }
 
     /// An IP socket's `addresses` or `ports`: missing or empty is a mistake.
@@ -1180,9 +1263,7 @@ impl<'a> Cx<'a> {
         if let Some(f) = fs.get("ipv6-only") {
             o.ipv6_only = self.bool(f);
         }
-        if let Some(f) = fs.get("mode") {
-            o.mode = self.mode(f);
-        }
+        self.unix_file_options(fs, o);
         if let Some(f) = fs.get("accept") {
             o.accept = self.bool(f).unwrap_or(false);
         }
@@ -1207,8 +1288,31 @@ impl<'a> Cx<'a> {
         }
     }
 
+    /// A unix socket's file: `mode`, `socket-user`, `socket-group`, `remove-on-stop`.
+    fn unix_file_options(&mut self, fs: &HashMap<&'static str, Field<'_>>, o: &mut SocketOptions) {
+        if let Some(f) = fs.get("mode") {
+            o.mode = self.mode(f);
+        }
+        if let Some(f) = fs.get("socket-user") {
+            o.socket_user = self.account(f, "socket-user = \"www-data\"");
+        }
+        if let Some(f) = fs.get("socket-group") {
+            o.socket_group = self.account(f, "socket-group = \"www-data\"");
+        }
+        if let Some(f) = fs.get("remove-on-stop") {
+            o.remove_on_stop = self.bool(f).unwrap_or(false);
+        }
+    }
+
     fn mode(&mut self, f: &Field<'_>) -> Option<u32> {
         let hint = "write the mode in octal, as 0o660 or \"0660\"";
+        self.octal(f, "mode", 0o7777, hint)
+    }
+
+    /// An octal number up to `max`: `0o660` or `"0660"` (a decimal-looking
+    /// integer such as 660 is refused: it was meant as octal). `what` names
+    /// it in messages ("mode", "umask").
+    fn octal(&mut self, f: &Field<'_>, what: &str, max: u32, hint: &str) -> Option<u32> {
         let (value, shown) = match f.item.value() {
             Some(toml_edit::Value::Integer(i)) => {
                 let raw = self.raw(f.item).unwrap_or("").trim();
@@ -1218,7 +1322,7 @@ impl<'a> Cx<'a> {
                     self.err(
                         f.pos,
                         f.path.clone(),
-                        format!("mode {raw} is not octal (TOML reads it as the number {n})"),
+                        format!("{what} {raw} is not octal (TOML reads it as the number {n})"),
                         format!("write 0o{raw} or \"0{raw}\""),
                     );
                     return None;
@@ -1236,7 +1340,7 @@ impl<'a> Cx<'a> {
                     self.err(
                         f.pos,
                         f.path.clone(),
-                        format!("{:?} is not an octal file mode", s.value()),
+                        format!("{:?} is not an octal {what}", s.value()),
                         hint,
                     );
                     return None;
@@ -1244,17 +1348,17 @@ impl<'a> Cx<'a> {
                 (n, format!("{:?}", s.value()))
             }
             _ => {
-                self.type_error(f, "a file mode", hint);
+                self.type_error(f, &format!("an octal {what}"), hint);
                 return None;
             }
         };
         match value {
-            Some(m) if m <= 0o7777 => Some(m),
+            Some(m) if m <= max => Some(m),
             _ => {
                 self.err(
                     f.pos,
                     f.path.clone(),
-                    format!("mode {shown} is more than 0o7777"),
+                    format!("{what} {shown} is more than 0o{max:o}"),
                     hint,
                 );
                 None
@@ -1297,6 +1401,14 @@ impl<'a> Cx<'a> {
             }
         }
     }
+}
+
+/// The keys of a `[[socket]]` that say where it is, as written.
+struct PlaceKeys<'t> {
+    protocol: Option<Field<'t>>,
+    addresses: Option<Field<'t>>,
+    ports: Option<Field<'t>>,
+    path: Option<Field<'t>>,
 }
 
 /// A value in the document: a table entry (`Item`) or an array element (`Value`).
@@ -1348,7 +1460,7 @@ fn option_fits(key: &str, protocol: Protocol) -> bool {
         "backlog" => matches!(protocol, Protocol::Tcp | Protocol::UnixStream),
         "keep-alive" | "no-delay" => protocol == Protocol::Tcp,
         "reuse-port" | "free-bind" | "transparent" | "ipv6-only" => protocol.is_ip(),
-        "mode" => !protocol.is_ip(),
+        "mode" | "socket-user" | "socket-group" | "remove-on-stop" => !protocol.is_ip(),
         "accept"
         | "max-connections"
         | "max-connections-per-source"
@@ -1518,6 +1630,35 @@ fn fdname_problem(s: &str) -> Option<String> {
             .find(|c| !(' '..='~').contains(c))
             .map(|c| format!("contains {c:?}, which is not printable ASCII"))
     }
+}
+
+/// A valid environment variable name like `name`, when `name` is not one.
+fn env_name_fix(name: &str) -> Option<String> {
+    let valid = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        return None;
+    }
+    let fixed: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Some(
+        if fixed.starts_with(|c: char| c.is_ascii_digit()) || fixed.is_empty() {
+            format!("_{fixed}")
+        } else {
+            fixed
+        },
+    )
 }
 
 /// A value's text cut to one short line, for quoting in a message.

@@ -11,6 +11,7 @@ use pretty_assertions::assert_eq;
 
 use super::*;
 
+mod commands;
 mod process_keys;
 
 /// A directory under the system temp dir, removed on drop.
@@ -229,6 +230,15 @@ fn each_kind_of_mistake_is_placed_and_explained() {
         ("decimal mode", "web",
          "[service]\nexec = [\"/bin/true\"]\n[[socket]]\nprotocol = \"unix-stream\"\npath = \"/run/web.sock\"\nmode = 660\n",
          &[(6, 8, "socket[0].mode", "mode 660 is not octal", "write 0o660 or \"0660\"")]),
+        ("socket-user on a tcp socket", "web",
+         "[service]\nexec = [\"/bin/true\"]\n[[socket]]\naddresses = [\"::1\"]\nports = [\"80\"]\nsocket-user = \"www-data\"\nremove-on-stop = true\n",
+         &[(6, 1, "socket[0].socket-user", "socket-user applies only to unix sockets, and this socket is tcp (the default protocol)", "remove socket-user"),
+           (7, 1, "socket[0].remove-on-stop", "remove-on-stop applies only to unix sockets", "remove remove-on-stop")]),
+        ("bad socket owner, group and remove-on-stop", "web",
+         "[service]\nexec = [\"/bin/true\"]\n[[socket]]\nprotocol = \"unix-stream\"\npath = \"/run/web.sock\"\nsocket-user = \"a b\"\nsocket-group = \"\"\nremove-on-stop = \"yes\"\n",
+         &[(6, 15, "socket[0].socket-user", "\"a b\" contains ' '", "socket-user = \"www-data\" or \"33\""),
+           (7, 16, "socket[0].socket-group", "is empty", "socket-group = \"www-data\""),
+           (8, 18, "socket[0].remove-on-stop", "expected a boolean", "remove-on-stop = true")]),
         ("mode on a tcp socket is reported once", "web",
          "[service]\nexec = [\"/bin/true\"]\n[[socket]]\naddresses = [\"::1\"]\nports = [\"80\"]\nmode = 660\n",
          &[(6, 1, "socket[0].mode", "mode applies only to unix sockets, and this socket is tcp (the default protocol)", "remove mode")]),
@@ -377,6 +387,7 @@ fn defaults(exec: &[&str]) -> ServiceConfig {
         user: None,
         group: None,
         process: crate::unit::ProcessConfig::defaults_for(crate::unit::ServiceType::Simple),
+        commands: Default::default(),
     }
 }
 
@@ -848,6 +859,13 @@ fn random_unit(rng: &mut Rng) -> Unit {
         } else {
             sock.path = Some(PathBuf::from(format!("/run/{}", rng.text("ab. é", 20))));
             sock.options.mode = rng.chance().then(|| rng.below(0o10000) as u32);
+            sock.options.socket_user = rng
+                .chance()
+                .then(|| rng.pick(&["root", "0", "www-data"]).to_string());
+            sock.options.socket_group = rng
+                .chance()
+                .then(|| rng.pick(&["adm", "65534"]).to_string());
+            sock.options.remove_on_stop = rng.chance();
         }
         if protocol == Protocol::Tcp {
             sock.options.keep_alive = rng.chance();
@@ -859,6 +877,7 @@ fn random_unit(rng: &mut Rng) -> Unit {
         sockets.push(sock);
     }
     process_keys::randomize(&mut s, rng, !sockets.is_empty());
+    commands::randomize(&mut s, rng);
     Unit {
         name: "gen".into(),
         path: "gen.toml".into(),

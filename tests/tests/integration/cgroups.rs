@@ -52,9 +52,10 @@ fn a_setsid_double_fork_does_not_outlive_stop_or_shutdown() -> Result<()> {
     let root = skip_unless!(require("a cgroup v2 of our own", CgroupRoot::new("escape")));
     let sandbox = Sandbox::new()?;
     let pids = sandbox.out("escaped.pids");
-    // The grandchild leaves the session and the process group, then waits.
+    // The grandchild leaves the session and the process group, ignores
+    // SIGTERM (so only the cgroup's SIGKILL ends it), then waits.
     let script = format!(
-        "setsid sh -c 'sleep 1000 & echo $! >> {p}; echo $$ >> {p}; wait' & exec sleep 1000",
+        "setsid sh -c 'trap \"\" TERM; sleep 1000 & echo $! >> {p}; echo $$ >> {p}; wait' & exec sleep 1000",
         p = pids.display()
     );
     let mut hf = tracked(
@@ -73,10 +74,12 @@ fn a_setsid_double_fork_does_not_outlive_stop_or_shutdown() -> Result<()> {
     })?;
     assert!(service_cg.is_dir(), "no cgroup {}", service_cg.display());
     hf.cli_ok(&["stop", "escaper"])?;
+    // `stop` answers once no process of the service is left (its cgroup
+    // is empty), the setsid'd ones that ignore SIGTERM included.
+    for p in &escaped {
+        assert!(process_gone(*p), "pid {p} outlived `holdfast stop`");
+    }
     hf.wait_state("escaper", "stopped", T)?;
-    wait_for("the setsid'd processes to be gone after stop", T, || {
-        escaped.iter().all(|p| process_gone(*p)).then_some(())
-    })?;
 
     // Again, then holdfast's own SIGTERM.
     std::fs::remove_file(&pids)?;

@@ -96,11 +96,15 @@ fn debian_units_import_into_units_that_pass_check() -> Result<()> {
 
     // What the report says about ssh.service, line by line of the installed file.
     let ssh_service = std::fs::read_to_string(Path::new(SYSTEM).join("ssh.service"))?;
-    let pre_line = ssh_service
-        .lines()
-        .position(|l| l.starts_with("ExecStartPre="))
-        .context("ssh.service has an ExecStartPre= line")?
-        + 1;
+    let line_of = |prefix: &str| -> Result<usize> {
+        Ok(ssh_service
+            .lines()
+            .position(|l| l.starts_with(prefix))
+            .with_context(|| format!("ssh.service has a {prefix} line"))?
+            + 1)
+    };
+    let pre_line = line_of("ExecStartPre=")?;
+    let reload_line = line_of("ExecReload=")?;
     let o = import(&[
         "--output",
         &out_dir,
@@ -108,13 +112,24 @@ fn debian_units_import_into_units_that_pass_check() -> Result<()> {
         &format!("{SYSTEM}/ssh.socket"),
     ])?;
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        stdout.contains(&format!(
-            "{SYSTEM}/ssh.service:{pre_line}: ExecStartPre=/usr/sbin/sshd -t\n    holdfast has no exec-start-pre key yet"
-        )),
-        "{stdout}"
-    );
+    // ExecStartPre= and ExecReload= are translated: not in the report.
+    for line in [pre_line, reload_line, reload_line + 1] {
+        assert!(
+            !stdout.contains(&format!("{SYSTEM}/ssh.service:{line}:")),
+            "line {line}: {stdout}"
+        );
+    }
     let ssh = std::fs::read_to_string(out.path().join("ssh.toml"))?;
+    assert!(
+        ssh.contains("exec-start-pre = [[\"/usr/sbin/sshd\", \"-t\"]]"),
+        "{ssh}"
+    );
+    assert!(
+        ssh.contains(
+            "exec-reload = [[\"/usr/sbin/sshd\", \"-t\"], [\"/bin/kill\", \"-HUP\", \"$MAINPID\"]]"
+        ),
+        "{ssh}"
+    );
     assert!(ssh.contains("exec = [\"/usr/sbin/sshd\", \"-D\"]"), "{ssh}");
     assert!(ssh.contains("type = \"notify\""), "{ssh}");
     assert!(
@@ -223,21 +238,30 @@ fn imported_ssh_serves_a_real_ssh_client() -> Result<()> {
             b = base.display()
         ),
     )?;
-    // The drop-in a user would write: the options ssh.service's ExecStart= takes from $SSHD_OPTS.
+    // The drop-in a user would write: the options ssh.service's ExecStart= takes from
+    // $SSHD_OPTS, and its ExecStartPre= check of that same configuration.
     write(
         systemd.join("ssh.service.d/test.conf"),
         &format!(
-            "[Service]\nEnvironment=\"SSHD_OPTS=-f {}\"\n",
+            "[Service]\nEnvironment=\"SSHD_OPTS=-f {}\"\nExecStartPre=\nExecStartPre=/usr/sbin/sshd -t $SSHD_OPTS\n\
+             ExecReload=\nExecReload=/usr/sbin/sshd -t $SSHD_OPTS\nExecReload=/bin/kill -HUP $MAINPID\n",
             config.display()
         ),
     )?;
     // What the report says about RuntimeDirectory=sshd: create it on the host.
     std::fs::create_dir_all("/run/sshd")?;
 
-    // ExecStartPre= and more are not translated: exit 1.
+    // RuntimeDirectory= and more are not translated: exit 1.
     let unit = import_into_units(&sandbox, &systemd, "ssh", 1)?;
     assert!(
         unit.contains(&format!("\"-f\", \"{}\"", config.display())),
+        "{unit}"
+    );
+    assert!(
+        unit.contains(&format!(
+            "exec-start-pre = [[\"/usr/sbin/sshd\", \"-t\", \"-f\", \"{}\"]]",
+            config.display()
+        )),
         "{unit}"
     );
 
@@ -278,6 +302,20 @@ fn imported_ssh_serves_a_real_ssh_client() -> Result<()> {
     })?;
     assert_ne!(again, i64::from(pid));
     assert_eq!(ssh("127.0.0.1")?, "answered-by-sshd", "{}", hf.log());
+    // ExecReload=: the config checked, then SIGHUP to $MAINPID, answered once
+    // both ran. (sshd then re-executes itself in place, same pid; Debian's sshd
+    // takes its LISTEN_FDS socket only once, so it is not asked again here.)
+    let reloaded: serde_json::Value =
+        serde_json::from_str(&hf.cli_ok(&["reload-service", "ssh", "--json"])?)?;
+    assert_eq!(reloaded["pid"], again, "{reloaded}");
+    assert_eq!(reloaded["state"], "running", "{reloaded}");
+    let log = hf.log();
+    assert!(
+        log.contains("exec-reload started service=ssh")
+            && log.contains("command=1")
+            && log.contains("reloaded (exec-reload) service=ssh"),
+        "{log}"
+    );
     Ok(())
 }
 

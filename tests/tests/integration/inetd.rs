@@ -1320,3 +1320,62 @@ fn outcome_reading_tells_served_from_closed() -> Result<()> {
     server.join().expect("server thread")?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// The keys systemd users reach for (issue 13), on a unix socket with accept = true.
+
+#[test]
+fn accept_instances_get_umask_groups_no_new_privs_and_environment_files() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let env_file = sandbox.path().join("keys.env");
+    std::fs::write(
+        &env_file,
+        "# read at each start\nFROM_FILE='one two'\nBOTH=file\n",
+    )?;
+    let socket = sandbox.path().join("keys.sock");
+    let script = "umask; grep -E '^(NoNewPrivs|Groups):' /proc/self/status | tr -s '\\t ' ' '; \
+                  echo \"$FROM_FILE|$BOTH|$FROM_ENV\"";
+    sandbox.write_unit(
+        "keys",
+        &format!(
+            "[service]\nexec = {}\numask = \"0027\"\nno-new-privileges = true\n\
+             supplementary-groups = [\"4242\"]\nenvironment-file = [{}, \"-/nonexistent/hf.env\"]\n\
+             environment = {{ FROM_ENV = \"e\", BOTH = \"environment\" }}\n\n\
+             [[socket]]\nprotocol = \"unix-stream\"\npath = {}\naccept = true\nmode = \"0660\"\n\
+             socket-user = \"65534\"\nsocket-group = \"4242\"\nremove-on-stop = true\n",
+            toml_array(&["/bin/sh", "-c", script]),
+            toml_str(&env_file.to_string_lossy()),
+            toml_str(&socket.to_string_lossy()),
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let meta = std::fs::symlink_metadata(&socket)?;
+    ensure!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777) == (65534, 4242, 0o660),
+        "socket file owned {}:{} mode {:o}, want 65534:4242 0660",
+        meta.uid(),
+        meta.gid(),
+        meta.mode() & 0o7777
+    );
+    let answer = holdfast_testkit::ask_unix(&socket, T)?;
+    let lines: Vec<&str> = answer.lines().collect();
+    ensure!(
+        lines == ["0027", "Groups: 4242 ", "NoNewPrivs: 1", "one two|file|e"],
+        "the instance said {answer:?}"
+    );
+    // Read at each start: a changed file is what the next instance sees.
+    std::fs::write(&env_file, "FROM_FILE=changed\n")?;
+    let answer = holdfast_testkit::ask_unix(&socket, T)?;
+    ensure!(
+        answer.ends_with("changed|environment|e\n"),
+        "after the file changed the instance said {answer:?}"
+    );
+    hf.stop_leaving_nothing(&ns)?;
+    ensure!(
+        !socket.exists(),
+        "remove-on-stop: {} is still there after holdfast exited",
+        socket.display()
+    );
+    Ok(())
+}

@@ -9,6 +9,7 @@ mod control;
 mod deploy;
 mod dispatch;
 mod examples;
+mod exec;
 mod failed;
 mod fdstore;
 mod gunicorn;

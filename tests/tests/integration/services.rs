@@ -210,3 +210,53 @@ fn orphans_are_adopted_and_reaped_by_holdfast() -> Result<()> {
 fn is_shell_of(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sh")
 }
+
+/// The keys systemd users reach for (issue 13) on a plain service, not only
+/// on per-connection instances: umask, supplementary groups,
+/// no-new-privileges and environment files (read again at each start; a
+/// missing required one fails the start, naming it).
+#[test]
+fn a_plain_service_gets_umask_groups_no_new_privs_and_environment_files() -> anyhow::Result<()> {
+    use anyhow::ensure;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let env_file = sandbox.path().join("plain.env");
+    std::fs::write(&env_file, "FROM_FILE='one two'\n")?;
+    let report = sandbox.out("plain.txt");
+    let script = format!(
+        "{{ umask; grep -E '^(NoNewPrivs|Groups):' /proc/self/status | tr -s '\\t ' ' '; \
+         echo \"$FROM_FILE\"; }} > {r}.tmp && mv {r}.tmp {r}; exec sleep 1000",
+        r = report.display()
+    );
+    sandbox.write_unit(
+        "plain",
+        &format!(
+            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\numask = \"0027\"\n\
+             no-new-privileges = true\nsupplementary-groups = [\"4242\"]\n\
+             environment-file = [{}]\nrestart = \"never\"\n",
+            toml_str(&script),
+            toml_str(&env_file.to_string_lossy()),
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    hf.wait_running("plain", Duration::from_secs(10))?;
+    let said = wait_for("the service's report", Duration::from_secs(10), || {
+        std::fs::read_to_string(&report).ok()
+    })?;
+    let lines: Vec<&str> = said.lines().collect();
+    ensure!(
+        lines == ["0027", "Groups: 4242 ", "NoNewPrivs: 1", "one two"],
+        "the service said {said:?}"
+    );
+    // A required environment file gone: the start fails, naming it.
+    std::fs::remove_file(&env_file)?;
+    let _ = hf.cli(&["restart", "plain"])?;
+    let s = hf.wait_state("plain", "failed", Duration::from_secs(10))?;
+    ensure!(
+        s["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("plain.env")),
+        "{s}"
+    );
+    hf.stop()?;
+    Ok(())
+}

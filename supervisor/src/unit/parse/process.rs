@@ -3,7 +3,9 @@
 //! `limit-nproc`, `limit-core`, `limit-memlock`: `LimitNOFILE=` syntax with
 //! `soft:hard` and `infinity`), the cgroup limits (`memory-max`,
 //! `memory-high`, `tasks-max`, `cpu-quota`, `cpu-weight`, `io-weight`),
-//! `non-blocking`, `standard-input` and `standard-output`.
+//! `non-blocking`, `standard-input` and `standard-output`; and what the
+//! process is set up with before exec: `umask`, `supplementary-groups`,
+//! `no-new-privileges`, `environment-file`.
 
 use super::*;
 
@@ -15,7 +17,7 @@ const MAX_WEIGHT: u32 = 10_000;
 const SIZE_HINT: &str = "write a number of bytes with an optional K, M, G or T (powers of 1024), e.g. \"512M\", or \"infinity\"";
 
 impl Cx<'_> {
-    /// Reads the keys of [`KEYS`] into `svc`; `take` removes a field by key.
+    /// Reads the process keys into `svc`; `take` removes a field by key.
     /// Records in `self.stdio_socket` where a "socket" stdio was asked for.
     pub(super) fn process_keys<'t>(
         &mut self,
@@ -37,17 +39,31 @@ impl Cx<'_> {
         if let Some(f) = take("kill-signal") {
             svc.process.kill_signal = self.signal(&f).unwrap_or(svc.process.kill_signal);
         }
+        self.limit_keys(&mut svc.process, take);
+        if let Some(f) = take("non-blocking") {
+            svc.process.non_blocking = self.bool(&f).unwrap_or(false);
+        }
+        self.stdio_keys(&mut svc.process, take);
+        self.exec_keys(&mut svc.process, take);
+    }
+
+    /// The rlimits and the cgroup limits.
+    fn limit_keys<'t>(
+        &mut self,
+        p: &mut ProcessConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
         for (key, slot, size) in [
-            ("limit-nofile", &mut svc.process.rlimits.nofile, false),
-            ("limit-nproc", &mut svc.process.rlimits.nproc, false),
-            ("limit-core", &mut svc.process.rlimits.core, true),
-            ("limit-memlock", &mut svc.process.rlimits.memlock, true),
+            ("limit-nofile", &mut p.rlimits.nofile, false),
+            ("limit-nproc", &mut p.rlimits.nproc, false),
+            ("limit-core", &mut p.rlimits.core, true),
+            ("limit-memlock", &mut p.rlimits.memlock, true),
         ] {
             if let Some(f) = take(key) {
                 *slot = self.rlimit(&f, size);
             }
         }
-        let l = &mut svc.process.cgroup_limits;
+        let l = &mut p.cgroup_limits;
         for (key, slot, size) in [
             ("memory-max", &mut l.memory_max, true),
             ("memory-high", &mut l.memory_high, true),
@@ -66,23 +82,26 @@ impl Cx<'_> {
         if let Some(f) = take("io-weight") {
             l.io_weight = self.u32(&f, 1, MAX_WEIGHT, 100);
         }
-        if let Some(f) = take("non-blocking") {
-            svc.process.non_blocking = self.bool(&f).unwrap_or(false);
-        }
+    }
+
+    /// `standard-input` and `standard-output`.
+    fn stdio_keys<'t>(
+        &mut self,
+        p: &mut ProcessConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
         if let Some(f) = take("standard-input") {
             let options = [
                 ("null", StandardInput::Null),
                 ("socket", StandardInput::Socket),
             ];
-            svc.process.standard_input = self
-                .choice(&f, &options)
-                .unwrap_or(svc.process.standard_input);
-            if svc.process.standard_input == StandardInput::Socket {
+            p.standard_input = self.choice(&f, &options).unwrap_or(p.standard_input);
+            if p.standard_input == StandardInput::Socket {
                 self.stdio_socket = Some((f.pos, f.path.clone()));
             }
         }
         // systemd's default, `inherit`: the socket when stdin is the socket.
-        svc.process.standard_output = match svc.process.standard_input {
+        p.standard_output = match p.standard_input {
             StandardInput::Socket => StandardOutput::Socket,
             StandardInput::Null => StandardOutput::Log,
         };
@@ -91,14 +110,71 @@ impl Cx<'_> {
                 ("log", StandardOutput::Log),
                 ("socket", StandardOutput::Socket),
             ];
-            svc.process.standard_output = self
-                .choice(&f, &options)
-                .unwrap_or(svc.process.standard_output);
-            if svc.process.standard_output == StandardOutput::Socket && self.stdio_socket.is_none()
-            {
+            p.standard_output = self.choice(&f, &options).unwrap_or(p.standard_output);
+            if p.standard_output == StandardOutput::Socket && self.stdio_socket.is_none() {
                 self.stdio_socket = Some((f.pos, f.path.clone()));
             }
         }
+    }
+
+    /// What the process is set up with before exec: `umask`,
+    /// `supplementary-groups`, `no-new-privileges`, `environment-file`.
+    fn exec_keys<'t>(
+        &mut self,
+        p: &mut ProcessConfig,
+        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
+    ) {
+        if let Some(f) = take("umask") {
+            let hint = "write the umask in octal, as \"0022\" or \"0027\"";
+            p.umask = self.octal(&f, "umask", 0o777, hint).unwrap_or(p.umask);
+        }
+        if let Some(f) = take("supplementary-groups") {
+            let hint =
+                "write a list of group names or ids, e.g. supplementary-groups = [\"adm\", \"44\"]";
+            p.supplementary_groups = self.list(&f, hint, &mut Vec::new(), Self::group_name);
+        }
+        if let Some(f) = take("no-new-privileges") {
+            p.no_new_privileges = self.bool(&f).unwrap_or(false);
+        }
+        if let Some(f) = take("environment-file") {
+            let hint = "write a list of absolute paths, e.g. environment-file = [\"/etc/default/web\", \"-/etc/web.env\"] (a leading - lets the file be missing)";
+            for item in self.array(&f, hint).unwrap_or_default() {
+                if let Some(file) = self.environment_file(&item) {
+                    p.environment_files.push(file);
+                }
+            }
+        }
+    }
+
+    /// One supplementary group: a name or a numeric id.
+    fn group_name(&mut self, f: &Field<'_>) -> Option<String> {
+        self.account(f, "\"adm\"")
+    }
+
+    /// `"/path"` or `"-/path"` (optional).
+    fn environment_file(&mut self, f: &Field<'_>) -> Option<EnvironmentFile> {
+        let s = self.string(f, "\"/etc/default/web\"")?;
+        let (optional, path) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s.as_str()),
+        };
+        if !path.starts_with('/') {
+            let dash = if optional { "-" } else { "" };
+            self.err(
+                f.pos,
+                f.path.clone(),
+                format!("environment file {s:?} is not an absolute path"),
+                format!(
+                    "write a path that starts with /, e.g. \"{dash}/{}\"",
+                    path.trim_start_matches("./")
+                ),
+            );
+            return None;
+        }
+        Some(EnvironmentFile {
+            path: PathBuf::from(path),
+            optional,
+        })
     }
 
     /// standard-input or standard-output = "socket" in a unit without a socket.
@@ -117,7 +193,7 @@ impl Cx<'_> {
     }
 
     /// A signal by name (`"SIGTERM"`, `"TERM"`) or number.
-    fn signal(&mut self, f: &Field<'_>) -> Option<KillSignal> {
+    pub(super) fn signal(&mut self, f: &Field<'_>) -> Option<KillSignal> {
         let hint = "write a signal name such as \"SIGTERM\", \"SIGINT\" or \"SIGQUIT\"";
         if let Some(toml_edit::Value::Integer(i)) = f.item.value() {
             let n = *i.value();

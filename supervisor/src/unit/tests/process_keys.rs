@@ -19,6 +19,10 @@ fn systemd_defaults_for_process_keys() {
     assert!(!simple.process.non_blocking);
     assert_eq!(simple.process.standard_input, StandardInput::Null);
     assert_eq!(simple.process.standard_output, StandardOutput::Log);
+    assert_eq!(simple.process.umask, 0o022, "systemd's UMask= default");
+    assert!(simple.process.supplementary_groups.is_empty());
+    assert!(!simple.process.no_new_privileges);
+    assert!(simple.process.environment_files.is_empty());
     let notify = service("type = \"notify\"").unwrap();
     assert_eq!(notify.process.notify_access, NotifyAccess::Main);
     // StandardOutput=inherit: the socket when stdin is.
@@ -72,6 +76,27 @@ fn process_keys_in_systemd_syntax() {
 }
 
 #[test]
+fn exec_keys_in_systemd_syntax() {
+    let s = service(
+        "umask = \"0077\"\nsupplementary-groups = [\"adm\", \"44\"]\nno-new-privileges = true\nenvironment-file = [\"/etc/default/web\", \"-/etc/web.env\"]",
+    )
+    .unwrap();
+    assert_eq!(s.process.umask, 0o077);
+    assert_eq!(s.process.supplementary_groups, ["adm", "44"]);
+    assert!(s.process.no_new_privileges);
+    let file = |path: &str, optional| EnvironmentFile {
+        path: PathBuf::from(path),
+        optional,
+    };
+    assert_eq!(
+        s.process.environment_files,
+        [file("/etc/default/web", false), file("/etc/web.env", true)]
+    );
+    assert_eq!(service("umask = 0o027").unwrap().process.umask, 0o027);
+    assert_eq!(service("umask = \"0\"").unwrap().process.umask, 0);
+}
+
+#[test]
 fn process_key_mistakes_are_placed_and_explained() {
     #[rustfmt::skip]
     let cases: &[(&str, Expect<'_>)] = &[
@@ -95,6 +120,19 @@ fn process_key_mistakes_are_placed_and_explained() {
         ("non-blocking = \"yes\"", (3, 16, "service.non-blocking", "expected a boolean", "non-blocking = true")),
         ("standard-input = \"tty\"", (3, 18, "service.standard-input", "unknown value \"tty\"", "\"null\", \"socket\"")),
         ("standard-output = \"journal\"", (3, 19, "service.standard-output", "unknown value \"journal\"", "\"log\", \"socket\"")),
+        ("umask = 22", (3, 9, "service.umask", "umask 22 is not octal", "write 0o22 or \"022\"")),
+        ("umask = \"0800\"", (3, 9, "service.umask", "\"0800\" is not an octal umask", "\"0022\"")),
+        ("umask = \"1777\"", (3, 9, "service.umask", "umask \"1777\" is more than 0o777", "\"0027\"")),
+        ("umask = true", (3, 9, "service.umask", "expected an octal umask", "\"0022\"")),
+        ("supplementary-groups = \"adm\"", (3, 24, "service.supplementary-groups", "expected an array", "[\"adm\", \"44\"]")),
+        ("supplementary-groups = [\"adm\", \"a:b\"]", (3, 32, "service.supplementary-groups[1]", "\"a:b\" contains ':'", "\"adm\" or \"33\"")),
+        ("supplementary-groups = [\"adm\", \"adm\"]", (3, 32, "service.supplementary-groups[1]", "adm is listed twice", "remove one")),
+        ("supplementary-groups = [\"99999999999\"]", (3, 25, "service.supplementary-groups[0]", "id 99999999999 is too large", "")),
+        ("no-new-privileges = 1", (3, 21, "service.no-new-privileges", "expected a boolean", "no-new-privileges = true")),
+        ("environment-file = \"/etc/default/web\"", (3, 20, "service.environment-file", "expected an array", "-/etc/web.env")),
+        ("environment-file = [\"etc/web.env\"]", (3, 21, "service.environment-file[0]", "environment file \"etc/web.env\" is not an absolute path", "\"/etc/web.env\"")),
+        ("environment-file = [\"-web.env\"]", (3, 21, "service.environment-file[0]", "\"-web.env\" is not an absolute path", "\"-/web.env\"")),
+        ("environment-file = [1]", (3, 21, "service.environment-file[0]", "expected a string", "\"/etc/default/web\"")),
     ];
     for (keys, expect) in cases {
         let diags = service(keys).unwrap_err();
@@ -152,6 +190,19 @@ pub(super) fn randomize(s: &mut ServiceConfig, rng: &mut Rng, has_socket: bool) 
         io_weight: rng.chance().then(|| 1 + rng.below(10_000) as u32),
     };
     s.process.non_blocking = rng.chance();
+    s.process.umask = rng.below(0o1000) as u32;
+    s.process.supplementary_groups = ["adm", "44", "nogroup"]
+        .into_iter()
+        .filter(|_| rng.chance())
+        .map(String::from)
+        .collect();
+    s.process.no_new_privileges = rng.chance();
+    s.process.environment_files = (0..rng.below(3))
+        .map(|i| EnvironmentFile {
+            path: PathBuf::from(format!("/etc/{i}{}", rng.text("ab. é-", 8))),
+            optional: rng.chance(),
+        })
+        .collect();
     if has_socket {
         s.process.standard_input = *rng.pick(&[StandardInput::Null, StandardInput::Socket]);
         s.process.standard_output = *rng.pick(&[StandardOutput::Log, StandardOutput::Socket]);
