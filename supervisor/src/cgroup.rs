@@ -222,6 +222,55 @@ fn cgroup_dir(mount: &Path, mount_root: &str, cgroup: &str) -> PathBuf {
     mount.join(rel)
 }
 
+/// Where a cgroup2 is mounted when none is (see [`mount_if_missing`]).
+const DEFAULT_MOUNT: &str = "/sys/fs/cgroup";
+
+/// The cgroup2 mount, mounting one at `/sys/fs/cgroup` first when none is
+/// mounted and that directory is empty: `ip netns exec` gives its command a
+/// fresh sysfs, with the host's cgroup mounts hidden below it (holdfast
+/// mounts bpffs there likewise). A directory with anything in it (a v1
+/// hierarchy's tmpfs) is never mounted over.
+fn mount_if_missing() -> Result<(PathBuf, String), CgroupError> {
+    if let Ok(found) = cgroup2_mount() {
+        return Ok(found);
+    }
+    let dir = Path::new(DEFAULT_MOUNT);
+    let empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+    if !empty {
+        return Err(CgroupError::NoCgroup2);
+    }
+    use nix::mount::{mount, MsFlags};
+    mount(
+        Some("cgroup2"),
+        dir,
+        Some("cgroup2"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RELATIME,
+        None::<&str>,
+    )
+    .map_err(|e| io_err("mount cgroup2 on", dir)(e.into()))?;
+    tracing::info!(
+        mount = DEFAULT_MOUNT,
+        "no cgroup2 was mounted here: mounted one"
+    );
+    cgroup2_mount()
+}
+
+/// The path of the cgroup whose directory is `dir`, as /proc/PID/cgroup
+/// shows it (`/a/b`): the same in every mount namespace, unlike `dir`.
+pub fn path_of(dir: &Path) -> Option<String> {
+    let (mount, root) = cgroup2_mount().ok()?;
+    let rel = dir.strip_prefix(&mount).ok()?;
+    let base = root.trim_end_matches('/');
+    Some(format!("{base}/{}", rel.display()).replace("//", "/"))
+}
+
+/// The directory of the cgroup at `path` (as [`path_of`] gives it) under
+/// this mount namespace's cgroup2 mount (mounted if missing).
+pub fn dir_of(path: &str) -> Option<PathBuf> {
+    let (mount, root) = mount_if_missing().ok()?;
+    Some(cgroup_dir(&mount, &root, path))
+}
+
 fn cgroup2_mount() -> Result<(PathBuf, String), CgroupError> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(io_err("read", Path::new("/proc/self/mountinfo")))?;
@@ -616,7 +665,7 @@ impl Hierarchy {
     /// [`SUPERVISOR_LEAF`] first; then the controllers available of memory,
     /// pids, cpu and io are enabled for its children.
     pub fn setup(root: Option<&Path>) -> Result<Hierarchy, CgroupError> {
-        let (mount, mount_root) = cgroup2_mount()?;
+        let (mount, mount_root) = mount_if_missing()?;
         let (dir, made) = match root {
             Some(r) if r.starts_with(&mount) => (r.to_path_buf(), false),
             Some(r) => (cgroup_dir(&mount, &mount_root, &r.to_string_lossy()), false),

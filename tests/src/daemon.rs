@@ -57,6 +57,10 @@ pub fn dispatcher_instance(tag: &str) -> String {
 }
 
 /// What [`Holdfast::spawn_with`] adds to the default `holdfast run` command line.
+/// More arguments for every `holdfast run` the kit starts (whitespace
+/// separated), unless a test names `--cgroup-root`.
+pub const DAEMON_ARGS_ENV: &str = "HOLDFAST_TEST_DAEMON_ARGS";
+
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Load the sk_lookup dispatcher: leave out `--no-dispatcher`. (Where BPF is
@@ -190,6 +194,13 @@ impl Holdfast {
         // the journal names its socket.
         if !opts.args.iter().any(|a| a.starts_with("--journal")) {
             cmd.args(["--journal", "off"]);
+        }
+        // `cargo xtask test` runs some modules again with
+        // HOLDFAST_TEST_DAEMON_ARGS=--no-cgroups: the process-group mode.
+        if !opts.args.iter().any(|a| a.starts_with("--cgroup-root")) {
+            if let Ok(extra) = std::env::var(DAEMON_ARGS_ENV) {
+                cmd.args(extra.split_whitespace());
+            }
         }
         cmd.args(&opts.args)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))

@@ -76,7 +76,7 @@ pub use activate::{free_port, loopback4, loopback6, Activated, HandedFds, SOCKET
 pub use cgroup::CgroupRoot;
 pub use daemon::{
     dispatcher_instance, holdfast_bin, holdfast_cli, Holdfast, RunOptions, CLI_TIMEOUT,
-    READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
+    DAEMON_ARGS_ENV, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
 };
 pub use handoff::{check_handoff, ExpectSocket};
 pub use load::{wrk, WrkReport};

@@ -330,3 +330,40 @@ fn cpu_usage_is_read_from_cpu_stat() {
         "{before:?} → {after:?}"
     );
 }
+
+#[test]
+fn the_default_root_is_holdfasts_own_cgroup_only_when_it_is_alone_there() {
+    let mount = Path::new("/sys/fs/cgroup");
+    let own = Path::new("/sys/fs/cgroup/system.slice/holdfast.service");
+    // Alone (systemd with Delegate=yes, a container): its own cgroup.
+    assert_eq!(
+        default_root(mount, own, &[42], 42),
+        (own.to_path_buf(), false)
+    );
+    // Beside a shell or other daemons: a child of its own, made by it.
+    assert_eq!(
+        default_root(mount, own, &[7, 42], 42),
+        (own.join("holdfast-42"), true)
+    );
+    // Already in the leaf an earlier holdfast of this pid moved it to.
+    assert_eq!(
+        default_root(mount, &own.join(SUPERVISOR_LEAF), &[42], 42),
+        (own.to_path_buf(), false)
+    );
+    // The hierarchy's root is never vacated.
+    assert_eq!(
+        default_root(mount, mount, &[42], 42),
+        (mount.join("holdfast-42"), true)
+    );
+}
+
+#[test]
+fn cgroup_paths_and_directories_round_trip() {
+    let Some(dir) = own_cgroup_dir() else {
+        assert!(std::env::var_os("CI").is_none(), "no cgroup2 mount");
+        return;
+    };
+    let path = path_of(&dir).expect("under the mount");
+    assert!(path.starts_with('/'), "{path}");
+    assert_eq!(dir_of(&path), Some(dir));
+}

@@ -144,6 +144,112 @@ fn expand(
 
 /// Reads and translates; writes nothing.
 pub fn import(req: &Request) -> Result<Imported, ImportError> {
+    let (socket_file, service_file) = unit_files(req)?;
+    let main_file = socket_file
+        .clone()
+        .or_else(|| service_file.clone())
+        .ok_or_else(|| {
+            ImportError::Usage("give FILE.socket [FILE.service], or FILE.service".into())
+        })?;
+    let main_name = unit_name(&main_file)?;
+    let (name, instance) = service_name(&main_name, &main_file, req)?;
+
+    let mut sources = Vec::new();
+    let mut dropped = Vec::new();
+    let (socket, socket_unit) = match &socket_file {
+        Some(path) => {
+            let (entries, files) = ini::read_with_dropins(path)?;
+            sources.extend(files);
+            (Some(entries), format!("{name}.socket"))
+        }
+        None => (None, String::new()),
+    };
+    let accept = socket
+        .as_deref()
+        .and_then(|s| peek(s, "Socket", "Accept"))
+        .is_some_and(|v| values::boolean(v) == Ok(true));
+
+    // The service: given, named by Service=, or found beside the socket by
+    // systemd's rules (NAME.service; NAME@.service for Accept=yes).
+    let service_path = match (&service_file, &socket_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(sock)) => {
+            let explicit = socket.as_deref().and_then(|s| peek(s, "Socket", "Service"));
+            service_beside(
+                sock,
+                explicit,
+                accept,
+                &main_name,
+                &name,
+                instance.as_deref(),
+            )?
+        }
+        (None, None) => unreachable!("main_file is one of them"),
+    };
+    // Per-connection instances (Accept=yes) get their instance name from the connection.
+    let service_unit = if accept {
+        format!("{}@.service", main_name.prefix)
+    } else {
+        format!("{name}.service")
+    };
+    let (service, files) = ini::read_with_dropins(&service_path)?;
+    sources.extend(files);
+
+    let service_spec = values::Specifiers {
+        full_name: service_unit.clone(),
+        instance: if accept { None } else { instance.clone() },
+    };
+    let service = expand(service, &service_spec, &mut dropped);
+    let socket = socket.map(|s| {
+        let spec = values::Specifiers {
+            full_name: socket_unit.clone(),
+            instance: instance.clone(),
+        };
+        expand(s, &spec, &mut dropped)
+    });
+
+    let input = translate::Input {
+        name: &name,
+        socket: socket.as_deref(),
+        socket_name: &socket_unit,
+        service: &service,
+        service_name: &service_unit,
+    };
+    translated(&input, service_path, sources, dropped)
+}
+
+/// The translation of `input`, written and checked by `holdfast check`'s
+/// parser: what `import` returns.
+fn translated(
+    input: &translate::Input<'_>,
+    service_path: PathBuf,
+    sources: Vec<PathBuf>,
+    mut dropped: Vec<translate::Finding>,
+) -> Result<Imported, ImportError> {
+    let name = input.name;
+    let out = translate::translate(input);
+    let path = PathBuf::from(format!("{name}.toml"));
+    if out.unit.service.exec.is_empty() {
+        return Err(ImportError::NoExec { path: service_path });
+    }
+    let toml = written_toml(&sources, out.description.as_deref(), &out.unit);
+    let unit = unit::parse_unit(name, &path, &toml).map_err(|diags| ImportError::Invalid {
+        path: path.clone(),
+        diags,
+    })?;
+    dropped.extend(out.dropped);
+    translate::sort_findings(&mut dropped);
+    Ok(Imported {
+        unit,
+        toml,
+        sources,
+        dropped,
+        notes: out.notes,
+    })
+}
+
+/// The `.socket` and `.service` files of a request, at most one each.
+fn unit_files(req: &Request) -> Result<(Option<PathBuf>, Option<PathBuf>), ImportError> {
     let mut socket_file = None;
     let mut service_file = None;
     for f in &req.files {
@@ -163,13 +269,16 @@ pub fn import(req: &Request) -> Result<Imported, ImportError> {
             ));
         }
     }
-    let main_file = socket_file
-        .clone()
-        .or_else(|| service_file.clone())
-        .ok_or_else(|| {
-            ImportError::Usage("give FILE.socket [FILE.service], or FILE.service".into())
-        })?;
-    let main_name = unit_name(&main_file)?;
+    Ok((socket_file, service_file))
+}
+
+/// The holdfast service name (`NAME`, `NAME@INSTANCE` for a template) and
+/// the instance, from the main file's name and `--instance`.
+fn service_name(
+    main_name: &UnitName<'_>,
+    main_file: &Path,
+    req: &Request,
+) -> Result<(String, Option<String>), ImportError> {
     let instance = match (main_name.instance, &req.instance) {
         (Some(""), Some(i)) => Some(i.clone()),
         (Some(""), None) => {
@@ -197,108 +306,56 @@ pub fn import(req: &Request) -> Result<Imported, ImportError> {
             "{name:?} cannot be a holdfast service name (letters, digits, _ . @ -); copy the files under a simpler name"
         )));
     }
+    Ok((name, instance))
+}
 
-    let mut sources = Vec::new();
-    let mut dropped = Vec::new();
-    let (socket, socket_unit) = match &socket_file {
-        Some(path) => {
-            let (entries, files) = ini::read_with_dropins(path)?;
-            sources.extend(files);
-            (Some(entries), format!("{name}.socket"))
-        }
-        None => (None, String::new()),
+/// The service of socket file `sock` found beside it by systemd's rules:
+/// `Service=` (`explicit`), `NAME@.service` for Accept=yes, else
+/// `NAME.service` (or the template's instance, then the template).
+fn service_beside(
+    sock: &Path,
+    explicit: Option<&str>,
+    accept: bool,
+    main_name: &UnitName<'_>,
+    name: &str,
+    instance: Option<&str>,
+) -> Result<PathBuf, ImportError> {
+    let dir = sock.parent().unwrap_or(Path::new("."));
+    let candidates: Vec<String> = match explicit {
+        Some(s) => vec![s.to_string()],
+        None if accept => vec![format!("{}@.service", main_name.prefix)],
+        None => match instance {
+            Some(i) => vec![
+                format!("{}@{i}.service", main_name.prefix),
+                format!("{}@.service", main_name.prefix),
+            ],
+            None => vec![format!("{name}.service")],
+        },
     };
-    let accept = socket
-        .as_deref()
-        .and_then(|s| peek(s, "Socket", "Accept"))
-        .is_some_and(|v| values::boolean(v) == Ok(true));
+    candidates
+        .iter()
+        .map(|c| dir.join(c))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            ImportError::Usage(format!(
+                "no {} beside {}: give the service file as the second argument",
+                candidates.join(" or "),
+                sock.display()
+            ))
+        })
+}
 
-    // The service: given, named by Service=, or found beside the socket by
-    // systemd's rules (NAME.service; NAME@.service for Accept=yes).
-    let service_path = match (&service_file, &socket_file) {
-        (Some(p), _) => p.clone(),
-        (None, Some(sock)) => {
-            let dir = sock.parent().unwrap_or(Path::new("."));
-            let explicit = socket.as_deref().and_then(|s| peek(s, "Socket", "Service"));
-            let candidates: Vec<String> = match explicit {
-                Some(s) => vec![s.to_string()],
-                None if accept => vec![format!("{}@.service", main_name.prefix)],
-                None => match &instance {
-                    Some(i) => vec![
-                        format!("{}@{i}.service", main_name.prefix),
-                        format!("{}@.service", main_name.prefix),
-                    ],
-                    None => vec![format!("{name}.service")],
-                },
-            };
-            candidates
-                .iter()
-                .map(|c| dir.join(c))
-                .find(|p| p.is_file())
-                .ok_or_else(|| {
-                    ImportError::Usage(format!(
-                        "no {} beside {}: give the service file as the second argument",
-                        candidates.join(" or "),
-                        sock.display()
-                    ))
-                })?
-        }
-        (None, None) => unreachable!("main_file is one of them"),
-    };
-    // Per-connection instances (Accept=yes) get their instance name from the connection.
-    let service_unit = if accept {
-        format!("{}@.service", main_name.prefix)
-    } else {
-        format!("{name}.service")
-    };
-    let (service, files) = ini::read_with_dropins(&service_path)?;
-    sources.extend(files);
-
-    let service_spec = values::Specifiers {
-        full_name: service_unit.clone(),
-        instance: if accept { None } else { instance.clone() },
-    };
-    let service = expand(service, &service_spec, &mut dropped);
-    let socket = socket.map(|s| {
-        let spec = values::Specifiers {
-            full_name: socket_unit.clone(),
-            instance: instance.clone(),
-        };
-        expand(s, &spec, &mut dropped)
-    });
-
-    let out = translate::translate(&translate::Input {
-        name: &name,
-        socket: socket.as_deref(),
-        socket_name: &socket_unit,
-        service: &service,
-        service_name: &service_unit,
-    });
-    let path = PathBuf::from(format!("{name}.toml"));
-    if out.unit.service.exec.is_empty() {
-        return Err(ImportError::NoExec { path: service_path });
-    }
+/// The unit file as written: where it came from, its description, then the unit.
+fn written_toml(sources: &[PathBuf], description: Option<&str>, unit: &unit::Unit) -> String {
     let mut toml = String::from("# Written by `holdfast import` from:\n");
-    for s in &sources {
+    for s in sources {
         toml.push_str(&format!("#   {}\n", s.display()));
     }
-    if let Some(d) = &out.description {
+    if let Some(d) = description {
         toml.push_str(&format!("# {d}\n"));
     }
-    toml.push_str(&unit::to_toml(&out.unit));
-    let unit = unit::parse_unit(&name, &path, &toml).map_err(|diags| ImportError::Invalid {
-        path: path.clone(),
-        diags,
-    })?;
-    dropped.extend(out.dropped);
-    translate::sort_findings(&mut dropped);
-    Ok(Imported {
-        unit,
-        toml,
-        sources,
-        dropped,
-        notes: out.notes,
-    })
+    toml.push_str(&unit::to_toml(unit));
+    toml
 }
 
 /// Writes `DIR/NAME.toml`; an existing file is replaced only with `force`.

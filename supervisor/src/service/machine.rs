@@ -1418,8 +1418,26 @@ impl Machine {
     /// holdfast shuts down.
     pub fn timers(&mut self, now: Instant, may_start: bool) -> Vec<Effect> {
         let mut fx = Vec::new();
-        let stop_timeout = self.cfg.stop_timeout;
-        let start_timeout = self.cfg.start_timeout;
+        self.kill_late(now, &mut fx);
+        self.pre_command_timeout(now, &mut fx);
+        self.command_timeout(now, &mut fx);
+        self.reload_signal_timeout(now);
+        self.candidate_timeout(now, &mut fx);
+        self.main_timeouts(now, &mut fx);
+        if may_start && self.control.is_none() && self.next_start.is_some_and(|t| t <= now) {
+            if self.cfg.on_demand {
+                // The delay after a failed run is over: traffic starts it.
+                self.next_start = None;
+                self.state = State::Listening;
+            } else {
+                fx.extend(self.start(now, true));
+            }
+        }
+        fx
+    }
+
+    /// SIGKILL for every instance still there at its `kill_at`.
+    fn kill_late(&mut self, now: Instant, fx: &mut Vec<Effect>) {
         for inst in self
             .main
             .iter_mut()
@@ -1434,12 +1452,12 @@ impl Machine {
                 fx.push(Effect::Kill(inst.id));
             }
         }
-        let timeout_text = || {
-            format!(
-                "did not send READY=1 within start-timeout ({})",
-                humantime::format_duration(start_timeout)
-            )
-        };
+    }
+
+    /// Start timeout in an exec-start-pre command.
+    fn pre_command_timeout(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let stop_timeout = self.cfg.stop_timeout;
+        let start_timeout = self.cfg.start_timeout;
         // Start timeout in an exec-start-pre command: stop it; its exit
         // fails the start.
         if let Some(pre) = self.pre.as_mut() {
@@ -1454,13 +1472,19 @@ impl Machine {
                     humantime::format_duration(start_timeout)
                 );
                 tracing::error!(service = %self.name, pid = inst.pid, "{why}: stopping it");
-                inst.terminate(now, stop_timeout, &mut fx);
+                inst.terminate(now, stop_timeout, fx);
                 inst.failed = Some(why);
                 if pre.what == SpawnRole::Main {
                     self.state = State::Stopping;
                 }
             }
         }
+    }
+
+    /// A command beside the main process not done in time.
+    fn command_timeout(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let stop_timeout = self.cfg.stop_timeout;
+        let start_timeout = self.cfg.start_timeout;
         // A command beside the main process not done in time: stopped; its
         // exit fails it. exec-stop's timeout sends kill-signal to the main
         // process at once.
@@ -1483,15 +1507,20 @@ impl Machine {
                     humantime::format_duration(timeout)
                 );
                 tracing::error!(service = %self.name, pid = inst.pid, "{why}: stopping it");
-                inst.terminate(now, stop_timeout, &mut fx);
+                inst.terminate(now, stop_timeout, fx);
                 inst.failed = Some(why);
                 if c.what == CommandKind::Stop {
                     if let Some(main) = self.main.as_mut() {
-                        main.terminate(now, stop_timeout, &mut fx);
+                        main.terminate(now, stop_timeout, fx);
                     }
                 }
             }
         }
+    }
+
+    /// A reload by signal with no RELOADING=1 then READY=1 in time.
+    fn reload_signal_timeout(&mut self, now: Instant) {
+        let start_timeout = self.cfg.start_timeout;
         if self.signal_reload.as_ref().is_some_and(|r| r.by <= now) {
             let why = format!(
                 "no RELOADING=1 then READY=1 within start-timeout ({}) after reload-signal",
@@ -1502,6 +1531,18 @@ impl Machine {
                 self.state = State::Running;
             }
         }
+    }
+
+    /// Start timeout of an overlap candidate.
+    fn candidate_timeout(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let stop_timeout = self.cfg.stop_timeout;
+        let start_timeout = self.cfg.start_timeout;
+        let timeout_text = || {
+            format!(
+                "did not send READY=1 within start-timeout ({})",
+                humantime::format_duration(start_timeout)
+            )
+        };
         // Start timeout of an overlap candidate: give up on it.
         if self
             .candidate
@@ -1511,16 +1552,28 @@ impl Machine {
             let why = timeout_text();
             let mut c = self.candidate.take().expect("checked");
             tracing::error!(service = %self.name, pid = c.pid, "overlap restart abandoned: {why}; the old instance keeps serving");
-            c.terminate(now, stop_timeout, &mut fx);
+            c.terminate(now, stop_timeout, fx);
             self.draining.push(c);
             self.overlap_failure = Some(format!(
                 "the new instance {why}; the old instance keeps serving"
             ));
         }
+    }
+
+    /// The main instance's start timeout and watchdog.
+    fn main_timeouts(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let stop_timeout = self.cfg.stop_timeout;
+        let start_timeout = self.cfg.start_timeout;
+        let timeout_text = || {
+            format!(
+                "did not send READY=1 within start-timeout ({})",
+                humantime::format_duration(start_timeout)
+            )
+        };
         if let Some(main) = self.main.as_mut() {
             if !main.ready && main.ready_by.is_some_and(|t| t <= now) {
                 tracing::error!(service = %self.name, pid = main.pid, timeout = %humantime::format_duration(start_timeout), "did not send READY=1 within start-timeout: stopping it");
-                main.terminate(now, stop_timeout, &mut fx);
+                main.terminate(now, stop_timeout, fx);
                 main.failed = Some(timeout_text());
                 self.state = State::Stopping;
             }
@@ -1533,16 +1586,6 @@ impl Machine {
                 self.state = State::Stopping;
             }
         }
-        if may_start && self.control.is_none() && self.next_start.is_some_and(|t| t <= now) {
-            if self.cfg.on_demand {
-                // The delay after a failed run is over: traffic starts it.
-                self.next_start = None;
-                self.state = State::Listening;
-            } else {
-                fx.extend(self.start(now, true));
-            }
-        }
-        fx
     }
 
     // ---- inside the machine ----

@@ -557,7 +557,10 @@ impl Supervisor {
     /// for a holdfast started here after this one died ([`recovery`]).
     fn record_for_recovery(&self) {
         let mut record = recovery::Record {
-            cgroup_root: self.cgroups.as_ref().map(|h| h.root().path().to_path_buf()),
+            cgroup_root: self
+                .cgroups
+                .as_ref()
+                .and_then(|h| crate::cgroup::path_of(h.root().path())),
             made_root: self.cgroups.as_ref().is_some_and(|h| h.made()),
             ..recovery::Record::default()
         };

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -37,8 +37,9 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 /// What a running holdfast records for its successor.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(super) struct Record {
-    /// The cgroup the service cgroups are under.
-    pub cgroup_root: Option<PathBuf>,
+    /// The cgroup the service cgroups are under, as /proc/PID/cgroup
+    /// names it (the same in every mount namespace).
+    pub cgroup_root: Option<String>,
     /// holdfast made `cgroup_root` for itself: the successor removes it.
     pub made_root: bool,
     /// `<service>.<socket>` → the socket's inode (`socket:[N]` in /proc/PID/fd).
@@ -95,10 +96,14 @@ pub(super) fn recover(state_dir: &Path, units: &[Unit], inherited: &mut Inherite
         return done;
     };
     forget(state_dir);
-    let Some(root) = record.cgroup_root.as_deref() else {
+    let Some(root) = record
+        .cgroup_root
+        .as_deref()
+        .and_then(crate::cgroup::dir_of)
+    else {
         return done;
     };
-    let Ok(root) = Cgroup::open(root) else {
+    let Ok(root) = Cgroup::open(&root) else {
         return done; // gone with its processes
     };
     let services: Vec<Cgroup> = root
@@ -256,7 +261,7 @@ mod tests {
     fn the_record_round_trips_and_is_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let mut record = Record {
-            cgroup_root: Some("/sys/fs/cgroup/x".into()),
+            cgroup_root: Some("/x".into()),
             made_root: true,
             ..Record::default()
         };

@@ -273,9 +273,18 @@ fn after_kill_9_under_ip_netns_exec_the_next_holdfast_replaces_the_stale_link() 
     first.signal(Signal::SIGKILL)?;
     first.wait_exit(T)?;
 
-    let second = skip_unless!(Holdfast::start_dispatched(&ns, web_sandbox()?, &opts)?);
+    // On the same state dir: the orphan is found, its listener taken back
+    // and itself stopped; no service runs twice.
+    let second = skip_unless!(Holdfast::start_dispatched(
+        &ns,
+        first.into_sandbox()?,
+        &opts
+    )?);
     let pid = second.wait_running("web", T)?;
     ensure!(pid != orphan, "the new daemon's service is the orphan?");
+    wait_for(&format!("the orphan {orphan} to be stopped"), T, || {
+        process_gone(orphan).then_some(())
+    })?;
     let after = sk_lookup_links(netns_ino)?;
     ensure!(
         after.len() == 1 && after != before,
