@@ -212,9 +212,7 @@ fn main() -> ExitCode {
         // The summary is JSON either way (scripts read it).
         Command::Reload => ask::<ReloadSummary>(dir, &Request::Reload, |s| out.json(&s)),
         Command::ReloadService { name } => {
-            ask::<ServiceStatus>(dir, &Request::ReloadService { name }, |s| {
-                out.show(&s, || {})
-            })
+            service_command(dir, Request::ReloadService { name }, out)
         }
         Command::Logs {
             name,
@@ -222,27 +220,32 @@ fn main() -> ExitCode {
             since,
             follow,
         } => logs(dir, name, lines, since, follow, out),
-        Command::Start { name } => {
-            ask::<ServiceStatus>(dir, &Request::Start { name }, |s| out.show(&s, || {}))
-        }
-        Command::Stop { name } => {
-            ask::<ServiceStatus>(dir, &Request::Stop { name }, |s| out.show(&s, || {}))
-        }
-        Command::Upgrade => ask::<UpgradeReport>(dir, &Request::Upgrade, |r| {
-            out.show(&r, || {
-                println!(
-                    "upgraded in place: pid {} now runs holdfast {} (was {}), {} service(s) kept",
-                    r.pid, r.to, r.from, r.services
-                )
-            })
-        }),
+        Command::Start { name } => service_command(dir, Request::Start { name }, out),
+        Command::Stop { name } => service_command(dir, Request::Stop { name }, out),
+        Command::Upgrade => upgrade(dir, out),
         Command::AcceptsState { version } => accepts_state(version),
         Command::Restart { name, mode } => {
-            ask::<ServiceStatus>(dir, &Request::Restart { name, mode }, |s| {
-                out.show(&s, || {})
-            })
+            service_command(dir, Request::Restart { name, mode }, out)
         }
     }
+}
+
+/// start, stop, restart, reload-service: the service's status as the daemon
+/// answers once it is done (printed with --json only).
+fn service_command(dir: &Path, req: Request, out: Output) -> ExitCode {
+    ask::<ServiceStatus>(dir, &req, |s| out.show(&s, || {}))
+}
+
+/// `holdfast upgrade`: the new binary's report.
+fn upgrade(dir: &Path, out: Output) -> ExitCode {
+    ask::<UpgradeReport>(dir, &Request::Upgrade, |r| {
+        out.show(&r, || {
+            println!(
+                "upgraded in place: pid {} now runs holdfast {} (was {}), {} service(s) kept",
+                r.pid, r.to, r.from, r.services
+            )
+        })
+    })
 }
 
 /// `holdfast run`: the daemon until it is stopped; 1 if it could not start.

@@ -449,28 +449,7 @@ impl Loaded {
         }
 
         // 1. Port classes of the idle generation: write what differs.
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        let shadow = &mut self.classes[idle as usize];
-        for (slot, classes) in compiled.classes.iter().enumerate() {
-            for (port, class) in classes.iter().enumerate() {
-                let i = (slot << 16) | port;
-                if shadow[i] != *class {
-                    keys.push(port_class_index(idle, slot as u32, port as u32));
-                    values.push(u32::from(*class));
-                }
-            }
-        }
-        if let Err(source) = sys::array_update_batch(self.port_class.inner_fd(), &keys, &values) {
-            shadow.fill(u16::MAX);
-            return Err(DispatchError::MapSyscall {
-                op: "batch-update",
-                map: PORT_CLASS_MAP,
-                source,
-            });
-        }
-        for (slot, classes) in compiled.classes.iter().enumerate() {
-            shadow[slot << 16..(slot + 1) << 16].copy_from_slice(classes);
-        }
+        self.write_port_classes(idle, &compiled.classes)?;
 
         // 2. Prefix lengths, longest first, then entries of the idle generation.
         let mut lengths: Vec<u8> = compiled.entries.iter().map(|(e, _)| e.prefix_len).collect();
@@ -508,6 +487,42 @@ impl Loaded {
         self.wait_grace();
         self.idle_leftovers
             .extend(old_entries.iter().map(|(e, _)| *e));
+        self.delete_leftovers(old);
+        self.purge_stale_rules();
+        Ok(())
+    }
+
+    /// The port classes of generation `idle`: only those that differ from
+    /// its shadow, in one batch (a failure leaves the shadow unknown).
+    fn write_port_classes(&mut self, idle: u32, classes: &[Vec<u16>]) -> Result<(), DispatchError> {
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let shadow = &mut self.classes[idle as usize];
+        for (slot, classes) in classes.iter().enumerate() {
+            for (port, class) in classes.iter().enumerate() {
+                let i = (slot << 16) | port;
+                if shadow[i] != *class {
+                    keys.push(port_class_index(idle, slot as u32, port as u32));
+                    values.push(u32::from(*class));
+                }
+            }
+        }
+        if let Err(source) = sys::array_update_batch(self.port_class.inner_fd(), &keys, &values) {
+            shadow.fill(u16::MAX);
+            return Err(DispatchError::MapSyscall {
+                op: "batch-update",
+                map: PORT_CLASS_MAP,
+                source,
+            });
+        }
+        for (slot, classes) in classes.iter().enumerate() {
+            shadow[slot << 16..(slot + 1) << 16].copy_from_slice(classes);
+        }
+        Ok(())
+    }
+
+    /// Deletes the left-over binding entries of generation `old` (one that
+    /// cannot be deleted yet is retried by the next apply).
+    fn delete_leftovers(&mut self, old: u32) {
         while let Some(e) = self.idle_leftovers.last() {
             match self.entries.remove(&binding_key(e, old)) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
@@ -520,8 +535,6 @@ impl Loaded {
                 }
             }
         }
-        self.purge_stale_rules();
-        Ok(())
     }
 
     /// Waits until every program run that started before this call has ended

@@ -42,11 +42,25 @@ struct Claim {
 
 /// Everything wrong across `units` (each given with the places of its parts).
 pub(crate) fn check_spanned(units: &[(&Unit, &UnitSpans)]) -> Vec<Diagnostic> {
-    let mut diags = Vec::new();
-    let place = |u: usize, s: usize, pick: &dyn Fn(&super::parse::SocketSpans) -> Pos| {
-        units[u].1.sockets.get(s).map_or(Pos::NONE, pick)
-    };
+    let mut diags = duplicate_names(units);
+    diags.extend(binding_clashes(units));
+    diags.extend(shared_unix_paths(units));
+    diags
+}
 
+/// Where socket `s` of unit `u` has what `pick` picks, if it was read from a file.
+fn place(
+    units: &[(&Unit, &UnitSpans)],
+    u: usize,
+    s: usize,
+    pick: &dyn Fn(&super::parse::SocketSpans) -> Pos,
+) -> Pos {
+    units[u].1.sockets.get(s).map_or(Pos::NONE, pick)
+}
+
+/// Two units of one name.
+fn duplicate_names(units: &[(&Unit, &UnitSpans)]) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
     // The same name twice can only come from a caller building units by hand.
     let mut names: HashMap<&str, usize> = HashMap::new();
     for (i, (u, _)) in units.iter().enumerate() {
@@ -66,6 +80,25 @@ pub(crate) fn check_spanned(units: &[(&Unit, &UnitSpans)]) -> Vec<Diagnostic> {
         }
     }
 
+    diags
+}
+
+/// Per pair of (socket, address entry) of two sockets: the equally specific
+/// bindings of theirs that overlap.
+type Key = ((usize, usize, usize), (usize, usize, usize));
+
+/// Bindings of two sockets that are equally specific and overlap: a packet
+/// would have two sockets to go to.
+fn binding_clashes(units: &[(&Unit, &UnitSpans)]) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
+    for pairs in clashing_claims(units).values() {
+        diags.push(clash_diagnostic(units, pairs));
+    }
+    diags
+}
+
+/// The overlapping claims of equal specificity, by pair of address entries.
+fn clashing_claims(units: &[(&Unit, &UnitSpans)]) -> BTreeMap<Key, Vec<(Claim, Claim)>> {
     // Bindings grouped by what makes them equally specific: the protocol
     // (tcp and udp are looked up apart), the prefix, and the port range width.
     let mut groups: HashMap<(Protocol, u128, u8, u32), Vec<Claim>> = HashMap::new();
@@ -92,7 +125,6 @@ pub(crate) fn check_spanned(units: &[(&Unit, &UnitSpans)]) -> Vec<Diagnostic> {
         }
     }
     // Per pair of (socket, address entry): the port ranges that collide.
-    type Key = ((usize, usize, usize), (usize, usize, usize));
     let mut clashes: BTreeMap<Key, Vec<(Claim, Claim)>> = BTreeMap::new();
     for claims in groups.values_mut() {
         claims.sort_by_key(|c| (c.range.first, c.unit, c.socket, c.address, c.port));
@@ -122,41 +154,49 @@ pub(crate) fn check_spanned(units: &[(&Unit, &UnitSpans)]) -> Vec<Diagnostic> {
             }
         }
     }
-    for pairs in clashes.values() {
-        let (a, b) = pairs[0];
-        let (ua, ub) = (units[a.unit].0, units[b.unit].0);
-        let (sa, sb) = (&ua.sockets[a.socket], &ub.sockets[b.socket]);
-        let prefix = sb.addresses[b.address];
-        let a_pos = place(a.unit, a.socket, &|s| {
-            s.addresses.get(a.address).copied().unwrap_or(s.table)
-        });
-        let b_pos = place(b.unit, b.socket, &|s| {
-            s.addresses.get(b.address).copied().unwrap_or(s.table)
-        });
-        let more = match pairs.len() {
-            1 => String::new(),
-            2 => " (and 1 more overlapping port range)".to_string(),
-            n => format!(" (and {} more overlapping port ranges)", n - 1),
-        };
-        diags.push(b_pos.diag(
-            &ub.path,
-            format!("socket[{}].addresses[{}]", b.socket, b.address),
-            format!(
-                "{} {prefix} {} of socket {:?} is also claimed, equally specifically, by {} (socket[{}].addresses[{}] with {} of socket {:?}){more}",
-                sb.protocol,
-                ports(b.range),
-                sb.name,
-                located(&ua.path, a_pos),
-                a.socket,
-                a.address,
-                ports(a.range),
-                sa.name,
-            ),
-            "a packet must have one socket to go to: make one of the two more specific \
-             (a longer prefix or a narrower port range), or serve these ports from one socket",
-        ));
-    }
+    clashes
+}
 
+/// The diagnostic of one pair of clashing address entries (`pairs`: every
+/// overlapping port range of theirs, the first one named).
+fn clash_diagnostic(units: &[(&Unit, &UnitSpans)], pairs: &[(Claim, Claim)]) -> Diagnostic {
+    let (a, b) = pairs[0];
+    let (ua, ub) = (units[a.unit].0, units[b.unit].0);
+    let (sa, sb) = (&ua.sockets[a.socket], &ub.sockets[b.socket]);
+    let prefix = sb.addresses[b.address];
+    let a_pos = place(units, a.unit, a.socket, &|s| {
+        s.addresses.get(a.address).copied().unwrap_or(s.table)
+    });
+    let b_pos = place(units, b.unit, b.socket, &|s| {
+        s.addresses.get(b.address).copied().unwrap_or(s.table)
+    });
+    let more = match pairs.len() {
+        1 => String::new(),
+        2 => " (and 1 more overlapping port range)".to_string(),
+        n => format!(" (and {} more overlapping port ranges)", n - 1),
+    };
+    b_pos.diag(
+        &ub.path,
+        format!("socket[{}].addresses[{}]", b.socket, b.address),
+        format!(
+            "{} {prefix} {} of socket {:?} is also claimed, equally specifically, by {} (socket[{}].addresses[{}] with {} of socket {:?}){more}",
+            sb.protocol,
+            ports(b.range),
+            sb.name,
+            located(&ua.path, a_pos),
+            a.socket,
+            a.address,
+            ports(a.range),
+            sa.name,
+        ),
+        "a packet must have one socket to go to: make one of the two more specific \
+         (a longer prefix or a narrower port range), or serve these ports from one socket",
+    )
+}
+
+/// Two unix sockets on one path.
+fn shared_unix_paths(units: &[(&Unit, &UnitSpans)]) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
     // Unix socket paths.
     let mut paths: HashMap<&Path, (usize, usize)> = HashMap::new();
     for (ui, (u, _)) in units.iter().enumerate() {
@@ -166,8 +206,8 @@ pub(crate) fn check_spanned(units: &[(&Unit, &UnitSpans)]) -> Vec<Diagnostic> {
             };
             match paths.get(path) {
                 Some(&(uj, sj)) => {
-                    let other = located(&units[uj].0.path, place(uj, sj, &|s| s.path));
-                    diags.push(place(ui, si, &|s| s.path).diag(
+                    let other = located(&units[uj].0.path, place(units, uj, sj, &|s| s.path));
+                    diags.push(place(units, ui, si, &|s| s.path).diag(
                         &u.path,
                         format!("socket[{si}].path"),
                         format!(
