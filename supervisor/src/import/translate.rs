@@ -908,26 +908,9 @@ struct Listen<'a> {
     path: Option<PathBuf>,
 }
 
+/// The prefix with its host bits cleared (the unit parser's own).
 fn prefix(addr: IpAddr, len: u8) -> IpPrefix {
-    let masked = match addr {
-        IpAddr::V4(a) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len))
-            };
-            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
-        }
-        IpAddr::V6(a) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(len))
-            };
-            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
-        }
-    };
-    IpPrefix { addr: masked, len }
+    crate::unit::masked(addr, len)
 }
 
 const ANY4: IpPrefix = IpPrefix {

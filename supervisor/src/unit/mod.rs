@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 pub use check::validate_set;
 pub use diag::{Diagnostic, Diagnostics};
 pub use model::*;
+/// A prefix with its host bits cleared (import reads addresses too).
+pub(crate) use parse::masked;
 pub use parse::{parse_unit, MAX_DURATION};
 /// Every key a unit file may have, for the fuzz corpus's completeness check.
 #[cfg(test)]
