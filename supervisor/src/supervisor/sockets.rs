@@ -217,30 +217,7 @@ pub(super) fn open(
     inherited: &mut crate::manager::Inherited,
     live: &[BorrowedFd<'_>],
 ) -> Result<Socket, String> {
-    let placement = match Placement::for_socket(cfg, dispatcher) {
-        Ok(p) => p,
-        Err(e @ (PlacementError::NeedsDispatcher | PlacementError::RulesNeedDispatcher)) => {
-            let instead = if e == PlacementError::NeedsDispatcher {
-                "declare one address (a /32 or /128) and one port"
-            } else {
-                "remove allow/deny, or set accept = true"
-            };
-            return Err(format!(
-                "{}: service {}: socket {:?}: {e}; {why_not}; {instead}, or run where BPF is available",
-                unit.path.display(),
-                unit.name,
-                cfg.name
-            ));
-        }
-        Err(e) => {
-            return Err(format!(
-                "{}: service {}: socket {:?}: {e}",
-                unit.path.display(),
-                unit.name,
-                cfg.name
-            ))
-        }
-    };
+    let placement = placement_of(unit, cfg, dispatcher, why_not)?;
     // A socket passed in LISTEN_FDS under this name and fitting it is used
     // in place of a new one (after a crash: from systemd's fd store).
     let created = match inherited.take(&unit.name, cfg, &placement) {
@@ -282,6 +259,38 @@ pub(super) fn open(
             config: cfg.clone(),
             fd,
         }),
+        Err(e) => Err(format!(
+            "{}: service {}: socket {:?}: {e}",
+            unit.path.display(),
+            unit.name,
+            cfg.name
+        )),
+    }
+}
+
+/// Where socket `cfg` of `unit` is placed; the error says what to write
+/// instead when it needs the dispatcher that is not there (`why_not`).
+fn placement_of(
+    unit: &Unit,
+    cfg: &SocketConfig,
+    dispatcher: bool,
+    why_not: &str,
+) -> Result<Placement, String> {
+    match Placement::for_socket(cfg, dispatcher) {
+        Ok(p) => Ok(p),
+        Err(e @ (PlacementError::NeedsDispatcher | PlacementError::RulesNeedDispatcher)) => {
+            let instead = if e == PlacementError::NeedsDispatcher {
+                "declare one address (a /32 or /128) and one port"
+            } else {
+                "remove allow/deny, or set accept = true"
+            };
+            Err(format!(
+                "{}: service {}: socket {:?}: {e}; {why_not}; {instead}, or run where BPF is available",
+                unit.path.display(),
+                unit.name,
+                cfg.name
+            ))
+        }
         Err(e) => Err(format!(
             "{}: service {}: socket {:?}: {e}",
             unit.path.display(),
