@@ -70,6 +70,12 @@ pub const APT_PACKAGES: &[AptPackage] = &[
             "/lib/systemd/system/micro-httpd.socket",
         ],
     },
+    // A real inetd `wait = yes` daemon that reads the socket on stdin
+    // (tests/tests/integration/inetd.rs: standard-input = "socket").
+    AptPackage {
+        name: "tftpd-hpa",
+        provides: &["/usr/sbin/in.tftpd"],
+    },
     // Debian's .socket/.service pairs that `holdfast import` is tested on
     // (tests/tests/integration/import.rs); sshd and uuidd also run under holdfast there.
     AptPackage {

@@ -1379,3 +1379,80 @@ fn accept_instances_get_umask_groups_no_new_privs_and_environment_files() -> Res
     );
     Ok(())
 }
+
+const IN_TFTPD: &str = "/usr/sbin/in.tftpd";
+
+/// One TFTP read (RRQ, octet mode) of `file` from `server`: the whole file,
+/// block by block, each acknowledged. The server answers from a port of its
+/// own (its transfer id), as TFTP does.
+fn tftp_get(server: SocketAddr, file: &str) -> Result<Vec<u8>> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    s.set_read_timeout(Some(T))?;
+    let mut rrq = vec![0, 1];
+    rrq.extend_from_slice(file.as_bytes());
+    rrq.push(0);
+    rrq.extend_from_slice(b"octet\0");
+    s.send_to(&rrq, server)?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 516];
+    for block in 1u16.. {
+        let (n, from) = s
+            .recv_from(&mut buf)
+            .context("no DATA from the tftp server")?;
+        ensure!(
+            n >= 4 && buf[..2] == [0, 3] && buf[2..4] == block.to_be_bytes(),
+            "want DATA block {block}, got {:?}",
+            &buf[..n.min(64)]
+        );
+        got.extend_from_slice(&buf[4..n]);
+        let ack = [0, 4, buf[2], buf[3]];
+        s.send_to(&ack, from)?;
+        if n < 516 {
+            break;
+        }
+    }
+    Ok(got)
+}
+
+/// Debian's in.tftpd, a `wait = yes` inetd daemon that reads its first
+/// request from fd 0, served unchanged: started on demand with the UDP socket
+/// on stdin (`standard-input = "socket"`), as from inetd or a systemd socket
+/// unit with StandardInput=socket.
+#[test]
+fn debian_in_tftpd_is_served_unchanged_with_the_socket_on_stdin() -> Result<()> {
+    let ns = skip_unless!(netns_or_skip());
+    if !require_file(IN_TFTPD) {
+        return Ok(());
+    }
+    let sandbox = Sandbox::new()?;
+    let root = sandbox.path().join("tftp");
+    std::fs::create_dir(&root)?;
+    // More than one block: 1300 bytes are three DATA packets.
+    let text: Vec<u8> = (0..1300u32).map(|i| b'a' + (i % 26) as u8).collect();
+    std::fs::write(root.join("boot.txt"), &text)?;
+    sandbox.write_unit(
+        "tftp",
+        &format!(
+            "[service]\nexec = {}\non-demand = true\nstandard-input = \"socket\"\n\n\
+             [[socket]]\nprotocol = \"udp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"6969\"]\n",
+            toml_array(&[
+                IN_TFTPD,
+                "--secure",
+                "--timeout",
+                "2",
+                &root.to_string_lossy()
+            ])
+        ),
+    )?;
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    hf.wait_state("tftp", "listening", T)?;
+    let server: SocketAddr = "127.0.0.1:6969".parse()?;
+    let got = ns.run(|| tftp_get(server, "boot.txt"))??;
+    ensure!(got == text, "got {} bytes, not the file", got.len());
+    // It exits after its idle timeout; the next request starts it again.
+    hf.wait_state("tftp", "listening", Duration::from_secs(15))?;
+    let again = ns.run(|| tftp_get(server, "boot.txt"))??;
+    ensure!(again == text, "the second run served {} bytes", again.len());
+    hf.stop_leaving_nothing(&ns)?;
+    Ok(())
+}
