@@ -376,6 +376,21 @@ fn command_instance(id: InstanceId, pid: i32, now: Instant, by: Option<Instant>)
     }
 }
 
+/// A command not done in time: stopped (kill-signal, SIGKILL after
+/// `stop_timeout`); `why` is what its exit fails with.
+fn stop_late_command(
+    service: &str,
+    inst: &mut Instance,
+    why: String,
+    now: Instant,
+    stop_timeout: Duration,
+    fx: &mut Vec<Effect>,
+) {
+    tracing::error!(service, pid = inst.pid, "{why}: stopping it");
+    inst.terminate(now, stop_timeout, fx);
+    inst.failed = Some(why);
+}
+
 /// `now + d` without the panic `Instant + Duration` gives on overflow: a
 /// deadline too far to represent becomes about 100 years from now ("never"
 /// for any service). Every deadline computed from a configured or notified
@@ -1471,9 +1486,7 @@ impl Machine {
                     pre.index,
                     humantime::format_duration(start_timeout)
                 );
-                tracing::error!(service = %self.name, pid = inst.pid, "{why}: stopping it");
-                inst.terminate(now, stop_timeout, fx);
-                inst.failed = Some(why);
+                stop_late_command(&self.name, inst, why, now, stop_timeout, fx);
                 if pre.what == SpawnRole::Main {
                     self.state = State::Stopping;
                 }
@@ -1506,9 +1519,7 @@ impl Machine {
                     c.index,
                     humantime::format_duration(timeout)
                 );
-                tracing::error!(service = %self.name, pid = inst.pid, "{why}: stopping it");
-                inst.terminate(now, stop_timeout, fx);
-                inst.failed = Some(why);
+                stop_late_command(&self.name, inst, why, now, stop_timeout, fx);
                 if c.what == CommandKind::Stop {
                     if let Some(main) = self.main.as_mut() {
                         main.terminate(now, stop_timeout, fx);
