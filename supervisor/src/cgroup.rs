@@ -267,6 +267,13 @@ pub fn path_of(dir: &Path) -> Option<String> {
 /// The directory of the cgroup at `path` (as [`path_of`] gives it) under
 /// this mount namespace's cgroup2 mount (mounted if missing).
 pub fn dir_of(path: &str) -> Option<PathBuf> {
+    // Only a cgroup below the mount: no `..` out of it.
+    if Path::new(path)
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return None;
+    }
     let (mount, root) = mount_if_missing().ok()?;
     Some(cgroup_dir(&mount, &root, path))
 }

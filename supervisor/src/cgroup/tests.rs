@@ -366,4 +366,7 @@ fn cgroup_paths_and_directories_round_trip() {
     let path = path_of(&dir).expect("under the mount");
     assert!(path.starts_with('/'), "{path}");
     assert_eq!(dir_of(&path), Some(dir));
+    // A recorded path cannot lead out of the cgroup2 mount.
+    assert_eq!(dir_of("/../../etc"), None);
+    assert_eq!(dir_of("/a/../../b"), None);
 }
