@@ -270,6 +270,11 @@ struct Heard {
 }
 
 impl Instance {
+    /// Whether its `ready_by` (start timeout, or a command's time limit) has passed.
+    fn late_for(&self, now: Instant) -> bool {
+        self.ready_by.is_some_and(|t| t <= now)
+    }
+
     /// Applies one field of a notification to this instance; what concerns
     /// the service is left in `heard`.
     fn hear(
@@ -1476,11 +1481,7 @@ impl Machine {
         // Start timeout in an exec-start-pre command: stop it; its exit
         // fails the start.
         if let Some(pre) = self.pre.as_mut() {
-            if let Some(inst) = pre
-                .inst
-                .as_mut()
-                .filter(|i| i.ready_by.is_some_and(|t| t <= now))
-            {
+            if let Some(inst) = pre.inst.as_mut().filter(|i| i.late_for(now)) {
                 let why = format!(
                     "exec-start-pre[{}] did not finish within start-timeout ({})",
                     pre.index,
@@ -1502,11 +1503,7 @@ impl Machine {
         // exit fails it. exec-stop's timeout sends kill-signal to the main
         // process at once.
         if let Some(c) = self.control.as_mut() {
-            if let Some(inst) = c
-                .inst
-                .as_mut()
-                .filter(|i| i.ready_by.is_some_and(|t| t <= now))
-            {
+            if let Some(inst) = c.inst.as_mut().filter(|i| i.late_for(now)) {
                 let (timeout, which) = match c.what {
                     CommandKind::Stop => (stop_timeout, "stop-timeout"),
                     CommandKind::StartPost | CommandKind::Reload => {
@@ -1558,7 +1555,7 @@ impl Machine {
         if self
             .candidate
             .as_ref()
-            .is_some_and(|c| !c.ready && c.ready_by.is_some_and(|t| t <= now))
+            .is_some_and(|c| !c.ready && c.late_for(now))
         {
             let why = timeout_text();
             let mut c = self.candidate.take().expect("checked");
@@ -1582,7 +1579,7 @@ impl Machine {
             )
         };
         if let Some(main) = self.main.as_mut() {
-            if !main.ready && main.ready_by.is_some_and(|t| t <= now) {
+            if !main.ready && main.late_for(now) {
                 tracing::error!(service = %self.name, pid = main.pid, timeout = %humantime::format_duration(start_timeout), "did not send READY=1 within start-timeout: stopping it");
                 main.terminate(now, stop_timeout, fx);
                 main.failed = Some(timeout_text());
