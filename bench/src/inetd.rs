@@ -27,10 +27,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use holdfast_testkit::Netns;
 
-use crate::report::{self as shell, Env, Row, Skip};
+use crate::report::{find_command, need_root, Env, Row};
 
 const HOLDFAST_ADDR: &str = "127.0.0.1:9001";
 const BASELINE_ADDR: &str = "127.0.0.1:9002";
@@ -50,13 +50,7 @@ pub struct Options {
 
 /// The step: see the module docs.
 pub fn inetd(b: &Env, opts: Options) -> Result<Vec<Row>> {
-    if !shell::is_root() {
-        let why = "needs root (ip netns add)";
-        if shell::in_ci() {
-            bail!("{why}; CI=true: not skipped");
-        }
-        return Err(Skip(why.into()).into());
-    }
+    need_root("ip netns add")?;
     let holdfast = b.bin_dir.join("holdfast");
     ensure!(holdfast.is_file(), "{} is not built", holdfast.display());
     let activate = PathBuf::from("/usr/bin/systemd-socket-activate");
@@ -65,7 +59,7 @@ pub fn inetd(b: &Env, opts: Options) -> Result<Vec<Row>> {
         "{} is missing (run `cargo xtask bootstrap`)",
         activate.display()
     );
-    let ip = shell::find_command("ip").context("ip is not installed (iproute2)")?;
+    let ip = find_command("ip").context("ip is not installed (iproute2)")?;
     let scratch = std::env::temp_dir().join(format!("holdfast-bench-inetd-{}", std::process::id()));
     let result = measure(&holdfast, &activate, &ip, &scratch, opts);
     match &result {
@@ -104,7 +98,7 @@ fn measure(
         .stdin(Stdio::null())
         .stdout(baseline_log.try_clone()?)
         .stderr(baseline_log);
-    eprintln!("inetd: $ {}", shell::display(&cmd));
+    eprintln!("inetd: $ {cmd:?}");
     let _baseline = Reaped(cmd.spawn().context("start systemd-socket-activate")?);
 
     let ns_file = File::open(ns.path()).with_context(|| format!("open {}", ns.path().display()))?;
@@ -254,7 +248,7 @@ fn start_holdfast(
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("dup the log")?)
         .stderr(log);
-    eprintln!("inetd: $ {}", shell::display(&cmd));
+    eprintln!("inetd: $ {cmd:?}");
     Ok(Reaped(cmd.spawn().context("start holdfast run")?))
 }
 

@@ -14,6 +14,8 @@
 //!   supervisor's memory with 100 services; `scale`: start-up and status with
 //!   1000 services (`reload`).
 //! - `inetd`: per-connection services ÷ systemd-socket-activate (`inetd`).
+//!
+//! `table` runs the steps and prints their rows as one table (`table`).
 
 mod connect;
 mod inetd;
@@ -23,9 +25,11 @@ mod reload;
 mod report;
 mod restarts;
 mod setup;
+mod table;
 mod udp;
 mod upgrade;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -126,6 +130,18 @@ enum Step {
         /// Runs of each side.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
+    },
+    /// Runs the steps above (each as `holdfast-bench STEP`) and prints one table of their rows.
+    Table {
+        /// Run only this step (repeatable).
+        #[arg(long, value_name = "STEP")]
+        only: Vec<String>,
+        /// Print the rows as JSON lines instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Options of the one step named with --only.
+        #[arg(last = true)]
+        args: Vec<OsString>,
     },
 }
 
@@ -228,6 +244,10 @@ fn run(cli: Cli) -> Result<Vec<Row>> {
                 }
             };
             inetd::inetd(&env, opts)
+        }
+        Step::Table { only, json, args } => {
+            table::run(&env, quick, table::Options { only, json, args })?;
+            Ok(Vec::new())
         }
     }
 }

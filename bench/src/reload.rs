@@ -13,9 +13,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use holdfast_testkit::{ask_tcp, toml_array, Holdfast, LoopClient, Netns, RunOptions, Sandbox};
+use holdfast_testkit::{ask_tcp, toml_array, Holdfast, LoopClient, Netns, Sandbox};
 
-use crate::report::{need_root, Row};
+use crate::report::{daemon, need_root, Row};
 
 /// The binding the loop client uses: in every unit set of `reload`.
 const STAY: &str = "192.0.2.1:80";
@@ -23,16 +23,6 @@ const STAY: &str = "192.0.2.1:80";
 const CHURN: usize = 10_000;
 /// Services in the large `rss` daemon.
 const MANY: usize = 100;
-
-/// The daemon in `ns` with the dispatcher, on `sandbox`'s units.
-fn daemon(ns: &Netns, sandbox: Sandbox) -> Result<Holdfast> {
-    let opts = RunOptions {
-        dispatcher: true,
-        env: vec![("RUST_LOG".into(), "warn".into())],
-        ..RunOptions::default()
-    };
-    Holdfast::start_with(ns, sandbox, &opts)
-}
 
 /// `holdfast reload`, timed in seconds.
 fn timed_reload(hf: &Holdfast) -> Result<f64> {

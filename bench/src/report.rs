@@ -1,14 +1,13 @@
-//! What every step shares: the row contract with `cargo xtask bench` (one JSON
-//! object per line on stdout: `{"name", "value", "baseline", "ratio", "unit"}`,
-//! or `{"skipped": why}`), where the built binaries and the workspace are, and
-//! small helpers for running the programs a step drives.
+//! What every step shares: the row contract between a step and `table` (one
+//! JSON object per line on stdout: `{"name", "value", "baseline", "ratio",
+//! "unit"}`, or `{"skipped": why}`), where the built binaries are, and small
+//! helpers for the programs and daemons a step drives.
 
 use std::env;
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use holdfast_testkit::{Holdfast, Netns, RunOptions, Sandbox};
 use serde_json::json;
 
 /// One line of the table.
@@ -40,7 +39,7 @@ impl Row {
         self
     }
 
-    /// Prints the row as the JSON line `cargo xtask bench` reads.
+    /// Prints the row as the JSON line [`parse_line`] reads.
     pub fn print(&self) {
         println!(
             "{}",
@@ -48,6 +47,35 @@ impl Row {
                    "ratio": self.ratio, "unit": self.unit})
         );
     }
+}
+
+/// One JSON line of a step.
+#[derive(Debug, PartialEq)]
+pub enum Line {
+    Row(Row),
+    /// `{"skipped": why}`: the step cannot run here.
+    Skipped(String),
+}
+
+/// Reads a line [`Row::print`] (or a skipped step) printed; baseline and ratio
+/// may be missing or null.
+pub fn parse_line(line: &str) -> Result<Line> {
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    if let Some(why) = v["skipped"].as_str() {
+        return Ok(Line::Skipped(why.to_string()));
+    }
+    let name = v["name"].as_str().context("no \"name\"")?;
+    let value = v["value"].as_f64().context("no numeric \"value\"")?;
+    let row = Row::new(
+        name,
+        value,
+        v["baseline"].as_f64(),
+        v["unit"].as_str().unwrap_or(""),
+    );
+    Ok(Line::Row(match v["ratio"].as_f64() {
+        Some(ratio) => row.with_ratio(ratio),
+        None => row,
+    }))
 }
 
 /// A step that cannot run here (no root outside CI): reported, not a failure.
@@ -64,11 +92,11 @@ impl std::error::Error for Skip {}
 
 /// Fails (under `CI=true`) or skips (elsewhere) unless this process is root.
 pub fn need_root(why: &str) -> Result<()> {
-    if is_root() {
+    if nix::unistd::geteuid().is_root() {
         return Ok(());
     }
     let why = format!("needs root ({why})");
-    if in_ci() {
+    if holdfast_testkit::in_ci() {
         bail!("{why}; CI=true: not skipped");
     }
     Err(Skip(why).into())
@@ -81,13 +109,14 @@ pub struct Env {
     pub bin_dir: PathBuf,
 }
 
-/// `CI=true` (or `1`): set-up that cannot be done is an error, never a skip.
-pub fn in_ci() -> bool {
-    env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+/// The daemon in `ns` with the dispatcher, on `sandbox`'s units, logging warnings only.
+pub fn daemon(ns: &Netns, sandbox: Sandbox) -> Result<Holdfast> {
+    let opts = RunOptions {
+        dispatcher: true,
+        env: vec![("RUST_LOG".into(), "warn".into())],
+        ..RunOptions::default()
+    };
+    Holdfast::start_with(ns, sandbox, &opts)
 }
 
 /// `command -v NAME`, also looking in the sbin directories a non-login root shell may lack.
@@ -101,38 +130,6 @@ pub fn find_command(name: &str) -> Option<PathBuf> {
             p.metadata()
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
-}
-
-/// The command as a user would type it.
-pub fn display(cmd: &Command) -> String {
-    let mut line = Path::new(cmd.get_program()).display().to_string();
-    for arg in cmd.get_args() {
-        let arg = arg.to_string_lossy();
-        if arg.is_empty() || arg.contains([' ', '"', '\'']) {
-            let _ = write!(line, " '{arg}'");
-        } else {
-            let _ = write!(line, " {arg}");
-        }
-    }
-    line
-}
-
-/// Runs with output captured, shown only when the command fails.
-pub fn run_quiet(cmd: &mut Command) -> Result<Output> {
-    let line = display(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("could not start `{line}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{line}` failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
 }
 
 /// "1", "1k", "100k", "1M".
@@ -181,6 +178,26 @@ mod tests {
             Row::new("x", 1.0, None, "s").with_ratio(2.0).ratio,
             Some(2.0)
         );
+    }
+
+    #[test]
+    fn json_lines_become_rows() {
+        let row = |line: &str| match parse_line(line).unwrap() {
+            Line::Row(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let r = row(r#"{"name":"lookup 1M","value":42.0,"baseline":40,"unit":"ns"}"#);
+        assert_eq!(r, Row::new("lookup 1M", 42.0, Some(40.0), "ns"));
+        assert_eq!(r.ratio, Some(1.05));
+        let no_base = row(r#"{"name":"x","value":1,"baseline":null,"unit":"s"}"#);
+        assert_eq!((no_base.baseline, no_base.ratio), (None, None));
+        let ratio = row(r#"{"name":"x","value":1,"ratio":0.5}"#).ratio;
+        assert_eq!(ratio, Some(0.5));
+        let skipped = parse_line(r#"{"skipped":"needs root"}"#).unwrap();
+        assert_eq!(skipped, Line::Skipped("needs root".to_string()));
+        assert!(parse_line(r#"{"value":1}"#).is_err());
+        assert!(parse_line(r#"{"name":"x","value":"fast"}"#).is_err());
+        assert!(parse_line("{not json").is_err());
     }
 
     #[test]

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::Netns;
 
-use crate::report::{self as shell, Env, Row, Skip};
+use crate::report::{find_command, need_root, Env, Row};
 
 /// wrk's connections and threads (the machines have two cores).
 const CONNECTIONS: u32 = 50;
@@ -426,20 +426,14 @@ struct Tools {
 
 impl Tools {
     fn find(b: &Env) -> Result<Tools> {
-        if !shell::is_root() {
-            let why = "needs root (ip netns add, sk_lookup)";
-            if shell::in_ci() {
-                bail!("{why}; CI=true: not skipped");
-            }
-            return Err(Skip(why.into()).into());
-        }
+        need_root("ip netns add, sk_lookup")?;
         let holdfast = b.bin_dir.join("holdfast");
         let hello = b.bin_dir.join("hello-http");
         for exe in [&holdfast, &hello] {
             ensure!(exe.is_file(), "{} is not built", exe.display());
         }
         let command = |name: &str| {
-            shell::find_command(name)
+            find_command(name)
                 .with_context(|| format!("{name} is not installed (run `cargo xtask bootstrap`)"))
         };
         Ok(Tools {
@@ -493,7 +487,15 @@ fn in_netns(ns: &Netns, program: &Path) -> Command {
 
 /// The namespace's TCP counters.
 fn tcp_counters(ns: &Netns) -> Result<TcpCounters> {
-    let out = shell::run_quiet(in_netns(ns, Path::new("cat")).arg("/proc/net/snmp"))?;
+    let mut cat = in_netns(ns, Path::new("cat"));
+    cat.arg("/proc/net/snmp");
+    let out = holdfast_testkit::run_bounded(cat, Duration::from_secs(10))?;
+    ensure!(
+        out.status.success(),
+        "cat /proc/net/snmp in {}: {}",
+        ns.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     parse_snmp(&String::from_utf8_lossy(&out.stdout))
 }
 
@@ -583,7 +585,7 @@ impl<'a> Daemon<'a> {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        eprintln!("restarts: $ {}", shell::display(&cmd));
+        eprintln!("restarts: $ {cmd:?}");
         let child = cmd.spawn().context("start holdfast run")?;
         let mut daemon = Daemon {
             child,
@@ -959,7 +961,7 @@ fn load(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let line = shell::display(&cmd);
+    let line = format!("{cmd:?}");
     let before = tcp_counters(ns)?;
     let started = Instant::now();
     let mut wrk = cmd.spawn().with_context(|| format!("start `{line}`"))?;

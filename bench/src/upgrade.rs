@@ -10,19 +10,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use holdfast_testkit::{ask_tcp, toml_array, Holdfast, Netns, RunOptions, Sandbox};
+use holdfast_testkit::{ask_tcp, toml_array, Netns, Sandbox};
 
-use crate::report::{need_root, Row};
-
-/// The daemon in `ns` with the dispatcher, on `sandbox`'s units.
-fn daemon(ns: &Netns, sandbox: Sandbox) -> Result<Holdfast> {
-    let opts = RunOptions {
-        dispatcher: true,
-        env: vec![("RUST_LOG".into(), "warn".into())],
-        ..RunOptions::default()
-    };
-    Holdfast::start_with(ns, sandbox, &opts)
-}
+use crate::report::{daemon, need_root, Row};
 
 /// `n` quiet services, all running; then `holdfast upgrade` and a
 /// `status --json` that lists them all, timed together: the median of 5, in seconds.

@@ -3,14 +3,13 @@
 //! every subcommand first sets up what it lacks, idempotently (see `bootstrap`), so `.ci/run`
 //! is one call to `cargo xtask test`.
 
-mod bench;
 mod bootstrap;
 mod run;
 mod shell;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -58,11 +57,11 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Build release binaries, run the benchmarks (`holdfast-bench` subcommands) and print one
-    /// table of ratios.
+    /// Build release binaries and `holdfast-bench`, run the benchmark steps (its subcommands) and
+    /// print one table of ratios (`holdfast-bench table`).
     Bench {
         /// Run only this step (repeatable): lookup, connect, udp, setup, restarts, reload, rss, scale,
-        /// inetd.
+        /// upgrade, inetd.
         #[arg(long, value_name = "STEP")]
         only: Vec<String>,
         /// Fewer and shorter rounds (a quick look, not figures to quote).
@@ -121,22 +120,31 @@ fn dispatch(command: Cmd) -> Result<ExitCode> {
             json,
             args,
         } => {
-            bench::check_steps(&only)?;
             bootstrap::ensure(&ws, Scope::Full)?;
             build(&ws, Profile::Release)?;
             shell::run(
                 &mut ws.cargo(["build", "--release", "--package", "holdfast-bench"]),
                 "the benchmark build failed (see above)",
             )?;
-            let b = bench::Bench {
-                ws: &ws,
-                bin_dir: ws.bin_dir(Profile::Release),
-                quick,
-                args: &args,
-            };
-            if !bench::run(&b, &only, json)? {
-                bail!("a benchmark step failed (see above)");
+            let bin_dir = ws.bin_dir(Profile::Release);
+            let mut cmd = Command::new(bin_dir.join("holdfast-bench"));
+            cmd.arg("--bin-dir").arg(&bin_dir);
+            if quick {
+                cmd.arg("--quick");
             }
+            cmd.arg("table");
+            for step in &only {
+                cmd.args(["--only", step]);
+            }
+            if json {
+                cmd.arg("--json");
+            }
+            if !args.is_empty() {
+                cmd.arg("--").args(&args);
+            }
+            cmd.current_dir(&ws.root)
+                .env("PATH", ws.path_with(&bin_dir)?);
+            shell::run(&mut cmd, "see holdfast-bench's message above")?;
         }
     }
     Ok(ExitCode::SUCCESS)
