@@ -12,117 +12,45 @@ use anyhow::{bail, Context, Result};
 
 use crate::shell::{self, Workspace};
 
-/// A Debian package and what proves it is installed: absolute paths must exist, bare names
-/// must be commands on PATH. Add a package here when a test or example starts to need it.
-pub struct AptPackage {
-    pub name: &'static str,
-    pub provides: &'static [&'static str],
-}
-
-pub const APT_PACKAGES: &[AptPackage] = &[
+/// Debian packages and what proves each is installed (separated by spaces): absolute paths
+/// must exist, bare names must be commands on PATH. Add a package here when a test or example
+/// starts to need it.
+#[rustfmt::skip] // one package a line
+pub const APT_PACKAGES: &[(&str, &str)] = &[
     // `ip netns`, `ip route add local PREFIX dev lo` in the privileged tests.
-    AptPackage {
-        name: "iproute2",
-        provides: &["ip"],
-    },
+    ("iproute2", "ip"),
     // Real peers and small services in the tests.
-    AptPackage {
-        name: "python3",
-        provides: &["python3"],
-    },
-    AptPackage {
-        name: "curl",
-        provides: &["curl"],
-    },
+    ("python3", "python3"),
+    ("curl", "curl"),
     // Real LISTEN_FDS / NOTIFY_SOCKET consumers and senders.
-    AptPackage {
-        name: "systemd",
-        provides: &[
-            "/usr/bin/systemd-socket-activate",
-            "/lib/systemd/systemd-socket-proxyd",
-            "systemd-notify",
-        ],
-    },
-    AptPackage {
-        name: "procps",
-        provides: &["ps", "pgrep"],
-    },
+    ("systemd", "/usr/bin/systemd-socket-activate /lib/systemd/systemd-socket-proxyd systemd-notify"),
+    ("procps", "ps pgrep"),
     // The load generator of the restart tests and `cargo xtask bench`.
-    AptPackage {
-        name: "wrk",
-        provides: &["wrk"],
-    },
+    ("wrk", "wrk"),
     // A real third-party LISTEN_FDS + NOTIFY_SOCKET service for `cargo xtask bench --only restarts`.
-    AptPackage {
-        name: "gunicorn",
-        provides: &["/usr/bin/gunicorn"],
-    },
+    ("gunicorn", "/usr/bin/gunicorn"),
     // A real Prometheus/OpenMetrics parser for the metrics tests (tests/tests/integration/observability.rs).
-    AptPackage {
-        name: "python3-prometheus-client",
-        provides: &["/usr/lib/python3/dist-packages/prometheus_client"],
-    },
+    ("python3-prometheus-client", "/usr/lib/python3/dist-packages/prometheus_client"),
     // A real inetd-style (accept = true) program served unchanged in tests/tests/integration/inetd.rs.
-    AptPackage {
-        name: "micro-httpd",
-        provides: &[
-            "/usr/sbin/micro-httpd",
-            "/lib/systemd/system/micro-httpd.socket",
-        ],
-    },
+    ("micro-httpd", "/usr/sbin/micro-httpd /lib/systemd/system/micro-httpd.socket"),
     // A real inetd `wait = yes` daemon that reads the socket on stdin
     // (tests/tests/integration/inetd.rs: standard-input = "socket").
-    AptPackage {
-        name: "tftpd-hpa",
-        provides: &["/usr/sbin/in.tftpd"],
-    },
+    ("tftpd-hpa", "/usr/sbin/in.tftpd"),
     // Debian's .socket/.service pairs that `holdfast import` is tested on
     // (tests/tests/integration/import.rs); sshd and uuidd also run under holdfast there.
-    AptPackage {
-        name: "openssh-server",
-        provides: &[
-            "/usr/sbin/sshd",
-            "/usr/bin/ssh",
-            "/usr/bin/ssh-keygen",
-            "/lib/systemd/system/ssh.socket",
-        ],
-    },
-    AptPackage {
-        name: "uuid-runtime",
-        provides: &["/usr/sbin/uuidd", "/lib/systemd/system/uuidd.socket"],
-    },
-    AptPackage {
-        name: "fcgiwrap",
-        provides: &["/lib/systemd/system/fcgiwrap.socket"],
-    },
-    AptPackage {
-        name: "rpcbind",
-        provides: &["/lib/systemd/system/rpcbind.socket"],
-    },
-    AptPackage {
-        name: "pcscd",
-        provides: &["/lib/systemd/system/pcscd.socket"],
-    },
+    ("openssh-server", "/usr/sbin/sshd /usr/bin/ssh /usr/bin/ssh-keygen /lib/systemd/system/ssh.socket"),
+    ("uuid-runtime", "/usr/sbin/uuidd /lib/systemd/system/uuidd.socket"),
+    ("fcgiwrap", "/lib/systemd/system/fcgiwrap.socket"),
+    ("rpcbind", "/lib/systemd/system/rpcbind.socket"),
+    ("pcscd", "/lib/systemd/system/pcscd.socket"),
     // Debian's python is externally managed: the PyPI packages go into a venv of their own.
-    AptPackage {
-        name: "python3-venv",
-        provides: &["/usr/lib/python3.11/ensurepip/__init__.py"],
-    },
+    ("python3-venv", "/usr/lib/python3.11/ensurepip/__init__.py"),
     // The `nc` lines `cargo xtask run` prints for the echo service.
-    AptPackage {
-        name: "netcat-openbsd",
-        provides: &["nc"],
-    },
+    ("netcat-openbsd", "nc"),
     // systemd as PID 1 in a container, running deploy/holdfast.service (integration nspawn::).
-    AptPackage {
-        name: "systemd-container",
-        provides: &["/usr/bin/systemd-nspawn"],
-    },
+    ("systemd-container", "/usr/bin/systemd-nspawn"),
     // Lists the kernel's BPF links: the stale sk_lookup link test (integration survive::).
-    AptPackage {
-        name: "bpftool",
-        provides: &["/usr/sbin/bpftool"],
-    },
+    ("bpftool", "/usr/sbin/bpftool"),
 ];
 
 /// The BPF linker aya-build drives; newer releases need a newer rustc than these machines have.
@@ -164,6 +92,25 @@ fn installing(done: &mut Vec<String>, line: String) {
     done.push(line);
 }
 
+/// Does what `lines` say (one line per thing, none: nothing to do) with `install`, which
+/// needs root: without root, says it cannot (see [`cannot`]).
+fn as_root(
+    done: &mut Vec<String>,
+    lines: Vec<String>,
+    install: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    if !shell::is_root() {
+        return cannot(&format!("{} needs root", lines.join(", ")));
+    }
+    for line in lines {
+        installing(done, line);
+    }
+    install()
+}
+
 /// Something that needs root cannot be done: an error under CI, a warning elsewhere
 /// (the privileged tests then skip, naming what they lack).
 fn cannot(what: &str) -> Result<()> {
@@ -194,14 +141,14 @@ fn rust_components(done: &mut Vec<String>) -> Result<()> {
 
 /// The sysroot of the active toolchain, or of `toolchain` through `rustup run`.
 fn sysroot(toolchain: Option<&str>) -> Result<PathBuf> {
-    let mut cmd = match toolchain {
-        None => Command::new("rustc"),
-        Some(t) => {
-            let mut cmd = Command::new("rustup");
-            cmd.args(["run", t, "rustc"]);
-            cmd
-        }
-    };
+    let mut cmd = Command::new(if toolchain.is_some() {
+        "rustup"
+    } else {
+        "rustc"
+    });
+    if let Some(t) = toolchain {
+        cmd.args(["run", t, "rustc"]);
+    }
     let out = shell::run_quiet(cmd.args(["--print", "sysroot"]))?;
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
@@ -257,16 +204,9 @@ fn bpf_linker(ws: &Workspace, done: &mut Vec<String>) -> Result<()> {
             "installing bpf-linker {BPF_LINKER_VERSION} ({was}; cargo install, about a minute)"
         ),
     );
-    let mut cmd = ws.cargo([
-        "install",
-        "bpf-linker",
-        "--version",
-        BPF_LINKER_VERSION,
-        "--locked",
-        "--force",
-    ]);
+    let mut cmd = ws.cargo(["install", "bpf-linker", "--locked", "--force", "--version"]);
     // Its own throw-away target dir, not the workspace's.
-    cmd.env_remove("CARGO_TARGET_DIR");
+    cmd.arg(BPF_LINKER_VERSION).env_remove("CARGO_TARGET_DIR");
     shell::run_quiet(&mut cmd)?;
     match bpf_linker_version() {
         Some(v) if v == BPF_LINKER_VERSION => Ok(()),
@@ -289,46 +229,36 @@ fn is_present(proof: &str) -> bool {
 fn missing_packages(present: impl Fn(&str) -> bool) -> Vec<&'static str> {
     APT_PACKAGES
         .iter()
-        .filter(|p| !p.provides.iter().all(|proof| present(proof)))
-        .map(|p| p.name)
+        .filter(|(_, proofs)| !proofs.split_whitespace().all(&present))
+        .map(|(name, _)| *name)
         .collect()
 }
 
 fn apt_packages(done: &mut Vec<String>) -> Result<()> {
     let missing = missing_packages(is_present);
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !shell::is_root() {
-        return cannot(&format!(
-            "Debian packages {} are missing and installing them needs root",
-            missing.join(", ")
-        ));
-    }
-    for name in &missing {
-        installing(done, format!("installing Debian package {name}"));
-    }
-    // One update, only because something is missing.
-    shell::run_quiet(
-        Command::new("apt-get")
-            .args(["update", "-q"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    shell::run_quiet(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    let still = missing_packages(is_present);
-    if !still.is_empty() {
-        bail!(
-            "apt-get installed {} but some of what they should provide is still missing: {}",
-            missing.join(", "),
-            still.join(", ")
-        );
-    }
-    Ok(())
+    let lines = missing
+        .iter()
+        .map(|n| format!("installing Debian package {n}"));
+    as_root(done, lines.collect(), || {
+        // One update, only because something is missing.
+        let apt_get = |args: &[&str]| {
+            let env = ("DEBIAN_FRONTEND", "noninteractive");
+            shell::run_quiet(Command::new("apt-get").args(args).envs([env]))
+        };
+        apt_get(&["update", "-q"])?;
+        let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+        install.extend(&missing);
+        apt_get(&install)?;
+        let still = missing_packages(is_present);
+        if !still.is_empty() {
+            bail!(
+                "apt-get installed {} but some of what they should provide is still missing: {}",
+                missing.join(", "),
+                still.join(", ")
+            );
+        }
+        Ok(())
+    })
 }
 
 /// The venv the tests' PyPI packages live in (tests/tests/integration/deploy.rs runs its
@@ -354,42 +284,33 @@ fn pip_packages(done: &mut Vec<String>) -> Result<()> {
         .copied()
         .filter(|(n, v)| !pip_marker(n, v).exists())
         .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !shell::is_root() {
-        return cannot(&format!(
-            "PyPI packages {} are missing and installing them into {TEST_VENV} needs root",
+    let python = Path::new(TEST_VENV).join("bin/python");
+    let venv = !missing.is_empty() && !python.exists();
+    let lines = venv
+        .then(|| format!("creating the tests' Python venv {TEST_VENV}"))
+        .into_iter()
+        .chain(
             missing
                 .iter()
-                .map(|(n, _)| *n)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    let python = Path::new(TEST_VENV).join("bin/python");
-    if !python.exists() {
-        installing(done, format!("creating the tests' Python venv {TEST_VENV}"));
-        // Debian's interpreter, not whichever python3 comes first on PATH.
-        shell::run_quiet(Command::new("/usr/bin/python3").args(["-m", "venv", TEST_VENV]))?;
-    }
-    for (name, version) in &missing {
-        installing(
-            done,
-            format!("installing PyPI package {name} {version} into {TEST_VENV}"),
+                .map(|(n, v)| format!("installing PyPI package {n} {v} into {TEST_VENV}")),
         );
-    }
-    let pins: Vec<String> = missing.iter().map(|(n, v)| format!("{n}=={v}")).collect();
-    shell::run_quiet(
-        Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-            .args(&pins),
-    )?;
-    for (name, version) in &missing {
-        std::fs::write(pip_marker(name, version), "")
-            .with_context(|| format!("write {}", pip_marker(name, version).display()))?;
-    }
-    Ok(())
+    as_root(done, lines.collect(), || {
+        if venv {
+            // Debian's interpreter, not whichever python3 comes first on PATH.
+            shell::run_quiet(Command::new("/usr/bin/python3").args(["-m", "venv", TEST_VENV]))?;
+        }
+        let pins: Vec<String> = missing.iter().map(|(n, v)| format!("{n}=={v}")).collect();
+        shell::run_quiet(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+                .args(&pins),
+        )?;
+        for (name, version) in &missing {
+            let marker = pip_marker(name, version);
+            std::fs::write(&marker, "").with_context(|| format!("write {}", marker.display()))?;
+        }
+        Ok(())
+    })
 }
 
 /// Whether /proc/self/mounts has a bpf filesystem mounted at `at`.
@@ -406,16 +327,14 @@ fn bpffs(done: &mut Vec<String>) -> Result<()> {
     if bpffs_mounted(&mounts, BPFFS) {
         return Ok(());
     }
-    if !shell::is_root() {
-        return cannot(&format!(
-            "bpffs is not mounted at {BPFFS} and mounting it needs root"
-        ));
-    }
-    installing(done, format!("mounting bpffs at {BPFFS}"));
-    if let Err(e) = shell::run_quiet(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])) {
-        return cannot(&format!("mount bpffs at {BPFFS}: {e:#}"));
-    }
-    Ok(())
+    as_root(
+        done,
+        vec![format!("mounting bpffs at {BPFFS}")],
+        || match shell::run_quiet(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])) {
+            Ok(_) => Ok(()),
+            Err(e) => cannot(&format!("mount bpffs at {BPFFS}: {e:#}")),
+        },
+    )
 }
 
 #[cfg(test)]
@@ -442,7 +361,7 @@ mod tests {
     #[test]
     fn a_package_is_missing_when_any_of_its_proofs_is() {
         assert!(missing_packages(|_| true).is_empty());
-        let all: Vec<_> = APT_PACKAGES.iter().map(|p| p.name).collect();
+        let all: Vec<_> = APT_PACKAGES.iter().map(|(name, _)| *name).collect();
         assert_eq!(missing_packages(|_| false), all);
         let no_proxyd = missing_packages(|p| p != "/lib/systemd/systemd-socket-proxyd");
         assert_eq!(no_proxyd, ["systemd"]);
@@ -450,8 +369,8 @@ mod tests {
 
     #[test]
     fn every_package_has_a_proof() {
-        for p in APT_PACKAGES {
-            assert!(!p.provides.is_empty(), "{} has nothing to probe", p.name);
+        for (name, proofs) in APT_PACKAGES {
+            assert!(!proofs.trim().is_empty(), "{name} has nothing to probe");
         }
     }
 
