@@ -129,19 +129,9 @@ fn dispatch(command: Cmd) -> Result<ExitCode> {
             let bin_dir = ws.bin_dir(Profile::Release);
             let mut cmd = Command::new(bin_dir.join("holdfast-bench"));
             cmd.arg("--bin-dir").arg(&bin_dir);
-            if quick {
-                cmd.arg("--quick");
-            }
-            cmd.arg("table");
-            for step in &only {
-                cmd.args(["--only", step]);
-            }
-            if json {
-                cmd.arg("--json");
-            }
-            if !args.is_empty() {
-                cmd.arg("--").args(&args);
-            }
+            cmd.args(quick.then_some("--quick")).arg("table");
+            cmd.args(only.iter().flat_map(|step| ["--only", step]));
+            cmd.args(json.then_some("--json")).arg("--").args(&args);
             cmd.current_dir(&ws.root)
                 .env("PATH", ws.path_with(&bin_dir)?);
             shell::run(&mut cmd, "see holdfast-bench's message above")?;
@@ -205,34 +195,29 @@ fn test(ws: &Workspace, no_lint: bool, args: &[OsString]) -> Result<()> {
     }
     build(ws, Profile::Debug)?;
     let bin_dir = ws.bin_dir(Profile::Debug);
-    let mut cmd = ws.cargo(["test"]);
+    let cargo_test = || -> Result<Command> {
+        let mut cmd = ws.cargo(["test"]);
+        cmd.env("HOLDFAST_BIN", bin_dir.join("holdfast"))
+            .env("PATH", ws.path_with(&bin_dir)?);
+        Ok(cmd)
+    };
+    let mut cmd = cargo_test()?;
     // The privileged test crate is not a default member: name the whole workspace, unless
     // the caller picked packages.
-    let picks_package = args
+    if !args
         .iter()
-        .any(|a| a == "-p" || a.to_string_lossy().starts_with("--package"));
-    if !picks_package {
+        .any(|a| a == "-p" || a.to_string_lossy().starts_with("--package"))
+    {
         cmd.arg("--workspace");
     }
-    cmd.args(args)
-        .env("HOLDFAST_BIN", bin_dir.join("holdfast"))
-        .env("PATH", ws.path_with(&bin_dir)?);
-    shell::run(&mut cmd, "some tests failed (see above)")?;
+    shell::run(cmd.args(args), "some tests failed (see above)")?;
     if args.is_empty() {
         // The weaker mode, where cgroup v2 cannot be written: the modules
         // about running services again, with process groups only.
-        let mut cmd = ws.cargo([
-            "test",
-            "-p",
-            "holdfast-testkit",
-            "--test",
-            "integration",
-            "--",
-        ]);
-        cmd.args(PROCESS_GROUP_MODULES)
-            .env("HOLDFAST_TEST_DAEMON_ARGS", "--no-cgroups")
-            .env("HOLDFAST_BIN", bin_dir.join("holdfast"))
-            .env("PATH", ws.path_with(&bin_dir)?);
+        let mut cmd = cargo_test()?;
+        cmd.args(["-p", "holdfast-testkit", "--test", "integration", "--"])
+            .args(PROCESS_GROUP_MODULES)
+            .env("HOLDFAST_TEST_DAEMON_ARGS", "--no-cgroups");
         shell::run(
             &mut cmd,
             "some tests failed with --no-cgroups (process-group mode, see above)",

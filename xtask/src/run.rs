@@ -131,37 +131,32 @@ fn unit_hints(service: &str, text: &str) -> Result<Vec<SocketHint>> {
         .collect())
 }
 
-/// A host inside `prefix` that shows it is a prefix: for one wider than a /24 (or /120),
-/// not the first address but one further in (`127.0.0.0/8` → `127.1.2.3`).
-fn deep_host_in(prefix: &str) -> Option<IpAddr> {
-    let (addr, len) = prefix.split_once('/')?;
-    let len: u32 = len.parse().ok()?;
-    Some(match addr.parse::<IpAddr>().ok()? {
-        IpAddr::V4(a) if len < 24 => {
-            IpAddr::V4((u32::from(a) | (0x0001_0203 & (u32::MAX >> len))).into())
-        }
-        IpAddr::V6(a) if len < 120 => {
-            IpAddr::V6((u128::from(a) | (0x0001_0203 & (u128::MAX >> len))).into())
-        }
-        _ => return None,
-    })
-}
-
-/// A host to connect to inside `prefix`: the address itself, or the first one after the
-/// network address when the prefix is wider than one host.
-fn host_in(prefix: &str) -> Option<IpAddr> {
-    let (addr, len) = match prefix.split_once('/') {
-        Some((a, l)) => (a.parse::<IpAddr>().ok()?, Some(l.parse::<u8>().ok()?)),
-        None => (prefix.parse::<IpAddr>().ok()?, None),
+/// A host to connect to inside `prefix` (`127.0.0.1`, `192.0.2.0/24`, `::1/128`): the address
+/// itself, or the first one after it when it is the network address of a wider prefix.
+/// `deep`: one that shows it is a prefix, further in than the first (`127.0.0.0/8` →
+/// `127.1.2.3`), for a prefix wider than a /24 (or /120) only.
+fn host_in(prefix: &str, deep: bool) -> Option<IpAddr> {
+    let (addr, len) = prefix.split_once('/').unwrap_or((prefix, ""));
+    let addr: IpAddr = addr.parse().ok()?;
+    let (bits, n) = match addr {
+        IpAddr::V4(a) => (32, u128::from(u32::from(a))),
+        IpAddr::V6(a) => (128, u128::from(a)),
     };
-    Some(match (addr, len) {
-        (IpAddr::V4(a), Some(l)) if l < 32 && u32::from(a) & (u32::MAX >> l) == 0 => {
-            IpAddr::V4((u32::from(a) + 1).into())
-        }
-        (IpAddr::V6(a), Some(l)) if l < 128 && u128::from(a) & (u128::MAX >> l) == 0 => {
-            IpAddr::V6((u128::from(a) + 1).into())
-        }
-        _ => addr,
+    let len: u32 = if len.is_empty() {
+        bits
+    } else {
+        len.parse().ok()?
+    };
+    let host_part = u128::MAX.checked_shr(128 - bits + len).unwrap_or(0);
+    let n = match deep {
+        true if len + 8 >= bits => return None,
+        true => n | (0x0001_0203 & host_part),
+        false if len < bits && n & host_part == 0 => n + 1,
+        false => n,
+    };
+    Some(match addr {
+        IpAddr::V4(_) => IpAddr::V4(u32::try_from(n).ok()?.into()),
+        IpAddr::V6(_) => IpAddr::V6(n.into()),
     })
 }
 
@@ -191,7 +186,7 @@ fn demo_lines(hints: &[SocketHint], holdfast: &Path, at: &str) -> Vec<String> {
     for h in hints {
         if h.protocol == "tcp" && h.needs_dispatcher() {
             any_steered = true;
-            let far = h.addresses.iter().find_map(|a| deep_host_in(a));
+            let far = h.addresses.iter().find_map(|a| host_in(a, true));
             let last = h.ports.last().and_then(|p| port_range(p)).map(|r| r.1);
             if let (Some(host), Some(port), true) =
                 (far, last, is_http(h) || h.program.contains("hello"))
@@ -241,26 +236,19 @@ fn demo_lines(hints: &[SocketHint], holdfast: &Path, at: &str) -> Vec<String> {
 
 /// The command a user would type to talk to this socket, when one can be guessed.
 fn client_command(h: &SocketHint) -> Option<String> {
-    let ip_target = || {
-        let host = host_in(h.addresses.first()?)?;
-        let port = port_range(h.ports.first()?)?.0;
-        Some((host, port))
-    };
+    if let Some(path) = &h.path {
+        return match h.protocol.as_str() {
+            "unix-stream" => Some(format!("nc -U {path}")),
+            "unix-dgram" => Some(format!("nc -uU {path}")),
+            _ => None,
+        };
+    }
+    let host = host_in(h.addresses.first()?, false)?;
+    let port = port_range(h.ports.first()?)?.0;
     Some(match h.protocol.as_str() {
-        "tcp" if is_http(h) => {
-            let (a, port) = ip_target()?;
-            format!("curl {}", url(a, port))
-        }
-        "tcp" => {
-            let (a, port) = ip_target()?;
-            format!("nc {a} {port}")
-        }
-        "udp" => {
-            let (a, port) = ip_target()?;
-            format!("nc -u {a} {port}")
-        }
-        "unix-stream" => format!("nc -U {}", h.path.as_ref()?),
-        "unix-dgram" => format!("nc -uU {}", h.path.as_ref()?),
+        "tcp" if is_http(h) => format!("curl {}", url(host, port)),
+        "tcp" => format!("nc {host} {port}"),
+        "udp" => format!("nc -u {host} {port}"),
         _ => return None,
     })
 }
@@ -481,23 +469,27 @@ path = "/run/echo.sock"
 
     #[test]
     fn hosts_inside_prefixes() {
+        // (prefix, deep, host); a deep host only for prefixes wider than a /24 or /120.
         let cases = [
-            ("127.0.0.1/32", "127.0.0.1"),
-            ("127.0.0.1", "127.0.0.1"),
-            ("192.0.2.0/24", "192.0.2.1"),
-            ("192.0.2.7/24", "192.0.2.7"),
-            ("2001:db8::/64", "2001:db8::1"),
-            ("::1/128", "::1"),
+            ("127.0.0.1/32", false, Some("127.0.0.1")),
+            ("127.0.0.1", false, Some("127.0.0.1")),
+            ("192.0.2.0/24", false, Some("192.0.2.1")),
+            ("192.0.2.7/24", false, Some("192.0.2.7")),
+            ("2001:db8::/64", false, Some("2001:db8::1")),
+            ("::1/128", false, Some("::1")),
+            ("10.0.0.0/40", false, Some("10.0.0.0")),
+            ("nonsense/8", false, None),
+            ("10.0.0.0/x", false, None),
+            ("10.0.0.0/8", true, Some("10.1.2.3")),
+            ("2001:db8::/64", true, Some("2001:db8::1:203")),
+            ("192.0.2.0/24", true, None),
+            ("::1/128", true, None),
+            ("10.0.0.1", true, None),
         ];
-        for (prefix, want) in cases {
-            assert_eq!(host_in(prefix), Some(want.parse().unwrap()), "{prefix}");
+        for (prefix, deep, want) in cases {
+            let want = want.map(|w| w.parse().unwrap());
+            assert_eq!(host_in(prefix, deep), want, "{prefix} deep={deep}");
         }
-        assert_eq!(host_in("nonsense/8"), None);
-        assert_eq!(host_in("10.0.0.0/x"), None);
-        let deep = deep_host_in("10.0.0.0/8");
-        assert_eq!(deep, Some("10.1.2.3".parse().unwrap()));
-        let narrow = deep_host_in("192.0.2.0/24");
-        assert_eq!(narrow, None, "host_in's first address is enough");
     }
 
     #[test]
