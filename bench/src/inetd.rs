@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::Netns;
 
-use crate::report::{find_command, need_root, Env, Row};
+use crate::report::{find_command, need_root, per, Env, Row};
 
 const HOLDFAST_ADDR: &str = "127.0.0.1:9001";
 const BASELINE_ADDR: &str = "127.0.0.1:9002";
@@ -265,19 +265,11 @@ struct Tally {
 
 impl Tally {
     fn rate(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.ok as f64 / self.seconds
-        } else {
-            0.0
-        }
+        per(self.ok as f64, self.seconds)
     }
 
     fn mean_ms(&self) -> f64 {
-        if self.ok > 0 {
-            self.busy.as_secs_f64() * 1000.0 / self.ok as f64
-        } else {
-            0.0
-        }
+        per(self.busy.as_secs_f64() * 1000.0, self.ok as f64)
     }
 
     fn add(&mut self, other: Tally) {

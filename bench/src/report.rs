@@ -141,6 +141,15 @@ pub fn count(n: usize) -> String {
     }
 }
 
+/// `n ÷ d`, or 0 when `d` is (a rate over no time, a mean of nothing).
+pub fn per(n: f64, d: f64) -> f64 {
+    if d > 0.0 {
+        n / d
+    } else {
+        0.0
+    }
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)

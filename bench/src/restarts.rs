@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::Netns;
 
-use crate::report::{find_command, need_root, Env, Row};
+use crate::report::{find_command, need_root, per, Env, Row};
 
 /// wrk's connections and threads (the machines have two cores).
 const CONNECTIONS: u32 = 50;
@@ -101,11 +101,7 @@ struct WrkReport {
 
 impl WrkReport {
     fn rate(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.requests as f64 / self.seconds
-        } else {
-            0.0
-        }
+        per(self.requests as f64, self.seconds)
     }
 
     fn socket_errors(&self) -> u64 {
