@@ -1,8 +1,9 @@
 //! `holdfast-bench`: holdfast's benchmarks, one subcommand per step, each
 //! figure with a baseline measured in the same run (these machines are shared
-//! and noisy: only ratios mean much). `cargo xtask bench` builds it, runs the
-//! steps and prints the table; every step prints its rows as JSON lines (see
-//! `report`). Needs root (CAP_BPF, namespaces, /proc/slabinfo).
+//! and noisy: only ratios mean much). Every step prints its rows as JSON lines
+//! (see `report`); `table` runs the steps and prints one table of them, which
+//! is what `cargo xtask bench` calls once it has built everything. Needs root
+//! (CAP_BPF, namespaces, /proc/slabinfo).
 //!
 //! - `lookup`: BPF_PROG_TEST_RUN of holdfast's program, hot and cold, beside
 //!   the empty and steer-only floors and the tubular scheme (`lookup`).
