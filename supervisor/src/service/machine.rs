@@ -1682,26 +1682,16 @@ mod tests {
 
     fn cfg(kind: ServiceType, restart: RestartPolicy) -> ServiceConfig {
         ServiceConfig {
-            exec: vec!["x".into()],
             kind,
             restart,
-            restart_mode: RestartMode::StopStart,
             restart_delay: 100 * MS,
             restart_delay_max: 1000 * MS,
             stop_timeout: 1000 * MS,
             start_timeout: 1000 * MS,
             start_limit_burst: 5,
             start_limit_interval: 10_000 * MS,
-            watchdog: None,
-            fd_store_max: 0,
-            single_instance: false,
-            on_demand: false,
-            environment: Default::default(),
-            working_directory: None,
-            user: None,
-            group: None,
             process: crate::unit::ProcessConfig::defaults_for(kind),
-            commands: Default::default(),
+            ..ServiceConfig::with_defaults(vec!["x".into()])
         }
     }
 

@@ -24,6 +24,35 @@ pub(crate) const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_START_LIMIT_BURST: u32 = 5;
 pub(crate) const DEFAULT_START_LIMIT_INTERVAL: Duration = Duration::from_secs(10);
+impl ServiceConfig {
+    /// What a `[service]` that sets only `exec` gets: a simple service,
+    /// restarted on failure, with the `DEFAULT_*` timings above.
+    pub fn with_defaults(exec: Vec<String>) -> ServiceConfig {
+        ServiceConfig {
+            exec,
+            kind: ServiceType::Simple,
+            restart: RestartPolicy::OnFailure,
+            restart_mode: RestartMode::StopStart,
+            restart_delay: DEFAULT_RESTART_DELAY,
+            restart_delay_max: DEFAULT_RESTART_DELAY_MAX,
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
+            start_timeout: DEFAULT_START_TIMEOUT,
+            start_limit_burst: DEFAULT_START_LIMIT_BURST,
+            start_limit_interval: DEFAULT_START_LIMIT_INTERVAL,
+            watchdog: None,
+            fd_store_max: 0,
+            single_instance: false,
+            on_demand: false,
+            environment: BTreeMap::new(),
+            working_directory: None,
+            user: None,
+            group: None,
+            process: ProcessConfig::defaults_for(ServiceType::Simple),
+            commands: Commands::default(),
+        }
+    }
+}
+
 /// The longest duration any key takes: humantime's "1year" (365.25 days,
 /// 31 557 600 s, well inside u32 seconds). Every deadline the supervisor
 /// computes from a unit is then far from `Instant`'s overflow.
@@ -591,28 +620,7 @@ impl<'a> Cx<'a> {
             }
             Some(f) => self.exec(&f),
         };
-        let mut svc = ServiceConfig {
-            exec,
-            kind: ServiceType::Simple,
-            restart: RestartPolicy::OnFailure,
-            restart_mode: RestartMode::StopStart,
-            restart_delay: DEFAULT_RESTART_DELAY,
-            restart_delay_max: DEFAULT_RESTART_DELAY_MAX,
-            stop_timeout: DEFAULT_STOP_TIMEOUT,
-            start_timeout: DEFAULT_START_TIMEOUT,
-            start_limit_burst: DEFAULT_START_LIMIT_BURST,
-            start_limit_interval: DEFAULT_START_LIMIT_INTERVAL,
-            watchdog: None,
-            fd_store_max: 0,
-            single_instance: false,
-            on_demand: false,
-            environment: BTreeMap::new(),
-            working_directory: None,
-            user: None,
-            group: None,
-            process: ProcessConfig::defaults_for(ServiceType::Simple),
-            commands: Commands::default(),
-        };
+        let mut svc = ServiceConfig::with_defaults(exec);
         self.kind_keys(&mut svc, &mut take);
         self.timing_keys(&mut svc, &mut take);
         self.instance_keys(&mut svc, &mut take);
