@@ -470,6 +470,7 @@ fn print_bindings(rows: &[BindingStatus]) {
         "DENIED"
     );
     for r in rows {
+        let c = &r.counters;
         println!(
             "{:<16} {:<12} {:<5} {:<24} {:<12} {:>4} {:<7} {:>10} {:>8} {:>8} {:>8}",
             r.service,
@@ -477,16 +478,16 @@ fn print_bindings(rows: &[BindingStatus]) {
             r.protocol,
             r.prefix,
             r.ports,
-            r.destination,
-            if r.socket_present {
+            c.destination,
+            if c.socket_present {
                 "present"
             } else {
                 "MISSING"
             },
-            r.lookups,
-            r.misses,
-            r.errors,
-            r.denied,
+            c.lookups,
+            c.misses,
+            c.errors,
+            c.denied,
         );
     }
 }

@@ -73,6 +73,14 @@ pub struct ServiceMetrics {
 pub struct DestinationMetrics {
     pub service: String,
     pub socket: String,
+    #[serde(flatten)]
+    pub counters: DestinationCounters,
+}
+
+/// A destination's sk_lookup counters and whether its socket is in the
+/// sockmap, as the metrics and `holdfast bindings` both show them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationCounters {
     pub destination: u32,
     pub socket_present: bool,
     pub lookups: u64,
@@ -263,11 +271,12 @@ fn render_destinations(r: &mut Registry, s: &Snapshot) {
         "destination_socket_present",
         "1 when the destination's socket is in the sockmap",
     );
-    for d in &s.destinations {
+    for m in &s.destinations {
+        let d = &m.counters;
         let id = d.destination.to_string();
         let l = labels(&[
-            ("service", &d.service),
-            ("socket", &d.socket),
+            ("service", &m.service),
+            ("socket", &m.socket),
             ("destination", &id),
         ]);
         lookups.get_or_create(&l).inc_by(d.lookups);
@@ -785,12 +794,14 @@ mod tests {
             destinations: vec![DestinationMetrics {
                 service: "web".into(),
                 socket: "http".into(),
-                destination: 0,
-                socket_present: true,
-                lookups: 10,
-                misses: 1,
-                errors: 0,
-                denied: 0,
+                counters: DestinationCounters {
+                    destination: 0,
+                    socket_present: true,
+                    lookups: 10,
+                    misses: 1,
+                    errors: 0,
+                    denied: 0,
+                },
             }],
             sockets: vec![SocketMetrics {
                 service: "web".into(),
