@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
-use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
+use crate::ratelimit::{AcceptThrottle, LogLimiter};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -379,8 +379,7 @@ impl Endpoint {
             asked: false,
             rendered: rendered_rx,
             rendered_wake: rendered_rx_wake,
-            accept_pause: AcceptPause::new(ACCEPT_PAUSE),
-            accept_errors: LogLimiter::new(3, Duration::from_secs(60)),
+            accept: AcceptThrottle::new(ACCEPT_PAUSE, LogLimiter::new(3, Duration::from_secs(60))),
         };
         std::thread::Builder::new()
             .name("metrics-http".into())
@@ -443,8 +442,7 @@ struct Http {
     asked: bool,
     rendered: mpsc::Receiver<Arc<str>>,
     rendered_wake: UnixStream,
-    accept_pause: AcceptPause,
-    accept_errors: LogLimiter,
+    accept: AcceptThrottle,
 }
 
 impl Http {
@@ -452,7 +450,7 @@ impl Http {
         loop {
             let now = Instant::now();
             let mut fds = vec![PollFd::new(self.rendered_wake.as_fd(), PollFlags::POLLIN)];
-            let listening = !self.accept_pause.is_paused(now);
+            let listening = !self.accept.is_paused(now);
             if listening {
                 fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
             }
@@ -470,7 +468,7 @@ impl Http {
                 .iter()
                 .filter(|c| !matches!(c.phase, Phase::Waiting))
                 .map(|c| c.deadline)
-                .chain(self.accept_pause.resumes_at(now))
+                .chain(self.accept.resumes_at(now))
                 .min();
             let timeout = wake_at.map_or(PollTimeout::NONE, |t| {
                 let ms = t
@@ -577,13 +575,8 @@ impl Http {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let exhausted = self.accept_pause.on_error(&e, now);
-                    if let Some(repeated) = self.accept_errors.allow(now) {
-                        if exhausted {
-                            tracing::warn!(error = %e, repeated, "metrics: accept failed: {EXHAUSTION_HINT}");
-                        } else {
-                            tracing::warn!(error = %e, repeated, "metrics: accept failed");
-                        }
+                    if let Some(w) = self.accept.failed(&e, now) {
+                        tracing::warn!(error = %e, repeated = w.repeated, "metrics: accept failed{}", w.hint);
                     }
                     return;
                 }
