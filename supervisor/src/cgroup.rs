@@ -149,26 +149,19 @@ impl fmt::Display for Controllers {
 /// Each unit key that needs a controller, with its controller, for the
 /// limits that are set.
 pub fn required_controllers(limits: &CgroupLimits) -> Vec<(&'static str, Controller)> {
-    let mut out = Vec::new();
-    if limits.memory_max.is_some() {
-        out.push(("memory-max", Controller::Memory));
-    }
-    if limits.memory_high.is_some() {
-        out.push(("memory-high", Controller::Memory));
-    }
-    if limits.tasks_max.is_some() {
-        out.push(("tasks-max", Controller::Pids));
-    }
-    if limits.cpu_quota.is_some() {
-        out.push(("cpu-quota", Controller::Cpu));
-    }
-    if limits.cpu_weight.is_some() {
-        out.push(("cpu-weight", Controller::Cpu));
-    }
-    if limits.io_weight.is_some() {
-        out.push(("io-weight", Controller::Io));
-    }
-    out
+    let l = limits;
+    [
+        ("memory-max", l.memory_max.is_some(), Controller::Memory),
+        ("memory-high", l.memory_high.is_some(), Controller::Memory),
+        ("tasks-max", l.tasks_max.is_some(), Controller::Pids),
+        ("cpu-quota", l.cpu_quota.is_some(), Controller::Cpu),
+        ("cpu-weight", l.cpu_weight.is_some(), Controller::Cpu),
+        ("io-weight", l.io_weight.is_some(), Controller::Io),
+    ]
+    .into_iter()
+    .filter(|(_, set, _)| *set)
+    .map(|(key, _, controller)| (key, controller))
+    .collect()
 }
 
 /// The mount point of the cgroup2 file system and the cgroup path its root

@@ -1105,14 +1105,8 @@ fn socket_bool(d: &mut Directives<'_>, r: &mut Report, key: &str) -> Option<bool
 
 /// The options the kernel socket is made with: flags, buffers, backlog, mark.
 fn kernel_options(d: &mut Directives<'_>, r: &mut Report, o: &mut SocketOptions) {
-    for (key, slot) in [
-        ("ReusePort", &mut o.reuse_port),
-        ("FreeBind", &mut o.free_bind),
-        ("Transparent", &mut o.transparent),
-        ("KeepAlive", &mut o.keep_alive),
-        ("NoDelay", &mut o.no_delay),
-    ] {
-        if let Some(b) = socket_bool(d, r, key) {
+    for (_, directive, slot) in o.flags_mut() {
+        if let Some(b) = socket_bool(d, r, directive) {
             *slot = b;
         }
     }

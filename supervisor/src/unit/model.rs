@@ -528,6 +528,18 @@ pub struct SocketOptions {
 }
 
 impl SocketOptions {
+    /// The kernel socket's on/off options: each one's unit key, systemd's
+    /// directive for it (what `import` reads), and the field.
+    pub fn flags_mut(&mut self) -> [(&'static str, &'static str, &mut bool); 5] {
+        [
+            ("reuse-port", "ReusePort", &mut self.reuse_port),
+            ("free-bind", "FreeBind", &mut self.free_bind),
+            ("transparent", "Transparent", &mut self.transparent),
+            ("keep-alive", "KeepAlive", &mut self.keep_alive),
+            ("no-delay", "NoDelay", &mut self.no_delay),
+        ]
+    }
+
     /// Whether a source address may reach this socket under allow/deny.
     pub fn admits(&self, source: IpAddr) -> bool {
         if self.deny.iter().any(|p| p.contains(source)) {

@@ -1210,13 +1210,7 @@ f, format!("unix socket path is {} bytes long, more than the {UNIX_PATH_MAX} bin
         if let Some(f) = fs.get("mark") {
             o.mark = self.u32(f, 0, u32::MAX, 1);
         }
-        for (key, slot) in [
-            ("reuse-port", &mut o.reuse_port),
-            ("free-bind", &mut o.free_bind),
-            ("transparent", &mut o.transparent),
-            ("keep-alive", &mut o.keep_alive),
-            ("no-delay", &mut o.no_delay),
-        ] {
+        for (key, _, slot) in o.flags_mut() {
             if let Some(f) = fs.get(key) {
                 *slot = self.bool(f).unwrap_or(false);
             }
