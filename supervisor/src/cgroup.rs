@@ -845,6 +845,18 @@ pub(crate) mod testing {
         }
     }
 
+    /// `TestCgroup::new(what)`, or a return from the test (skipped, see
+    /// `new`) where cgroup v2 is not usable.
+    macro_rules! test_cgroup_or_skip {
+        ($what:expr) => {
+            match $crate::cgroup::testing::TestCgroup::new($what) {
+                Some(t) => t,
+                None => return,
+            }
+        };
+    }
+    pub(crate) use test_cgroup_or_skip;
+
     impl Drop for TestCgroup {
         fn drop(&mut self) {
             let Some(c) = self.cgroup.take() else { return };
@@ -857,6 +869,28 @@ pub(crate) mod testing {
             }
             let _ = c.remove();
         }
+    }
+
+    /// `sh -c script` with `env` set, moved into `cg` before the script runs
+    /// (the shell waits for a line on stdin first); its stdout is discarded.
+    pub(crate) fn shell_in(
+        cg: &Cgroup,
+        script: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> std::process::Child {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("read _; {script}"))
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        cg.move_process(child.id() as i32).unwrap();
+        child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        child
     }
 
     /// Waits up to `secs` for `cond`.
