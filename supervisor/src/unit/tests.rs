@@ -79,6 +79,22 @@ fn want(expected: &[Expect<'_>]) -> Vec<Seen> {
         .collect()
 }
 
+/// Each case's text, read by `parse`, gives exactly its one diagnostic.
+fn assert_each_mistake<T: std::fmt::Debug>(
+    parse: impl Fn(&str) -> Result<T, Diagnostics>,
+    cases: &[(&str, Expect<'_>)],
+) {
+    for (text, expect) in cases {
+        let diags = parse(text).unwrap_err();
+        assert_eq!(seen(&diags, &[*expect]), want(&[*expect]), "{text}");
+    }
+}
+
+/// `text` as the unit file svc.toml.
+fn unit_file(text: &str) -> Result<Unit, Diagnostics> {
+    parse_unit("svc", Path::new("svc.toml"), text)
+}
+
 const WEB_SERVICE: &str = "[service]\nexec = [\"/bin/true\"]\n";
 
 #[test]
