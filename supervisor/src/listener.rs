@@ -493,16 +493,14 @@ fn ip_options(
         if addr.is_ipv4() {
             sockopts.set("setsockopt(IP_FREEBIND)", sockopt::IpFreebind, &true)?;
         } else {
-            set_int(fd, libc::SOL_IPV6, libc::IPV6_FREEBIND, 1)
-                .map_err(|source| syscall_err("setsockopt(IPV6_FREEBIND)", what, source))?;
+            sockopts.set_ipv6_flag("setsockopt(IPV6_FREEBIND)", libc::IPV6_FREEBIND)?;
         }
     }
     if o.transparent {
         if addr.is_ipv4() {
             sockopts.set("setsockopt(IP_TRANSPARENT)", sockopt::IpTransparent, &true)?;
         } else {
-            set_int(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
-                .map_err(|source| syscall_err("setsockopt(IPV6_TRANSPARENT)", what, source))?;
+            sockopts.set_ipv6_flag("setsockopt(IPV6_TRANSPARENT)", libc::IPV6_TRANSPARENT)?;
         }
     }
     Ok(())
@@ -679,6 +677,13 @@ impl<'a> Setsockopt<'a> {
         value: &O::Val,
     ) -> Result<(), ListenerError> {
         sys(call, self.what, setsockopt(&self.fd, opt, value))
+    }
+
+    /// Turns on an IPv6 flag nix has no type for (the twins of IP_FREEBIND
+    /// and IP_TRANSPARENT).
+    fn set_ipv6_flag(&self, call: &'static str, name: i32) -> Result<(), ListenerError> {
+        set_int(&self.fd, libc::SOL_IPV6, name, 1)
+            .map_err(|source| syscall_err(call, self.what, source))
     }
 }
 
