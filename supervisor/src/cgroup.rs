@@ -149,26 +149,19 @@ impl fmt::Display for Controllers {
 /// Each unit key that needs a controller, with its controller, for the
 /// limits that are set.
 pub fn required_controllers(limits: &CgroupLimits) -> Vec<(&'static str, Controller)> {
-    let mut out = Vec::new();
-    if limits.memory_max.is_some() {
-        out.push(("memory-max", Controller::Memory));
-    }
-    if limits.memory_high.is_some() {
-        out.push(("memory-high", Controller::Memory));
-    }
-    if limits.tasks_max.is_some() {
-        out.push(("tasks-max", Controller::Pids));
-    }
-    if limits.cpu_quota.is_some() {
-        out.push(("cpu-quota", Controller::Cpu));
-    }
-    if limits.cpu_weight.is_some() {
-        out.push(("cpu-weight", Controller::Cpu));
-    }
-    if limits.io_weight.is_some() {
-        out.push(("io-weight", Controller::Io));
-    }
-    out
+    let l = limits;
+    [
+        ("memory-max", l.memory_max.is_some(), Controller::Memory),
+        ("memory-high", l.memory_high.is_some(), Controller::Memory),
+        ("tasks-max", l.tasks_max.is_some(), Controller::Pids),
+        ("cpu-quota", l.cpu_quota.is_some(), Controller::Cpu),
+        ("cpu-weight", l.cpu_weight.is_some(), Controller::Cpu),
+        ("io-weight", l.io_weight.is_some(), Controller::Io),
+    ]
+    .into_iter()
+    .filter(|(_, set, _)| *set)
+    .map(|(key, _, controller)| (key, controller))
+    .collect()
 }
 
 /// The mount point of the cgroup2 file system and the cgroup path its root
@@ -852,6 +845,18 @@ pub(crate) mod testing {
         }
     }
 
+    /// `TestCgroup::new(what)`, or a return from the test (skipped, see
+    /// `new`) where cgroup v2 is not usable.
+    macro_rules! test_cgroup_or_skip {
+        ($what:expr) => {
+            match $crate::cgroup::testing::TestCgroup::new($what) {
+                Some(t) => t,
+                None => return,
+            }
+        };
+    }
+    pub(crate) use test_cgroup_or_skip;
+
     impl Drop for TestCgroup {
         fn drop(&mut self) {
             let Some(c) = self.cgroup.take() else { return };
@@ -864,6 +869,28 @@ pub(crate) mod testing {
             }
             let _ = c.remove();
         }
+    }
+
+    /// `sh -c script` with `env` set, moved into `cg` before the script runs
+    /// (the shell waits for a line on stdin first); its stdout is discarded.
+    pub(crate) fn shell_in(
+        cg: &Cgroup,
+        script: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> std::process::Child {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("read _; {script}"))
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        cg.move_process(child.id() as i32).unwrap();
+        child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        child
     }
 
     /// Waits up to `secs` for `cond`.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use serde::{Deserialize, Serialize};
 
-use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
+use crate::ratelimit::{AcceptThrottle, LogLimiter};
 use crate::unit::RestartMode;
 
 /// The largest request accepted; a longer one gets an error reply.
@@ -179,10 +179,9 @@ pub struct Server {
     path: PathBuf,
     connections: Vec<Connection>,
     next_id: u64,
-    /// Set while accept fails for lack of fds: the listener is not polled.
-    accept_pause: AcceptPause,
-    /// accept's warnings: a few per 10 s, then "repeated N times".
-    accept_errors: LogLimiter,
+    /// Paused while accept fails for lack of fds (the listener is not
+    /// polled); accept's warnings: a few per 10 s, then "repeated N times".
+    accept: AcceptThrottle,
 }
 
 /// A connection's id, to answer it later.
@@ -249,8 +248,7 @@ impl Server {
             path,
             connections: Vec::new(),
             next_id: 1,
-            accept_pause: AcceptPause::new(ACCEPT_PAUSE),
-            accept_errors: LogLimiter::new(5, Duration::from_secs(10)),
+            accept: AcceptThrottle::new(ACCEPT_PAUSE, LogLimiter::new(5, Duration::from_secs(10))),
         })
     }
 
@@ -261,7 +259,7 @@ impl Server {
     /// While accepting pauses for lack of fds, when it resumes: the event
     /// loop should wake by then to poll the listener again.
     pub fn resumes_at(&self) -> Option<Instant> {
-        self.accept_pause.resumes_at(Instant::now())
+        self.accept.resumes_at(Instant::now())
     }
 
     /// One fd for the event loop: readable when the listener or a
@@ -275,7 +273,7 @@ impl Server {
     fn rearm(&mut self) {
         self.connections
             .retain(|c| !(matches!(c.phase, Phase::Writing) && c.output.is_empty()));
-        let listen = !self.accept_pause.is_paused(Instant::now());
+        let listen = !self.accept.is_paused(Instant::now());
         if listen != self.listening {
             let flags = if listen {
                 EpollFlags::EPOLLIN
@@ -341,13 +339,13 @@ impl Server {
 
     fn accept(&mut self) {
         let now = Instant::now();
-        if let Some(repeated) = self.accept_errors.take_suppressed(now) {
+        if let Some(repeated) = self.accept.take_suppressed(now) {
             tracing::warn!(
                 repeated,
                 "control: accept failed (the last message repeated {repeated} times)"
             );
         }
-        if self.accept_pause.is_paused(now) {
+        if self.accept.is_paused(now) {
             return;
         }
         loop {
@@ -396,14 +394,8 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let now = Instant::now();
-                    let exhausted = self.accept_pause.on_error(&e, now);
-                    if let Some(repeated) = self.accept_errors.allow(now) {
-                        if exhausted {
-                            tracing::warn!(error = %e, repeated, "control: accept failed: {EXHAUSTION_HINT}");
-                        } else {
-                            tracing::warn!(error = %e, repeated, "control: accept failed");
-                        }
+                    if let Some(w) = self.accept.failed(&e, Instant::now()) {
+                        tracing::warn!(error = %e, repeated = w.repeated, "control: accept failed{}", w.hint);
                     }
                     break;
                 }

@@ -10,8 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{
-    self, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockProtocol, SockType,
-    SockaddrIn, SockaddrIn6, UnixAddr,
+    self, setsockopt, sockopt, AddressFamily, Backlog, SetSockOpt, SockFlag, SockProtocol,
+    SockType, SockaddrIn, SockaddrIn6, UnixAddr,
 };
 
 use crate::unit::{Protocol, SocketConfig};
@@ -284,11 +284,8 @@ fn create_shared(
     put_back(&was);
     let fd = created?;
     if !cfg.options.reuse_port {
-        sys(
-            "setsockopt(SO_REUSEPORT)",
-            &what,
-            setsockopt(&fd, sockopt::ReusePort, &false),
-        )?;
+        let sockopts = Setsockopt::on(&fd, &what);
+        sockopts.set("setsockopt(SO_REUSEPORT)", sockopt::ReusePort, &false)?;
         if !was.iter().any(|on| *on) {
             forget_reuseport(at);
         }
@@ -368,19 +365,12 @@ fn create_ip(
         seal(&fd).map_err(|source| syscall_err("setsockopt(SO_ATTACH_FILTER)", &what, source))?;
     }
     if ty == SockType::Stream {
+        let sockopts = Setsockopt::on(&fd, &what);
         if o.keep_alive {
-            sys(
-                "setsockopt(SO_KEEPALIVE)",
-                &what,
-                setsockopt(&fd, sockopt::KeepAlive, &true),
-            )?;
+            sockopts.set("setsockopt(SO_KEEPALIVE)", sockopt::KeepAlive, &true)?;
         }
         if o.no_delay {
-            sys(
-                "setsockopt(TCP_NODELAY)",
-                &what,
-                setsockopt(&fd, sockopt::TcpNoDelay, &true),
-            )?;
+            sockopts.set("setsockopt(TCP_NODELAY)", sockopt::TcpNoDelay, &true)?;
         }
     }
     match addr {
@@ -480,58 +470,37 @@ fn ip_options(
     what: &str,
 ) -> Result<(), ListenerError> {
     let o = &cfg.options;
+    let sockopts = Setsockopt::on(fd, what);
     if addr.is_ipv6() {
         let v6only = match (o.ipv6_only, dual_stack) {
             (Some(v), _) => v,
             (None, Some(dual)) => !dual,
             (None, None) => false,
         };
-        sys(
-            "setsockopt(IPV6_V6ONLY)",
-            what,
-            setsockopt(fd, sockopt::Ipv6V6Only, &v6only),
-        )?;
+        sockopts.set("setsockopt(IPV6_V6ONLY)", sockopt::Ipv6V6Only, &v6only)?;
     }
     // Stream sockets: a restarted holdfast must be able to bind while old
     // connections sit in TIME_WAIT. Datagram sockets get it too, as systemd
     // gives every socket unit (ReuseAddress= is on for both): a service that
     // opens its own socket on the same address next to the passed one, or a
     // second holdfast instance taking over, can bind.
-    sys(
-        "setsockopt(SO_REUSEADDR)",
-        what,
-        setsockopt(fd, sockopt::ReuseAddr, &true),
-    )?;
+    sockopts.set("setsockopt(SO_REUSEADDR)", sockopt::ReuseAddr, &true)?;
     if o.reuse_port || reuse_port {
-        sys(
-            "setsockopt(SO_REUSEPORT)",
-            what,
-            setsockopt(fd, sockopt::ReusePort, &true),
-        )?;
+        sockopts.set("setsockopt(SO_REUSEPORT)", sockopt::ReusePort, &true)?;
     }
     // A steered socket binds to loopback, which may be down in a fresh namespace.
     if o.free_bind || steered {
         if addr.is_ipv4() {
-            sys(
-                "setsockopt(IP_FREEBIND)",
-                what,
-                setsockopt(fd, sockopt::IpFreebind, &true),
-            )?;
+            sockopts.set("setsockopt(IP_FREEBIND)", sockopt::IpFreebind, &true)?;
         } else {
-            set_int(fd, libc::SOL_IPV6, libc::IPV6_FREEBIND, 1)
-                .map_err(|source| syscall_err("setsockopt(IPV6_FREEBIND)", what, source))?;
+            sockopts.set_ipv6_flag("setsockopt(IPV6_FREEBIND)", libc::IPV6_FREEBIND)?;
         }
     }
     if o.transparent {
         if addr.is_ipv4() {
-            sys(
-                "setsockopt(IP_TRANSPARENT)",
-                what,
-                setsockopt(fd, sockopt::IpTransparent, &true),
-            )?;
+            sockopts.set("setsockopt(IP_TRANSPARENT)", sockopt::IpTransparent, &true)?;
         } else {
-            set_int(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
-                .map_err(|source| syscall_err("setsockopt(IPV6_TRANSPARENT)", what, source))?;
+            sockopts.set_ipv6_flag("setsockopt(IPV6_TRANSPARENT)", libc::IPV6_TRANSPARENT)?;
         }
     }
     Ok(())
@@ -617,26 +586,15 @@ fn owner(cfg: &SocketConfig, what: &str) -> Result<(Option<u32>, Option<u32>), L
 
 fn set_common(fd: &OwnedFd, cfg: &SocketConfig, what: &str) -> Result<(), ListenerError> {
     let o = &cfg.options;
+    let sockopts = Setsockopt::on(fd, what);
     if let Some(n) = o.receive_buffer {
-        sys(
-            "setsockopt(SO_RCVBUF)",
-            what,
-            setsockopt(fd, sockopt::RcvBuf, &(n as usize)),
-        )?;
+        sockopts.set("setsockopt(SO_RCVBUF)", sockopt::RcvBuf, &(n as usize))?;
     }
     if let Some(n) = o.send_buffer {
-        sys(
-            "setsockopt(SO_SNDBUF)",
-            what,
-            setsockopt(fd, sockopt::SndBuf, &(n as usize)),
-        )?;
+        sockopts.set("setsockopt(SO_SNDBUF)", sockopt::SndBuf, &(n as usize))?;
     }
     if let Some(mark) = o.mark {
-        sys(
-            "setsockopt(SO_MARK)",
-            what,
-            setsockopt(fd, sockopt::Mark, &mark),
-        )?;
+        sockopts.set("setsockopt(SO_MARK)", sockopt::Mark, &mark)?;
     }
     Ok(())
 }
@@ -671,15 +629,16 @@ pub fn adjust(fd: &OwnedFd, cfg: &SocketConfig) -> Result<(), ListenerError> {
     let stream = !matches!(cfg.protocol, Protocol::Udp | Protocol::UnixDgram);
     if stream {
         if cfg.protocol == Protocol::Tcp {
-            sys(
+            let sockopts = Setsockopt::on(fd, &what);
+            sockopts.set(
                 "setsockopt(SO_KEEPALIVE)",
-                &what,
-                setsockopt(fd, sockopt::KeepAlive, &cfg.options.keep_alive),
+                sockopt::KeepAlive,
+                &cfg.options.keep_alive,
             )?;
-            sys(
+            sockopts.set(
                 "setsockopt(TCP_NODELAY)",
-                &what,
-                setsockopt(fd, sockopt::TcpNoDelay, &cfg.options.no_delay),
+                sockopt::TcpNoDelay,
+                &cfg.options.no_delay,
             )?;
         }
         listen(fd, cfg, &what)?;
@@ -695,6 +654,37 @@ fn listen(fd: &OwnedFd, cfg: &SocketConfig, what: &str) -> Result<(), ListenerEr
         .unwrap_or(DEFAULT_BACKLOG);
     let backlog = Backlog::new(n).unwrap_or(Backlog::MAXCONN);
     sys("listen", what, socket::listen(fd, backlog))
+}
+
+/// setsockopt on one socket, a failure named by its call and the socket.
+struct Setsockopt<'a> {
+    fd: BorrowedFd<'a>,
+    what: &'a str,
+}
+
+impl<'a> Setsockopt<'a> {
+    fn on(fd: &'a impl AsFd, what: &'a str) -> Setsockopt<'a> {
+        Setsockopt {
+            fd: fd.as_fd(),
+            what,
+        }
+    }
+
+    fn set<O: SetSockOpt>(
+        &self,
+        call: &'static str,
+        opt: O,
+        value: &O::Val,
+    ) -> Result<(), ListenerError> {
+        sys(call, self.what, setsockopt(&self.fd, opt, value))
+    }
+
+    /// Turns on an IPv6 flag nix has no type for (the twins of IP_FREEBIND
+    /// and IP_TRANSPARENT).
+    fn set_ipv6_flag(&self, call: &'static str, name: i32) -> Result<(), ListenerError> {
+        set_int(&self.fd, libc::SOL_IPV6, name, 1)
+            .map_err(|source| syscall_err(call, self.what, source))
+    }
 }
 
 fn syscall_err(call: &'static str, what: &str, source: io::Error) -> ListenerError {

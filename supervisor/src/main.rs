@@ -49,44 +49,7 @@ enum JournalMode {
 #[derive(Subcommand)]
 enum Command {
     /// Run the supervisor in the foreground on a units directory.
-    Run {
-        /// The directory of NAME.toml unit files.
-        #[arg(long, default_value = "/etc/holdfast/units")]
-        units: PathBuf,
-        /// The network namespace to serve (e.g. /run/netns/NAME); default: holdfast's own.
-        #[arg(long)]
-        netns: Option<PathBuf>,
-        /// Never load BPF: bind every socket directly (one address, one port each).
-        #[arg(long)]
-        no_dispatcher: bool,
-        /// The dispatcher's name under /sys/fs/bpf/holdfast (default: netns-<inode>).
-        #[arg(long)]
-        instance: Option<String>,
-        /// Serve Prometheus metrics over HTTP at ADDR:PORT (GET /metrics).
-        #[arg(long)]
-        metrics_listen: Option<std::net::SocketAddr>,
-        /// Track each service's processes in a cgroup v2 under this cgroup (a
-        /// directory under the cgroup2 mount, or a path as /proc/self/cgroup
-        /// shows it); made if missing. Default: holdfast's own cgroup when it
-        /// is alone there (Delegate=yes), else a `holdfast-<pid>` child of it.
-        #[arg(long, conflicts_with = "no_cgroups")]
-        cgroup_root: Option<PathBuf>,
-        /// Track services by process group only (the weaker mode: a process
-        /// that calls setsid escapes stop), as where cgroup v2 is not writable.
-        #[arg(long)]
-        no_cgroups: bool,
-        /// Log format: human (default) or json (one object per line).
-        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
-        log_format: LogFormat,
-        /// Forward each line services write to systemd-journald (auto: when
-        /// its socket exists at start; off: never). The ring of `holdfast
-        /// logs` keeps them either way.
-        #[arg(long, value_enum, default_value_t = JournalMode::Auto)]
-        journal: JournalMode,
-        /// journald's native socket.
-        #[arg(long, default_value = holdfast::journal::DEFAULT_SOCKET)]
-        journal_socket: PathBuf,
-    },
+    Run(RunArgs),
     /// Validate a units directory without starting anything: the files, and
     /// what they name on this machine (users, groups, programs).
     Check { dir: PathBuf },
@@ -154,42 +117,79 @@ enum Command {
     },
 }
 
+// `holdfast run`'s options; its help text is the `Command::Run` line.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The directory of NAME.toml unit files.
+    #[arg(long, default_value = "/etc/holdfast/units")]
+    units: PathBuf,
+    /// The network namespace to serve (e.g. /run/netns/NAME); default: holdfast's own.
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// Never load BPF: bind every socket directly (one address, one port each).
+    #[arg(long)]
+    no_dispatcher: bool,
+    /// The dispatcher's name under /sys/fs/bpf/holdfast (default: netns-<inode>).
+    #[arg(long)]
+    instance: Option<String>,
+    /// Serve Prometheus metrics over HTTP at ADDR:PORT (GET /metrics).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Track each service's processes in a cgroup v2 under this cgroup (a
+    /// directory under the cgroup2 mount, or a path as /proc/self/cgroup
+    /// shows it); made if missing. Default: holdfast's own cgroup when it
+    /// is alone there (Delegate=yes), else a `holdfast-<pid>` child of it.
+    #[arg(long, conflicts_with = "no_cgroups")]
+    cgroup_root: Option<PathBuf>,
+    /// Track services by process group only (the weaker mode: a process
+    /// that calls setsid escapes stop), as where cgroup v2 is not writable.
+    #[arg(long)]
+    no_cgroups: bool,
+    /// Log format: human (default) or json (one object per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// Forward each line services write to systemd-journald (auto: when
+    /// its socket exists at start; off: never). The ring of `holdfast
+    /// logs` keeps them either way.
+    #[arg(long, value_enum, default_value_t = JournalMode::Auto)]
+    journal: JournalMode,
+    /// journald's native socket.
+    #[arg(long, default_value = holdfast::journal::DEFAULT_SOCKET)]
+    journal_socket: PathBuf,
+}
+
+impl RunArgs {
+    /// The daemon's options: these, with the state directory.
+    fn options(self, state_dir: PathBuf) -> supervisor::Options {
+        supervisor::Options {
+            units: self.units,
+            state_dir,
+            netns: self.netns,
+            no_dispatcher: self.no_dispatcher,
+            instance: self.instance,
+            metrics_listen: self.metrics_listen,
+            cgroup_root: self.cgroup_root,
+            no_cgroups: self.no_cgroups,
+            journal: (self.journal == JournalMode::Auto).then_some(self.journal_socket),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run { .. }) {
+    if !matches!(cli.command, Command::Run(_)) {
         die_quietly_on_broken_pipe();
     }
     let out = Output { json: cli.json };
     let dir = cli.state_dir.as_path();
     match cli.command {
-        Command::Run {
-            units,
-            netns,
-            no_dispatcher,
-            instance,
-            metrics_listen,
-            cgroup_root,
-            no_cgroups,
-            log_format,
-            journal,
-            journal_socket,
-        } => {
+        Command::Run(run) => {
             init_logging(if cli.json {
                 LogFormat::Json
             } else {
-                log_format
+                run.log_format
             });
-            run_daemon(&supervisor::Options {
-                units,
-                state_dir: cli.state_dir,
-                netns,
-                no_dispatcher,
-                instance,
-                metrics_listen,
-                cgroup_root,
-                no_cgroups,
-                journal: (journal == JournalMode::Auto).then_some(journal_socket),
-            })
+            run_daemon(&run.options(cli.state_dir))
         }
         Command::Check { dir: units_dir } => check(&units_dir, dir, out),
         Command::Import {
@@ -470,6 +470,7 @@ fn print_bindings(rows: &[BindingStatus]) {
         "DENIED"
     );
     for r in rows {
+        let c = &r.counters;
         println!(
             "{:<16} {:<12} {:<5} {:<24} {:<12} {:>4} {:<7} {:>10} {:>8} {:>8} {:>8}",
             r.service,
@@ -477,16 +478,16 @@ fn print_bindings(rows: &[BindingStatus]) {
             r.protocol,
             r.prefix,
             r.ports,
-            r.destination,
-            if r.socket_present {
+            c.destination,
+            if c.socket_present {
                 "present"
             } else {
                 "MISSING"
             },
-            r.lookups,
-            r.misses,
-            r.errors,
-            r.denied,
+            c.lookups,
+            c.misses,
+            c.errors,
+            c.denied,
         );
     }
 }

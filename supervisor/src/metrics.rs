@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
-use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
+use crate::ratelimit::{AcceptThrottle, LogLimiter};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -73,6 +73,14 @@ pub struct ServiceMetrics {
 pub struct DestinationMetrics {
     pub service: String,
     pub socket: String,
+    #[serde(flatten)]
+    pub counters: DestinationCounters,
+}
+
+/// A destination's sk_lookup counters and whether its socket is in the
+/// sockmap, as the metrics and `holdfast bindings` both show them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationCounters {
     pub destination: u32,
     pub socket_present: bool,
     pub lookups: u64,
@@ -263,11 +271,12 @@ fn render_destinations(r: &mut Registry, s: &Snapshot) {
         "destination_socket_present",
         "1 when the destination's socket is in the sockmap",
     );
-    for d in &s.destinations {
+    for m in &s.destinations {
+        let d = &m.counters;
         let id = d.destination.to_string();
         let l = labels(&[
-            ("service", &d.service),
-            ("socket", &d.socket),
+            ("service", &m.service),
+            ("socket", &m.socket),
             ("destination", &id),
         ]);
         lookups.get_or_create(&l).inc_by(d.lookups);
@@ -370,8 +379,7 @@ impl Endpoint {
             asked: false,
             rendered: rendered_rx,
             rendered_wake: rendered_rx_wake,
-            accept_pause: AcceptPause::new(ACCEPT_PAUSE),
-            accept_errors: LogLimiter::new(3, Duration::from_secs(60)),
+            accept: AcceptThrottle::new(ACCEPT_PAUSE, LogLimiter::new(3, Duration::from_secs(60))),
         };
         std::thread::Builder::new()
             .name("metrics-http".into())
@@ -434,8 +442,7 @@ struct Http {
     asked: bool,
     rendered: mpsc::Receiver<Arc<str>>,
     rendered_wake: UnixStream,
-    accept_pause: AcceptPause,
-    accept_errors: LogLimiter,
+    accept: AcceptThrottle,
 }
 
 impl Http {
@@ -443,7 +450,7 @@ impl Http {
         loop {
             let now = Instant::now();
             let mut fds = vec![PollFd::new(self.rendered_wake.as_fd(), PollFlags::POLLIN)];
-            let listening = !self.accept_pause.is_paused(now);
+            let listening = !self.accept.is_paused(now);
             if listening {
                 fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
             }
@@ -461,7 +468,7 @@ impl Http {
                 .iter()
                 .filter(|c| !matches!(c.phase, Phase::Waiting))
                 .map(|c| c.deadline)
-                .chain(self.accept_pause.resumes_at(now))
+                .chain(self.accept.resumes_at(now))
                 .min();
             let timeout = wake_at.map_or(PollTimeout::NONE, |t| {
                 let ms = t
@@ -568,13 +575,8 @@ impl Http {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let exhausted = self.accept_pause.on_error(&e, now);
-                    if let Some(repeated) = self.accept_errors.allow(now) {
-                        if exhausted {
-                            tracing::warn!(error = %e, repeated, "metrics: accept failed: {EXHAUSTION_HINT}");
-                        } else {
-                            tracing::warn!(error = %e, repeated, "metrics: accept failed");
-                        }
+                    if let Some(w) = self.accept.failed(&e, now) {
+                        tracing::warn!(error = %e, repeated = w.repeated, "metrics: accept failed{}", w.hint);
                     }
                     return;
                 }
@@ -785,12 +787,14 @@ mod tests {
             destinations: vec![DestinationMetrics {
                 service: "web".into(),
                 socket: "http".into(),
-                destination: 0,
-                socket_present: true,
-                lookups: 10,
-                misses: 1,
-                errors: 0,
-                denied: 0,
+                counters: DestinationCounters {
+                    destination: 0,
+                    socket_present: true,
+                    lookups: 10,
+                    misses: 1,
+                    errors: 0,
+                    denied: 0,
+                },
             }],
             sockets: vec![SocketMetrics {
                 service: "web".into(),

@@ -26,6 +26,18 @@ pub enum PidfdError {
 }
 
 impl PidfdError {
+    /// A raw syscall's return: errno as the error when it is negative.
+    fn check(call: &'static str, pid: i32, r: libc::c_long) -> Result<libc::c_long, PidfdError> {
+        if r < 0 {
+            return Err(PidfdError::Syscall {
+                call,
+                pid,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(r)
+    }
+
     /// The process is gone (exited and reaped, or never existed).
     pub fn is_gone(&self) -> bool {
         let PidfdError::Syscall { source, .. } = self;
@@ -57,13 +69,7 @@ impl Pidfd {
     pub fn open(pid: i32) -> Result<Pidfd, PidfdError> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
-        if fd < 0 {
-            return Err(PidfdError::Syscall {
-                call: "pidfd_open",
-                pid,
-                source: io::Error::last_os_error(),
-            });
-        }
+        let fd = PidfdError::check("pidfd_open", pid, fd)?;
         // SAFETY: the kernel just returned this fd (CLOEXEC by definition); it is ours.
         Ok(unsafe { Pidfd::from_raw(fd as RawFd, pid) })
     }
@@ -119,13 +125,7 @@ impl Pidfd {
                 0 as libc::c_uint,
             )
         };
-        if fd < 0 {
-            return Err(PidfdError::Syscall {
-                call: "pidfd_getfd",
-                pid: self.pid,
-                source: io::Error::last_os_error(),
-            });
-        }
+        let fd = PidfdError::check("pidfd_getfd", self.pid, fd)?;
         // SAFETY: the kernel just returned this fd to this process; nothing
         // else owns it.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
@@ -160,13 +160,7 @@ impl Pidfd {
                 0 as libc::c_uint,
             )
         };
-        if r < 0 {
-            return Err(PidfdError::Syscall {
-                call: "pidfd_send_signal",
-                pid: self.pid,
-                source: io::Error::last_os_error(),
-            });
-        }
+        PidfdError::check("pidfd_send_signal", self.pid, r)?;
         Ok(())
     }
 
@@ -184,13 +178,7 @@ impl Pidfd {
                 libc::WEXITED | libc::WNOHANG,
             )
         };
-        if r < 0 {
-            return Err(PidfdError::Syscall {
-                call: "waitid(P_PIDFD)",
-                pid: self.pid,
-                source: io::Error::last_os_error(),
-            });
-        }
+        PidfdError::check("waitid(P_PIDFD)", self.pid, r.into())?;
         // SAFETY: waitid filled `info` (si_pid 0 when nothing has exited).
         let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
         if pid == 0 {

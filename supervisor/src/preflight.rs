@@ -254,6 +254,20 @@ mod tests {
         got
     }
 
+    /// An expected mistake: (line, column, key, message fragment).
+    type Found<'a> = (usize, usize, &'a str, &'a str);
+
+    /// `got` is, in order, a mistake at each (line, column, key) whose
+    /// message holds the fragment.
+    fn assert_found(got: &[(usize, usize, String, String)], want: &[Found<'_>]) {
+        let keys: Vec<_> = got.iter().map(|g| (g.0, g.1, g.2.as_str())).collect();
+        let want_keys: Vec<_> = want.iter().map(|w| (w.0, w.1, w.2)).collect();
+        assert_eq!(keys, want_keys, "{got:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(g.3.contains(w.3), "{:?} lacks {:?}", g.3, w.3);
+        }
+    }
+
     #[test]
     fn a_unit_that_can_run_here_passes() {
         let ok = "[service]\nexec = [\"sh\", \"-c\", \"true\"]\nuser = \"root\"\ngroup = \"0\"\n";
@@ -261,61 +275,28 @@ mod tests {
         // A numeric uid with no passwd entry is a valid uid, as for spawn.
         let numeric = "[service]\nexec = [\"/bin/true\"]\nuser = \"4000000000\"\n";
         assert_eq!(check("web", numeric, "/run/holdfast"), vec![]);
+        let accounts = "[service]\nexec = [\"/bin/true\"]\nsupplementary-groups = [\"root\", \"4242\"]\n[[socket]]\nprotocol = \"unix-stream\"\npath = \"/run/x.sock\"\nsocket-user = \"root\"\nsocket-group = \"4242\"\n";
+        assert_eq!(check("accounts", accounts, "/run/holdfast"), vec![]);
     }
 
     #[test]
-    fn missing_accounts_and_programs_are_placed_at_their_keys() {
-        let text = "[service]\nexec = [\"/nonexistent/prog\", \"-x\"]\nuser = \"no-such-user-hf\"\ngroup = \"no-such-group-hf\"\n";
-        let got = check("web", text, "/run/holdfast");
-        let keys: Vec<_> = got.iter().map(|g| (g.0, g.1, g.2.as_str())).collect();
-        assert_eq!(
-            keys,
-            vec![
-                (2, 9, "service.exec[0]"),
-                (3, 8, "service.user"),
-                (4, 9, "service.group")
-            ],
-            "{got:?}"
-        );
-        assert!(got[0].3.contains("No such file"), "{got:?}");
-        assert!(
-            got[1].3.contains("user \"no-such-user-hf\" does not exist"),
-            "{got:?}"
-        );
-        assert!(
-            got[2]
-                .3
-                .contains("group \"no-such-group-hf\" does not exist"),
-            "{got:?}"
-        );
-    }
-
-    #[test]
-    fn supplementary_groups_and_socket_owners_must_exist() {
-        let ok = "[service]\nexec = [\"/bin/true\"]\nsupplementary-groups = [\"root\", \"4242\"]\n[[socket]]\nprotocol = \"unix-stream\"\npath = \"/run/x.sock\"\nsocket-user = \"root\"\nsocket-group = \"4242\"\n";
-        assert_eq!(check("accounts", ok, "/run/holdfast"), vec![]);
-        let text = "[service]\nexec = [\"/bin/true\"]\nsupplementary-groups = [\"root\", \"no-such-group-hf\"]\n[[socket]]\nprotocol = \"unix-stream\"\npath = \"/run/x.sock\"\nsocket-user = \"no-such-user-hf\"\nsocket-group = \"no-such-group-hf\"\n";
-        let got = check("accounts", text, "/run/holdfast");
-        let keys: Vec<_> = got.iter().map(|g| (g.0, g.1, g.2.as_str())).collect();
-        assert_eq!(
-            keys,
-            vec![
-                (3, 33, "service.supplementary-groups[1]"),
-                (7, 15, "socket[0].socket-user"),
-                (8, 16, "socket[0].socket-group"),
-            ],
-            "{got:?}"
-        );
-        assert!(
-            got[0]
-                .3
-                .contains("group \"no-such-group-hf\" does not exist"),
-            "{got:?}"
-        );
-        assert!(
-            got[1].3.contains("user \"no-such-user-hf\" does not exist"),
-            "{got:?}"
-        );
+    fn missing_accounts_programs_and_socket_owners_are_placed_at_their_keys() {
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, &[Found<'_>])] = &[
+            ("web", "[service]\nexec = [\"/nonexistent/prog\", \"-x\"]\nuser = \"no-such-user-hf\"\ngroup = \"no-such-group-hf\"\n", &[
+                (2, 9, "service.exec[0]", "No such file"),
+                (3, 8, "service.user", "user \"no-such-user-hf\" does not exist"),
+                (4, 9, "service.group", "group \"no-such-group-hf\" does not exist"),
+            ]),
+            ("accounts", "[service]\nexec = [\"/bin/true\"]\nsupplementary-groups = [\"root\", \"no-such-group-hf\"]\n[[socket]]\nprotocol = \"unix-stream\"\npath = \"/run/x.sock\"\nsocket-user = \"no-such-user-hf\"\nsocket-group = \"no-such-group-hf\"\n", &[
+                (3, 33, "service.supplementary-groups[1]", "group \"no-such-group-hf\" does not exist"),
+                (7, 15, "socket[0].socket-user", "user \"no-such-user-hf\" does not exist"),
+                (8, 16, "socket[0].socket-group", ""),
+            ]),
+        ];
+        for (name, text, want) in cases {
+            assert_found(&check(name, text, "/run/holdfast"), want);
+        }
     }
 
     #[test]

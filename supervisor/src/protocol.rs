@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::Snapshot;
+use crate::metrics::{DestinationCounters, Snapshot};
 use crate::service::State;
 
 /// One service in `holdfast status`.
@@ -58,12 +58,8 @@ pub struct BindingStatus {
     pub protocol: String,
     pub prefix: String,
     pub ports: String,
-    pub destination: u32,
-    pub socket_present: bool,
-    pub lookups: u64,
-    pub misses: u64,
-    pub errors: u64,
-    pub denied: u64,
+    #[serde(flatten)]
+    pub counters: DestinationCounters,
 }
 
 /// `holdfast logs`: lines, and the sequence number to ask after next.
@@ -266,12 +262,7 @@ mod tests {
             protocol: "tcp".into(),
             prefix: "192.0.2.0/24".into(),
             ports: "80".into(),
-            destination: 0,
-            socket_present: true,
-            lookups: 0,
-            misses: 0,
-            errors: 0,
-            denied: 0,
+            counters: DestinationCounters::default(),
         };
         for f in fields(&status)
             .into_iter()

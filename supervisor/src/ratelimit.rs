@@ -1,6 +1,7 @@
 //! Throttles for what repeats under pressure: a log line that an error would
 //! write thousands of times a second ([`LogLimiter`]), and an accept that
-//! keeps failing because the process is out of fds ([`AcceptPause`]).
+//! keeps failing because the process is out of fds ([`AcceptPause`]); a
+//! listener's two together ([`AcceptThrottle`]).
 //!
 //! Pure bookkeeping over instants passed in: the caller logs, and leaves a
 //! paused listener out of its poll set. Uses nothing else in the crate, so
@@ -61,9 +62,9 @@ impl LogLimiter {
     }
 }
 
-/// Why a paused listener is paused, for its log line.
-pub const EXHAUSTION_HINT: &str =
-    "out of file descriptors: accepting pauses (raise LimitNOFILE / ulimit -n, or close idle connections)";
+/// Why a paused listener is paused, the end of its "accept failed" line.
+const EXHAUSTION_HINT: &str =
+    ": out of file descriptors: accepting pauses (raise LimitNOFILE / ulimit -n, or close idle connections)";
 
 /// Stops polling a listener for a while after an accept failed for lack of
 /// fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM). The pending connection
@@ -106,6 +107,54 @@ impl AcceptPause {
     /// When polling resumes, while paused: for the event loop's poll timeout.
     pub fn resumes_at(&self, now: Instant) -> Option<Instant> {
         self.until.filter(|&t| now < t)
+    }
+}
+
+/// One listener's accept throttles: its [`AcceptPause`], and the
+/// [`LogLimiter`] of its "accept failed" warnings.
+#[derive(Debug, Clone)]
+pub struct AcceptThrottle {
+    pause: AcceptPause,
+    warnings: LogLimiter,
+}
+
+/// A failed accept to warn about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptWarning {
+    /// Warnings dropped since the last one written.
+    pub repeated: u64,
+    /// The end of the line: why accepting pauses, or empty when it does not.
+    pub hint: &'static str,
+}
+
+impl AcceptThrottle {
+    pub const fn new(pause: Duration, warnings: LogLimiter) -> AcceptThrottle {
+        AcceptThrottle {
+            pause: AcceptPause::new(pause),
+            warnings,
+        }
+    }
+
+    /// Records a failed accept (pausing for exhaustion, see
+    /// [`AcceptPause::on_error`]); `Some` when a warning should be written.
+    pub fn failed(&mut self, e: &io::Error, now: Instant) -> Option<AcceptWarning> {
+        let exhausted = self.pause.on_error(e, now);
+        let repeated = self.warnings.allow(now)?;
+        let hint = if exhausted { EXHAUSTION_HINT } else { "" };
+        Some(AcceptWarning { repeated, hint })
+    }
+
+    /// Warnings dropped and not yet reported (see [`LogLimiter::take_suppressed`]).
+    pub fn take_suppressed(&mut self, now: Instant) -> Option<u64> {
+        self.warnings.take_suppressed(now)
+    }
+
+    pub fn is_paused(&self, now: Instant) -> bool {
+        self.pause.is_paused(now)
+    }
+
+    pub fn resumes_at(&self, now: Instant) -> Option<Instant> {
+        self.pause.resumes_at(now)
     }
 }
 
@@ -168,5 +217,33 @@ mod tests {
             assert!(!p.is_paused(t0 + 250 * MS));
             assert_eq!(p.resumes_at(t0 + 250 * MS), None);
         }
+    }
+
+    #[test]
+    fn an_accept_throttle_pauses_and_says_why_in_few_warnings() {
+        let t0 = Instant::now();
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let aborted = io::Error::from_raw_os_error(libc::ECONNABORTED);
+        let mut t = AcceptThrottle::new(250 * MS, LogLimiter::new(2, 1000 * MS));
+        let w = t
+            .failed(&aborted, t0)
+            .expect("the first warning is written");
+        assert_eq!((w.repeated, w.hint), (0, ""));
+        assert!(!t.is_paused(t0));
+        let w = t
+            .failed(&emfile, t0)
+            .expect("the second warning is written");
+        assert_eq!(w.repeated, 0);
+        assert!(
+            w.hint.starts_with(": out of file descriptors"),
+            "{}",
+            w.hint
+        );
+        assert!(t.is_paused(t0 + 249 * MS));
+        assert_eq!(t.resumes_at(t0), Some(t0 + 250 * MS));
+        // Over the burst: no warning, but the pause still applies.
+        assert_eq!(t.failed(&emfile, t0 + 300 * MS), None);
+        assert!(t.is_paused(t0 + 549 * MS));
+        assert_eq!(t.take_suppressed(t0 + 1000 * MS), Some(1));
     }
 }

@@ -185,7 +185,19 @@ mod tests {
             std::env::temp_dir().join(format!("holdfast-statedir-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        set_mode(&d, 0o755);
+        d
+    }
+
+    fn set_mode(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A new directory `name` in `base` with `mode`.
+    fn dir_in(base: &Path, name: &str, mode: u32) -> PathBuf {
+        let d = base.join(name);
+        std::fs::create_dir(&d).unwrap();
+        set_mode(&d, mode);
         d
     }
 
@@ -227,11 +239,7 @@ mod tests {
         assert_eq!(mode(&base.join("state")), 0o755);
         assert_eq!(mode(&base.join("state/notify")), 0o755);
         // A narrower mode left behind is set back.
-        std::fs::set_permissions(
-            base.join("state/notify"),
-            std::fs::Permissions::from_mode(0o700),
-        )
-        .unwrap();
+        set_mode(&base.join("state/notify"), 0o700);
         prepare(&base.join("state")).unwrap();
         assert_eq!(mode(&base.join("state/notify")), 0o755);
         std::fs::remove_dir_all(&base).unwrap();
@@ -240,9 +248,7 @@ mod tests {
     #[test]
     fn symlinks_are_refused_and_their_targets_untouched() {
         let base = scratch("symlink");
-        let attacker = base.join("attacker");
-        std::fs::create_dir(&attacker).unwrap();
-        std::fs::set_permissions(&attacker, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let attacker = dir_in(&base, "attacker", 0o700);
         // The state dir itself a symlink.
         std::os::unix::fs::symlink(&attacker, base.join("state")).unwrap();
         assert!(
@@ -277,16 +283,14 @@ mod tests {
     #[test]
     fn a_dir_owned_by_another_user_or_in_a_world_writable_parent_is_refused() {
         let base = scratch("owner");
-        let open_parent = base.join("open");
-        std::fs::create_dir(&open_parent).unwrap();
-        std::fs::set_permissions(&open_parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let open_parent = dir_in(&base, "open", 0o777);
         let err = prepare(&open_parent.join("state")).unwrap_err();
         assert!(
             matches!(err, StateDirError::ParentWritable { mode: 0o777, .. }),
             "{err}"
         );
         // Sticky, as /tmp: fine.
-        std::fs::set_permissions(&open_parent, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        set_mode(&open_parent, 0o1777);
         prepare(&open_parent.join("state")).unwrap();
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {

@@ -1,8 +1,8 @@
 //! Against the real kernel: a fresh cgroup per test (see `testing`).
 
-use super::testing::{eventually, TestCgroup};
+use super::testing::{eventually, shell_in, test_cgroup_or_skip, TestCgroup};
 use super::*;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[test]
 fn finds_the_cgroup2_mount_on_hybrid_and_pure_hosts() {
@@ -55,22 +55,6 @@ fn parses_controllers_events_and_cpu_stat() {
     );
 }
 
-/// A shell in `cg` that starts `script` and is moved in before it runs
-/// (it waits for a byte on stdin).
-fn shell_in(cg: &Cgroup, script: &str) -> std::process::Child {
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!("read _; {script}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    cg.move_process(child.id() as i32).unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"\n").unwrap();
-    child
-}
-
 /// Running (not gone, not a zombie waiting for its parent).
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -89,12 +73,14 @@ fn all_pids(cg: &Cgroup) -> Vec<i32> {
 
 #[test]
 fn a_setsid_double_fork_cannot_escape_cgroup_kill() {
-    let Some(t) = TestCgroup::new("escape") else {
-        return;
-    };
+    let t = test_cgroup_or_skip!("escape");
     let leaf = t.get().create_child("1").unwrap();
     let mut watch = t.get().watch().unwrap();
-    let mut sh = shell_in(&leaf, "setsid sh -c 'sleep 300 & sleep 300' & sleep 300");
+    let mut sh = shell_in(
+        &leaf,
+        "setsid sh -c 'sleep 300 & sleep 300' & sleep 300",
+        &[],
+    );
     assert!(
         eventually(5, || all_pids(t.get()).len() >= 4),
         "the shell, the setsid'd shell and two sleeps: {:?}",
@@ -128,11 +114,9 @@ fn a_setsid_double_fork_cannot_escape_cgroup_kill() {
 
 #[test]
 fn signal_all_reaches_every_process_below_and_nothing_else() {
-    let Some(t) = TestCgroup::new("signal") else {
-        return;
-    };
+    let t = test_cgroup_or_skip!("signal");
     let leaf = t.get().create_child("1").unwrap();
-    let mut sh = shell_in(&leaf, "setsid sleep 300 & exec sleep 300");
+    let mut sh = shell_in(&leaf, "setsid sleep 300 & exec sleep 300", &[]);
     let mut outside = Command::new("sleep").arg("300").spawn().unwrap();
     assert!(eventually(5, || all_pids(t.get()).len() == 2));
     assert_eq!(t.get().signal_all(Signal::SIGTERM).unwrap(), 2);
@@ -151,11 +135,9 @@ fn signal_all_reaches_every_process_below_and_nothing_else() {
 
 #[test]
 fn holdfast_moves_into_its_leaf_and_service_cgroups_get_the_controllers() {
-    let Some(t) = TestCgroup::new("hier") else {
-        return;
-    };
+    let t = test_cgroup_or_skip!("hier");
     // A stand-in for holdfast, running in the root it is given.
-    let mut stand_in = shell_in(t.get(), "exec sleep 300");
+    let mut stand_in = shell_in(t.get(), "exec sleep 300", &[]);
     let root = Cgroup::open(t.get().path()).unwrap();
     let h = Hierarchy::take(root, false).unwrap();
     let leaf = h.supervisor().expect("moved into the supervisor leaf");
@@ -174,9 +156,7 @@ fn holdfast_moves_into_its_leaf_and_service_cgroups_get_the_controllers() {
 
 #[test]
 fn a_limit_without_its_controller_is_an_error_naming_the_key() {
-    let Some(t) = TestCgroup::new("nolimit") else {
-        return;
-    };
+    let t = test_cgroup_or_skip!("nolimit");
     // A child of a cgroup that enables nothing for it has no controllers.
     let bare = t.get().create_child("bare").unwrap();
     assert_eq!(bare.controllers().unwrap(), Controllers::default());
@@ -221,40 +201,46 @@ fn a_limit_without_its_controller_is_an_error_naming_the_key() {
     bare.apply_limits(&CgroupLimits::default()).unwrap();
 }
 
-/// The root of a test hierarchy with `wanted` enabled for children, or
-/// `None` (with the reason printed) when this host's cgroup2 lacks it.
-fn with_controller(t: &TestCgroup, wanted: Controller) -> Option<Hierarchy> {
+/// A service cgroup `name` of a test hierarchy with `limits` applied, when
+/// this host's cgroup2 has `wanted` for children. Otherwise (the reason
+/// printed) checks that applying them fails naming `key`, and `None`.
+fn limited_service(
+    t: &TestCgroup,
+    wanted: Controller,
+    limits: &CgroupLimits,
+    name: &str,
+    key: &str,
+) -> Option<Cgroup> {
     let h = Hierarchy::take(Cgroup::open(t.get().path()).unwrap(), false).unwrap();
-    if h.enabled().contains(wanted) {
-        return Some(h);
+    if !h.enabled().contains(wanted) {
+        // Not a skip of the test's point: the error path is what this host can show.
+        eprintln!(
+            "{wanted} is not available in cgroup2 here ({}); checked the error instead",
+            h.enabled()
+        );
+        drop(h);
+        let err = h_service(t).apply_limits(limits).unwrap_err();
+        assert!(err.to_string().starts_with(&format!("{key}: ")), "{err}");
+        return None;
     }
-    // Not a skip of the test's point: the error path is what this host can show.
-    eprintln!(
-        "{wanted} is not available in cgroup2 here ({}); checked the error instead",
-        h.enabled()
-    );
-    None
+    let svc = h.service(name).unwrap();
+    svc.apply_limits(limits).unwrap();
+    Some(svc)
 }
 
 #[test]
 fn tasks_max_holds_a_fork_bomb() {
-    let Some(t) = TestCgroup::new("bomb") else {
-        return;
-    };
+    let t = test_cgroup_or_skip!("bomb");
     let limits = CgroupLimits {
         tasks_max: Some(Limit::Value(20)),
         ..Default::default()
     };
-    let Some(h) = with_controller(&t, Controller::Pids) else {
-        let err = h_service(&t).apply_limits(&limits).unwrap_err();
-        assert!(err.to_string().starts_with("tasks-max: "), "{err}");
+    let Some(svc) = limited_service(&t, Controller::Pids, &limits, "bomb", "tasks-max") else {
         return;
     };
-    let svc = h.service("bomb").unwrap();
-    svc.apply_limits(&limits).unwrap();
     assert_eq!(svc.read("pids.max").unwrap().trim(), "20");
     let leaf = svc.create_child("1").unwrap();
-    let mut sh = shell_in(&leaf, "b() { b & b & wait; }; b");
+    let mut sh = shell_in(&leaf, "b() { b & b & wait; }; b", &[]);
     std::thread::sleep(Duration::from_secs(2));
     let current: u64 = svc.read("pids.current").unwrap().trim().parse().unwrap();
     assert!(current <= 20, "{current} tasks");
@@ -277,21 +263,15 @@ fn h_service(t: &TestCgroup) -> Cgroup {
 
 #[test]
 fn memory_max_is_written_and_enforced() {
-    let Some(t) = TestCgroup::new("mem") else {
-        return;
-    };
+    let t = test_cgroup_or_skip!("mem");
     let limits = CgroupLimits {
         memory_max: Some(Limit::Value(32 << 20)),
         memory_high: Some(Limit::Value(24 << 20)),
         ..Default::default()
     };
-    let Some(h) = with_controller(&t, Controller::Memory) else {
-        let err = h_service(&t).apply_limits(&limits).unwrap_err();
-        assert!(err.to_string().starts_with("memory-max: "), "{err}");
+    let Some(svc) = limited_service(&t, Controller::Memory, &limits, "mem", "memory-max") else {
         return;
     };
-    let svc = h.service("mem").unwrap();
-    svc.apply_limits(&limits).unwrap();
     assert_eq!(
         svc.read("memory.max").unwrap().trim(),
         (32u64 << 20).to_string()
@@ -305,6 +285,7 @@ fn memory_max_is_written_and_enforced() {
     let mut sh = shell_in(
         &leaf,
         "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}",
+        &[],
     );
     let status = sh.wait().unwrap();
     assert!(!status.success(), "the OOM killer ended it");
@@ -317,12 +298,14 @@ fn memory_max_is_written_and_enforced() {
 
 #[test]
 fn cpu_usage_is_read_from_cpu_stat() {
-    let Some(t) = TestCgroup::new("usage") else {
-        return;
-    };
+    let t = test_cgroup_or_skip!("usage");
     let leaf = t.get().create_child("1").unwrap();
     let before = t.get().usage().unwrap().cpu;
-    let mut sh = shell_in(&leaf, "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done");
+    let mut sh = shell_in(
+        &leaf,
+        "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done",
+        &[],
+    );
     sh.wait().unwrap();
     let after = t.get().usage().unwrap().cpu;
     assert!(

@@ -147,6 +147,12 @@ fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// Imports `first` from a directory holding `files`.
+fn import_from(files: &[(&str, &str)], first: &str) -> super::Imported {
+    let dir = dir_with(files);
+    import(&req(dir.path(), &[first])).unwrap()
+}
+
 fn req(dir: &Path, files: &[&str]) -> Request {
     Request {
         files: files.iter().map(|f| dir.join(f)).collect(),
@@ -232,7 +238,7 @@ fn a_socket_and_its_service_become_one_unit() {
 
 #[test]
 fn accept_yes_pairs_with_the_template_and_stdin_socket_is_translated() {
-    let dir = dir_with(&[
+    let got = import_from(&[
         (
             "sshd.socket",
             "[Socket]\nListenStream=2222\nAccept=yes\nMaxConnections=10\nMaxConnectionsPerSource=2\n",
@@ -241,8 +247,7 @@ fn accept_yes_pairs_with_the_template_and_stdin_socket_is_translated() {
             "sshd@.service",
             "[Service]\nExecStart=-/usr/sbin/sshd -i\nStandardInput=socket\n",
         ),
-    ]);
-    let got = import(&req(dir.path(), &["sshd.socket"])).unwrap();
+    ], "sshd.socket");
     assert_eq!(got.dropped, vec![]);
     assert_eq!(got.unit.name, "sshd");
     assert_eq!(got.unit.service.exec, ["/usr/sbin/sshd", "-i"]);
@@ -260,14 +265,16 @@ fn accept_yes_pairs_with_the_template_and_stdin_socket_is_translated() {
 
 #[test]
 fn a_socket_activated_service_not_enabled_on_its_own_starts_on_demand() {
-    let dir = dir_with(&[
-        (
-            "d.socket",
-            "[Socket]\nListenStream=/run/d.sock\nMaxConnections=5\n",
-        ),
-        ("d.service", "[Service]\nExecStart=/usr/sbin/d\n"),
-    ]);
-    let got = import(&req(dir.path(), &["d.socket"])).unwrap();
+    let got = import_from(
+        &[
+            (
+                "d.socket",
+                "[Socket]\nListenStream=/run/d.sock\nMaxConnections=5\n",
+            ),
+            ("d.service", "[Service]\nExecStart=/usr/sbin/d\n"),
+        ],
+        "d.socket",
+    );
     assert_eq!(
         got.dropped,
         vec![],
@@ -492,17 +499,19 @@ fn exec_start_pre_lines_become_exec_start_pre_commands() {
     assert!(got.dropped[0].why.contains("+ prefix"));
 
     // Not with Accept=yes: reported, not written.
-    let dir = dir_with(&[
-        (
-            "q.socket",
-            "[Socket]\nListenStream=127.0.0.1:9000\nAccept=yes\n",
-        ),
-        (
-            "q@.service",
-            "[Service]\nExecStartPre=/bin/true\nExecStart=/bin/q\n",
-        ),
-    ]);
-    let got = import(&req(dir.path(), &["q.socket"])).unwrap();
+    let got = import_from(
+        &[
+            (
+                "q.socket",
+                "[Socket]\nListenStream=127.0.0.1:9000\nAccept=yes\n",
+            ),
+            (
+                "q@.service",
+                "[Service]\nExecStartPre=/bin/true\nExecStart=/bin/q\n",
+            ),
+        ],
+        "q.socket",
+    );
     assert!(got.unit.service.commands.start_pre.is_empty());
     assert!(
         got.dropped.iter().any(|f| f.why.contains("Accept=yes")),
@@ -513,12 +522,11 @@ fn exec_start_pre_lines_become_exec_start_pre_commands() {
 
 #[test]
 fn post_stop_and_reload_lines_keep_mainpid_for_holdfast_to_fill_in() {
-    let dir = dir_with(&[(
+    let got = import_from(&[(
         "r.service",
         "[Service]\nType=notify\nExecStart=/usr/sbin/sshd -D\nExecStartPost=-/bin/register ${MAINPID}\n\
          ExecStop=/bin/kill -TERM $MAINPID\nExecReload=/usr/sbin/sshd -t\nExecReload=/bin/kill -HUP $MAINPID\n",
-    )]);
-    let got = import(&req(dir.path(), &["r.service"])).unwrap();
+    )], "r.service");
     assert!(got.dropped.is_empty(), "{:#?}", got.dropped);
     let argv = |list: &[crate::unit::ExecCommand]| -> Vec<Vec<String>> {
         list.iter().map(|c| c.written()).collect()
@@ -537,11 +545,10 @@ fn post_stop_and_reload_lines_keep_mainpid_for_holdfast_to_fill_in() {
 
 #[test]
 fn notify_reload_takes_its_reload_signal_and_no_exec_reload() {
-    let dir = dir_with(&[(
+    let got = import_from(&[(
         "n.service",
         "[Service]\nType=notify-reload\nExecStart=/bin/n\nReloadSignal=SIGUSR1\nExecReload=/bin/kill -HUP $MAINPID\n",
-    )]);
-    let got = import(&req(dir.path(), &["n.service"])).unwrap();
+    )], "n.service");
     let s = &got.unit.service;
     assert_eq!(s.kind, ServiceType::NotifyReload);
     assert_eq!(s.commands.reload_signal, Some(crate::unit::KillSignal(10)));
@@ -550,11 +557,13 @@ fn notify_reload_takes_its_reload_signal_and_no_exec_reload() {
     assert_eq!(places.len(), 1, "{:#?}", got.dropped);
     assert!(places[0].ends_with(":5"), "{places:?}");
     // Not notify-reload: ReloadSignal= has nothing to go to.
-    let dir = dir_with(&[(
+    let got = import_from(
+        &[(
+            "m.service",
+            "[Service]\nExecStart=/bin/m\nReloadSignal=SIGUSR1\n",
+        )],
         "m.service",
-        "[Service]\nExecStart=/bin/m\nReloadSignal=SIGUSR1\n",
-    )]);
-    let got = import(&req(dir.path(), &["m.service"])).unwrap();
+    );
     assert!(got.unit.service.commands.reload_signal.is_none());
     assert!(
         got.dropped[0].why.contains("notify-reload"),

@@ -5,7 +5,7 @@
 //! policy, timeouts, restart delay growth), systemd's are written out, so
 //! the imported service behaves as it did.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,9 +13,9 @@ use std::time::Duration;
 use super::ini::Entry;
 use super::values;
 use crate::unit::{
-    EnvironmentFile, IpPrefix, KillSignal, NotifyAccess, PortRange, Protocol, RestartMode,
-    RestartPolicy, Rlimit, ServiceConfig, ServiceType, SocketConfig, SocketOptions, StandardInput,
-    StandardOutput, Unit,
+    EnvironmentFile, IpPrefix, KillSignal, NotifyAccess, PortRange, Protocol, RestartPolicy,
+    Rlimit, ServiceConfig, ServiceType, SocketConfig, SocketOptions, StandardInput, StandardOutput,
+    Unit,
 };
 
 /// A directive that was not translated (or translated with a difference,
@@ -204,27 +204,16 @@ fn service_config(
     input: &Input<'_>,
     accept: bool,
 ) -> ServiceConfig {
+    // systemd's defaults where they differ from holdfast's.
     let mut s = ServiceConfig {
-        exec: Vec::new(),
-        kind: ServiceType::Simple,
         restart: RestartPolicy::Never,
-        restart_mode: RestartMode::StopStart,
         restart_delay: SYSTEMD_RESTART_SEC,
         restart_delay_max: SYSTEMD_RESTART_SEC,
         stop_timeout: SYSTEMD_TIMEOUT,
         start_timeout: SYSTEMD_TIMEOUT,
         start_limit_burst: SYSTEMD_START_LIMIT_BURST,
         start_limit_interval: SYSTEMD_START_LIMIT_INTERVAL,
-        watchdog: None,
-        fd_store_max: 0,
-        single_instance: false,
-        on_demand: false,
-        environment: BTreeMap::new(),
-        working_directory: None,
-        user: None,
-        group: None,
-        process: crate::unit::ProcessConfig::defaults_for(crate::unit::ServiceType::Simple),
-        commands: Default::default(),
+        ..ServiceConfig::with_defaults(Vec::new())
     };
     if let Some(kind) = service_type(d, r) {
         s.kind = kind;
@@ -1116,14 +1105,8 @@ fn socket_bool(d: &mut Directives<'_>, r: &mut Report, key: &str) -> Option<bool
 
 /// The options the kernel socket is made with: flags, buffers, backlog, mark.
 fn kernel_options(d: &mut Directives<'_>, r: &mut Report, o: &mut SocketOptions) {
-    for (key, slot) in [
-        ("ReusePort", &mut o.reuse_port),
-        ("FreeBind", &mut o.free_bind),
-        ("Transparent", &mut o.transparent),
-        ("KeepAlive", &mut o.keep_alive),
-        ("NoDelay", &mut o.no_delay),
-    ] {
-        if let Some(b) = socket_bool(d, r, key) {
+    for (_, directive, slot) in o.flags_mut() {
+        if let Some(b) = socket_bool(d, r, directive) {
             *slot = b;
         }
     }

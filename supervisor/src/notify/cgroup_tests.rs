@@ -2,10 +2,9 @@
 //! cgroups, and the NotifyAccess table.
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
 
 use super::*;
-use crate::cgroup::testing::TestCgroup;
+use crate::cgroup::testing::{self, test_cgroup_or_skip};
 use crate::cgroup::Cgroup;
 use crate::unit::NotifyAccess;
 
@@ -21,36 +20,29 @@ fn wait_readable(sock: &NotifySocket) -> bool {
     poll(&mut fds, PollTimeout::from(200u16)).expect("poll") > 0
 }
 
-/// `sh -c script` moved into `cg` before it runs, with NOTIFY_SOCKET set.
+/// `notify-access = all` for a service in `cgroups`, no process named.
+fn all_in(cgroups: &[u64]) -> CgroupSenders<'_> {
+    CgroupSenders {
+        access: NotifyAccess::All,
+        cgroups,
+        main_pids: &[],
+        spawned_pids: &[],
+    }
+}
+
+/// `sh -c script` in `cg`, with NOTIFY_SOCKET set to `sock`.
 fn shell_in(cg: &Cgroup, sock: &NotifySocket, script: &str) -> std::process::Child {
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!("read _; {script}"))
-        .env("NOTIFY_SOCKET", sock.path())
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    cg.move_process(child.id() as i32).unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"\n").unwrap();
-    child
+    testing::shell_in(cg, script, &[("NOTIFY_SOCKET", sock.path().as_os_str())])
 }
 
 #[test]
 fn a_sender_is_the_services_when_it_is_in_the_services_cgroup() {
-    let Some(t) = TestCgroup::new("notify") else {
-        return;
-    };
+    let t = test_cgroup_or_skip!("notify");
     let own = t.get().create_child("1").unwrap();
     let other = t.get().create_child("other").unwrap();
     let (_dir, sock) = socket();
     let cgroups = [own.id()];
-    let rule = CgroupSenders {
-        access: NotifyAccess::All,
-        cgroups: &cgroups,
-        main_pids: &[],
-        spawned_pids: &[],
-    };
+    let rule = all_in(&cgroups);
     // systemd-notify waits (BARRIER=1) until its message is read: alive then.
     // As root it speaks for its parent, the shell, which stays in the cgroup.
     for (cg, accepted) in [(&other, false), (&own, true)] {
@@ -76,18 +68,11 @@ fn a_sender_is_the_services_when_it_is_in_the_services_cgroup() {
 
 #[test]
 fn a_sender_that_has_exited_is_judged_by_the_cgroup_it_exited_in() {
-    let Some(t) = TestCgroup::new("gone") else {
-        return;
-    };
+    let t = test_cgroup_or_skip!("gone");
     let own = t.get().create_child("1").unwrap();
     let other = t.get().create_child("2").unwrap();
     let cgroups = [own.id()];
-    let rule = CgroupSenders {
-        access: NotifyAccess::All,
-        cgroups: &cgroups,
-        main_pids: &[],
-        spawned_pids: &[],
-    };
+    let rule = all_in(&cgroups);
     for (from, in_service) in [(&own, true), (&other, false)] {
         let (_dir, sock) = socket();
         // --no-block: no barrier, so sender and shell are gone (reaped) first.

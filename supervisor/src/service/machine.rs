@@ -1544,20 +1544,13 @@ impl Machine {
     /// Start timeout of an overlap candidate.
     fn candidate_timeout(&mut self, now: Instant, fx: &mut Vec<Effect>) {
         let stop_timeout = self.cfg.stop_timeout;
-        let start_timeout = self.cfg.start_timeout;
-        let timeout_text = || {
-            format!(
-                "did not send READY=1 within start-timeout ({})",
-                humantime::format_duration(start_timeout)
-            )
-        };
         // Start timeout of an overlap candidate: give up on it.
         if self
             .candidate
             .as_ref()
             .is_some_and(|c| !c.ready && c.late_for(now))
         {
-            let why = timeout_text();
+            let why = not_ready_in_time(self.cfg.start_timeout);
             let mut c = self.candidate.take().expect("checked");
             tracing::error!(service = %self.name, pid = c.pid, "overlap restart abandoned: {why}; the old instance keeps serving");
             c.terminate(now, stop_timeout, fx);
@@ -1572,17 +1565,11 @@ impl Machine {
     fn main_timeouts(&mut self, now: Instant, fx: &mut Vec<Effect>) {
         let stop_timeout = self.cfg.stop_timeout;
         let start_timeout = self.cfg.start_timeout;
-        let timeout_text = || {
-            format!(
-                "did not send READY=1 within start-timeout ({})",
-                humantime::format_duration(start_timeout)
-            )
-        };
         if let Some(main) = self.main.as_mut() {
             if !main.ready && main.late_for(now) {
                 tracing::error!(service = %self.name, pid = main.pid, timeout = %humantime::format_duration(start_timeout), "did not send READY=1 within start-timeout: stopping it");
                 main.terminate(now, stop_timeout, fx);
-                main.failed = Some(timeout_text());
+                main.failed = Some(not_ready_in_time(start_timeout));
                 self.state = State::Stopping;
             }
             if main.watchdog_at.is_some_and(|t| t <= now) {
@@ -1674,35 +1661,40 @@ fn backoff_of(cfg: &ServiceConfig) -> Backoff {
     )
 }
 
+/// Why an instance that did not say READY=1 within `start_timeout` failed.
+fn not_ready_in_time(start_timeout: Duration) -> String {
+    format!(
+        "did not send READY=1 within start-timeout ({})",
+        humantime::format_duration(start_timeout)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use CommandKind::{Reload, StartPost, Stop};
+    use RestartPolicy::{Always, Never, OnFailure};
+    use ServiceType::{Notify, NotifyReload, Simple};
 
     const MS: Duration = Duration::from_millis(1);
 
     fn cfg(kind: ServiceType, restart: RestartPolicy) -> ServiceConfig {
         ServiceConfig {
-            exec: vec!["x".into()],
             kind,
             restart,
-            restart_mode: RestartMode::StopStart,
             restart_delay: 100 * MS,
             restart_delay_max: 1000 * MS,
             stop_timeout: 1000 * MS,
             start_timeout: 1000 * MS,
             start_limit_burst: 5,
             start_limit_interval: 10_000 * MS,
-            watchdog: None,
-            fd_store_max: 0,
-            single_instance: false,
-            on_demand: false,
-            environment: Default::default(),
-            working_directory: None,
-            user: None,
-            group: None,
             process: crate::unit::ProcessConfig::defaults_for(kind),
-            commands: Default::default(),
+            ..ServiceConfig::with_defaults(vec!["x".into()])
         }
+    }
+
+    fn machine(kind: ServiceType, restart: RestartPolicy) -> Machine {
+        Machine::new("s", &cfg(kind, restart), false)
     }
 
     fn started(m: &mut Machine, now: Instant, pid: i32) -> InstanceId {
@@ -1710,20 +1702,53 @@ mod tests {
         m.spawned(SpawnRole::Main, pid, now).0
     }
 
+    /// A `kind` service (restart on failure) whose main process, pid 10, has
+    /// said READY=1.
+    fn ready(kind: ServiceType, now: Instant) -> (Machine, InstanceId) {
+        let mut m = machine(kind, OnFailure);
+        let id = started(&mut m, now, 10);
+        m.said(id, Role::Main, vec![Said::Ready], now);
+        (m, id)
+    }
+
+    /// A simple on-demand service, restarted on failure.
+    fn on_demand() -> Machine {
+        let c = ServiceConfig {
+            on_demand: true,
+            ..cfg(Simple, OnFailure)
+        };
+        Machine::new("s", &c, true)
+    }
+
+    /// The `run`th start: the boot, then each restart when its delay is over.
+    fn start_run(m: &mut Machine, run: i32, t: Instant) -> Vec<Effect> {
+        if run == 0 {
+            m.boot(t)
+        } else {
+            m.timers(t, true)
+        }
+    }
+
+    /// `text` is there and holds `fragment`.
+    fn assert_says(text: Option<&str>, fragment: &str) {
+        let text = text.expect("a reason");
+        assert!(text.contains(fragment), "{text:?} lacks {fragment:?}");
+    }
+
     #[test]
     fn restart_policies_after_exit() {
         let now = Instant::now();
         let cases = [
-            (RestartPolicy::Always, Exit::Code(0), State::Waiting),
-            (RestartPolicy::Always, Exit::Code(1), State::Waiting),
-            (RestartPolicy::OnFailure, Exit::Code(0), State::Stopped),
-            (RestartPolicy::OnFailure, Exit::Code(1), State::Waiting),
-            (RestartPolicy::OnFailure, Exit::Signal(9), State::Waiting),
-            (RestartPolicy::Never, Exit::Code(1), State::Failed),
-            (RestartPolicy::Never, Exit::Code(0), State::Stopped),
+            (Always, Exit::Code(0), State::Waiting),
+            (Always, Exit::Code(1), State::Waiting),
+            (OnFailure, Exit::Code(0), State::Stopped),
+            (OnFailure, Exit::Code(1), State::Waiting),
+            (OnFailure, Exit::Signal(9), State::Waiting),
+            (Never, Exit::Code(1), State::Failed),
+            (Never, Exit::Code(0), State::Stopped),
         ];
         for (policy, exit, want) in cases {
-            let mut m = Machine::new("s", &cfg(ServiceType::Simple, policy), false);
+            let mut m = machine(Simple, policy);
             let id = started(&mut m, now, 10);
             assert_eq!(m.state(), State::Running);
             m.exited(id, exit, now + MS, false);
@@ -1735,11 +1760,7 @@ mod tests {
     #[test]
     fn notify_service_is_starting_until_ready_and_times_out() {
         let now = Instant::now();
-        let mut m = Machine::new(
-            "s",
-            &cfg(ServiceType::Notify, RestartPolicy::OnFailure),
-            false,
-        );
+        let mut m = machine(Notify, OnFailure);
         let id = started(&mut m, now, 10);
         assert_eq!(m.state(), State::Starting);
         assert!(m.timers(now + 999 * MS, true).is_empty());
@@ -1754,13 +1775,7 @@ mod tests {
     #[test]
     fn reloading_is_a_state_between_ready_and_ready() {
         let now = Instant::now();
-        let mut m = Machine::new(
-            "s",
-            &cfg(ServiceType::Notify, RestartPolicy::OnFailure),
-            false,
-        );
-        let id = started(&mut m, now, 10);
-        m.said(id, Role::Main, vec![Said::Ready], now);
+        let (mut m, id) = ready(Notify, now);
         assert_eq!(m.state(), State::Running);
         m.said(id, Role::Main, vec![Said::Reloading], now);
         assert_eq!(m.state(), State::Reloading);
@@ -1771,13 +1786,7 @@ mod tests {
     #[test]
     fn overlap_promotes_when_ready_and_old_drains() {
         let now = Instant::now();
-        let mut m = Machine::new(
-            "s",
-            &cfg(ServiceType::Notify, RestartPolicy::OnFailure),
-            false,
-        );
-        let old = started(&mut m, now, 10);
-        m.said(old, Role::Main, vec![Said::Ready], now);
+        let (mut m, old) = ready(Notify, now);
         let fx = m.restart(Some(RestartMode::Overlap), now).unwrap();
         assert_eq!(fx, vec![Effect::Spawn(SpawnRole::Candidate)]);
         let (new, fx) = m.spawned(SpawnRole::Candidate, 11, now);
@@ -1798,20 +1807,11 @@ mod tests {
     #[test]
     fn overlap_candidate_that_dies_leaves_the_old_one() {
         let now = Instant::now();
-        let mut m = Machine::new(
-            "s",
-            &cfg(ServiceType::Notify, RestartPolicy::OnFailure),
-            false,
-        );
-        let old = started(&mut m, now, 10);
-        m.said(old, Role::Main, vec![Said::Ready], now);
+        let (mut m, old) = ready(Notify, now);
         m.restart(Some(RestartMode::Overlap), now).unwrap();
         let (new, _) = m.spawned(SpawnRole::Candidate, 11, now);
         m.exited(new, Exit::Code(1), now, false);
-        assert!(m
-            .overlap_failure()
-            .unwrap()
-            .contains("exited before it was ready"));
+        assert_says(m.overlap_failure(), "exited before it was ready");
         assert_eq!(m.main().unwrap().id, old);
         assert_eq!(m.state(), State::Running);
     }
@@ -1819,8 +1819,10 @@ mod tests {
     #[test]
     fn single_instance_refuses_overlap() {
         let now = Instant::now();
-        let mut c = cfg(ServiceType::Simple, RestartPolicy::OnFailure);
-        c.single_instance = true;
+        let c = ServiceConfig {
+            single_instance: true,
+            ..cfg(Simple, OnFailure)
+        };
         let mut m = Machine::new("s", &c, false);
         started(&mut m, now, 10);
         assert!(m.restart(Some(RestartMode::Overlap), now).is_err());
@@ -1829,7 +1831,7 @@ mod tests {
     #[test]
     fn stop_then_exit_is_stopped_whatever_the_policy() {
         let now = Instant::now();
-        let mut m = Machine::new("s", &cfg(ServiceType::Simple, RestartPolicy::Always), false);
+        let mut m = machine(Simple, Always);
         let id = started(&mut m, now, 10);
         assert_eq!(m.stop(now), vec![Effect::Terminate(id)]);
         assert_eq!(m.state(), State::Stopping);
@@ -1841,14 +1843,10 @@ mod tests {
     #[test]
     fn start_limit_fails_the_service() {
         let now = Instant::now();
-        let mut m = Machine::new("s", &cfg(ServiceType::Simple, RestartPolicy::Always), false);
+        let mut m = machine(Simple, Always);
         let mut t = now;
         for pid in 0..5 {
-            let fx = if pid == 0 {
-                m.boot(t)
-            } else {
-                m.timers(t, true)
-            };
+            let fx = start_run(&mut m, pid, t);
             assert_eq!(fx, vec![Effect::Spawn(SpawnRole::Main)], "start {pid}");
             let (id, _) = m.spawned(SpawnRole::Main, 100 + pid, t);
             m.exited(id, Exit::Code(1), t, false);
@@ -1856,7 +1854,7 @@ mod tests {
         }
         assert!(m.timers(t, true).is_empty());
         assert_eq!(m.state(), State::Failed);
-        assert!(m.failure().unwrap().contains("start limit"));
+        assert_says(m.failure(), "start limit");
         // An explicit start clears it.
         let (wait, fx) = m.request_start(t);
         assert!(wait);
@@ -1866,7 +1864,7 @@ mod tests {
     #[test]
     fn watchdog_miss_aborts_then_kills() {
         let now = Instant::now();
-        let mut c = cfg(ServiceType::Simple, RestartPolicy::OnFailure);
+        let mut c = cfg(Simple, OnFailure);
         c.watchdog = Some(100 * MS);
         let mut m = Machine::new("s", &c, false);
         let id = started(&mut m, now, 10);
@@ -1879,7 +1877,7 @@ mod tests {
     #[test]
     fn huge_durations_do_not_overflow() {
         let now = Instant::now();
-        let mut c = cfg(ServiceType::Notify, RestartPolicy::Always);
+        let mut c = cfg(Notify, Always);
         c.stop_timeout = Duration::MAX;
         c.start_timeout = Duration::MAX;
         c.restart_delay = Duration::MAX;
@@ -1905,7 +1903,7 @@ mod tests {
     #[test]
     fn a_gone_sender_is_not_credited_to_a_new_instance_when_its_pid_is_known() {
         let now = Instant::now();
-        let mut m = Machine::new("s", &cfg(ServiceType::Simple, RestartPolicy::Always), false);
+        let mut m = machine(Simple, Always);
         let id = started(&mut m, now, 10);
         m.exited(id, Exit::Code(1), now, false);
         m.timers(now + Duration::from_secs(1), true);
@@ -1919,9 +1917,7 @@ mod tests {
     #[test]
     fn on_demand_listens_again_after_exit() {
         let now = Instant::now();
-        let mut c = cfg(ServiceType::Simple, RestartPolicy::OnFailure);
-        c.on_demand = true;
-        let mut m = Machine::new("s", &c, true);
+        let mut m = on_demand();
         assert!(m.boot(now).is_empty());
         assert_eq!(m.state(), State::Listening);
         assert_eq!(m.traffic(now), vec![Effect::Spawn(SpawnRole::Main)]);
@@ -1934,9 +1930,7 @@ mod tests {
     #[test]
     fn on_demand_failures_wait_the_restart_delay_with_backoff() {
         let now = Instant::now();
-        let mut c = cfg(ServiceType::Simple, RestartPolicy::OnFailure);
-        c.on_demand = true;
-        let mut m = Machine::new("s", &c, true);
+        let mut m = on_demand();
         m.boot(now);
         let mut t = now;
         for (run, delay) in [(1, 100), (2, 200), (3, 400)] {
@@ -1989,6 +1983,28 @@ mod tests {
         Machine::new("s", &with_commands(kind, restart, which, n), false)
     }
 
+    /// A booted `pre_machine` whose first command runs as pid 10.
+    fn pre_running(
+        kind: ServiceType,
+        restart: RestartPolicy,
+        pre: &[&str],
+        now: Instant,
+    ) -> (Machine, InstanceId) {
+        let mut m = pre_machine(kind, restart, pre);
+        m.boot(now);
+        let id = m.pre_spawned(10, now);
+        (m, id)
+    }
+
+    /// `id`, stopping since `since`, is killed when the stop-timeout is
+    /// over, and its end leaves no instance.
+    fn assert_killed_at_stop_timeout(m: &mut Machine, id: InstanceId, since: Instant) {
+        assert_eq!(m.state(), State::Stopping);
+        assert_eq!(m.timers(since + 1000 * MS, true), vec![Effect::Kill(id)]);
+        let end = m.exited(id, Exit::Signal(9), since + 1001 * MS, false);
+        assert_eq!(end, released());
+    }
+
     /// Runs a spawned exec-start-pre command as `pid` to its `exit`.
     fn pre_ran(m: &mut Machine, pid: i32, exit: Exit, now: Instant) -> Vec<Effect> {
         let id = m.pre_spawned(pid, now);
@@ -2026,7 +2042,7 @@ mod tests {
     #[test]
     fn pre_commands_run_one_after_another_before_the_main_process() {
         let now = Instant::now();
-        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::OnFailure, &["a", "b"]);
+        let mut m = pre_machine(Simple, OnFailure, &["a", "b"]);
         assert_eq!(m.boot(now), pre(SpawnRole::Main, 0));
         assert_eq!(m.state(), State::Starting);
         let a = m.pre_spawned(20, now);
@@ -2057,19 +2073,11 @@ mod tests {
     #[test]
     fn a_failing_pre_command_fails_the_start_and_the_start_limit_applies() {
         let now = Instant::now();
-        let c = with_pre(
-            ServiceType::Simple,
-            RestartPolicy::Always,
-            &[("check", false)],
-        );
+        let c = with_pre(Simple, Always, &[("check", false)]);
         let mut m = Machine::new("s", &c, false);
         let mut t = now;
         for run in 0..5 {
-            let fx = if run == 0 {
-                m.boot(t)
-            } else {
-                m.timers(t, true)
-            };
+            let fx = start_run(&mut m, run, t);
             assert_eq!(fx, pre(SpawnRole::Main, 0), "start {run}");
             let id = m.pre_spawned(100 + run, t);
             assert_eq!(m.exited(id, Exit::Code(1), t, false), released());
@@ -2080,10 +2088,10 @@ mod tests {
         assert_eq!(m.restarts(), 5);
         assert!(m.timers(t, true).is_empty());
         assert_eq!(m.state(), State::Failed);
-        assert!(m.failure().unwrap().contains("start limit"));
+        assert_says(m.failure(), "start limit");
 
         // restart = "never": failed at once, saying which command.
-        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Never, &["ok", "check"]);
+        let mut m = pre_machine(Simple, Never, &["ok", "check"]);
         m.boot(now);
         pre_ran(&mut m, 10, Exit::Code(0), now);
         pre_ran(&mut m, 11, Exit::Signal(9), now);
@@ -2096,13 +2104,7 @@ mod tests {
     #[test]
     fn a_dash_command_may_fail_and_cannot_be_spawned_as_well() {
         let now = Instant::now();
-        let mut m = pre_machine(
-            ServiceType::Notify,
-            RestartPolicy::OnFailure,
-            &["-a", "-b", "c"],
-        );
-        m.boot(now);
-        let a = m.pre_spawned(10, now);
+        let (mut m, a) = pre_running(Notify, OnFailure, &["-a", "-b", "c"], now);
         assert_eq!(
             m.exited(a, Exit::Code(3), now, false),
             pre(SpawnRole::Main, 1)
@@ -2120,9 +2122,7 @@ mod tests {
     #[test]
     fn pre_commands_must_finish_within_start_timeout() {
         let now = Instant::now();
-        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Never, &["a", "-slow"]);
-        m.boot(now);
-        let a = m.pre_spawned(10, now);
+        let (mut m, a) = pre_running(Simple, Never, &["a", "-slow"], now);
         m.exited(a, Exit::Code(0), now + 600 * MS, false);
         let slow = m.pre_spawned(11, now + 600 * MS);
         // One start-timeout for them all, from the start.
@@ -2132,30 +2132,18 @@ mod tests {
             m.timers(now + 1000 * MS, true),
             vec![Effect::Terminate(slow)]
         );
-        assert_eq!(m.state(), State::Stopping);
-        assert_eq!(m.timers(now + 2000 * MS, true), vec![Effect::Kill(slow)]);
         // Even a dash command that timed out fails the start.
-        assert_eq!(
-            m.exited(slow, Exit::Signal(9), now + 2001 * MS, false),
-            released()
-        );
+        assert_killed_at_stop_timeout(&mut m, slow, now + 1000 * MS);
         assert_eq!(m.state(), State::Failed);
-        assert!(m.failure().unwrap().contains("within start-timeout"));
+        assert_says(m.failure(), "within start-timeout");
     }
 
     #[test]
     fn a_stop_during_a_pre_command_stops_it_and_nothing_starts() {
         let now = Instant::now();
-        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Always, &["a"]);
-        m.boot(now);
-        let a = m.pre_spawned(10, now);
+        let (mut m, a) = pre_running(Simple, Always, &["a"], now);
         assert_eq!(m.stop(now), vec![Effect::Terminate(a)]);
-        assert_eq!(m.state(), State::Stopping);
-        assert_eq!(m.timers(now + 1000 * MS, true), vec![Effect::Kill(a)]);
-        assert_eq!(
-            m.exited(a, Exit::Signal(9), now + 1001 * MS, false),
-            released()
-        );
+        assert_killed_at_stop_timeout(&mut m, a, now);
         assert_eq!(m.state(), State::Stopped);
         assert!(m.failure().is_none());
         assert!(!m.has_instances());
@@ -2169,7 +2157,7 @@ mod tests {
     #[test]
     fn a_restart_during_a_pre_command_starts_again_from_the_first() {
         let now = Instant::now();
-        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::Never, &["a", "b"]);
+        let mut m = pre_machine(Simple, Never, &["a", "b"]);
         m.boot(now);
         pre_ran(&mut m, 10, Exit::Code(0), now);
         let b = m.pre_spawned(11, now);
@@ -2184,7 +2172,7 @@ mod tests {
     #[test]
     fn an_overlap_candidate_runs_the_pre_commands_and_their_failure_keeps_the_old_one() {
         let now = Instant::now();
-        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::OnFailure, &["check"]);
+        let mut m = pre_machine(Simple, OnFailure, &["check"]);
         m.boot(now);
         pre_ran(&mut m, 10, Exit::Code(0), now);
         let (old, _) = m.spawned(SpawnRole::Main, 11, now);
@@ -2200,10 +2188,7 @@ mod tests {
         let p = m.pre_spawned(12, now);
         assert_eq!(m.state(), State::Running);
         assert!(m.exited(p, Exit::Code(1), now, false).is_empty());
-        assert!(m
-            .overlap_failure()
-            .unwrap()
-            .contains("exec-start-pre[0] (check) failed"));
+        assert_says(m.overlap_failure(), "exec-start-pre[0] (check) failed");
         assert_eq!(m.main().unwrap().id, old);
         assert_eq!(m.state(), State::Running);
         // Passes: the candidate spawns, and (simple) takes over at once.
@@ -2230,9 +2215,7 @@ mod tests {
     #[test]
     fn a_pre_command_survives_serialization_for_the_upgrade() {
         let now = Instant::now();
-        let mut m = pre_machine(ServiceType::Simple, RestartPolicy::OnFailure, &["a", "b"]);
-        m.boot(now);
-        let a = m.pre_spawned(10, now);
+        let (m, a) = pre_running(Simple, OnFailure, &["a", "b"], now);
         let json = serde_json::to_string(&m).unwrap();
         let mut m: Machine = serde_json::from_str(&json).unwrap();
         assert_eq!(
@@ -2264,9 +2247,9 @@ mod tests {
             })
             .collect();
         match which {
-            CommandKind::StartPost => c.commands.start_post = list,
-            CommandKind::Stop => c.commands.stop = list,
-            CommandKind::Reload => c.commands.reload = list,
+            StartPost => c.commands.start_post = list,
+            Stop => c.commands.stop = list,
+            Reload => c.commands.reload = list,
         }
         c
     }
@@ -2279,38 +2262,28 @@ mod tests {
     fn start_post_runs_once_ready_and_the_service_is_running_when_it_is_done() {
         let now = Instant::now();
         // simple: at once.
-        let mut m = cmd_machine(
-            ServiceType::Simple,
-            RestartPolicy::OnFailure,
-            CommandKind::StartPost,
-            2,
-        );
+        let mut m = cmd_machine(Simple, OnFailure, StartPost, 2);
         m.boot(now);
         let (main, fx) = m.spawned(SpawnRole::Main, 10, now);
-        assert_eq!(fx, command(CommandKind::StartPost, 0));
+        assert_eq!(fx, command(StartPost, 0));
         assert_eq!(m.state(), State::Starting);
         let p = m.command_spawned(11, now);
         assert_eq!(
             m.exited(p, Exit::Code(0), now, false),
-            command(CommandKind::StartPost, 1)
+            command(StartPost, 1)
         );
         let p = m.command_spawned(12, now);
         assert!(m.exited(p, Exit::Code(0), now, false).is_empty());
         assert_eq!(m.state(), State::Running);
         assert_eq!(m.main().unwrap().id, main);
         // notify: after READY=1; a second READY=1 meanwhile does not make it running.
-        let mut m = cmd_machine(
-            ServiceType::Notify,
-            RestartPolicy::OnFailure,
-            CommandKind::StartPost,
-            1,
-        );
+        let mut m = cmd_machine(Notify, OnFailure, StartPost, 1);
         m.boot(now);
         let (main, fx) = m.spawned(SpawnRole::Main, 10, now);
         assert!(fx.is_empty());
         assert_eq!(
             m.said(main, Role::Main, vec![Said::Ready], now),
-            command(CommandKind::StartPost, 0)
+            command(StartPost, 0)
         );
         assert_eq!(m.state(), State::Starting);
         m.said(main, Role::Main, vec![Said::Ready], now);
@@ -2322,12 +2295,7 @@ mod tests {
     #[test]
     fn a_failing_start_post_stops_the_service_as_failed() {
         let now = Instant::now();
-        let mut m = cmd_machine(
-            ServiceType::Simple,
-            RestartPolicy::Never,
-            CommandKind::StartPost,
-            1,
-        );
+        let mut m = cmd_machine(Simple, Never, StartPost, 1);
         let main = started(&mut m, now, 10);
         assert_eq!(
             ran(&mut m, 11, Exit::Code(2), now),
@@ -2336,32 +2304,21 @@ mod tests {
         assert_eq!(m.state(), State::Stopping);
         m.exited(main, Exit::Signal(15), now, false);
         assert_eq!(m.state(), State::Failed);
-        assert!(m
-            .failure()
-            .unwrap()
-            .contains("exec-start-post[0] (c0) failed: exit code 2"));
+        assert_says(m.failure(), "exec-start-post[0] (c0) failed: exit code 2");
     }
 
     #[test]
     fn exec_stop_runs_before_kill_signal_and_its_timeout_sends_it() {
         let now = Instant::now();
-        let c = with_commands(
-            ServiceType::Simple,
-            RestartPolicy::Always,
-            CommandKind::Stop,
-            2,
-        );
+        let c = with_commands(Simple, Always, Stop, 2);
         let mut m = Machine::new("s", &c, false);
         let main = started(&mut m, now, 10);
-        assert_eq!(m.stop(now), command(CommandKind::Stop, 0));
+        assert_eq!(m.stop(now), command(Stop, 0));
         assert_eq!(m.state(), State::Stopping);
         // Asked again: nothing more.
         assert!(m.stop(now).is_empty());
         let a = m.command_spawned(11, now);
-        assert_eq!(
-            m.exited(a, Exit::Code(0), now, false),
-            command(CommandKind::Stop, 1)
-        );
+        assert_eq!(m.exited(a, Exit::Code(0), now, false), command(Stop, 1));
         let b = m.command_spawned(12, now);
         assert_eq!(
             m.exited(b, Exit::Code(0), now, false),
@@ -2378,10 +2335,7 @@ mod tests {
         let a = m.command_spawned(11, now);
         assert!(m.exited(main, Exit::Code(0), now, false).is_empty());
         assert_eq!(m.state(), State::Stopped);
-        assert_eq!(
-            m.exited(a, Exit::Code(0), now, false),
-            command(CommandKind::Stop, 1)
-        );
+        assert_eq!(m.exited(a, Exit::Code(0), now, false), command(Stop, 1));
         assert_eq!(ran(&mut m, 12, Exit::Code(0), now), released());
         assert!(!m.has_instances());
 
@@ -2410,22 +2364,17 @@ mod tests {
     #[test]
     fn exec_reload_runs_the_commands_and_says_how_it_ended() {
         let now = Instant::now();
-        let c = with_commands(
-            ServiceType::Simple,
-            RestartPolicy::OnFailure,
-            CommandKind::Reload,
-            2,
-        );
+        let c = with_commands(Simple, OnFailure, Reload, 2);
         let mut m = Machine::new("s", &c, false);
         started(&mut m, now, 10);
         let (seq, fx) = m.reload(now).unwrap();
-        assert_eq!(fx, command(CommandKind::Reload, 0));
+        assert_eq!(fx, command(Reload, 0));
         assert_eq!(m.state(), State::Reloading);
         assert!(m.reload(now).unwrap_err().contains("runs its exec-reload"));
         let a = m.command_spawned(11, now);
         assert_eq!(
             m.running_command().map(|(k, i, c)| (k, i, c.pid)),
-            Some((CommandKind::Reload, 0, 11))
+            Some((Reload, 0, 11))
         );
         m.exited(a, Exit::Code(0), now, false);
         let b = m.command_spawned(12, now);
@@ -2436,19 +2385,14 @@ mod tests {
         // A failure: the service runs on, the reload failed.
         let (seq, _) = m.reload(now).unwrap();
         ran(&mut m, 13, Exit::Code(1), now);
-        assert!(m
-            .reload_outcome(seq)
-            .unwrap()
-            .unwrap_err()
-            .contains("exec-reload[0] (c0) failed"));
+        assert_says(
+            m.reload_outcome(seq).unwrap().err(),
+            "exec-reload[0] (c0) failed",
+        );
         assert_eq!(m.state(), State::Running);
         assert_eq!(m.restarts(), 0);
         // Nothing to reload with.
-        let mut m = Machine::new(
-            "s",
-            &cfg(ServiceType::Simple, RestartPolicy::OnFailure),
-            false,
-        );
+        let mut m = machine(Simple, OnFailure);
         started(&mut m, now, 10);
         assert!(m.reload(now).unwrap_err().contains("has no exec-reload"));
         m.stop(now);
@@ -2461,13 +2405,7 @@ mod tests {
     #[test]
     fn notify_reload_sends_the_signal_and_waits_for_reloading_then_ready() {
         let now = Instant::now();
-        let mut m = Machine::new(
-            "s",
-            &cfg(ServiceType::NotifyReload, RestartPolicy::OnFailure),
-            false,
-        );
-        let main = started(&mut m, now, 10);
-        m.said(main, Role::Main, vec![Said::Ready], now);
+        let (mut m, main) = ready(NotifyReload, now);
         let (seq, fx) = m.reload(now).unwrap();
         assert_eq!(fx, vec![Effect::ReloadSignal(main)]);
         assert_eq!(m.state(), State::Reloading);
@@ -2483,33 +2421,20 @@ mod tests {
         let (seq, _) = m.reload(now).unwrap();
         assert_eq!(m.deadline(), Some(now + 1000 * MS));
         m.timers(now + 1000 * MS, true);
-        assert!(m
-            .reload_outcome(seq)
-            .unwrap()
-            .unwrap_err()
-            .contains("no RELOADING=1"));
+        assert_says(m.reload_outcome(seq).unwrap().err(), "no RELOADING=1");
         assert_eq!(m.state(), State::Running);
         // The main process exits meanwhile: failed.
         let (seq, _) = m.reload(now).unwrap();
         m.exited(main, Exit::Code(1), now, false);
-        assert!(m
-            .reload_outcome(seq)
-            .unwrap()
-            .unwrap_err()
-            .contains("exited"));
+        assert_says(m.reload_outcome(seq).unwrap().err(), "exited");
     }
 
     #[test]
     fn a_restart_waits_for_exec_stop_to_end_and_start_post_ends_with_its_main() {
         let now = Instant::now();
-        let mut m = cmd_machine(
-            ServiceType::Simple,
-            RestartPolicy::OnFailure,
-            CommandKind::Stop,
-            1,
-        );
+        let mut m = cmd_machine(Simple, OnFailure, Stop, 1);
         let main = started(&mut m, now, 10);
-        assert_eq!(m.restart(None, now).unwrap(), command(CommandKind::Stop, 0));
+        assert_eq!(m.restart(None, now).unwrap(), command(Stop, 0));
         let stop = m.command_spawned(11, now);
         // It stopped the main process itself: the new one waits for exec-stop.
         assert!(m.exited(main, Exit::Code(0), now, false).is_empty());
@@ -2521,12 +2446,7 @@ mod tests {
         );
 
         // The main process dies during exec-start-post: the command is stopped.
-        let mut m = cmd_machine(
-            ServiceType::Simple,
-            RestartPolicy::OnFailure,
-            CommandKind::StartPost,
-            1,
-        );
+        let mut m = cmd_machine(Simple, OnFailure, StartPost, 1);
         let main = started(&mut m, now, 10);
         let post = m.command_spawned(11, now);
         assert_eq!(

@@ -2,7 +2,7 @@
 //! environment, read from inside it.
 
 use super::*;
-use crate::cgroup::testing::{eventually, TestCgroup};
+use crate::cgroup::testing::{eventually, test_cgroup_or_skip};
 use crate::pidfd::Exit;
 use crate::unit::Rlimit;
 use std::os::fd::AsFd;
@@ -199,9 +199,7 @@ fn each_child_leads_its_own_session() {
 
 #[test]
 fn the_child_starts_in_its_cgroup_by_both_methods() {
-    let Some(t) = TestCgroup::new("spawn") else {
-        return;
-    };
+    let t = test_cgroup_or_skip!("spawn");
     for (how, leaf) in [(ForkMethod::Clone3, "clone3"), (ForkMethod::Fork, "fork")] {
         let cg = t.get().create_child(leaf).unwrap();
         let mut o = opts();

@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::protocol::{BindingStatus, ListenerStatus, LogLines, MetricsReply, ServiceStatus};
 
 use crate::control::{ConnectionId, Reply, Request};
-use crate::dispatch::{Counters, DestinationId};
+use crate::dispatch::{Counters, DestinationId, Dispatcher};
 use crate::listener::{self, Placement};
 use crate::metrics;
 use crate::service::Exit;
@@ -255,21 +255,13 @@ impl Supervisor {
         let rows: Vec<BindingStatus> = self
             .bindings
             .iter()
-            .map(|b| {
-                let c = counters.get(&b.destination).copied().unwrap_or_default();
-                BindingStatus {
-                    service: b.service.clone(),
-                    socket: b.socket.clone(),
-                    protocol: b.protocol.as_str().into(),
-                    prefix: b.prefix.to_string(),
-                    ports: b.ports.to_string(),
-                    destination: b.destination,
-                    socket_present: d.socket_present(b.destination),
-                    lookups: c.lookups,
-                    misses: c.misses,
-                    errors: c.errors,
-                    denied: c.denied,
-                }
+            .map(|b| BindingStatus {
+                service: b.service.clone(),
+                socket: b.socket.clone(),
+                protocol: b.protocol.as_str().into(),
+                prefix: b.prefix.to_string(),
+                ports: b.ports.to_string(),
+                counters: destination_counters(d, &counters, b.destination),
             })
             .collect();
         Reply::ok(&rows)
@@ -345,16 +337,10 @@ impl Supervisor {
             for (_, svc) in self.registry.live() {
                 for k in svc.sockets() {
                     let Some(dest) = k.destination else { continue };
-                    let c = counters.get(&dest).copied().unwrap_or_default();
                     s.destinations.push(metrics::DestinationMetrics {
                         service: svc.name().to_string(),
                         socket: k.name.clone(),
-                        destination: dest,
-                        socket_present: d.socket_present(dest),
-                        lookups: c.lookups,
-                        misses: c.misses,
-                        errors: c.errors,
-                        denied: c.denied,
+                        counters: destination_counters(d, &counters, dest),
                     });
                 }
             }
@@ -432,6 +418,24 @@ impl Supervisor {
 fn acceptor_counts(svc: &Service) -> (usize, u64, u64) {
     svc.acceptor()
         .map_or((0, 0, 0), |a| (a.instances(), a.total(), a.denied()))
+}
+
+/// `dest`'s counters as read from the dispatcher, and whether its socket is
+/// in the sockmap now.
+fn destination_counters(
+    d: &Dispatcher,
+    counters: &BTreeMap<DestinationId, Counters>,
+    dest: DestinationId,
+) -> metrics::DestinationCounters {
+    let c = counters.get(&dest).copied().unwrap_or_default();
+    metrics::DestinationCounters {
+        destination: dest,
+        socket_present: d.socket_present(dest),
+        lookups: c.lookups,
+        misses: c.misses,
+        errors: c.errors,
+        denied: c.denied,
+    }
 }
 
 /// What the sk_lookup program's allow/deny dropped for `svc`'s sockets.

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use crate::notify::{CgroupSenders, FdStore, Message, Notification, NotifySocket, Senders};
 use crate::pidfd::Pidfd;
 use crate::protocol::Stream;
-use crate::ratelimit::{AcceptPause, LogLimiter, EXHAUSTION_HINT};
+use crate::ratelimit::{AcceptThrottle, LogLimiter};
 use crate::service::{CommandKind, Effect, Exit, InstanceId, Machine, Said};
 use crate::spawn::{self, Credentials};
 use crate::unit::{StandardInput, StandardOutput, Unit};
@@ -63,8 +63,7 @@ pub(super) struct Service {
     main_pids_lost: Vec<i32>,
     /// Accept services: set while accept fails for lack of fds (its
     /// listener is not polled), and accept's rate-limited warnings.
-    accept_pause: AcceptPause,
-    accept_errors: LogLimiter,
+    accept: AcceptThrottle,
     /// Its TCP listeners are shut while it is failed (see `doors.rs`).
     doors_shut: bool,
 }
@@ -72,9 +71,9 @@ pub(super) struct Service {
 /// How long an accept service stops accepting after accept found no fd.
 const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
-fn accept_throttles() -> (AcceptPause, LogLimiter) {
-    (
-        AcceptPause::new(ACCEPT_PAUSE),
+fn accept_throttle() -> AcceptThrottle {
+    AcceptThrottle::new(
+        ACCEPT_PAUSE,
         LogLimiter::new(5, std::time::Duration::from_secs(10)),
     )
 }
@@ -115,8 +114,7 @@ impl Service {
             log: LogRing::default(),
             groups: BTreeMap::new(),
             tracking: Tracking::default(),
-            accept_pause: accept_throttles().0,
-            accept_errors: accept_throttles().1,
+            accept: accept_throttle(),
             main_pidfds: BTreeMap::new(),
             offered_main_pid: None,
             main_pids_lost: Vec::new(),
@@ -192,7 +190,7 @@ impl Service {
             .deadline()
             .into_iter()
             .chain(self.acceptor.as_ref().and_then(Acceptor::deadline))
-            .chain(self.accept_pause.resumes_at(Instant::now()))
+            .chain(self.accept.resumes_at(Instant::now()))
             .min()
     }
 
@@ -207,7 +205,7 @@ impl Service {
             return false;
         }
         match &self.acceptor {
-            Some(a) => a.has_room(now) && !self.accept_pause.is_paused(now),
+            Some(a) => a.has_room(now) && !self.accept.is_paused(now),
             None => self.unit.service.on_demand && self.machine.main().is_none(),
         }
     }
@@ -217,19 +215,14 @@ impl Service {
     /// listener left out of the poll set (it stays readable: polling it at
     /// once would spin).
     pub fn accept_failed(&mut self, e: &std::io::Error, now: Instant) {
-        let exhausted = self.accept_pause.on_error(e, now);
-        if let Some(repeated) = self.accept_errors.allow(now) {
-            if exhausted {
-                tracing::warn!(service = %self.unit.name, error = %e, repeated, "accept failed: {EXHAUSTION_HINT}");
-            } else {
-                tracing::warn!(service = %self.unit.name, error = %e, repeated, "accept failed");
-            }
+        if let Some(w) = self.accept.failed(e, now) {
+            tracing::warn!(service = %self.unit.name, error = %e, repeated = w.repeated, "accept failed{}", w.hint);
         }
     }
 
     /// Says how many accept warnings were dropped, once their window is over.
     pub fn report_suppressed_accept_errors(&mut self, now: Instant) {
-        if let Some(repeated) = self.accept_errors.take_suppressed(now) {
+        if let Some(repeated) = self.accept.take_suppressed(now) {
             tracing::warn!(service = %self.unit.name, repeated, "accept failed (the last message repeated {repeated} times)");
         }
     }
@@ -393,8 +386,7 @@ impl Service {
                 .map(|(i, g)| (i, Pid::from_raw(g)))
                 .collect(),
             tracking: Tracking::restore(saved.tracking),
-            accept_pause: accept_throttles().0,
-            accept_errors: accept_throttles().1,
+            accept: accept_throttle(),
         })
     }
 

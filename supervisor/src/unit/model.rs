@@ -204,6 +204,14 @@ pub enum NotifyAccess {
 }
 
 impl NotifyAccess {
+    /// Every value, in the order a unit file's diagnostics list them (the first is the example).
+    pub const ALL: [NotifyAccess; 4] = [
+        NotifyAccess::Main,
+        NotifyAccess::Exec,
+        NotifyAccess::All,
+        NotifyAccess::None,
+    ];
+
     /// systemd's default: `main` for `type = "notify"`, otherwise `none`.
     pub fn default_for(kind: ServiceType) -> NotifyAccess {
         match kind {
@@ -289,6 +297,9 @@ pub enum StandardInput {
 }
 
 impl StandardInput {
+    /// Every value, in the order a unit file's diagnostics list them (the first is the example).
+    pub const ALL: [StandardInput; 2] = [StandardInput::Null, StandardInput::Socket];
+
     /// The name in unit files (and serde's).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -309,6 +320,9 @@ pub enum StandardOutput {
 }
 
 impl StandardOutput {
+    /// Every value, in the order a unit file's diagnostics list them (the first is the example).
+    pub const ALL: [StandardOutput; 2] = [StandardOutput::Log, StandardOutput::Socket];
+
     /// The name in unit files (and serde's).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -330,6 +344,13 @@ pub enum ServiceType {
 }
 
 impl ServiceType {
+    /// Every value, in the order a unit file's diagnostics list them (the first is the example).
+    pub const ALL: [ServiceType; 3] = [
+        ServiceType::Simple,
+        ServiceType::Notify,
+        ServiceType::NotifyReload,
+    ];
+
     /// Ready on READY=1 (notify, notify-reload).
     pub fn notifies(self) -> bool {
         self != ServiceType::Simple
@@ -353,6 +374,13 @@ pub enum RestartPolicy {
 }
 
 impl RestartPolicy {
+    /// Every value, in the order a unit file's diagnostics list them (the first is the example).
+    pub const ALL: [RestartPolicy; 3] = [
+        RestartPolicy::Always,
+        RestartPolicy::OnFailure,
+        RestartPolicy::Never,
+    ];
+
     /// The name in unit files (and serde's).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -374,6 +402,9 @@ pub enum RestartMode {
 }
 
 impl RestartMode {
+    /// Every value, in the order a unit file's diagnostics list them (the first is the example).
+    pub const ALL: [RestartMode; 2] = [RestartMode::StopStart, RestartMode::Overlap];
+
     /// The name in unit files (and serde's).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -426,6 +457,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Every value, in the order a unit file's diagnostics list them (the first is the example).
+    pub const ALL: [Protocol; 4] = [
+        Protocol::Tcp,
+        Protocol::Udp,
+        Protocol::UnixStream,
+        Protocol::UnixDgram,
+    ];
+
     pub fn is_ip(self) -> bool {
         matches!(self, Protocol::Tcp | Protocol::Udp)
     }
@@ -489,6 +528,18 @@ pub struct SocketOptions {
 }
 
 impl SocketOptions {
+    /// The kernel socket's on/off options: each one's unit key, systemd's
+    /// directive for it (what `import` reads), and the field.
+    pub fn flags_mut(&mut self) -> [(&'static str, &'static str, &mut bool); 5] {
+        [
+            ("reuse-port", "ReusePort", &mut self.reuse_port),
+            ("free-bind", "FreeBind", &mut self.free_bind),
+            ("transparent", "Transparent", &mut self.transparent),
+            ("keep-alive", "KeepAlive", &mut self.keep_alive),
+            ("no-delay", "NoDelay", &mut self.no_delay),
+        ]
+    }
+
     /// Whether a source address may reach this socket under allow/deny.
     pub fn admits(&self, source: IpAddr) -> bool {
         if self.deny.iter().any(|p| p.contains(source)) {

@@ -24,6 +24,39 @@ pub(crate) const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_START_LIMIT_BURST: u32 = 5;
 pub(crate) const DEFAULT_START_LIMIT_INTERVAL: Duration = Duration::from_secs(10);
+/// Removes a table's field by key, for the `*_keys` readers: what is left
+/// after them all is unknown.
+type Take<'a, 't> = &'a mut dyn FnMut(&str) -> Option<Field<'t>>;
+
+impl ServiceConfig {
+    /// What a `[service]` that sets only `exec` gets: a simple service,
+    /// restarted on failure, with the `DEFAULT_*` timings above.
+    pub fn with_defaults(exec: Vec<String>) -> ServiceConfig {
+        ServiceConfig {
+            exec,
+            kind: ServiceType::Simple,
+            restart: RestartPolicy::OnFailure,
+            restart_mode: RestartMode::StopStart,
+            restart_delay: DEFAULT_RESTART_DELAY,
+            restart_delay_max: DEFAULT_RESTART_DELAY_MAX,
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
+            start_timeout: DEFAULT_START_TIMEOUT,
+            start_limit_burst: DEFAULT_START_LIMIT_BURST,
+            start_limit_interval: DEFAULT_START_LIMIT_INTERVAL,
+            watchdog: None,
+            fd_store_max: 0,
+            single_instance: false,
+            on_demand: false,
+            environment: BTreeMap::new(),
+            working_directory: None,
+            user: None,
+            group: None,
+            process: ProcessConfig::defaults_for(ServiceType::Simple),
+            commands: Commands::default(),
+        }
+    }
+}
+
 /// The longest duration any key takes: humantime's "1year" (365.25 days,
 /// 31 557 600 s, well inside u32 seconds). Every deadline the supervisor
 /// computes from a unit is then far from `Instant`'s overflow.
@@ -324,6 +357,11 @@ impl<'a> Cx<'a> {
         self.diags.push(pos.diag(self.file, key, message, hint));
     }
 
+    /// A mistake in `f`'s value, placed there.
+    fn field_err(&mut self, f: &Field<'_>, message: impl Into<String>, hint: impl Into<String>) {
+        self.err(f.pos, f.path.clone(), message, hint);
+    }
+
     /// The source text of a value, when it has a place.
     fn raw(&self, item: Node<'_>) -> Option<&'a str> {
         item.span().and_then(|r| self.text.get(r))
@@ -383,9 +421,8 @@ impl<'a> Cx<'a> {
             ),
             None => article(f.item.type_name()),
         };
-        self.err(
-            f.pos,
-            f.path.clone(),
+        self.field_err(
+            f,
             format!("expected {expected}, found {}", found.trim_end()),
             hint,
         );
@@ -394,12 +431,7 @@ impl<'a> Cx<'a> {
     fn string(&mut self, f: &Field<'_>, example: &str) -> Option<String> {
         match f.item.as_str() {
             Some(s) if s.contains('\0') => {
-                self.err(
-                    f.pos,
-                    f.path.clone(),
-                    "contains a NUL character",
-                    "remove the \\u0000",
-                );
+                self.field_err(f, "contains a NUL character", "remove the \\u0000");
                 None
             }
             Some(s) => Some(s.to_string()),
@@ -414,22 +446,28 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn choice<T: Copy>(&mut self, f: &Field<'_>, options: &[(&'static str, T)]) -> Option<T> {
-        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+    /// One of `all`, by its name (`as_str`).
+    fn choice<T: Copy>(
+        &mut self,
+        f: &Field<'_>,
+        all: &[T],
+        as_str: fn(T) -> &'static str,
+    ) -> Option<T> {
+        let names: Vec<&str> = all.iter().map(|v| as_str(*v)).collect();
         let list = names
             .iter()
             .map(|n| format!("\"{n}\""))
             .collect::<Vec<_>>()
             .join(", ");
         let s = self.string(f, &format!("\"{}\"", names[0]))?;
-        if let Some((_, v)) = options.iter().find(|(n, _)| *n == s) {
+        if let Some(v) = all.iter().find(|v| as_str(**v) == s) {
             return Some(*v);
         }
         let hint = match suggest(&s, &names) {
             Some(n) => format!("did you mean \"{n}\"? (one of {list})"),
             None => format!("write one of {list}"),
         };
-        self.err(f.pos, f.path.clone(), format!("unknown value {s:?}"), hint);
+        self.field_err(f, format!("unknown value {s:?}"), hint);
         None
     }
 
@@ -438,9 +476,8 @@ impl<'a> Cx<'a> {
             Some(toml_edit::Value::String(s)) => match humantime::parse_duration(s.value()) {
                 Ok(d) if d > MAX_DURATION => {
                     let max = humantime::format_duration(MAX_DURATION);
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
+                    self.field_err(
+                        f,
                         format!(
                             "{:?} is more than the largest duration allowed, {max} ({}s)",
                             s.value(),
@@ -452,9 +489,8 @@ impl<'a> Cx<'a> {
                 }
                 Ok(d) => Some(d),
                 Err(e) => {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
+                    self.field_err(
+                        f,
                         format!("{:?} is not a duration: {e}", s.value()),
                         DURATION_HINT,
                     );
@@ -463,9 +499,8 @@ impl<'a> Cx<'a> {
             },
             Some(toml_edit::Value::Integer(i)) => {
                 let n = i.value();
-                self.err(
-                    f.pos,
-                    f.path.clone(),
+                self.field_err(
+                    f,
                     format!("expected a duration string, found the number {n}"),
                     format!("durations are strings with a unit: write \"{n}s\" or \"{n}ms\""),
                 );
@@ -482,9 +517,8 @@ impl<'a> Cx<'a> {
     fn positive_duration(&mut self, f: &Field<'_>) -> Option<Duration> {
         let d = self.duration(f)?;
         if d.is_zero() {
-            self.err(
-                f.pos,
-                f.path.clone(),
+            self.field_err(
+                f,
                 "must be more than 0",
                 "write a positive duration, e.g. \"10s\"",
             );
@@ -498,9 +532,8 @@ impl<'a> Cx<'a> {
             Some(toml_edit::Value::Integer(i)) => {
                 let n = *i.value();
                 if n < min || n > max {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
+                    self.field_err(
+                        f,
                         format!("{n} is outside {min}-{max}"),
                         format!("write a whole number between {min} and {max}, e.g. {example}"),
                     );
@@ -509,9 +542,8 @@ impl<'a> Cx<'a> {
                 Some(n)
             }
             Some(toml_edit::Value::String(s)) if s.value().trim().parse::<i64>().is_ok() => {
-                self.err(
-                    f.pos,
-                    f.path.clone(),
+                self.field_err(
+                    f,
                     format!("expected an integer, found the string {:?}", s.value()),
                     format!(
                         "write the number without quotes, e.g. {} = {}",
@@ -591,28 +623,7 @@ impl<'a> Cx<'a> {
             }
             Some(f) => self.exec(&f),
         };
-        let mut svc = ServiceConfig {
-            exec,
-            kind: ServiceType::Simple,
-            restart: RestartPolicy::OnFailure,
-            restart_mode: RestartMode::StopStart,
-            restart_delay: DEFAULT_RESTART_DELAY,
-            restart_delay_max: DEFAULT_RESTART_DELAY_MAX,
-            stop_timeout: DEFAULT_STOP_TIMEOUT,
-            start_timeout: DEFAULT_START_TIMEOUT,
-            start_limit_burst: DEFAULT_START_LIMIT_BURST,
-            start_limit_interval: DEFAULT_START_LIMIT_INTERVAL,
-            watchdog: None,
-            fd_store_max: 0,
-            single_instance: false,
-            on_demand: false,
-            environment: BTreeMap::new(),
-            working_directory: None,
-            user: None,
-            group: None,
-            process: ProcessConfig::defaults_for(ServiceType::Simple),
-            commands: Commands::default(),
-        };
+        let mut svc = ServiceConfig::with_defaults(exec);
         self.kind_keys(&mut svc, &mut take);
         self.timing_keys(&mut svc, &mut take);
         self.instance_keys(&mut svc, &mut take);
@@ -623,42 +634,23 @@ impl<'a> Cx<'a> {
     }
 
     /// `type`, `restart`, `restart-mode`.
-    fn kind_keys<'t>(
-        &mut self,
-        svc: &mut ServiceConfig,
-        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
-    ) {
+    fn kind_keys<'t>(&mut self, svc: &mut ServiceConfig, take: Take<'_, 't>) {
         if let Some(f) = take("type") {
-            let options = [
-                ("simple", ServiceType::Simple),
-                ("notify", ServiceType::Notify),
-                ("notify-reload", ServiceType::NotifyReload),
-            ];
-            svc.kind = self.choice(&f, &options).unwrap_or(svc.kind);
+            let kind = self.choice(&f, &ServiceType::ALL, ServiceType::as_str);
+            svc.kind = kind.unwrap_or(svc.kind);
         }
         if let Some(f) = take("restart") {
-            let options = [
-                ("always", RestartPolicy::Always),
-                ("on-failure", RestartPolicy::OnFailure),
-                ("never", RestartPolicy::Never),
-            ];
-            svc.restart = self.choice(&f, &options).unwrap_or(svc.restart);
+            let restart = self.choice(&f, &RestartPolicy::ALL, RestartPolicy::as_str);
+            svc.restart = restart.unwrap_or(svc.restart);
         }
         if let Some(f) = take("restart-mode") {
-            let options = [
-                ("stop-start", RestartMode::StopStart),
-                ("overlap", RestartMode::Overlap),
-            ];
-            svc.restart_mode = self.choice(&f, &options).unwrap_or(svc.restart_mode);
+            let mode = self.choice(&f, &RestartMode::ALL, RestartMode::as_str);
+            svc.restart_mode = mode.unwrap_or(svc.restart_mode);
         }
     }
 
     /// The restart delays, the timeouts, the start limit, the watchdog.
-    fn timing_keys<'t>(
-        &mut self,
-        svc: &mut ServiceConfig,
-        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
-    ) {
+    fn timing_keys<'t>(&mut self, svc: &mut ServiceConfig, take: Take<'_, 't>) {
         let delay_f = take("restart-delay");
         if let Some(f) = &delay_f {
             svc.restart_delay = self.duration(f).unwrap_or(svc.restart_delay);
@@ -707,11 +699,7 @@ impl<'a> Cx<'a> {
     }
 
     /// `fd-store-max`, `single-instance`, `on-demand`.
-    fn instance_keys<'t>(
-        &mut self,
-        svc: &mut ServiceConfig,
-        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
-    ) {
+    fn instance_keys<'t>(&mut self, svc: &mut ServiceConfig, take: Take<'_, 't>) {
         if let Some(f) = take("fd-store-max") {
             svc.fd_store_max = self.u32(&f, 0, 65536, 16).unwrap_or(0);
         }
@@ -732,11 +720,7 @@ impl<'a> Cx<'a> {
     }
 
     /// `environment`, `working-directory`, `user`, `group`.
-    fn identity_keys<'t>(
-        &mut self,
-        svc: &mut ServiceConfig,
-        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
-    ) {
+    fn identity_keys<'t>(&mut self, svc: &mut ServiceConfig, take: Take<'_, 't>) {
         if let Some(f) = take("environment") {
             svc.environment = self.environment(&f);
         }
@@ -771,7 +755,7 @@ impl<'a> Cx<'a> {
             return Vec::new();
         };
         if items.is_empty() {
-            self.err(f.pos, f.path.clone(), "exec is empty", hint);
+            self.field_err(f, "exec is empty", hint);
             return Vec::new();
         }
         let mut argv = Vec::new();
@@ -835,9 +819,8 @@ impl<'a> Cx<'a> {
                 ) => {
                     let shown = v.to_string();
                     let shown = shown.trim();
-                    self.err(
-                        vf.pos,
-                        vf.path.clone(),
+                    self.field_err(
+                        &vf,
                         format!(
                             "expected a string, found {} {shown}",
                             article(v.type_name())
@@ -879,9 +862,8 @@ impl<'a> Cx<'a> {
         };
         match bad {
             Some(message) => {
-                self.err(
-                    f.pos,
-                    f.path.clone(),
+                self.field_err(
+                    f,
                     message,
                     format!("write a name or a numeric id, e.g. {example} or \"33\""),
                 );
@@ -998,15 +980,7 @@ impl<'a> Cx<'a> {
             path: fs.remove("path"),
         };
         let protocol = match &keys.protocol {
-            Some(f) => self.choice(
-                f,
-                &[
-                    ("tcp", Protocol::Tcp),
-                    ("udp", Protocol::Udp),
-                    ("unix-stream", Protocol::UnixStream),
-                    ("unix-dgram", Protocol::UnixDgram),
-                ],
-            ),
+            Some(f) => self.choice(f, &Protocol::ALL, Protocol::as_str),
             None => Some(Protocol::Tcp),
         };
         let mut sock = SocketConfig {
@@ -1064,10 +1038,8 @@ impl<'a> Cx<'a> {
     fn socket_name(&mut self, f: &Field<'_>, sock: &mut SocketConfig) {
         if let Some(s) = self.string(f, "name = \"http\"") {
             if let Some(problem) = fdname_problem(&s) {
-                self.err(
-                    f.pos,
-                    f.path.clone(),
-                    format!("socket name {s:?} {problem}"),
+                self.field_err(
+f, format!("socket name {s:?} {problem}"),
                     "write printable ASCII without ':', at most 255 characters, e.g. name = \"http\"",
                 );
             }
@@ -1094,9 +1066,8 @@ impl<'a> Cx<'a> {
             spans.path = f.pos;
             if let Some(s) = self.string(f, "path = \"/run/web.sock\"") {
                 if !s.starts_with('/') {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
+                    self.field_err(
+                        f,
                         format!("unix socket path {s:?} is not absolute"),
                         format!(
                             "write a path that starts with /, e.g. \"/run/{}\"",
@@ -1104,10 +1075,8 @@ impl<'a> Cx<'a> {
                         ),
                     );
                 } else if s.len() > UNIX_PATH_MAX {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
-                        format!("unix socket path is {} bytes long, more than the {UNIX_PATH_MAX} bind() takes", s.len()),
+                    self.field_err(
+f, format!("unix socket path is {} bytes long, more than the {UNIX_PATH_MAX} bind() takes", s.len()),
                         "choose a shorter path, e.g. under /run",
                     );
                 }
@@ -1199,12 +1168,9 @@ impl<'a> Cx<'a> {
                 message,
                 format!("add {key} = {example}"),
             ),
-            Some(f) if f.item.as_array().is_some_and(|a| a.is_empty()) => self.err(
-                f.pos,
-                f.path.clone(),
-                message,
-                format!("write {key} = {example}"),
-            ),
+            Some(f) if f.item.as_array().is_some_and(|a| a.is_empty()) => {
+                self.field_err(f, message, format!("write {key} = {example}"))
+            }
             Some(_) => {}
         }
     }
@@ -1222,12 +1188,7 @@ impl<'a> Cx<'a> {
             places.push(item.pos);
             if let Some(v) = read(self, &item) {
                 if out.contains(&v) {
-                    self.err(
-                        item.pos,
-                        item.path.clone(),
-                        format!("{v} is listed twice"),
-                        "remove one of them",
-                    );
+                    self.field_err(&item, format!("{v} is listed twice"), "remove one of them");
                 }
                 out.push(v);
             }
@@ -1249,13 +1210,7 @@ impl<'a> Cx<'a> {
         if let Some(f) = fs.get("mark") {
             o.mark = self.u32(f, 0, u32::MAX, 1);
         }
-        for (key, slot) in [
-            ("reuse-port", &mut o.reuse_port),
-            ("free-bind", &mut o.free_bind),
-            ("transparent", &mut o.transparent),
-            ("keep-alive", &mut o.keep_alive),
-            ("no-delay", &mut o.no_delay),
-        ] {
+        for (key, _, slot) in o.flags_mut() {
             if let Some(f) = fs.get(key) {
                 *slot = self.bool(f).unwrap_or(false);
             }
@@ -1319,9 +1274,8 @@ impl<'a> Cx<'a> {
                 let n = *i.value();
                 if n != 0 && !raw.starts_with("0o") {
                     // 660 in decimal is 0o1224: almost certainly meant as octal.
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
+                    self.field_err(
+                        f,
                         format!("{what} {raw} is not octal (TOML reads it as the number {n})"),
                         format!("write 0o{raw} or \"0{raw}\""),
                     );
@@ -1337,12 +1291,7 @@ impl<'a> Cx<'a> {
                     None
                 };
                 if n.is_none() {
-                    self.err(
-                        f.pos,
-                        f.path.clone(),
-                        format!("{:?} is not an octal {what}", s.value()),
-                        hint,
-                    );
+                    self.field_err(f, format!("{:?} is not an octal {what}", s.value()), hint);
                     return None;
                 }
                 (n, format!("{:?}", s.value()))
@@ -1355,12 +1304,7 @@ impl<'a> Cx<'a> {
         match value {
             Some(m) if m <= max => Some(m),
             _ => {
-                self.err(
-                    f.pos,
-                    f.path.clone(),
-                    format!("{what} {shown} is more than 0o{max:o}"),
-                    hint,
-                );
+                self.field_err(f, format!("{what} {shown} is more than 0o{max:o}"), hint);
                 None
             }
         }
@@ -1378,7 +1322,7 @@ impl<'a> Cx<'a> {
         match parse_prefix(s) {
             Ok(p) => Some(p),
             Err((message, hint)) => {
-                self.err(f.pos, f.path.clone(), message, hint);
+                self.field_err(f, message, hint);
                 None
             }
         }
@@ -1396,7 +1340,7 @@ impl<'a> Cx<'a> {
         match parsed {
             Ok(r) => Some(r),
             Err((message, hint)) => {
-                self.err(f.pos, f.path.clone(), message, hint);
+                self.field_err(f, message, hint);
                 None
             }
         }

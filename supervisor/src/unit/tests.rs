@@ -1,7 +1,6 @@
 //! Tests of the unit module: each kind of mistake with its place and words,
 //! whole directories, the cross-unit checks, and parse → to_toml → parse.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -78,6 +77,22 @@ fn want(expected: &[Expect<'_>]) -> Vec<Seen> {
         .iter()
         .map(|e| (e.0, e.1, e.2.to_string(), e.3.to_string(), e.4.to_string()))
         .collect()
+}
+
+/// Each case's text, read by `parse`, gives exactly its one diagnostic.
+fn assert_each_mistake<T: std::fmt::Debug>(
+    parse: impl Fn(&str) -> Result<T, Diagnostics>,
+    cases: &[(&str, Expect<'_>)],
+) {
+    for (text, expect) in cases {
+        let diags = parse(text).unwrap_err();
+        assert_eq!(seen(&diags, &[*expect]), want(&[*expect]), "{text}");
+    }
+}
+
+/// `text` as the unit file svc.toml.
+fn unit_file(text: &str) -> Result<Unit, Diagnostics> {
+    parse_unit("svc", Path::new("svc.toml"), text)
 }
 
 const WEB_SERVICE: &str = "[service]\nexec = [\"/bin/true\"]\n";
@@ -367,28 +382,7 @@ fn a_directory_of_valid_units_loads_sorted_by_name() {
 }
 
 fn defaults(exec: &[&str]) -> ServiceConfig {
-    ServiceConfig {
-        exec: exec.iter().map(|s| s.to_string()).collect(),
-        kind: ServiceType::Simple,
-        restart: RestartPolicy::OnFailure,
-        restart_mode: RestartMode::StopStart,
-        restart_delay: Duration::from_millis(100),
-        restart_delay_max: Duration::from_secs(30),
-        stop_timeout: Duration::from_secs(10),
-        start_timeout: Duration::from_secs(30),
-        start_limit_burst: 5,
-        start_limit_interval: Duration::from_secs(10),
-        watchdog: None,
-        fd_store_max: 0,
-        single_instance: false,
-        on_demand: false,
-        environment: BTreeMap::new(),
-        working_directory: None,
-        user: None,
-        group: None,
-        process: crate::unit::ProcessConfig::defaults_for(crate::unit::ServiceType::Simple),
-        commands: Default::default(),
-    }
+    ServiceConfig::with_defaults(exec.iter().map(|s| s.to_string()).collect())
 }
 
 fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> IpPrefix {
@@ -423,6 +417,49 @@ fn a_minimal_unit_gets_the_defaults() {
         unit.sockets[0].single_bind(),
         Some((IpAddr::V4(Ipv4Addr::LOCALHOST), 8080))
     );
+    // The documented defaults, written out: `defaults` is the parser's own
+    // `ServiceConfig::with_defaults`, so the comparison above cannot see them change.
+    let s = &unit.service;
+    assert_eq!(
+        (s.kind, s.restart, s.restart_mode, s.start_limit_burst),
+        (
+            ServiceType::Simple,
+            RestartPolicy::OnFailure,
+            RestartMode::StopStart,
+            5
+        )
+    );
+    let secs = Duration::from_secs;
+    assert_eq!(
+        [
+            s.restart_delay,
+            s.restart_delay_max,
+            s.stop_timeout,
+            s.start_timeout,
+            s.start_limit_interval
+        ],
+        [
+            Duration::from_millis(100),
+            secs(30),
+            secs(10),
+            secs(30),
+            secs(10)
+        ]
+    );
+    assert_eq!(
+        (s.watchdog, s.fd_store_max, s.single_instance, s.on_demand),
+        (None, 0, false, false)
+    );
+    assert!(s.environment.is_empty());
+    assert_eq!(
+        (&s.working_directory, &s.user, &s.group),
+        (&None, &None, &None)
+    );
+    assert_eq!(
+        s.process,
+        crate::unit::ProcessConfig::defaults_for(ServiceType::Simple)
+    );
+    assert_eq!(s.commands, Default::default());
 }
 
 #[test]

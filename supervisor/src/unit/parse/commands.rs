@@ -11,11 +11,7 @@ const COMMANDS_HINT: &str = "write an array of commands, each an array of string
 impl Cx<'_> {
     /// Reads the command keys into `svc.commands`; `take` removes a field by
     /// key. Records where they were written for [`Cx::check_commands`].
-    pub(super) fn command_keys<'t>(
-        &mut self,
-        svc: &mut ServiceConfig,
-        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
-    ) {
+    pub(super) fn command_keys<'t>(&mut self, svc: &mut ServiceConfig, take: Take<'_, 't>) {
         let c = &mut svc.commands;
         for (key, list) in [
             ("exec-start-pre", &mut c.start_pre),
@@ -75,7 +71,7 @@ impl Cx<'_> {
         }
         let items = self.array(f, COMMANDS_HINT)?;
         if items.is_empty() {
-            self.err(f.pos, f.path.clone(), "the command is empty", COMMANDS_HINT);
+            self.field_err(f, "the command is empty", COMMANDS_HINT);
             return None;
         }
         let mut argv = Vec::new();

@@ -19,22 +19,11 @@ const SIZE_HINT: &str = "write a number of bytes with an optional K, M, G or T (
 impl Cx<'_> {
     /// Reads the process keys into `svc`; `take` removes a field by key.
     /// Records in `self.stdio_socket` where a "socket" stdio was asked for.
-    pub(super) fn process_keys<'t>(
-        &mut self,
-        svc: &mut ServiceConfig,
-        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
-    ) {
+    pub(super) fn process_keys<'t>(&mut self, svc: &mut ServiceConfig, take: Take<'_, 't>) {
         svc.process.notify_access = NotifyAccess::default_for(svc.kind);
         if let Some(f) = take("notify-access") {
-            let options = [
-                ("main", NotifyAccess::Main),
-                ("exec", NotifyAccess::Exec),
-                ("all", NotifyAccess::All),
-                ("none", NotifyAccess::None),
-            ];
-            svc.process.notify_access = self
-                .choice(&f, &options)
-                .unwrap_or(svc.process.notify_access);
+            let access = self.choice(&f, &NotifyAccess::ALL, NotifyAccess::as_str);
+            svc.process.notify_access = access.unwrap_or(svc.process.notify_access);
         }
         if let Some(f) = take("kill-signal") {
             svc.process.kill_signal = self.signal(&f).unwrap_or(svc.process.kill_signal);
@@ -48,11 +37,7 @@ impl Cx<'_> {
     }
 
     /// The rlimits and the cgroup limits.
-    fn limit_keys<'t>(
-        &mut self,
-        p: &mut ProcessConfig,
-        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
-    ) {
+    fn limit_keys<'t>(&mut self, p: &mut ProcessConfig, take: Take<'_, 't>) {
         for (key, slot, size) in [
             ("limit-nofile", &mut p.rlimits.nofile, false),
             ("limit-nproc", &mut p.rlimits.nproc, false),
@@ -85,17 +70,10 @@ impl Cx<'_> {
     }
 
     /// `standard-input` and `standard-output`.
-    fn stdio_keys<'t>(
-        &mut self,
-        p: &mut ProcessConfig,
-        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
-    ) {
+    fn stdio_keys<'t>(&mut self, p: &mut ProcessConfig, take: Take<'_, 't>) {
         if let Some(f) = take("standard-input") {
-            let options = [
-                ("null", StandardInput::Null),
-                ("socket", StandardInput::Socket),
-            ];
-            p.standard_input = self.choice(&f, &options).unwrap_or(p.standard_input);
+            let input = self.choice(&f, &StandardInput::ALL, StandardInput::as_str);
+            p.standard_input = input.unwrap_or(p.standard_input);
             if p.standard_input == StandardInput::Socket {
                 self.stdio_socket = Some((f.pos, f.path.clone()));
             }
@@ -106,11 +84,8 @@ impl Cx<'_> {
             StandardInput::Null => StandardOutput::Log,
         };
         if let Some(f) = take("standard-output") {
-            let options = [
-                ("log", StandardOutput::Log),
-                ("socket", StandardOutput::Socket),
-            ];
-            p.standard_output = self.choice(&f, &options).unwrap_or(p.standard_output);
+            let output = self.choice(&f, &StandardOutput::ALL, StandardOutput::as_str);
+            p.standard_output = output.unwrap_or(p.standard_output);
             if p.standard_output == StandardOutput::Socket && self.stdio_socket.is_none() {
                 self.stdio_socket = Some((f.pos, f.path.clone()));
             }
@@ -119,11 +94,7 @@ impl Cx<'_> {
 
     /// What the process is set up with before exec: `umask`,
     /// `supplementary-groups`, `no-new-privileges`, `environment-file`.
-    fn exec_keys<'t>(
-        &mut self,
-        p: &mut ProcessConfig,
-        take: &mut dyn FnMut(&str) -> Option<Field<'t>>,
-    ) {
+    fn exec_keys<'t>(&mut self, p: &mut ProcessConfig, take: Take<'_, 't>) {
         if let Some(f) = take("umask") {
             let hint = "write the umask in octal, as \"0022\" or \"0027\"";
             p.umask = self.octal(&f, "umask", 0o777, hint).unwrap_or(p.umask);
@@ -160,9 +131,8 @@ impl Cx<'_> {
         };
         if !path.starts_with('/') {
             let dash = if optional { "-" } else { "" };
-            self.err(
-                f.pos,
-                f.path.clone(),
+            self.field_err(
+                f,
                 format!("environment file {s:?} is not an absolute path"),
                 format!(
                     "write a path that starts with /, e.g. \"{dash}/{}\"",
@@ -203,12 +173,7 @@ impl Cx<'_> {
             {
                 return Some(KillSignal(n));
             }
-            self.err(
-                f.pos,
-                f.path.clone(),
-                format!("{n} is not a signal number"),
-                hint,
-            );
+            self.field_err(f, format!("{n} is not a signal number"), hint);
             return None;
         }
         let s = self.string(f, "\"SIGTERM\"")?;
@@ -223,9 +188,8 @@ impl Cx<'_> {
                 Some(KillSignal(sig as i32))
             }
             _ => {
-                self.err(
-                    f.pos,
-                    f.path.clone(),
+                self.field_err(
+                    f,
                     format!("{s:?} is not a signal that can stop a process"),
                     hint,
                 );
@@ -266,21 +230,15 @@ impl Cx<'_> {
         match parsed {
             Some((soft, hard)) if soft <= hard => Some(Rlimit { soft, hard }),
             Some(_) => {
-                self.err(
-                    f.pos,
-                    f.path.clone(),
+                self.field_err(
+                    f,
                     format!("the soft limit in {text:?} is above the hard limit"),
                     "write soft:hard with soft <= hard, e.g. \"1024:65536\"",
                 );
                 None
             }
             None => {
-                self.err(
-                    f.pos,
-                    f.path.clone(),
-                    format!("{text:?} is not a limit"),
-                    hint,
-                );
+                self.field_err(f, format!("{text:?} is not a limit"), hint);
                 None
             }
         }
@@ -311,12 +269,7 @@ impl Cx<'_> {
         };
         if parsed.is_none() {
             let shown = self.raw(f.item).unwrap_or("").trim().to_string();
-            self.err(
-                f.pos,
-                f.path.clone(),
-                format!("{} is not a limit", shorten(&shown)),
-                hint,
-            );
+            self.field_err(f, format!("{} is not a limit", shorten(&shown)), hint);
         }
         parsed
     }
@@ -337,9 +290,8 @@ impl Cx<'_> {
         {
             Some(n) if (1..=MAX_CPU_QUOTA).contains(&n) => Some(n),
             _ => {
-                self.err(
-                    f.pos,
-                    f.path.clone(),
+                self.field_err(
+                    f,
                     format!("{s:?} is not a percentage between 1% and {MAX_CPU_QUOTA}%"),
                     hint,
                 );

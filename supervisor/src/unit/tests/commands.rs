@@ -30,20 +30,14 @@ fn exec_start_pre_is_a_list_of_commands_with_systemds_dash() {
             cmd(&["mkdir", "-p", "/run/x"], true)
         ]
     );
-    let unit = parse_unit(
-        "svc",
-        Path::new("svc.toml"),
-        "[service]\nexec = [\"x\"]\nexec-start-pre = [[\"-a\"], [\"b\", \"-c\"]]\n",
-    )
-    .unwrap();
+    let unit =
+        unit_file("[service]\nexec = [\"x\"]\nexec-start-pre = [[\"-a\"], [\"b\", \"-c\"]]\n")
+            .unwrap();
+    round_trip(&unit);
     let text = to_toml(&unit);
     assert!(
         text.contains("exec-start-pre = [[\"-a\"], [\"b\", \"-c\"]]"),
         "{text}"
-    );
-    assert_eq!(
-        parse_unit("svc", Path::new("svc.toml"), &text).unwrap(),
-        unit
     );
 }
 
@@ -57,21 +51,13 @@ fn exec_start_pre_mistakes_are_placed_and_explained() {
         ("exec-start-pre = [[\"-\", \"x\"]]", (3, 20, "service.exec-start-pre[0][0]", "the program name is empty", "[\"-/usr/sbin/sshd\", \"-t\"]")),
         ("exec-start-pre = [[\"a\", 1]]", (3, 25, "service.exec-start-pre[0][1]", "expected a string", "\"--flag\"")),
     ];
-    for (keys, expect) in cases {
-        let diags = service(keys).unwrap_err();
-        assert_eq!(seen(&diags, &[*expect]), want(&[*expect]), "{keys}");
-    }
+    assert_each_mistake(service, cases);
     // Not with accept = true: each connection starts its own process.
-    let text = "[service]\nexec = [\"x\"]\nexec-start-pre = [[\"a\"]]\n[[socket]]\nports = [\"80\"]\naddresses = [\"127.0.0.1\"]\naccept = true\n";
-    let diags = parse_unit("svc", Path::new("svc.toml"), text).unwrap_err();
-    let e: Expect<'_> = (
-        3,
-        1,
-        "service.exec-start-pre",
-        "exec-start-pre is not run for a socket with accept = true",
-        "drop exec-start-pre",
-    );
-    assert_eq!(seen(&diags, &[e]), want(&[e]));
+    #[rustfmt::skip]
+    assert_each_mistake(unit_file, &[(
+        "[service]\nexec = [\"x\"]\nexec-start-pre = [[\"a\"]]\n[[socket]]\nports = [\"80\"]\naddresses = [\"127.0.0.1\"]\naccept = true\n",
+        (3, 1, "service.exec-start-pre", "exec-start-pre is not run for a socket with accept = true", "drop exec-start-pre"),
+    )]);
 }
 
 #[test]
@@ -82,28 +68,20 @@ fn notify_reload_takes_a_reload_signal_and_no_exec_reload() {
     assert_eq!(s.commands.reload_signal(), KillSignal(1));
     let s = service("type = \"notify-reload\"\nreload-signal = \"SIGUSR1\"").unwrap();
     assert_eq!(s.commands.reload_signal, Some(KillSignal(10)));
-    let unit = parse_unit(
-        "svc",
-        Path::new("svc.toml"),
+    let unit = unit_file(
         "[service]\nexec = [\"x\"]\ntype = \"notify-reload\"\nreload-signal = \"USR2\"\n",
     )
     .unwrap();
+    round_trip(&unit);
     let text = to_toml(&unit);
     assert!(text.contains("reload-signal = \"SIGUSR2\""), "{text}");
-    assert_eq!(
-        parse_unit("svc", Path::new("svc.toml"), &text).unwrap(),
-        unit
-    );
     #[rustfmt::skip]
     let cases: &[(&str, Expect<'_>)] = &[
         ("reload-signal = \"HUP\"", (3, 1, "service.reload-signal", "reload-signal is sent only to a type = \"notify-reload\" service", "write type = \"notify-reload\"")),
         ("type = \"notify-reload\"\nexec-reload = [[\"/bin/kill\", \"-HUP\", \"$MAINPID\"]]", (4, 1, "service.exec-reload", "is reloaded by reload-signal, not by exec-reload", "drop exec-reload")),
         ("type = \"notify-reload\"\nreload-signal = \"SIGNOPE\"", (4, 17, "service.reload-signal", "\"SIGNOPE\" is not a signal", "\"SIGTERM\"")),
     ];
-    for (keys, expect) in cases {
-        let diags = service(keys).unwrap_err();
-        assert_eq!(seen(&diags, &[*expect]), want(&[*expect]), "{keys}");
-    }
+    assert_each_mistake(service, cases);
 }
 
 #[test]
@@ -118,9 +96,8 @@ fn every_command_key_reads_alike() {
         s.commands.reload,
         vec![cmd(&["/bin/kill", "-HUP", "$MAINPID"], false)]
     );
-    let diags = service("exec-reload = [[]]").unwrap_err();
     let e: Expect<'_> = (3, 16, "service.exec-reload[0]", "the command is empty", "");
-    assert_eq!(seen(&diags, &[e]), want(&[e]));
+    assert_each_mistake(service, &[("exec-reload = [[]]", e)]);
 }
 
 /// Random commands for the round-trip tests.

@@ -134,21 +134,13 @@ fn process_key_mistakes_are_placed_and_explained() {
         ("environment-file = [\"-web.env\"]", (3, 21, "service.environment-file[0]", "\"-web.env\" is not an absolute path", "\"-/web.env\"")),
         ("environment-file = [1]", (3, 21, "service.environment-file[0]", "expected a string", "\"/etc/default/web\"")),
     ];
-    for (keys, expect) in cases {
-        let diags = service(keys).unwrap_err();
-        assert_eq!(seen(&diags, &[*expect]), want(&[*expect]), "{keys}");
-    }
+    assert_each_mistake(service, cases);
     // Socket stdio needs a socket.
-    let text = "[service]\nexec = [\"x\"]\nstandard-input = \"socket\"\n";
-    let diags = parse_unit("svc", Path::new("svc.toml"), text).unwrap_err();
-    let e: Expect<'_> = (
-        3,
-        18,
-        "service.standard-input",
-        "standard-input = \"socket\" needs a socket, and this unit has none",
-        "add a [[socket]]",
-    );
-    assert_eq!(seen(&diags, &[e]), want(&[e]));
+    #[rustfmt::skip]
+    assert_each_mistake(unit_file, &[(
+        "[service]\nexec = [\"x\"]\nstandard-input = \"socket\"\n",
+        (3, 18, "service.standard-input", "standard-input = \"socket\" needs a socket, and this unit has none", "add a [[socket]]"),
+    )]);
 }
 
 /// Random values for every process key (socket stdio only with a socket).
