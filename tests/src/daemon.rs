@@ -4,7 +4,7 @@
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,21 @@ pub fn holdfast_cli(args: &[&str]) -> Result<Output> {
     let mut cmd = Command::new(holdfast_bin());
     cmd.args(args).env("NO_COLOR", "1");
     run_bounded(cmd, CLI_TIMEOUT)
+}
+
+/// Runs `holdfast check DIR`, which must exit `want` (0: every unit valid, 1: a unit
+/// refused): returns its stderr; fails naming the exit status and stderr otherwise.
+pub fn holdfast_check(dir: &Path, want: i32) -> Result<String> {
+    let out = holdfast_cli(&["check", &dir.to_string_lossy()])?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.code() != Some(want) {
+        bail!(
+            "holdfast check {} exited with {} (want exit {want}); stderr:\n{stderr}",
+            dir.display(),
+            out.status
+        );
+    }
+    Ok(stderr)
 }
 
 /// A dispatcher instance name (`holdfast run --instance`) that no other test, nor

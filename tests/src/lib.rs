@@ -21,7 +21,8 @@
 //!   [`tell`]), checked by [`check_handoff`]; [`HandedFds`] (a program with the test's own
 //!   sockets at fds 3…) and [`Activated`] (under `systemd-socket-activate`).
 //! - Peers and probes: [`ask_tcp`], [`ask_udp`], [`ask_unix`], [`control_request_as`] (an
-//!   unprivileged peer), [`process_gone`], [`wait_for`], [`run_bounded`].
+//!   unprivileged peer), [`process_gone`], [`wait_for`], [`run_bounded`], [`run_ok`]
+//!   (with [`describe_output`]); [`holdfast_check`] (`holdfast check` with the exit it must give).
 //!
 //! A typical test:
 //!
@@ -75,8 +76,8 @@ use anyhow::{bail, Context, Result};
 pub use activate::{free_port, loopback4, loopback6, Activated, HandedFds, SOCKET_ACTIVATE};
 pub use cgroup::CgroupRoot;
 pub use daemon::{
-    dispatcher_instance, holdfast_bin, holdfast_cli, Holdfast, RunOptions, CLI_TIMEOUT,
-    DAEMON_ARGS_ENV, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
+    dispatcher_instance, holdfast_bin, holdfast_check, holdfast_cli, Holdfast, RunOptions,
+    CLI_TIMEOUT, DAEMON_ARGS_ENV, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
 };
 pub use handoff::{check_handoff, ExpectSocket};
 pub use load::{wrk, WrkReport};
@@ -203,6 +204,27 @@ pub fn wait_for<T>(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// What a finished command said, for a failure message: its exit code, stdout and stderr.
+pub fn describe_output(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// [`run_bounded`], failing unless `cmd` exits 0 (naming it, with
+/// [`describe_output`]); returns its output.
+pub fn run_ok(cmd: Command, timeout: Duration) -> Result<Output> {
+    let what = format!("{cmd:?}");
+    let out = run_bounded(cmd, timeout)?;
+    if !out.status.success() {
+        bail!("{what}: {}", describe_output(&out));
+    }
+    Ok(out)
 }
 
 /// Runs `cmd` to completion with stdout and stderr captured, killing it (and

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    holdfast_bin, holdfast_cli, netns_and_sandbox, proc_cpu_time, run_bounded, skip_unless,
-    wait_for, Holdfast, RunOptions, Sandbox, CLI_TIMEOUT, READY_TIMEOUT,
+    holdfast_bin, holdfast_check, holdfast_cli, netns_and_sandbox, proc_cpu_time, run_bounded,
+    skip_unless, wait_for, Holdfast, RunOptions, Sandbox, CLI_TIMEOUT, READY_TIMEOUT,
 };
 
 /// Runs `holdfast ARGS…` with stdout a pipe whose reader is already gone.
@@ -65,9 +65,7 @@ fn check_refuses_a_duration_that_would_overflow_a_deadline() -> Result<()> {
         "web",
         "[service]\nexec = [\"/bin/true\"]\nstop-timeout = \"18446744073709551615s\"\n",
     )?;
-    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = holdfast_check(&sandbox.units_dir(), 1)?;
     assert!(
         stderr.contains(&format!(
             "{}:3:16: service.stop-timeout: \"18446744073709551615s\" is more than the largest duration allowed, 1year",

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use holdfast_testkit::{
-    ask_tcp, control_request_as, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip,
-    process_gone, run_bounded, skip_unless, wait_for, Holdfast, Netns, PeerOutcome, Sandbox,
+    ask_tcp, control_request_as, holdfast_bin, holdfast_check, holdfast_cli, netns_and_sandbox,
+    netns_or_skip, process_gone, run_bounded, skip_unless, wait_for, Holdfast, Netns, PeerOutcome,
+    Sandbox,
 };
 use nix::errno::Errno;
 use serde_json::Value;
@@ -245,12 +246,7 @@ fn cli_exit_codes() -> Result<()> {
     assert_eq!(out.status.code(), Some(2), "stop without a name: {out:?}");
     // 1: invalid units (details in units.rs).
     sandbox.write_unit("bad", "[service]\nexec = []\n")?;
-    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "check on an invalid unit: {out:?}"
-    );
+    holdfast_check(&sandbox.units_dir(), 1).context("check on an invalid unit")?;
     Ok(())
 }
 

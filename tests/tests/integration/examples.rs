@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use holdfast_testkit::{
-    holdfast_cli, netns_or_skip, require, run_bounded, skip_unless, Holdfast, RunOptions, Sandbox,
+    holdfast_check, netns_or_skip, require, run_ok, skip_unless, Holdfast, RunOptions, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -46,13 +46,7 @@ fn examples_on_path() -> Result<PathBuf> {
 
 #[test]
 fn repository_units_are_valid() -> Result<()> {
-    let out = holdfast_cli(&["check", &repo_units().to_string_lossy()])?;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "holdfast check units/: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    holdfast_check(&repo_units(), 0)?;
     Ok(())
 }
 
@@ -82,10 +76,7 @@ fn curl(ns: &holdfast_testkit::Netns, url: &str) -> Result<String> {
     ns.run(|| -> Result<String> {
         let mut curl = Command::new("curl");
         curl.args(["-sS", "--max-time", "10", &url]);
-        let out = run_bounded(curl, T)?;
-        if !out.status.success() {
-            bail!("curl {url}: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let out = run_ok(curl, T)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     })?
 }

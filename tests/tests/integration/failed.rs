@@ -90,12 +90,7 @@ fn a_failed_service_refuses_and_start_opens_again(dispatcher: bool) -> Result<()
     Ok(())
 }
 
-#[test]
-fn in_bind_mode_a_failed_service_refuses_and_start_listens_again() -> Result<()> {
-    a_failed_service_refuses_and_start_opens_again(false)
-}
-
-#[test]
-fn with_the_dispatcher_a_failed_service_refuses_and_start_listens_again() -> Result<()> {
-    a_failed_service_refuses_and_start_opens_again(true)
-}
+tests_of!(a_failed_service_refuses_and_start_opens_again:
+    in_bind_mode_a_failed_service_refuses_and_start_listens_again => (false),
+    with_the_dispatcher_a_failed_service_refuses_and_start_listens_again => (true),
+);

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_udp, dispatcher_instance, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip,
-    netns_with_local_routes, require, require_file, run_bounded, skip_unless, toml_array, toml_str,
-    wait_for, Holdfast, Netns, RunOptions, Sandbox, PYTHON,
+    ask_udp, dispatcher_instance, holdfast_bin, holdfast_check, netns_and_sandbox, netns_or_skip,
+    netns_with_local_routes, require, require_file, run_bounded, run_ok, skip_unless, toml_array,
+    toml_str, wait_for, Holdfast, Netns, RunOptions, Sandbox, PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{
@@ -724,16 +724,9 @@ fn cpu_ticks(pid: i32) -> Result<u64> {
 
 /// `prlimit --pid PID --nofile=SOFT:` (the soft limit only).
 fn set_nofile(pid: i32, soft: u64) -> Result<()> {
-    let out = Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
-        .output()
-        .context("run prlimit")?;
-    ensure!(
-        out.status.success(),
-        "prlimit: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    let mut prlimit = Command::new("prlimit");
+    prlimit.args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")]);
+    run_ok(prlimit, T).map(drop)
 }
 
 /// With no fd left for accept (EMFILE), the accept service stops polling its listener for a
@@ -1229,9 +1222,7 @@ fn accept_on_udp_is_refused_pointing_to_on_demand() -> Result<()> {
         "dns",
         "[service]\nexec = [\"/bin/cat\"]\n\n[[socket]]\nprotocol = \"udp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"53\"]\naccept = true\n",
     )?;
-    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "holdfast check: {err}");
+    let err = holdfast_check(&sandbox.units_dir(), 1)?;
     assert!(
         err.contains("dns") && err.contains("accept") && err.contains("on-demand = true"),
         "the error names the unit and the key and points to on-demand = true: {err}"

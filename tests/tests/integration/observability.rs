@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, holdfast_bin, netns_and_sandbox, netns_or_skip, process_gone, require_file,
+    ask_tcp, holdfast_bin, netns_and_sandbox, netns_or_skip, process_gone, require_file, run_ok,
     skip_unless, toml_str, wait_for, Holdfast, RunOptions, Sandbox, PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
@@ -1259,16 +1259,11 @@ impl Journald {
 
     /// Its entries matching `matches` (`FIELD=value`), as JSON objects.
     fn entries(&self, matches: &[&str]) -> Result<Vec<Value>> {
-        let out = Command::new("journalctl")
+        let mut journalctl = Command::new("journalctl");
+        journalctl
             .args(["--namespace", &self.namespace, "-o", "json", "--no-pager"])
-            .args(matches)
-            .output()
-            .context("journalctl")?;
-        ensure!(
-            out.status.success(),
-            "journalctl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .args(matches);
+        let out = run_ok(journalctl, T)?;
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).with_context(|| format!("journalctl printed {l:?}")))

@@ -377,15 +377,10 @@ fn mode_lines(overlap: bool) -> (&'static str, usize) {
     }
 }
 
-#[test]
-fn service_change_restarts_onto_the_same_socket_without_refusing() -> Result<()> {
-    service_change_case(false)
-}
-
-#[test]
-fn service_change_restarts_in_overlap_mode_without_losing_a_connection() -> Result<()> {
-    service_change_case(true)
-}
+tests_of!(service_change_case:
+    service_change_restarts_onto_the_same_socket_without_refusing => (false),
+    service_change_restarts_in_overlap_mode_without_losing_a_connection => (true),
+);
 
 fn service_change_case(overlap: bool) -> Result<()> {
     let ns = skip_unless!(netns_or_skip());

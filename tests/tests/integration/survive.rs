@@ -362,12 +362,7 @@ fn after_kill_9_the_next_holdfast_takes_the_listeners_back(dispatcher: bool) -> 
     Ok(())
 }
 
-#[test]
-fn after_kill_9_in_bind_mode_the_next_holdfast_takes_the_listener_back() -> Result<()> {
-    after_kill_9_the_next_holdfast_takes_the_listeners_back(false)
-}
-
-#[test]
-fn after_kill_9_with_the_dispatcher_the_next_holdfast_takes_the_listener_back() -> Result<()> {
-    after_kill_9_the_next_holdfast_takes_the_listeners_back(true)
-}
+tests_of!(after_kill_9_the_next_holdfast_takes_the_listeners_back:
+    after_kill_9_in_bind_mode_the_next_holdfast_takes_the_listener_back => (false),
+    after_kill_9_with_the_dispatcher_the_next_holdfast_takes_the_listener_back => (true),
+);

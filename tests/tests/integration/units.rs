@@ -8,8 +8,10 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
-use holdfast_testkit::{holdfast_cli, netns_and_sandbox, skip_unless, Holdfast, Netns, Sandbox};
+use anyhow::{ensure, Context, Result};
+use holdfast_testkit::{
+    holdfast_check, holdfast_cli, netns_and_sandbox, skip_unless, Holdfast, Netns, Sandbox,
+};
 
 /// One kind of mistake: a unit file and where its diagnostic must point.
 struct Case {
@@ -228,14 +230,7 @@ fn check_reports_every_kind_of_mistake_in_every_file_at_once() -> Result<()> {
     for c in &cases {
         sandbox.write_unit(c.file, c.text)?;
     }
-    let dir = sandbox.units_dir();
-    let out = holdfast_cli(&["check", &dir.to_string_lossy()])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "check on bad units; stderr:\n{stderr}"
-    );
+    let stderr = holdfast_check(&sandbox.units_dir(), 1).context("check on bad units")?;
     let failures: Vec<String> = cases
         .iter()
         .filter_map(|c| check_case(c, &stderr).err().map(|e| format!("{e:#}")))
@@ -287,9 +282,7 @@ fn check_reports_two_mistakes_in_one_file() -> Result<()> {
         "two",
         "[service]\nexec = []\n\n[[socket]]\nprotocol = \"tcp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"70000\"]\n",
     )?;
-    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = holdfast_check(&sandbox.units_dir(), 1)?;
     let lines: Vec<usize> = diags_for(&stderr, "two").iter().map(|d| d.line).collect();
     assert!(
         lines.contains(&2) && lines.contains(&7),
@@ -346,13 +339,7 @@ mode = 0o660
         ),
         ("plain", "[service]\nexec = [\"/bin/sleep\", \"1000\"]\nrestart = \"never\"\n"),
     ])?;
-    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "check on valid units; stderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    holdfast_check(&sandbox.units_dir(), 0).context("check on valid units")?;
     Ok(())
 }
 

@@ -130,15 +130,10 @@ fn upgrades_under_load(dispatcher: bool) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn upgrades_under_load_lose_no_connection_with_the_dispatcher() -> Result<()> {
-    upgrades_under_load(true)
-}
-
-#[test]
-fn upgrades_under_load_lose_no_connection_in_bind_mode() -> Result<()> {
-    upgrades_under_load(false)
-}
+tests_of!(upgrades_under_load:
+    upgrades_under_load_lose_no_connection_with_the_dispatcher => (true),
+    upgrades_under_load_lose_no_connection_in_bind_mode => (false),
+);
 
 /// Puts `content` at `path` (mode 0755) by a rename, as a package manager does
 /// (the running file is not written to).
