@@ -162,6 +162,21 @@ impl Holdfast {
         Ok(crate::require("the sk_lookup dispatcher (holdfast bindings)", probe).map(|()| hf))
     }
 
+    /// With the `dispatcher`, [`Holdfast::start_dispatched`] with the default options
+    /// (`Ok(None)`: skip, BPF is not available); without, [`Holdfast::start_in`]
+    /// (bind mode): for the tests that run one case in each mode.
+    pub fn start_in_mode(
+        ns: &Netns,
+        sandbox: Sandbox,
+        dispatcher: bool,
+    ) -> Result<Option<Holdfast>> {
+        if dispatcher {
+            Holdfast::start_dispatched(ns, sandbox, &RunOptions::default())
+        } else {
+            Holdfast::start_in(ns, sandbox).map(Some)
+        }
+    }
+
     /// Spawns the daemon on a prepared sandbox without waiting for anything (for
     /// tests that expect it to fail: see [`Holdfast::wait_exit`]).
     pub fn spawn(ns: &Netns, sandbox: Sandbox) -> Result<Holdfast> {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use holdfast_testkit::{
-    ask_tcp, netns_and_sandbox, skip_unless, toml_str, Holdfast, RunOptions, PYTHON,
+    ask_tcp, netns_and_sandbox, skip_unless, toml_str, Holdfast, PYTHON,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -39,15 +39,7 @@ fn a_failed_service_refuses_and_start_opens_again(dispatcher: bool) -> Result<()
             toml_str(&script)
         ),
     )?;
-    let hf = if dispatcher {
-        skip_unless!(Holdfast::start_dispatched(
-            &ns,
-            sandbox,
-            &RunOptions::default()
-        )?)
-    } else {
-        Holdfast::start_in(&ns, sandbox)?
-    };
+    let hf = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, dispatcher)?);
     let _inside = ns.enter()?;
     let addr: SocketAddr = ADDR.parse()?;
     // While it keeps failing, a client waits in the backlog.

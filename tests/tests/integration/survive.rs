@@ -305,16 +305,6 @@ fn after_kill_9_under_ip_netns_exec_the_next_holdfast_replaces_the_stale_link() 
     Ok(())
 }
 
-/// Starts holdfast on `sandbox`, with the dispatcher or in bind mode
-/// (`None`: skip, BPF is not available).
-fn start(ns: &Netns, sandbox: Sandbox, dispatcher: bool) -> Result<Option<Holdfast>> {
-    if dispatcher {
-        Holdfast::start_dispatched(ns, sandbox, &RunOptions::default())
-    } else {
-        Holdfast::start_in(ns, sandbox).map(Some)
-    }
-}
-
 /// `kill -9` of holdfast under a client loop, then a new holdfast on the same
 /// units and state dir: it takes the listener back from the orphaned service
 /// (the same socket, so what queued in the gap is served), stops the orphan
@@ -322,7 +312,7 @@ fn start(ns: &Netns, sandbox: Sandbox, dispatcher: bool) -> Result<Option<Holdfa
 /// loop sees no refused connection.
 fn after_kill_9_the_next_holdfast_takes_the_listeners_back(dispatcher: bool) -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_with_web()?);
-    let first = skip_unless!(start(&ns, sandbox, dispatcher)?);
+    let first = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, dispatcher)?);
     let orphan = first.wait_running("web", T)?;
     let client = LoopClient::start(
         &ns,
@@ -336,7 +326,7 @@ fn after_kill_9_the_next_holdfast_takes_the_listeners_back(dispatcher: bool) -> 
     first.wait_exit(T)?;
     // The gap: the orphan still serves what it accepts.
     std::thread::sleep(Duration::from_millis(300));
-    let second = start(&ns, first.into_sandbox()?, dispatcher)?
+    let second = Holdfast::start_in_mode(&ns, first.into_sandbox()?, dispatcher)?
         .context("the second holdfast fell back to bind mode")?;
     let pid = second.wait_running("web", T)?;
     ensure!(pid != orphan, "the new daemon's service is the orphan?");

@@ -55,15 +55,7 @@ fn upgrades_under_load(dispatcher: bool) -> Result<()> {
         ("8000", vec![8000])
     };
     web_unit(&sandbox, ports)?;
-    let hf = if dispatcher {
-        skip_unless!(Holdfast::start_dispatched(
-            &ns,
-            sandbox,
-            &RunOptions::default()
-        )?)
-    } else {
-        Holdfast::start_in(&ns, sandbox)?
-    };
+    let hf = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, dispatcher)?);
     let daemon = hf.pid();
     let pid = hf.wait_running("web", T)?;
     let targets = targets
