@@ -130,6 +130,14 @@ impl Holdfast {
         Ok(hf)
     }
 
+    /// [`Holdfast::start_in`], then waits (up to [`READY_TIMEOUT`]) until service
+    /// `name` runs: the daemon and the service's pid.
+    pub fn start_running(ns: &Netns, sandbox: Sandbox, name: &str) -> Result<(Holdfast, i32)> {
+        let hf = Holdfast::start_in(ns, sandbox)?;
+        let pid = hf.wait_running(name, READY_TIMEOUT)?;
+        Ok((hf, pid))
+    }
+
     /// [`Holdfast::start_in`] with [`RunOptions`].
     pub fn start_with(ns: &Netns, sandbox: Sandbox, opts: &RunOptions) -> Result<Holdfast> {
         let mut hf = Holdfast::spawn_with(ns, sandbox, opts)?;

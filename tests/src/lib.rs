@@ -148,7 +148,19 @@ pub fn netns_with_local_routes(prefixes: &[&str]) -> Result<Option<Netns>> {
 /// [`netns_or_skip`] and a fresh [`Sandbox`], the start of most daemon tests:
 /// `Ok(None)` means skip.
 pub fn netns_and_sandbox() -> Result<Option<(Netns, Sandbox)>> {
-    let Some(ns) = netns_or_skip() else {
+    netns_and_sandbox_with_tools(&[])
+}
+
+/// [`netns_or_skip`] for a test that also runs the system tools at `paths`, each
+/// probed with [`require_file`]: `None` means skip.
+pub fn netns_with_tools(paths: &[&str]) -> Option<Netns> {
+    let ns = netns_or_skip()?;
+    paths.iter().all(|p| require_file(p)).then_some(ns)
+}
+
+/// [`netns_with_tools`] and a fresh [`Sandbox`]: `Ok(None)` means skip.
+pub fn netns_and_sandbox_with_tools(paths: &[&str]) -> Result<Option<(Netns, Sandbox)>> {
+    let Some(ns) = netns_with_tools(paths) else {
         return Ok(None);
     };
     Ok(Some((ns, Sandbox::new()?)))

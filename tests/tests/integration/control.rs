@@ -127,8 +127,7 @@ fn status_fields_and_sigterm_stops_every_service_gracefully() -> Result<()> {
     sandbox.write_serve_unit("alpha", 8081, "")?;
     sandbox.write_serve_unit("beta", 8082, "")?;
     sandbox.write_unit("idle", "[service]\nexec = [\"sleep\", \"1000\"]\n")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let alpha = hf.wait_running("alpha", T)?;
+    let (mut hf, alpha) = Holdfast::start_running(&ns, sandbox, "alpha")?;
     let beta = hf.wait_running("beta", T)?;
     let idle = hf.wait_running("idle", T)?;
     // Their reports say the SIGTERM handlers are in place.

@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, ask_udp, dispatcher_instance as instance, netns_and_sandbox, netns_or_skip,
-    netns_with_local_routes, require, require_file, skip_unless, toml_array, toml_str, Holdfast,
-    LoopClient, Netns, RunOptions, Sandbox,
+    ask_tcp, ask_udp, dispatcher_instance as instance, netns_and_sandbox,
+    netns_and_sandbox_with_tools, netns_with_local_routes, require, skip_unless, toml_array,
+    toml_str, Holdfast, LoopClient, Netns, RunOptions, Sandbox,
 };
 use serde_json::Value;
 
@@ -687,11 +687,7 @@ fn without_bpf(instance: &str) -> RunOptions {
 
 #[test]
 fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file("/usr/bin/setpriv") {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&["/usr/bin/setpriv"])?);
     serve_unit(&sandbox, "plain", "tcp", &["127.0.0.1/32"], &["8080"], "")?;
     let inst = instance("nobpf");
     let mut hf = Holdfast::start_with(&ns, sandbox, &without_bpf(&inst))?;
@@ -727,11 +723,7 @@ fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
 
 #[test]
 fn without_bpf_a_range_unit_is_refused_naming_unit_socket_and_reason() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file("/usr/bin/setpriv") {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&["/usr/bin/setpriv"])?);
     let exec = sandbox.serve_exec("ranged")?;
     sandbox.write_unit(
         "ranged",

@@ -46,8 +46,7 @@ fn pre_commands_run_before_the_main_process_with_its_environment_but_no_socket()
             dir = toml_str(&out.display().to_string()),
         )
     })?;
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("web", T)?;
+    let (hf, _) = Holdfast::start_running(&ns, sandbox, "web")?;
     let out = hf.sandbox().out_dir();
     let saw = wait_for("main-saw", T, || {
         std::fs::read_to_string(out.join("main-saw"))
@@ -192,8 +191,7 @@ fn reload_service_runs_exec_reload_with_mainpid_and_says_when_it_fails() -> Resu
         "exec = [\"/bin/sleep\", \"1000\"]\nexec-reload = [[\"/bin/false\"]]\n",
     )?;
     sandbox.write_local_unit("plain", 8082, "exec = [\"/bin/sleep\", \"1000\"]\n")?;
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     hf.wait_running("bad", T)?;
     hf.wait_running("plain", T)?;
     let reply: serde_json::Value =
@@ -240,8 +238,7 @@ fn exec_stop_runs_with_mainpid_before_the_kill_signal() -> Result<()> {
             )),
         )
     })?;
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     let stopped = hf.cli(&["stop", "web"])?;
     ensure!(stopped.status.success(), "stop: {stopped:?}");
     ensure!(hf.service("web")?["state"] == "stopped");
@@ -311,8 +308,7 @@ fn notify_reload_sends_the_reload_signal_and_waits_for_ready() -> Result<()> {
             main = sh(&main)
         )
     })?;
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     let reply: serde_json::Value =
         serde_json::from_str(&hf.cli_ok(&["reload-service", "web", "--json"])?)?;
     ensure!(
@@ -341,8 +337,7 @@ fn an_exec_reload_running_across_an_upgrade_ends_in_the_new_holdfast() -> Result
             )),
         )
     })?;
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     // The request waits for the command; the upgrade answers it with an error.
     let mut waiting = std::process::Command::new(holdfast_testkit::holdfast_bin())
         .args(["reload-service", "web", "--state-dir"])

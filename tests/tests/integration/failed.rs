@@ -10,9 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use holdfast_testkit::{
-    ask_tcp, netns_and_sandbox, skip_unless, toml_str, Holdfast, PYTHON,
-};
+use holdfast_testkit::{ask_tcp, netns_and_sandbox, skip_unless, toml_str, Holdfast, PYTHON};
 
 const T: Duration = Duration::from_secs(10);
 const ADDR: &str = "127.0.0.1:8080";

@@ -37,8 +37,7 @@ fn stored_fds_come_back_after_a_crash_under_their_names() -> Result<()> {
         &["--ready"],
         "fd-store-max = 4\nrestart-delay = \"100ms\"",
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let first = hf.wait_running("web", T)?;
+    let (mut hf, first) = Holdfast::start_running(&ns, sandbox, "web")?;
     let report = hf.sandbox().wait_report("web", T, |r| r["pid"] == first)?;
     assert_eq!(report["env"]["LISTEN_FDNAMES"], "web", "{report}");
 
@@ -99,8 +98,7 @@ fn stored_fds_come_back_after_a_crash_under_their_names() -> Result<()> {
 fn fd_store_max_bounds_the_store() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("web", 8080, &["--ready"], "fd-store-max = 2")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let first = hf.wait_running("web", T)?;
+    let (mut hf, first) = Holdfast::start_running(&ns, sandbox, "web")?;
     ns.run(|| -> Result<()> {
         for name in ["one", "two", "three"] {
             tell(web(), &format!("store {name} data-{name} memfd"))?;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    netns_or_skip, process_gone, require_file, skip_unless, toml_array, wait_for, Holdfast,
-    LoopClient, RunOptions, Sandbox,
+    netns_with_tools, process_gone, skip_unless, toml_array, wait_for, Holdfast, LoopClient,
+    RunOptions, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -57,10 +57,7 @@ fn gunicorn_sandbox(workers: &str, service_extra: &str, port: &str) -> Result<Sa
 
 #[test]
 fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(GUNICORN) {
-        return Ok(());
-    }
+    let ns = skip_unless!(netns_with_tools(&[GUNICORN]));
     let sandbox = gunicorn_sandbox("2", "restart = \"always\"", "8080")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let old = hf.wait_running("gunicorn", Duration::from_secs(20))?;
@@ -134,10 +131,7 @@ fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
 /// loopback port the kernel chose.
 #[test]
 fn with_the_dispatcher_gunicorn_logs_its_declared_address_and_port() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(GUNICORN) {
-        return Ok(());
-    }
+    let ns = skip_unless!(netns_with_tools(&[GUNICORN]));
     let sandbox = gunicorn_sandbox("1", "", "7401")?;
     let mut hf = skip_unless!(Holdfast::start_dispatched(
         &ns,

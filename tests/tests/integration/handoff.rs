@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use holdfast_testkit::{
-    ask_tcp, ask_udp, ask_unix, check_handoff, netns_and_sandbox, netns_or_skip, require_file,
-    skip_unless, toml_str, ExpectSocket, Holdfast, Netns, RunOptions, Sandbox,
+    ask_tcp, ask_udp, ask_unix, check_handoff, netns_and_sandbox, netns_with_tools, skip_unless,
+    toml_str, ExpectSocket, Holdfast, Netns, RunOptions, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -31,8 +31,7 @@ ports = ["8001"]
 "#
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("one", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "one")?;
     let report = hf.sandbox().wait_report("one", T, |r| r["pid"] == pid)?;
     check_handoff(&report, &[ExpectSocket::tcp("one", "127.0.0.1", 8001)])?;
     let answer = ns.run(|| ask_tcp("127.0.0.1:8001".parse().expect("literal"), T))??;
@@ -100,8 +99,7 @@ fn three_sockets_are_fds_3_4_5_in_unit_order() -> Result<()> {
             toml_str(&unix_path_str)
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("three", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "three")?;
     let report = hf.sandbox().wait_report("three", T, |r| r["pid"] == pid)?;
     check_handoff(
         &report,
@@ -230,10 +228,7 @@ fn with_the_dispatcher_a_taken_address_falls_back_to_loopback_and_is_steered() -
 #[test]
 fn systemd_socket_proxyd_works_unchanged() -> Result<()> {
     const PROXYD: &str = "/lib/systemd/systemd-socket-proxyd";
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(PROXYD) {
-        return Ok(());
-    }
+    let ns = skip_unless!(netns_with_tools(&[PROXYD]));
     // The backend: a plain TCP server in the namespace, answering one line per
     // connection, then closing.
     let backend = ns.run(|| TcpListener::bind("127.0.0.1:9000"))??;
@@ -252,8 +247,7 @@ fn systemd_socket_proxyd_works_unchanged() -> Result<()> {
         8080,
         &format!(r#"exec = ["{PROXYD}", "127.0.0.1:9000"]"#),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("proxy", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "proxy")?;
     for i in 0..3 {
         let answer = ns.run(|| -> Result<String> {
             let mut s = std::net::TcpStream::connect("127.0.0.1:8080")?;

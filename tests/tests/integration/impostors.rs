@@ -71,8 +71,7 @@ fn a_service_cannot_speak_for_another_of_the_same_user_even_in_its_process_group
         "[service]\nexec = [\"sleep\", \"1000\"]\ntype = \"simple\"\nnotify-access = \"all\"\n\
          user = \"nobody\"\ngroup = \"nogroup\"\nwatchdog = \"1h\"\nfd-store-max = 4\n",
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let victim = hf.wait_running("victim", T)?;
+    let (mut hf, victim) = Holdfast::start_running(&ns, sandbox, "victim")?;
     std::fs::write(&victim_pid, victim.to_string())?;
     // The impostor: another service of the same user. It tries to join the
     // victim's process group, then sends as the victim what would stop it,

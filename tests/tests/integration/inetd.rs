@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_udp, dispatcher_instance, holdfast_bin, holdfast_check, netns_and_sandbox, netns_or_skip,
-    netns_with_local_routes, require, require_file, run_bounded, run_ok, skip_unless, toml_array,
-    toml_str, wait_for, Holdfast, Netns, RunOptions, Sandbox, PYTHON,
+    ask_udp, dispatcher_instance, holdfast_bin, holdfast_check, netns_and_sandbox,
+    netns_and_sandbox_with_tools, netns_or_skip, netns_with_local_routes, require, run_bounded,
+    run_ok, skip_unless, toml_array, toml_str, wait_for, Holdfast, Netns, RunOptions, Sandbox,
+    PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{
@@ -1237,11 +1238,10 @@ const MICRO_HTTPD: &str = "/usr/sbin/micro-httpd";
 
 #[test]
 fn debian_micro_httpd_is_served_unchanged_per_connection() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(MICRO_HTTPD) || !require_file("/usr/bin/curl") {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[
+        MICRO_HTTPD,
+        "/usr/bin/curl"
+    ])?);
     let www = sandbox.path().join("www");
     std::fs::create_dir(&www)?;
     std::fs::write(
@@ -1411,11 +1411,7 @@ fn tftp_get(server: SocketAddr, file: &str) -> Result<Vec<u8>> {
 /// unit with StandardInput=socket.
 #[test]
 fn debian_in_tftpd_is_served_unchanged_with_the_socket_on_stdin() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(IN_TFTPD) {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[IN_TFTPD])?);
     let root = sandbox.path().join("tftp");
     std::fs::create_dir(&root)?;
     // More than one block: 1300 bytes are three DATA packets.

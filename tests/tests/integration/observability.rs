@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, holdfast_bin, netns_and_sandbox, netns_or_skip, process_gone, require_file, run_ok,
-    skip_unless, toml_str, wait_for, Holdfast, RunOptions, Sandbox, PYTHON,
+    ask_tcp, holdfast_bin, netns_and_sandbox, netns_and_sandbox_with_tools, netns_or_skip,
+    process_gone, run_ok, skip_unless, toml_str, wait_for, Holdfast, RunOptions, Sandbox, PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -209,11 +209,7 @@ fn http_get(addr: &str, path: &str) -> Result<(u16, String, String)> {
 
 #[test]
 fn metrics_follow_the_services_in_the_cli_and_over_http() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(PROMETHEUS_CLIENT) {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[PROMETHEUS_CLIENT])?);
     let exec = sandbox.serve_exec("web")?;
     let service = format!("exec = {exec}\nrestart = \"always\"");
     sandbox.write_tcp_unit("web", &service, "http", &["192.0.2.0/24"], &["80"], "")?;
@@ -407,11 +403,7 @@ fn an_idle_flood_leaves_the_metrics_endpoint_answering_and_holdfast_bounded() ->
 
 #[test]
 fn backlog_queued_shows_the_connections_a_stopped_service_has_waiting() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(PROMETHEUS_CLIENT) {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[PROMETHEUS_CLIENT])?);
     let exec = sandbox.serve_exec("web")?;
     let service = format!("exec = {exec}");
     sandbox.write_tcp_unit(
@@ -422,8 +414,7 @@ fn backlog_queued_shows_the_connections_a_stopped_service_has_waiting() -> Resul
         &["8080"],
         "backlog = 8",
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("web", T)?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "web")?;
     let sock = [("service", "web"), ("socket", "web"), ("protocol", "tcp")];
     let m = cli_metrics(&hf)?;
     assert_eq!(m.value("holdfast_socket_backlog_queued", &sock)?, 0.0);
@@ -574,8 +565,7 @@ fn numbered(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
 fn logs_show_the_last_lines_keep_1000_and_follow() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     write_chatty_unit(&sandbox)?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("chatty", T)?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "chatty")?;
     wait_for("the 1200th line to be captured", T, || {
         (logs(&hf, &["-n", "1"]).ok()? == ["line 1200"]).then_some(())
     })?;
@@ -938,8 +928,7 @@ fn log_lines_carry_time_stream_and_pid_and_since_picks_by_time() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     write_talker_unit(&sandbox)?;
     let started = SystemTime::now();
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("talker", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "talker")?;
     wait_for("the first two lines", T, || {
         (json_logs(&hf, &["talker"]).ok()?.len() == 2).then_some(())
     })?;
@@ -1291,10 +1280,7 @@ impl Drop for Journald {
 /// it (and `_PID`, journald's own, is holdfast's: why `HOLDFAST_PID` exists).
 #[test]
 fn lines_reach_a_real_systemd_journald() -> Result<()> {
-    if !require_file(JOURNALD) {
-        return Ok(());
-    }
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[JOURNALD])?);
     let journald = Journald::start()?;
     let script = "echo 'to the journal'; echo '<4>careful' >&2; exec sleep 1000";
     sandbox.write_sh_unit("scribe", script)?;

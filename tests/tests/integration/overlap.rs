@@ -90,8 +90,7 @@ fn old_one_kept(hf: &Holdfast, old: i32, seen: &Tally) -> Result<Value> {
 fn failed_overlap(later: &str, unit_extra: &str, args: &[&str], reasons: &[&str]) -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("web", 8080, &["--ready", "--later", later], unit_extra)?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     let client = pid_client(&ns)?;
     let (out, candidates) = restart_watching(&hf, args)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -149,8 +148,7 @@ fn overlap_restart_whose_new_instance_exits_keeps_the_old_one() -> Result<()> {
 fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("web", 8080, &["--ready", "--ready-after", "0.5"], "")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     let client = pid_client(&ns)?;
     let (out, candidates) = restart_watching(&hf, &["web", "--mode", "overlap"])?;
     assert_eq!(out.status.code(), Some(0), "restart: {}", stderr(&out));
@@ -189,8 +187,7 @@ fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
 fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("web", 8080, &["--ready"], "single-instance = true")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     let out = hf.cli(&["restart", "web", "--mode", "overlap"])?;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "restart: {err}");
@@ -221,8 +218,7 @@ fn a_draining_instance_does_not_speak_for_the_service() -> Result<()> {
         &["--ready", "--status", "serving", "--stopping"],
         "",
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     hf.cli_ok(&["restart", "web", "--mode", "overlap"])?;
     wait_for("the old instance to be gone", T, || {
         process_gone(old).then_some(())

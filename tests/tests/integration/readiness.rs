@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    netns_and_sandbox, netns_or_skip, process_gone, reply_pid, require_file, send_notify_as,
-    send_notify_from_here, skip_unless, tell, toml_str, wait_for, Holdfast, Sandbox,
+    netns_and_sandbox, netns_and_sandbox_with_tools, process_gone, reply_pid, send_notify_as,
+    send_notify_from_here, skip_unless, tell, toml_str, wait_for, Holdfast,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -50,11 +50,7 @@ fn touch(p: &Path) -> Result<()> {
 
 #[test]
 fn systemd_notify_ready_and_status_from_a_shell_script() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file("/usr/bin/systemd-notify") {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&["/usr/bin/systemd-notify"])?);
     let (go, env) = (sandbox.out("go"), sandbox.out("env"));
     let script = format!(
         "echo \"$NOTIFY_SOCKET\" > {env}; systemd-notify --status=warming-up; \
@@ -97,11 +93,7 @@ fn systemd_notify_ready_and_status_from_a_shell_script() -> Result<()> {
 /// SIGSTOPped meanwhile so that the message is certainly read afterwards.
 #[test]
 fn systemd_notify_is_heard_when_its_sender_is_gone_before_the_read() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file("/usr/bin/systemd-notify") {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&["/usr/bin/systemd-notify"])?);
     let (go, sender, sent) = (
         sandbox.out("go"),
         sandbox.out("sender"),
@@ -353,8 +345,7 @@ fn extend_timeout_usec_extends_the_stop_timeout() -> Result<()> {
     for (name, port) in [("extends", 8080), ("plain", 8081)] {
         sandbox.write_notifier_unit(name, port, &["--ready"], "stop-timeout = \"1s\"")?;
     }
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("extends", T)?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "extends")?;
     hf.wait_running("plain", T)?;
     ns.run(|| -> Result<()> {
         // Both take 2.5 s to stop after SIGTERM; one asks for 6 s.

@@ -387,8 +387,7 @@ fn service_change_case(overlap: bool) -> Result<()> {
     let (mode, may_fail) = mode_lines(overlap);
     let sandbox = Sandbox::new()?;
     sandbox.write_serve_unit("web", 8080, mode)?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     let (_, socket) = reported_socket(hf.sandbox(), "web", old)?;
     let addr: SocketAddr = "127.0.0.1:8080".parse()?;
     let client = LoopClient::start(&ns, vec![(addr, "web".into())], Duration::from_millis(2), T)?;
@@ -586,8 +585,7 @@ fn socket_option_change_without_the_dispatcher() -> Result<()> {
     };
     let sandbox = Sandbox::new()?;
     web(&sandbox, "backlog = 16")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     let (_, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
     assert_eq!(backlog_limit(&hf, "web")?, Some(16));
 
@@ -642,8 +640,7 @@ fn a_reload_that_cannot_be_applied_changes_nothing_and_names_every_error() -> Re
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_serve_unit("a", 8081, "")?;
     sandbox.write_serve_unit("b", 8082, "")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let a = hf.wait_running("a", T)?;
+    let (mut hf, a) = Holdfast::start_running(&ns, sandbox, "a")?;
     let b = hf.wait_running("b", T)?;
     let sb = hf.sandbox();
     let a_text = fs::read_to_string(sb.units_dir().join("a.toml"))?;
@@ -748,8 +745,7 @@ fn expect_untouched(
 fn sighup_reloads_like_the_cli() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_serve_unit("a", 8081, "")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let a = hf.wait_running("a", T)?;
+    let (mut hf, a) = Holdfast::start_running(&ns, sandbox, "a")?;
 
     // Added by SIGHUP.
     hf.sandbox().write_serve_unit("b", 8082, "")?;

@@ -25,8 +25,7 @@ restart-delay-max = "300ms"
 start-limit-burst = 1000
 start-limit-interval = "10s""#,
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("web", T)?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "web")?;
     let addr: SocketAddr = "127.0.0.1:8080".parse()?;
 
     // A client connecting in a loop the whole time.
@@ -86,8 +85,7 @@ start-limit-interval = "30s"
     )?;
     sandbox.write_serve_unit("steady", 8080, "")?;
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let steady = hf.wait_running("steady", T)?;
+    let (mut hf, steady) = Holdfast::start_running(&ns, sandbox, "steady")?;
     let failed = hf.wait_state("crash", "failed", Duration::from_secs(15))?;
     let read_starts = || -> Result<Vec<Start>> {
         let text = std::fs::read_to_string(&starts)?;
@@ -162,8 +160,7 @@ stop-timeout = "1s"
             grandchild = grandchild_file.display()
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let main = hf.wait_running("stubborn", T)?;
+    let (mut hf, main) = Holdfast::start_running(&ns, sandbox, "stubborn")?;
     let read_pid = |p: &std::path::Path| -> Option<i32> {
         std::fs::read_to_string(p).ok()?.trim().parse().ok()
     };

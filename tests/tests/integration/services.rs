@@ -144,8 +144,7 @@ environment = {{ GREETING = "hello there", EMPTY = "" }}
             cwd = toml_str(&cwd.to_string_lossy())
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("env", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "env")?;
     let report = hf.sandbox().wait_report("env", T, |r| r["pid"] == pid)?;
     assert_eq!(report["env"]["GREETING"], "hello there", "{report}");
     assert_eq!(report["env"]["EMPTY"], "", "{report}");
@@ -177,8 +176,7 @@ fn orphans_are_adopted_and_reaped_by_holdfast() -> Result<()> {
             toml_str(&script)
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("parent", T)?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "parent")?;
     let orphan: i32 = wait_for("the orphan's pid", T, || {
         std::fs::read_to_string(&orphan_file)
             .ok()?

@@ -105,8 +105,7 @@ fn a_second_run_on_a_live_state_dir_changes_nothing_in_bind_mode() -> Result<()>
     let (ns, sandbox) = skip_unless!(netns_with_web()?);
     let units = sandbox.units_dir();
     let state = sandbox.state_dir();
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     let out = second_run(
         &ns,
         Enter::Setns,
@@ -180,8 +179,7 @@ fn a_second_run_on_a_live_dispatcher_changes_nothing() -> Result<()> {
 #[test]
 fn no_unused_signal_kills_holdfast() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_with_web()?);
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     let rt = |n: i32| libc::SIGRTMIN() + n;
     let signals: Vec<(String, i32)> = [
         Signal::SIGUSR1,

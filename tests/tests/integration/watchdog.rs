@@ -44,8 +44,7 @@ fn restarted_after_abort(hf: &Holdfast, name: &str, old: i32, within: Duration) 
 fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("dog", 8080, &["--ready", "--ping"], "watchdog = \"1s\"")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("dog", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "dog")?;
     let report = hf.sandbox().wait_report("dog", T, |r| r["pid"] == pid)?;
     assert_eq!(report["env"]["WATCHDOG_USEC"], "1000000", "{report}");
 
@@ -72,8 +71,7 @@ fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
 fn watchdog_trigger_aborts_at_once() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("dog", 8080, &["--ready", "--ping"], "watchdog = \"20s\"")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("dog", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "dog")?;
     let asked = Instant::now();
     ns.run(|| tell(addr(8080), "then-notify WATCHDOG=trigger"))??;
     restarted_after_abort(&hf, "dog", pid, T)?;
@@ -98,8 +96,7 @@ fn watchdog_usec_changes_the_timeout_of_the_running_instance() -> Result<()> {
         "watchdog = \"20s\"",
     )?;
     sandbox.write_notifier_unit("longer", 8081, &["--ready", "--ping"], "watchdog = \"1s\"")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let shorter = hf.wait_running("shorter", T)?;
+    let (mut hf, shorter) = Holdfast::start_running(&ns, sandbox, "shorter")?;
     let longer = hf.wait_running("longer", T)?;
     ns.run(|| -> Result<()> {
         for port in [8080, 8081] {
