@@ -75,8 +75,7 @@ fn non_root_peer_is_refused() -> Result<()> {
 
     // And root is still served.
     assert_eq!(hf.service("web")?["state"], "running");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -117,8 +116,7 @@ fn malformed_idle_and_oversized_requests_do_not_disturb_the_daemon() -> Result<(
     drop(idle);
     let now = hf.service("web")?;
     assert_eq!(now["pid"], pid, "the service was disturbed: {now}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -189,8 +187,7 @@ fn status_fields_and_sigterm_stops_every_service_gracefully() -> Result<()> {
     for pid in [alpha, idle] {
         assert!(process_gone(pid), "pid {pid} survived the daemon");
     }
-    ns.expect_empty()?;
-    Ok(())
+    ns.expect_empty()
 }
 
 #[test]
@@ -223,8 +220,7 @@ fn stop_start_restart_keep_the_sockets_open() -> Result<()> {
     let out = hf.cli(&["stop", "no-such-service"])?;
     assert_eq!(out.status.code(), Some(1), "stop no-such-service: {out:?}");
     assert!(!out.stderr.is_empty(), "no message for an unknown service");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -299,8 +295,7 @@ fn a_symlinked_state_dir_or_notify_dir_is_refused() -> Result<()> {
             "{what}: something was created in the symlink's target"
         );
     }
-    ns.expect_empty()?;
-    Ok(())
+    ns.expect_empty()
 }
 
 #[test]
@@ -315,6 +310,5 @@ fn sigint_stops_gracefully_too() -> Result<()> {
         Some(format!("{pid}\n")),
         "web was not stopped with SIGTERM"
     );
-    ns.expect_empty()?;
-    Ok(())
+    ns.expect_empty()
 }

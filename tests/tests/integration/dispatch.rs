@@ -717,8 +717,7 @@ fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
         "{b:?}"
     );
     assert!(!pin_dir(&inst).exists(), "pins without BPF?");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]

@@ -177,8 +177,7 @@ fn repository_units_serve_real_clients_with_the_dispatcher() -> Result<()> {
         bindings.contains("127.0.0.0/8") && bindings.contains("8100-8199"),
         "{bindings}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -189,6 +188,5 @@ fn repository_units_but_the_dispatcher_only_ones_serve_in_bind_mode() -> Result<
     }
     let mut hf = Holdfast::start_in(&ns, repo_units_sandbox(DISPATCHER_ONLY)?)?;
     check_bind_mode_units(&hf, &ns)?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -90,8 +90,7 @@ fn stored_fds_come_back_after_a_crash_under_their_names() -> Result<()> {
     assert_eq!(report["fds"][1]["kind"], "pipe", "{report}");
     let s = hf.service("web")?;
     assert_eq!(s["restarts"], 2, "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -120,6 +119,5 @@ fn fd_store_max_bounds_the_store() -> Result<()> {
     let (_, report) = next_instance(&hf, first)?;
     assert_eq!(report["env"]["LISTEN_FDNAMES"], "web:one:two", "{report}");
     assert_eq!(report["fds"][2]["data"], "data-two", "{report}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -121,8 +121,7 @@ fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
     )?;
     let (status, _) = ns.run(|| get(addr))??;
     assert!(status.ends_with(" 200 OK"), "{status}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// With the sk_lookup dispatcher the socket is steered, and bound to the one
@@ -153,6 +152,5 @@ fn with_the_dispatcher_gunicorn_logs_its_declared_address_and_port() -> Result<(
             .is_some_and(|r| r["lookups"].as_u64() >= Some(1)),
         "the request was not steered: {rows:?}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

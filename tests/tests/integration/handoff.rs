@@ -37,8 +37,7 @@ ports = ["8001"]
     let answer = ns.run(|| ask_tcp("127.0.0.1:8001".parse().expect("literal"), T))??;
     assert_eq!(answer, format!("one {pid}\n"));
     assert_eq!(hf.service("one")?["sockets"], serde_json::json!(["one"]));
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Writes unit `name` running `exec` with the sockets "web" (TCP
@@ -115,8 +114,7 @@ fn three_sockets_are_fds_3_4_5_in_unit_order() -> Result<()> {
         hf.service("three")?["sockets"],
         serde_json::json!(["web", "dns", "ctl"])
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The daemon with the dispatcher (`None`: skip), once `name` runs: its pid
@@ -194,8 +192,7 @@ fn with_the_dispatcher_getsockname_shows_the_one_declared_address_and_port() -> 
             "a binding the dispatcher did not steer: {row}"
         );
     }
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// With the dispatcher, a socket whose one address and port another program
@@ -221,8 +218,7 @@ fn with_the_dispatcher_a_taken_address_falls_back_to_loopback_and_is_steered() -
     let answer = ns.run(|| ask_tcp("127.0.0.1:8002".parse().expect("literal"), T))??;
     assert_eq!(answer, format!("web {pid}\n"), "steered past the squatter");
     drop(squatter);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -265,6 +261,5 @@ fn systemd_socket_proxyd_works_unchanged() -> Result<()> {
     }
     // The proxy kept running: it accepted the sockets it was handed.
     assert_eq!(hf.wait_running("proxy", T)?, pid);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -127,6 +127,5 @@ fn a_service_cannot_speak_for_another_of_the_same_user_even_in_its_process_group
         "want the attempt logged (rate-limited), got {refusals} lines:\n{}",
         hf.log()
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -1013,8 +1013,7 @@ fn deny_holds_on_a_socket_bound_to_its_one_address_and_port() -> Result<()> {
             .is_some_and(|r| r["denied"].as_u64() >= Some(1)),
         "the dispatcher's denied counter: {rows:?}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A reload that changes only allow/deny keeps the socket (holdfast's policy,
@@ -1440,6 +1439,5 @@ fn debian_in_tftpd_is_served_unchanged_with_the_socket_on_stdin() -> Result<()> 
     hf.wait_state("tftp", "listening", Duration::from_secs(15))?;
     let again = ns.run(|| tftp_get(server, "boot.txt"))??;
     ensure!(again == text, "the second run served {} bytes", again.len());
-    hf.stop_leaving_nothing(&ns)?;
-    Ok(())
+    hf.stop_leaving_nothing(&ns)
 }

@@ -289,8 +289,7 @@ fn metrics_follow_the_services_in_the_cli_and_over_http() -> Result<()> {
     let m = cli_metrics(&hf)?;
     m.expect_state("web", "stopped")?;
     assert_eq!(m.value("holdfast_service_ready", &web)?, 0.0);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Opens `argv[2]` connections to `argv[1]` (HOST:PORT) and holds them idle until
@@ -397,8 +396,7 @@ fn an_idle_flood_leaves_the_metrics_endpoint_answering_and_holdfast_bounded() ->
     flood.wait()?;
     let (code, _, _) = ns.run(|| http_get("127.0.0.1:9100", "/metrics"))??;
     assert_eq!(code, 200, "the endpoint after the flood");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -444,8 +442,7 @@ fn backlog_queued_shows_the_connections_a_stopped_service_has_waiting() -> Resul
     let m = cli_metrics(&hf)?;
     assert_eq!(m.value("holdfast_socket_backlog_queued", &sock)?, 0.0);
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A service that prints `line 1` … `line 1200` on stdout, then, once `out/go1`
@@ -603,8 +600,7 @@ fn logs_show_the_last_lines_keep_1000_and_follow() -> Result<()> {
         rest.is_empty(),
         "logs -f printed more than was logged: {rest:?}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The daemon's log as JSON objects, one per line; fails on any other line.
@@ -632,7 +628,8 @@ fn json_log_lines_parse_and_name_their_service() -> Result<()> {
     kill(Pid::from_raw(pid), Signal::SIGKILL)?;
     let next = hf.wait_service("web", T, |s| s["pid"].is_i64() && s["pid"] != pid)?;
     let next = next["pid"].as_i64().context("pid")?;
-    let log = hf.stop()?;
+    hf.stop()?;
+    let log = hf.log();
     let lines = json_lines(&log)?;
     ensure!(lines.len() >= 5, "only {} log lines:\n{log}", lines.len());
 
@@ -689,7 +686,8 @@ fn rust_log_sets_the_level() -> Result<()> {
         out.contains(&format!("serving pid {pid}")).then_some(())
     })?;
     hf.wait_running("stubborn", T)?;
-    let log = hf.stop()?;
+    hf.stop()?;
+    let log = hf.log();
     let lines = json_lines(&log)?;
     for line in &lines {
         ensure!(
@@ -1008,8 +1006,7 @@ fn log_lines_carry_time_stream_and_pid_and_since_picks_by_time() -> Result<()> {
     );
     time_of(&got)?;
     drop(follow);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// With `--cgroup-root`, `status` (table and --json) and the metrics show the
@@ -1105,8 +1102,7 @@ fn status_and_metrics_show_cgroup_usage() -> Result<()> {
         memory_file.exists() == text.contains("holdfast_service_memory_bytes{service=\"burner\"}"),
         "memory series and memory.current disagree:\n{text}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A journald stand-in: a unix datagram socket bound in the sandbox; holdfast
@@ -1161,7 +1157,8 @@ fn lines_are_forwarded_to_a_journal_socket() -> Result<()> {
     ensure!(m["journal"]["forwarded"] == 2, "{}", m["journal"]);
     ensure!(m["journal"]["dropped"] == 0, "{}", m["journal"]);
     // In the journal, so not repeated in holdfast's own log at info.
-    let log = hf.stop()?;
+    hf.stop()?;
+    let log = hf.log();
     ensure!(
         !log.contains("hello journal"),
         "a forwarded line is in holdfast's log at info:\n{log}"
@@ -1194,7 +1191,8 @@ fn lines_are_forwarded_to_a_journal_socket() -> Result<()> {
     );
     let m: Value = serde_json::from_str(&hf.cli_ok(&["metrics", "--json"])?)?;
     ensure!(m["journal"].is_null(), "{}", m["journal"]);
-    let log = hf.stop()?;
+    hf.stop()?;
+    let log = hf.log();
     ensure!(
         log.contains("hello journal"),
         "not in holdfast's log:\n{log}"
@@ -1316,8 +1314,7 @@ fn lines_reach_a_real_systemd_journald() -> Result<()> {
     // As a user asks for a service's errors.
     let errors = journald.entries(&["SYSLOG_IDENTIFIER=scribe", "PRIORITY=4"])?;
     ensure!(errors.len() == 1, "{errors:?}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A per-connection instance (`accept = true`) has no main pid; each of its
@@ -1364,6 +1361,5 @@ fn a_per_connection_instance_s_lines_carry_its_own_pid() -> Result<()> {
         pids.insert(said);
     }
     ensure!(pids.len() == 2, "one pid for two instances: {lines:?}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

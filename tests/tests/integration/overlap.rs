@@ -112,8 +112,7 @@ fn failed_overlap(later: &str, unit_extra: &str, args: &[&str], reasons: &[&str]
         process_gone(starts[1]).then_some(())
     })?;
     eprintln!("client during the restart: {} answers", seen.answered);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -179,8 +178,7 @@ fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
         seen.pids_of("web").is_subset(&BTreeSet::from([old, new])),
         "{seen:?}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -199,8 +197,7 @@ fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
     hf.cli_ok(&["restart", "web", "--mode", "stop-start"])?;
     let s = hf.service("web")?;
     assert_ne!(s["pid"], old, "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The old instance of an overlap restart says STOPPING=1 and STATUS=draining as
@@ -237,6 +234,5 @@ fn a_draining_instance_does_not_speak_for_the_service() -> Result<()> {
         stderr(&out),
         started.elapsed()
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -84,8 +84,7 @@ fn systemd_notify_ready_and_status_from_a_shell_script() -> Result<()> {
     assert_eq!(s["pid"], pid, "{s}");
     assert_eq!(s["status_text"], format!("serving as {pid}"), "{s}");
     assert_eq!(s["restarts"], 0, "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The race systemd has: `systemd-notify` (which claims its parent's pid) and that
@@ -140,8 +139,7 @@ fn systemd_notify_is_heard_when_its_sender_is_gone_before_the_read() -> Result<(
         "the message of the gone sender {gone} was refused:\n{}",
         hf.log()
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -192,8 +190,7 @@ fn python_sender_ready_status_reloading_errno_stopping() -> Result<()> {
     assert_eq!(s["restarts"], 0, "{s}");
     assert_eq!(s["last_exit"], "exit code 0", "{s}");
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -242,8 +239,7 @@ fn mainpid_moves_the_main_process_within_the_service_only() -> Result<()> {
     assert_eq!(s["restarts"], 1, "{s}");
     assert_eq!(s["last_exit"], "killed by SIGKILL", "{s}");
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Forks `sleep 30` with pid `pid`, set through `/proc/sys/kernel/ns_last_pid`
@@ -307,8 +303,7 @@ fn a_mainpid_reaped_by_its_own_parent_is_seen_to_exit_and_its_reused_pid_gets_no
     })?;
     assert!(s["restarts"].as_u64() >= Some(1), "not restarted: {s}");
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -335,8 +330,7 @@ fn extend_timeout_usec_extends_the_start_timeout() -> Result<()> {
     let s = hf.wait_state("slow", "running", T)?;
     assert_eq!((&s["pid"], &s["restarts"]), (&pid, &json!(0)), "{s}");
     assert_eq!(hf.sandbox().starts("slow").len(), 1);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -370,8 +364,7 @@ fn extend_timeout_usec_extends_the_stop_timeout() -> Result<()> {
     let s = hf.service("plain")?;
     assert_eq!(s["last_exit"], "killed by SIGKILL", "{s}");
     assert!(!hf.sandbox().out("plain.term-done").exists(), "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Samples the status of `name` every 20 ms for `d`; returns every sample.
@@ -423,8 +416,7 @@ fn never_ready_is_stopped_at_start_timeout_and_restarted() -> Result<()> {
     sandbox.write_unit("mute", &shell_unit(&script, NEVER_READY_POLICY))?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     never_running_and_restarted(&hf, "mute")?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// systemd counts a start timeout as a failure (result "timeout") whatever the
@@ -436,8 +428,7 @@ fn never_ready_that_exits_0_on_sigterm_is_restarted_too() -> Result<()> {
     sandbox.write_notifier_unit("polite", 8080, &[], NEVER_READY_POLICY)?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     never_running_and_restarted(&hf, "polite")?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -503,8 +494,7 @@ fn foreign_senders_are_ignored() -> Result<()> {
     ns.run(|| tell(web(), "notify READY=1\\nSTATUS=genuine"))??;
     let s = hf.wait_state("py", "running", T)?;
     assert_eq!(s["status_text"], "genuine", "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The issue: STATUS= is "shown by `holdfast status`": in the JSON
@@ -530,6 +520,5 @@ fn status_text_is_shown_by_the_status_table() -> Result<()> {
         one.contains("serving-42-clients"),
         "holdfast status py printed:\n{one}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

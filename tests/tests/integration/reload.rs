@@ -265,8 +265,7 @@ fn reload_adds_and_removes_units_and_leaves_the_unchanged_alone() -> Result<()> 
         "keep's lookups went from {before} to {after} over a reload and one more connection: reset?"
     );
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -334,8 +333,7 @@ fn rebinding_keeps_the_socket_and_the_process() -> Result<()> {
         assert_eq!(row["socket_present"], true, "{row}");
     }
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A socket bound to its one address and port cannot keep its socket when
@@ -361,8 +359,7 @@ fn a_one_address_socket_whose_address_changes_moves_to_a_new_socket() -> Result<
     assert_eq!(ask("192.0.2.10:80")?, format!("web {new}\n"));
     expect_refused("192.0.2.9:80")?;
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// `[service]` lines choosing the restart mode, and how many connections of the
@@ -418,8 +415,7 @@ fn service_change_case(overlap: bool) -> Result<()> {
         tally.pids_of("web").contains(&new),
         "the new instance never answered the loop: {tally:?}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Waits until `name` runs with a main pid other than `old`; returns it.
@@ -561,8 +557,7 @@ fn socket_option_case(overlap: bool, old_closed: bool, declared: &str) -> Result
     let _inside = ns.enter()?;
     assert_eq!(ask("192.0.2.9:80")?, format!("web {new}\n"));
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Without the dispatcher a socket is bound to its one address and port, so
@@ -618,8 +613,7 @@ fn socket_option_change_without_the_dispatcher() -> Result<()> {
         "the running configuration serves"
     );
     assert_eq!(backlog_limit(&hf, "web")?, Some(32));
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// `socket_backlog_limit` of `service`'s socket, from `holdfast metrics --json`.
@@ -705,8 +699,7 @@ fn a_reload_that_cannot_be_applied_changes_nothing_and_names_every_error() -> Re
     assert_eq!(ask("127.0.0.1:8084")?, format!("d {d}\n"));
     assert_eq!(ask("127.0.0.1:8085")?, format!("e {e}\n"));
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Exactly `running` (name, pid, port) run, each answering on its port with the
@@ -777,8 +770,7 @@ fn sighup_reloads_like_the_cli() -> Result<()> {
     })?;
     wait_for("b's process to end", T, || process_gone(b).then_some(()))?;
     expect_untouched(&hf, &ns, &[("a", a, 8081)], &[8082, 8084])?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The two unit sets the atomicity test alternates between. Both bind X
@@ -866,8 +858,7 @@ fn bindings_change_atomically_while_a_client_connects_in_a_loop() -> Result<()> 
     // Rebinding never restarted them.
     assert_eq!(tally.pids_of("x"), BTreeSet::from([x]), "{tally:?}");
     assert_eq!(tally.pids_of("z"), BTreeSet::from([z]), "{tally:?}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A unit removed by one reload and added back by the next while its old
@@ -908,6 +899,5 @@ fn a_unit_added_back_while_its_removal_is_stopping() -> Result<()> {
             "a refused reload changed the services: {s}"
         );
     }
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -46,8 +46,7 @@ exec = ["sh", "-c", "echo out-line-one; echo out-line-two; echo err-line-one >&2
     }
     // Line by line: the two stdout lines are two log lines.
     assert_ne!(lines[0], lines[1], "two output lines logged as one");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// `Uid:`/`Gid:`/`Groups:` of a `/proc/PID/status` text.
@@ -124,8 +123,7 @@ fn user_and_group_drop_privileges() -> Result<()> {
             ids["Groups"]
         );
     }
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -156,8 +154,7 @@ environment = {{ GREETING = "hello there", EMPTY = "" }}
             "{k} set without sockets: {report}"
         );
     }
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -200,8 +197,7 @@ fn orphans_are_adopted_and_reaped_by_holdfast() -> Result<()> {
     wait_for("the orphan to be reaped", Duration::from_secs(5), || {
         holdfast_testkit::proc_state(orphan).is_none().then_some(())
     })?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// True while `pid` is a shell (the orphan's original parent, not yet exited).
@@ -255,6 +251,5 @@ fn a_plain_service_gets_umask_groups_no_new_privs_and_environment_files() -> any
             .is_some_and(|f| f.contains("plain.env")),
         "{s}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -118,8 +118,7 @@ fn upgrades_under_load(dispatcher: bool) -> Result<()> {
         );
     }
     let mut hf = hf;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 tests_of!(upgrades_under_load:
@@ -181,8 +180,7 @@ fn an_upgrade_the_new_binary_refuses_changes_nothing() -> Result<()> {
     );
     let s = hf.service("web")?;
     ensure!(s["pid"] == pid, "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// `holdfast logs --json` lines: (line, time, stream, pid) each.
@@ -236,6 +234,5 @@ fn log_lines_keep_their_time_stream_and_pid_across_an_upgrade() -> Result<()> {
         after[2]
     );
     ensure!(time > &before[1].1, "{time} is not after {}", before[1].1);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -63,8 +63,7 @@ fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
         .lines()
         .find(|l| l.contains("watchdog timeout") && l.contains("dog"))
         .context("no watchdog line in the log")?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -80,8 +79,7 @@ fn watchdog_trigger_aborts_at_once() -> Result<()> {
         "WATCHDOG=trigger took {:?}",
         asked.elapsed()
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -119,6 +117,5 @@ fn watchdog_usec_changes_the_timeout_of_the_running_instance() -> Result<()> {
         .sandbox()
         .wait_report("shorter", T, |r| r["pid"] == pid)?;
     assert_eq!(report["env"]["WATCHDOG_USEC"], "20000000", "{report}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
