@@ -88,7 +88,7 @@ pub use peer::{
     ask_tcp, ask_udp, ask_unix, control_request_as, proc_cpu_time, proc_state, process_gone,
     PeerOutcome,
 };
-pub use sandbox::{toml_array, toml_str, Sandbox, PYTHON, SERVE_PY};
+pub use sandbox::{restart_always, toml_array, toml_str, Sandbox, PYTHON, SERVE_PY};
 
 /// True under `CI=true` (or `CI=1`, as xtask also accepts), where privileged
 /// tests must fail rather than skip.

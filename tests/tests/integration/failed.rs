@@ -10,7 +10,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use holdfast_testkit::{ask_tcp, netns_and_sandbox, skip_unless, toml_str, Holdfast, PYTHON};
+use holdfast_testkit::{
+    ask_tcp, netns_and_sandbox, restart_always, skip_unless, toml_str, Holdfast, PYTHON,
+};
 
 const T: Duration = Duration::from_secs(10);
 const ADDR: &str = "127.0.0.1:8080";
@@ -32,9 +34,9 @@ fn a_failed_service_refuses_and_start_opens_again(dispatcher: bool) -> Result<()
         "web",
         8080,
         &format!(
-            "exec = [\"/bin/sh\", \"-c\", {}]\nrestart = \"always\"\nrestart-delay = \"300ms\"\n\
-             restart-delay-max = \"300ms\"\nstart-limit-burst = 3\nstart-limit-interval = \"30s\"",
-            toml_str(&script)
+            "exec = [\"/bin/sh\", \"-c\", {}]\n{}",
+            toml_str(&script),
+            restart_always("300ms", "300ms", 3, "30s")
         ),
     )?;
     let hf = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, dispatcher)?);

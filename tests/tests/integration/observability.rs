@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
     ask_tcp, holdfast_bin, netns_and_sandbox, netns_and_sandbox_with_tools, netns_or_skip,
-    process_gone, run_ok, skip_unless, toml_str, wait_for, Holdfast, RunOptions, Sandbox, PYTHON,
+    process_gone, run_ok, skip_unless, wait_for, Holdfast, RunOptions, Sandbox, PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -463,13 +463,7 @@ exec sleep 1000
         go1 = go1.display(),
         go2 = go2.display()
     );
-    sandbox.write_unit(
-        "chatty",
-        &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
-            toml_str(&script)
-        ),
-    )?;
+    sandbox.write_sh_unit("chatty", &script)?;
     Ok(())
 }
 

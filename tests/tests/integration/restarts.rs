@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, netns_and_sandbox, process_gone, skip_unless, toml_str, wait_for, Holdfast, LoopClient,
+    ask_tcp, netns_and_sandbox, process_gone, restart_always, skip_unless, wait_for, Holdfast,
+    LoopClient,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -16,15 +17,7 @@ const T: Duration = Duration::from_secs(10);
 fn kill_9_in_a_loop_refuses_no_connection() -> Result<()> {
     const KILLS: usize = 20;
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_serve_unit(
-        "web",
-        8080,
-        r#"restart = "always"
-restart-delay = "100ms"
-restart-delay-max = "300ms"
-start-limit-burst = 1000
-start-limit-interval = "10s""#,
-    )?;
+    sandbox.write_serve_unit("web", 8080, &restart_always("100ms", "300ms", 1000, "10s"))?;
     let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "web")?;
     let addr: SocketAddr = "127.0.0.1:8080".parse()?;
 
@@ -68,20 +61,7 @@ fn crash_loop_backs_off_and_fails_while_others_keep_running() -> Result<()> {
         "st=$(cut -d' ' -f22 /proc/$$/stat); read up _ < /proc/uptime; echo \"$st $up\" >> {}; exit 3",
         starts.display()
     );
-    sandbox.write_unit(
-        "crash",
-        &format!(
-            r#"[service]
-exec = ["/bin/sh", "-c", {script}]
-restart = "always"
-restart-delay = "300ms"
-restart-delay-max = "10s"
-start-limit-burst = 3
-start-limit-interval = "30s"
-"#,
-            script = toml_str(&script)
-        ),
-    )?;
+    sandbox.write_sh_service("crash", &script, &restart_always("300ms", "10s", 3, "30s"))?;
     sandbox.write_serve_unit("steady", 8080, "")?;
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
     let (mut hf, steady) = Holdfast::start_running(&ns, sandbox, "steady")?;

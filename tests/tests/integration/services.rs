@@ -166,13 +166,7 @@ fn orphans_are_adopted_and_reaped_by_holdfast() -> Result<()> {
         "sh -c 'sleep 1 & echo $! > {}'; exec sleep 1000",
         orphan_file.display()
     );
-    sandbox.write_unit(
-        "parent",
-        &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
-            toml_str(&script)
-        ),
-    )?;
+    sandbox.write_sh_unit("parent", &script)?;
     let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "parent")?;
     let orphan: i32 = wait_for("the orphan's pid", T, || {
         std::fs::read_to_string(&orphan_file)
@@ -221,18 +215,16 @@ fn a_plain_service_gets_umask_groups_no_new_privs_and_environment_files() -> any
          echo \"$FROM_FILE\"; }} > {r}.tmp && mv {r}.tmp {r}; exec sleep 1000",
         r = report.display()
     );
-    sandbox.write_unit(
+    sandbox.write_sh_service(
         "plain",
+        &script,
         &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\numask = \"0027\"\n\
-             no-new-privileges = true\nsupplementary-groups = [\"4242\"]\n\
-             environment-file = [{}]\nrestart = \"never\"\n",
-            toml_str(&script),
+            "umask = \"0027\"\nno-new-privileges = true\nsupplementary-groups = [\"4242\"]\n\
+             environment-file = [{}]\nrestart = \"never\"",
             toml_str(&env_file.to_string_lossy()),
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("plain", Duration::from_secs(10))?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "plain")?;
     let said = wait_for("the service's report", Duration::from_secs(10), || {
         std::fs::read_to_string(&report).ok()
     })?;
