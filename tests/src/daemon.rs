@@ -329,6 +329,18 @@ impl Holdfast {
             .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
     }
 
+    /// Waits up to `timeout` until the daemon has logged a line containing every
+    /// one of `parts`; returns that line (fails with the whole log).
+    pub fn wait_log_line(&self, parts: &[&str], timeout: Duration) -> Result<String> {
+        wait_for(&format!("a log line with {parts:?}"), timeout, || {
+            self.log()
+                .lines()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .map(String::from)
+        })
+        .with_context(|| format!("the daemon's log:\n{}", self.log()))
+    }
+
     /// Runs `holdfast ARGS… --state-dir <state>`, bounded by [`CLI_TIMEOUT`].
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
         let mut cmd = Command::new(holdfast_bin());

@@ -355,8 +355,6 @@ fn an_exec_reload_running_across_an_upgrade_ends_in_the_new_holdfast() -> Result
     let s = hf.wait_state("web", "running", T)?;
     ensure!(s["pid"] == pid && s["restarts"] == 0, "{s}");
     // The new holdfast reaped it and ended the reload.
-    wait_for("the reload's end in the log", T, || {
-        hf.log().contains("reloaded (exec-reload)").then_some(())
-    })?;
+    hf.wait_log_line(&["reloaded (exec-reload)"], T)?;
     Ok(())
 }

@@ -105,13 +105,7 @@ fn fd_store_max_bounds_the_store() -> Result<()> {
         Ok(())
     })??;
     // The third message is read after the first two: once it is logged, it is settled.
-    holdfast_testkit::wait_for("the refusal in the log", T, || {
-        hf.log()
-            .lines()
-            .any(|l| l.contains("fd store refused an fd") && l.contains("three"))
-            .then_some(())
-    })
-    .with_context(|| hf.log())?;
+    hf.wait_log_line(&["fd store refused an fd", "three"], T)?;
     let s = hf.service("web")?;
     assert_eq!(s["fd_store"], json!(["one", "two"]), "{s}");
 

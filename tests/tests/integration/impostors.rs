@@ -16,6 +16,8 @@ use nix::sys::signal::Signal;
 const T: Duration = Duration::from_secs(10);
 /// nobody:nogroup on Debian.
 const NOBODY: u32 = 65534;
+/// What the daemon logs when it refuses a notify message.
+const OUTSIDER_IGNORED: &str = "notify: message from a process outside the service ignored";
 
 #[test]
 fn short_lived_senders_of_the_services_uid_cannot_make_it_ready() -> Result<()> {
@@ -48,11 +50,7 @@ fn short_lived_senders_of_the_services_uid_cannot_make_it_ready() -> Result<()> 
     })();
     hf.signal(Signal::SIGCONT)?;
     sent?;
-    wait_for("the daemon to read and refuse them", T, || {
-        hf.log()
-            .contains("notify: message from a process outside the service ignored")
-            .then_some(())
-    })?;
+    hf.wait_log_line(&[OUTSIDER_IGNORED], T)?;
     std::thread::sleep(Duration::from_millis(300));
     let s = hf.service("late")?;
     ensure!(s["state"] == "starting", "a stranger made it ready: {s}");
@@ -104,11 +102,7 @@ fn a_service_cannot_speak_for_another_of_the_same_user_even_in_its_process_group
     wait_for("the impostor to have sent", T, || {
         tried.exists().then_some(())
     })?;
-    wait_for("the daemon to refuse it", T, || {
-        hf.log()
-            .contains("notify: message from a process outside the service ignored")
-            .then_some(())
-    })?;
+    hf.wait_log_line(&[OUTSIDER_IGNORED], T)?;
     std::thread::sleep(Duration::from_millis(300));
     let s = hf.service("victim")?;
     ensure!(

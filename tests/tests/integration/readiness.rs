@@ -33,17 +33,6 @@ fn shell_unit(script: &str, extra: &str) -> String {
     )
 }
 
-/// Waits until the daemon has logged a line containing every one of `parts`.
-fn wait_log(hf: &Holdfast, parts: &[&str]) -> Result<String> {
-    wait_for(&format!("a log line with {parts:?}"), T, || {
-        hf.log()
-            .lines()
-            .find(|l| parts.iter().all(|p| l.contains(p)))
-            .map(String::from)
-    })
-    .with_context(|| format!("the daemon's log:\n{}", hf.log()))
-}
-
 fn touch(p: &Path) -> Result<()> {
     std::fs::write(p, b"").with_context(|| format!("create {}", p.display()))
 }
@@ -204,13 +193,8 @@ fn mainpid_moves_the_main_process_within_the_service_only() -> Result<()> {
     // Outside the service: pid 1, and this test process.
     for outside in [1, std::process::id() as i32] {
         tell(web(), &format!("notify MAINPID={outside}"))?;
-        wait_log(
-            &hf,
-            &[
-                "MAINPID= names a process outside the service",
-                &format!("pid={outside}"),
-            ],
-        )?;
+        let pid = format!("pid={outside}");
+        hf.wait_log_line(&["MAINPID= names a process outside the service", &pid], T)?;
         assert_eq!(hf.service("py")?["pid"], first, "MAINPID={outside} obeyed");
     }
 
@@ -294,10 +278,7 @@ fn a_mainpid_reaped_by_its_own_parent_is_seen_to_exit_and_its_reused_pid_gets_no
         "the process that got the old main pid was signalled; log:\n{}",
         hf.log()
     );
-    wait_log(
-        &hf,
-        &["its exit status is unknown", &format!("pid={child}")],
-    )?;
+    hf.wait_log_line(&["its exit status is unknown", &format!("pid={child}")], T)?;
     let s = hf.wait_service("py", T, |s| {
         s["state"] == "running" && s["pid"].is_i64() && s["pid"] != child && s["pid"] != first
     })?;
@@ -403,7 +384,7 @@ fn never_running_and_restarted(hf: &Holdfast, name: &str) -> Result<()> {
         "{name} left {} after its start timeout: {s}",
         s["state"]
     );
-    wait_log(hf, &["did not send READY=1 within start-timeout", name])?;
+    hf.wait_log_line(&["did not send READY=1 within start-timeout", name], T)?;
     Ok(())
 }
 
@@ -440,7 +421,8 @@ fn foreign_senders_are_ignored() -> Result<()> {
     let s = hf.wait_state("py", "starting", T)?;
     let pid = s["pid"].clone();
     let refused = |pid: i32| -> Result<()> {
-        wait_log(&hf, &["outside the service ignored", &format!("pid={pid}")]).map(drop)
+        hf.wait_log_line(&["outside the service ignored", &format!("pid={pid}")], T)
+            .map(drop)
     };
 
     // This test process: root, alive, in a process group of its own.

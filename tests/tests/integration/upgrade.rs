@@ -19,20 +19,8 @@ const UPGRADES: usize = 20;
 /// dispatcher, one port in bind mode).
 fn web_unit(sandbox: &Sandbox, ports: &str) -> Result<()> {
     let exec = sandbox.serve_exec("web")?;
-    sandbox.write_unit(
-        "web",
-        &format!(
-            r#"[service]
-exec = {exec}
-restart = "always"
-
-[[socket]]
-protocol = "tcp"
-addresses = ["127.0.0.1/32"]
-ports = ["{ports}"]
-"#
-        ),
-    )?;
+    let service = format!("exec = {exec}\nrestart = \"always\"");
+    sandbox.write_tcp_unit("web", &service, "web", &["127.0.0.1/32"], &[ports], "")?;
     Ok(())
 }
 
