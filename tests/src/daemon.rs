@@ -376,6 +376,17 @@ impl Holdfast {
         }
     }
 
+    /// Fails, with `what` and the rows, unless the first row of `holdfast bindings`
+    /// has counted its `counter` (`lookups`, `denied`, …) at least once.
+    pub fn expect_first_binding_counted(&self, counter: &str, what: &str) -> Result<()> {
+        let rows = self.bindings()?;
+        let counted = rows.first().and_then(|r| r[counter].as_u64()).unwrap_or(0);
+        if counted == 0 {
+            bail!("{what}: no {counter} counted in the first binding: {rows:?}");
+        }
+        Ok(())
+    }
+
     /// `holdfast status --json`: the JSON array of services.
     pub fn status(&self) -> Result<Value> {
         let text = self.cli_ok(&["status", "--json"])?;

@@ -100,6 +100,15 @@ fn pin_dir(instance: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(instance)
 }
 
+/// [`netns_with_local_routes`] for [`ROUTES`] and a fresh [`Sandbox`]: `Ok(None)`
+/// means skip.
+fn routed_netns_and_sandbox() -> Result<Option<(Netns, Sandbox)>> {
+    let Some(ns) = netns_with_local_routes(ROUTES)? else {
+        return Ok(None);
+    };
+    Ok(Some((ns, Sandbox::new()?)))
+}
+
 /// `holdfast run --instance INSTANCE` with the dispatcher; `None`: skip (no BPF,
 /// outside CI).
 fn start_dispatched(ns: &Netns, sandbox: Sandbox, instance: &str) -> Result<Option<Holdfast>> {
@@ -332,8 +341,7 @@ fn serve_unit(
 
 #[test]
 fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Result<()> {
-    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     let ports = ["80", "8000-8099"];
     serve_unit(&sandbox, "web", "tcp", &[V4, V6], &ports, "")?;
     serve_unit(&sandbox, "dns", "udp", &[V4, V6], &ports, "")?;
@@ -571,8 +579,7 @@ fn equally_specific_overlap_is_refused_naming_both_units() -> Result<()> {
 
 #[test]
 fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
-    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     serve_unit(&sandbox, "dual", "tcp", &[V4, V6], &["8000-8099"], "")?;
     let inst = instance("dual");
     let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
@@ -605,8 +612,7 @@ fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
 #[test]
 fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
     const KILLS: usize = 10;
-    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     serve_unit(
         &sandbox,
         "web",
@@ -644,8 +650,7 @@ fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
 
 #[test]
 fn a_binding_on_all_ports_serves_any_port() -> Result<()> {
-    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     serve_unit(&sandbox, "any", "tcp", &[V4, V6], &["1-65535"], "")?;
     let inst = instance("allports");
     let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
@@ -757,8 +762,7 @@ fn without_bpf_a_range_unit_is_refused_naming_unit_socket_and_reason() -> Result
 
 #[test]
 fn netns_flag_serves_inside_the_named_namespace() -> Result<()> {
-    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     serve_unit(&sandbox, "web", "tcp", &[V4, V6], &["8000-8099"], "")?;
     let inst = instance("netnsflag");
     let ns_path = ns.path().to_string_lossy().into_owned();

@@ -72,14 +72,12 @@ ports = ["8053"]
 
 /// "web" and "dns" of [`write_web_dns_and`] answer as the instance `pid`.
 fn ask_web_and_dns(ns: &Netns, pid: i32) -> Result<()> {
-    let (web, dns) = ns.run(|| -> Result<_> {
-        Ok((
-            ask_tcp("127.0.0.1:8001".parse()?, T)?,
-            ask_udp("[::1]:8053".parse()?, T)?,
-        ))
-    })??;
-    assert_eq!(web, format!("web {pid}\n"));
-    assert_eq!(dns, format!("dns {pid}\n"));
+    let _inside = ns.enter()?;
+    assert_eq!(
+        ask_tcp("127.0.0.1:8001".parse()?, T)?,
+        format!("web {pid}\n")
+    );
+    assert_eq!(ask_udp("[::1]:8053".parse()?, T)?, format!("dns {pid}\n"));
     Ok(())
 }
 
@@ -175,14 +173,13 @@ fn with_the_dispatcher_getsockname_shows_the_one_declared_address_and_port() -> 
         "the wide socket is on a port the kernel chose: {report}"
     );
     ask_web_and_dns(&ns, pid)?;
-    let (far, wide_answer) = ns.run(|| -> Result<_> {
-        Ok((
-            ask_tcp("192.0.2.7:80".parse()?, T)?,
-            ask_tcp("192.0.2.200:8085".parse()?, T)?,
-        ))
-    })??;
-    assert_eq!(far, format!("far {pid}\n"));
-    assert_eq!(wide_answer, format!("wide {wide}\n"));
+    let inside = ns.enter()?;
+    assert_eq!(ask_tcp("192.0.2.7:80".parse()?, T)?, format!("far {pid}\n"));
+    assert_eq!(
+        ask_tcp("192.0.2.200:8085".parse()?, T)?,
+        format!("wide {wide}\n")
+    );
+    drop(inside);
     // Steered all the same: the dispatcher counted a lookup on every binding.
     let rows = hf.bindings()?;
     assert_eq!(rows.len(), 4, "{rows:?}");

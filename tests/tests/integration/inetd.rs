@@ -1007,12 +1007,7 @@ fn deny_holds_on_a_socket_bound_to_its_one_address_and_port() -> Result<()> {
             "a denied source reached the socket bound to its address: {got:?}"
         );
     })?;
-    let rows = hf.bindings()?;
-    assert!(
-        rows.first()
-            .is_some_and(|r| r["denied"].as_u64() >= Some(1)),
-        "the dispatcher's denied counter: {rows:?}"
-    );
+    hf.expect_first_binding_counted("denied", "the dispatcher's denied counter")?;
     hf.stop()
 }
 
@@ -1137,13 +1132,22 @@ fn check_on_demand(ns: &Netns, hf: &Holdfast, ask: &dyn Fn() -> Result<String>) 
     Ok(())
 }
 
+/// The daemon in a fresh namespace with [`on_demand_echo`] as unit `echo`, under
+/// the skip policy (root, a namespace, [`example_echo_on_path`]): `Ok(None)` means skip.
+fn on_demand_echo_daemon(protocol: &str, port: u16) -> Result<Option<(Netns, Holdfast)>> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(None);
+    };
+    if !example_echo_on_path() {
+        return Ok(None);
+    }
+    let hf = Holdfast::start(&ns, &[("echo", &on_demand_echo(protocol, port))])?;
+    Ok(Some((ns, hf)))
+}
+
 #[test]
 fn on_demand_udp_echo_starts_on_the_first_datagram_and_again_after_it_exits() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !example_echo_on_path() {
-        return Ok(());
-    }
-    let mut hf = Holdfast::start(&ns, &[("echo", &on_demand_echo("udp", 7700))])?;
+    let (ns, mut hf) = skip_unless!(on_demand_echo_daemon("udp", 7700)?);
     check_on_demand(&ns, &hf, &|| {
         Ok(ns.run(|| ask_udp(sa("127.0.0.1:7700"), T))??)
     })?;
@@ -1152,11 +1156,7 @@ fn on_demand_udp_echo_starts_on_the_first_datagram_and_again_after_it_exits() ->
 
 #[test]
 fn on_demand_tcp_echo_starts_on_the_first_connection_and_again_after_it_exits() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !example_echo_on_path() {
-        return Ok(());
-    }
-    let mut hf = Holdfast::start(&ns, &[("echo", &on_demand_echo("tcp", 7701))])?;
+    let (ns, mut hf) = skip_unless!(on_demand_echo_daemon("tcp", 7701)?);
     check_on_demand(&ns, &hf, &|| match ns
         .run(|| try_line(None, sa("127.0.0.1:7701"), "ping", T))?
     {

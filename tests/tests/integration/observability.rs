@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
     ask_tcp, holdfast_bin, netns_and_sandbox, netns_and_sandbox_with_tools, netns_or_skip,
-    process_gone, run_ok, skip_unless, wait_for, Holdfast, RunOptions, Sandbox, PYTHON,
+    process_gone, run_ok, skip_unless, wait_for, Holdfast, Netns, RunOptions, Sandbox, PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -604,21 +604,29 @@ fn json_lines(log: &str) -> Result<Vec<Value>> {
         .collect()
 }
 
-#[test]
-fn json_log_lines_parse_and_name_their_service() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_serve_unit("web", 8080, "restart = \"always\"")?;
+/// Starts the daemon on `sandbox` with `--log-format json` and `RUST_LOG=rust_log`,
+/// and waits until its serve.py service `web` runs and its first line is in
+/// `holdfast logs`: the daemon and web's pid.
+fn start_logging_json(ns: &Netns, sandbox: Sandbox, rust_log: &str) -> Result<(Holdfast, i32)> {
     let opts = RunOptions {
         args: vec!["--log-format".into(), "json".into()],
-        env: vec![("RUST_LOG".into(), "debug".into())],
+        env: vec![("RUST_LOG".into(), rust_log.into())],
         ..RunOptions::default()
     };
-    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
+    let hf = Holdfast::start_with(ns, sandbox, &opts)?;
     let pid = hf.wait_running("web", T)?;
     wait_for("web's first line", T, || {
         let out = hf.cli_ok(&["logs", "web"]).ok()?;
         out.contains(&format!("serving pid {pid}")).then_some(())
     })?;
+    Ok((hf, pid))
+}
+
+#[test]
+fn json_log_lines_parse_and_name_their_service() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    sandbox.write_serve_unit("web", 8080, "restart = \"always\"")?;
+    let (mut hf, pid) = start_logging_json(&ns, sandbox, "debug")?;
     kill(Pid::from_raw(pid), Signal::SIGKILL)?;
     let next = hf.wait_service("web", T, |s| s["pid"].is_i64() && s["pid"] != pid)?;
     let next = next["pid"].as_i64().context("pid")?;
@@ -668,17 +676,7 @@ fn rust_log_sets_the_level() -> Result<()> {
         "stubborn",
         "[service]\nexec = [\"/bin/sh\", \"-c\", \"trap '' TERM; while :; do sleep 0.1; done\"]\nstop-timeout = \"300ms\"\n",
     )?;
-    let opts = RunOptions {
-        args: vec!["--log-format".into(), "json".into()],
-        env: vec![("RUST_LOG".into(), "warn".into())],
-        ..RunOptions::default()
-    };
-    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
-    let pid = hf.wait_running("web", T)?;
-    wait_for("web's output", T, || {
-        let out = hf.cli_ok(&["logs", "web"]).ok()?;
-        out.contains(&format!("serving pid {pid}")).then_some(())
-    })?;
+    let (mut hf, _) = start_logging_json(&ns, sandbox, "warn")?;
     hf.wait_running("stubborn", T)?;
     hf.stop()?;
     let log = hf.log();
