@@ -65,6 +65,14 @@ pub fn holdfast_check(dir: &Path, want: i32) -> Result<String> {
     Ok(stderr)
 }
 
+/// Writes `toml` as the one unit NAME of a fresh [`Sandbox`] and runs
+/// [`holdfast_check`] on it, which must exit `want`: its stderr.
+pub fn holdfast_check_unit(name: &str, toml: &str, want: i32) -> Result<String> {
+    let sandbox = Sandbox::new()?;
+    sandbox.write_unit(name, toml)?;
+    holdfast_check(&sandbox.units_dir(), want)
+}
+
 /// A dispatcher instance name (`holdfast run --instance`) that no other test, nor
 /// another run of the tests, uses: `test-<pid>-TAG`.
 pub fn dispatcher_instance(tag: &str) -> String {

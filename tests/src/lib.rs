@@ -76,8 +76,8 @@ use anyhow::{bail, Context, Result};
 pub use activate::{free_port, loopback4, loopback6, Activated, HandedFds, SOCKET_ACTIVATE};
 pub use cgroup::CgroupRoot;
 pub use daemon::{
-    dispatcher_instance, holdfast_bin, holdfast_check, holdfast_cli, Holdfast, RunOptions,
-    CLI_TIMEOUT, DAEMON_ARGS_ENV, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
+    dispatcher_instance, holdfast_bin, holdfast_check, holdfast_check_unit, holdfast_cli, Holdfast,
+    RunOptions, CLI_TIMEOUT, DAEMON_ARGS_ENV, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
 };
 pub use handoff::{check_handoff, ExpectSocket};
 pub use load::{wrk, WrkReport};

@@ -109,23 +109,25 @@ fn routed_netns_and_sandbox() -> Result<Option<(Netns, Sandbox)>> {
     Ok(Some((ns, Sandbox::new()?)))
 }
 
-/// `holdfast run --instance INSTANCE` with the dispatcher; `None`: skip (no BPF,
+/// `holdfast run --instance INSTANCE` with the dispatcher, INSTANCE the
+/// [`instance`] of `tag`: the daemon and INSTANCE; `None`: skip (no BPF,
 /// outside CI).
-fn start_dispatched(ns: &Netns, sandbox: Sandbox, instance: &str) -> Result<Option<Holdfast>> {
+fn start_dispatched(ns: &Netns, sandbox: Sandbox, tag: &str) -> Result<Option<(Holdfast, String)>> {
+    let instance = instance(tag);
     let opts = RunOptions {
-        args: vec!["--instance".into(), instance.into()],
+        args: vec!["--instance".into(), instance.clone()],
         ..RunOptions::default()
     };
-    let hf = Holdfast::start_dispatched(ns, sandbox, &opts)?;
-    if let Some(hf) = &hf {
-        ensure!(
-            pin_dir(instance).is_dir(),
-            "holdfast runs with the dispatcher but nothing is pinned at {}; its log:\n{}",
-            pin_dir(instance).display(),
-            hf.log()
-        );
-    }
-    Ok(hf)
+    let Some(hf) = Holdfast::start_dispatched(ns, sandbox, &opts)? else {
+        return Ok(None);
+    };
+    ensure!(
+        pin_dir(&instance).is_dir(),
+        "holdfast runs with the dispatcher but nothing is pinned at {}; its log:\n{}",
+        pin_dir(&instance).display(),
+        hf.log()
+    );
+    Ok(Some((hf, instance)))
 }
 
 /// SIGTERM, exit 0, and nothing left under the instance's pin directory.
@@ -345,8 +347,7 @@ fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Res
     let ports = ["80", "8000-8099"];
     serve_unit(&sandbox, "web", "tcp", &[V4, V6], &ports, "")?;
     serve_unit(&sandbox, "dns", "udp", &[V4, V6], &ports, "")?;
-    let inst = instance("ranges");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "ranges")?);
     let web = hf.wait_running("web", T)?;
     let dns = hf.wait_running("dns", T)?;
     let mut rng = Rng::new("ranges");
@@ -439,8 +440,7 @@ fn echo_answers_tcp_and_connected_udp_clients_from_the_address_and_port_they_use
         );
     }
     sandbox.write_unit("echo", &unit)?;
-    let inst = instance("echo");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "echo")?);
     hf.wait_running("echo", T)?;
     let mut rng = Rng::new("echo");
     let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
@@ -509,8 +509,7 @@ fn longer_prefix_wins_then_narrower_port_range() -> Result<()> {
             ),
         )?;
     }
-    let inst = instance("precedence");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "precedence")?);
     let mut pids = std::collections::BTreeMap::new();
     for (name, _, _) in units {
         pids.insert(name, hf.wait_running(name, T)?);
@@ -581,8 +580,7 @@ fn equally_specific_overlap_is_refused_naming_both_units() -> Result<()> {
 fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
     let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     serve_unit(&sandbox, "dual", "tcp", &[V4, V6], &["8000-8099"], "")?;
-    let inst = instance("dual");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "dual")?);
     let pid = hf.wait_running("dual", T)?;
     let report = hf.sandbox().wait_report("dual", T, |r| r["pid"] == pid)?;
     let sockets = report["sockets"].as_array().cloned().unwrap_or_default();
@@ -621,8 +619,7 @@ fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
         &["8000-8099"],
         "restart = \"always\"\nrestart-delay = \"50ms\"\nrestart-delay-max = \"200ms\"\nstart-limit-burst = 1000",
     )?;
-    let inst = instance("kill9");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "kill9")?);
     hf.wait_running("web", T)?;
     let mut rng = Rng::new("kill9");
     let background: Vec<(SocketAddr, String)> = random_targets(&mut rng, 10)
@@ -652,8 +649,7 @@ fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
 fn a_binding_on_all_ports_serves_any_port() -> Result<()> {
     let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     serve_unit(&sandbox, "any", "tcp", &[V4, V6], &["1-65535"], "")?;
-    let inst = instance("allports");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "allports")?);
     let pid = hf.wait_running("any", T)?;
     let mut rng = Rng::new("allports");
     let targets = inside(&mut rng, &[V4, V6], &[(1, 65535)]);

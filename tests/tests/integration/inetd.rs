@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_udp, dispatcher_instance, holdfast_bin, holdfast_check, netns_and_sandbox,
+    ask_udp, dispatcher_instance, holdfast_bin, holdfast_check_unit, netns_and_sandbox,
     netns_and_sandbox_with_tools, netns_or_skip, netns_with_local_routes, require, run_bounded,
     run_ok, skip_unless, toml_array, toml_str, wait_for, Holdfast, Netns, RunOptions, Sandbox,
     PYTHON,
@@ -1217,12 +1217,11 @@ fn on_demand_service_failing_on_queued_traffic_backs_off_and_counts_restarts() -
 
 #[test]
 fn accept_on_udp_is_refused_pointing_to_on_demand() -> Result<()> {
-    let sandbox = Sandbox::new()?;
-    sandbox.write_unit(
+    let err = holdfast_check_unit(
         "dns",
         "[service]\nexec = [\"/bin/cat\"]\n\n[[socket]]\nprotocol = \"udp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"53\"]\naccept = true\n",
+        1,
     )?;
-    let err = holdfast_check(&sandbox.units_dir(), 1)?;
     assert!(
         err.contains("dns") && err.contains("accept") && err.contains("on-demand = true"),
         "the error names the unit and the key and points to on-demand = true: {err}"

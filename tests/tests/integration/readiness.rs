@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
     netns_and_sandbox, netns_and_sandbox_with_tools, process_gone, reply_pid, send_notify_as,
-    send_notify_from_here, skip_unless, tell, toml_str, wait_for, Holdfast,
+    send_notify_from_here, skip_unless, tell, toml_str, wait_for, Holdfast, Netns, Sandbox,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -362,11 +362,13 @@ fn watch(hf: &Holdfast, name: &str, d: Duration) -> Result<Vec<Value>> {
 const NEVER_READY_POLICY: &str = "start-timeout = \"500ms\"\nrestart-delay = \"100ms\"\n\
     restart-delay-max = \"200ms\"\nstart-limit-burst = 100";
 
-/// Watches `name`, a notify service that never says READY=1, for 3 s: never
-/// running or ready, stopped at its start-timeout (500 ms) and restarted (the
-/// default `restart = "on-failure"`) again and again.
-fn never_running_and_restarted(hf: &Holdfast, name: &str) -> Result<()> {
-    for s in watch(hf, name, Duration::from_secs(3))? {
+/// Starts the daemon on `sandbox` and watches `name`, a notify service that
+/// never says READY=1, for 3 s: never running or ready, stopped at its
+/// start-timeout (500 ms) and restarted (the default `restart = "on-failure"`)
+/// again and again; then stops the daemon.
+fn never_running_and_restarted(ns: &Netns, sandbox: Sandbox, name: &str) -> Result<()> {
+    let mut hf = Holdfast::start_in(ns, sandbox)?;
+    for s in watch(&hf, name, Duration::from_secs(3))? {
         ensure!(
             s["state"] != "running" && s["ready"] != true,
             "never said READY=1, yet {s}"
@@ -385,7 +387,7 @@ fn never_running_and_restarted(hf: &Holdfast, name: &str) -> Result<()> {
         s["state"]
     );
     hf.wait_log_line(&["did not send READY=1 within start-timeout", name], T)?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -395,9 +397,7 @@ fn never_ready_is_stopped_at_start_timeout_and_restarted() -> Result<()> {
     // The shell dies of the SIGTERM.
     let script = format!("echo $$ >> {}; exec sleep 1000", starts.display());
     sandbox.write_unit("mute", &shell_unit(&script, NEVER_READY_POLICY))?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    never_running_and_restarted(&hf, "mute")?;
-    hf.stop()
+    never_running_and_restarted(&ns, sandbox, "mute")
 }
 
 /// systemd counts a start timeout as a failure (result "timeout") whatever the
@@ -407,9 +407,7 @@ fn never_ready_is_stopped_at_start_timeout_and_restarted() -> Result<()> {
 fn never_ready_that_exits_0_on_sigterm_is_restarted_too() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_notifier_unit("polite", 8080, &[], NEVER_READY_POLICY)?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    never_running_and_restarted(&hf, "polite")?;
-    hf.stop()
+    never_running_and_restarted(&ns, sandbox, "polite")
 }
 
 #[test]

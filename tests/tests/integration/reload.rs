@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
     ask_tcp, netns_and_sandbox, netns_or_skip, process_gone, skip_unless, toml_array, wait_for,
-    Holdfast, LoopClient, Netns, RunOptions, Sandbox, PYTHON,
+    Holdfast, LoopClient, Netns, Sandbox, PYTHON,
 };
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
@@ -82,12 +82,17 @@ fn stubborn_unit(sandbox: &Sandbox, name: &str, addresses: &[&str]) -> Result<Pa
     Ok(socket_file)
 }
 
-/// The daemon with the sk_lookup dispatcher, [`PREFIXES`] local; `None`: skip.
-fn start_dispatched(ns: &Netns, sandbox: Sandbox) -> Result<Option<Holdfast>> {
+/// The daemon with the sk_lookup dispatcher, [`PREFIXES`] local, once service
+/// `name` runs: the daemon and `name`'s pid; `None`: skip.
+fn start_dispatched(ns: &Netns, sandbox: Sandbox, name: &str) -> Result<Option<(Holdfast, i32)>> {
     for prefix in PREFIXES {
         ns.add_local_route(prefix)?;
     }
-    Holdfast::start_dispatched(ns, sandbox, &RunOptions::default())
+    let Some(hf) = Holdfast::start_in_mode(ns, sandbox, true)? else {
+        return Ok(None);
+    };
+    let pid = hf.wait_running(name, T)?;
+    Ok(Some((hf, pid)))
 }
 
 /// One connection from the calling thread (which must be inside the namespace).
@@ -189,8 +194,7 @@ fn reload_adds_and_removes_units_and_leaves_the_unchanged_alone() -> Result<()> 
     // `gone` ignores SIGTERM: its stop lasts its stop-timeout, time enough to see
     // that its binding is removed before the stop is over.
     let gone_socket_file = stubborn_unit(&sandbox, "gone", &["192.0.2.2/32"])?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let keep = hf.wait_running("keep", T)?;
+    let (mut hf, keep) = skip_unless!(start_dispatched(&ns, sandbox, "keep")?);
     let gone = hf.wait_running("gone", T)?;
     let gone_socket = wait_for("gone's socket inode", T, || {
         fs::read_to_string(&gone_socket_file).ok()
@@ -272,8 +276,7 @@ fn reload_adds_and_removes_units_and_leaves_the_unchanged_alone() -> Result<()> 
 fn rebinding_keeps_the_socket_and_the_process() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     serve_unit(&sandbox, "web", &["192.0.2.0/25"], &["80"], "", "")?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let pid = hf.wait_running("web", T)?;
+    let (mut hf, pid) = skip_unless!(start_dispatched(&ns, sandbox, "web")?);
     let (_, socket) = reported_socket(hf.sandbox(), "web", pid)?;
     let destination = bindings_of(&hf, "web")?[0]["destination"].clone();
     let _inside = ns.enter()?;
@@ -343,8 +346,7 @@ fn rebinding_keeps_the_socket_and_the_process() -> Result<()> {
 fn a_one_address_socket_whose_address_changes_moves_to_a_new_socket() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     serve_unit(&sandbox, "web", &["192.0.2.9/32"], &["80"], "", "")?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = skip_unless!(start_dispatched(&ns, sandbox, "web")?);
     let (report, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
     assert_eq!(report["sockets"][0]["address"], json!(["192.0.2.9", 80]));
 
@@ -505,8 +507,7 @@ fn socket_option_case(overlap: bool, old_closed: bool, declared: &str) -> Result
     let (mode, may_fail) = mode_lines(overlap);
     let sandbox = Sandbox::new()?;
     serve_unit(&sandbox, "web", &[declared], &["80"], mode, "backlog = 16")?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = skip_unless!(start_dispatched(&ns, sandbox, "web")?);
     let (report, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
     expect_bound(&report, declared)?;
     assert_eq!(backlog_limit(&hf, "web")?, Some(16));
@@ -812,8 +813,7 @@ fn bindings_change_atomically_while_a_client_connects_in_a_loop() -> Result<()> 
     const RELOADS: usize = 30;
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     write_set(&sandbox, false)?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let x = hf.wait_running("x", T)?;
+    let (mut hf, x) = skip_unless!(start_dispatched(&ns, sandbox, "x")?);
     let z = hf.wait_running("z", T)?;
     let client = LoopClient::start(
         &ns,
@@ -872,8 +872,7 @@ fn a_unit_added_back_while_its_removal_is_stopping() -> Result<()> {
     let socket_file = stubborn_unit(&sandbox, "w", &["192.0.2.0/25"])?;
     let unit = fs::read_to_string(sandbox.units_dir().join("w.toml"))?;
     serve_unit(&sandbox, "a", &["192.0.2.200/32"], &["80"], "", "")?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let old = hf.wait_running("w", T)?;
+    let (mut hf, old) = skip_unless!(start_dispatched(&ns, sandbox, "w")?);
     // Its SIGTERM handler is in place once it has written its socket's name.
     wait_for("w's socket inode", T, || {
         fs::read_to_string(&socket_file).ok()

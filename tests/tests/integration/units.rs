@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    holdfast_check, holdfast_cli, netns_and_sandbox, skip_unless, toml_array, Holdfast, Netns,
-    Sandbox,
+    holdfast_check, holdfast_check_unit, holdfast_cli, netns_and_sandbox, skip_unless, toml_array,
+    Holdfast, Netns, Sandbox,
 };
 
 /// One kind of mistake: a unit file and where its diagnostic must point.
@@ -277,12 +277,11 @@ fn check_gives_each_mistake_its_own_clear_message() -> Result<()> {
 
 #[test]
 fn check_reports_two_mistakes_in_one_file() -> Result<()> {
-    let sandbox = Sandbox::new()?;
-    sandbox.write_unit(
+    let stderr = holdfast_check_unit(
         "two",
         "[service]\nexec = []\n\n[[socket]]\nprotocol = \"tcp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"70000\"]\n",
+        1,
     )?;
-    let stderr = holdfast_check(&sandbox.units_dir(), 1)?;
     let lines: Vec<usize> = diags_for(&stderr, "two").iter().map(|d| d.line).collect();
     assert!(
         lines.contains(&2) && lines.contains(&7),
