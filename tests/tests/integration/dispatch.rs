@@ -286,6 +286,15 @@ fn expect_all(
     Ok(())
 }
 
+/// [`expect_all`] with every one of `targets` refused.
+fn expect_refused(
+    what: &str,
+    targets: &[SocketAddr],
+    probe: impl Fn(SocketAddr) -> Got,
+) -> Result<()> {
+    expect_all(what, targets, probe, |_| Got::Refused)
+}
+
 /// Samples inside `prefixes` × `ports` (each range's ends included).
 fn inside(rng: &mut Rng, prefixes: &[&str], ports: &[(u16, u16)]) -> Vec<SocketAddr> {
     let mut out = Vec::new();
@@ -376,13 +385,8 @@ fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Res
             |a| got(ask_udp(a, T)),
             |_| Got::Answer(want_dns.clone()),
         )?;
-        expect_all("tcp outside", &outside, tcp, |_| Got::Refused)?;
-        expect_all(
-            "udp outside",
-            &outside,
-            |a| udp_connected(a, b"ping"),
-            |_| Got::Refused,
-        )
+        expect_refused("tcp outside", &outside, tcp)?;
+        expect_refused("udp outside", &outside, |a| udp_connected(a, b"ping"))
     })??;
 
     let all = bindings(&hf)?;
@@ -465,18 +469,8 @@ fn echo_answers_tcp_and_connected_udp_clients_from_the_address_and_port_they_use
             |a| udp_connected(a, datagram(a).as_bytes()),
             |a| Got::Answer(datagram(a)),
         )?;
-        expect_all(
-            "tcp outside",
-            &outside,
-            |a| tcp_echo(a, "x\n"),
-            |_| Got::Refused,
-        )?;
-        expect_all(
-            "udp outside",
-            &outside,
-            |a| udp_connected(a, b"x"),
-            |_| Got::Refused,
-        )
+        expect_refused("tcp outside", &outside, |a| tcp_echo(a, "x\n"))?;
+        expect_refused("udp outside", &outside, |a| udp_connected(a, b"x"))
     })??;
     stop_leaves_no_pins(&mut hf, &inst)
 }

@@ -696,6 +696,12 @@ fn rust_log_sets_the_level() -> Result<()> {
     Ok(())
 }
 
+/// The fields of each row of `holdfast metrics --json`, by section.
+const SERVICE_METRICS: &str = "service state restarts ready uptime_seconds last_exit_status instances connections_total denied_total";
+const DESTINATION_METRICS: &str =
+    "service socket destination socket_present lookups misses errors denied";
+const SOCKET_METRICS: &str = "service socket protocol backlog_queued backlog_limit";
+
 #[test]
 fn json_outputs_have_the_documented_fields() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
@@ -705,11 +711,7 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
     sandbox.write_tcp_unit("web", &service, "http", &["192.0.2.0/24"], &ports, "")?;
     sandbox.write_unit("idle", "[service]\nexec = [\"/bin/sleep\", \"1000\"]\n")?;
     ns.add_local_route("192.0.2.0/24")?;
-    let mut hf = skip_unless!(Holdfast::start_dispatched(
-        &ns,
-        sandbox,
-        &RunOptions::default()
-    )?);
+    let mut hf = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, true)?);
     let pid = hf.wait_running("web", T)?;
     hf.wait_running("idle", T)?;
     hf.cli_ok(&["stop", "idle"])?;
@@ -724,19 +726,31 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
         }
         Ok(())
     };
+    // `v`: an array of `count` rows, each with every one of `keys` (names
+    // separated by spaces).
+    let rows_having = |v: &Value, count: usize, keys: &str| -> Result<Vec<Value>> {
+        let rows = v.as_array().with_context(|| format!("not an array: {v}"))?;
+        ensure!(
+            rows.len() == count,
+            "{} rows, want {count}: {v}",
+            rows.len()
+        );
+        let keys: Vec<&str> = keys.split_whitespace().collect();
+        for r in rows {
+            has(r, &keys)?;
+        }
+        Ok(rows.clone())
+    };
+    // The output of `args`: `count` rows, each with every one of the (at least
+    // `least`) fields docs/json.md lists under `heading`.
+    let documented_rows = |args: &[&str], count: usize, heading: &str, least: usize| {
+        let fields = documented_fields(heading)?;
+        ensure!(fields.len() >= least, "{heading}: {fields:?}");
+        rows_having(&json(args)?, count, &fields.join(" ")).with_context(|| format!("{args:?}"))
+    };
 
     // status --json: an array of objects with every field docs/json.md lists.
-    let status = json(&["status", "--json"])?;
-    let rows = status.as_array().context("status --json: an array")?;
-    assert_eq!(rows.len(), 2, "{status}");
-    let status_fields = documented_fields("## `holdfast status")?;
-    assert!(status_fields.len() >= 18, "{status_fields:?}");
-    for r in rows {
-        has(
-            r,
-            &status_fields.iter().map(String::as_str).collect::<Vec<_>>(),
-        )?;
-    }
+    let rows = documented_rows(&["status", "--json"], 2, "## `holdfast status", 18)?;
     let web = rows.iter().find(|r| r["name"] == "web").context("web")?;
     assert_eq!(web["state"], "running");
     assert_eq!(web["pid"], pid);
@@ -757,19 +771,8 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
 
     // bindings --json: one row per prefix × port range.
     ns.run(|| ask_tcp("192.0.2.1:8005".parse().expect("literal"), T))??;
-    let bindings = json(&["bindings", "--json"])?;
-    let rows = bindings.as_array().context("bindings --json: an array")?;
-    assert_eq!(rows.len(), 2, "{bindings}");
-    let binding_fields = documented_fields("## `holdfast bindings")?;
-    assert!(binding_fields.len() >= 11, "{binding_fields:?}");
-    for r in rows {
-        has(
-            r,
-            &binding_fields
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        )?;
+    let rows = documented_rows(&["bindings", "--json"], 2, "## `holdfast bindings", 11)?;
+    for r in &rows {
         assert_eq!(r["service"], "web");
         assert_eq!(r["socket"], "http");
         assert_eq!(r["protocol"], "tcp");
@@ -787,58 +790,16 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
     // metrics --json: {services, destinations, sockets}.
     let m = json(&["metrics", "--json"])?;
     has(&m, &["services", "destinations", "sockets"])?;
-    let services = m["services"].as_array().context("services")?;
-    assert_eq!(services.len(), 2, "{m}");
-    for s in services {
-        has(
-            s,
-            &[
-                "service",
-                "state",
-                "restarts",
-                "ready",
-                "uptime_seconds",
-                "last_exit_status",
-                "instances",
-                "connections_total",
-                "denied_total",
-            ],
-        )?;
-    }
+    let services = rows_having(&m["services"], 2, SERVICE_METRICS).context("services")?;
     let web = services
         .iter()
         .find(|s| s["service"] == "web")
         .context("web")?;
     assert_eq!(web["state"], "running");
     assert_eq!(web["ready"], true);
-    let dests = m["destinations"].as_array().context("destinations")?;
-    assert_eq!(dests.len(), 1, "{m}");
-    has(
-        &dests[0],
-        &[
-            "service",
-            "socket",
-            "destination",
-            "socket_present",
-            "lookups",
-            "misses",
-            "errors",
-            "denied",
-        ],
-    )?;
+    let dests = rows_having(&m["destinations"], 1, DESTINATION_METRICS).context("destinations")?;
     ensure!(dests[0]["lookups"].as_u64() >= Some(1), "{m}");
-    let sockets = m["sockets"].as_array().context("sockets")?;
-    assert_eq!(sockets.len(), 1, "{m}");
-    has(
-        &sockets[0],
-        &[
-            "service",
-            "socket",
-            "protocol",
-            "backlog_queued",
-            "backlog_limit",
-        ],
-    )?;
+    let sockets = rows_having(&m["sockets"], 1, SOCKET_METRICS).context("sockets")?;
     assert_eq!(sockets[0]["backlog_queued"], 0);
     hf.stop()?;
     ensure!(process_gone(pid), "web outlived the daemon");
