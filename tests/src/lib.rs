@@ -83,7 +83,9 @@ pub use handoff::{check_handoff, ExpectSocket};
 pub use load::{wrk, WrkReport};
 pub use loop_client::{parse_answer, LoopClient, Tally};
 pub use netns::{Netns, NetnsGuard};
-pub use notifier::{reply_pid, send_notify_as, send_notify_from_here, tell, NOTIFIER_PY};
+pub use notifier::{
+    netns_and_notifier, reply_pid, send_notify_as, send_notify_from_here, tell, NOTIFIER_PY,
+};
 pub use peer::{
     ask_tcp, ask_udp, ask_unix, control_request_as, proc_cpu_time, proc_state, process_gone,
     PeerOutcome,

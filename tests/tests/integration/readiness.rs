@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    netns_and_sandbox, netns_and_sandbox_with_tools, process_gone, reply_pid, send_notify_as,
-    send_notify_from_here, skip_unless, tell, toml_str, wait_for, Holdfast, Netns, Sandbox,
+    netns_and_notifier, netns_and_sandbox, netns_and_sandbox_with_tools, process_gone, reply_pid,
+    send_notify_as, send_notify_from_here, skip_unless, tell, toml_str, wait_for, Holdfast, Netns,
+    Sandbox,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -133,8 +134,7 @@ fn systemd_notify_is_heard_when_its_sender_is_gone_before_the_read() -> Result<(
 
 #[test]
 fn python_sender_ready_status_reloading_errno_stopping() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("py", 8080, &[], "start-timeout = \"25s\"")?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier("py", &[], "start-timeout = \"25s\"")?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let _inside = ns.enter()?;
     let s = hf.wait_state("py", "starting", T)?;
@@ -184,8 +184,11 @@ fn python_sender_ready_status_reloading_errno_stopping() -> Result<()> {
 
 #[test]
 fn mainpid_moves_the_main_process_within_the_service_only() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("py", 8080, &["--ready"], "restart-delay = \"100ms\"")?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+        "py",
+        &["--ready"],
+        "restart-delay = \"100ms\""
+    )?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let _inside = ns.enter()?;
     let first = hf.wait_running("py", T)?;
@@ -245,13 +248,11 @@ fn stranger_with_pid(pid: i32) -> Result<std::process::Child> {
 #[test]
 fn a_mainpid_reaped_by_its_own_parent_is_seen_to_exit_and_its_reused_pid_gets_no_signal(
 ) -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit(
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
         "py",
-        8080,
         &["--ready"],
-        "restart = \"on-failure\"\nrestart-delay = \"100ms\"",
-    )?;
+        "restart = \"on-failure\"\nrestart-delay = \"100ms\""
+    )?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let _inside = ns.enter()?;
     let first = hf.wait_running("py", T)?;
@@ -289,14 +290,12 @@ fn a_mainpid_reaped_by_its_own_parent_is_seen_to_exit_and_its_reused_pid_gets_no
 
 #[test]
 fn extend_timeout_usec_extends_the_start_timeout() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     // Without the extension it would be stopped 1.5 s after it started.
-    sandbox.write_notifier_unit(
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
         "slow",
-        8080,
         &["--extend", "8000000", "--ready", "--ready-after", "3.5"],
-        "start-timeout = \"1500ms\"\nrestart = \"always\"",
-    )?;
+        "start-timeout = \"1500ms\"\nrestart = \"always\""
+    )?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let started = Instant::now();
     let s = hf.wait_state("slow", "starting", T)?;
@@ -405,15 +404,13 @@ fn never_ready_is_stopped_at_start_timeout_and_restarted() -> Result<()> {
 /// even when the service exits 0 on the SIGTERM.
 #[test]
 fn never_ready_that_exits_0_on_sigterm_is_restarted_too() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("polite", 8080, &[], NEVER_READY_POLICY)?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier("polite", &[], NEVER_READY_POLICY)?);
     never_running_and_restarted(&ns, sandbox, "polite")
 }
 
 #[test]
 fn foreign_senders_are_ignored() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("py", 8080, &[], "start-timeout = \"25s\"")?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier("py", &[], "start-timeout = \"25s\"")?);
     let socket = sandbox.notify_socket("py");
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let s = hf.wait_state("py", "starting", T)?;
@@ -481,13 +478,11 @@ fn foreign_senders_are_ignored() -> Result<()> {
 /// (`status_text`, checked above) and in the table's STATUS column.
 #[test]
 fn status_text_is_shown_by_the_status_table() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit(
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
         "py",
-        8080,
         &["--ready", "--status", "serving-42-clients"],
-        "",
-    )?;
+        ""
+    )?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     hf.wait_service("py", T, |s| s["status_text"] == "serving-42-clients")?;
     let table = hf.cli_ok(&["status"])?;

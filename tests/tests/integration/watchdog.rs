@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use holdfast_testkit::{netns_and_sandbox, skip_unless, tell, Holdfast};
+use holdfast_testkit::{netns_and_notifier, skip_unless, tell, Holdfast};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(10);
@@ -42,8 +42,11 @@ fn restarted_after_abort(hf: &Holdfast, name: &str, old: i32, within: Duration) 
 
 #[test]
 fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("dog", 8080, &["--ready", "--ping"], "watchdog = \"1s\"")?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+        "dog",
+        &["--ready", "--ping"],
+        "watchdog = \"1s\""
+    )?);
     let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "dog")?;
     let report = hf.sandbox().wait_report("dog", T, |r| r["pid"] == pid)?;
     assert_eq!(report["env"]["WATCHDOG_USEC"], "1000000", "{report}");
@@ -68,8 +71,11 @@ fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
 
 #[test]
 fn watchdog_trigger_aborts_at_once() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("dog", 8080, &["--ready", "--ping"], "watchdog = \"20s\"")?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+        "dog",
+        &["--ready", "--ping"],
+        "watchdog = \"20s\""
+    )?);
     let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "dog")?;
     let asked = Instant::now();
     ns.run(|| tell(addr(8080), "then-notify WATCHDOG=trigger"))??;
@@ -84,15 +90,13 @@ fn watchdog_trigger_aborts_at_once() -> Result<()> {
 
 #[test]
 fn watchdog_usec_changes_the_timeout_of_the_running_instance() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     // "shorter" asks for 500 ms instead of 20 s, then goes quiet; "longer" for 60 s
     // instead of 1 s, then goes quiet.
-    sandbox.write_notifier_unit(
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
         "shorter",
-        8080,
         &["--ready", "--ping"],
-        "watchdog = \"20s\"",
-    )?;
+        "watchdog = \"20s\""
+    )?);
     sandbox.write_notifier_unit("longer", 8081, &["--ready", "--ping"], "watchdog = \"1s\"")?;
     let (mut hf, shorter) = Holdfast::start_running(&ns, sandbox, "shorter")?;
     let longer = hf.wait_running("longer", T)?;
