@@ -286,6 +286,22 @@ fn expect_all(
     Ok(())
 }
 
+/// [`expect_all`] over TCP (from inside `ns`) for addresses drawn (seed `seed`)
+/// from [`V4`] and [`V6`] × `ports`: each answered by `name`'s instance `pid`.
+fn expect_answered_by(
+    ns: &Netns,
+    what: &str,
+    seed: &str,
+    ports: (u16, u16),
+    name: &str,
+    pid: i32,
+) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let targets = inside(&mut rng, &[V4, V6], &[ports]);
+    let want = format!("{name} {pid}\n");
+    ns.run(|| expect_all(what, &targets, tcp, |_| Got::Answer(want.clone())))?
+}
+
 /// [`expect_all`] with every one of `targets` refused.
 fn expect_refused(
     what: &str,
@@ -589,10 +605,7 @@ fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
         "dual-stack needs [::]: {sockets:?}"
     );
 
-    let mut rng = Rng::new("dual");
-    let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
-    let want = format!("dual {pid}\n");
-    ns.run(|| expect_all("dual-stack", &targets, tcp, |_| Got::Answer(want.clone())))??;
+    expect_answered_by(&ns, "dual-stack", "dual", (8000, 8099), "dual", pid)?;
     let all = bindings(&hf)?;
     assert_eq!(all.len(), 2, "{all:?}");
     assert_eq!(all[0]["destination"], all[1]["destination"], "{all:?}");
@@ -645,10 +658,7 @@ fn a_binding_on_all_ports_serves_any_port() -> Result<()> {
     serve_unit(&sandbox, "any", "tcp", &[V4, V6], &["1-65535"], "")?;
     let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "allports")?);
     let pid = hf.wait_running("any", T)?;
-    let mut rng = Rng::new("allports");
-    let targets = inside(&mut rng, &[V4, V6], &[(1, 65535)]);
-    let want = format!("any {pid}\n");
-    ns.run(|| expect_all("all ports", &targets, tcp, |_| Got::Answer(want.clone())))??;
+    expect_answered_by(&ns, "all ports", "allports", (1, 65535), "any", pid)?;
     let all = bindings(&hf)?;
     let want = [V4, V6].map(|p| (p.to_string(), "1-65535".to_string()));
     assert_eq!(bindings_of(&all, "any"), want, "{all:?}");
@@ -781,10 +791,7 @@ fn netns_flag_serves_inside_the_named_namespace() -> Result<()> {
         "nothing pinned at {}",
         pin_dir(&inst).display()
     );
-    let mut rng = Rng::new("netnsflag");
-    let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
-    let want = format!("web {pid}\n");
-    ns.run(|| expect_all("--netns", &targets, tcp, |_| Got::Answer(want.clone())))??;
+    expect_answered_by(&ns, "--netns", "netnsflag", (8000, 8099), "web", pid)?;
     hf.stop()?;
     assert!(
         !pin_dir(&inst).exists(),
