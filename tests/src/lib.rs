@@ -5,12 +5,19 @@
 //! - [`Netns`]: a fresh, uniquely named network namespace (`lo` up, [`Netns::add_local_route`]),
 //!   entered per thread ([`Netns::enter`] → [`NetnsGuard`], or [`Netns::run`]); dropping it
 //!   SIGKILLs what is left inside and deletes it. [`netns_or_skip`] adds the skip policy,
-//!   [`skip_unless!`] the early return.
+//!   [`skip_unless!`] the early return; [`netns_and_sandbox`] (the opening of most daemon
+//!   tests), [`netns_with_tools`] / [`netns_and_sandbox_with_tools`] (tests that run system
+//!   tools) and [`netns_and_notifier`] (sd_notify tests) add the usual first steps.
 //! - [`Holdfast`]: the daemon launcher. The real binary ([`holdfast_bin`]) started with the
 //!   units of a [`Sandbox`] (a temp dir: units/, state/, out/) in its own namespace, waited
 //!   for until its control socket answers; the CLI against it ([`Holdfast::cli`],
-//!   [`Holdfast::status`], [`Holdfast::wait_state`], …); SIGTERM, exit 0 and clean-up
-//!   ([`Holdfast::stop`], or on drop).
+//!   [`Holdfast::status`], [`Holdfast::wait_state`], [`Holdfast::wait_log_line`],
+//!   [`Holdfast::expect_first_binding_counted`], …); [`Holdfast::start_running`] (started,
+//!   and one service running), [`Holdfast::start_in_mode`] (with the dispatcher or in bind
+//!   mode); SIGTERM, exit 0 and clean-up ([`Holdfast::stop`], or on drop).
+//! - [`Sandbox`] unit writers: [`Sandbox::write_serve_unit`], [`Sandbox::write_tcp_unit`],
+//!   [`Sandbox::write_sh_service`], [`Sandbox::write_notifier_unit`], with
+//!   [`restart_always`] for the restart policy lines.
 //! - [`CgroupRoot`]: a cgroup of the test's own for `--cgroup-root`, killed and removed on drop.
 //! - [`wrk`] / [`WrkReport`]: the one wrk runner and parser (requests, non-2xx responses,
 //!   socket errors by kind, cross-checked against wrk's own summary).
@@ -22,7 +29,8 @@
 //!   sockets at fds 3…) and [`Activated`] (under `systemd-socket-activate`).
 //! - Peers and probes: [`ask_tcp`], [`ask_udp`], [`ask_unix`], [`control_request_as`] (an
 //!   unprivileged peer), [`process_gone`], [`wait_for`], [`run_bounded`], [`run_ok`]
-//!   (with [`describe_output`]); [`holdfast_check`] (`holdfast check` with the exit it must give).
+//!   (with [`describe_output`]); [`holdfast_check`] and [`holdfast_check_unit`] (`holdfast
+//!   check` with the exit it must give).
 //!
 //! A typical test:
 //!
