@@ -7,10 +7,18 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use holdfast_testkit::{netns_and_notifier, skip_unless, tell, Holdfast};
+use holdfast_testkit::{netns_and_notifier, skip_unless, tell, Holdfast, Netns, Sandbox};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(10);
+
+/// notifier.py's flags for a service that says READY=1, then pings WATCHDOG=1.
+const PINGER: &[&str] = &["--ready", "--ping"];
+
+/// [`netns_and_notifier`] with a [`PINGER`] service NAME, `watchdog = WATCHDOG`.
+fn netns_and_pinger(name: &str, watchdog: &str) -> Result<Option<(Netns, Sandbox)>> {
+    netns_and_notifier(name, PINGER, &format!("watchdog = \"{watchdog}\""))
+}
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -42,11 +50,7 @@ fn restarted_after_abort(hf: &Holdfast, name: &str, old: i32, within: Duration) 
 
 #[test]
 fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
-        "dog",
-        &["--ready", "--ping"],
-        "watchdog = \"1s\""
-    )?);
+    let (ns, sandbox) = skip_unless!(netns_and_pinger("dog", "1s")?);
     let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "dog")?;
     let report = hf.sandbox().wait_report("dog", T, |r| r["pid"] == pid)?;
     assert_eq!(report["env"]["WATCHDOG_USEC"], "1000000", "{report}");
@@ -71,11 +75,7 @@ fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
 
 #[test]
 fn watchdog_trigger_aborts_at_once() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
-        "dog",
-        &["--ready", "--ping"],
-        "watchdog = \"20s\""
-    )?);
+    let (ns, sandbox) = skip_unless!(netns_and_pinger("dog", "20s")?);
     let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "dog")?;
     let asked = Instant::now();
     ns.run(|| tell(addr(8080), "then-notify WATCHDOG=trigger"))??;
@@ -92,12 +92,8 @@ fn watchdog_trigger_aborts_at_once() -> Result<()> {
 fn watchdog_usec_changes_the_timeout_of_the_running_instance() -> Result<()> {
     // "shorter" asks for 500 ms instead of 20 s, then goes quiet; "longer" for 60 s
     // instead of 1 s, then goes quiet.
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
-        "shorter",
-        &["--ready", "--ping"],
-        "watchdog = \"20s\""
-    )?);
-    sandbox.write_notifier_unit("longer", 8081, &["--ready", "--ping"], "watchdog = \"1s\"")?;
+    let (ns, sandbox) = skip_unless!(netns_and_pinger("shorter", "20s")?);
+    sandbox.write_notifier_unit("longer", 8081, PINGER, "watchdog = \"1s\"")?;
     let (mut hf, shorter) = Holdfast::start_running(&ns, sandbox, "shorter")?;
     let longer = hf.wait_running("longer", T)?;
     ns.run(|| -> Result<()> {
