@@ -4,7 +4,7 @@
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,29 @@ pub fn holdfast_cli(args: &[&str]) -> Result<Output> {
     let mut cmd = Command::new(holdfast_bin());
     cmd.args(args).env("NO_COLOR", "1");
     run_bounded(cmd, CLI_TIMEOUT)
+}
+
+/// Runs `holdfast check DIR`, which must exit `want` (0: every unit valid, 1: a unit
+/// refused): returns its stderr; fails naming the exit status and stderr otherwise.
+pub fn holdfast_check(dir: &Path, want: i32) -> Result<String> {
+    let out = holdfast_cli(&["check", &dir.to_string_lossy()])?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.code() != Some(want) {
+        bail!(
+            "holdfast check {} exited with {} (want exit {want}); stderr:\n{stderr}",
+            dir.display(),
+            out.status
+        );
+    }
+    Ok(stderr)
+}
+
+/// Writes `toml` as the one unit NAME of a fresh [`Sandbox`] and runs
+/// [`holdfast_check`] on it, which must exit `want`: its stderr.
+pub fn holdfast_check_unit(name: &str, toml: &str, want: i32) -> Result<String> {
+    let sandbox = Sandbox::new()?;
+    sandbox.write_unit(name, toml)?;
+    holdfast_check(&sandbox.units_dir(), want)
 }
 
 /// A dispatcher instance name (`holdfast run --instance`) that no other test, nor
@@ -115,6 +138,14 @@ impl Holdfast {
         Ok(hf)
     }
 
+    /// [`Holdfast::start_in`], then waits (up to [`READY_TIMEOUT`]) until service
+    /// `name` runs: the daemon and the service's pid.
+    pub fn start_running(ns: &Netns, sandbox: Sandbox, name: &str) -> Result<(Holdfast, i32)> {
+        let hf = Holdfast::start_in(ns, sandbox)?;
+        let pid = hf.wait_running(name, READY_TIMEOUT)?;
+        Ok((hf, pid))
+    }
+
     /// [`Holdfast::start_in`] with [`RunOptions`].
     pub fn start_with(ns: &Netns, sandbox: Sandbox, opts: &RunOptions) -> Result<Holdfast> {
         let mut hf = Holdfast::spawn_with(ns, sandbox, opts)?;
@@ -145,6 +176,21 @@ impl Holdfast {
             Ok(()) => hf.cli_ok(&["bindings", "--json"]).map(drop),
         };
         Ok(crate::require("the sk_lookup dispatcher (holdfast bindings)", probe).map(|()| hf))
+    }
+
+    /// With the `dispatcher`, [`Holdfast::start_dispatched`] with the default options
+    /// (`Ok(None)`: skip, BPF is not available); without, [`Holdfast::start_in`]
+    /// (bind mode): for the tests that run one case in each mode.
+    pub fn start_in_mode(
+        ns: &Netns,
+        sandbox: Sandbox,
+        dispatcher: bool,
+    ) -> Result<Option<Holdfast>> {
+        if dispatcher {
+            Holdfast::start_dispatched(ns, sandbox, &RunOptions::default())
+        } else {
+            Holdfast::start_in(ns, sandbox).map(Some)
+        }
     }
 
     /// Spawns the daemon on a prepared sandbox without waiting for anything (for
@@ -291,6 +337,18 @@ impl Holdfast {
             .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
     }
 
+    /// Waits up to `timeout` until the daemon has logged a line containing every
+    /// one of `parts`; returns that line (fails with the whole log).
+    pub fn wait_log_line(&self, parts: &[&str], timeout: Duration) -> Result<String> {
+        wait_for(&format!("a log line with {parts:?}"), timeout, || {
+            self.log()
+                .lines()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .map(String::from)
+        })
+        .with_context(|| format!("the daemon's log:\n{}", self.log()))
+    }
+
     /// Runs `holdfast ARGS… --state-dir <state>`, bounded by [`CLI_TIMEOUT`].
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
         let mut cmd = Command::new(holdfast_bin());
@@ -324,6 +382,17 @@ impl Holdfast {
             Value::Array(rows) => Ok(rows),
             other => bail!("holdfast bindings --json printed no array: {other}"),
         }
+    }
+
+    /// Fails, with `what` and the rows, unless the first row of `holdfast bindings`
+    /// has counted its `counter` (`lookups`, `denied`, …) at least once.
+    pub fn expect_first_binding_counted(&self, counter: &str, what: &str) -> Result<()> {
+        let rows = self.bindings()?;
+        let counted = rows.first().and_then(|r| r[counter].as_u64()).unwrap_or(0);
+        if counted == 0 {
+            bail!("{what}: no {counter} counted in the first binding: {rows:?}");
+        }
+        Ok(())
     }
 
     /// `holdfast status --json`: the JSON array of services.
@@ -418,8 +487,9 @@ impl Holdfast {
     }
 
     /// SIGTERM, then waits for the exit (bounded by [`STOP_TIMEOUT`]) and fails
-    /// unless it is exit code 0. Returns the log. The sandbox stays until drop.
-    pub fn stop(&mut self) -> Result<String> {
+    /// unless it is exit code 0. The sandbox stays until drop. (Most tests end
+    /// with it, returning its result.)
+    pub fn stop(&mut self) -> Result<()> {
         self.signal(Signal::SIGTERM)?;
         let status = self.wait_exit(STOP_TIMEOUT)?;
         if status.code() != Some(0) {
@@ -428,7 +498,7 @@ impl Holdfast {
                 self.log()
             );
         }
-        Ok(self.log())
+        Ok(())
     }
 }
 

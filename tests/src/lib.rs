@@ -5,12 +5,19 @@
 //! - [`Netns`]: a fresh, uniquely named network namespace (`lo` up, [`Netns::add_local_route`]),
 //!   entered per thread ([`Netns::enter`] → [`NetnsGuard`], or [`Netns::run`]); dropping it
 //!   SIGKILLs what is left inside and deletes it. [`netns_or_skip`] adds the skip policy,
-//!   [`skip_unless!`] the early return.
+//!   [`skip_unless!`] the early return; [`netns_and_sandbox`] (the opening of most daemon
+//!   tests), [`netns_with_tools`] / [`netns_and_sandbox_with_tools`] (tests that run system
+//!   tools) and [`netns_and_notifier`] (sd_notify tests) add the usual first steps.
 //! - [`Holdfast`]: the daemon launcher. The real binary ([`holdfast_bin`]) started with the
 //!   units of a [`Sandbox`] (a temp dir: units/, state/, out/) in its own namespace, waited
 //!   for until its control socket answers; the CLI against it ([`Holdfast::cli`],
-//!   [`Holdfast::status`], [`Holdfast::wait_state`], …); SIGTERM, exit 0 and clean-up
-//!   ([`Holdfast::stop`], or on drop).
+//!   [`Holdfast::status`], [`Holdfast::wait_state`], [`Holdfast::wait_log_line`],
+//!   [`Holdfast::expect_first_binding_counted`], …); [`Holdfast::start_running`] (started,
+//!   and one service running), [`Holdfast::start_in_mode`] (with the dispatcher or in bind
+//!   mode); SIGTERM, exit 0 and clean-up ([`Holdfast::stop`], or on drop).
+//! - [`Sandbox`] unit writers: [`Sandbox::write_serve_unit`], [`Sandbox::write_tcp_unit`],
+//!   [`Sandbox::write_sh_service`], [`Sandbox::write_notifier_unit`], with
+//!   [`restart_always`] for the restart policy lines.
 //! - [`CgroupRoot`]: a cgroup of the test's own for `--cgroup-root`, killed and removed on drop.
 //! - [`wrk`] / [`WrkReport`]: the one wrk runner and parser (requests, non-2xx responses,
 //!   socket errors by kind, cross-checked against wrk's own summary).
@@ -21,7 +28,9 @@
 //!   [`tell`]), checked by [`check_handoff`]; [`HandedFds`] (a program with the test's own
 //!   sockets at fds 3…) and [`Activated`] (under `systemd-socket-activate`).
 //! - Peers and probes: [`ask_tcp`], [`ask_udp`], [`ask_unix`], [`control_request_as`] (an
-//!   unprivileged peer), [`process_gone`], [`wait_for`], [`run_bounded`].
+//!   unprivileged peer), [`process_gone`], [`wait_for`], [`run_bounded`], [`run_ok`]
+//!   (with [`describe_output`]); [`holdfast_check`] and [`holdfast_check_unit`] (`holdfast
+//!   check` with the exit it must give).
 //!
 //! A typical test:
 //!
@@ -75,19 +84,21 @@ use anyhow::{bail, Context, Result};
 pub use activate::{free_port, loopback4, loopback6, Activated, HandedFds, SOCKET_ACTIVATE};
 pub use cgroup::CgroupRoot;
 pub use daemon::{
-    dispatcher_instance, holdfast_bin, holdfast_cli, Holdfast, RunOptions, CLI_TIMEOUT,
-    DAEMON_ARGS_ENV, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
+    dispatcher_instance, holdfast_bin, holdfast_check, holdfast_check_unit, holdfast_cli, Holdfast,
+    RunOptions, CLI_TIMEOUT, DAEMON_ARGS_ENV, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
 };
 pub use handoff::{check_handoff, ExpectSocket};
 pub use load::{wrk, WrkReport};
 pub use loop_client::{parse_answer, LoopClient, Tally};
 pub use netns::{Netns, NetnsGuard};
-pub use notifier::{reply_pid, send_notify_as, send_notify_from_here, tell, NOTIFIER_PY};
+pub use notifier::{
+    netns_and_notifier, reply_pid, send_notify_as, send_notify_from_here, tell, NOTIFIER_PY,
+};
 pub use peer::{
     ask_tcp, ask_udp, ask_unix, control_request_as, proc_cpu_time, proc_state, process_gone,
     PeerOutcome,
 };
-pub use sandbox::{toml_array, toml_str, Sandbox, PYTHON, SERVE_PY};
+pub use sandbox::{restart_always, toml_array, toml_str, Sandbox, PYTHON, SERVE_PY};
 
 /// True under `CI=true` (or `CI=1`, as xtask also accepts), where privileged
 /// tests must fail rather than skip.
@@ -147,7 +158,19 @@ pub fn netns_with_local_routes(prefixes: &[&str]) -> Result<Option<Netns>> {
 /// [`netns_or_skip`] and a fresh [`Sandbox`], the start of most daemon tests:
 /// `Ok(None)` means skip.
 pub fn netns_and_sandbox() -> Result<Option<(Netns, Sandbox)>> {
-    let Some(ns) = netns_or_skip() else {
+    netns_and_sandbox_with_tools(&[])
+}
+
+/// [`netns_or_skip`] for a test that also runs the system tools at `paths`, each
+/// probed with [`require_file`]: `None` means skip.
+pub fn netns_with_tools(paths: &[&str]) -> Option<Netns> {
+    let ns = netns_or_skip()?;
+    paths.iter().all(|p| require_file(p)).then_some(ns)
+}
+
+/// [`netns_with_tools`] and a fresh [`Sandbox`]: `Ok(None)` means skip.
+pub fn netns_and_sandbox_with_tools(paths: &[&str]) -> Result<Option<(Netns, Sandbox)>> {
+    let Some(ns) = netns_with_tools(paths) else {
         return Ok(None);
     };
     Ok(Some((ns, Sandbox::new()?)))
@@ -203,6 +226,27 @@ pub fn wait_for<T>(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// What a finished command said, for a failure message: its exit code, stdout and stderr.
+pub fn describe_output(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// [`run_bounded`], failing unless `cmd` exits 0 (naming it, with
+/// [`describe_output`]); returns its output.
+pub fn run_ok(cmd: Command, timeout: Duration) -> Result<Output> {
+    let what = format!("{cmd:?}");
+    let out = run_bounded(cmd, timeout)?;
+    if !out.status.success() {
+        bail!("{what}: {}", describe_output(&out));
+    }
+    Ok(out)
 }
 
 /// Runs `cmd` to completion with stdout and stderr captured, killing it (and

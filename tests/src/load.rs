@@ -52,7 +52,7 @@ impl WrkReport {
         self.connect + self.read + self.write + self.timeout
     }
 
-    /// Parses wrk's output (with [`WRK_LUA`]'s line). The "Socket errors" line
+    /// Parses wrk's output (with `WRK_LUA`'s line). The "Socket errors" line
     /// and the script's line must agree.
     pub fn parse(text: &str) -> Result<WrkReport> {
         let mut r = WrkReport {

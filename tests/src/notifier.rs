@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{toml_array, Sandbox, PYTHON};
+use crate::{netns_and_sandbox, toml_array, Netns, Sandbox, PYTHON};
 
 /// The commanded sd_notify sender; see its docstring.
 pub const NOTIFIER_PY: &str = include_str!("notifier.py");
@@ -63,6 +63,21 @@ impl Sandbox {
             .filter_map(|l| l.trim().parse().ok())
             .collect()
     }
+}
+
+/// [`netns_and_sandbox`] with one [`Sandbox::write_notifier_unit`] service NAME
+/// (`flags`, `service_extra`), its command socket on 127.0.0.1:8080, the opening
+/// of most sd_notify tests: `Ok(None)` means skip.
+pub fn netns_and_notifier(
+    name: &str,
+    flags: &[&str],
+    service_extra: &str,
+) -> Result<Option<(Netns, Sandbox)>> {
+    let Some((ns, sandbox)) = netns_and_sandbox()? else {
+        return Ok(None);
+    };
+    sandbox.write_notifier_unit(name, 8080, flags, service_extra)?;
+    Ok(Some((ns, sandbox)))
 }
 
 /// Sends one command line to a [`NOTIFIER_PY`] service at `addr` (from inside its

@@ -85,8 +85,21 @@ impl Sandbox {
     /// Writes `units/NAME.toml` for a service that runs `script` with
     /// `/bin/sh -c` (every other key at its default) and returns its path.
     pub fn write_sh_unit(&self, name: &str, script: &str) -> Result<PathBuf> {
+        self.write_sh_service(name, script, "")
+    }
+
+    /// [`Sandbox::write_sh_unit`] with the `service_extra` lines added to `[service]`.
+    pub fn write_sh_service(
+        &self,
+        name: &str,
+        script: &str,
+        service_extra: &str,
+    ) -> Result<PathBuf> {
         let exec = toml_array(&["/bin/sh", "-c", script]);
-        self.write_unit(name, &format!("[service]\nexec = {exec}\n"))
+        self.write_unit(
+            name,
+            &format!("[service]\nexec = {exec}\n{service_extra}\n"),
+        )
     }
 
     /// Writes every `(name, toml)` as `units/NAME.toml`.
@@ -185,6 +198,15 @@ ports = {ports}
             accept(&v).then_some(v)
         })
     }
+}
+
+/// `[service]` lines for a service restarted always: after `delay`, backing off
+/// up to `delay_max`, at most `burst` starts in `interval`.
+pub fn restart_always(delay: &str, delay_max: &str, burst: u32, interval: &str) -> String {
+    format!(
+        "restart = \"always\"\nrestart-delay = \"{delay}\"\nrestart-delay-max = \"{delay_max}\"\n\
+         start-limit-burst = {burst}\nstart-limit-interval = \"{interval}\""
+    )
 }
 
 /// A TOML array of basic strings: `["a", "b c"]`.

@@ -126,8 +126,7 @@ fn stop_sends_the_units_kill_signal() -> Result<()> {
         std::fs::read_to_string(&got).ok().filter(|s| !s.is_empty())
     })?;
     assert_eq!(said.trim(), "INT", "stop sent SIGTERM, not kill-signal");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -165,8 +164,7 @@ fn notify_socket_is_given_only_to_services_that_may_notify() -> Result<()> {
         read("chatty")?.contains("chatty.sock"),
         "notify-access = all: NOTIFY_SOCKET set"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -203,6 +201,5 @@ fn a_reload_adding_a_limit_without_its_controller_is_refused_naming_the_key() ->
     );
     let s = hf.service("lim")?;
     assert!(s["state"] == "running" && s["pid"] == pid, "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

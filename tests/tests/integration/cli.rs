@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    holdfast_bin, holdfast_cli, netns_and_sandbox, proc_cpu_time, run_bounded, skip_unless,
-    wait_for, Holdfast, RunOptions, Sandbox, CLI_TIMEOUT, READY_TIMEOUT,
+    holdfast_bin, holdfast_check, holdfast_cli, netns_and_sandbox, proc_cpu_time, run_bounded,
+    skip_unless, wait_for, Holdfast, RunOptions, Sandbox, CLI_TIMEOUT, READY_TIMEOUT,
 };
 
 /// Runs `holdfast ARGS…` with stdout a pipe whose reader is already gone.
@@ -65,9 +65,7 @@ fn check_refuses_a_duration_that_would_overflow_a_deadline() -> Result<()> {
         "web",
         "[service]\nexec = [\"/bin/true\"]\nstop-timeout = \"18446744073709551615s\"\n",
     )?;
-    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = holdfast_check(&sandbox.units_dir(), 1)?;
     assert!(
         stderr.contains(&format!(
             "{}:3:16: service.stop-timeout: \"18446744073709551615s\" is more than the largest duration allowed, 1year",
@@ -105,8 +103,7 @@ fn status_and_logs_follow_with_their_reader_gone_die_of_sigpipe_quietly() -> Res
         assert!(out.status.success(), "{line}: {:?} {stderr}", out.status);
         assert!(stderr.is_empty(), "{line}: {stderr}");
     }
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -144,8 +141,7 @@ fn control_connections_at_the_fd_limit_do_not_spin_the_daemon() -> Result<()> {
     drop(idle);
     hf.wait_ready(READY_TIMEOUT)
         .context("no answer after the idle connections closed")?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A unit naming what this machine does not have.
@@ -193,6 +189,5 @@ fn reload_refuses_what_check_refuses_and_the_daemon_keeps_running() -> Result<()
         "{stderr}"
     );
     hf.wait_ready(READY_TIMEOUT)?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use holdfast_testkit::{
-    ask_tcp, control_request_as, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip,
-    process_gone, run_bounded, skip_unless, wait_for, Holdfast, Netns, PeerOutcome, Sandbox,
+    ask_tcp, control_request_as, holdfast_bin, holdfast_check, holdfast_cli, netns_and_sandbox,
+    netns_or_skip, process_gone, run_bounded, skip_unless, wait_for, Holdfast, Netns, PeerOutcome,
+    Sandbox,
 };
 use nix::errno::Errno;
 use serde_json::Value;
@@ -74,8 +75,7 @@ fn non_root_peer_is_refused() -> Result<()> {
 
     // And root is still served.
     assert_eq!(hf.service("web")?["state"], "running");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -116,8 +116,7 @@ fn malformed_idle_and_oversized_requests_do_not_disturb_the_daemon() -> Result<(
     drop(idle);
     let now = hf.service("web")?;
     assert_eq!(now["pid"], pid, "the service was disturbed: {now}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -126,8 +125,7 @@ fn status_fields_and_sigterm_stops_every_service_gracefully() -> Result<()> {
     sandbox.write_serve_unit("alpha", 8081, "")?;
     sandbox.write_serve_unit("beta", 8082, "")?;
     sandbox.write_unit("idle", "[service]\nexec = [\"sleep\", \"1000\"]\n")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let alpha = hf.wait_running("alpha", T)?;
+    let (mut hf, alpha) = Holdfast::start_running(&ns, sandbox, "alpha")?;
     let beta = hf.wait_running("beta", T)?;
     let idle = hf.wait_running("idle", T)?;
     // Their reports say the SIGTERM handlers are in place.
@@ -189,8 +187,7 @@ fn status_fields_and_sigterm_stops_every_service_gracefully() -> Result<()> {
     for pid in [alpha, idle] {
         assert!(process_gone(pid), "pid {pid} survived the daemon");
     }
-    ns.expect_empty()?;
-    Ok(())
+    ns.expect_empty()
 }
 
 #[test]
@@ -223,8 +220,7 @@ fn stop_start_restart_keep_the_sockets_open() -> Result<()> {
     let out = hf.cli(&["stop", "no-such-service"])?;
     assert_eq!(out.status.code(), Some(1), "stop no-such-service: {out:?}");
     assert!(!out.stderr.is_empty(), "no message for an unknown service");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -245,12 +241,7 @@ fn cli_exit_codes() -> Result<()> {
     assert_eq!(out.status.code(), Some(2), "stop without a name: {out:?}");
     // 1: invalid units (details in units.rs).
     sandbox.write_unit("bad", "[service]\nexec = []\n")?;
-    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "check on an invalid unit: {out:?}"
-    );
+    holdfast_check(&sandbox.units_dir(), 1).context("check on an invalid unit")?;
     Ok(())
 }
 
@@ -304,8 +295,7 @@ fn a_symlinked_state_dir_or_notify_dir_is_refused() -> Result<()> {
             "{what}: something was created in the symlink's target"
         );
     }
-    ns.expect_empty()?;
-    Ok(())
+    ns.expect_empty()
 }
 
 #[test]
@@ -320,6 +310,5 @@ fn sigint_stops_gracefully_too() -> Result<()> {
         Some(format!("{pid}\n")),
         "web was not stopped with SIGTERM"
     );
-    ns.expect_empty()?;
-    Ok(())
+    ns.expect_empty()
 }

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use holdfast_testkit::{require, run_bounded};
+use holdfast_testkit::{describe_output, require, run_bounded};
 use serde_json::Value;
 
 /// xtask bootstrap's TEST_VENV.
@@ -34,15 +34,6 @@ fn venv_tool(name: &str) -> Option<PathBuf> {
     require(&format!("{name} from PyPI"), found)
 }
 
-fn output(out: &Output) -> String {
-    format!(
-        "exit {:?}\n{}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn validate(tool: &Path, files: &[PathBuf]) -> Result<Output> {
     let mut cmd = Command::new(tool);
     cmd.arg("--strict").args(files);
@@ -54,7 +45,7 @@ fn python_json(script: &str, args: &[PathBuf]) -> Result<Value> {
     let mut cmd = Command::new(Path::new(VENV).join("bin/python"));
     cmd.arg("-c").arg(script).args(args);
     let out = run_bounded(cmd, T)?;
-    assert!(out.status.success(), "{}", output(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
     serde_json::from_slice(&out.stdout).context("the script's JSON")
 }
 
@@ -71,7 +62,7 @@ fn kubernetes_manifests_pass_the_schemas_and_say_what_the_readme_says() -> Resul
     files.sort();
     assert!(files.len() >= 2, "{files:?}");
     let out = validate(&tool, &files)?;
-    assert!(out.status.success(), "{}", output(&out));
+    assert!(out.status.success(), "{}", describe_output(&out));
 
     // The validator is strict: a misspelt field fails (so the pass above means something).
     let daemonset = dir.join("daemonset.yaml");
@@ -87,7 +78,7 @@ fn kubernetes_manifests_pass_the_schemas_and_say_what_the_readme_says() -> Resul
     assert!(
         !out.status.success(),
         "a misspelt field passed: {}",
-        output(&out)
+        describe_output(&out)
     );
 
     let docs = python_json(
@@ -160,7 +151,7 @@ fn kubernetes_manifests_pass_the_schemas_and_say_what_the_readme_says() -> Resul
     let mut cmd = Command::new(holdfast_testkit::holdfast_bin());
     cmd.arg("check").arg(units.path()).env("PATH", path);
     let check = run_bounded(cmd, T)?;
-    assert!(check.status.success(), "{}", output(&check));
+    assert!(check.status.success(), "{}", describe_output(&check));
     Ok(())
 }
 

@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, ask_udp, dispatcher_instance as instance, netns_and_sandbox, netns_or_skip,
-    netns_with_local_routes, require, require_file, skip_unless, toml_array, toml_str, Holdfast,
-    LoopClient, Netns, RunOptions, Sandbox,
+    ask_tcp, ask_udp, dispatcher_instance as instance, netns_and_sandbox,
+    netns_and_sandbox_with_tools, netns_with_local_routes, require, skip_unless, toml_array,
+    toml_str, Holdfast, LoopClient, Netns, RunOptions, Sandbox,
 };
 use serde_json::Value;
 
@@ -100,23 +100,34 @@ fn pin_dir(instance: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(instance)
 }
 
-/// `holdfast run --instance INSTANCE` with the dispatcher; `None`: skip (no BPF,
+/// [`netns_with_local_routes`] for [`ROUTES`] and a fresh [`Sandbox`]: `Ok(None)`
+/// means skip.
+fn routed_netns_and_sandbox() -> Result<Option<(Netns, Sandbox)>> {
+    let Some(ns) = netns_with_local_routes(ROUTES)? else {
+        return Ok(None);
+    };
+    Ok(Some((ns, Sandbox::new()?)))
+}
+
+/// `holdfast run --instance INSTANCE` with the dispatcher, INSTANCE the
+/// [`instance`] of `tag`: the daemon and INSTANCE; `None`: skip (no BPF,
 /// outside CI).
-fn start_dispatched(ns: &Netns, sandbox: Sandbox, instance: &str) -> Result<Option<Holdfast>> {
+fn start_dispatched(ns: &Netns, sandbox: Sandbox, tag: &str) -> Result<Option<(Holdfast, String)>> {
+    let instance = instance(tag);
     let opts = RunOptions {
-        args: vec!["--instance".into(), instance.into()],
+        args: vec!["--instance".into(), instance.clone()],
         ..RunOptions::default()
     };
-    let hf = Holdfast::start_dispatched(ns, sandbox, &opts)?;
-    if let Some(hf) = &hf {
-        ensure!(
-            pin_dir(instance).is_dir(),
-            "holdfast runs with the dispatcher but nothing is pinned at {}; its log:\n{}",
-            pin_dir(instance).display(),
-            hf.log()
-        );
-    }
-    Ok(hf)
+    let Some(hf) = Holdfast::start_dispatched(ns, sandbox, &opts)? else {
+        return Ok(None);
+    };
+    ensure!(
+        pin_dir(&instance).is_dir(),
+        "holdfast runs with the dispatcher but nothing is pinned at {}; its log:\n{}",
+        pin_dir(&instance).display(),
+        hf.log()
+    );
+    Ok(Some((hf, instance)))
 }
 
 /// SIGTERM, exit 0, and nothing left under the instance's pin directory.
@@ -275,6 +286,31 @@ fn expect_all(
     Ok(())
 }
 
+/// [`expect_all`] over TCP (from inside `ns`) for addresses drawn (seed `seed`)
+/// from [`V4`] and [`V6`] × `ports`: each answered by `name`'s instance `pid`.
+fn expect_answered_by(
+    ns: &Netns,
+    what: &str,
+    seed: &str,
+    ports: (u16, u16),
+    name: &str,
+    pid: i32,
+) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let targets = inside(&mut rng, &[V4, V6], &[ports]);
+    let want = format!("{name} {pid}\n");
+    ns.run(|| expect_all(what, &targets, tcp, |_| Got::Answer(want.clone())))?
+}
+
+/// [`expect_all`] with every one of `targets` refused.
+fn expect_refused(
+    what: &str,
+    targets: &[SocketAddr],
+    probe: impl Fn(SocketAddr) -> Got,
+) -> Result<()> {
+    expect_all(what, targets, probe, |_| Got::Refused)
+}
+
 /// Samples inside `prefixes` × `ports` (each range's ends included).
 fn inside(rng: &mut Rng, prefixes: &[&str], ports: &[(u16, u16)]) -> Vec<SocketAddr> {
     let mut out = Vec::new();
@@ -332,13 +368,11 @@ fn serve_unit(
 
 #[test]
 fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Result<()> {
-    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     let ports = ["80", "8000-8099"];
     serve_unit(&sandbox, "web", "tcp", &[V4, V6], &ports, "")?;
     serve_unit(&sandbox, "dns", "udp", &[V4, V6], &ports, "")?;
-    let inst = instance("ranges");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "ranges")?);
     let web = hf.wait_running("web", T)?;
     let dns = hf.wait_running("dns", T)?;
     let mut rng = Rng::new("ranges");
@@ -367,13 +401,8 @@ fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Res
             |a| got(ask_udp(a, T)),
             |_| Got::Answer(want_dns.clone()),
         )?;
-        expect_all("tcp outside", &outside, tcp, |_| Got::Refused)?;
-        expect_all(
-            "udp outside",
-            &outside,
-            |a| udp_connected(a, b"ping"),
-            |_| Got::Refused,
-        )
+        expect_refused("tcp outside", &outside, tcp)?;
+        expect_refused("udp outside", &outside, |a| udp_connected(a, b"ping"))
     })??;
 
     let all = bindings(&hf)?;
@@ -431,8 +460,7 @@ fn echo_answers_tcp_and_connected_udp_clients_from_the_address_and_port_they_use
         );
     }
     sandbox.write_unit("echo", &unit)?;
-    let inst = instance("echo");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "echo")?);
     hf.wait_running("echo", T)?;
     let mut rng = Rng::new("echo");
     let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
@@ -457,18 +485,8 @@ fn echo_answers_tcp_and_connected_udp_clients_from_the_address_and_port_they_use
             |a| udp_connected(a, datagram(a).as_bytes()),
             |a| Got::Answer(datagram(a)),
         )?;
-        expect_all(
-            "tcp outside",
-            &outside,
-            |a| tcp_echo(a, "x\n"),
-            |_| Got::Refused,
-        )?;
-        expect_all(
-            "udp outside",
-            &outside,
-            |a| udp_connected(a, b"x"),
-            |_| Got::Refused,
-        )
+        expect_refused("tcp outside", &outside, |a| tcp_echo(a, "x\n"))?;
+        expect_refused("udp outside", &outside, |a| udp_connected(a, b"x"))
     })??;
     stop_leaves_no_pins(&mut hf, &inst)
 }
@@ -501,8 +519,7 @@ fn longer_prefix_wins_then_narrower_port_range() -> Result<()> {
             ),
         )?;
     }
-    let inst = instance("precedence");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "precedence")?);
     let mut pids = std::collections::BTreeMap::new();
     for (name, _, _) in units {
         pids.insert(name, hf.wait_running(name, T)?);
@@ -571,11 +588,9 @@ fn equally_specific_overlap_is_refused_naming_both_units() -> Result<()> {
 
 #[test]
 fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
-    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     serve_unit(&sandbox, "dual", "tcp", &[V4, V6], &["8000-8099"], "")?;
-    let inst = instance("dual");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "dual")?);
     let pid = hf.wait_running("dual", T)?;
     let report = hf.sandbox().wait_report("dual", T, |r| r["pid"] == pid)?;
     let sockets = report["sockets"].as_array().cloned().unwrap_or_default();
@@ -590,10 +605,7 @@ fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
         "dual-stack needs [::]: {sockets:?}"
     );
 
-    let mut rng = Rng::new("dual");
-    let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
-    let want = format!("dual {pid}\n");
-    ns.run(|| expect_all("dual-stack", &targets, tcp, |_| Got::Answer(want.clone())))??;
+    expect_answered_by(&ns, "dual-stack", "dual", (8000, 8099), "dual", pid)?;
     let all = bindings(&hf)?;
     assert_eq!(all.len(), 2, "{all:?}");
     assert_eq!(all[0]["destination"], all[1]["destination"], "{all:?}");
@@ -605,8 +617,7 @@ fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
 #[test]
 fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
     const KILLS: usize = 10;
-    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     serve_unit(
         &sandbox,
         "web",
@@ -615,8 +626,7 @@ fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
         &["8000-8099"],
         "restart = \"always\"\nrestart-delay = \"50ms\"\nrestart-delay-max = \"200ms\"\nstart-limit-burst = 1000",
     )?;
-    let inst = instance("kill9");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "kill9")?);
     hf.wait_running("web", T)?;
     let mut rng = Rng::new("kill9");
     let background: Vec<(SocketAddr, String)> = random_targets(&mut rng, 10)
@@ -644,16 +654,11 @@ fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
 
 #[test]
 fn a_binding_on_all_ports_serves_any_port() -> Result<()> {
-    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     serve_unit(&sandbox, "any", "tcp", &[V4, V6], &["1-65535"], "")?;
-    let inst = instance("allports");
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox, &inst)?);
+    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "allports")?);
     let pid = hf.wait_running("any", T)?;
-    let mut rng = Rng::new("allports");
-    let targets = inside(&mut rng, &[V4, V6], &[(1, 65535)]);
-    let want = format!("any {pid}\n");
-    ns.run(|| expect_all("all ports", &targets, tcp, |_| Got::Answer(want.clone())))??;
+    expect_answered_by(&ns, "all ports", "allports", (1, 65535), "any", pid)?;
     let all = bindings(&hf)?;
     let want = [V4, V6].map(|p| (p.to_string(), "1-65535".to_string()));
     assert_eq!(bindings_of(&all, "any"), want, "{all:?}");
@@ -687,11 +692,7 @@ fn without_bpf(instance: &str) -> RunOptions {
 
 #[test]
 fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file("/usr/bin/setpriv") {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&["/usr/bin/setpriv"])?);
     serve_unit(&sandbox, "plain", "tcp", &["127.0.0.1/32"], &["8080"], "")?;
     let inst = instance("nobpf");
     let mut hf = Holdfast::start_with(&ns, sandbox, &without_bpf(&inst))?;
@@ -721,17 +722,12 @@ fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
         "{b:?}"
     );
     assert!(!pin_dir(&inst).exists(), "pins without BPF?");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn without_bpf_a_range_unit_is_refused_naming_unit_socket_and_reason() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file("/usr/bin/setpriv") {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&["/usr/bin/setpriv"])?);
     let exec = sandbox.serve_exec("ranged")?;
     sandbox.write_unit(
         "ranged",
@@ -766,8 +762,7 @@ fn without_bpf_a_range_unit_is_refused_naming_unit_socket_and_reason() -> Result
 
 #[test]
 fn netns_flag_serves_inside_the_named_namespace() -> Result<()> {
-    let ns = skip_unless!(netns_with_local_routes(ROUTES)?);
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     serve_unit(&sandbox, "web", "tcp", &[V4, V6], &["8000-8099"], "")?;
     let inst = instance("netnsflag");
     let ns_path = ns.path().to_string_lossy().into_owned();
@@ -796,10 +791,7 @@ fn netns_flag_serves_inside_the_named_namespace() -> Result<()> {
         "nothing pinned at {}",
         pin_dir(&inst).display()
     );
-    let mut rng = Rng::new("netnsflag");
-    let targets = inside(&mut rng, &[V4, V6], &[(8000, 8099)]);
-    let want = format!("web {pid}\n");
-    ns.run(|| expect_all("--netns", &targets, tcp, |_| Got::Answer(want.clone())))??;
+    expect_answered_by(&ns, "--netns", "netnsflag", (8000, 8099), "web", pid)?;
     hf.stop()?;
     assert!(
         !pin_dir(&inst).exists(),

@@ -13,10 +13,18 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use holdfast_testkit::{
-    holdfast_cli, netns_or_skip, require, run_bounded, skip_unless, Holdfast, RunOptions, Sandbox,
+    holdfast_check, netns_or_skip, require, run_ok, skip_unless, Holdfast, Netns, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
+
+/// [`netns_or_skip`] for a test that runs the example binaries
+/// ([`examples_on_path`], under the skip policy): `None` means skip.
+fn netns_with_examples() -> Option<Netns> {
+    let ns = netns_or_skip()?;
+    require("the example binaries on PATH", examples_on_path())?;
+    Some(ns)
+}
 
 fn repo_units() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../units")
@@ -46,13 +54,7 @@ fn examples_on_path() -> Result<PathBuf> {
 
 #[test]
 fn repository_units_are_valid() -> Result<()> {
-    let out = holdfast_cli(&["check", &repo_units().to_string_lossy()])?;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "holdfast check units/: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    holdfast_check(&repo_units(), 0)?;
     Ok(())
 }
 
@@ -82,10 +84,7 @@ fn curl(ns: &holdfast_testkit::Netns, url: &str) -> Result<String> {
     ns.run(|| -> Result<String> {
         let mut curl = Command::new("curl");
         curl.args(["-sS", "--max-time", "10", &url]);
-        let out = run_bounded(curl, T)?;
-        if !out.status.success() {
-            bail!("curl {url}: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let out = run_ok(curl, T)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     })?
 }
@@ -159,14 +158,9 @@ fn check_bind_mode_units(hf: &Holdfast, ns: &holdfast_testkit::Netns) -> Result<
 
 #[test]
 fn repository_units_serve_real_clients_with_the_dispatcher() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if require("the example binaries on PATH", examples_on_path()).is_none() {
-        return Ok(());
-    }
+    let ns = skip_unless!(netns_with_examples());
     let sandbox = repo_units_sandbox(&[])?;
-    let Some(mut hf) = Holdfast::start_dispatched(&ns, sandbox, &RunOptions::default())? else {
-        return Ok(());
-    };
+    let mut hf = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, true)?);
     check_bind_mode_units(&hf, &ns)?;
     // ranges: one socket on 127.0.0.0/8 x 8100-8199, as the demo's try: lines say.
     let ranges = hf.wait_running("ranges", T)?;
@@ -186,18 +180,13 @@ fn repository_units_serve_real_clients_with_the_dispatcher() -> Result<()> {
         bindings.contains("127.0.0.0/8") && bindings.contains("8100-8199"),
         "{bindings}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn repository_units_but_the_dispatcher_only_ones_serve_in_bind_mode() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if require("the example binaries on PATH", examples_on_path()).is_none() {
-        return Ok(());
-    }
+    let ns = skip_unless!(netns_with_examples());
     let mut hf = Holdfast::start_in(&ns, repo_units_sandbox(DISPATCHER_ONLY)?)?;
     check_bind_mode_units(&hf, &ns)?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -10,15 +10,19 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 
 use holdfast_testkit::{
-    netns_and_sandbox, process_gone, skip_unless, toml_str, wait_for, Holdfast, Sandbox,
+    netns_and_sandbox, process_gone, skip_unless, toml_str, wait_for, Holdfast, Netns, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
 
-/// Writes `units/web.toml` on 127.0.0.1:8080 with the `[service]` lines
-/// `service` makes from the sandbox's out dir.
-fn web_unit(sandbox: &Sandbox, service: impl FnOnce(&Path) -> String) -> Result<()> {
-    sandbox.write_local_unit("web", 8080, &service(&sandbox.out_dir()))
+/// [`netns_and_sandbox`] with `units/web.toml` on 127.0.0.1:8080, its `[service]`
+/// lines made by `service` from the sandbox's out dir: `Ok(None)` means skip.
+fn web_sandbox(service: impl FnOnce(&Path) -> String) -> Result<Option<(Netns, Sandbox)>> {
+    let Some((ns, sandbox)) = netns_and_sandbox()? else {
+        return Ok(None);
+    };
+    sandbox.write_local_unit("web", 8080, &service(&sandbox.out_dir()))?;
+    Ok(Some((ns, sandbox)))
 }
 
 fn sh(script: &str) -> String {
@@ -27,27 +31,24 @@ fn sh(script: &str) -> String {
 
 #[test]
 fn pre_commands_run_before_the_main_process_with_its_environment_but_no_socket() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let out = sandbox.out_dir();
-    let pre = format!(
-        "echo \"$GREETING $(pwd) fds=${{LISTEN_FDS:-none}} $(cat /proc/self/cgroup)\" > {out}/pre; echo pre says hello",
-        out = out.display()
-    );
-    // The main process sees what the pre command left, and its own sockets.
-    let main = format!(
-        "cp {out}/pre {out}/main-saw && echo \"fds=$LISTEN_FDS\" >> {out}/main-saw; exec sleep 1000",
-        out = out.display()
-    );
-    web_unit(&sandbox, |out| {
+    let (ns, sandbox) = skip_unless!(web_sandbox(|out| {
+        let pre = format!(
+            "echo \"$GREETING $(pwd) fds=${{LISTEN_FDS:-none}} $(cat /proc/self/cgroup)\" > {out}/pre; echo pre says hello",
+            out = out.display()
+        );
+        // The main process sees what the pre command left, and its own sockets.
+        let main = format!(
+            "cp {out}/pre {out}/main-saw && echo \"fds=$LISTEN_FDS\" >> {out}/main-saw; exec sleep 1000",
+            out = out.display()
+        );
         format!(
             "exec = {main}\nexec-start-pre = [{pre}, [\"-/bin/false\"]]\nenvironment = {{ GREETING = \"hi\" }}\nworking-directory = {dir}\n",
             main = sh(&main),
             pre = sh(&pre),
             dir = toml_str(&out.display().to_string()),
         )
-    })?;
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("web", T)?;
+    })?);
+    let (hf, _) = Holdfast::start_running(&ns, sandbox, "web")?;
     let out = hf.sandbox().out_dir();
     let saw = wait_for("main-saw", T, || {
         std::fs::read_to_string(out.join("main-saw"))
@@ -76,14 +77,13 @@ fn pre_commands_run_before_the_main_process_with_its_environment_but_no_socket()
 
 #[test]
 fn a_failing_pre_command_fails_the_start_and_the_service_at_the_start_limit() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    web_unit(&sandbox, |out| {
+    let (ns, sandbox) = skip_unless!(web_sandbox(|out| {
         format!(
                 "exec = {main}\nexec-start-pre = [{pre}]\nrestart = \"always\"\nrestart-delay = \"100ms\"\nstart-limit-burst = 3\nstart-limit-interval = \"30s\"\n",
                 main = sh(&format!("touch {}/main; exec sleep 1000", out.display())),
                 pre = sh(&format!("echo try >> {}/tries; exit 3", out.display())),
         )
-    })?;
+    })?);
     let hf = Holdfast::start_in(&ns, sandbox)?;
     let failed = hf.wait_state("web", "failed", Duration::from_secs(15))?;
     let out = hf.sandbox().out_dir();
@@ -108,9 +108,10 @@ fn a_failing_pre_command_fails_the_start_and_the_service_at_the_start_limit() ->
     Ok(())
 }
 
-/// A pre command that waits for `out/go`, its pid in `out/pre-pid`.
-fn waiting_pre(sandbox: &Sandbox) -> Result<()> {
-    web_unit(sandbox, |out| {
+/// [`web_sandbox`] with a pre command that waits for `out/go`, its pid in
+/// `out/pre-pid`.
+fn waiting_pre_sandbox() -> Result<Option<(Netns, Sandbox)>> {
+    web_sandbox(|out| {
         format!(
             "exec = {main}\nexec-start-pre = [{pre}]\nstop-timeout = \"2s\"\n",
             main = sh(&format!("touch {}/main; exec sleep 1000", out.display())),
@@ -132,8 +133,7 @@ fn pre_pid(hf: &Holdfast) -> Result<i32> {
 
 #[test]
 fn a_stop_during_a_pre_command_stops_it_and_the_main_process_never_runs() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    waiting_pre(&sandbox)?;
+    let (ns, sandbox) = skip_unless!(waiting_pre_sandbox()?);
     let hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = pre_pid(&hf)?;
     ensure!(hf.service("web")?["state"] == "starting");
@@ -149,8 +149,7 @@ fn a_stop_during_a_pre_command_stops_it_and_the_main_process_never_runs() -> Res
 
 #[test]
 fn a_pre_command_running_across_an_upgrade_is_carried_over() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    waiting_pre(&sandbox)?;
+    let (ns, sandbox) = skip_unless!(waiting_pre_sandbox()?);
     let hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = pre_pid(&hf)?;
     hf.cli_ok(&["upgrade"])?;
@@ -178,22 +177,20 @@ fn read(hf: &Holdfast, name: &str) -> String {
 
 #[test]
 fn reload_service_runs_exec_reload_with_mainpid_and_says_when_it_fails() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    web_unit(&sandbox, |out| {
+    let (ns, sandbox) = skip_unless!(web_sandbox(|out| {
         format!(
             "exec = {main}\nexec-reload = [{env}, [\"/bin/kill\", \"-HUP\", \"$MAINPID\"]]\n",
             main = trapping_main(out),
             env = sh(&format!("echo \"$MAINPID\" > {}/reload-env", out.display())),
         )
-    })?;
+    })?);
     sandbox.write_local_unit(
         "bad",
         8081,
         "exec = [\"/bin/sleep\", \"1000\"]\nexec-reload = [[\"/bin/false\"]]\n",
     )?;
     sandbox.write_local_unit("plain", 8082, "exec = [\"/bin/sleep\", \"1000\"]\n")?;
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     hf.wait_running("bad", T)?;
     hf.wait_running("plain", T)?;
     let reply: serde_json::Value =
@@ -229,8 +226,7 @@ fn reload_service_runs_exec_reload_with_mainpid_and_says_when_it_fails() -> Resu
 
 #[test]
 fn exec_stop_runs_with_mainpid_before_the_kill_signal() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    web_unit(&sandbox, |out| {
+    let (ns, sandbox) = skip_unless!(web_sandbox(|out| {
         format!(
             "exec = {main}\nexec-stop = [{stop}]\n",
             main = trapping_main(out),
@@ -239,9 +235,8 @@ fn exec_stop_runs_with_mainpid_before_the_kill_signal() -> Result<()> {
                 out.display()
             )),
         )
-    })?;
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    })?);
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     let stopped = hf.cli(&["stop", "web"])?;
     ensure!(stopped.status.success(), "stop: {stopped:?}");
     ensure!(hf.service("web")?["state"] == "stopped");
@@ -255,8 +250,7 @@ fn exec_stop_runs_with_mainpid_before_the_kill_signal() -> Result<()> {
 
 #[test]
 fn exec_start_post_runs_once_started_and_its_failure_fails_the_service() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    web_unit(&sandbox, |out| {
+    let (ns, sandbox) = skip_unless!(web_sandbox(|out| {
         format!(
             "exec = [\"/bin/sleep\", \"1000\"]\nexec-start-post = [{post}]\n",
             post = sh(&format!(
@@ -264,7 +258,7 @@ fn exec_start_post_runs_once_started_and_its_failure_fails_the_service() -> Resu
                 out.display()
             )),
         )
-    })?;
+    })?);
     sandbox.write_local_unit(
         "bad",
         8081,
@@ -295,24 +289,21 @@ fn exec_start_post_runs_once_started_and_its_failure_fails_the_service() -> Resu
 
 #[test]
 fn notify_reload_sends_the_reload_signal_and_waits_for_ready() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     if !holdfast_testkit::require_file("/usr/bin/systemd-notify") {
         return Ok(());
     }
-    let out = sandbox.out_dir();
-    let main = format!(
-        "trap 'systemd-notify RELOADING=1; sleep 0.3; echo reloaded >> {o}/reloads; systemd-notify --ready' USR1; \
-         systemd-notify --ready; while :; do sleep 0.05; done",
-        o = out.display()
-    );
-    web_unit(&sandbox, |_| {
+    let (ns, sandbox) = skip_unless!(web_sandbox(|out| {
+        let main = format!(
+            "trap 'systemd-notify RELOADING=1; sleep 0.3; echo reloaded >> {o}/reloads; systemd-notify --ready' USR1; \
+             systemd-notify --ready; while :; do sleep 0.05; done",
+            o = out.display()
+        );
         format!(
             "exec = {main}\ntype = \"notify-reload\"\nreload-signal = \"SIGUSR1\"\n",
             main = sh(&main)
         )
-    })?;
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    })?);
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     let reply: serde_json::Value =
         serde_json::from_str(&hf.cli_ok(&["reload-service", "web", "--json"])?)?;
     ensure!(
@@ -331,8 +322,7 @@ fn notify_reload_sends_the_reload_signal_and_waits_for_ready() -> Result<()> {
 
 #[test]
 fn an_exec_reload_running_across_an_upgrade_ends_in_the_new_holdfast() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    web_unit(&sandbox, |out| {
+    let (ns, sandbox) = skip_unless!(web_sandbox(|out| {
         format!(
             "exec = [\"/bin/sleep\", \"1000\"]\nexec-reload = [{reload}]\n",
             reload = sh(&format!(
@@ -340,9 +330,8 @@ fn an_exec_reload_running_across_an_upgrade_ends_in_the_new_holdfast() -> Result
                 o = out.display()
             )),
         )
-    })?;
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    })?);
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     // The request waits for the command; the upgrade answers it with an error.
     let mut waiting = std::process::Command::new(holdfast_testkit::holdfast_bin())
         .args(["reload-service", "web", "--state-dir"])
@@ -366,8 +355,6 @@ fn an_exec_reload_running_across_an_upgrade_ends_in_the_new_holdfast() -> Result
     let s = hf.wait_state("web", "running", T)?;
     ensure!(s["pid"] == pid && s["restarts"] == 0, "{s}");
     // The new holdfast reaped it and ended the reload.
-    wait_for("the reload's end in the log", T, || {
-        hf.log().contains("reloaded (exec-reload)").then_some(())
-    })?;
+    hf.wait_log_line(&["reloaded (exec-reload)"], T)?;
     Ok(())
 }

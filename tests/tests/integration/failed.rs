@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use holdfast_testkit::{
-    ask_tcp, netns_and_sandbox, skip_unless, toml_str, Holdfast, RunOptions, PYTHON,
+    ask_tcp, netns_and_sandbox, restart_always, skip_unless, toml_str, Holdfast, PYTHON,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -34,20 +34,12 @@ fn a_failed_service_refuses_and_start_opens_again(dispatcher: bool) -> Result<()
         "web",
         8080,
         &format!(
-            "exec = [\"/bin/sh\", \"-c\", {}]\nrestart = \"always\"\nrestart-delay = \"300ms\"\n\
-             restart-delay-max = \"300ms\"\nstart-limit-burst = 3\nstart-limit-interval = \"30s\"",
-            toml_str(&script)
+            "exec = [\"/bin/sh\", \"-c\", {}]\n{}",
+            toml_str(&script),
+            restart_always("300ms", "300ms", 3, "30s")
         ),
     )?;
-    let hf = if dispatcher {
-        skip_unless!(Holdfast::start_dispatched(
-            &ns,
-            sandbox,
-            &RunOptions::default()
-        )?)
-    } else {
-        Holdfast::start_in(&ns, sandbox)?
-    };
+    let hf = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, dispatcher)?);
     let _inside = ns.enter()?;
     let addr: SocketAddr = ADDR.parse()?;
     // While it keeps failing, a client waits in the backlog.
@@ -90,12 +82,7 @@ fn a_failed_service_refuses_and_start_opens_again(dispatcher: bool) -> Result<()
     Ok(())
 }
 
-#[test]
-fn in_bind_mode_a_failed_service_refuses_and_start_listens_again() -> Result<()> {
-    a_failed_service_refuses_and_start_opens_again(false)
-}
-
-#[test]
-fn with_the_dispatcher_a_failed_service_refuses_and_start_listens_again() -> Result<()> {
-    a_failed_service_refuses_and_start_opens_again(true)
-}
+tests_of!(a_failed_service_refuses_and_start_opens_again:
+    in_bind_mode_a_failed_service_refuses_and_start_listens_again => (false),
+    with_the_dispatcher_a_failed_service_refuses_and_start_listens_again => (true),
+);

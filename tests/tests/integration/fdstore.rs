@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use holdfast_testkit::{netns_and_sandbox, skip_unless, tell, Holdfast};
+use holdfast_testkit::{netns_and_notifier, skip_unless, tell, Holdfast};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -30,15 +30,12 @@ fn next_instance(hf: &Holdfast, old: i32) -> Result<(i32, Value)> {
 
 #[test]
 fn stored_fds_come_back_after_a_crash_under_their_names() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit(
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
         "web",
-        8080,
         &["--ready"],
-        "fd-store-max = 4\nrestart-delay = \"100ms\"",
-    )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let first = hf.wait_running("web", T)?;
+        "fd-store-max = 4\nrestart-delay = \"100ms\""
+    )?);
+    let (mut hf, first) = Holdfast::start_running(&ns, sandbox, "web")?;
     let report = hf.sandbox().wait_report("web", T, |r| r["pid"] == first)?;
     assert_eq!(report["env"]["LISTEN_FDNAMES"], "web", "{report}");
 
@@ -91,16 +88,13 @@ fn stored_fds_come_back_after_a_crash_under_their_names() -> Result<()> {
     assert_eq!(report["fds"][1]["kind"], "pipe", "{report}");
     let s = hf.service("web")?;
     assert_eq!(s["restarts"], 2, "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn fd_store_max_bounds_the_store() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("web", 8080, &["--ready"], "fd-store-max = 2")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let first = hf.wait_running("web", T)?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier("web", &["--ready"], "fd-store-max = 2")?);
+    let (mut hf, first) = Holdfast::start_running(&ns, sandbox, "web")?;
     ns.run(|| -> Result<()> {
         for name in ["one", "two", "three"] {
             tell(web(), &format!("store {name} data-{name} memfd"))?;
@@ -108,13 +102,7 @@ fn fd_store_max_bounds_the_store() -> Result<()> {
         Ok(())
     })??;
     // The third message is read after the first two: once it is logged, it is settled.
-    holdfast_testkit::wait_for("the refusal in the log", T, || {
-        hf.log()
-            .lines()
-            .any(|l| l.contains("fd store refused an fd") && l.contains("three"))
-            .then_some(())
-    })
-    .with_context(|| hf.log())?;
+    hf.wait_log_line(&["fd store refused an fd", "three"], T)?;
     let s = hf.service("web")?;
     assert_eq!(s["fd_store"], json!(["one", "two"]), "{s}");
 
@@ -122,6 +110,5 @@ fn fd_store_max_bounds_the_store() -> Result<()> {
     let (_, report) = next_instance(&hf, first)?;
     assert_eq!(report["env"]["LISTEN_FDNAMES"], "web:one:two", "{report}");
     assert_eq!(report["fds"][2]["data"], "data-two", "{report}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    netns_or_skip, process_gone, require_file, skip_unless, toml_array, wait_for, Holdfast,
-    LoopClient, RunOptions, Sandbox,
+    netns_with_tools, process_gone, skip_unless, toml_array, wait_for, Holdfast, LoopClient,
+    Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -55,12 +55,20 @@ fn gunicorn_sandbox(workers: &str, service_extra: &str, port: &str) -> Result<Sa
     Ok(sandbox)
 }
 
+/// Fails unless gunicorn (master `pid`) has logged that it listens at `addr`:
+/// on the socket holdfast handed it (LISTEN_FDS), not one of its own.
+fn says_it_listens_at(hf: &Holdfast, addr: &str, pid: i32) -> Result<()> {
+    let log = hf.log();
+    ensure!(
+        log.contains(&format!("Listening at: http://{addr} ({pid})")),
+        "gunicorn ({pid}) does not say it listens at {addr} (on the LISTEN_FDS socket):\n{log}"
+    );
+    Ok(())
+}
+
 #[test]
 fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(GUNICORN) {
-        return Ok(());
-    }
+    let ns = skip_unless!(netns_with_tools(&[GUNICORN]));
     let sandbox = gunicorn_sandbox("2", "restart = \"always\"", "8080")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let old = hf.wait_running("gunicorn", Duration::from_secs(20))?;
@@ -72,12 +80,7 @@ fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
     assert!(body.starts_with("hello from gunicorn worker "), "{body:?}");
     // Its own line about what it listens on: the socket holdfast made, not its
     // default 127.0.0.1:8000.
-    assert!(
-        hf.log()
-            .contains(&format!("Listening at: http://127.0.0.1:8080 ({old})")),
-        "gunicorn did not take the LISTEN_FDS socket:\n{}",
-        hf.log()
-    );
+    says_it_listens_at(&hf, "127.0.0.1:8080", old)?;
 
     // A client loops (a new connection per request) during an overlap restart.
     let client = LoopClient::each_round(&ns, Duration::from_millis(5), move |tally| {
@@ -124,8 +127,7 @@ fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
     )?;
     let (status, _) = ns.run(|| get(addr))??;
     assert!(status.ends_with(" 200 OK"), "{status}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// With the sk_lookup dispatcher the socket is steered, and bound to the one
@@ -134,31 +136,13 @@ fn gunicorn_gets_ready_answers_and_survives_an_overlap_restart() -> Result<()> {
 /// loopback port the kernel chose.
 #[test]
 fn with_the_dispatcher_gunicorn_logs_its_declared_address_and_port() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(GUNICORN) {
-        return Ok(());
-    }
+    let ns = skip_unless!(netns_with_tools(&[GUNICORN]));
     let sandbox = gunicorn_sandbox("1", "", "7401")?;
-    let mut hf = skip_unless!(Holdfast::start_dispatched(
-        &ns,
-        sandbox,
-        &RunOptions::default()
-    )?);
+    let mut hf = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, true)?);
     let pid = hf.wait_running("gunicorn", Duration::from_secs(20))?;
     let (status, body) = ns.run(|| get("127.0.0.1:7401".parse()?))??;
     assert!(status.ends_with(" 200 OK"), "{status}: {body}");
-    assert!(
-        hf.log()
-            .contains(&format!("Listening at: http://127.0.0.1:7401 ({pid})")),
-        "gunicorn does not say it listens on 127.0.0.1:7401:\n{}",
-        hf.log()
-    );
-    let rows = hf.bindings()?;
-    ensure!(
-        rows.first()
-            .is_some_and(|r| r["lookups"].as_u64() >= Some(1)),
-        "the request was not steered: {rows:?}"
-    );
-    hf.stop()?;
-    Ok(())
+    says_it_listens_at(&hf, "127.0.0.1:7401", pid)?;
+    hf.expect_first_binding_counted("lookups", "the request was not steered")?;
+    hf.stop()
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use holdfast_testkit::{
-    ask_tcp, ask_udp, ask_unix, check_handoff, netns_and_sandbox, netns_or_skip, require_file,
-    skip_unless, toml_str, ExpectSocket, Holdfast, Netns, RunOptions, Sandbox,
+    ask_tcp, ask_udp, ask_unix, check_handoff, netns_and_sandbox, netns_with_tools, skip_unless,
+    toml_str, ExpectSocket, Holdfast, Netns, RunOptions, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -31,15 +31,13 @@ ports = ["8001"]
 "#
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("one", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "one")?;
     let report = hf.sandbox().wait_report("one", T, |r| r["pid"] == pid)?;
     check_handoff(&report, &[ExpectSocket::tcp("one", "127.0.0.1", 8001)])?;
     let answer = ns.run(|| ask_tcp("127.0.0.1:8001".parse().expect("literal"), T))??;
     assert_eq!(answer, format!("one {pid}\n"));
     assert_eq!(hf.service("one")?["sockets"], serde_json::json!(["one"]));
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Writes unit `name` running `exec` with the sockets "web" (TCP
@@ -74,14 +72,12 @@ ports = ["8053"]
 
 /// "web" and "dns" of [`write_web_dns_and`] answer as the instance `pid`.
 fn ask_web_and_dns(ns: &Netns, pid: i32) -> Result<()> {
-    let (web, dns) = ns.run(|| -> Result<_> {
-        Ok((
-            ask_tcp("127.0.0.1:8001".parse()?, T)?,
-            ask_udp("[::1]:8053".parse()?, T)?,
-        ))
-    })??;
-    assert_eq!(web, format!("web {pid}\n"));
-    assert_eq!(dns, format!("dns {pid}\n"));
+    let _inside = ns.enter()?;
+    assert_eq!(
+        ask_tcp("127.0.0.1:8001".parse()?, T)?,
+        format!("web {pid}\n")
+    );
+    assert_eq!(ask_udp("[::1]:8053".parse()?, T)?, format!("dns {pid}\n"));
     Ok(())
 }
 
@@ -100,8 +96,7 @@ fn three_sockets_are_fds_3_4_5_in_unit_order() -> Result<()> {
             toml_str(&unix_path_str)
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("three", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "three")?;
     let report = hf.sandbox().wait_report("three", T, |r| r["pid"] == pid)?;
     check_handoff(
         &report,
@@ -117,8 +112,7 @@ fn three_sockets_are_fds_3_4_5_in_unit_order() -> Result<()> {
         hf.service("three")?["sockets"],
         serde_json::json!(["web", "dns", "ctl"])
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The daemon with the dispatcher (`None`: skip), once `name` runs: its pid
@@ -179,14 +173,13 @@ fn with_the_dispatcher_getsockname_shows_the_one_declared_address_and_port() -> 
         "the wide socket is on a port the kernel chose: {report}"
     );
     ask_web_and_dns(&ns, pid)?;
-    let (far, wide_answer) = ns.run(|| -> Result<_> {
-        Ok((
-            ask_tcp("192.0.2.7:80".parse()?, T)?,
-            ask_tcp("192.0.2.200:8085".parse()?, T)?,
-        ))
-    })??;
-    assert_eq!(far, format!("far {pid}\n"));
-    assert_eq!(wide_answer, format!("wide {wide}\n"));
+    let inside = ns.enter()?;
+    assert_eq!(ask_tcp("192.0.2.7:80".parse()?, T)?, format!("far {pid}\n"));
+    assert_eq!(
+        ask_tcp("192.0.2.200:8085".parse()?, T)?,
+        format!("wide {wide}\n")
+    );
+    drop(inside);
     // Steered all the same: the dispatcher counted a lookup on every binding.
     let rows = hf.bindings()?;
     assert_eq!(rows.len(), 4, "{rows:?}");
@@ -196,8 +189,7 @@ fn with_the_dispatcher_getsockname_shows_the_one_declared_address_and_port() -> 
             "a binding the dispatcher did not steer: {row}"
         );
     }
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// With the dispatcher, a socket whose one address and port another program
@@ -223,17 +215,13 @@ fn with_the_dispatcher_a_taken_address_falls_back_to_loopback_and_is_steered() -
     let answer = ns.run(|| ask_tcp("127.0.0.1:8002".parse().expect("literal"), T))??;
     assert_eq!(answer, format!("web {pid}\n"), "steered past the squatter");
     drop(squatter);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn systemd_socket_proxyd_works_unchanged() -> Result<()> {
     const PROXYD: &str = "/lib/systemd/systemd-socket-proxyd";
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(PROXYD) {
-        return Ok(());
-    }
+    let ns = skip_unless!(netns_with_tools(&[PROXYD]));
     // The backend: a plain TCP server in the namespace, answering one line per
     // connection, then closing.
     let backend = ns.run(|| TcpListener::bind("127.0.0.1:9000"))??;
@@ -252,8 +240,7 @@ fn systemd_socket_proxyd_works_unchanged() -> Result<()> {
         8080,
         &format!(r#"exec = ["{PROXYD}", "127.0.0.1:9000"]"#),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("proxy", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "proxy")?;
     for i in 0..3 {
         let answer = ns.run(|| -> Result<String> {
             let mut s = std::net::TcpStream::connect("127.0.0.1:8080")?;
@@ -271,6 +258,5 @@ fn systemd_socket_proxyd_works_unchanged() -> Result<()> {
     }
     // The proxy kept running: it accepted the sockets it was handed.
     assert_eq!(hf.wait_running("proxy", T)?, pid);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -125,12 +125,8 @@ fn spawn_reference(
 #[test]
 fn reference_service_confirms_a_correct_handoff() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let (tcp, udp) = ns.run(|| -> Result<_> {
-        Ok((
-            TcpListener::bind("127.0.0.1:8001")?,
-            UdpSocket::bind("[::1]:8053")?,
-        ))
-    })??;
+    let tcp = ns.run(|| TcpListener::bind("127.0.0.1:8001"))??;
+    let udp = ns.run(|| UdpSocket::bind("[::1]:8053"))??;
     let mut child = spawn_reference(
         &sandbox,
         &[tcp.as_fd(), udp.as_fd()],
@@ -166,12 +162,8 @@ fn reference_service_confirms_a_correct_handoff() -> Result<()> {
 #[test]
 fn reference_service_exposes_a_wrong_handoff() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let (a, b) = ns.run(|| -> Result<_> {
-        Ok((
-            TcpListener::bind("127.0.0.1:8001")?,
-            TcpListener::bind("127.0.0.1:8002")?,
-        ))
-    })??;
+    let a = ns.run(|| TcpListener::bind("127.0.0.1:8001"))??;
+    let b = ns.run(|| TcpListener::bind("127.0.0.1:8002"))??;
     // LISTEN_PID=1, and fd 4 leaks in uncounted.
     let mut child = spawn_reference(&sandbox, &[a.as_fd(), b.as_fd()], 1, &["web"], false)?;
     let report = sandbox.wait_report("ref", T, |_| true)?;

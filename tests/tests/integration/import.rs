@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use holdfast_testkit::{
-    holdfast_cli, netns_or_skip, require, run_bounded, Holdfast, RunOptions, Sandbox,
+    describe_output, holdfast_check, holdfast_cli, netns_or_skip, require, run_ok, Holdfast,
+    RunOptions, Sandbox,
 };
 
 const SYSTEM: &str = "/lib/systemd/system";
@@ -39,15 +40,6 @@ fn installed(files: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn import(args: &[&str]) -> Result<Output> {
     let mut all = vec!["import"];
     all.extend_from_slice(args);
@@ -69,16 +61,20 @@ fn debian_units_import_into_units_that_pass_check() -> Result<()> {
         assert!(
             code == Some(0) || code == Some(1),
             "{package} {socket}: {}",
-            text(&o)
+            describe_output(&o)
         );
         let stdout = String::from_utf8_lossy(&o.stdout);
-        assert!(stdout.starts_with("wrote "), "{socket}: {}", text(&o));
+        assert!(
+            stdout.starts_with("wrote "),
+            "{socket}: {}",
+            describe_output(&o)
+        );
         // Exit 1 exactly when something is listed as not translated, each with file:line.
         assert_eq!(
             code == Some(1),
             stdout.contains("not translated ("),
             "{}",
-            text(&o)
+            describe_output(&o)
         );
         let name = socket.trim_end_matches(".socket");
         assert!(
@@ -86,13 +82,7 @@ fn debian_units_import_into_units_that_pass_check() -> Result<()> {
             "{socket}"
         );
     }
-    let check = holdfast_cli(&["check", &out_dir])?;
-    assert_eq!(
-        check.status.code(),
-        Some(0),
-        "holdfast check: {}",
-        text(&check)
-    );
+    holdfast_check(out.path(), 0)?;
 
     // What the report says about ssh.service, line by line of the installed file.
     let ssh_service = std::fs::read_to_string(Path::new(SYSTEM).join("ssh.service"))?;
@@ -144,14 +134,14 @@ fn debian_units_import_into_units_that_pass_check() -> Result<()> {
         "--force",
         &format!("{SYSTEM}/micro-httpd.socket"),
     ])?;
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", describe_output(&o));
     let micro = std::fs::read_to_string(out.path().join("micro-httpd.toml"))?;
     assert!(micro.contains("accept = true"), "{micro}");
 
     // A usage error: the template service without an instance.
     let o = import(&["--output", &out_dir, "/lib/systemd/system/getty@.service"])?;
     if Path::new("/lib/systemd/system/getty@.service").exists() {
-        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert_eq!(o.status.code(), Some(2), "{}", describe_output(&o));
     }
     Ok(())
 }
@@ -194,20 +184,10 @@ fn import_into_units(sandbox: &Sandbox, systemd: &Path, name: &str, code: i32) -
         &sandbox.units_dir().to_string_lossy(),
         &systemd.join(format!("{name}.socket")).to_string_lossy(),
     ])?;
-    assert_eq!(o.status.code(), Some(code), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(code), "{}", describe_output(&o));
     Ok(std::fs::read_to_string(
         sandbox.units_dir().join(format!("{name}.toml")),
     )?)
-}
-
-fn run_ok(mut cmd: Command) -> Result<Output> {
-    let what = format!("{cmd:?}");
-    cmd.stdin(std::process::Stdio::null());
-    let out = run_bounded(cmd, T)?;
-    if !out.status.success() {
-        bail!("{what}: {}", text(&out));
-    }
-    Ok(out)
 }
 
 #[test]
@@ -226,7 +206,7 @@ fn imported_ssh_serves_a_real_ssh_client() -> Result<()> {
         let mut kg = Command::new("ssh-keygen");
         kg.args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(base.join(key));
-        run_ok(kg)?;
+        run_ok(kg, T)?;
     }
     std::fs::copy(base.join("client_key.pub"), base.join("authorized_keys"))?;
     let config = write(
@@ -287,7 +267,7 @@ fn imported_ssh_serves_a_real_ssh_client() -> Result<()> {
             "echo",
             "answered-by-sshd",
         ]);
-        let out = ns.run(|| run_ok(c))??;
+        let out = ns.run(|| run_ok(c, T))??;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
     assert_eq!(ssh("127.0.0.1")?, "answered-by-sshd", "{}", hf.log());
@@ -350,7 +330,7 @@ fn imported_uuidd_starts_on_demand_and_answers_uuidd_clients() -> Result<()> {
     );
     let mut client = Command::new("uuidd");
     client.arg("-t").arg("-s").arg(&socket);
-    let out = run_ok(client).with_context(|| hf.log())?;
+    let out = run_ok(client, T).with_context(|| hf.log())?;
     let said = String::from_utf8_lossy(&out.stdout);
     let uuid = said
         .split_whitespace()

@@ -16,6 +16,8 @@ use nix::sys::signal::Signal;
 const T: Duration = Duration::from_secs(10);
 /// nobody:nogroup on Debian.
 const NOBODY: u32 = 65534;
+/// What the daemon logs when it refuses a notify message.
+const OUTSIDER_IGNORED: &str = "notify: message from a process outside the service ignored";
 
 #[test]
 fn short_lived_senders_of_the_services_uid_cannot_make_it_ready() -> Result<()> {
@@ -48,11 +50,7 @@ fn short_lived_senders_of_the_services_uid_cannot_make_it_ready() -> Result<()> 
     })();
     hf.signal(Signal::SIGCONT)?;
     sent?;
-    wait_for("the daemon to read and refuse them", T, || {
-        hf.log()
-            .contains("notify: message from a process outside the service ignored")
-            .then_some(())
-    })?;
+    hf.wait_log_line(&[OUTSIDER_IGNORED], T)?;
     std::thread::sleep(Duration::from_millis(300));
     let s = hf.service("late")?;
     ensure!(s["state"] == "starting", "a stranger made it ready: {s}");
@@ -71,8 +69,7 @@ fn a_service_cannot_speak_for_another_of_the_same_user_even_in_its_process_group
         "[service]\nexec = [\"sleep\", \"1000\"]\ntype = \"simple\"\nnotify-access = \"all\"\n\
          user = \"nobody\"\ngroup = \"nogroup\"\nwatchdog = \"1h\"\nfd-store-max = 4\n",
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let victim = hf.wait_running("victim", T)?;
+    let (mut hf, victim) = Holdfast::start_running(&ns, sandbox, "victim")?;
     std::fs::write(&victim_pid, victim.to_string())?;
     // The impostor: another service of the same user. It tries to join the
     // victim's process group, then sends as the victim what would stop it,
@@ -105,11 +102,7 @@ fn a_service_cannot_speak_for_another_of_the_same_user_even_in_its_process_group
     wait_for("the impostor to have sent", T, || {
         tried.exists().then_some(())
     })?;
-    wait_for("the daemon to refuse it", T, || {
-        hf.log()
-            .contains("notify: message from a process outside the service ignored")
-            .then_some(())
-    })?;
+    hf.wait_log_line(&[OUTSIDER_IGNORED], T)?;
     std::thread::sleep(Duration::from_millis(300));
     let s = hf.service("victim")?;
     ensure!(
@@ -128,6 +121,5 @@ fn a_service_cannot_speak_for_another_of_the_same_user_even_in_its_process_group
         "want the attempt logged (rate-limited), got {refusals} lines:\n{}",
         hf.log()
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

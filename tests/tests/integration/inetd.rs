@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_udp, dispatcher_instance, holdfast_bin, holdfast_cli, netns_and_sandbox, netns_or_skip,
-    netns_with_local_routes, require, require_file, run_bounded, skip_unless, toml_array, toml_str,
-    wait_for, Holdfast, Netns, RunOptions, Sandbox, PYTHON,
+    ask_udp, dispatcher_instance, holdfast_bin, holdfast_check_unit, netns_and_sandbox,
+    netns_and_sandbox_with_tools, netns_or_skip, netns_with_local_routes, require, run_bounded,
+    run_ok, skip_unless, toml_array, toml_str, wait_for, Holdfast, Netns, RunOptions, Sandbox,
+    PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{
@@ -724,16 +725,9 @@ fn cpu_ticks(pid: i32) -> Result<u64> {
 
 /// `prlimit --pid PID --nofile=SOFT:` (the soft limit only).
 fn set_nofile(pid: i32, soft: u64) -> Result<()> {
-    let out = Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
-        .output()
-        .context("run prlimit")?;
-    ensure!(
-        out.status.success(),
-        "prlimit: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    let mut prlimit = Command::new("prlimit");
+    prlimit.args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")]);
+    run_ok(prlimit, T).map(drop)
 }
 
 /// With no fd left for accept (EMFILE), the accept service stops polling its listener for a
@@ -1013,14 +1007,8 @@ fn deny_holds_on_a_socket_bound_to_its_one_address_and_port() -> Result<()> {
             "a denied source reached the socket bound to its address: {got:?}"
         );
     })?;
-    let rows = hf.bindings()?;
-    assert!(
-        rows.first()
-            .is_some_and(|r| r["denied"].as_u64() >= Some(1)),
-        "the dispatcher's denied counter: {rows:?}"
-    );
-    hf.stop()?;
-    Ok(())
+    hf.expect_first_binding_counted("denied", "the dispatcher's denied counter")?;
+    hf.stop()
 }
 
 /// A reload that changes only allow/deny keeps the socket (holdfast's policy,
@@ -1144,13 +1132,22 @@ fn check_on_demand(ns: &Netns, hf: &Holdfast, ask: &dyn Fn() -> Result<String>) 
     Ok(())
 }
 
+/// The daemon in a fresh namespace with [`on_demand_echo`] as unit `echo`, under
+/// the skip policy (root, a namespace, [`example_echo_on_path`]): `Ok(None)` means skip.
+fn on_demand_echo_daemon(protocol: &str, port: u16) -> Result<Option<(Netns, Holdfast)>> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(None);
+    };
+    if !example_echo_on_path() {
+        return Ok(None);
+    }
+    let hf = Holdfast::start(&ns, &[("echo", &on_demand_echo(protocol, port))])?;
+    Ok(Some((ns, hf)))
+}
+
 #[test]
 fn on_demand_udp_echo_starts_on_the_first_datagram_and_again_after_it_exits() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !example_echo_on_path() {
-        return Ok(());
-    }
-    let mut hf = Holdfast::start(&ns, &[("echo", &on_demand_echo("udp", 7700))])?;
+    let (ns, mut hf) = skip_unless!(on_demand_echo_daemon("udp", 7700)?);
     check_on_demand(&ns, &hf, &|| {
         Ok(ns.run(|| ask_udp(sa("127.0.0.1:7700"), T))??)
     })?;
@@ -1159,11 +1156,7 @@ fn on_demand_udp_echo_starts_on_the_first_datagram_and_again_after_it_exits() ->
 
 #[test]
 fn on_demand_tcp_echo_starts_on_the_first_connection_and_again_after_it_exits() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !example_echo_on_path() {
-        return Ok(());
-    }
-    let mut hf = Holdfast::start(&ns, &[("echo", &on_demand_echo("tcp", 7701))])?;
+    let (ns, mut hf) = skip_unless!(on_demand_echo_daemon("tcp", 7701)?);
     check_on_demand(&ns, &hf, &|| match ns
         .run(|| try_line(None, sa("127.0.0.1:7701"), "ping", T))?
     {
@@ -1224,14 +1217,11 @@ fn on_demand_service_failing_on_queued_traffic_backs_off_and_counts_restarts() -
 
 #[test]
 fn accept_on_udp_is_refused_pointing_to_on_demand() -> Result<()> {
-    let sandbox = Sandbox::new()?;
-    sandbox.write_unit(
+    let err = holdfast_check_unit(
         "dns",
         "[service]\nexec = [\"/bin/cat\"]\n\n[[socket]]\nprotocol = \"udp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"53\"]\naccept = true\n",
+        1,
     )?;
-    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "holdfast check: {err}");
     assert!(
         err.contains("dns") && err.contains("accept") && err.contains("on-demand = true"),
         "the error names the unit and the key and points to on-demand = true: {err}"
@@ -1246,11 +1236,10 @@ const MICRO_HTTPD: &str = "/usr/sbin/micro-httpd";
 
 #[test]
 fn debian_micro_httpd_is_served_unchanged_per_connection() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(MICRO_HTTPD) || !require_file("/usr/bin/curl") {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[
+        MICRO_HTTPD,
+        "/usr/bin/curl"
+    ])?);
     let www = sandbox.path().join("www");
     std::fs::create_dir(&www)?;
     std::fs::write(
@@ -1420,11 +1409,7 @@ fn tftp_get(server: SocketAddr, file: &str) -> Result<Vec<u8>> {
 /// unit with StandardInput=socket.
 #[test]
 fn debian_in_tftpd_is_served_unchanged_with_the_socket_on_stdin() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(IN_TFTPD) {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[IN_TFTPD])?);
     let root = sandbox.path().join("tftp");
     std::fs::create_dir(&root)?;
     // More than one block: 1300 bytes are three DATA packets.
@@ -1453,6 +1438,5 @@ fn debian_in_tftpd_is_served_unchanged_with_the_socket_on_stdin() -> Result<()> 
     hf.wait_state("tftp", "listening", Duration::from_secs(15))?;
     let again = ns.run(|| tftp_get(server, "boot.txt"))??;
     ensure!(again == text, "the second run served {} bytes", again.len());
-    hf.stop_leaving_nothing(&ns)?;
-    Ok(())
+    hf.stop_leaving_nothing(&ns)
 }

@@ -3,6 +3,20 @@
 //! One test binary with a module per area, so the suite links once:
 //! `cargo test -p holdfast-testkit --test integration AREA::` runs one area.
 
+/// `tests_of!(case: NAME => (ARGS…), …)`: one `#[test]` NAME per line, each returning
+/// `case(ARGS…)`, for tests that differ only in data; each keeps its own name, so a
+/// failure says which case failed.
+macro_rules! tests_of {
+    ($case:ident: $($name:ident => ($($arg:expr),*)),+ $(,)?) => {
+        $(
+            #[test]
+            fn $name() -> anyhow::Result<()> {
+                $case($($arg),*)
+            }
+        )+
+    };
+}
+
 mod cgroups;
 mod cli;
 mod control;

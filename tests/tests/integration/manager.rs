@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, netns_and_sandbox, require, require_file, skip_unless, wait_for, Holdfast, Netns,
-    RunOptions,
+    ask_tcp, netns_and_sandbox, netns_and_sandbox_with_tools, require, skip_unless, wait_for,
+    Holdfast, Netns, RunOptions, SOCKET_ACTIVATE,
 };
 use nix::sys::signal::Signal;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage, UnixAddr};
@@ -191,10 +191,7 @@ fn answer(ns: &Netns, addr: &str) -> Result<String> {
 
 #[test]
 fn sockets_passed_in_listen_fds_are_used_in_place_when_they_fit_the_unit() -> Result<()> {
-    if !require_file("/usr/bin/systemd-socket-activate") {
-        return Ok(());
-    }
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[SOCKET_ACTIVATE])?);
     sandbox.write_serve_unit("web", 8080, "")?;
     sandbox.write_serve_unit("api", 8081, "")?;
     // web.web fits; api.api is bound elsewhere (closed, holdfast makes its
@@ -242,10 +239,7 @@ fn sockets_passed_in_listen_fds_are_used_in_place_when_they_fit_the_unit() -> Re
 /// and port, and the dispatcher steers to it.
 #[test]
 fn with_the_dispatcher_a_passed_socket_on_the_units_address_is_used_in_place() -> Result<()> {
-    if !require_file("/usr/bin/systemd-socket-activate") {
-        return Ok(());
-    }
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[SOCKET_ACTIVATE])?);
     sandbox.write_serve_unit("web", 8080, "")?;
     let opts = RunOptions {
         dispatcher: true,
@@ -285,6 +279,5 @@ fn with_the_dispatcher_a_passed_socket_on_the_units_address_is_used_in_place() -
             .is_some_and(|r| r["lookups"].as_u64() >= Some(1) && r["socket_present"] == true),
         "not steered: {rows:?}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, holdfast_bin, require, require_file, require_root, run_bounded, wait_for, PYTHON,
-    SERVE_PY,
+    ask_tcp, describe_output, holdfast_bin, require, require_file, require_root, run_bounded,
+    wait_for, PYTHON, SERVE_PY,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -127,11 +127,9 @@ exec systemd-nspawn -D "$D/merged" -b -M {name} --private-network --register=no 
         let out = self.sh(args, T)?;
         ensure!(
             out.status.success(),
-            "{} exited with {}: {}{}",
+            "{}: {}",
             args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            describe_output(&out)
         );
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, holdfast_bin, netns_and_sandbox, netns_or_skip, process_gone, require_file,
-    skip_unless, toml_str, wait_for, Holdfast, RunOptions, Sandbox, PYTHON,
+    ask_tcp, holdfast_bin, netns_and_sandbox, netns_and_sandbox_with_tools, netns_or_skip,
+    process_gone, run_ok, skip_unless, wait_for, Holdfast, Netns, RunOptions, Sandbox, PYTHON,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -209,11 +209,7 @@ fn http_get(addr: &str, path: &str) -> Result<(u16, String, String)> {
 
 #[test]
 fn metrics_follow_the_services_in_the_cli_and_over_http() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(PROMETHEUS_CLIENT) {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[PROMETHEUS_CLIENT])?);
     let exec = sandbox.serve_exec("web")?;
     let service = format!("exec = {exec}\nrestart = \"always\"");
     sandbox.write_tcp_unit("web", &service, "http", &["192.0.2.0/24"], &["80"], "")?;
@@ -293,8 +289,7 @@ fn metrics_follow_the_services_in_the_cli_and_over_http() -> Result<()> {
     let m = cli_metrics(&hf)?;
     m.expect_state("web", "stopped")?;
     assert_eq!(m.value("holdfast_service_ready", &web)?, 0.0);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Opens `argv[2]` connections to `argv[1]` (HOST:PORT) and holds them idle until
@@ -401,17 +396,12 @@ fn an_idle_flood_leaves_the_metrics_endpoint_answering_and_holdfast_bounded() ->
     flood.wait()?;
     let (code, _, _) = ns.run(|| http_get("127.0.0.1:9100", "/metrics"))??;
     assert_eq!(code, 200, "the endpoint after the flood");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn backlog_queued_shows_the_connections_a_stopped_service_has_waiting() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file(PROMETHEUS_CLIENT) {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[PROMETHEUS_CLIENT])?);
     let exec = sandbox.serve_exec("web")?;
     let service = format!("exec = {exec}");
     sandbox.write_tcp_unit(
@@ -422,8 +412,7 @@ fn backlog_queued_shows_the_connections_a_stopped_service_has_waiting() -> Resul
         &["8080"],
         "backlog = 8",
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("web", T)?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "web")?;
     let sock = [("service", "web"), ("socket", "web"), ("protocol", "tcp")];
     let m = cli_metrics(&hf)?;
     assert_eq!(m.value("holdfast_socket_backlog_queued", &sock)?, 0.0);
@@ -453,8 +442,7 @@ fn backlog_queued_shows_the_connections_a_stopped_service_has_waiting() -> Resul
     let m = cli_metrics(&hf)?;
     assert_eq!(m.value("holdfast_socket_backlog_queued", &sock)?, 0.0);
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A service that prints `line 1` … `line 1200` on stdout, then, once `out/go1`
@@ -475,13 +463,7 @@ exec sleep 1000
         go1 = go1.display(),
         go2 = go2.display()
     );
-    sandbox.write_unit(
-        "chatty",
-        &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
-            toml_str(&script)
-        ),
-    )?;
+    sandbox.write_sh_unit("chatty", &script)?;
     Ok(())
 }
 
@@ -574,8 +556,7 @@ fn numbered(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
 fn logs_show_the_last_lines_keep_1000_and_follow() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     write_chatty_unit(&sandbox)?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("chatty", T)?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "chatty")?;
     wait_for("the 1200th line to be captured", T, || {
         (logs(&hf, &["-n", "1"]).ok()? == ["line 1200"]).then_some(())
     })?;
@@ -613,8 +594,7 @@ fn logs_show_the_last_lines_keep_1000_and_follow() -> Result<()> {
         rest.is_empty(),
         "logs -f printed more than was logged: {rest:?}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The daemon's log as JSON objects, one per line; fails on any other line.
@@ -624,25 +604,34 @@ fn json_lines(log: &str) -> Result<Vec<Value>> {
         .collect()
 }
 
-#[test]
-fn json_log_lines_parse_and_name_their_service() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_serve_unit("web", 8080, "restart = \"always\"")?;
+/// Starts the daemon on `sandbox` with `--log-format json` and `RUST_LOG=rust_log`,
+/// and waits until its serve.py service `web` runs and its first line is in
+/// `holdfast logs`: the daemon and web's pid.
+fn start_logging_json(ns: &Netns, sandbox: Sandbox, rust_log: &str) -> Result<(Holdfast, i32)> {
     let opts = RunOptions {
         args: vec!["--log-format".into(), "json".into()],
-        env: vec![("RUST_LOG".into(), "debug".into())],
+        env: vec![("RUST_LOG".into(), rust_log.into())],
         ..RunOptions::default()
     };
-    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
+    let hf = Holdfast::start_with(ns, sandbox, &opts)?;
     let pid = hf.wait_running("web", T)?;
     wait_for("web's first line", T, || {
         let out = hf.cli_ok(&["logs", "web"]).ok()?;
         out.contains(&format!("serving pid {pid}")).then_some(())
     })?;
+    Ok((hf, pid))
+}
+
+#[test]
+fn json_log_lines_parse_and_name_their_service() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    sandbox.write_serve_unit("web", 8080, "restart = \"always\"")?;
+    let (mut hf, pid) = start_logging_json(&ns, sandbox, "debug")?;
     kill(Pid::from_raw(pid), Signal::SIGKILL)?;
     let next = hf.wait_service("web", T, |s| s["pid"].is_i64() && s["pid"] != pid)?;
     let next = next["pid"].as_i64().context("pid")?;
-    let log = hf.stop()?;
+    hf.stop()?;
+    let log = hf.log();
     let lines = json_lines(&log)?;
     ensure!(lines.len() >= 5, "only {} log lines:\n{log}", lines.len());
 
@@ -687,19 +676,10 @@ fn rust_log_sets_the_level() -> Result<()> {
         "stubborn",
         "[service]\nexec = [\"/bin/sh\", \"-c\", \"trap '' TERM; while :; do sleep 0.1; done\"]\nstop-timeout = \"300ms\"\n",
     )?;
-    let opts = RunOptions {
-        args: vec!["--log-format".into(), "json".into()],
-        env: vec![("RUST_LOG".into(), "warn".into())],
-        ..RunOptions::default()
-    };
-    let mut hf = Holdfast::start_with(&ns, sandbox, &opts)?;
-    let pid = hf.wait_running("web", T)?;
-    wait_for("web's output", T, || {
-        let out = hf.cli_ok(&["logs", "web"]).ok()?;
-        out.contains(&format!("serving pid {pid}")).then_some(())
-    })?;
+    let (mut hf, _) = start_logging_json(&ns, sandbox, "warn")?;
     hf.wait_running("stubborn", T)?;
-    let log = hf.stop()?;
+    hf.stop()?;
+    let log = hf.log();
     let lines = json_lines(&log)?;
     for line in &lines {
         ensure!(
@@ -716,6 +696,12 @@ fn rust_log_sets_the_level() -> Result<()> {
     Ok(())
 }
 
+/// The fields of each row of `holdfast metrics --json`, by section.
+const SERVICE_METRICS: &str = "service state restarts ready uptime_seconds last_exit_status instances connections_total denied_total";
+const DESTINATION_METRICS: &str =
+    "service socket destination socket_present lookups misses errors denied";
+const SOCKET_METRICS: &str = "service socket protocol backlog_queued backlog_limit";
+
 #[test]
 fn json_outputs_have_the_documented_fields() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
@@ -725,11 +711,7 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
     sandbox.write_tcp_unit("web", &service, "http", &["192.0.2.0/24"], &ports, "")?;
     sandbox.write_unit("idle", "[service]\nexec = [\"/bin/sleep\", \"1000\"]\n")?;
     ns.add_local_route("192.0.2.0/24")?;
-    let mut hf = skip_unless!(Holdfast::start_dispatched(
-        &ns,
-        sandbox,
-        &RunOptions::default()
-    )?);
+    let mut hf = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, true)?);
     let pid = hf.wait_running("web", T)?;
     hf.wait_running("idle", T)?;
     hf.cli_ok(&["stop", "idle"])?;
@@ -744,19 +726,31 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
         }
         Ok(())
     };
+    // `v`: an array of `count` rows, each with every one of `keys` (names
+    // separated by spaces).
+    let rows_having = |v: &Value, count: usize, keys: &str| -> Result<Vec<Value>> {
+        let rows = v.as_array().with_context(|| format!("not an array: {v}"))?;
+        ensure!(
+            rows.len() == count,
+            "{} rows, want {count}: {v}",
+            rows.len()
+        );
+        let keys: Vec<&str> = keys.split_whitespace().collect();
+        for r in rows {
+            has(r, &keys)?;
+        }
+        Ok(rows.clone())
+    };
+    // The output of `args`: `count` rows, each with every one of the (at least
+    // `least`) fields docs/json.md lists under `heading`.
+    let documented_rows = |args: &[&str], count: usize, heading: &str, least: usize| {
+        let fields = documented_fields(heading)?;
+        ensure!(fields.len() >= least, "{heading}: {fields:?}");
+        rows_having(&json(args)?, count, &fields.join(" ")).with_context(|| format!("{args:?}"))
+    };
 
     // status --json: an array of objects with every field docs/json.md lists.
-    let status = json(&["status", "--json"])?;
-    let rows = status.as_array().context("status --json: an array")?;
-    assert_eq!(rows.len(), 2, "{status}");
-    let status_fields = documented_fields("## `holdfast status")?;
-    assert!(status_fields.len() >= 18, "{status_fields:?}");
-    for r in rows {
-        has(
-            r,
-            &status_fields.iter().map(String::as_str).collect::<Vec<_>>(),
-        )?;
-    }
+    let rows = documented_rows(&["status", "--json"], 2, "## `holdfast status", 18)?;
     let web = rows.iter().find(|r| r["name"] == "web").context("web")?;
     assert_eq!(web["state"], "running");
     assert_eq!(web["pid"], pid);
@@ -777,19 +771,8 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
 
     // bindings --json: one row per prefix × port range.
     ns.run(|| ask_tcp("192.0.2.1:8005".parse().expect("literal"), T))??;
-    let bindings = json(&["bindings", "--json"])?;
-    let rows = bindings.as_array().context("bindings --json: an array")?;
-    assert_eq!(rows.len(), 2, "{bindings}");
-    let binding_fields = documented_fields("## `holdfast bindings")?;
-    assert!(binding_fields.len() >= 11, "{binding_fields:?}");
-    for r in rows {
-        has(
-            r,
-            &binding_fields
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        )?;
+    let rows = documented_rows(&["bindings", "--json"], 2, "## `holdfast bindings", 11)?;
+    for r in &rows {
         assert_eq!(r["service"], "web");
         assert_eq!(r["socket"], "http");
         assert_eq!(r["protocol"], "tcp");
@@ -807,58 +790,16 @@ fn json_outputs_have_the_documented_fields() -> Result<()> {
     // metrics --json: {services, destinations, sockets}.
     let m = json(&["metrics", "--json"])?;
     has(&m, &["services", "destinations", "sockets"])?;
-    let services = m["services"].as_array().context("services")?;
-    assert_eq!(services.len(), 2, "{m}");
-    for s in services {
-        has(
-            s,
-            &[
-                "service",
-                "state",
-                "restarts",
-                "ready",
-                "uptime_seconds",
-                "last_exit_status",
-                "instances",
-                "connections_total",
-                "denied_total",
-            ],
-        )?;
-    }
+    let services = rows_having(&m["services"], 2, SERVICE_METRICS).context("services")?;
     let web = services
         .iter()
         .find(|s| s["service"] == "web")
         .context("web")?;
     assert_eq!(web["state"], "running");
     assert_eq!(web["ready"], true);
-    let dests = m["destinations"].as_array().context("destinations")?;
-    assert_eq!(dests.len(), 1, "{m}");
-    has(
-        &dests[0],
-        &[
-            "service",
-            "socket",
-            "destination",
-            "socket_present",
-            "lookups",
-            "misses",
-            "errors",
-            "denied",
-        ],
-    )?;
+    let dests = rows_having(&m["destinations"], 1, DESTINATION_METRICS).context("destinations")?;
     ensure!(dests[0]["lookups"].as_u64() >= Some(1), "{m}");
-    let sockets = m["sockets"].as_array().context("sockets")?;
-    assert_eq!(sockets.len(), 1, "{m}");
-    has(
-        &sockets[0],
-        &[
-            "service",
-            "socket",
-            "protocol",
-            "backlog_queued",
-            "backlog_limit",
-        ],
-    )?;
+    let sockets = rows_having(&m["sockets"], 1, SOCKET_METRICS).context("sockets")?;
     assert_eq!(sockets[0]["backlog_queued"], 0);
     hf.stop()?;
     ensure!(process_gone(pid), "web outlived the daemon");
@@ -938,8 +879,7 @@ fn log_lines_carry_time_stream_and_pid_and_since_picks_by_time() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     write_talker_unit(&sandbox)?;
     let started = SystemTime::now();
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("talker", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "talker")?;
     wait_for("the first two lines", T, || {
         (json_logs(&hf, &["talker"]).ok()?.len() == 2).then_some(())
     })?;
@@ -1019,8 +959,7 @@ fn log_lines_carry_time_stream_and_pid_and_since_picks_by_time() -> Result<()> {
     );
     time_of(&got)?;
     drop(follow);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// With `--cgroup-root`, `status` (table and --json) and the metrics show the
@@ -1116,8 +1055,7 @@ fn status_and_metrics_show_cgroup_usage() -> Result<()> {
         memory_file.exists() == text.contains("holdfast_service_memory_bytes{service=\"burner\"}"),
         "memory series and memory.current disagree:\n{text}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A journald stand-in: a unix datagram socket bound in the sandbox; holdfast
@@ -1172,7 +1110,8 @@ fn lines_are_forwarded_to_a_journal_socket() -> Result<()> {
     ensure!(m["journal"]["forwarded"] == 2, "{}", m["journal"]);
     ensure!(m["journal"]["dropped"] == 0, "{}", m["journal"]);
     // In the journal, so not repeated in holdfast's own log at info.
-    let log = hf.stop()?;
+    hf.stop()?;
+    let log = hf.log();
     ensure!(
         !log.contains("hello journal"),
         "a forwarded line is in holdfast's log at info:\n{log}"
@@ -1205,7 +1144,8 @@ fn lines_are_forwarded_to_a_journal_socket() -> Result<()> {
     );
     let m: Value = serde_json::from_str(&hf.cli_ok(&["metrics", "--json"])?)?;
     ensure!(m["journal"].is_null(), "{}", m["journal"]);
-    let log = hf.stop()?;
+    hf.stop()?;
+    let log = hf.log();
     ensure!(
         log.contains("hello journal"),
         "not in holdfast's log:\n{log}"
@@ -1259,16 +1199,11 @@ impl Journald {
 
     /// Its entries matching `matches` (`FIELD=value`), as JSON objects.
     fn entries(&self, matches: &[&str]) -> Result<Vec<Value>> {
-        let out = Command::new("journalctl")
+        let mut journalctl = Command::new("journalctl");
+        journalctl
             .args(["--namespace", &self.namespace, "-o", "json", "--no-pager"])
-            .args(matches)
-            .output()
-            .context("journalctl")?;
-        ensure!(
-            out.status.success(),
-            "journalctl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .args(matches);
+        let out = run_ok(journalctl, T)?;
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).with_context(|| format!("journalctl printed {l:?}")))
@@ -1296,10 +1231,7 @@ impl Drop for Journald {
 /// it (and `_PID`, journald's own, is holdfast's: why `HOLDFAST_PID` exists).
 #[test]
 fn lines_reach_a_real_systemd_journald() -> Result<()> {
-    if !require_file(JOURNALD) {
-        return Ok(());
-    }
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&[JOURNALD])?);
     let journald = Journald::start()?;
     let script = "echo 'to the journal'; echo '<4>careful' >&2; exec sleep 1000";
     sandbox.write_sh_unit("scribe", script)?;
@@ -1335,8 +1267,7 @@ fn lines_reach_a_real_systemd_journald() -> Result<()> {
     // As a user asks for a service's errors.
     let errors = journald.entries(&["SYSLOG_IDENTIFIER=scribe", "PRIORITY=4"])?;
     ensure!(errors.len() == 1, "{errors:?}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A per-connection instance (`accept = true`) has no main pid; each of its
@@ -1383,6 +1314,5 @@ fn a_per_connection_instance_s_lines_carry_its_own_pid() -> Result<()> {
         pids.insert(said);
     }
     ensure!(pids.len() == 2, "one pid for two instances: {lines:?}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

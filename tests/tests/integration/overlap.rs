@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    netns_and_sandbox, process_gone, reply_pid, skip_unless, tell, wait_for, Holdfast, LoopClient,
+    netns_and_notifier, process_gone, reply_pid, skip_unless, tell, wait_for, Holdfast, LoopClient,
     Netns, Tally,
 };
 use serde_json::{json, Value};
@@ -88,10 +88,12 @@ fn old_one_kept(hf: &Holdfast, old: i32, seen: &Tally) -> Result<Value> {
 /// `reasons`, the old instance kept serving a looping client without an error, and
 /// the candidate, which status showed as `next_pid`, is gone.
 fn failed_overlap(later: &str, unit_extra: &str, args: &[&str], reasons: &[&str]) -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("web", 8080, &["--ready", "--later", later], unit_extra)?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+        "web",
+        &["--ready", "--later", later],
+        unit_extra
+    )?);
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     let client = pid_client(&ns)?;
     let (out, candidates) = restart_watching(&hf, args)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -113,8 +115,7 @@ fn failed_overlap(later: &str, unit_extra: &str, args: &[&str], reasons: &[&str]
         process_gone(starts[1]).then_some(())
     })?;
     eprintln!("client during the restart: {} answers", seen.answered);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -147,10 +148,12 @@ fn overlap_restart_whose_new_instance_exits_keeps_the_old_one() -> Result<()> {
 
 #[test]
 fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("web", 8080, &["--ready", "--ready-after", "0.5"], "")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+        "web",
+        &["--ready", "--ready-after", "0.5"],
+        ""
+    )?);
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     let client = pid_client(&ns)?;
     let (out, candidates) = restart_watching(&hf, &["web", "--mode", "overlap"])?;
     assert_eq!(out.status.code(), Some(0), "restart: {}", stderr(&out));
@@ -181,16 +184,17 @@ fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
         seen.pids_of("web").is_subset(&BTreeSet::from([old, new])),
         "{seen:?}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("web", 8080, &["--ready"], "single-instance = true")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+        "web",
+        &["--ready"],
+        "single-instance = true"
+    )?);
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     let out = hf.cli(&["restart", "web", "--mode", "overlap"])?;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "restart: {err}");
@@ -202,8 +206,7 @@ fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
     hf.cli_ok(&["restart", "web", "--mode", "stop-start"])?;
     let s = hf.service("web")?;
     assert_ne!(s["pid"], old, "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The old instance of an overlap restart says STOPPING=1 and STATUS=draining as
@@ -214,15 +217,12 @@ fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
 /// "stopping" for good and `holdfast start` waiting forever).
 #[test]
 fn a_draining_instance_does_not_speak_for_the_service() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit(
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
         "web",
-        8080,
         &["--ready", "--status", "serving", "--stopping"],
-        "",
-    )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+        ""
+    )?);
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     hf.cli_ok(&["restart", "web", "--mode", "overlap"])?;
     wait_for("the old instance to be gone", T, || {
         process_gone(old).then_some(())
@@ -241,6 +241,5 @@ fn a_draining_instance_does_not_speak_for_the_service() -> Result<()> {
         stderr(&out),
         started.elapsed()
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    netns_and_sandbox, netns_or_skip, process_gone, reply_pid, require_file, send_notify_as,
-    send_notify_from_here, skip_unless, tell, toml_str, wait_for, Holdfast, Sandbox,
+    netns_and_notifier, netns_and_sandbox, netns_and_sandbox_with_tools, process_gone, reply_pid,
+    send_notify_as, send_notify_from_here, skip_unless, tell, toml_str, wait_for, Holdfast, Netns,
+    Sandbox,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -33,28 +34,13 @@ fn shell_unit(script: &str, extra: &str) -> String {
     )
 }
 
-/// Waits until the daemon has logged a line containing every one of `parts`.
-fn wait_log(hf: &Holdfast, parts: &[&str]) -> Result<String> {
-    wait_for(&format!("a log line with {parts:?}"), T, || {
-        hf.log()
-            .lines()
-            .find(|l| parts.iter().all(|p| l.contains(p)))
-            .map(String::from)
-    })
-    .with_context(|| format!("the daemon's log:\n{}", hf.log()))
-}
-
 fn touch(p: &Path) -> Result<()> {
     std::fs::write(p, b"").with_context(|| format!("create {}", p.display()))
 }
 
 #[test]
 fn systemd_notify_ready_and_status_from_a_shell_script() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file("/usr/bin/systemd-notify") {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&["/usr/bin/systemd-notify"])?);
     let (go, env) = (sandbox.out("go"), sandbox.out("env"));
     let script = format!(
         "echo \"$NOTIFY_SOCKET\" > {env}; systemd-notify --status=warming-up; \
@@ -88,8 +74,7 @@ fn systemd_notify_ready_and_status_from_a_shell_script() -> Result<()> {
     assert_eq!(s["pid"], pid, "{s}");
     assert_eq!(s["status_text"], format!("serving as {pid}"), "{s}");
     assert_eq!(s["restarts"], 0, "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The race systemd has: `systemd-notify` (which claims its parent's pid) and that
@@ -97,11 +82,7 @@ fn systemd_notify_ready_and_status_from_a_shell_script() -> Result<()> {
 /// SIGSTOPped meanwhile so that the message is certainly read afterwards.
 #[test]
 fn systemd_notify_is_heard_when_its_sender_is_gone_before_the_read() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    if !require_file("/usr/bin/systemd-notify") {
-        return Ok(());
-    }
-    let sandbox = Sandbox::new()?;
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&["/usr/bin/systemd-notify"])?);
     let (go, sender, sent) = (
         sandbox.out("go"),
         sandbox.out("sender"),
@@ -148,14 +129,12 @@ fn systemd_notify_is_heard_when_its_sender_is_gone_before_the_read() -> Result<(
         "the message of the gone sender {gone} was refused:\n{}",
         hf.log()
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn python_sender_ready_status_reloading_errno_stopping() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("py", 8080, &[], "start-timeout = \"25s\"")?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier("py", &[], "start-timeout = \"25s\"")?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let _inside = ns.enter()?;
     let s = hf.wait_state("py", "starting", T)?;
@@ -200,14 +179,16 @@ fn python_sender_ready_status_reloading_errno_stopping() -> Result<()> {
     assert_eq!(s["restarts"], 0, "{s}");
     assert_eq!(s["last_exit"], "exit code 0", "{s}");
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn mainpid_moves_the_main_process_within_the_service_only() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("py", 8080, &["--ready"], "restart-delay = \"100ms\"")?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+        "py",
+        &["--ready"],
+        "restart-delay = \"100ms\""
+    )?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let _inside = ns.enter()?;
     let first = hf.wait_running("py", T)?;
@@ -215,13 +196,8 @@ fn mainpid_moves_the_main_process_within_the_service_only() -> Result<()> {
     // Outside the service: pid 1, and this test process.
     for outside in [1, std::process::id() as i32] {
         tell(web(), &format!("notify MAINPID={outside}"))?;
-        wait_log(
-            &hf,
-            &[
-                "MAINPID= names a process outside the service",
-                &format!("pid={outside}"),
-            ],
-        )?;
+        let pid = format!("pid={outside}");
+        hf.wait_log_line(&["MAINPID= names a process outside the service", &pid], T)?;
         assert_eq!(hf.service("py")?["pid"], first, "MAINPID={outside} obeyed");
     }
 
@@ -250,8 +226,7 @@ fn mainpid_moves_the_main_process_within_the_service_only() -> Result<()> {
     assert_eq!(s["restarts"], 1, "{s}");
     assert_eq!(s["last_exit"], "killed by SIGKILL", "{s}");
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Forks `sleep 30` with pid `pid`, set through `/proc/sys/kernel/ns_last_pid`
@@ -273,13 +248,11 @@ fn stranger_with_pid(pid: i32) -> Result<std::process::Child> {
 #[test]
 fn a_mainpid_reaped_by_its_own_parent_is_seen_to_exit_and_its_reused_pid_gets_no_signal(
 ) -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit(
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
         "py",
-        8080,
         &["--ready"],
-        "restart = \"on-failure\"\nrestart-delay = \"100ms\"",
-    )?;
+        "restart = \"on-failure\"\nrestart-delay = \"100ms\""
+    )?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let _inside = ns.enter()?;
     let first = hf.wait_running("py", T)?;
@@ -306,29 +279,23 @@ fn a_mainpid_reaped_by_its_own_parent_is_seen_to_exit_and_its_reused_pid_gets_no
         "the process that got the old main pid was signalled; log:\n{}",
         hf.log()
     );
-    wait_log(
-        &hf,
-        &["its exit status is unknown", &format!("pid={child}")],
-    )?;
+    hf.wait_log_line(&["its exit status is unknown", &format!("pid={child}")], T)?;
     let s = hf.wait_service("py", T, |s| {
         s["state"] == "running" && s["pid"].is_i64() && s["pid"] != child && s["pid"] != first
     })?;
     assert!(s["restarts"].as_u64() >= Some(1), "not restarted: {s}");
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn extend_timeout_usec_extends_the_start_timeout() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     // Without the extension it would be stopped 1.5 s after it started.
-    sandbox.write_notifier_unit(
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
         "slow",
-        8080,
         &["--extend", "8000000", "--ready", "--ready-after", "3.5"],
-        "start-timeout = \"1500ms\"\nrestart = \"always\"",
-    )?;
+        "start-timeout = \"1500ms\"\nrestart = \"always\""
+    )?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let started = Instant::now();
     let s = hf.wait_state("slow", "starting", T)?;
@@ -343,8 +310,7 @@ fn extend_timeout_usec_extends_the_start_timeout() -> Result<()> {
     let s = hf.wait_state("slow", "running", T)?;
     assert_eq!((&s["pid"], &s["restarts"]), (&pid, &json!(0)), "{s}");
     assert_eq!(hf.sandbox().starts("slow").len(), 1);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -353,8 +319,7 @@ fn extend_timeout_usec_extends_the_stop_timeout() -> Result<()> {
     for (name, port) in [("extends", 8080), ("plain", 8081)] {
         sandbox.write_notifier_unit(name, port, &["--ready"], "stop-timeout = \"1s\"")?;
     }
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("extends", T)?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "extends")?;
     hf.wait_running("plain", T)?;
     ns.run(|| -> Result<()> {
         // Both take 2.5 s to stop after SIGTERM; one asks for 6 s.
@@ -379,8 +344,7 @@ fn extend_timeout_usec_extends_the_stop_timeout() -> Result<()> {
     let s = hf.service("plain")?;
     assert_eq!(s["last_exit"], "killed by SIGKILL", "{s}");
     assert!(!hf.sandbox().out("plain.term-done").exists(), "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Samples the status of `name` every 20 ms for `d`; returns every sample.
@@ -397,11 +361,13 @@ fn watch(hf: &Holdfast, name: &str, d: Duration) -> Result<Vec<Value>> {
 const NEVER_READY_POLICY: &str = "start-timeout = \"500ms\"\nrestart-delay = \"100ms\"\n\
     restart-delay-max = \"200ms\"\nstart-limit-burst = 100";
 
-/// Watches `name`, a notify service that never says READY=1, for 3 s: never
-/// running or ready, stopped at its start-timeout (500 ms) and restarted (the
-/// default `restart = "on-failure"`) again and again.
-fn never_running_and_restarted(hf: &Holdfast, name: &str) -> Result<()> {
-    for s in watch(hf, name, Duration::from_secs(3))? {
+/// Starts the daemon on `sandbox` and watches `name`, a notify service that
+/// never says READY=1, for 3 s: never running or ready, stopped at its
+/// start-timeout (500 ms) and restarted (the default `restart = "on-failure"`)
+/// again and again; then stops the daemon.
+fn never_running_and_restarted(ns: &Netns, sandbox: Sandbox, name: &str) -> Result<()> {
+    let mut hf = Holdfast::start_in(ns, sandbox)?;
+    for s in watch(&hf, name, Duration::from_secs(3))? {
         ensure!(
             s["state"] != "running" && s["ready"] != true,
             "never said READY=1, yet {s}"
@@ -419,8 +385,8 @@ fn never_running_and_restarted(hf: &Holdfast, name: &str) -> Result<()> {
         "{name} left {} after its start timeout: {s}",
         s["state"]
     );
-    wait_log(hf, &["did not send READY=1 within start-timeout", name])?;
-    Ok(())
+    hf.wait_log_line(&["did not send READY=1 within start-timeout", name], T)?;
+    hf.stop()
 }
 
 #[test]
@@ -430,10 +396,7 @@ fn never_ready_is_stopped_at_start_timeout_and_restarted() -> Result<()> {
     // The shell dies of the SIGTERM.
     let script = format!("echo $$ >> {}; exec sleep 1000", starts.display());
     sandbox.write_unit("mute", &shell_unit(&script, NEVER_READY_POLICY))?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    never_running_and_restarted(&hf, "mute")?;
-    hf.stop()?;
-    Ok(())
+    never_running_and_restarted(&ns, sandbox, "mute")
 }
 
 /// systemd counts a start timeout as a failure (result "timeout") whatever the
@@ -441,24 +404,20 @@ fn never_ready_is_stopped_at_start_timeout_and_restarted() -> Result<()> {
 /// even when the service exits 0 on the SIGTERM.
 #[test]
 fn never_ready_that_exits_0_on_sigterm_is_restarted_too() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("polite", 8080, &[], NEVER_READY_POLICY)?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    never_running_and_restarted(&hf, "polite")?;
-    hf.stop()?;
-    Ok(())
+    let (ns, sandbox) = skip_unless!(netns_and_notifier("polite", &[], NEVER_READY_POLICY)?);
+    never_running_and_restarted(&ns, sandbox, "polite")
 }
 
 #[test]
 fn foreign_senders_are_ignored() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("py", 8080, &[], "start-timeout = \"25s\"")?;
+    let (ns, sandbox) = skip_unless!(netns_and_notifier("py", &[], "start-timeout = \"25s\"")?);
     let socket = sandbox.notify_socket("py");
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let s = hf.wait_state("py", "starting", T)?;
     let pid = s["pid"].clone();
     let refused = |pid: i32| -> Result<()> {
-        wait_log(&hf, &["outside the service ignored", &format!("pid={pid}")]).map(drop)
+        hf.wait_log_line(&["outside the service ignored", &format!("pid={pid}")], T)
+            .map(drop)
     };
 
     // This test process: root, alive, in a process group of its own.
@@ -512,21 +471,18 @@ fn foreign_senders_are_ignored() -> Result<()> {
     ns.run(|| tell(web(), "notify READY=1\\nSTATUS=genuine"))??;
     let s = hf.wait_state("py", "running", T)?;
     assert_eq!(s["status_text"], "genuine", "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The issue: STATUS= is "shown by `holdfast status`": in the JSON
 /// (`status_text`, checked above) and in the table's STATUS column.
 #[test]
 fn status_text_is_shown_by_the_status_table() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit(
+    let (ns, sandbox) = skip_unless!(netns_and_notifier(
         "py",
-        8080,
         &["--ready", "--status", "serving-42-clients"],
-        "",
-    )?;
+        ""
+    )?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     hf.wait_service("py", T, |s| s["status_text"] == "serving-42-clients")?;
     let table = hf.cli_ok(&["status"])?;
@@ -539,6 +495,5 @@ fn status_text_is_shown_by_the_status_table() -> Result<()> {
         one.contains("serving-42-clients"),
         "holdfast status py printed:\n{one}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
     ask_tcp, netns_and_sandbox, netns_or_skip, process_gone, skip_unless, toml_array, wait_for,
-    Holdfast, LoopClient, Netns, RunOptions, Sandbox, PYTHON,
+    Holdfast, LoopClient, Netns, Sandbox, PYTHON,
 };
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
@@ -82,12 +82,17 @@ fn stubborn_unit(sandbox: &Sandbox, name: &str, addresses: &[&str]) -> Result<Pa
     Ok(socket_file)
 }
 
-/// The daemon with the sk_lookup dispatcher, [`PREFIXES`] local; `None`: skip.
-fn start_dispatched(ns: &Netns, sandbox: Sandbox) -> Result<Option<Holdfast>> {
+/// The daemon with the sk_lookup dispatcher, [`PREFIXES`] local, once service
+/// `name` runs: the daemon and `name`'s pid; `None`: skip.
+fn start_dispatched(ns: &Netns, sandbox: Sandbox, name: &str) -> Result<Option<(Holdfast, i32)>> {
     for prefix in PREFIXES {
         ns.add_local_route(prefix)?;
     }
-    Holdfast::start_dispatched(ns, sandbox, &RunOptions::default())
+    let Some(hf) = Holdfast::start_in_mode(ns, sandbox, true)? else {
+        return Ok(None);
+    };
+    let pid = hf.wait_running(name, T)?;
+    Ok(Some((hf, pid)))
 }
 
 /// One connection from the calling thread (which must be inside the namespace).
@@ -189,8 +194,7 @@ fn reload_adds_and_removes_units_and_leaves_the_unchanged_alone() -> Result<()> 
     // `gone` ignores SIGTERM: its stop lasts its stop-timeout, time enough to see
     // that its binding is removed before the stop is over.
     let gone_socket_file = stubborn_unit(&sandbox, "gone", &["192.0.2.2/32"])?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let keep = hf.wait_running("keep", T)?;
+    let (mut hf, keep) = skip_unless!(start_dispatched(&ns, sandbox, "keep")?);
     let gone = hf.wait_running("gone", T)?;
     let gone_socket = wait_for("gone's socket inode", T, || {
         fs::read_to_string(&gone_socket_file).ok()
@@ -265,16 +269,14 @@ fn reload_adds_and_removes_units_and_leaves_the_unchanged_alone() -> Result<()> 
         "keep's lookups went from {before} to {after} over a reload and one more connection: reset?"
     );
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn rebinding_keeps_the_socket_and_the_process() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     serve_unit(&sandbox, "web", &["192.0.2.0/25"], &["80"], "", "")?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let pid = hf.wait_running("web", T)?;
+    let (mut hf, pid) = skip_unless!(start_dispatched(&ns, sandbox, "web")?);
     let (_, socket) = reported_socket(hf.sandbox(), "web", pid)?;
     let destination = bindings_of(&hf, "web")?[0]["destination"].clone();
     let _inside = ns.enter()?;
@@ -334,8 +336,7 @@ fn rebinding_keeps_the_socket_and_the_process() -> Result<()> {
         assert_eq!(row["socket_present"], true, "{row}");
     }
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A socket bound to its one address and port cannot keep its socket when
@@ -345,8 +346,7 @@ fn rebinding_keeps_the_socket_and_the_process() -> Result<()> {
 fn a_one_address_socket_whose_address_changes_moves_to_a_new_socket() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     serve_unit(&sandbox, "web", &["192.0.2.9/32"], &["80"], "", "")?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = skip_unless!(start_dispatched(&ns, sandbox, "web")?);
     let (report, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
     assert_eq!(report["sockets"][0]["address"], json!(["192.0.2.9", 80]));
 
@@ -361,8 +361,7 @@ fn a_one_address_socket_whose_address_changes_moves_to_a_new_socket() -> Result<
     assert_eq!(ask("192.0.2.10:80")?, format!("web {new}\n"));
     expect_refused("192.0.2.9:80")?;
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// `[service]` lines choosing the restart mode, and how many connections of the
@@ -377,23 +376,17 @@ fn mode_lines(overlap: bool) -> (&'static str, usize) {
     }
 }
 
-#[test]
-fn service_change_restarts_onto_the_same_socket_without_refusing() -> Result<()> {
-    service_change_case(false)
-}
-
-#[test]
-fn service_change_restarts_in_overlap_mode_without_losing_a_connection() -> Result<()> {
-    service_change_case(true)
-}
+tests_of!(service_change_case:
+    service_change_restarts_onto_the_same_socket_without_refusing => (false),
+    service_change_restarts_in_overlap_mode_without_losing_a_connection => (true),
+);
 
 fn service_change_case(overlap: bool) -> Result<()> {
     let ns = skip_unless!(netns_or_skip());
     let (mode, may_fail) = mode_lines(overlap);
     let sandbox = Sandbox::new()?;
     sandbox.write_serve_unit("web", 8080, mode)?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     let (_, socket) = reported_socket(hf.sandbox(), "web", old)?;
     let addr: SocketAddr = "127.0.0.1:8080".parse()?;
     let client = LoopClient::start(&ns, vec![(addr, "web".into())], Duration::from_millis(2), T)?;
@@ -424,8 +417,7 @@ fn service_change_case(overlap: bool) -> Result<()> {
         tally.pids_of("web").contains(&new),
         "the new instance never answered the loop: {tally:?}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Waits until `name` runs with a main pid other than `old`; returns it.
@@ -515,8 +507,7 @@ fn socket_option_case(overlap: bool, old_closed: bool, declared: &str) -> Result
     let (mode, may_fail) = mode_lines(overlap);
     let sandbox = Sandbox::new()?;
     serve_unit(&sandbox, "web", &[declared], &["80"], mode, "backlog = 16")?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = skip_unless!(start_dispatched(&ns, sandbox, "web")?);
     let (report, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
     expect_bound(&report, declared)?;
     assert_eq!(backlog_limit(&hf, "web")?, Some(16));
@@ -567,8 +558,7 @@ fn socket_option_case(overlap: bool, old_closed: bool, declared: &str) -> Result
     let _inside = ns.enter()?;
     assert_eq!(ask("192.0.2.9:80")?, format!("web {new}\n"));
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Without the dispatcher a socket is bound to its one address and port, so
@@ -591,8 +581,7 @@ fn socket_option_change_without_the_dispatcher() -> Result<()> {
     };
     let sandbox = Sandbox::new()?;
     web(&sandbox, "backlog = 16")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let old = hf.wait_running("web", T)?;
+    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     let (_, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
     assert_eq!(backlog_limit(&hf, "web")?, Some(16));
 
@@ -625,8 +614,7 @@ fn socket_option_change_without_the_dispatcher() -> Result<()> {
         "the running configuration serves"
     );
     assert_eq!(backlog_limit(&hf, "web")?, Some(32));
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// `socket_backlog_limit` of `service`'s socket, from `holdfast metrics --json`.
@@ -647,8 +635,7 @@ fn a_reload_that_cannot_be_applied_changes_nothing_and_names_every_error() -> Re
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_serve_unit("a", 8081, "")?;
     sandbox.write_serve_unit("b", 8082, "")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let a = hf.wait_running("a", T)?;
+    let (mut hf, a) = Holdfast::start_running(&ns, sandbox, "a")?;
     let b = hf.wait_running("b", T)?;
     let sb = hf.sandbox();
     let a_text = fs::read_to_string(sb.units_dir().join("a.toml"))?;
@@ -713,8 +700,7 @@ fn a_reload_that_cannot_be_applied_changes_nothing_and_names_every_error() -> Re
     assert_eq!(ask("127.0.0.1:8084")?, format!("d {d}\n"));
     assert_eq!(ask("127.0.0.1:8085")?, format!("e {e}\n"));
     drop(_inside);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// Exactly `running` (name, pid, port) run, each answering on its port with the
@@ -753,8 +739,7 @@ fn expect_untouched(
 fn sighup_reloads_like_the_cli() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     sandbox.write_serve_unit("a", 8081, "")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let a = hf.wait_running("a", T)?;
+    let (mut hf, a) = Holdfast::start_running(&ns, sandbox, "a")?;
 
     // Added by SIGHUP.
     hf.sandbox().write_serve_unit("b", 8082, "")?;
@@ -786,8 +771,7 @@ fn sighup_reloads_like_the_cli() -> Result<()> {
     })?;
     wait_for("b's process to end", T, || process_gone(b).then_some(()))?;
     expect_untouched(&hf, &ns, &[("a", a, 8081)], &[8082, 8084])?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// The two unit sets the atomicity test alternates between. Both bind X
@@ -829,8 +813,7 @@ fn bindings_change_atomically_while_a_client_connects_in_a_loop() -> Result<()> 
     const RELOADS: usize = 30;
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     write_set(&sandbox, false)?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let x = hf.wait_running("x", T)?;
+    let (mut hf, x) = skip_unless!(start_dispatched(&ns, sandbox, "x")?);
     let z = hf.wait_running("z", T)?;
     let client = LoopClient::start(
         &ns,
@@ -875,8 +858,7 @@ fn bindings_change_atomically_while_a_client_connects_in_a_loop() -> Result<()> 
     // Rebinding never restarted them.
     assert_eq!(tally.pids_of("x"), BTreeSet::from([x]), "{tally:?}");
     assert_eq!(tally.pids_of("z"), BTreeSet::from([z]), "{tally:?}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// A unit removed by one reload and added back by the next while its old
@@ -890,8 +872,7 @@ fn a_unit_added_back_while_its_removal_is_stopping() -> Result<()> {
     let socket_file = stubborn_unit(&sandbox, "w", &["192.0.2.0/25"])?;
     let unit = fs::read_to_string(sandbox.units_dir().join("w.toml"))?;
     serve_unit(&sandbox, "a", &["192.0.2.200/32"], &["80"], "", "")?;
-    let mut hf = skip_unless!(start_dispatched(&ns, sandbox)?);
-    let old = hf.wait_running("w", T)?;
+    let (mut hf, old) = skip_unless!(start_dispatched(&ns, sandbox, "w")?);
     // Its SIGTERM handler is in place once it has written its socket's name.
     wait_for("w's socket inode", T, || {
         fs::read_to_string(&socket_file).ok()
@@ -917,6 +898,5 @@ fn a_unit_added_back_while_its_removal_is_stopping() -> Result<()> {
             "a refused reload changed the services: {s}"
         );
     }
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -12,7 +12,6 @@ use holdfast_testkit::{
     netns_or_skip, require, skip_unless, toml_str, wrk, Holdfast, Netns, Sandbox, WrkReport,
 };
 
-const T: Duration = Duration::from_secs(10);
 const URL: &str = "http://127.0.0.1:8080/";
 /// Restarts per wrk run.
 const RESTARTS: usize = 10;
@@ -48,27 +47,23 @@ fn start(ns: &Netns) -> Result<Option<Holdfast>> {
         return Ok(None);
     }
     let sandbox = Sandbox::new()?;
-    sandbox.write_unit(
-        "hello",
-        &format!(
-            r#"[service]
-exec = [{exec}, "--name", "hello"]
+    let service = format!(
+        r#"exec = [{exec}, "--name", "hello"]
 type = "notify"
 restart = "always"
 stop-timeout = "10s"
-start-limit-burst = 1000
-
-[[socket]]
-name = "http"
-protocol = "tcp"
-addresses = ["127.0.0.1/32"]
-ports = ["8080"]
-backlog = 4096
-"#
-        ),
+start-limit-burst = 1000"#
+    );
+    let (addresses, ports) = (["127.0.0.1/32"], ["8080"]);
+    sandbox.write_tcp_unit(
+        "hello",
+        &service,
+        "http",
+        &addresses,
+        &ports,
+        "backlog = 4096",
     )?;
-    let hf = Holdfast::start_in(ns, sandbox)?;
-    hf.wait_running("hello", T)?;
+    let (hf, _) = Holdfast::start_running(ns, sandbox, "hello")?;
     // READY=1 and STATUS= through the sd-notify crate.
     let s = hf.service("hello")?;
     ensure!(
@@ -161,8 +156,7 @@ fn restarts_under_wrk(mode: &str) -> Result<()> {
     ensure!(s["restarts"] == 2 * RESTARTS, "{s}");
     // (What status shows once the old instances are gone is checked in
     // overlap.rs: the draining instance's STOPPING=1 must not count.)
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]

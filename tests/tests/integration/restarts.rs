@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use holdfast_testkit::{
-    ask_tcp, netns_and_sandbox, process_gone, skip_unless, toml_str, wait_for, Holdfast, LoopClient,
+    ask_tcp, netns_and_sandbox, process_gone, restart_always, skip_unless, wait_for, Holdfast,
+    LoopClient,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -16,17 +17,8 @@ const T: Duration = Duration::from_secs(10);
 fn kill_9_in_a_loop_refuses_no_connection() -> Result<()> {
     const KILLS: usize = 20;
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_serve_unit(
-        "web",
-        8080,
-        r#"restart = "always"
-restart-delay = "100ms"
-restart-delay-max = "300ms"
-start-limit-burst = 1000
-start-limit-interval = "10s""#,
-    )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("web", T)?;
+    sandbox.write_serve_unit("web", 8080, &restart_always("100ms", "300ms", 1000, "10s"))?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "web")?;
     let addr: SocketAddr = "127.0.0.1:8080".parse()?;
 
     // A client connecting in a loop the whole time.
@@ -46,8 +38,7 @@ start-limit-interval = "10s""#,
         status["restarts"].as_u64().unwrap_or(0) >= KILLS as u64,
         "restarts not counted: {status}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// One start of the crash-looping service: when holdfast forked it and when it
@@ -70,24 +61,10 @@ fn crash_loop_backs_off_and_fails_while_others_keep_running() -> Result<()> {
         "st=$(cut -d' ' -f22 /proc/$$/stat); read up _ < /proc/uptime; echo \"$st $up\" >> {}; exit 3",
         starts.display()
     );
-    sandbox.write_unit(
-        "crash",
-        &format!(
-            r#"[service]
-exec = ["/bin/sh", "-c", {script}]
-restart = "always"
-restart-delay = "300ms"
-restart-delay-max = "10s"
-start-limit-burst = 3
-start-limit-interval = "30s"
-"#,
-            script = toml_str(&script)
-        ),
-    )?;
+    sandbox.write_sh_service("crash", &script, &restart_always("300ms", "10s", 3, "30s"))?;
     sandbox.write_serve_unit("steady", 8080, "")?;
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let steady = hf.wait_running("steady", T)?;
+    let (mut hf, steady) = Holdfast::start_running(&ns, sandbox, "steady")?;
     let failed = hf.wait_state("crash", "failed", Duration::from_secs(15))?;
     let read_starts = || -> Result<Vec<Start>> {
         let text = std::fs::read_to_string(&starts)?;
@@ -141,8 +118,7 @@ start-limit-interval = "30s"
     assert_eq!(now["restarts"], 0, "{now}");
     let answer = ns.run(|| ask_tcp("127.0.0.1:8080".parse().expect("literal"), T))??;
     assert_eq!(answer, format!("steady {steady}\n"));
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -162,8 +138,7 @@ stop-timeout = "1s"
             grandchild = grandchild_file.display()
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let main = hf.wait_running("stubborn", T)?;
+    let (mut hf, main) = Holdfast::start_running(&ns, sandbox, "stubborn")?;
     let read_pid = |p: &std::path::Path| -> Option<i32> {
         std::fs::read_to_string(p).ok()?.trim().parse().ok()
     };
@@ -197,6 +172,5 @@ stop-timeout = "1s"
     std::thread::sleep(Duration::from_millis(1500));
     let status = hf.service("stubborn")?;
     assert_eq!(status["state"], "stopped", "restarted after stop: {status}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

@@ -46,8 +46,7 @@ exec = ["sh", "-c", "echo out-line-one; echo out-line-two; echo err-line-one >&2
     }
     // Line by line: the two stdout lines are two log lines.
     assert_ne!(lines[0], lines[1], "two output lines logged as one");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// `Uid:`/`Gid:`/`Groups:` of a `/proc/PID/status` text.
@@ -124,8 +123,7 @@ fn user_and_group_drop_privileges() -> Result<()> {
             ids["Groups"]
         );
     }
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -144,8 +142,7 @@ environment = {{ GREETING = "hello there", EMPTY = "" }}
             cwd = toml_str(&cwd.to_string_lossy())
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("env", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "env")?;
     let report = hf.sandbox().wait_report("env", T, |r| r["pid"] == pid)?;
     assert_eq!(report["env"]["GREETING"], "hello there", "{report}");
     assert_eq!(report["env"]["EMPTY"], "", "{report}");
@@ -157,8 +154,7 @@ environment = {{ GREETING = "hello there", EMPTY = "" }}
             "{k} set without sockets: {report}"
         );
     }
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
@@ -170,15 +166,8 @@ fn orphans_are_adopted_and_reaped_by_holdfast() -> Result<()> {
         "sh -c 'sleep 1 & echo $! > {}'; exec sleep 1000",
         orphan_file.display()
     );
-    sandbox.write_unit(
-        "parent",
-        &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\n",
-            toml_str(&script)
-        ),
-    )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("parent", T)?;
+    sandbox.write_sh_unit("parent", &script)?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "parent")?;
     let orphan: i32 = wait_for("the orphan's pid", T, || {
         std::fs::read_to_string(&orphan_file)
             .ok()?
@@ -202,8 +191,7 @@ fn orphans_are_adopted_and_reaped_by_holdfast() -> Result<()> {
     wait_for("the orphan to be reaped", Duration::from_secs(5), || {
         holdfast_testkit::proc_state(orphan).is_none().then_some(())
     })?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// True while `pid` is a shell (the orphan's original parent, not yet exited).
@@ -227,18 +215,16 @@ fn a_plain_service_gets_umask_groups_no_new_privs_and_environment_files() -> any
          echo \"$FROM_FILE\"; }} > {r}.tmp && mv {r}.tmp {r}; exec sleep 1000",
         r = report.display()
     );
-    sandbox.write_unit(
+    sandbox.write_sh_service(
         "plain",
+        &script,
         &format!(
-            "[service]\nexec = [\"/bin/sh\", \"-c\", {}]\numask = \"0027\"\n\
-             no-new-privileges = true\nsupplementary-groups = [\"4242\"]\n\
-             environment-file = [{}]\nrestart = \"never\"\n",
-            toml_str(&script),
+            "umask = \"0027\"\nno-new-privileges = true\nsupplementary-groups = [\"4242\"]\n\
+             environment-file = [{}]\nrestart = \"never\"",
             toml_str(&env_file.to_string_lossy()),
         ),
     )?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    hf.wait_running("plain", Duration::from_secs(10))?;
+    let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "plain")?;
     let said = wait_for("the service's report", Duration::from_secs(10), || {
         std::fs::read_to_string(&report).ok()
     })?;
@@ -257,6 +243,5 @@ fn a_plain_service_gets_umask_groups_no_new_privs_and_environment_files() -> any
             .is_some_and(|f| f.contains("plain.env")),
         "{s}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

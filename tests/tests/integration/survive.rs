@@ -105,8 +105,7 @@ fn a_second_run_on_a_live_state_dir_changes_nothing_in_bind_mode() -> Result<()>
     let (ns, sandbox) = skip_unless!(netns_with_web()?);
     let units = sandbox.units_dir();
     let state = sandbox.state_dir();
-    let hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     let out = second_run(
         &ns,
         Enter::Setns,
@@ -180,8 +179,7 @@ fn a_second_run_on_a_live_dispatcher_changes_nothing() -> Result<()> {
 #[test]
 fn no_unused_signal_kills_holdfast() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_with_web()?);
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("web", T)?;
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "web")?;
     let rt = |n: i32| libc::SIGRTMIN() + n;
     let signals: Vec<(String, i32)> = [
         Signal::SIGUSR1,
@@ -223,8 +221,7 @@ fn no_unused_signal_kills_holdfast() -> Result<()> {
         log.contains("received SIGUSR1") && log.contains("upgraded in place: resumed"),
         "the ignored signals are not logged, or SIGUSR2 did not upgrade in place:\n{log}"
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// `bpftool -j link show`, the sk_lookup links on the network namespace of
@@ -305,16 +302,6 @@ fn after_kill_9_under_ip_netns_exec_the_next_holdfast_replaces_the_stale_link() 
     Ok(())
 }
 
-/// Starts holdfast on `sandbox`, with the dispatcher or in bind mode
-/// (`None`: skip, BPF is not available).
-fn start(ns: &Netns, sandbox: Sandbox, dispatcher: bool) -> Result<Option<Holdfast>> {
-    if dispatcher {
-        Holdfast::start_dispatched(ns, sandbox, &RunOptions::default())
-    } else {
-        Holdfast::start_in(ns, sandbox).map(Some)
-    }
-}
-
 /// `kill -9` of holdfast under a client loop, then a new holdfast on the same
 /// units and state dir: it takes the listener back from the orphaned service
 /// (the same socket, so what queued in the gap is served), stops the orphan
@@ -322,7 +309,7 @@ fn start(ns: &Netns, sandbox: Sandbox, dispatcher: bool) -> Result<Option<Holdfa
 /// loop sees no refused connection.
 fn after_kill_9_the_next_holdfast_takes_the_listeners_back(dispatcher: bool) -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_with_web()?);
-    let first = skip_unless!(start(&ns, sandbox, dispatcher)?);
+    let first = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, dispatcher)?);
     let orphan = first.wait_running("web", T)?;
     let client = LoopClient::start(
         &ns,
@@ -336,7 +323,7 @@ fn after_kill_9_the_next_holdfast_takes_the_listeners_back(dispatcher: bool) -> 
     first.wait_exit(T)?;
     // The gap: the orphan still serves what it accepts.
     std::thread::sleep(Duration::from_millis(300));
-    let second = start(&ns, first.into_sandbox()?, dispatcher)?
+    let second = Holdfast::start_in_mode(&ns, first.into_sandbox()?, dispatcher)?
         .context("the second holdfast fell back to bind mode")?;
     let pid = second.wait_running("web", T)?;
     ensure!(pid != orphan, "the new daemon's service is the orphan?");
@@ -362,12 +349,7 @@ fn after_kill_9_the_next_holdfast_takes_the_listeners_back(dispatcher: bool) -> 
     Ok(())
 }
 
-#[test]
-fn after_kill_9_in_bind_mode_the_next_holdfast_takes_the_listener_back() -> Result<()> {
-    after_kill_9_the_next_holdfast_takes_the_listeners_back(false)
-}
-
-#[test]
-fn after_kill_9_with_the_dispatcher_the_next_holdfast_takes_the_listener_back() -> Result<()> {
-    after_kill_9_the_next_holdfast_takes_the_listeners_back(true)
-}
+tests_of!(after_kill_9_the_next_holdfast_takes_the_listeners_back:
+    after_kill_9_in_bind_mode_the_next_holdfast_takes_the_listener_back => (false),
+    after_kill_9_with_the_dispatcher_the_next_holdfast_takes_the_listener_back => (true),
+);

@@ -5,11 +5,14 @@
 
 use std::net::TcpListener;
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
-use holdfast_testkit::{holdfast_cli, netns_and_sandbox, skip_unless, Holdfast, Netns, Sandbox};
+use anyhow::{ensure, Context, Result};
+use holdfast_testkit::{
+    holdfast_check, holdfast_check_unit, holdfast_cli, netns_and_sandbox, skip_unless, toml_array,
+    Holdfast, Netns, Sandbox,
+};
 
 /// One kind of mistake: a unit file and where its diagnostic must point.
 struct Case {
@@ -134,21 +137,20 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// A valid unit whose service, once started, touches `marker`: its socket is
-/// named `socket`, on TCP 127.0.0.1:`port`.
-fn toucher(marker: &std::path::Path, port: u16, socket: &str) -> String {
-    format!(
-        r#"[service]
-exec = ["/bin/sh", "-c", "touch {}; exec sleep 1000"]
-
-[[socket]]
-name = "{socket}"
-protocol = "tcp"
-addresses = ["127.0.0.1/32"]
-ports = ["{port}"]
-"#,
-        marker.display()
-    )
+/// Writes `units/NAME.toml`, a valid unit whose service, once started, touches
+/// `marker`: its socket is named `socket`, on TCP 127.0.0.1:`port`.
+fn write_toucher(
+    sandbox: &Sandbox,
+    name: &str,
+    marker: &Path,
+    port: u16,
+    socket: &str,
+) -> Result<()> {
+    let script = format!("touch {}; exec sleep 1000", marker.display());
+    let service = format!("exec = {}", toml_array(&["/bin/sh", "-c", &script]));
+    let port = port.to_string();
+    sandbox.write_tcp_unit(name, &service, socket, &["127.0.0.1/32"], &[&port], "")?;
+    Ok(())
 }
 
 /// A diagnostic as printed: `PATH:LINE:COL: KEY: MESSAGE`, then its hint line.
@@ -228,14 +230,7 @@ fn check_reports_every_kind_of_mistake_in_every_file_at_once() -> Result<()> {
     for c in &cases {
         sandbox.write_unit(c.file, c.text)?;
     }
-    let dir = sandbox.units_dir();
-    let out = holdfast_cli(&["check", &dir.to_string_lossy()])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "check on bad units; stderr:\n{stderr}"
-    );
+    let stderr = holdfast_check(&sandbox.units_dir(), 1).context("check on bad units")?;
     let failures: Vec<String> = cases
         .iter()
         .filter_map(|c| check_case(c, &stderr).err().map(|e| format!("{e:#}")))
@@ -282,14 +277,11 @@ fn check_gives_each_mistake_its_own_clear_message() -> Result<()> {
 
 #[test]
 fn check_reports_two_mistakes_in_one_file() -> Result<()> {
-    let sandbox = Sandbox::new()?;
-    sandbox.write_unit(
+    let stderr = holdfast_check_unit(
         "two",
         "[service]\nexec = []\n\n[[socket]]\nprotocol = \"tcp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"70000\"]\n",
+        1,
     )?;
-    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
     let lines: Vec<usize> = diags_for(&stderr, "two").iter().map(|d| d.line).collect();
     assert!(
         lines.contains(&2) && lines.contains(&7),
@@ -346,13 +338,7 @@ mode = 0o660
         ),
         ("plain", "[service]\nexec = [\"/bin/sleep\", \"1000\"]\nrestart = \"never\"\n"),
     ])?;
-    let out = holdfast_cli(&["check", &sandbox.units_dir().to_string_lossy()])?;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "check on valid units; stderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    holdfast_check(&sandbox.units_dir(), 0).context("check on valid units")?;
     Ok(())
 }
 
@@ -384,13 +370,11 @@ fn run_expecting_refusal(ns: &Netns, sandbox: Sandbox, markers: &[PathBuf]) -> R
 fn run_on_invalid_units_starts_nothing_and_exits_1() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let marker = sandbox.out("started");
-    sandbox.write_units(&[
-        ("aa-good", &toucher(&marker, 8080, "web")),
-        (
-            "zz-bad",
-            "[service]\nexec = [\"/bin/true\"]\nflavour = \"vanilla\"\n",
-        ),
-    ])?;
+    write_toucher(&sandbox, "aa-good", &marker, 8080, "web")?;
+    sandbox.write_unit(
+        "zz-bad",
+        "[service]\nexec = [\"/bin/true\"]\nflavour = \"vanilla\"\n",
+    )?;
     let log = run_expecting_refusal(&ns, sandbox, &[marker])?;
     assert!(
         log.contains("zz-bad.toml"),
@@ -408,11 +392,9 @@ fn listener_in_use_names_unit_and_socket_and_starts_nothing() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let markers = ["a", "m", "z"].map(|m| sandbox.out(&format!("{m}-started")));
     // Units on both sides of the busy one, whatever order holdfast goes in.
-    sandbox.write_units(&[
-        ("aa-free", &toucher(&markers[0], 8081, "web")),
-        ("mm-busy", &toucher(&markers[1], 8080, "admin")),
-        ("zz-free", &toucher(&markers[2], 8082, "web")),
-    ])?;
+    write_toucher(&sandbox, "aa-free", &markers[0], 8081, "web")?;
+    write_toucher(&sandbox, "mm-busy", &markers[1], 8080, "admin")?;
+    write_toucher(&sandbox, "zz-free", &markers[2], 8082, "web")?;
     let squatter = ns.run(|| TcpListener::bind("127.0.0.1:8080"))??;
     let log = run_expecting_refusal(&ns, sandbox, &markers)?;
     drop(squatter);

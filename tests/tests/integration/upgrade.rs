@@ -19,20 +19,8 @@ const UPGRADES: usize = 20;
 /// dispatcher, one port in bind mode).
 fn web_unit(sandbox: &Sandbox, ports: &str) -> Result<()> {
     let exec = sandbox.serve_exec("web")?;
-    sandbox.write_unit(
-        "web",
-        &format!(
-            r#"[service]
-exec = {exec}
-restart = "always"
-
-[[socket]]
-protocol = "tcp"
-addresses = ["127.0.0.1/32"]
-ports = ["{ports}"]
-"#
-        ),
-    )?;
+    let service = format!("exec = {exec}\nrestart = \"always\"");
+    sandbox.write_tcp_unit("web", &service, "web", &["127.0.0.1/32"], &[ports], "")?;
     Ok(())
 }
 
@@ -55,15 +43,7 @@ fn upgrades_under_load(dispatcher: bool) -> Result<()> {
         ("8000", vec![8000])
     };
     web_unit(&sandbox, ports)?;
-    let hf = if dispatcher {
-        skip_unless!(Holdfast::start_dispatched(
-            &ns,
-            sandbox,
-            &RunOptions::default()
-        )?)
-    } else {
-        Holdfast::start_in(&ns, sandbox)?
-    };
+    let hf = skip_unless!(Holdfast::start_in_mode(&ns, sandbox, dispatcher)?);
     let daemon = hf.pid();
     let pid = hf.wait_running("web", T)?;
     let targets = targets
@@ -126,19 +106,13 @@ fn upgrades_under_load(dispatcher: bool) -> Result<()> {
         );
     }
     let mut hf = hf;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
-#[test]
-fn upgrades_under_load_lose_no_connection_with_the_dispatcher() -> Result<()> {
-    upgrades_under_load(true)
-}
-
-#[test]
-fn upgrades_under_load_lose_no_connection_in_bind_mode() -> Result<()> {
-    upgrades_under_load(false)
-}
+tests_of!(upgrades_under_load:
+    upgrades_under_load_lose_no_connection_with_the_dispatcher => (true),
+    upgrades_under_load_lose_no_connection_in_bind_mode => (false),
+);
 
 /// Puts `content` at `path` (mode 0755) by a rename, as a package manager does
 /// (the running file is not written to).
@@ -194,8 +168,7 @@ fn an_upgrade_the_new_binary_refuses_changes_nothing() -> Result<()> {
     );
     let s = hf.service("web")?;
     ensure!(s["pid"] == pid, "{s}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 /// `holdfast logs --json` lines: (line, time, stream, pid) each.
@@ -249,6 +222,5 @@ fn log_lines_keep_their_time_stream_and_pid_across_an_upgrade() -> Result<()> {
         after[2]
     );
     ensure!(time > &before[1].1, "{time} is not after {}", before[1].1);
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }

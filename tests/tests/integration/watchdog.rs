@@ -7,10 +7,18 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use holdfast_testkit::{netns_and_sandbox, skip_unless, tell, Holdfast};
+use holdfast_testkit::{netns_and_notifier, skip_unless, tell, Holdfast, Netns, Sandbox};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(10);
+
+/// notifier.py's flags for a service that says READY=1, then pings WATCHDOG=1.
+const PINGER: &[&str] = &["--ready", "--ping"];
+
+/// [`netns_and_notifier`] with a [`PINGER`] service NAME, `watchdog = WATCHDOG`.
+fn netns_and_pinger(name: &str, watchdog: &str) -> Result<Option<(Netns, Sandbox)>> {
+    netns_and_notifier(name, PINGER, &format!("watchdog = \"{watchdog}\""))
+}
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -42,10 +50,8 @@ fn restarted_after_abort(hf: &Holdfast, name: &str, old: i32, within: Duration) 
 
 #[test]
 fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("dog", 8080, &["--ready", "--ping"], "watchdog = \"1s\"")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("dog", T)?;
+    let (ns, sandbox) = skip_unless!(netns_and_pinger("dog", "1s")?);
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "dog")?;
     let report = hf.sandbox().wait_report("dog", T, |r| r["pid"] == pid)?;
     assert_eq!(report["env"]["WATCHDOG_USEC"], "1000000", "{report}");
 
@@ -64,16 +70,13 @@ fn a_pinging_service_is_left_alone_and_a_silent_one_restarted() -> Result<()> {
         .lines()
         .find(|l| l.contains("watchdog timeout") && l.contains("dog"))
         .context("no watchdog line in the log")?;
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn watchdog_trigger_aborts_at_once() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    sandbox.write_notifier_unit("dog", 8080, &["--ready", "--ping"], "watchdog = \"20s\"")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let pid = hf.wait_running("dog", T)?;
+    let (ns, sandbox) = skip_unless!(netns_and_pinger("dog", "20s")?);
+    let (mut hf, pid) = Holdfast::start_running(&ns, sandbox, "dog")?;
     let asked = Instant::now();
     ns.run(|| tell(addr(8080), "then-notify WATCHDOG=trigger"))??;
     restarted_after_abort(&hf, "dog", pid, T)?;
@@ -82,24 +85,16 @@ fn watchdog_trigger_aborts_at_once() -> Result<()> {
         "WATCHDOG=trigger took {:?}",
         asked.elapsed()
     );
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
 
 #[test]
 fn watchdog_usec_changes_the_timeout_of_the_running_instance() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     // "shorter" asks for 500 ms instead of 20 s, then goes quiet; "longer" for 60 s
     // instead of 1 s, then goes quiet.
-    sandbox.write_notifier_unit(
-        "shorter",
-        8080,
-        &["--ready", "--ping"],
-        "watchdog = \"20s\"",
-    )?;
-    sandbox.write_notifier_unit("longer", 8081, &["--ready", "--ping"], "watchdog = \"1s\"")?;
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
-    let shorter = hf.wait_running("shorter", T)?;
+    let (ns, sandbox) = skip_unless!(netns_and_pinger("shorter", "20s")?);
+    sandbox.write_notifier_unit("longer", 8081, PINGER, "watchdog = \"1s\"")?;
+    let (mut hf, shorter) = Holdfast::start_running(&ns, sandbox, "shorter")?;
     let longer = hf.wait_running("longer", T)?;
     ns.run(|| -> Result<()> {
         for port in [8080, 8081] {
@@ -122,6 +117,5 @@ fn watchdog_usec_changes_the_timeout_of_the_running_instance() -> Result<()> {
         .sandbox()
         .wait_report("shorter", T, |r| r["pid"] == pid)?;
     assert_eq!(report["env"]["WATCHDOG_USEC"], "20000000", "{report}");
-    hf.stop()?;
-    Ok(())
+    hf.stop()
 }
