@@ -6,7 +6,11 @@
 //!
 //! The child is made with `clone3`, which returns a pidfd for it
 //! (`CLONE_PIDFD`) and, given a cgroup, starts it there (`CLONE_INTO_CGROUP`),
-//! so no instant of its life is outside its service's cgroup. Where clone3 is
+//! so no instant of its life is outside its service's cgroup. On x86-64 the
+//! child shares holdfast's memory until it execs (`CLONE_VM | CLONE_VFORK`,
+//! on a stack of its own, every signal blocked until it has reset its
+//! dispositions), as posix_spawn does: no page tables are copied and no
+//! copy-on-write faults follow, whatever holdfast's size. Where clone3 is
 //! refused (ENOSYS under some seccomp filters), `fork`, then the child writes
 //! itself into the cgroup's `cgroup.procs` (opened before fork) and the parent
 //! opens the pidfd before anything can reap the child.
@@ -388,6 +392,15 @@ fn spawn_with(cmd: &Command<'_>, setup: &Setup, how: ForkMethod) -> Result<Spawn
 
 /// The child by clone3 (CLONE_PIDFD, CLONE_INTO_CGROUP): its pid and pidfd,
 /// or `None` where clone3 is refused (ENOSYS).
+///
+/// On x86-64 the child shares this process's memory until it execs
+/// (CLONE_VM | CLONE_VFORK, as glibc's posix_spawn does), on a stack of its
+/// own: the kernel copies no page tables and the supervisor takes no
+/// copy-on-write faults afterwards, which a fork of a supervisor holding
+/// thousands of services paid on every spawn. This thread waits, suspended,
+/// until the child has exec'd or exited; every signal stays blocked until the
+/// child has reset its dispositions, so no handler of the supervisor ever
+/// runs in the child.
 fn clone3(
     cmd: &Command<'_>,
     p: &mut Prepared,
@@ -403,22 +416,9 @@ fn clone3(
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = cg.as_raw_fd() as u64;
     }
-    // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of
-    // this thread's memory and only calls async-signal-safe functions on
-    // memory prepared before (see `child`), never returning from it.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            std::ptr::addr_of_mut!(args),
-            std::mem::size_of::<libc::clone_args>(),
-        )
-    } as i32;
-    if pid == 0 {
-        // SAFETY: we are the freshly cloned child; `child` execs or _exits.
-        unsafe { child(p, err_w, false) }
-    }
+    let pid = clone_child(&mut args, p, err_w)?;
     if pid < 0 {
-        let e = io::Error::last_os_error();
+        let e = io::Error::from_raw_os_error((-pid) as i32);
         if e.raw_os_error() == Some(libc::ENOSYS) {
             return Ok(None);
         }
@@ -427,11 +427,202 @@ fn clone3(
             source: e,
         });
     }
+    let pid = pid as i32;
     if pidfd < 0 {
         return open_pidfd(pid).map(|fd| Some((pid, fd)));
     }
     // SAFETY: CLONE_PIDFD stored a fresh CLOEXEC pidfd there for us.
     Ok(Some((pid, unsafe { Pidfd::from_raw(pidfd, pid) })))
+}
+
+/// clone3 with `args`, the child running [`child`]: its pid, or `-errno`.
+#[cfg(target_arch = "x86_64")]
+fn clone_child(
+    args: &mut libc::clone_args,
+    p: &mut Prepared,
+    err_w: RawFd,
+) -> Result<i64, SpawnError> {
+    let stack = vfork::Stack::new().map_err(|source| SpawnError::Syscall {
+        call: "mmap (the child's stack)",
+        source,
+    })?;
+    args.flags |= (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+    args.stack = stack.base();
+    args.stack_size = stack.len();
+    let mut start = vfork::Start { p, err_w };
+    let _blocked = vfork::BlockSignals::all();
+    // SAFETY: the child runs on `stack`, alive until this returns (CLONE_VFORK
+    // suspends us until the child has exec'd or exited), and `start` with it;
+    // it only calls async-signal-safe functions on prepared memory, never
+    // allocating, and never returns.
+    Ok(unsafe { vfork::clone3(args, &mut start) })
+}
+
+/// clone3 with `args` as a fork (no CLONE_VM), the child running [`child`].
+#[cfg(not(target_arch = "x86_64"))]
+fn clone_child(
+    args: &mut libc::clone_args,
+    p: &mut Prepared,
+    err_w: RawFd,
+) -> Result<i64, SpawnError> {
+    // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of
+    // this thread's memory and only calls async-signal-safe functions on
+    // memory prepared before (see `child`), never returning from it.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::from_mut(args),
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    if pid == 0 {
+        // SAFETY: we are the freshly cloned child; `child` execs or _exits.
+        unsafe { child(p, err_w, false) }
+    }
+    if pid < 0 {
+        return Ok(-i64::from(
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL),
+        ));
+    }
+    Ok(pid)
+}
+
+/// The x86-64 door for a child that shares our memory until exec.
+#[cfg(target_arch = "x86_64")]
+mod vfork {
+    use std::ffi::c_void;
+    use std::io;
+    use std::os::fd::RawFd;
+
+    use super::{child, Prepared};
+
+    /// The child's stack size: `child` needs a few KiB; glibc's posix_spawn
+    /// gives its child 32 KiB and more for long argument lists.
+    const STACK: usize = 256 << 10;
+    const GUARD: usize = 4096;
+
+    /// A stack of its own for the child, below it a guard page.
+    pub struct Stack {
+        map: *mut c_void,
+    }
+
+    impl Stack {
+        pub fn new() -> io::Result<Stack> {
+            // SAFETY: a fresh private anonymous mapping, owned by the Stack.
+            let map = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    STACK + GUARD,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                    -1,
+                    0,
+                )
+            };
+            if map == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let stack = Stack { map };
+            // SAFETY: the lowest page of our own mapping.
+            if unsafe { libc::mprotect(map, GUARD, libc::PROT_NONE) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(stack)
+        }
+
+        /// The lowest usable address (clone3 wants the base and the size).
+        pub fn base(&self) -> u64 {
+            self.map as u64 + GUARD as u64
+        }
+
+        pub fn len(&self) -> u64 {
+            STACK as u64
+        }
+    }
+
+    impl Drop for Stack {
+        fn drop(&mut self) {
+            // SAFETY: our own mapping, no longer used: the child exec'd or exited.
+            unsafe { libc::munmap(self.map, STACK + GUARD) };
+        }
+    }
+
+    /// What the child starts with.
+    pub struct Start<'a> {
+        pub p: &'a mut Prepared,
+        pub err_w: RawFd,
+    }
+
+    /// Every signal blocked in this thread while alive; the old mask back after.
+    pub struct BlockSignals(libc::sigset_t);
+
+    impl BlockSignals {
+        pub fn all() -> BlockSignals {
+            // SAFETY: sigset_t is plain data, filled by sigfillset; the old
+            // mask is written into our own value.
+            unsafe {
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                let mut old: libc::sigset_t = std::mem::zeroed();
+                libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+                BlockSignals(old)
+            }
+        }
+    }
+
+    impl Drop for BlockSignals {
+        fn drop(&mut self) {
+            // SAFETY: restores the mask saved by `all`.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+        }
+    }
+
+    /// The child's first Rust frame, on its own stack.
+    extern "C" fn start(arg: *mut c_void) -> ! {
+        // SAFETY: `arg` is the `Start` that `clone3` was given, alive while
+        // the parent is suspended; we are the fresh child.
+        unsafe {
+            let s = &mut *arg.cast::<Start<'_>>();
+            child(s.p, s.err_w, false)
+        }
+    }
+
+    /// clone3(`args`): in the parent, the child's pid or `-errno`; the child
+    /// (rax 0, on the stack `args` names) calls `start(start_arg)`.
+    ///
+    /// # Safety
+    /// `args` must name a stack that stays mapped until the child has exec'd
+    /// or exited, and carry CLONE_VM | CLONE_VFORK; `start_arg` must stay
+    /// alive as long.
+    pub unsafe fn clone3(args: &mut libc::clone_args, start_arg: &mut Start<'_>) -> i64 {
+        let ret: i64;
+        // SAFETY: the caller's contract. The parent's registers but rax, rcx
+        // and r11 are kept by the syscall; the child, whose stack pointer
+        // the kernel set to the top of the new stack (16-byte aligned, a
+        // page boundary), calls `start`, which never returns.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                "mov rdi, r12",
+                "call r13",
+                "ud2",
+                "2:",
+                inlateout("rax") libc::SYS_clone3 => ret,
+                in("rdi") std::ptr::from_mut(args),
+                in("rsi") std::mem::size_of::<libc::clone_args>(),
+                in("r12") std::ptr::from_mut(start_arg),
+                in("r13") start as extern "C" fn(*mut c_void) -> !,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
 }
 
 /// The child by fork: it writes itself into its cgroup, and the parent

@@ -7,8 +7,10 @@
 //! - [`PORT_CLASS_MAP`]: ARRAY of `u32` port classes, indexed by
 //!   [`port_class_index`] (generation × protocol × port); class 0 means no binding.
 //! - [`LENGTHS_MAP`]: ARRAY of [`LengthSlot`]s, [`LENGTH_SLOTS`] per generation:
-//!   the distinct prefix lengths of the bindings, longest first, then an end slot.
-//! - [`BINDINGS_MAP`]: HASH from [`BindingKey`] to a destination id.
+//!   the distinct prefix lengths of the bindings, longest first, then an end slot;
+//!   each slot also says where its generation's half of the table is ([`TableShape`]).
+//! - [`TABLE_MAP`]: ARRAY of [`Bucket`]s, the binding table (see [`table_hashes`]):
+//!   {protocol, class, prefix length, masked address} → destination id.
 //! - [`SOCKETS_MAP`]: SOCKMAP from destination id to socket.
 //! - [`COUNTERS_MAP`]: PERCPU_ARRAY of [`Counters`] per destination id.
 //! - [`RULE_STATE_MAP`]: ARRAY, one `u32` per destination id: 0 when it has no
@@ -24,7 +26,7 @@ pub const LOOKUP_PROGRAM: &str = "holdfast_lookup";
 
 pub const GENERATION_MAP: &str = "HF_GENERATION";
 pub const PORT_CLASS_MAP: &str = "HF_PORT_CLASS";
-pub const BINDINGS_MAP: &str = "HF_BINDINGS";
+pub const TABLE_MAP: &str = "HF_TABLE";
 pub const LENGTHS_MAP: &str = "HF_LENGTHS";
 pub const SOCKETS_MAP: &str = "HF_SOCKETS";
 pub const COUNTERS_MAP: &str = "HF_COUNTERS";
@@ -33,12 +35,12 @@ pub const RULES_MAP: &str = "HF_RULES";
 
 /// Destination ids are `0..MAX_DESTINATIONS` (sockmap and counters size).
 pub const MAX_DESTINATIONS: u32 = 4096;
-/// A trie value meaning "no binding": the program passes (used to keep IPv6
+/// A binding table value meaning "no binding": the program passes (used to keep IPv6
 /// prefixes such as `::/0` from matching IPv4 traffic).
 pub const NO_DESTINATION: u32 = u32::MAX;
-/// Default capacity of the bindings hash (both generations together); userspace
-/// sets it at load. The kernel allocates entries as they are inserted
-/// (BPF_F_NO_PREALLOC) but its bucket array (16 bytes each) up front.
+/// Default capacity in binding entries (both generations together, so a set may
+/// use half); userspace sizes the binding table from it at load. The table is
+/// an ARRAY, allocated whole up front: see `dispatch::table` for its size.
 pub const DEFAULT_BINDING_ENTRIES: u32 = 1 << 16;
 /// Prefix lengths 0..=128, plus the end slot.
 pub const LENGTH_SLOTS: u32 = 130;
@@ -82,30 +84,84 @@ pub const fn port_class_index(generation: u32, proto: u32, port: u32) -> u32 {
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// The key of one binding entry: the address is masked to `prefix_len` bits.
+/// The binding table: a cuckoo hash table in an ARRAY of [`Bucket`]s, one half
+/// per generation, each half a power of two of buckets. An entry lives in one
+/// of its two buckets, [`table_hashes`]' two indexes masked by the half's
+/// [`TableShape`]; a lookup reads at most those two buckets (one cache line
+/// each), whatever the number of entries. Unlike a kernel HASH map, the
+/// lookup is a few inlined ARRAY reads and compares, with no helper call, and
+/// the entries sit in the buckets themselves: one memory access where a
+/// HASH needs a bucket and then its element.
+///
+/// The meta word of a slot: its binding's port class, prefix length and
+/// IPPROTO number ([`slot_meta`]); never 0 for an entry (classes start at
+/// 1), so an empty slot (all zero) matches nothing.
+#[inline(always)]
+pub const fn slot_meta(protocol: u8, class: u16, prefix_len: u8) -> u32 {
+    (class as u32) | ((prefix_len as u32) << 16) | ((protocol as u32) << 24)
+}
+
+/// The two bucket hashes of an entry or a lookup: the low 32 bits pick its
+/// first bucket, the high 32 bits its second (each masked by the half's
+/// [`TableShape::mask`]). Seeded per generation so that userspace can build
+/// a half again with another seed if the cuckoo insertion fails.
+#[inline(always)]
+pub const fn table_hashes(seed: u64, meta: u32, addr_hi: u64, addr_lo: u64) -> u64 {
+    let mut h = seed ^ (meta as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ addr_hi).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 32;
+    h = (h ^ addr_lo).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 29)
+}
+
+/// One binding entry: the masked address, its [`slot_meta`] and destination.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BindingKey {
-    /// IPPROTO_TCP or IPPROTO_UDP.
-    pub protocol: u8,
-    /// 0 or 1.
-    pub generation: u8,
-    pub class: u16,
-    /// In the IPv4-mapped IPv6 space, 0..=128.
-    pub prefix_len: u8,
-    pub _pad: [u8; 3],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSlot {
     /// The address's high and low 64 bits (as numbers); IPv4 as `::ffff:a.b.c.d`.
     pub addr_hi: u64,
     pub addr_lo: u64,
+    /// [`slot_meta`]; 0: empty.
+    pub meta: u32,
+    /// A destination id, or [`NO_DESTINATION`].
+    pub dest: u32,
+    pub _pad: u64,
+}
+
+/// Slots per bucket: a bucket is one 64-byte cache line.
+pub const BUCKET_SLOTS: usize = 2;
+
+/// One bucket of the binding table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub slots: [TableSlot; BUCKET_SLOTS],
+}
+
+/// Where a generation's half of the table is: buckets `base..=base + mask`,
+/// and the seed of its hashes. Each [`LengthSlot`] of the generation carries
+/// it, so that a lookup reads it with the length it tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableShape {
+    pub seed: u64,
+    pub base: u32,
+    pub mask: u32,
 }
 
 /// One prefix length to try, with its masks (precomputed so that the program
-/// has no branches in its loop), or the end of the list.
+/// has no branches in its loop) and the shape of its generation's half of the
+/// binding table, or the end of the list.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LengthSlot {
     pub mask_hi: u64,
     pub mask_lo: u64,
+    /// The half's hash seed.
+    pub seed: u64,
+    /// The half is buckets `base..=base + mask`.
+    pub base: u32,
+    pub mask: u32,
     pub prefix_len: u32,
     /// Non-zero: no more lengths.
     pub end: u32,
@@ -115,11 +171,16 @@ impl LengthSlot {
     pub const END: LengthSlot = LengthSlot {
         mask_hi: 0,
         mask_lo: 0,
+        seed: 0,
+        base: 0,
+        mask: 0,
         prefix_len: 0,
         end: 1,
     };
 
-    pub const fn new(prefix_len: u8) -> LengthSlot {
+    /// The slot of `prefix_len` in a generation whose half of the table is
+    /// `shape`.
+    pub const fn new(prefix_len: u8, shape: TableShape) -> LengthSlot {
         let len = prefix_len as u32;
         let mask: u128 = if len == 0 {
             0
@@ -129,6 +190,9 @@ impl LengthSlot {
         LengthSlot {
             mask_hi: (mask >> 64) as u64,
             mask_lo: mask as u64,
+            seed: shape.seed,
+            base: shape.base,
+            mask: shape.mask,
             prefix_len: len,
             end: 0,
         }
@@ -164,10 +228,10 @@ pub struct Counters {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: BindingKey is repr(C), Copy, its padding is an explicit field: no
-    // implicit padding, any bit pattern is valid.
-    unsafe impl aya::Pod for super::BindingKey {}
-    // SAFETY: LengthSlot is repr(C), Copy, two u64 and two u32: no padding.
+    // SAFETY: Bucket is repr(C), Copy, two TableSlots of u64 and u32 fields
+    // with the padding an explicit field: any bit pattern is valid.
+    unsafe impl aya::Pod for super::Bucket {}
+    // SAFETY: LengthSlot is repr(C), Copy, three u64 and four u32: no padding.
     unsafe impl aya::Pod for super::LengthSlot {}
     // SAFETY: Counters is repr(C), Copy, four u64: no padding, any bit pattern is valid.
     unsafe impl aya::Pod for super::Counters {}
@@ -175,6 +239,7 @@ mod user {
     unsafe impl aya::Pod for super::RuleData {}
 }
 
-const _: () = assert!(core::mem::size_of::<BindingKey>() == 24);
-const _: () = assert!(core::mem::size_of::<LengthSlot>() == 24);
+const _: () = assert!(core::mem::size_of::<Bucket>() == 64);
+const _: () = assert!(core::mem::size_of::<TableShape>() == 16);
+const _: () = assert!(core::mem::size_of::<LengthSlot>() == 40);
 const _: () = assert!(core::mem::size_of::<RuleData>() * 8 == RULE_TAG_BITS as usize + 128);

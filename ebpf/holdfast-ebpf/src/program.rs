@@ -19,12 +19,12 @@ use aya_ebpf::{
     macros::{map, sk_lookup},
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, PerCpuArray,
+        Array, PerCpuArray,
     },
     programs::SkLookupContext,
 };
 use holdfast_common::{
-    port_class_index, rule_tag, BindingKey, Counters, LengthSlot, RuleData,
+    port_class_index, rule_tag, slot_meta, table_hashes, Bucket, Counters, LengthSlot, RuleData,
     DEFAULT_BINDING_ENTRIES, IPPROTO_TCP, IPPROTO_UDP, LENGTH_SLOTS, MAX_DESTINATIONS,
     NO_DESTINATION, PORT_CLASS_ENTRIES, PROTO_TCP, PROTO_UDP, RULE_ADMIT, RULE_ENTRIES,
     RULE_TAG_BITS,
@@ -42,9 +42,9 @@ static PORT_CLASS: Array<u32> = Array::with_max_entries(PORT_CLASS_ENTRIES, 0);
 #[map(name = "HF_LENGTHS")]
 static LENGTHS: Array<LengthSlot> = Array::with_max_entries(2 * LENGTH_SLOTS, 0);
 
-#[map(name = "HF_BINDINGS")]
-static BINDINGS: HashMap<BindingKey, u32> =
-    HashMap::with_max_entries(DEFAULT_BINDING_ENTRIES, BPF_F_NO_PREALLOC);
+/// Sized by userspace at load (`dispatch::table`); this size is a placeholder.
+#[map(name = "HF_TABLE")]
+static TABLE: Array<Bucket> = Array::with_max_entries(DEFAULT_BINDING_ENTRIES, 0);
 
 /// A legacy map definition for the sockmap, written out because aya-ebpf's
 /// `SockMap` declares a 4-byte value: with an 8-byte value, a userspace lookup
@@ -165,38 +165,79 @@ fn refused(ctx: &SkLookupContext, family: u32, dest: u32) -> bool {
     !matches!(RULES.get(&key), Some(v) if *v == RULE_ADMIT)
 }
 
-/// The fields of the context this program reads, each loaded at its fixed offset.
+/// The fields of the context every lookup reads, each loaded at its fixed
+/// offset.
 struct Lookup {
     family: u32,
     protocol: u32,
-    local_ip4: u32,
-    local_ip6: [u32; 4],
     local_port: u32,
 }
 
-/// Reads every field unconditionally, one volatile load per field at a constant
-/// offset from the context pointer: the verifier rejects a context load whose
-/// address was computed ("dereference of modified ctx ptr"), which is what the
-/// compiler produces if it may merge the IPv4 and IPv6 loads behind a branch.
+/// Reads the fields every lookup needs, one volatile load per field at a
+/// constant offset from the context pointer: the verifier rejects a context
+/// load whose address was computed ("dereference of modified ctx ptr").
 #[inline(always)]
 fn read_context(ctx: &SkLookupContext) -> Lookup {
     let c: *const bpf_sk_lookup = ctx.lookup;
     // SAFETY: the kernel passes a valid `struct bpf_sk_lookup`; every field read
-    // here is readable in sk_lookup programs (local_ip6 reads as zero for IPv4).
+    // here is readable in sk_lookup programs.
     unsafe {
         Lookup {
             family: read_volatile(addr_of!((*c).family)),
             protocol: read_volatile(addr_of!((*c).protocol)),
-            local_ip4: read_volatile(addr_of!((*c).local_ip4)),
-            local_ip6: [
-                read_volatile(addr_of!((*c).local_ip6[0])),
-                read_volatile(addr_of!((*c).local_ip6[1])),
-                read_volatile(addr_of!((*c).local_ip6[2])),
-                read_volatile(addr_of!((*c).local_ip6[3])),
-            ],
             local_port: read_volatile(addr_of!((*c).local_port)),
         }
     }
+}
+
+/// The local address as two 64-bit numbers, IPv4 as `::ffff:a.b.c.d`; only
+/// the family's own fields are loaded (volatile loads at constant offsets in
+/// each branch, which the compiler may neither merge nor hoist), so an IPv4
+/// lookup pays no IPv6 loads.
+#[inline(always)]
+fn local_address(ctx: &SkLookupContext, family: u32) -> Option<(u64, u64)> {
+    let c: *const bpf_sk_lookup = ctx.lookup;
+    if family == AF_INET {
+        // SAFETY: as in `read_context`.
+        let ip4 = unsafe { read_volatile(addr_of!((*c).local_ip4)) };
+        Some((0, 0xffff_0000_0000u64 | u64::from(u32::from_be(ip4))))
+    } else if family == AF_INET6 {
+        // SAFETY: as in `read_context`.
+        let w = |i: usize| {
+            u64::from(u32::from_be(unsafe {
+                read_volatile(addr_of!((*c).local_ip6[i]))
+            }))
+        };
+        Some(((w(0) << 32) | w(1), (w(2) << 32) | w(3)))
+    } else {
+        None
+    }
+}
+
+/// The destination of the entry {`meta`, `hi`, `lo`} in the table half
+/// `shape` names, found in its first bucket or else its second.
+#[inline(always)]
+fn probe(shape: &LengthSlot, meta: u32, hi: u64, lo: u64) -> Option<u32> {
+    let h = table_hashes(shape.seed, meta, hi, lo);
+    let first = shape.base + (h as u32 & shape.mask);
+    if let Some(d) = in_bucket(first, meta, hi, lo) {
+        return Some(d);
+    }
+    in_bucket(shape.base + ((h >> 32) as u32 & shape.mask), meta, hi, lo)
+}
+
+#[inline(always)]
+fn in_bucket(index: u32, meta: u32, hi: u64, lo: u64) -> Option<u32> {
+    let bucket = TABLE.get(index)?;
+    let mut k = 0;
+    while k < bucket.slots.len() {
+        let s = &bucket.slots[k];
+        if s.meta == meta && s.addr_lo == lo && s.addr_hi == hi {
+            return Some(s.dest);
+        }
+        k += 1;
+    }
+    None
 }
 
 #[sk_lookup]
@@ -221,28 +262,14 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
         Some(c) if *c != 0 => *c,
         _ => return sk_action::SK_PASS,
     };
-    // The address as two 64-bit numbers; IPv4 as ::ffff:a.b.c.d.
-    let (hi, lo) = if l.family == AF_INET {
-        (
-            0u64,
-            0xffff_0000_0000u64 | u64::from(u32::from_be(l.local_ip4)),
-        )
-    } else if l.family == AF_INET6 {
-        let w = |i: usize| u64::from(u32::from_be(l.local_ip6[i]));
-        ((w(0) << 32) | w(1), (w(2) << 32) | w(3))
-    } else {
+    let Some((hi, lo)) = local_address(ctx, l.family) else {
         return sk_action::SK_PASS;
-    };
-    let mut key = BindingKey {
-        protocol: ipproto,
-        generation: generation as u8,
-        class: class as u16,
-        ..BindingKey::default()
     };
     // Longest prefix first: the first length with an entry wins. The compiler
     // stored, for each (class, prefix), the narrowest binding, so this is
-    // "longest prefix, then narrowest range". At most 129 hash lookups, however
-    // many bindings there are; as many as distinct prefix lengths are in use.
+    // "longest prefix, then narrowest range". At most 129 probes of at most two
+    // buckets each, however many bindings there are; as many probes as
+    // distinct prefix lengths are in use.
     let base = generation * LENGTH_SLOTS;
     let mut dest = NO_DESTINATION;
     let mut i = 0;
@@ -254,12 +281,10 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
         if slot.end != 0 {
             return sk_action::SK_PASS;
         }
-        key.prefix_len = slot.prefix_len as u8;
-        key.addr_hi = hi & slot.mask_hi;
-        key.addr_lo = lo & slot.mask_lo;
-        if let Some(d) = BINDINGS.get_ptr(&key) {
-            // SAFETY: a value pointer from a successful lookup, valid in this run.
-            dest = unsafe { *d };
+        let meta = slot_meta(ipproto, class as u16, slot.prefix_len as u8);
+        let (hi, lo) = (hi & slot.mask_hi, lo & slot.mask_lo);
+        if let Some(d) = probe(slot, meta, hi, lo) {
+            dest = d;
             break;
         }
         i += 1;

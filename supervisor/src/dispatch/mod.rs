@@ -11,26 +11,30 @@
 //! generation `g` (one-entry ARRAY), then the port class of the port in `g`
 //! (ARRAY of 2 generations × 2 protocols × 65536 ports; class 0: no binding,
 //! SK_PASS). Then, for each prefix length in use, longest first (an ARRAY per
-//! generation lists them, with their masks), it looks up {protocol, g, class,
-//! length, address masked to length} in a HASH (IPv4 as `::ffff:a.b.c.d`); the
-//! first hit is the destination id. Its sockmap slot is then selected: missing
+//! generation lists them, with their masks and where `g`'s half of the binding
+//! table is), it looks up {protocol, class, length, address masked to length}
+//! in `g`'s half of the binding table (IPv4 as `::ffff:a.b.c.d`); the first
+//! hit is the destination id. Its sockmap slot is then selected: missing
 //! socket → SK_DROP and a miss; `bpf_sk_assign` failing → SK_DROP and an error;
 //! otherwise SK_PASS with the socket selected.
 //!
-//! A lookup costs one hash lookup per distinct prefix length in use (at most
-//! 129), whatever the number of bindings; an LPM trie, tried first, costs one
-//! node per bit of depth, which grows with the number of bindings (the
-//! benchmark measured 2.6× from 1 to 100k bindings). Memory grows with
-//! bindings times the port classes each spans, never with ports (see
-//! [`compile`]): entries are allocated as inserted (BPF_F_NO_PREALLOC); only the
-//! hash's bucket array is sized up front by its capacity.
+//! The binding table is a cuckoo hash table in an ARRAY of 64-byte buckets
+//! ([`table`]): an entry sits in one of two buckets, so a probe is at most two
+//! inlined ARRAY reads and four compares, with no helper call, and a lookup
+//! costs one probe per distinct prefix length in use (at most 129), whatever
+//! the number of bindings. A kernel HASH, used before, cost a helper call, a
+//! hash of the 24-byte key and two dependent memory reads (bucket, then
+//! element); an LPM trie, tried first, one node per bit of depth. Memory grows
+//! with bindings times the port classes each spans, never with ports (see
+//! [`compile`]); the table is allocated whole at load, sized by the capacity
+//! ([`table::buckets_per_half`]: 4 MiB for [`DEFAULT_BINDING_ENTRIES`]).
 //!
 //! # Atomicity of a change of bindings
 //!
 //! Every lookup sees the old set or the new set, never a mix:
 //! 1. The two generations live side by side in the same maps: the port class
-//!    array and the prefix-length array have a half per generation, and every
-//!    binding key carries its generation.
+//!    array, the prefix-length array and the binding table have a half per
+//!    generation.
 //!    [`Dispatcher::apply`] writes the whole new set into the *idle* generation,
 //!    which no lookup reads.
 //! 2. It then flips the live generation with one update of the one-entry ARRAY,
@@ -38,14 +42,15 @@
 //! 3. The program reads the generation once, at its start, and uses that value
 //!    for the port class, the prefix lengths and the binding keys, so a lookup running across the
 //!    flip finishes entirely in the generation it started in.
-//! 4. Before deleting the old generation's entries, `apply` waits for every
-//!    program run that might still be using them to end: sk_lookup runs inside an
-//!    RCU read-side section, and `membarrier(MEMBARRIER_CMD_GLOBAL)` is
+//! 4. Before returning, `apply` waits for every program run that might still
+//!    be reading the old generation to end: sk_lookup runs inside an RCU
+//!    read-side section, and `membarrier(MEMBARRIER_CMD_GLOBAL)` is
 //!    `synchronize_rcu()` (the kernel waits the same way after updating a
-//!    map-in-map). Only then is the old generation emptied, ready for the next change.
+//!    map-in-map). Only then may the next change write there (it writes only
+//!    the buckets and port classes that differ from what that half holds).
 //!
-//! If anything fails before the flip, the idle entries written so far are removed
-//! and the live set is untouched. Sockets are not generational: a destination id
+//! If anything fails before the flip, the live set is untouched (a set that
+//! does not fit the table is refused before anything is written). Sockets are not generational: a destination id
 //! keeps its sockmap slot across changes.
 //!
 //! # Source rules (allow/deny)
@@ -99,6 +104,7 @@ pub mod compile;
 mod links;
 mod pins;
 mod sys;
+mod table;
 #[cfg(test)]
 mod tests;
 
@@ -109,13 +115,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
 use aya::programs::{links::FdLink, SkLookup};
 use aya::{Ebpf, EbpfLoader};
 use holdfast_common::{
-    port_class_index, rule_tag, BindingKey, LengthSlot, RuleData, BINDINGS_MAP, COUNTERS_MAP,
+    port_class_index, rule_tag, Bucket, LengthSlot, RuleData, TableShape, COUNTERS_MAP,
     GENERATION_MAP, LENGTHS_MAP, LENGTH_SLOTS, LOOKUP_PROGRAM, PORT_CLASS_MAP, RULES_MAP,
-    RULE_ADMIT, RULE_REFUSE, RULE_STATE_MAP, RULE_TAG_BITS, SOCKETS_MAP,
+    RULE_ADMIT, RULE_REFUSE, RULE_STATE_MAP, RULE_TAG_BITS, SOCKETS_MAP, TABLE_MAP,
 };
 
 pub use compile::{compile, compile_rules, BindingEntry, Compiled, RuleEntry};
@@ -218,6 +224,8 @@ pub enum DispatchError {
     },
     #[error("invalid dispatcher instance name {instance:?}: one path component, without '.', not starting with '__'")]
     InstanceName { instance: String },
+    #[error("{entries} binding entries do not fit the binding table ({slots} slots a generation); start holdfast with a larger capacity")]
+    TableFull { entries: usize, slots: usize },
     #[error("bindings are equally specific and overlap: {first} and {second}")]
     Ambiguous { first: String, second: String },
     #[error("only tcp and udp can be steered: {binding}")]
@@ -267,15 +275,16 @@ struct Loaded {
     generation: Array<MapData, u32>,
     port_class: Array<MapData, u32>,
     lengths: Array<MapData, LengthSlot>,
-    entries: HashMap<MapData, BindingKey, u32>,
+    table: Array<MapData, Bucket>,
     sockets: MapData,
     counters: PerCpuArray<MapData, holdfast_common::Counters>,
     /// The live generation, 0 or 1.
     live: u32,
-    /// Binding entries of the live generation.
-    live_entries: Vec<(BindingEntry, DestinationId)>,
-    /// Entries of the idle generation that could not be deleted yet.
-    idle_leftovers: Vec<BindingEntry>,
+    /// Buckets in each generation's half of the table.
+    buckets: u32,
+    /// What each generation's half of the table holds; `None`: unknown (a
+    /// write failed), so the next set written there is written whole.
+    halves: [Option<table::Half>; 2],
     /// What the port class array holds, per generation (`u16::MAX`: unknown).
     classes: ClassShadow,
     bindings: Vec<Binding>,
@@ -328,19 +337,6 @@ fn map_err(
     move |source| DispatchError::Map { op, map, source }
 }
 
-fn binding_key(e: &BindingEntry, generation: u32) -> BindingKey {
-    let addr = u128::from_be_bytes(e.addr);
-    BindingKey {
-        protocol: e.protocol,
-        generation: generation as u8,
-        class: e.class,
-        prefix_len: e.prefix_len,
-        _pad: [0; 3],
-        addr_hi: (addr >> 64) as u64,
-        addr_lo: addr as u64,
-    }
-}
-
 impl Loaded {
     /// Loads the object with room for `capacity` binding entries (both
     /// generations together), pinning the maps into `pin_dir` if given.
@@ -348,8 +344,9 @@ impl Loaded {
         if OBJECT.is_empty() {
             return Err(DispatchError::NotBuilt);
         }
+        let buckets = table::buckets_per_half(capacity);
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(BINDINGS_MAP, capacity)
+            .map_max_entries(TABLE_MAP, 2 * buckets)
             .load(OBJECT)
             .map_err(|source| DispatchError::LoadObject { source })?;
         sk_lookup_program(&mut ebpf, LOOKUP_PROGRAM)?
@@ -363,7 +360,7 @@ impl Loaded {
                 GENERATION_MAP,
                 PORT_CLASS_MAP,
                 LENGTHS_MAP,
-                BINDINGS_MAP,
+                TABLE_MAP,
                 SOCKETS_MAP,
                 COUNTERS_MAP,
                 RULE_STATE_MAP,
@@ -386,8 +383,8 @@ impl Loaded {
             .map_err(map_err("open", PORT_CLASS_MAP))?;
         let lengths =
             Array::try_from(take(&mut ebpf, LENGTHS_MAP)?).map_err(map_err("open", LENGTHS_MAP))?;
-        let entries = HashMap::try_from(take(&mut ebpf, BINDINGS_MAP)?)
-            .map_err(map_err("open", BINDINGS_MAP))?;
+        let table =
+            Array::try_from(take(&mut ebpf, TABLE_MAP)?).map_err(map_err("open", TABLE_MAP))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)
             .map_err(map_err("open", COUNTERS_MAP))?;
         let rule_state = Array::try_from(take(&mut ebpf, RULE_STATE_MAP)?)
@@ -408,12 +405,12 @@ impl Loaded {
             generation,
             port_class,
             lengths,
-            entries,
+            table,
             sockets,
             counters,
             live: 0,
-            live_entries: Vec::new(),
-            idle_leftovers: Vec::new(),
+            buckets,
+            halves: [None, None],
             classes: [vec![0; 2 << 16], vec![0; 2 << 16]],
             bindings: Vec::new(),
             sockets_inserted: BTreeSet::new(),
@@ -437,59 +434,76 @@ impl Loaded {
     fn apply(&mut self, bindings: &[Binding]) -> Result<(), DispatchError> {
         let compiled = compile(bindings, MAX_DESTINATIONS)?;
         let idle = self.live ^ 1;
-
-        // Empty the idle generation of anything an earlier change left behind.
-        while let Some(e) = self.idle_leftovers.last() {
-            match self.entries.remove(&binding_key(e, idle)) {
-                Ok(()) => {}
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => return Err(map_err("delete from", BINDINGS_MAP)(source)),
+        let seed = match &self.halves[idle as usize] {
+            Some(h) => h.seed,
+            None => rand_seed(),
+        };
+        let half = table::build(&compiled.entries, self.buckets, seed).map_err(|full| {
+            DispatchError::TableFull {
+                entries: full.entries,
+                slots: full.slots,
             }
-            self.idle_leftovers.pop();
-        }
+        })?;
 
         // 1. Port classes of the idle generation: write what differs.
         self.write_port_classes(idle, &compiled.classes)?;
 
-        // 2. Prefix lengths, longest first, then entries of the idle generation.
+        // 2. The idle half of the table, then the prefix lengths, longest
+        //    first, each with the half's shape.
+        let shape = self.write_half(idle, half)?;
         let mut lengths: Vec<u8> = compiled.entries.iter().map(|(e, _)| e.prefix_len).collect();
         lengths.sort_unstable_by(|a, b| b.cmp(a));
         lengths.dedup();
         let slots = lengths
             .iter()
-            .map(|l| LengthSlot::new(*l))
+            .map(|l| LengthSlot::new(*l, shape))
             .chain(std::iter::once(LengthSlot::END));
         for (i, slot) in slots.enumerate() {
             self.lengths
                 .set(idle * LENGTH_SLOTS + i as u32, slot, 0)
                 .map_err(map_err("update", LENGTHS_MAP))?;
         }
-        for (n, (entry, dest)) in compiled.entries.iter().enumerate() {
-            if let Err(source) = self.entries.insert(binding_key(entry, idle), dest, 0) {
-                self.idle_leftovers
-                    .extend(compiled.entries[..n].iter().map(|(e, _)| *e));
-                return Err(map_err("insert into", BINDINGS_MAP)(source));
-            }
-        }
 
         // 3. The flip: one 4-byte store.
-        if let Err(source) = self.generation.set(0, idle, 0) {
-            self.idle_leftovers
-                .extend(compiled.entries.iter().map(|(e, _)| *e));
-            return Err(map_err("update", GENERATION_MAP)(source));
-        }
-        let old = self.live;
+        self.generation
+            .set(0, idle, 0)
+            .map_err(map_err("update", GENERATION_MAP))?;
         self.live = idle;
-        let old_entries = std::mem::replace(&mut self.live_entries, compiled.entries);
         self.bindings = bindings.to_vec();
 
-        // 4. Wait for lookups that read the old generation, then empty it.
+        // 4. Wait for lookups that read the old generation: the next change
+        //    writes there.
         self.wait_grace();
-        self.idle_leftovers
-            .extend(old_entries.iter().map(|(e, _)| *e));
-        self.delete_leftovers(old);
         self.purge_stale_rules();
         Ok(())
+    }
+
+    /// Writes `half` into generation `idle`'s half of the table (the buckets
+    /// that differ from what is there); returns where it is.
+    fn write_half(&mut self, idle: u32, half: table::Half) -> Result<TableShape, DispatchError> {
+        let base = idle * self.buckets;
+        let old = self.halves[idle as usize].take();
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for (i, b) in half.buckets.iter().enumerate() {
+            if old.as_ref().is_none_or(|o| o.buckets[i] != *b) {
+                keys.push(base + i as u32);
+                values.push(*b);
+            }
+        }
+        sys::array_update_batch(self.table.inner_fd(), &keys, &values).map_err(|source| {
+            DispatchError::MapSyscall {
+                op: "batch-update",
+                map: TABLE_MAP,
+                source,
+            }
+        })?;
+        let shape = TableShape {
+            seed: half.seed,
+            base,
+            mask: self.buckets - 1,
+        };
+        self.halves[idle as usize] = Some(half);
+        Ok(shape)
     }
 
     /// The port classes of generation `idle`: only those that differ from
@@ -518,23 +532,6 @@ impl Loaded {
             shadow[slot << 16..(slot + 1) << 16].copy_from_slice(classes);
         }
         Ok(())
-    }
-
-    /// Deletes the left-over binding entries of generation `old` (one that
-    /// cannot be deleted yet is retried by the next apply).
-    fn delete_leftovers(&mut self, old: u32) {
-        while let Some(e) = self.idle_leftovers.last() {
-            match self.entries.remove(&binding_key(e, old)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
-                    self.idle_leftovers.pop();
-                }
-                Err(source) => {
-                    // The new set is live; the next apply retries the deletion.
-                    tracing::warn!(error = %source, "cannot delete an old BPF binding entry yet");
-                    break;
-                }
-            }
-        }
     }
 
     /// Waits until every program run that started before this call has ended
@@ -756,8 +753,15 @@ impl Loaded {
         Ok(())
     }
 
+    /// The entries in the live half of the table, as the kernel holds them.
     fn binding_entries(&self) -> Result<usize, DispatchError> {
-        count_keys(self.entries.keys(), BINDINGS_MAP)
+        let base = self.live * self.buckets;
+        let mut n = 0;
+        for i in base..base + self.buckets {
+            let b = self.table.get(&i, 0).map_err(map_err("read", TABLE_MAP))?;
+            n += b.slots.iter().filter(|s| s.meta != 0).count();
+        }
+        Ok(n)
     }
 }
 
@@ -802,7 +806,7 @@ trait InnerFd {
     fn inner_fd(&self) -> BorrowedFd<'_>;
 }
 
-impl InnerFd for Array<MapData, u32> {
+impl<V: aya::Pod> InnerFd for Array<MapData, V> {
     fn inner_fd(&self) -> BorrowedFd<'_> {
         // aya 0.14's typed maps expose their MapData only through IterableMap.
         use aya::maps::IterableMap;
@@ -1071,4 +1075,14 @@ impl Dispatcher {
         tracing::info!(instance = %self.instance, "sk_lookup dispatcher detached");
         Ok(())
     }
+}
+
+/// A seed for a half of the binding table built for the first time: random
+/// per process (std's hasher keys), so that two holdfasts do not share one.
+/// Bounded lookups do not depend on it; only placement does.
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }

@@ -339,9 +339,14 @@ pub fn sockmap_cookie(map: BorrowedFd<'_>, index: u32) -> io::Result<Option<u64>
     }
 }
 
-/// Writes `values[i]` at `keys[i]` in the `u32 → u32` array `map`, in one
-/// BPF_MAP_UPDATE_BATCH per chunk.
-pub fn array_update_batch(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> io::Result<()> {
+/// Writes `values[i]` at `keys[i]` in the array `map`, whose values are `V`s
+/// (`V` a plain `repr(C)` value of the map's value size, e.g. `u32` or
+/// `Bucket`), in one BPF_MAP_UPDATE_BATCH per chunk.
+pub fn array_update_batch<V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[u32],
+    values: &[V],
+) -> io::Result<()> {
     assert_eq!(keys.len(), values.len());
     for (k, v) in keys.chunks(1 << 16).zip(values.chunks(1 << 16)) {
         let mut attr = MapBatchAttr {

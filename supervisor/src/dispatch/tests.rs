@@ -628,7 +628,6 @@ fn detach_leaves_nothing_and_restart_replaces_stale_pins() {
     assert_eq!(
         pinned,
         [
-            "HF_BINDINGS",
             "HF_COUNTERS",
             "HF_GENERATION",
             "HF_LENGTHS",
@@ -636,6 +635,7 @@ fn detach_leaves_nothing_and_restart_replaces_stale_pins() {
             "HF_RULES",
             "HF_RULE_STATE",
             "HF_SOCKETS",
+            "HF_TABLE",
             "holdfast_lookup",
             "link"
         ]
