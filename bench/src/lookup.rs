@@ -305,40 +305,40 @@ fn measure(o: &Options) -> Result<Vec<Row>> {
 
 fn rows(results: &[(usize, [Figure; 4])], all_ports: usize, one_port: usize) -> Vec<Row> {
     let mut out = Vec::new();
-    let [e, s, h, t] =
-        [Prog::Empty, Prog::Steer, Prog::Holdfast, Prog::Tubular].map(|p| p as usize);
+    const E: usize = Prog::Empty as usize;
+    const S: usize = Prog::Steer as usize;
+    const H: usize = Prog::Holdfast as usize;
+    const T: usize = Prog::Tubular as usize;
+    // (mode, what is compared, figure: holdfast's and its baseline's).
+    type Compare = (&'static str, &'static str, fn(&[Figure; 4]) -> (f64, f64));
+    let compares: [Compare; 5] = [
+        ("hot", "holdfast ÷ empty program", |f| (f[H].hot, f[E].hot)),
+        (
+            "hot",
+            "holdfast − empty ÷ steer-only − empty (target ≤ 1.5)",
+            |f| (f[H].hot - f[E].hot, f[S].hot - f[E].hot),
+        ),
+        ("hot", "holdfast ÷ tubular scheme (target < 1)", |f| {
+            (f[H].hot, f[T].hot)
+        }),
+        ("cold", "holdfast ÷ empty program", |f| {
+            (f[H].cold, f[E].cold)
+        }),
+        ("cold", "holdfast ÷ tubular scheme (target < 1)", |f| {
+            (f[H].cold, f[T].cold)
+        }),
+    ];
     for (n, f) in results {
         let at = format!("{} binding{}", count(*n), if *n == 1 { "" } else { "s" });
-        out.push(Row::new(
-            format!("lookup hot, {at}: holdfast ÷ empty program"),
-            f[h].hot,
-            Some(f[e].hot),
-            "ns/run",
-        ));
-        out.push(Row::new(
-            format!("lookup hot, {at}: holdfast − empty ÷ steer-only − empty (target ≤ 1.5)"),
-            f[h].hot - f[e].hot,
-            Some(f[s].hot - f[e].hot),
-            "ns/run",
-        ));
-        out.push(Row::new(
-            format!("lookup hot, {at}: holdfast ÷ tubular scheme (target < 1)"),
-            f[h].hot,
-            Some(f[t].hot),
-            "ns/run",
-        ));
-        out.push(Row::new(
-            format!("lookup cold, {at}: holdfast ÷ empty program"),
-            f[h].cold,
-            Some(f[e].cold),
-            "ns/run",
-        ));
-        out.push(Row::new(
-            format!("lookup cold, {at}: holdfast ÷ tubular scheme (target < 1)"),
-            f[h].cold,
-            Some(f[t].cold),
-            "ns/run",
-        ));
+        for (mode, what, figure) in compares {
+            let (value, baseline) = figure(f);
+            out.push(Row::new(
+                format!("lookup {mode}, {at}: {what}"),
+                value,
+                Some(baseline),
+                "ns/run",
+            ));
+        }
     }
     if let (Some((n0, first)), Some((n1, last))) = (results.first(), results.last()) {
         for (mode, target, get) in [
@@ -347,8 +347,8 @@ fn rows(results: &[(usize, [Figure; 4])], all_ports: usize, one_port: usize) -> 
         ] {
             // Each size as a multiple of the empty program in the same rounds.
             let (a, b) = (
-                get(&first[h]) / get(&first[e]),
-                get(&last[h]) / get(&last[e]),
+                get(&first[H]) / get(&first[E]),
+                get(&last[H]) / get(&last[E]),
             );
             out.push(Row::new(
                 format!(

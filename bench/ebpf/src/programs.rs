@@ -129,11 +129,4 @@ pub fn bench_tubular(ctx: SkLookupContext) -> u32 {
     }
 }
 
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+holdfast_common::bpf_object_items!();

@@ -243,3 +243,20 @@ const _: () = assert!(core::mem::size_of::<Bucket>() == 64);
 const _: () = assert!(core::mem::size_of::<TableShape>() == 16);
 const _: () = assert!(core::mem::size_of::<LengthSlot>() == 40);
 const _: () = assert!(core::mem::size_of::<RuleData>() * 8 == RULE_TAG_BITS as usize + 128);
+
+/// The items every BPF object of this workspace ends with: the panic handler
+/// a `no_std` binary needs (the verifier proves no panic path is taken) and
+/// the license section, which the kernel reads to allow GPL-only helpers.
+#[macro_export]
+macro_rules! bpf_object_items {
+    () => {
+        #[panic_handler]
+        fn panic(_info: &core::panic::PanicInfo) -> ! {
+            loop {}
+        }
+
+        #[unsafe(link_section = "license")]
+        #[unsafe(no_mangle)]
+        static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+    };
+}

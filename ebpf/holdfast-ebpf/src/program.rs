@@ -1,12 +1,13 @@
 //! The programs and their maps. See `holdfast-common` for the map layout.
-//! Order of one lookup: port class, binding (longest prefix first), counters,
-//! the destination's source rules (refused: SK_DROP, counted as denied), then
-//! the socket.
+//! Order of one lookup: port class, binding (longest prefix first), whether
+//! an earlier program already selected a socket (then SK_PASS, uncounted),
+//! counters, the destination's source rules (refused: SK_DROP, counted as
+//! denied), then the socket.
 
 use core::{
     cell::UnsafeCell,
     ffi::c_void,
-    ptr::{addr_of, read_volatile},
+    ptr::{addr_of, addr_of_mut, read_volatile},
 };
 
 use aya_ebpf::{
@@ -15,7 +16,7 @@ use aya_ebpf::{
         bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action,
         BPF_SK_LOOKUP_F_NO_REUSEPORT,
     },
-    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
+    helpers::{bpf_loop, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
     macros::{map, sk_lookup},
     maps::{
         lpm_trie::{Key, LpmTrie},
@@ -240,6 +241,56 @@ fn in_bucket(index: u32, meta: u32, hi: u64, lo: u64) -> Option<u32> {
     None
 }
 
+/// Whether a program that ran before this one on the namespace selected a
+/// socket. During an in-place upgrade that is the old holdfast's program,
+/// which serves and counts every lookup until its link goes: this one then
+/// neither selects (its `bpf_sk_assign` would fail with EEXIST and count an
+/// error) nor counts (the lookup would be counted twice). The kernel keeps
+/// the first selection whatever later programs return.
+#[inline(always)]
+fn already_selected(ctx: &SkLookupContext) -> bool {
+    let c: *const bpf_sk_lookup = ctx.lookup;
+    // SAFETY: `sk` (offset 0) is readable in sk_lookup programs: the socket
+    // selected so far, or NULL.
+    let sk = unsafe { read_volatile(addr_of!((*c).__bindgen_anon_1.__bindgen_anon_1.sk)) };
+    !sk.is_null()
+}
+
+/// The state of the prefix-length loop, on the program's stack.
+#[repr(C)]
+struct Search {
+    hi: u64,
+    lo: u64,
+    /// [`slot_meta`] with prefix length 0; each step adds its length.
+    meta: u32,
+    /// The generation's first [`LENGTHS`] slot.
+    base: u32,
+    /// What the first probe that hit found.
+    dest: u32,
+    _pad: u32,
+}
+
+/// One step of the prefix-length loop (a bpf_loop callback): probes the
+/// `i`-th length of the generation; 1 (stop) once a probe hit or the lengths
+/// ended, 0 to go on.
+#[inline(never)]
+extern "C" fn probe_length(i: u64, search: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes the `Search` it was given, on the caller's stack.
+    let s = unsafe { &mut *search.cast::<Search>() };
+    let slot = match LENGTHS.get(s.base + i as u32) {
+        Some(slot) if slot.end == 0 => slot,
+        _ => return 1,
+    };
+    let meta = s.meta | ((slot.prefix_len & 0xff) << 16);
+    match probe(slot, meta, s.hi & slot.mask_hi, s.lo & slot.mask_lo) {
+        Some(d) => {
+            s.dest = d;
+            1
+        }
+        None => 0,
+    }
+}
+
 #[sk_lookup]
 pub fn holdfast_lookup(ctx: SkLookupContext) -> u32 {
     dispatch(&ctx)
@@ -269,27 +320,29 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
     // stored, for each (class, prefix), the narrowest binding, so this is
     // "longest prefix, then narrowest range". At most 129 probes of at most two
     // buckets each, however many bindings there are; as many probes as
-    // distinct prefix lengths are in use.
-    let base = generation * LENGTH_SLOTS;
-    let mut dest = NO_DESTINATION;
-    let mut i = 0;
-    while i < LENGTH_SLOTS {
-        let slot = match LENGTHS.get(base + i) {
-            Some(s) => s,
-            None => return sk_action::SK_PASS,
-        };
-        if slot.end != 0 {
-            return sk_action::SK_PASS;
-        }
-        let meta = slot_meta(ipproto, class as u16, slot.prefix_len as u8);
-        let (hi, lo) = (hi & slot.mask_hi, lo & slot.mask_lo);
-        if let Some(d) = probe(slot, meta, hi, lo) {
-            dest = d;
-            break;
-        }
-        i += 1;
-    }
-    if dest == NO_DESTINATION {
+    // distinct prefix lengths are in use. The loop is bpf_loop's, which the
+    // verifier checks once (a bounded loop it walks 130 times, each with every
+    // way out of a probe) and inlines into a plain loop.
+    let mut search = Search {
+        hi,
+        lo,
+        meta: slot_meta(ipproto, class as u16, 0),
+        base: generation * LENGTH_SLOTS,
+        dest: NO_DESTINATION,
+        _pad: 0,
+    };
+    // SAFETY: a static callback of bpf_loop's signature and a pointer to a
+    // `Search` on this stack, alive for the call; flags 0.
+    unsafe {
+        bpf_loop(
+            LENGTH_SLOTS,
+            probe_length as *mut c_void,
+            addr_of_mut!(search).cast(),
+            0,
+        )
+    };
+    let dest = search.dest;
+    if dest == NO_DESTINATION || already_selected(ctx) {
         return sk_action::SK_PASS;
     }
     let counters = COUNTERS.get_ptr_mut(dest);
@@ -324,11 +377,4 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
     }
 }
 
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+holdfast_common::bpf_object_items!();

@@ -394,118 +394,61 @@ mod tests {
 
     use Protocol::{Tcp, Udp};
 
-    /// (name, bindings, probes: (protocol, address, port, expected destination)).
-    type Case = (
-        &'static str,
-        Vec<Binding>,
-        Vec<(Protocol, &'static str, u16, Option<u32>)>,
-    );
+    /// A case of `precedence_cases.txt`: its name, bindings, and probes
+    /// (protocol, address, port, expected destination).
+    struct Case {
+        name: String,
+        bindings: Vec<Binding>,
+        probes: Vec<(Protocol, String, u16, Option<u32>)>,
+    }
+
+    fn protocol(s: &str) -> Protocol {
+        match s {
+            "tcp" => Tcp,
+            "udp" => Udp,
+            other => panic!("precedence_cases.txt: unknown protocol {other}"),
+        }
+    }
 
     fn cases() -> Vec<Case> {
-        vec![
-            (
-                "range edges",
-                vec![b(Tcp, "192.0.2.0/24", "8000-8099", 1)],
-                vec![
-                    (Tcp, "192.0.2.1", 8000, Some(1)),
-                    (Tcp, "192.0.2.255", 8099, Some(1)),
-                    (Tcp, "192.0.2.7", 7999, None),
-                    (Tcp, "192.0.2.7", 8100, None),
-                    (Tcp, "192.0.3.0", 8050, None),
-                    (Udp, "192.0.2.7", 8050, None),
-                ],
-            ),
-            (
-                "longer prefix wins",
-                vec![
-                    b(Tcp, "192.0.2.0/24", "80", 1),
-                    b(Tcp, "192.0.2.128/25", "80", 2),
-                ],
-                vec![
-                    (Tcp, "192.0.2.1", 80, Some(1)),
-                    (Tcp, "192.0.2.200", 80, Some(2)),
-                ],
-            ),
-            (
-                "narrower range wins at equal prefix",
-                vec![
-                    b(Tcp, "192.0.2.0/24", "8000-8099", 1),
-                    b(Tcp, "192.0.2.0/24", "8042", 2),
-                ],
-                vec![
-                    (Tcp, "192.0.2.9", 8041, Some(1)),
-                    (Tcp, "192.0.2.9", 8042, Some(2)),
-                    (Tcp, "192.0.2.9", 8043, Some(1)),
-                ],
-            ),
-            (
-                "longer prefix beats narrower range",
-                vec![
-                    b(Tcp, "192.0.2.0/24", "8042", 1),
-                    b(Tcp, "192.0.2.0/25", "1-65535", 2),
-                ],
-                vec![
-                    (Tcp, "192.0.2.9", 8042, Some(2)),
-                    (Tcp, "192.0.2.200", 8042, Some(1)),
-                    (Tcp, "192.0.2.200", 8043, None),
-                ],
-            ),
-            (
-                "partial overlap of unequal widths",
-                vec![
-                    b(Tcp, "10.0.0.0/8", "8000-8099", 1),
-                    b(Tcp, "10.0.0.0/8", "8050-8200", 2),
-                ],
-                vec![
-                    (Tcp, "10.1.2.3", 8049, Some(1)),
-                    (Tcp, "10.1.2.3", 8050, Some(1)),
-                    (Tcp, "10.1.2.3", 8100, Some(2)),
-                    (Tcp, "10.1.2.3", 8201, None),
-                ],
-            ),
-            (
-                "protocols are separate",
-                vec![
-                    b(Tcp, "192.0.2.0/24", "53", 1),
-                    b(Udp, "192.0.2.0/24", "53", 2),
-                ],
-                vec![
-                    (Tcp, "192.0.2.1", 53, Some(1)),
-                    (Udp, "192.0.2.1", 53, Some(2)),
-                ],
-            ),
-            (
-                "ipv6 and mapped ipv4",
-                vec![
-                    b(Tcp, "2001:db8::/64", "443", 1),
-                    b(Tcp, "::ffff:192.0.2.0/120", "443", 2),
-                ],
-                vec![
-                    (Tcp, "2001:db8::5", 443, Some(1)),
-                    (Tcp, "2001:db8:0:1::5", 443, None),
-                    (Tcp, "192.0.2.77", 443, Some(2)),
-                ],
-            ),
-            (
-                "::/0 does not catch ipv4, 0.0.0.0/0 does",
-                vec![
-                    b(Tcp, "::/0", "80", 1),
-                    b(Udp, "::/0", "80", 1),
-                    b(Udp, "0.0.0.0/0", "80", 2),
-                ],
-                vec![
-                    (Tcp, "2001:db8::1", 80, Some(1)),
-                    (Tcp, "192.0.2.1", 80, None),
-                    (Udp, "192.0.2.1", 80, Some(2)),
-                    (Udp, "2001:db8::1", 80, Some(1)),
-                ],
-            ),
-        ]
+        let mut cases: Vec<Case> = Vec::new();
+        for line in include_str!("precedence_cases.txt").lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                [] => {}
+                [w, ..] if w.starts_with('#') => {}
+                ["case", ..] => cases.push(Case {
+                    name: line["case ".len()..].to_string(),
+                    bindings: Vec::new(),
+                    probes: Vec::new(),
+                }),
+                ["bind", proto, pfx, p, dest] => cases.last_mut().expect("a case").bindings.push(
+                    b(protocol(proto), pfx, p, dest.parse().expect("destination")),
+                ),
+                ["probe", proto, addr, port, want] => {
+                    cases.last_mut().expect("a case").probes.push((
+                        protocol(proto),
+                        addr.to_string(),
+                        port.parse().expect("port"),
+                        want.parse().ok(),
+                    ))
+                }
+                _ => panic!("precedence_cases.txt: cannot read {line:?}"),
+            }
+        }
+        cases
     }
 
     #[test]
     fn precedence_table() {
-        for (name, bindings, probes) in cases() {
+        let cases = cases();
+        assert_eq!(cases.len(), 8, "every case of precedence_cases.txt read");
+        for Case {
+            name,
+            bindings,
+            probes,
+        } in cases
+        {
             let c = compile(&bindings, 4096).unwrap_or_else(|e| panic!("{name}: {e}"));
             for (proto, addr, port, want) in probes {
                 let got = c.lookup(proto, addr.parse().unwrap(), port);

@@ -377,20 +377,13 @@ impl Loaded {
                 pins::set_mode(&path, 0o640)?;
             }
         }
-        let generation = Array::try_from(take(&mut ebpf, GENERATION_MAP)?)
-            .map_err(map_err("open", GENERATION_MAP))?;
-        let port_class = Array::try_from(take(&mut ebpf, PORT_CLASS_MAP)?)
-            .map_err(map_err("open", PORT_CLASS_MAP))?;
-        let lengths =
-            Array::try_from(take(&mut ebpf, LENGTHS_MAP)?).map_err(map_err("open", LENGTHS_MAP))?;
-        let table =
-            Array::try_from(take(&mut ebpf, TABLE_MAP)?).map_err(map_err("open", TABLE_MAP))?;
-        let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)
-            .map_err(map_err("open", COUNTERS_MAP))?;
-        let rule_state = Array::try_from(take(&mut ebpf, RULE_STATE_MAP)?)
-            .map_err(map_err("open", RULE_STATE_MAP))?;
-        let rules =
-            LpmTrie::try_from(take(&mut ebpf, RULES_MAP)?).map_err(map_err("open", RULES_MAP))?;
+        let generation = open_map(&mut ebpf, GENERATION_MAP)?;
+        let port_class = open_map(&mut ebpf, PORT_CLASS_MAP)?;
+        let lengths = open_map(&mut ebpf, LENGTHS_MAP)?;
+        let table = open_map(&mut ebpf, TABLE_MAP)?;
+        let counters = open_map(&mut ebpf, COUNTERS_MAP)?;
+        let rule_state = open_map(&mut ebpf, RULE_STATE_MAP)?;
+        let rules = open_map(&mut ebpf, RULES_MAP)?;
         let sockets = match take(&mut ebpf, SOCKETS_MAP)? {
             Map::SockMap(data) => data,
             _ => {
@@ -708,21 +701,10 @@ impl Loaded {
             .chain(self.sockets_inserted.iter().copied())
             .chain(self.source_rules.keys().copied())
             .collect();
-        let mut out = BTreeMap::new();
-        for dest in dests {
-            let per_cpu = self
-                .counters
-                .get(&dest, 0)
-                .map_err(map_err("read", COUNTERS_MAP))?;
-            let sum = per_cpu.iter().fold(Counters::default(), |a, c| Counters {
-                lookups: a.lookups + c.lookups,
-                misses: a.misses + c.misses,
-                errors: a.errors + c.errors,
-                denied: a.denied + c.denied,
-            });
-            out.insert(dest, sum);
-        }
-        Ok(out)
+        dests
+            .into_iter()
+            .map(|dest| Ok((dest, sum_per_cpu(&self.counters, dest)?)))
+            .collect()
     }
 
     /// Starts destination counters at these values (a dispatcher replacing
@@ -765,6 +747,20 @@ impl Loaded {
     }
 }
 
+/// A destination's counters summed over CPUs.
+fn sum_per_cpu(
+    map: &PerCpuArray<MapData, holdfast_common::Counters>,
+    dest: DestinationId,
+) -> Result<Counters, DispatchError> {
+    let per_cpu = map.get(&dest, 0).map_err(map_err("read", COUNTERS_MAP))?;
+    Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+        lookups: a.lookups + c.lookups,
+        misses: a.misses + c.misses,
+        errors: a.errors + c.errors,
+        denied: a.denied + c.denied,
+    }))
+}
+
 /// The number of keys a map iteration yields, as the kernel counts them.
 fn count_keys<K>(
     keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
@@ -789,6 +785,14 @@ fn sk_lookup_program<'a>(
         })?
         .try_into()
         .map_err(|source| DispatchError::LoadProgram { name, source })
+}
+
+/// Takes map `name` out of the object as the typed map `M`.
+fn open_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, DispatchError>
+where
+    M: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    M::try_from(take(ebpf, name)?).map_err(map_err("open", name))
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DispatchError> {
@@ -1059,10 +1063,32 @@ impl Dispatcher {
         self.loaded.socket_present(dest)
     }
 
-    /// Entries in the bindings hash, as the kernel counts them (the live
-    /// generation only, once `apply` has returned).
+    /// Entries in the live half of the binding table, as the kernel holds them.
     pub fn binding_entries(&self) -> Result<usize, DispatchError> {
         self.loaded.binding_entries()
+    }
+
+    /// The counters of `dests` in the maps pinned for `instance` (a running
+    /// or an old holdfast's), read now: an upgrade carries on the old
+    /// program's figures as late as it can, since that program counts until
+    /// its link goes.
+    pub fn pinned_counters(
+        instance: &str,
+        dests: impl IntoIterator<Item = DestinationId>,
+    ) -> Result<BTreeMap<DestinationId, Counters>, DispatchError> {
+        pins::check_instance(instance)?;
+        let path = pins::root().join(instance).join(COUNTERS_MAP);
+        let data = MapData::from_pin(&path).map_err(|source| DispatchError::Map {
+            op: "open the pinned",
+            map: COUNTERS_MAP,
+            source,
+        })?;
+        let map: PerCpuArray<MapData, holdfast_common::Counters> =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err("open", COUNTERS_MAP))?;
+        dests
+            .into_iter()
+            .map(|dest| Ok((dest, sum_per_cpu(&map, dest)?)))
+            .collect()
     }
 
     /// Detaches the program, unpins everything and removes the instance directory.

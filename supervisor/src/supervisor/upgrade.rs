@@ -508,7 +508,6 @@ impl Supervisor {
             Path::new("/proc/self/ns/net"),
             DEFAULT_BINDING_ENTRIES,
             |d| {
-                d.seed_counters(counters)?;
                 sockets::steer(d, &all, bindings).map_err(|e| match e {
                     SupervisorError::Bindings(e) => e,
                     other => crate::dispatch::DispatchError::Pins {
@@ -516,7 +515,16 @@ impl Supervisor {
                         path: PathBuf::from(instance),
                         source: std::io::Error::other(other.to_string()),
                     },
-                })
+                })?;
+                // The old program served and counted every lookup until now
+                // (this one yields to it): its figures of this moment, not
+                // those saved before the exec.
+                let now = Dispatcher::pinned_counters(instance, counters.keys().copied())
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot read the old dispatcher's counters; carrying on those saved before the upgrade");
+                        counters.clone()
+                    });
+                d.seed_counters(&now)
             },
         );
         let mut d = result?;
