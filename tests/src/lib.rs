@@ -19,8 +19,9 @@
 //!   [`Sandbox::write_sh_service`], [`Sandbox::write_notifier_unit`], with
 //!   [`restart_always`] for the restart policy lines.
 //! - [`CgroupRoot`]: a cgroup of the test's own for `--cgroup-root`, killed and removed on drop.
-//! - [`wrk`] / [`WrkReport`]: the one wrk runner and parser (requests, non-2xx responses,
-//!   socket errors by kind, cross-checked against wrk's own summary).
+//! - [`wrk`] / [`WrkArgs`] / [`WrkReport`]: the one wrk runner and parser, shared with the
+//!   benchmarks (requests, run time, non-2xx responses, socket errors by kind cross-checked
+//!   against wrk's own summary, p50/p99 latency).
 //! - [`Holdfast::kill_9_rounds`]: crash restarts with connections queued while down.
 //! - [`LoopClient`]: the one load client: connects in a loop while a test restarts or
 //!   reloads, and tallies answered / refused / misrouted / failed connections.
@@ -88,7 +89,7 @@ pub use daemon::{
     RunOptions, CLI_TIMEOUT, DAEMON_ARGS_ENV, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
 };
 pub use handoff::{check_handoff, ExpectSocket};
-pub use load::{wrk, WrkReport};
+pub use load::{wrk, WrkArgs, WrkReport};
 pub use loop_client::{parse_answer, LoopClient, Tally};
 pub use netns::{Netns, NetnsGuard};
 pub use notifier::{
