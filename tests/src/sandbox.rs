@@ -102,6 +102,25 @@ impl Sandbox {
         )
     }
 
+    /// [`Sandbox::write_sh_service`] for a script that leaves a note for the test,
+    /// or waits for one: `$NOTE` in its environment is `out/NAME.note`, whose path
+    /// this returns.
+    pub fn write_sh_noting(
+        &self,
+        name: &str,
+        script: &str,
+        service_extra: &str,
+    ) -> Result<PathBuf> {
+        let note = self.out(&format!("{name}.note"));
+        let env = toml_str(&note.to_string_lossy());
+        self.write_sh_service(
+            name,
+            script,
+            &format!("environment = {{ NOTE = {env} }}\n{service_extra}"),
+        )?;
+        Ok(note)
+    }
+
     /// Writes every `(name, toml)` as `units/NAME.toml`.
     pub fn write_units(&self, units: &[(&str, &str)]) -> Result<()> {
         for (name, toml) in units {
