@@ -595,9 +595,7 @@ fn socket_option_change_without_the_dispatcher() -> Result<()> {
     assert_eq!(answer, format!("web {old}\n"), "the same process serves");
 
     web(hf.sandbox(), "backlog = 32\nreuse-port = true")?;
-    let out = hf.cli(&["reload"])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = hf.cli_err(&["reload"])?;
     for needle in ["needs a new socket", "web", "dispatcher"] {
         assert!(stderr.contains(needle), "{needle:?} missing in:\n{stderr}");
     }
@@ -644,13 +642,7 @@ fn a_reload_that_cannot_be_applied_changes_nothing_and_names_every_error() -> Re
         "[service]\nexec = [\"/bin/true\"]\n\n[[socket]]\nprotocol = \"tcp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"99999\"]\n",
     )?;
     sb.write_serve_unit("d", 8084, "")?;
-    let out = hf.cli(&["reload"])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "reload of invalid units: {out:?}"
-    );
+    let stderr = hf.cli_err(&["reload"]).context("reload of invalid units")?;
     for needle in [
         format!("{}:2:", a_path.display()),
         "service.restart".to_string(),
@@ -670,13 +662,9 @@ fn a_reload_that_cannot_be_applied_changes_nothing_and_names_every_error() -> Re
     fs::remove_file(&c_path)?;
     sb.write_serve_unit("e", 8085, "")?;
     let squatter = ns.run(|| TcpListener::bind("127.0.0.1:8085"))??;
-    let out = hf.cli(&["reload"])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "reload onto a taken port: {out:?}"
-    );
+    let stderr = hf
+        .cli_err(&["reload"])
+        .context("reload onto a taken port")?;
     let e_path = sb.units_dir().join("e.toml");
     assert!(
         stderr.contains(&e_path.display().to_string()) && stderr.contains("\"e\""),
