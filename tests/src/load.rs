@@ -1,5 +1,7 @@
-//! Load for the restart tests: the real `wrk` (Debian's, installed by `cargo xtask
-//! bootstrap`) run in a test's network namespace, its output parsed into [`WrkReport`].
+//! Load for the restart tests and `holdfast-bench restarts`: the real `wrk` (Debian's,
+//! installed by `cargo xtask bootstrap`) run in a network namespace with [`WrkArgs`],
+//! its output parsed into [`WrkReport`]. The bench spawns wrk itself (it stops a run
+//! with SIGINT); the tests call [`wrk`].
 
 use std::path::Path;
 use std::process::{Command, Output};
