@@ -35,17 +35,16 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use holdfast_testkit::Netns;
+use holdfast_testkit::{Netns, WrkArgs, WrkReport};
 
-use crate::report::{find_command, need_root, per, Env, Row};
+use crate::report::{find_command, need_root, Env, Row};
 
-/// wrk's connections and threads (the machines have two cores).
+/// wrk's connections (its threads are the kit's two: the machines have two cores).
 const CONNECTIONS: u32 = 50;
-const WRK_THREADS: u32 = 2;
 /// wrk counts a request slower than this as a timeout error. wrk's default (2 s) would count a
 /// request waiting in the backlog through a cold start on a loaded machine as an error; real
 /// clients wait far longer, and the slowness still shows in p99.
-const WRK_TIMEOUT: &str = "10s";
+const WRK_TIMEOUT: Duration = Duration::from_secs(10);
 /// The prefix sk_lookup steers to holdfast's sockets (made local in the namespace).
 const PREFIX: &str = "192.0.2.0/24";
 const HELLO_URL: &str = "http://192.0.2.1:8080/";
@@ -82,109 +81,6 @@ pub struct Options {
     /// Each wrk run; whole seconds (rounded up).
     pub duration: Duration,
     pub count: u32,
-}
-
-/// What wrk reports for one run (latencies in milliseconds).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct WrkReport {
-    requests: u64,
-    /// How long wrk ran.
-    seconds: f64,
-    non_2xx: u64,
-    connect: u64,
-    read: u64,
-    write: u64,
-    timeout: u64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-impl WrkReport {
-    fn rate(&self) -> f64 {
-        per(self.requests as f64, self.seconds)
-    }
-
-    fn socket_errors(&self) -> u64 {
-        self.connect + self.read + self.write + self.timeout
-    }
-}
-
-/// Parses the output of `wrk --latency`. wrk prints the socket-error and non-2xx lines only
-/// when there are some, so their absence means zero.
-fn parse_wrk(text: &str) -> Result<WrkReport> {
-    let mut r = WrkReport::default();
-    let (mut saw_requests, mut saw_p50, mut saw_p99) = (false, false, false);
-    for line in text.lines().map(str::trim) {
-        if let Some(rest) = line.strip_prefix("Socket errors:") {
-            for part in rest.split(',') {
-                let mut words = part.split_whitespace();
-                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
-                    bail!("unreadable socket errors line {line:?}");
-                };
-                let n: u64 = n
-                    .parse()
-                    .with_context(|| format!("socket errors line {line:?}"))?;
-                match kind {
-                    "connect" => r.connect = n,
-                    "read" => r.read = n,
-                    "write" => r.write = n,
-                    "timeout" => r.timeout = n,
-                    _ => bail!("unknown socket error {kind:?} in {line:?}"),
-                }
-            }
-        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
-            r.non_2xx = rest
-                .trim()
-                .parse()
-                .with_context(|| format!("non-2xx line {line:?}"))?;
-        } else if let Some((n, rest)) = line.split_once(" requests in ") {
-            r.requests = n
-                .trim()
-                .parse()
-                .with_context(|| format!("requests line {line:?}"))?;
-            let took = rest.split(',').next().unwrap_or_default();
-            r.seconds = parse_latency_ms(took.trim())
-                .with_context(|| format!("requests line {line:?}"))?
-                / 1000.0;
-            saw_requests = true;
-        } else if let Some(rest) = line.strip_prefix("50%") {
-            r.p50_ms = parse_latency_ms(rest.trim())?;
-            saw_p50 = true;
-        } else if let Some(rest) = line.strip_prefix("99%") {
-            r.p99_ms = parse_latency_ms(rest.trim())?;
-            saw_p99 = true;
-        }
-    }
-    ensure!(
-        saw_requests,
-        "no \"N requests in\" line in wrk's output:\n{text}"
-    );
-    ensure!(
-        saw_p50 && saw_p99,
-        "no 50%/99% latency lines (was --latency given?) in wrk's output:\n{text}"
-    );
-    Ok(r)
-}
-
-/// A wrk time such as "278.00us", "5.93ms", "1.02s", "1.50m", in milliseconds.
-fn parse_latency_ms(s: &str) -> Result<f64> {
-    let split = s
-        .find(|c: char| c.is_ascii_alphabetic())
-        .with_context(|| format!("latency {s:?} has no unit"))?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .trim()
-        .parse()
-        .with_context(|| format!("latency {s:?}"))?;
-    let per_ms = match unit {
-        "us" => 0.001,
-        "ms" => 1.0,
-        "s" => 1000.0,
-        "m" => 60_000.0,
-        "h" => 3_600_000.0,
-        _ => bail!("latency {s:?}: unknown unit {unit:?}"),
-    };
-    Ok(n * per_ms)
 }
 
 /// TCP counters of the namespace (`/proc/net/snmp`), where only this step's traffic runs:
@@ -359,7 +255,7 @@ type Figure = (&'static str, fn(&Run) -> f64, &'static str, bool);
 const FIGURES: &[Figure] = &[
     ("requests", |r| r.report.requests as f64, "req", false),
     ("throughput", |r| r.report.rate(), "req/s", true),
-    ("non-2xx/3xx", |r| r.report.non_2xx as f64, "resp", true),
+    ("non-2xx", |r| r.report.non_2xx as f64, "resp", true),
     ("connect errors", |r| r.report.connect as f64, "err", true),
     ("read errors", |r| r.report.read as f64, "err", true),
     ("write errors", |r| r.report.write as f64, "err", true),
@@ -838,6 +734,7 @@ fn measure(tools: &Tools, scratch: &Scratch, opts: Options) -> Result<Vec<Row>> 
             for disturb in [Disturb::Nothing, Disturb::PlainStopStart] {
                 let run = load(
                     tools,
+                    scratch,
                     &ns,
                     opts,
                     PLAIN_SERVICE,
@@ -860,9 +757,17 @@ fn measure(tools: &Tools, scratch: &Scratch, opts: Options) -> Result<Vec<Row>> 
                 Disturb::Restart("stop-start"),
                 Disturb::Kill9,
             ] {
-                let mut run = load(tools, &ns, opts, service, url, style, disturb, &mut |how| {
-                    daemon.disturb(service, how)
-                })?;
+                let mut run = load(
+                    tools,
+                    scratch,
+                    &ns,
+                    opts,
+                    service,
+                    url,
+                    style,
+                    disturb,
+                    &mut |how| daemon.disturb(service, how),
+                )?;
                 // Each run starts from a service that is up again; its state must say so.
                 if let Some(st) = daemon.state_after(service)? {
                     run.warnings.push(format!(
@@ -930,6 +835,7 @@ fn measure(tools: &Tools, scratch: &Scratch, opts: Options) -> Result<Vec<Row>> 
 )]
 fn load(
     tools: &Tools,
+    scratch: &Scratch,
     ns: &Netns,
     opts: Options,
     service: &'static str,
@@ -946,15 +852,15 @@ fn load(
         _ => opts.duration.as_secs() * MAX_STRETCH,
     };
     let mut cmd = in_netns(ns, &tools.wrk);
-    cmd.arg(format!("-t{WRK_THREADS}"))
-        .arg(format!("-c{CONNECTIONS}"))
-        .arg(format!("-d{secs}s"))
-        .args(["--latency", "--timeout", WRK_TIMEOUT]);
-    if style == Style::Close {
-        cmd.args(["-H", "Connection: close"]);
+    WrkArgs {
+        url,
+        connections: CONNECTIONS,
+        duration: Duration::from_secs(secs),
+        timeout: WRK_TIMEOUT,
+        header: (style == Style::Close).then_some("Connection: close"),
     }
-    cmd.arg(url)
-        .stdin(Stdio::null())
+    .add_to(&mut cmd, &scratch.path)?;
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let line = format!("{cmd:?}");
@@ -1010,7 +916,7 @@ fn load(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let report = parse_wrk(&text).with_context(|| format!("`{line}`"))?;
+    let report = WrkReport::parse(&text).with_context(|| format!("`{line}`"))?;
     let kernel = tcp_counters(ns)?.since(before);
     let run = Run {
         service,
@@ -1025,16 +931,16 @@ fn load(
     eprintln!(
         "restarts: {}: {} requests, {} non-2xx, wrk socket errors connect {} read {} write {} timeout {}, refused {} reset {} (kernel), p50 {:.3} ms, p99 {:.3} ms",
         run.name(),
-        report.requests,
-        report.non_2xx,
-        report.connect,
-        report.read,
-        report.write,
-        report.timeout,
+        run.report.requests,
+        run.report.non_2xx,
+        run.report.connect,
+        run.report.read,
+        run.report.write,
+        run.report.timeout,
         kernel.attempt_fails,
         kernel.estab_resets,
-        report.p50_ms,
-        report.p99_ms
+        run.report.p50_ms,
+        run.report.p99_ms
     );
     Ok(run)
 }
@@ -1055,100 +961,12 @@ fn toml_str(s: &str) -> String {
 mod tests {
     use super::*;
 
-    const QUIET: &str = "\
-Running 10s test @ http://192.0.2.1:8081/
-  2 threads and 50 connections
-  Thread Stats   Avg      Stdev     Max   +/- Stdev
-    Latency    22.02ms   35.63ms 275.12ms   86.69%
-    Req/Sec     1.94k     2.21k    6.29k    74.05%
-  Latency Distribution
-     50%    5.93ms
-     75%   19.89ms
-     90%   72.60ms
-     99%  161.94ms
-  31418 requests in 10.05s, 5.33MB read
-Requests/sec:   3127.32
-Transfer/sec:    543.62KB
-";
-
-    const NOISY: &str = "\
-Running 10s test @ http://192.0.2.3:9090/
-  2 threads and 50 connections
-  Latency Distribution
-     50%  278.00us
-     75%  761.00us
-     90%    2.23ms
-     99%    1.50s
-  170802 requests in 10.09s, 26.39MB read
-  Socket errors: connect 1234, read 308, write 2, timeout 7
-  Non-2xx or 3xx responses: 5
-Requests/sec:  16926.86
-";
-
-    #[test]
-    fn wrk_output_without_errors_means_zero_errors() {
-        let r = parse_wrk(QUIET).unwrap();
-        assert_eq!(
-            r,
-            WrkReport {
-                requests: 31418,
-                seconds: 10.05,
-                p50_ms: 5.93,
-                p99_ms: 161.94,
-                ..WrkReport::default()
-            }
-        );
-        assert_eq!(r.socket_errors(), 0);
-    }
-
-    #[test]
-    fn wrk_errors_and_latency_units_are_read() {
-        let r = parse_wrk(NOISY).unwrap();
-        assert_eq!(
-            (r.requests, r.connect, r.read, r.write, r.timeout, r.non_2xx),
-            (170802, 1234, 308, 2, 7, 5)
-        );
-        assert!((r.p50_ms - 0.278).abs() < 1e-9, "{}", r.p50_ms);
-        assert!((r.p99_ms - 1500.0).abs() < 1e-9, "{}", r.p99_ms);
-        assert_eq!(r.socket_errors(), 1551);
-        assert!((r.seconds - 10.09).abs() < 1e-9);
-        let stopped = NOISY.replace("in 10.09s", "in 1.50m");
-        assert!((parse_wrk(&stopped).unwrap().seconds - 90.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn wrk_output_missing_figures_is_an_error() {
-        let no_latency: String = QUIET
-            .lines()
-            .filter(|l| !l.contains('%'))
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert!(parse_wrk(&no_latency).is_err());
-        assert!(parse_wrk("unable to connect to 192.0.2.1:8080 Connection refused").is_err());
-        let bad = NOISY.replace("read 308", "read many");
-        assert!(parse_wrk(&bad).is_err());
-    }
-
-    #[test]
-    fn latencies_convert_to_milliseconds() {
-        for (s, ms) in [
-            ("5.93ms", 5.93),
-            ("278.00us", 0.278),
-            ("1.02s", 1020.0),
-            ("2.00m", 120_000.0),
-        ] {
-            assert!((parse_latency_ms(s).unwrap() - ms).abs() < 1e-9, "{s}");
-        }
-        assert!(parse_latency_ms("12").is_err());
-        assert!(parse_latency_ms("12parsecs").is_err());
-    }
-
-    fn run(disturb: Disturb, report: WrkReport, done: u32) -> Run {
+    fn run(disturb: Disturb, report: &WrkReport, done: u32) -> Run {
         Run {
             service: "hello",
             style: Style::Close,
             disturb,
-            report,
+            report: report.clone(),
             kernel: TcpCounters::default(),
             done,
             failures: Vec::new(),
@@ -1164,44 +982,47 @@ Requests/sec:  16926.86
         };
         let refused = WrkReport {
             connect: 3,
-            ..clean
+            ..clean.clone()
         };
-        let reset = WrkReport { read: 3, ..clean };
-        assert!(run(Disturb::Restart("overlap"), clean, 50)
+        let reset = WrkReport {
+            read: 3,
+            ..clean.clone()
+        };
+        assert!(run(Disturb::Restart("overlap"), &clean, 50)
             .violations(50)
             .is_empty());
         assert_eq!(
-            run(Disturb::Restart("overlap"), reset, 50)
+            run(Disturb::Restart("overlap"), &reset, 50)
                 .violations(50)
                 .len(),
             1
         );
-        assert_eq!(run(Disturb::Nothing, refused, 0).violations(50).len(), 1);
+        assert_eq!(run(Disturb::Nothing, &refused, 0).violations(50).len(), 1);
         // A kill -9 may lose accepted requests, never refuse one.
-        assert!(run(Disturb::Kill9, reset, 50).violations(50).is_empty());
-        assert_eq!(run(Disturb::Kill9, refused, 50).violations(50).len(), 1);
+        assert!(run(Disturb::Kill9, &reset, 50).violations(50).is_empty());
+        assert_eq!(run(Disturb::Kill9, &refused, 50).violations(50).len(), 1);
         // The plain baseline is expected to refuse.
-        assert!(run(Disturb::PlainStopStart, refused, 50)
+        assert!(run(Disturb::PlainStopStart, &refused, 50)
             .violations(50)
             .is_empty());
         // Too few restarts while wrk ran, or no request at all.
         assert_eq!(
-            run(Disturb::Restart("stop-start"), clean, 49)
+            run(Disturb::Restart("stop-start"), &clean, 49)
                 .violations(50)
                 .len(),
             1
         );
         assert_eq!(
-            run(Disturb::Nothing, WrkReport::default(), 0)
+            run(Disturb::Nothing, &WrkReport::default(), 0)
                 .violations(50)
                 .len(),
             1
         );
         // wrk counts a refusal as a write error; the kernel's count catches it as a refusal.
-        let mut kernel_refused = run(Disturb::Kill9, clean, 50);
+        let mut kernel_refused = run(Disturb::Kill9, &clean, 50);
         kernel_refused.kernel.attempt_fails = 1;
         assert_eq!(kernel_refused.violations(50).len(), 1);
-        let mut failed = run(Disturb::Restart("overlap"), clean, 50);
+        let mut failed = run(Disturb::Restart("overlap"), &clean, 50);
         failed
             .failures
             .push("holdfast restart: exit status 1".into());
@@ -1212,7 +1033,7 @@ Requests/sec:  16926.86
     fn rows_compare_with_the_baseline() {
         let base = run(
             Disturb::Nothing,
-            WrkReport {
+            &WrkReport {
                 requests: 200,
                 seconds: 10.0,
                 p50_ms: 1.0,
@@ -1223,7 +1044,7 @@ Requests/sec:  16926.86
         );
         let during = run(
             Disturb::Restart("overlap"),
-            WrkReport {
+            &WrkReport {
                 requests: 200,
                 seconds: 20.0,
                 read: 2,

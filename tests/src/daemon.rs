@@ -373,6 +373,21 @@ impl Holdfast {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Like [`Holdfast::cli`] but fails unless it exits 1 (the daemon's error
+    /// reply, or a unit it refused); returns stderr.
+    pub fn cli_err(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if out.status.code() != Some(1) {
+            bail!(
+                "holdfast {} exited with {}, not 1: {}",
+                args.join(" "),
+                out.status,
+                crate::describe_output(&out)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
     /// `holdfast bindings --json`: one object per binding.
     pub fn bindings(&self) -> Result<Vec<Value>> {
         let text = self.cli_ok(&["bindings", "--json"])?;

@@ -7,7 +7,8 @@
 //!   SIGKILLs what is left inside and deletes it. [`netns_or_skip`] adds the skip policy,
 //!   [`skip_unless!`] the early return; [`netns_and_sandbox`] (the opening of most daemon
 //!   tests), [`netns_with_tools`] / [`netns_and_sandbox_with_tools`] (tests that run system
-//!   tools) and [`netns_and_notifier`] (sd_notify tests) add the usual first steps.
+//!   tools) and [`netns_and_notifier`] (sd_notify tests; with the daemon started:
+//!   [`notifier_started`], [`notifier_running`]) add the usual first steps.
 //! - [`Holdfast`]: the daemon launcher. The real binary ([`holdfast_bin`]) started with the
 //!   units of a [`Sandbox`] (a temp dir: units/, state/, out/) in its own namespace, waited
 //!   for until its control socket answers; the CLI against it ([`Holdfast::cli`],
@@ -19,8 +20,9 @@
 //!   [`Sandbox::write_sh_service`], [`Sandbox::write_notifier_unit`], with
 //!   [`restart_always`] for the restart policy lines.
 //! - [`CgroupRoot`]: a cgroup of the test's own for `--cgroup-root`, killed and removed on drop.
-//! - [`wrk`] / [`WrkReport`]: the one wrk runner and parser (requests, non-2xx responses,
-//!   socket errors by kind, cross-checked against wrk's own summary).
+//! - [`wrk`] / [`WrkArgs`] / [`WrkReport`]: the one wrk runner and parser, shared with the
+//!   benchmarks (requests, run time, non-2xx responses, socket errors by kind cross-checked
+//!   against wrk's own summary, p50/p99 latency).
 //! - [`Holdfast::kill_9_rounds`]: crash restarts with connections queued while down.
 //! - [`LoopClient`]: the one load client: connects in a loop while a test restarts or
 //!   reloads, and tallies answered / refused / misrouted / failed connections.
@@ -88,11 +90,12 @@ pub use daemon::{
     RunOptions, CLI_TIMEOUT, DAEMON_ARGS_ENV, READY_TIMEOUT, STOP_TIMEOUT, STRAY_FD,
 };
 pub use handoff::{check_handoff, ExpectSocket};
-pub use load::{wrk, WrkReport};
+pub use load::{wrk, WrkArgs, WrkReport};
 pub use loop_client::{parse_answer, LoopClient, Tally};
 pub use netns::{Netns, NetnsGuard};
 pub use notifier::{
-    netns_and_notifier, reply_pid, send_notify_as, send_notify_from_here, tell, NOTIFIER_PY,
+    netns_and_notifier, notifier_running, notifier_started, reply_pid, send_notify_as,
+    send_notify_from_here, tell, NOTIFIER_PY,
 };
 pub use peer::{
     ask_tcp, ask_udp, ask_unix, control_request_as, proc_cpu_time, proc_state, process_gone,

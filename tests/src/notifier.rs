@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{netns_and_sandbox, toml_array, Netns, Sandbox, PYTHON};
+use crate::{netns_and_sandbox, toml_array, Holdfast, Netns, Sandbox, PYTHON};
 
 /// The commanded sd_notify sender; see its docstring.
 pub const NOTIFIER_PY: &str = include_str!("notifier.py");
@@ -78,6 +78,37 @@ pub fn netns_and_notifier(
     };
     sandbox.write_notifier_unit(name, 8080, flags, service_extra)?;
     Ok(Some((ns, sandbox)))
+}
+
+/// [`netns_and_notifier`] with the daemon started ([`Holdfast::start_in`]) on it:
+/// `Ok(None)` means skip.
+pub fn notifier_started(
+    name: &str,
+    flags: &[&str],
+    service_extra: &str,
+) -> Result<Option<(Netns, Holdfast)>> {
+    let Some((ns, sandbox)) = netns_and_notifier(name, flags, service_extra)? else {
+        return Ok(None);
+    };
+    let hf = Holdfast::start_in(&ns, sandbox)?;
+    Ok(Some((ns, hf)))
+}
+
+/// [`netns_and_notifier`] with `--ready` and the other `flags`, the daemon started
+/// and service NAME running ([`Holdfast::start_running`]): the namespace, the
+/// daemon and the service's pid; `Ok(None)` means skip.
+pub fn notifier_running(
+    name: &str,
+    flags: &[&str],
+    service_extra: &str,
+) -> Result<Option<(Netns, Holdfast, i32)>> {
+    // A notify service is running once it said READY=1.
+    let flags = [&["--ready"], flags].concat();
+    let Some((ns, sandbox)) = netns_and_notifier(name, &flags, service_extra)? else {
+        return Ok(None);
+    };
+    let (hf, pid) = Holdfast::start_running(&ns, sandbox, name)?;
+    Ok(Some((ns, hf, pid)))
 }
 
 /// Sends one command line to a [`NOTIFIER_PY`] service at `addr` (from inside its

@@ -102,6 +102,25 @@ impl Sandbox {
         )
     }
 
+    /// [`Sandbox::write_sh_service`] for a script that leaves a note for the test,
+    /// or waits for one: `$NOTE` in its environment is `out/NAME.note`, whose path
+    /// this returns.
+    pub fn write_sh_noting(
+        &self,
+        name: &str,
+        script: &str,
+        service_extra: &str,
+    ) -> Result<PathBuf> {
+        let note = self.out(&format!("{name}.note"));
+        let env = toml_str(&note.to_string_lossy());
+        self.write_sh_service(
+            name,
+            script,
+            &format!("environment = {{ NOTE = {env} }}\n{service_extra}"),
+        )?;
+        Ok(note)
+    }
+
     /// Writes every `(name, toml)` as `units/NAME.toml`.
     pub fn write_units(&self, units: &[(&str, &str)]) -> Result<()> {
         for (name, toml) in units {
@@ -165,24 +184,29 @@ impl Sandbox {
         ports: &[&str],
         socket_extra: &str,
     ) -> Result<PathBuf> {
-        let mut text = format!(
-            r#"[service]
-{service}
+        let socket = ip_socket(socket, "tcp", addresses, ports, socket_extra);
+        self.write_unit(name, &format!("[service]\n{service}\n\n{socket}"))
+    }
 
-[[socket]]
-name = "{socket}"
-protocol = "tcp"
-addresses = {addresses}
-ports = {ports}
-"#,
-            addresses = toml_array(addresses),
-            ports = toml_array(ports),
-        );
-        if !socket_extra.is_empty() {
-            text.push_str(socket_extra);
-            text.push('\n');
-        }
-        self.write_unit(name, &text)
+    /// Writes `units/NAME.toml`: a [`Sandbox::serve_exec`] service reporting to
+    /// `out/NAME.json`, with the `service_extra` lines added to `[service]`, and one
+    /// `protocol` socket named NAME on `addresses` × `ports` with the
+    /// `socket_extra` lines.
+    pub fn write_serve_ip_unit(
+        &self,
+        name: &str,
+        protocol: &str,
+        addresses: &[&str],
+        ports: &[&str],
+        service_extra: &str,
+        socket_extra: &str,
+    ) -> Result<PathBuf> {
+        let exec = self.serve_exec(name)?;
+        let socket = ip_socket(name, protocol, addresses, ports, socket_extra);
+        self.write_unit(
+            name,
+            &format!("[service]\nexec = {exec}\n{service_extra}\n\n{socket}"),
+        )
     }
 
     /// Waits until `out/TAG.json` exists and `accept` likes it; returns it.
@@ -198,6 +222,29 @@ ports = {ports}
             accept(&v).then_some(v)
         })
     }
+}
+
+/// A `[[socket]]` table: `name`, `protocol`, `addresses` × `ports`, and the `extra`
+/// lines (options such as `backlog = 16`).
+fn ip_socket(
+    name: &str,
+    protocol: &str,
+    addresses: &[&str],
+    ports: &[&str],
+    extra: &str,
+) -> String {
+    let mut text = format!(
+        "[[socket]]\nname = {}\nprotocol = {}\naddresses = {}\nports = {}\n",
+        toml_str(name),
+        toml_str(protocol),
+        toml_array(addresses),
+        toml_array(ports),
+    );
+    if !extra.is_empty() {
+        text.push_str(extra);
+        text.push('\n');
+    }
+    text
 }
 
 /// `[service]` lines for a service restarted always: after `delay`, backing off

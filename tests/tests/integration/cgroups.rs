@@ -3,13 +3,13 @@
 //! unit's `kill-signal` is what stop sends, and the cgroups go at exit.
 //! Each test gets its own cgroup root under the test process's cgroup.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
 use holdfast_testkit::{
     netns_or_skip, process_gone, require, skip_unless, toml_str, wait_for, CgroupRoot, Holdfast,
-    RunOptions, Sandbox,
+    Netns, RunOptions, Sandbox,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -22,52 +22,41 @@ fn pids_in(file: &Path) -> Vec<i32> {
         .collect()
 }
 
-/// holdfast with `--cgroup-root` on a fresh root, serving one unit `name`
-/// whose `exec` is `sh -c script`, with `extra` [service] lines.
+/// holdfast with `--cgroup-root` on a fresh cgroup root named after NAME, serving
+/// one unit NAME that runs `sh -c SCRIPT` ([`Sandbox::write_sh_noting`]: `$NOTE` is a
+/// file of the test's), with `extra` [service] lines; NAME running. The
+/// namespace, the root, the daemon and the path of `$NOTE`; `None`: skip.
 fn tracked(
-    ns: &holdfast_testkit::Netns,
-    root: &CgroupRoot,
-    sandbox: Sandbox,
     name: &str,
     script: &str,
     extra: &str,
-) -> Result<Holdfast> {
-    sandbox.write_unit(
-        name,
-        &format!(
-            "[service]\nexec = [\"sh\", \"-c\", {}]\nrestart = \"never\"\n{extra}",
-            toml_str(script)
-        ),
-    )?;
+) -> Result<Option<(Netns, CgroupRoot, Holdfast, PathBuf)>> {
+    let Some(ns) = netns_or_skip() else {
+        return Ok(None);
+    };
+    let Some(root) = require("a cgroup v2 of our own", CgroupRoot::new(name)) else {
+        return Ok(None);
+    };
+    let sandbox = Sandbox::new()?;
+    let note = sandbox.write_sh_noting(name, script, &format!("restart = \"never\"\n{extra}"))?;
     let opts = RunOptions {
         args: root.run_args(),
         ..RunOptions::default()
     };
-    Holdfast::start_with(ns, sandbox, &opts)
+    let hf = Holdfast::start_with(&ns, sandbox, &opts)?;
+    hf.wait_running(name, T)?;
+    Ok(Some((ns, root, hf, note)))
 }
+
+/// Its grandchild leaves the session and the process group, ignores SIGTERM (so
+/// only the cgroup's SIGKILL ends it), then waits; both write their pids to `$NOTE`.
+const ESCAPER: &str = "setsid sh -c 'trap \"\" TERM; sleep 1000 & echo $! >> \"$NOTE\"; echo $$ >> \"$NOTE\"; wait' & exec sleep 1000";
 
 #[test]
 fn a_setsid_double_fork_does_not_outlive_stop_or_shutdown() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    let root = skip_unless!(require("a cgroup v2 of our own", CgroupRoot::new("escape")));
-    let sandbox = Sandbox::new()?;
-    let pids = sandbox.out("escaped.pids");
-    // The grandchild leaves the session and the process group, ignores
-    // SIGTERM (so only the cgroup's SIGKILL ends it), then waits.
-    let script = format!(
-        "setsid sh -c 'trap \"\" TERM; sleep 1000 & echo $! >> {p}; echo $$ >> {p}; wait' & exec sleep 1000",
-        p = pids.display()
-    );
-    let mut hf = tracked(
-        &ns,
-        &root,
-        sandbox,
-        "escaper",
-        &script,
-        "stop-timeout = \"2s\"\n",
-    )?;
+    let (_ns, root, mut hf, pids) =
+        skip_unless!(tracked("escaper", ESCAPER, "stop-timeout = \"2s\"")?);
     let service_cg = root.path().join("escaper.service");
-    hf.wait_running("escaper", T)?;
     let escaped = wait_for("the setsid'd processes' pids", T, || {
         let p = pids_in(&pids);
         (p.len() == 2).then_some(p)
@@ -101,25 +90,13 @@ fn a_setsid_double_fork_does_not_outlive_stop_or_shutdown() -> Result<()> {
     Ok(())
 }
 
+/// Writes the signal that stopped it, SIGINT or SIGTERM, to `$NOTE`.
+const POLITE: &str = "trap 'echo INT > \"$NOTE\"; exit 0' INT; trap 'echo TERM > \"$NOTE\"; exit 0' TERM; sleep 1000 & wait";
+
 #[test]
 fn stop_sends_the_units_kill_signal() -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
-    let root = skip_unless!(require("a cgroup v2 of our own", CgroupRoot::new("signal")));
-    let sandbox = Sandbox::new()?;
-    let got = sandbox.out("got");
-    let script = format!(
-        "trap 'echo INT > {g}; exit 0' INT; trap 'echo TERM > {g}; exit 0' TERM; sleep 1000 & wait",
-        g = got.display()
-    );
-    let mut hf = tracked(
-        &ns,
-        &root,
-        sandbox,
-        "polite",
-        &script,
-        "kill-signal = \"SIGINT\"\n",
-    )?;
-    hf.wait_running("polite", T)?;
+    let (_ns, _root, mut hf, got) =
+        skip_unless!(tracked("polite", POLITE, "kill-signal = \"SIGINT\"")?);
     hf.cli_ok(&["stop", "polite"])?;
     hf.wait_state("polite", "stopped", T)?;
     let said = wait_for("the trap's note", T, || {

@@ -181,9 +181,7 @@ fn reload_refuses_what_check_refuses_and_the_daemon_keeps_running() -> Result<()
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     hf.sandbox().write_unit("web", MISSING_THINGS)?;
-    let out = hf.cli(&["reload"])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = hf.cli_err(&["reload"])?;
     ensure!(
         stderr.contains("user \"no-such-user-hf\" does not exist"),
         "{stderr}"

@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use holdfast_testkit::{
     ask_tcp, ask_udp, dispatcher_instance as instance, netns_and_sandbox,
-    netns_and_sandbox_with_tools, netns_with_local_routes, require, skip_unless, toml_array,
-    toml_str, Holdfast, LoopClient, Netns, RunOptions, Sandbox,
+    netns_and_sandbox_with_tools, netns_with_local_routes, require, restart_always, skip_unless,
+    toml_array, toml_str, Holdfast, LoopClient, Netns, RunOptions, Sandbox,
 };
 use serde_json::Value;
 
@@ -128,6 +128,27 @@ fn start_dispatched(ns: &Netns, sandbox: Sandbox, tag: &str) -> Result<Option<(H
         hf.log()
     );
     Ok(Some((hf, instance)))
+}
+
+/// [`routed_netns_and_sandbox`] with one serve.py unit NAME on TCP [`V4`] and
+/// [`V6`] × `ports` (`service_extra` lines in `[service]`), started by
+/// [`start_dispatched`] as the instance of `tag`, NAME running: the namespace,
+/// the daemon, the instance and NAME's pid; `None`: skip.
+fn dual_stack_dispatched(
+    name: &str,
+    ports: &str,
+    service_extra: &str,
+    tag: &str,
+) -> Result<Option<(Netns, Holdfast, String, i32)>> {
+    let Some((ns, sandbox)) = routed_netns_and_sandbox()? else {
+        return Ok(None);
+    };
+    sandbox.write_serve_ip_unit(name, "tcp", &[V4, V6], &[ports], service_extra, "")?;
+    let Some((hf, inst)) = start_dispatched(&ns, sandbox, tag)? else {
+        return Ok(None);
+    };
+    let pid = hf.wait_running(name, T)?;
+    Ok(Some((ns, hf, inst, pid)))
 }
 
 /// SIGTERM, exit 0, and nothing left under the instance's pin directory.
@@ -343,35 +364,12 @@ const V6_NEXT: &str = "2001:db8:1:1::/64";
 /// Routes covering V4, V6 and the prefixes just after them.
 const ROUTES: &[&str] = &["192.0.2.0/23", "2001:db8:1::/63"];
 
-/// A serve.py unit with one IP socket named after the service.
-fn serve_unit(
-    sandbox: &Sandbox,
-    name: &str,
-    protocol: &str,
-    addresses: &[&str],
-    ports: &[&str],
-    extra: &str,
-) -> Result<()> {
-    let exec = sandbox.serve_exec(name)?;
-    sandbox.write_unit(
-        name,
-        &format!(
-            "[service]\nexec = {exec}\n{extra}\n\n[[socket]]\nname = {}\nprotocol = {}\naddresses = {}\nports = {}\n",
-            toml_str(name),
-            toml_str(protocol),
-            toml_array(addresses),
-            toml_array(ports),
-        ),
-    )?;
-    Ok(())
-}
-
 #[test]
 fn tcp_and_udp_ipv4_and_ipv6_reach_the_declared_ranges_and_nothing_else() -> Result<()> {
     let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
     let ports = ["80", "8000-8099"];
-    serve_unit(&sandbox, "web", "tcp", &[V4, V6], &ports, "")?;
-    serve_unit(&sandbox, "dns", "udp", &[V4, V6], &ports, "")?;
+    sandbox.write_serve_ip_unit("web", "tcp", &[V4, V6], &ports, "", "")?;
+    sandbox.write_serve_ip_unit("dns", "udp", &[V4, V6], &ports, "", "")?;
     let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "ranges")?);
     let web = hf.wait_running("web", T)?;
     let dns = hf.wait_running("dns", T)?;
@@ -557,15 +555,8 @@ fn longer_prefix_wins_then_narrower_port_range() -> Result<()> {
 #[test]
 fn equally_specific_overlap_is_refused_naming_both_units() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    serve_unit(&sandbox, "first", "tcp", &[V4], &["8000-8099"], "")?;
-    serve_unit(
-        &sandbox,
-        "second",
-        "tcp",
-        &["192.0.2.0/24"],
-        &["8050-8149"],
-        "",
-    )?;
+    sandbox.write_serve_ip_unit("first", "tcp", &[V4], &["8000-8099"], "", "")?;
+    sandbox.write_serve_ip_unit("second", "tcp", &["192.0.2.0/24"], &["8050-8149"], "", "")?;
     let opts = RunOptions {
         dispatcher: true,
         args: vec!["--instance".into(), instance("overlap")],
@@ -588,10 +579,8 @@ fn equally_specific_overlap_is_refused_naming_both_units() -> Result<()> {
 
 #[test]
 fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
-    serve_unit(&sandbox, "dual", "tcp", &[V4, V6], &["8000-8099"], "")?;
-    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "dual")?);
-    let pid = hf.wait_running("dual", T)?;
+    let (ns, mut hf, inst, pid) =
+        skip_unless!(dual_stack_dispatched("dual", "8000-8099", "", "dual")?);
     let report = hf.sandbox().wait_report("dual", T, |r| r["pid"] == pid)?;
     let sockets = report["sockets"].as_array().cloned().unwrap_or_default();
     assert_eq!(
@@ -617,17 +606,13 @@ fn one_dual_stack_socket_serves_ipv4_and_ipv6() -> Result<()> {
 #[test]
 fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
     const KILLS: usize = 10;
-    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
-    serve_unit(
-        &sandbox,
+    let restart = restart_always("50ms", "200ms", 1000, "10s");
+    let (ns, mut hf, inst, _) = skip_unless!(dual_stack_dispatched(
         "web",
-        "tcp",
-        &[V4, V6],
-        &["8000-8099"],
-        "restart = \"always\"\nrestart-delay = \"50ms\"\nrestart-delay-max = \"200ms\"\nstart-limit-burst = 1000",
-    )?;
-    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "kill9")?);
-    hf.wait_running("web", T)?;
+        "8000-8099",
+        &restart,
+        "kill9"
+    )?);
     let mut rng = Rng::new("kill9");
     let background: Vec<(SocketAddr, String)> = random_targets(&mut rng, 10)
         .into_iter()
@@ -654,10 +639,8 @@ fn kill_9_in_a_loop_refuses_nothing_on_the_ranges() -> Result<()> {
 
 #[test]
 fn a_binding_on_all_ports_serves_any_port() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
-    serve_unit(&sandbox, "any", "tcp", &[V4, V6], &["1-65535"], "")?;
-    let (mut hf, inst) = skip_unless!(start_dispatched(&ns, sandbox, "allports")?);
-    let pid = hf.wait_running("any", T)?;
+    let (ns, mut hf, inst, pid) =
+        skip_unless!(dual_stack_dispatched("any", "1-65535", "", "allports")?);
     expect_answered_by(&ns, "all ports", "allports", (1, 65535), "any", pid)?;
     let all = bindings(&hf)?;
     let want = [V4, V6].map(|p| (p.to_string(), "1-65535".to_string()));
@@ -693,7 +676,7 @@ fn without_bpf(instance: &str) -> RunOptions {
 #[test]
 fn without_bpf_a_bind_mode_unit_serves_after_a_plain_warning() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&["/usr/bin/setpriv"])?);
-    serve_unit(&sandbox, "plain", "tcp", &["127.0.0.1/32"], &["8080"], "")?;
+    sandbox.write_serve_ip_unit("plain", "tcp", &["127.0.0.1/32"], &["8080"], "", "")?;
     let inst = instance("nobpf");
     let mut hf = Holdfast::start_with(&ns, sandbox, &without_bpf(&inst))?;
     let pid = hf.wait_running("plain", T)?;
@@ -763,7 +746,7 @@ fn without_bpf_a_range_unit_is_refused_naming_unit_socket_and_reason() -> Result
 #[test]
 fn netns_flag_serves_inside_the_named_namespace() -> Result<()> {
     let (ns, sandbox) = skip_unless!(routed_netns_and_sandbox()?);
-    serve_unit(&sandbox, "web", "tcp", &[V4, V6], &["8000-8099"], "")?;
+    sandbox.write_serve_ip_unit("web", "tcp", &[V4, V6], &["8000-8099"], "", "")?;
     let inst = instance("netnsflag");
     let ns_path = ns.path().to_string_lossy().into_owned();
     // Spawned from this thread's namespace (the host's, or the test runner's),

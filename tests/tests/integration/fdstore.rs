@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use holdfast_testkit::{netns_and_notifier, skip_unless, tell, Holdfast};
+use holdfast_testkit::{notifier_running, skip_unless, tell, Holdfast};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -30,12 +30,11 @@ fn next_instance(hf: &Holdfast, old: i32) -> Result<(i32, Value)> {
 
 #[test]
 fn stored_fds_come_back_after_a_crash_under_their_names() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+    let (ns, mut hf, first) = skip_unless!(notifier_running(
         "web",
-        &["--ready"],
+        &[],
         "fd-store-max = 4\nrestart-delay = \"100ms\""
     )?);
-    let (mut hf, first) = Holdfast::start_running(&ns, sandbox, "web")?;
     let report = hf.sandbox().wait_report("web", T, |r| r["pid"] == first)?;
     assert_eq!(report["env"]["LISTEN_FDNAMES"], "web", "{report}");
 
@@ -93,8 +92,7 @@ fn stored_fds_come_back_after_a_crash_under_their_names() -> Result<()> {
 
 #[test]
 fn fd_store_max_bounds_the_store() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier("web", &["--ready"], "fd-store-max = 2")?);
-    let (mut hf, first) = Holdfast::start_running(&ns, sandbox, "web")?;
+    let (ns, mut hf, first) = skip_unless!(notifier_running("web", &[], "fd-store-max = 2")?);
     ns.run(|| -> Result<()> {
         for name in ["one", "two", "three"] {
             tell(web(), &format!("store {name} data-{name} memfd"))?;

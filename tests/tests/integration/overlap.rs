@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    netns_and_notifier, process_gone, reply_pid, skip_unless, tell, wait_for, Holdfast, LoopClient,
+    notifier_running, process_gone, reply_pid, skip_unless, tell, wait_for, Holdfast, LoopClient,
     Netns, Tally,
 };
 use serde_json::{json, Value};
@@ -88,12 +88,7 @@ fn old_one_kept(hf: &Holdfast, old: i32, seen: &Tally) -> Result<Value> {
 /// `reasons`, the old instance kept serving a looping client without an error, and
 /// the candidate, which status showed as `next_pid`, is gone.
 fn failed_overlap(later: &str, unit_extra: &str, args: &[&str], reasons: &[&str]) -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
-        "web",
-        &["--ready", "--later", later],
-        unit_extra
-    )?);
-    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
+    let (ns, mut hf, old) = skip_unless!(notifier_running("web", &["--later", later], unit_extra)?);
     let client = pid_client(&ns)?;
     let (out, candidates) = restart_watching(&hf, args)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -148,12 +143,7 @@ fn overlap_restart_whose_new_instance_exits_keeps_the_old_one() -> Result<()> {
 
 #[test]
 fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
-        "web",
-        &["--ready", "--ready-after", "0.5"],
-        ""
-    )?);
-    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
+    let (ns, mut hf, old) = skip_unless!(notifier_running("web", &["--ready-after", "0.5"], "")?);
     let client = pid_client(&ns)?;
     let (out, candidates) = restart_watching(&hf, &["web", "--mode", "overlap"])?;
     assert_eq!(out.status.code(), Some(0), "restart: {}", stderr(&out));
@@ -189,12 +179,7 @@ fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
 
 #[test]
 fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
-        "web",
-        &["--ready"],
-        "single-instance = true"
-    )?);
-    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
+    let (_ns, mut hf, old) = skip_unless!(notifier_running("web", &[], "single-instance = true")?);
     let out = hf.cli(&["restart", "web", "--mode", "overlap"])?;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "restart: {err}");
@@ -217,12 +202,11 @@ fn overlap_restart_is_refused_for_a_single_instance_service() -> Result<()> {
 /// "stopping" for good and `holdfast start` waiting forever).
 #[test]
 fn a_draining_instance_does_not_speak_for_the_service() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+    let (_ns, mut hf, old) = skip_unless!(notifier_running(
         "web",
-        &["--ready", "--status", "serving", "--stopping"],
+        &["--status", "serving", "--stopping"],
         ""
     )?);
-    let (mut hf, old) = Holdfast::start_running(&ns, sandbox, "web")?;
     hf.cli_ok(&["restart", "web", "--mode", "overlap"])?;
     wait_for("the old instance to be gone", T, || {
         process_gone(old).then_some(())

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use holdfast_testkit::{
-    netns_and_notifier, netns_and_sandbox, netns_and_sandbox_with_tools, process_gone, reply_pid,
-    send_notify_as, send_notify_from_here, skip_unless, tell, toml_str, wait_for, Holdfast, Netns,
-    Sandbox,
+    netns_and_notifier, netns_and_sandbox, netns_and_sandbox_with_tools, notifier_running,
+    notifier_started, process_gone, reply_pid, send_notify_as, send_notify_from_here, skip_unless,
+    tell, toml_str, wait_for, Holdfast, Netns, Sandbox,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -134,8 +134,7 @@ fn systemd_notify_is_heard_when_its_sender_is_gone_before_the_read() -> Result<(
 
 #[test]
 fn python_sender_ready_status_reloading_errno_stopping() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier("py", &[], "start-timeout = \"25s\"")?);
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let (ns, mut hf) = skip_unless!(notifier_started("py", &[], "start-timeout = \"25s\"")?);
     let _inside = ns.enter()?;
     let s = hf.wait_state("py", "starting", T)?;
     let pid = s["pid"].as_i64().context("pid")? as i32;
@@ -184,14 +183,9 @@ fn python_sender_ready_status_reloading_errno_stopping() -> Result<()> {
 
 #[test]
 fn mainpid_moves_the_main_process_within_the_service_only() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
-        "py",
-        &["--ready"],
-        "restart-delay = \"100ms\""
-    )?);
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let (ns, mut hf, first) =
+        skip_unless!(notifier_running("py", &[], "restart-delay = \"100ms\"")?);
     let _inside = ns.enter()?;
-    let first = hf.wait_running("py", T)?;
 
     // Outside the service: pid 1, and this test process.
     for outside in [1, std::process::id() as i32] {
@@ -248,14 +242,12 @@ fn stranger_with_pid(pid: i32) -> Result<std::process::Child> {
 #[test]
 fn a_mainpid_reaped_by_its_own_parent_is_seen_to_exit_and_its_reused_pid_gets_no_signal(
 ) -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+    let (ns, mut hf, first) = skip_unless!(notifier_running(
         "py",
-        &["--ready"],
+        &[],
         "restart = \"on-failure\"\nrestart-delay = \"100ms\""
     )?);
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let _inside = ns.enter()?;
-    let first = hf.wait_running("py", T)?;
     let child = reply_pid(&tell(web(), "fork")?)?;
     tell(web(), &format!("notify MAINPID={child}"))?;
     hf.wait_service("py", T, |s| s["pid"] == child)?;
@@ -291,12 +283,11 @@ fn a_mainpid_reaped_by_its_own_parent_is_seen_to_exit_and_its_reused_pid_gets_no
 #[test]
 fn extend_timeout_usec_extends_the_start_timeout() -> Result<()> {
     // Without the extension it would be stopped 1.5 s after it started.
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+    let (_ns, mut hf) = skip_unless!(notifier_started(
         "slow",
         &["--extend", "8000000", "--ready", "--ready-after", "3.5"],
         "start-timeout = \"1500ms\"\nrestart = \"always\""
     )?);
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let started = Instant::now();
     let s = hf.wait_state("slow", "starting", T)?;
     let pid = s["pid"].clone();
@@ -478,12 +469,11 @@ fn foreign_senders_are_ignored() -> Result<()> {
 /// (`status_text`, checked above) and in the table's STATUS column.
 #[test]
 fn status_text_is_shown_by_the_status_table() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_notifier(
+    let (_ns, mut hf) = skip_unless!(notifier_started(
         "py",
         &["--ready", "--status", "serving-42-clients"],
         ""
     )?);
-    let mut hf = Holdfast::start_in(&ns, sandbox)?;
     hf.wait_service("py", T, |s| s["status_text"] == "serving-42-clients")?;
     let table = hf.cli_ok(&["status"])?;
     assert!(

@@ -44,23 +44,6 @@ while True:
     c.close()
 "#;
 
-/// Writes `units/NAME.toml`: serve.py (report in `out/NAME.json`) with one TCP
-/// socket named NAME on `addresses` × `ports`, plus `service_extra` lines in
-/// `[service]` and `socket_extra` lines in `[[socket]]`.
-fn serve_unit(
-    sandbox: &Sandbox,
-    name: &str,
-    addresses: &[&str],
-    ports: &[&str],
-    service_extra: &str,
-    socket_extra: &str,
-) -> Result<()> {
-    let exec = sandbox.serve_exec(name)?;
-    let service = format!("exec = {exec}\n{service_extra}");
-    sandbox.write_tcp_unit(name, &service, name, addresses, ports, socket_extra)?;
-    Ok(())
-}
-
 /// Writes `units/NAME.toml`: [`STUBBORN_PY`] with stop-timeout 3 s (its stop
 /// lasts that long) on `addresses` × port 80; returns the file where it writes
 /// its socket's name, which exists once its SIGTERM handler is in place.
@@ -93,6 +76,36 @@ fn start_dispatched(ns: &Netns, sandbox: Sandbox, name: &str) -> Result<Option<(
     };
     let pid = hf.wait_running(name, T)?;
     Ok(Some((hf, pid)))
+}
+
+/// What [`web_dispatched`] started: the namespace, the daemon, web's pid, its
+/// report and the inode of the socket it reported.
+type Web = (Netns, Holdfast, i32, Value, String);
+
+/// A fresh namespace with `web` (serve.py on TCP `addresses` port 80, with the
+/// `service_extra` and `socket_extra` lines) started with the dispatcher;
+/// `None`: skip.
+fn web_dispatched(
+    addresses: &[&str],
+    service_extra: &str,
+    socket_extra: &str,
+) -> Result<Option<Web>> {
+    let Some((ns, sandbox)) = netns_and_sandbox()? else {
+        return Ok(None);
+    };
+    sandbox.write_serve_ip_unit(
+        "web",
+        "tcp",
+        addresses,
+        &["80"],
+        service_extra,
+        socket_extra,
+    )?;
+    let Some((hf, pid)) = start_dispatched(&ns, sandbox, "web")? else {
+        return Ok(None);
+    };
+    let (report, socket) = reported_socket(hf.sandbox(), "web", pid)?;
+    Ok(Some((ns, hf, pid, report, socket)))
 }
 
 /// One connection from the calling thread (which must be inside the namespace).
@@ -190,7 +203,7 @@ fn bindings_of(hf: &Holdfast, service: &str) -> Result<Vec<Value>> {
 #[test]
 fn reload_adds_and_removes_units_and_leaves_the_unchanged_alone() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    serve_unit(&sandbox, "keep", &["192.0.2.1/32"], &["80"], "", "")?;
+    sandbox.write_serve_ip_unit("keep", "tcp", &["192.0.2.1/32"], &["80"], "", "")?;
     // `gone` ignores SIGTERM: its stop lasts its stop-timeout, time enough to see
     // that its binding is removed before the stop is over.
     let gone_socket_file = stubborn_unit(&sandbox, "gone", &["192.0.2.2/32"])?;
@@ -216,7 +229,8 @@ fn reload_adds_and_removes_units_and_leaves_the_unchanged_alone() -> Result<()> 
     );
 
     fs::remove_file(hf.sandbox().units_dir().join("gone.toml"))?;
-    serve_unit(hf.sandbox(), "added", &["192.0.2.3/32"], &["80"], "", "")?;
+    hf.sandbox()
+        .write_serve_ip_unit("added", "tcp", &["192.0.2.3/32"], &["80"], "", "")?;
     let summary = reload(&hf)?;
     expect_summary(&summary, &["added"], &["gone"], &[], &[], &["keep"])?;
 
@@ -274,18 +288,15 @@ fn reload_adds_and_removes_units_and_leaves_the_unchanged_alone() -> Result<()> 
 
 #[test]
 fn rebinding_keeps_the_socket_and_the_process() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    serve_unit(&sandbox, "web", &["192.0.2.0/25"], &["80"], "", "")?;
-    let (mut hf, pid) = skip_unless!(start_dispatched(&ns, sandbox, "web")?);
-    let (_, socket) = reported_socket(hf.sandbox(), "web", pid)?;
+    let (ns, mut hf, pid, _, socket) = skip_unless!(web_dispatched(&["192.0.2.0/25"], "", "")?);
     let destination = bindings_of(&hf, "web")?[0]["destination"].clone();
     let _inside = ns.enter()?;
     assert_eq!(ask("192.0.2.5:80")?, format!("web {pid}\n"));
     expect_refused("192.0.2.200:80")?;
 
-    serve_unit(
-        hf.sandbox(),
+    hf.sandbox().write_serve_ip_unit(
         "web",
+        "tcp",
         &["192.0.2.128/25", "203.0.113.0/24"],
         &["80", "8080"],
         "",
@@ -344,13 +355,12 @@ fn rebinding_keeps_the_socket_and_the_process() -> Result<()> {
 /// socket, as a changed option does, and the service restarts onto it.
 #[test]
 fn a_one_address_socket_whose_address_changes_moves_to_a_new_socket() -> Result<()> {
-    let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    serve_unit(&sandbox, "web", &["192.0.2.9/32"], &["80"], "", "")?;
-    let (mut hf, old) = skip_unless!(start_dispatched(&ns, sandbox, "web")?);
-    let (report, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
+    let (ns, mut hf, old, report, old_socket) =
+        skip_unless!(web_dispatched(&["192.0.2.9/32"], "", "")?);
     assert_eq!(report["sockets"][0]["address"], json!(["192.0.2.9", 80]));
 
-    serve_unit(hf.sandbox(), "web", &["192.0.2.10/32"], &["80"], "", "")?;
+    hf.sandbox()
+        .write_serve_ip_unit("web", "tcp", &["192.0.2.10/32"], &["80"], "", "")?;
     let summary = reload(&hf)?;
     expect_summary(&summary, &[], &[], &["web"], &[], &[])?;
     let new = wait_new_main(&hf, "web", old)?;
@@ -503,12 +513,9 @@ fn stranger_binds_beside(ns: &Netns) -> Result<nix::Result<()>> {
 /// connection refused; `old_closed`: also wait for the daemon to close the old
 /// socket. `declared`: [`WIDE`] or [`ONE`].
 fn socket_option_case(overlap: bool, old_closed: bool, declared: &str) -> Result<()> {
-    let ns = skip_unless!(netns_or_skip());
     let (mode, may_fail) = mode_lines(overlap);
-    let sandbox = Sandbox::new()?;
-    serve_unit(&sandbox, "web", &[declared], &["80"], mode, "backlog = 16")?;
-    let (mut hf, old) = skip_unless!(start_dispatched(&ns, sandbox, "web")?);
-    let (report, old_socket) = reported_socket(hf.sandbox(), "web", old)?;
+    let (ns, mut hf, old, report, old_socket) =
+        skip_unless!(web_dispatched(&[declared], mode, "backlog = 16")?);
     expect_bound(&report, declared)?;
     assert_eq!(backlog_limit(&hf, "web")?, Some(16));
     let client = LoopClient::start(
@@ -519,14 +526,8 @@ fn socket_option_case(overlap: bool, old_closed: bool, declared: &str) -> Result
     )?;
     std::thread::sleep(Duration::from_millis(300));
 
-    serve_unit(
-        hf.sandbox(),
-        "web",
-        &[declared],
-        &["80"],
-        mode,
-        "backlog = 32",
-    )?;
+    hf.sandbox()
+        .write_serve_ip_unit("web", "tcp", &[declared], &["80"], mode, "backlog = 32")?;
     let summary = reload(&hf)?;
     expect_summary(&summary, &[], &[], &["web"], &[], &[])?;
     let new = wait_new_main(&hf, "web", old)?;
@@ -570,14 +571,7 @@ fn socket_option_case(overlap: bool, old_closed: bool, declared: &str) -> Result
 fn socket_option_change_without_the_dispatcher() -> Result<()> {
     let ns = skip_unless!(netns_or_skip());
     let web = |sandbox: &Sandbox, socket_extra: &str| {
-        serve_unit(
-            sandbox,
-            "web",
-            &["127.0.0.1/32"],
-            &["8080"],
-            "",
-            socket_extra,
-        )
+        sandbox.write_serve_ip_unit("web", "tcp", &["127.0.0.1/32"], &["8080"], "", socket_extra)
     };
     let sandbox = Sandbox::new()?;
     web(&sandbox, "backlog = 16")?;
@@ -601,9 +595,7 @@ fn socket_option_change_without_the_dispatcher() -> Result<()> {
     assert_eq!(answer, format!("web {old}\n"), "the same process serves");
 
     web(hf.sandbox(), "backlog = 32\nreuse-port = true")?;
-    let out = hf.cli(&["reload"])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = hf.cli_err(&["reload"])?;
     for needle in ["needs a new socket", "web", "dispatcher"] {
         assert!(stderr.contains(needle), "{needle:?} missing in:\n{stderr}");
     }
@@ -650,13 +642,7 @@ fn a_reload_that_cannot_be_applied_changes_nothing_and_names_every_error() -> Re
         "[service]\nexec = [\"/bin/true\"]\n\n[[socket]]\nprotocol = \"tcp\"\naddresses = [\"127.0.0.1/32\"]\nports = [\"99999\"]\n",
     )?;
     sb.write_serve_unit("d", 8084, "")?;
-    let out = hf.cli(&["reload"])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "reload of invalid units: {out:?}"
-    );
+    let stderr = hf.cli_err(&["reload"]).context("reload of invalid units")?;
     for needle in [
         format!("{}:2:", a_path.display()),
         "service.restart".to_string(),
@@ -676,13 +662,9 @@ fn a_reload_that_cannot_be_applied_changes_nothing_and_names_every_error() -> Re
     fs::remove_file(&c_path)?;
     sb.write_serve_unit("e", 8085, "")?;
     let squatter = ns.run(|| TcpListener::bind("127.0.0.1:8085"))??;
-    let out = hf.cli(&["reload"])?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "reload onto a taken port: {out:?}"
-    );
+    let stderr = hf
+        .cli_err(&["reload"])
+        .context("reload onto a taken port")?;
     let e_path = sb.units_dir().join("e.toml");
     assert!(
         stderr.contains(&e_path.display().to_string()) && stderr.contains("\"e\""),
@@ -780,26 +762,26 @@ fn sighup_reloads_like_the_cli() -> Result<()> {
 /// services (z and w), so that a lookup seeing half a set would misroute X.
 fn write_set(sandbox: &Sandbox, b: bool) -> Result<()> {
     if b {
-        serve_unit(
-            sandbox,
+        sandbox.write_serve_ip_unit(
             "x",
+            "tcp",
             &["192.0.2.1/32", "203.0.113.0/24"],
             &["80", "82"],
             "",
             "",
         )?;
-        serve_unit(
-            sandbox,
+        sandbox.write_serve_ip_unit(
             "z",
+            "tcp",
             &["192.0.2.0/24", "198.51.100.0/24"],
             &["80"],
             "",
             "",
         )?;
-        serve_unit(sandbox, "w", &["192.0.2.0/28"], &["80-81"], "", "")?;
+        sandbox.write_serve_ip_unit("w", "tcp", &["192.0.2.0/28"], &["80-81"], "", "")?;
     } else {
-        serve_unit(sandbox, "x", &["192.0.2.1/32"], &["80"], "", "")?;
-        serve_unit(sandbox, "z", &["198.51.100.0/24"], &["80"], "", "")?;
+        sandbox.write_serve_ip_unit("x", "tcp", &["192.0.2.1/32"], &["80"], "", "")?;
+        sandbox.write_serve_ip_unit("z", "tcp", &["198.51.100.0/24"], &["80"], "", "")?;
         let w = sandbox.units_dir().join("w.toml");
         if w.exists() {
             fs::remove_file(w)?;
@@ -871,7 +853,7 @@ fn a_unit_added_back_while_its_removal_is_stopping() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
     let socket_file = stubborn_unit(&sandbox, "w", &["192.0.2.0/25"])?;
     let unit = fs::read_to_string(sandbox.units_dir().join("w.toml"))?;
-    serve_unit(&sandbox, "a", &["192.0.2.200/32"], &["80"], "", "")?;
+    sandbox.write_serve_ip_unit("a", "tcp", &["192.0.2.200/32"], &["80"], "", "")?;
     let (mut hf, old) = skip_unless!(start_dispatched(&ns, sandbox, "w")?);
     // Its SIGTERM handler is in place once it has written its socket's name.
     wait_for("w's socket inode", T, || {

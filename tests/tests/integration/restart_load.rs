@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use holdfast_testkit::{
-    netns_or_skip, require, skip_unless, toml_str, wrk, Holdfast, Netns, Sandbox, WrkReport,
+    netns_or_skip, require, skip_unless, toml_str, wrk, Holdfast, Netns, Sandbox, WrkArgs,
+    WrkReport,
 };
 
 const URL: &str = "http://127.0.0.1:8080/";
@@ -92,7 +93,14 @@ fn run_with_restarts(
     header: Option<&str>,
 ) -> Result<WrkReport> {
     std::thread::scope(|scope| -> Result<WrkReport> {
-        let load = scope.spawn(|| wrk(ns, hf.sandbox(), URL, 50, RUN, WRK_TIMEOUT, header));
+        let args = WrkArgs {
+            url: URL,
+            connections: 50,
+            duration: RUN,
+            timeout: WRK_TIMEOUT,
+            header,
+        };
+        let load = scope.spawn(move || wrk(ns, hf.sandbox(), args));
         let began = Instant::now();
         let mut pids = vec![hf.service("hello")?["pid"].clone()];
         std::thread::sleep(Duration::from_millis(500));

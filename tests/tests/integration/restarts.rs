@@ -54,14 +54,13 @@ struct Start {
 #[test]
 fn crash_loop_backs_off_and_fails_while_others_keep_running() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let starts = sandbox.out("starts");
     // Field 22 of /proc/PID/stat: start time in clock ticks since boot; /proc/uptime
     // is read last, just before exit.
-    let script = format!(
-        "st=$(cut -d' ' -f22 /proc/$$/stat); read up _ < /proc/uptime; echo \"$st $up\" >> {}; exit 3",
-        starts.display()
-    );
-    sandbox.write_sh_service("crash", &script, &restart_always("300ms", "10s", 3, "30s"))?;
+    let starts = sandbox.write_sh_noting(
+        "crash",
+        "st=$(cut -d' ' -f22 /proc/$$/stat); read up _ < /proc/uptime; echo \"$st $up\" >> \"$NOTE\"; exit 3",
+        &restart_always("300ms", "10s", 3, "30s"),
+    )?;
     sandbox.write_serve_unit("steady", 8080, "")?;
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
     let (mut hf, steady) = Holdfast::start_running(&ns, sandbox, "steady")?;

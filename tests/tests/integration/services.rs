@@ -157,16 +157,14 @@ environment = {{ GREETING = "hello there", EMPTY = "" }}
     hf.stop()
 }
 
+/// Its inner shell starts a sleep, writes its pid to `$NOTE` and exits at once:
+/// the sleep is orphaned.
+const ORPHANING: &str = "sh -c 'sleep 1 & echo $! > \"$NOTE\"'; exec sleep 1000";
+
 #[test]
 fn orphans_are_adopted_and_reaped_by_holdfast() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let orphan_file = sandbox.out("orphan");
-    // The inner shell starts a sleep and exits at once: the sleep is orphaned.
-    let script = format!(
-        "sh -c 'sleep 1 & echo $! > {}'; exec sleep 1000",
-        orphan_file.display()
-    );
-    sandbox.write_sh_unit("parent", &script)?;
+    let orphan_file = sandbox.write_sh_noting("parent", ORPHANING, "")?;
     let (mut hf, _) = Holdfast::start_running(&ns, sandbox, "parent")?;
     let orphan: i32 = wait_for("the orphan's pid", T, || {
         std::fs::read_to_string(&orphan_file)

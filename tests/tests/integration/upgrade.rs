@@ -192,18 +192,16 @@ fn log_lines(hf: &Holdfast, name: &str) -> Result<Vec<(String, String, String, i
         .collect()
 }
 
+/// Two lines (stdout, stderr), then a third once `$NOTE` exists.
+const TALKER: &str = "echo before; echo 'before, on stderr' >&2; while [ ! -e \"$NOTE\" ]; do sleep 0.05; done; echo after >&2; exec sleep 1000";
+
 /// The log ring crosses an upgrade with each line's time, stream and pid, and
 /// the output pipes with their instance's pid: a line written after the
 /// upgrade still names the instance that wrote it.
 #[test]
 fn log_lines_keep_their_time_stream_and_pid_across_an_upgrade() -> Result<()> {
     let (ns, sandbox) = skip_unless!(netns_and_sandbox()?);
-    let go = sandbox.out("go");
-    let script = format!(
-        "echo before; echo 'before, on stderr' >&2; while [ ! -e {go} ]; do sleep 0.05; done; echo after >&2; exec sleep 1000",
-        go = go.display()
-    );
-    sandbox.write_sh_unit("talker", &script)?;
+    let go = sandbox.write_sh_noting("talker", TALKER, "")?;
     let mut hf = Holdfast::start_in(&ns, sandbox)?;
     let pid = i64::from(hf.wait_running("talker", T)?);
     let before = holdfast_testkit::wait_for("two lines", T, || {
