@@ -159,6 +159,15 @@ fn setup() -> Option<(Attached, Netns)> {
     }
 }
 
+/// Puts each `(destination, socket)` in the sockmap, then applies `bindings`
+/// (the order `sockets::steer` keeps).
+fn steer_to(d: &mut Attached, bindings: &[Binding], sockets: &[(DestinationId, BorrowedFd<'_>)]) {
+    for (dest, fd) in sockets {
+        d.get().insert_socket(*dest, *fd).unwrap();
+    }
+    d.get().apply(bindings).unwrap();
+}
+
 struct Rng(u64);
 
 impl Rng {
@@ -274,15 +283,15 @@ fn tcp_ipv4_and_ipv6_ranges() {
     let Some((mut d, _ns)) = setup() else { return };
     let l4 = tcp_listener("127.0.0.1:0");
     let l6 = tcp_listener("[::1]:0");
-    d.get()
-        .apply(&[
+    steer_to(
+        &mut d,
+        &[
             binding(Protocol::Tcp, "192.0.2.0/24", 80, 80, 1),
             binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8099, 1),
             binding(Protocol::Tcp, "2001:db8:1::/64", 8000, 8099, 2),
-        ])
-        .unwrap();
-    d.get().insert_socket(1, l4.as_fd()).unwrap();
-    d.get().insert_socket(2, l6.as_fd()).unwrap();
+        ],
+        &[(1, l4.as_fd()), (2, l6.as_fd())],
+    );
     assert!(d.get().socket_present(1) && d.get().socket_present(2));
     let mut rng = Rng::new();
     for _ in 0..20 {
@@ -316,14 +325,14 @@ fn udp_ipv4_and_ipv6_ranges() {
     let Some((mut d, _ns)) = setup() else { return };
     let s4 = UdpSocket::bind("127.0.0.1:0").unwrap();
     let s6 = UdpSocket::bind("[::1]:0").unwrap();
-    d.get()
-        .apply(&[
+    steer_to(
+        &mut d,
+        &[
             binding(Protocol::Udp, "192.0.2.0/24", 8000, 8099, 1),
             binding(Protocol::Udp, "2001:db8:1::/64", 8000, 8099, 2),
-        ])
-        .unwrap();
-    d.get().insert_socket(1, s4.as_fd()).unwrap();
-    d.get().insert_socket(2, s6.as_fd()).unwrap();
+        ],
+        &[(1, s4.as_fd()), (2, s6.as_fd())],
+    );
     let mut rng = Rng::new();
     for i in 0..20u64 {
         let port = rng.range(8000, 8099) as u16;
@@ -356,16 +365,15 @@ fn precedence_prefix_then_range() {
     let wide = tcp_listener("127.0.0.1:0");
     let half = tcp_listener("127.0.0.1:0");
     let single = tcp_listener("127.0.0.1:0");
-    d.get()
-        .apply(&[
+    steer_to(
+        &mut d,
+        &[
             binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8099, 1),
             binding(Protocol::Tcp, "192.0.2.128/25", 8000, 8099, 2),
             binding(Protocol::Tcp, "192.0.2.0/24", 8042, 8042, 3),
-        ])
-        .unwrap();
-    for (dest, l) in [(1, &wide), (2, &half), (3, &single)] {
-        d.get().insert_socket(dest, l.as_fd()).unwrap();
-    }
+        ],
+        &[(1, wide.as_fd()), (2, half.as_fd()), (3, single.as_fd())],
+    );
     let cases = [
         (v4(192, 0, 2, 5), 8000, &wide, "the /24"),
         (v4(192, 0, 2, 127), 8099, &wide, "the /24"),
@@ -394,16 +402,16 @@ fn dual_stack_socket_serves_both_families() {
     let Some((mut d, _ns)) = setup() else { return };
     let l = tcp_listener("[::]:0");
     let u = UdpSocket::bind("[::]:0").unwrap();
-    d.get()
-        .apply(&[
+    steer_to(
+        &mut d,
+        &[
             binding(Protocol::Tcp, "192.0.2.0/24", 9000, 9009, 7),
             binding(Protocol::Tcp, "2001:db8::/64", 9000, 9009, 7),
             binding(Protocol::Udp, "192.0.2.0/24", 9000, 9009, 8),
             binding(Protocol::Udp, "2001:db8::/64", 9000, 9009, 8),
-        ])
-        .unwrap();
-    d.get().insert_socket(7, l.as_fd()).unwrap();
-    d.get().insert_socket(8, u.as_fd()).unwrap();
+        ],
+        &[(7, l.as_fd()), (8, u.as_fd())],
+    );
     tcp_reaches(&l, SocketAddr::new(v4(192, 0, 2, 33), 9003)).unwrap();
     tcp_reaches(&l, SocketAddr::new(v6("2001:db8::33"), 9004)).unwrap();
     assert!(udp_reaches(&u, SocketAddr::new(v4(192, 0, 2, 33), 9005), 1));
@@ -476,10 +484,11 @@ fn wrong_protocol_socket_counts_an_error() {
     let plain = fallthrough(8000);
     // A UDP socket behind a TCP binding: bpf_sk_assign fails with EPROTOTYPE.
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-    d.get()
-        .apply(&[binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8000, 5)])
-        .unwrap();
-    d.get().insert_socket(5, u.as_fd()).unwrap();
+    steer_to(
+        &mut d,
+        &[binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8000, 5)],
+        &[(5, u.as_fd())],
+    );
     assert_dropped(SocketAddr::new(v4(192, 0, 2, 1), 8000), &plain);
     let c = d.get().counters().unwrap()[&5];
     assert!(c.errors >= 1 && c.misses == 0, "{c:?}");
