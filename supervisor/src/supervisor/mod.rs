@@ -213,7 +213,7 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
             .unwrap_or_else(sockets::default_instance);
         // Attached beside a dead holdfast's program, filled, and only then
         // does the old one go: no lookup falls between them.
-        sup.attach_filled(&instance, &std::collections::BTreeMap::new())
+        sup.attach_filled(&instance, None)
             .map_err(SupervisorError::Bindings)?;
     }
     inherited.close_unclaimed();

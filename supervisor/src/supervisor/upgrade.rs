@@ -461,7 +461,7 @@ pub(super) fn resume(opts: &Options, saved: Saved) -> Result<Supervisor, Supervi
     }
     sup.bindings = sockets::bindings_of(sup.registry.live().map(|(_, s)| s));
     if let Some((instance, counters)) = saved.dispatcher {
-        if let Err(e) = sup.attach_filled(&instance, &counters) {
+        if let Err(e) = sup.attach_filled(&instance, Some(&counters)) {
             tracing::error!(error = %e, "upgrade: cannot attach the new dispatcher; the old program keeps steering, but bindings cannot change until holdfast restarts");
             sup.why_not = format!("the dispatcher could not be replaced at the upgrade ({e})");
         }
@@ -484,17 +484,16 @@ pub(super) fn resume(opts: &Options, saved: Saved) -> Result<Supervisor, Supervi
 }
 
 impl Supervisor {
-    /// A new dispatcher for the upgraded binary, attached beside the old one
-    /// and filled (sockets, bindings, counters) before the old one goes. If
-    /// that fails the old program keeps steering, but bindings can no longer
-    /// change until holdfast restarts: said loudly.
-    /// Attaches a dispatcher with every live socket and binding (and
-    /// `counters`) in its maps before its pins replace a stale or old
-    /// instance's, then detaches any other holdfast link on the namespace.
+    /// Attaches a dispatcher with every live socket and binding in its maps
+    /// before its pins replace a stale or old instance's, then detaches any
+    /// other holdfast link on the namespace. In an upgrade (`carried`: the
+    /// counters saved before the exec) it also carries the old program's
+    /// counters on. If that fails the old program keeps steering, but
+    /// bindings can no longer change until holdfast restarts: said loudly.
     pub(super) fn attach_filled(
         &mut self,
         instance: &str,
-        counters: &BTreeMap<DestinationId, Counters>,
+        carried: Option<&BTreeMap<DestinationId, Counters>>,
     ) -> Result<(), crate::dispatch::DispatchError> {
         let all: Vec<(&sockets::Socket, &crate::unit::SocketConfig)> = self
             .registry
@@ -516,13 +515,14 @@ impl Supervisor {
                         source: std::io::Error::other(other.to_string()),
                     },
                 })?;
-                // The old program served and counted every lookup until now
-                // (this one yields to it): its figures of this moment, not
-                // those saved before the exec.
-                let now = Dispatcher::pinned_counters(instance, counters.keys().copied())
+                // An upgrade: the old program served and counted every
+                // lookup until now (this one yields to it), so its figures
+                // of this moment, not those saved before the exec.
+                let Some(saved) = carried else { return Ok(()) };
+                let now = Dispatcher::pinned_counters(instance, saved.keys().copied())
                     .unwrap_or_else(|e| {
                         tracing::warn!(error = %e, "cannot read the old dispatcher's counters; carrying on those saved before the upgrade");
-                        counters.clone()
+                        saved.clone()
                     });
                 d.seed_counters(&now)
             },
