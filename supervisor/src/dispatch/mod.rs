@@ -224,7 +224,7 @@ pub enum DispatchError {
     },
     #[error("invalid dispatcher instance name {instance:?}: one path component, without '.', not starting with '__'")]
     InstanceName { instance: String },
-    #[error("{entries} binding entries do not fit the binding table ({slots} slots a generation); start holdfast with a larger capacity")]
+    #[error("{entries} binding entries do not fit the binding table ({slots} slots a generation): declare fewer prefixes, or port ranges that split the ports into fewer classes")]
     TableFull { entries: usize, slots: usize },
     #[error("bindings are equally specific and overlap: {first} and {second}")]
     Ambiguous { first: String, second: String },

@@ -710,6 +710,38 @@ fn rejects_ambiguous_bindings_and_keeps_the_live_set() {
     tcp_reaches(&l, SocketAddr::new(v4(192, 0, 2, 1), 8001)).unwrap();
 }
 
+#[test]
+fn a_set_too_large_for_the_table_is_refused_and_the_live_set_kept() {
+    let Some(ns) = Netns::new() else { return };
+    // Capacity 8: 4 buckets of two slots a generation.
+    let mut d = match Dispatcher::attach_with_capacity(&ns.name, &ns.path(), 8) {
+        Ok(d) => Attached(Some(d)),
+        Err(e) => return unavailable(&format!("attach sk_lookup: {e}")),
+    };
+    let l = tcp_listener("127.0.0.1:0");
+    steer_to(
+        &mut d,
+        &[binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8099, 1)],
+        &[(1, l.as_fd())],
+    );
+    let many: Vec<Binding> = (0..9)
+        .map(|i| binding(Protocol::Tcp, &format!("198.51.100.{i}/32"), 80, 80, 1))
+        .collect();
+    let err = d.get().apply(&many).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DispatchError::TableFull {
+                entries: 9,
+                slots: 8
+            }
+        ),
+        "{err}"
+    );
+    tcp_reaches(&l, SocketAddr::new(v4(192, 0, 2, 1), 8001)).unwrap();
+    assert_eq!(d.get().binding_entries().unwrap(), 1);
+}
+
 /// A TCP connection to `to` from the source address `from`, which lies in a
 /// route of type local (`ip route add local … dev lo`): IP_FREEBIND lets an IPv6
 /// socket bind it without the address being assigned. A connect that gets no
