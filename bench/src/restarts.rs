@@ -416,11 +416,12 @@ struct Daemon<'a> {
 impl<'a> Daemon<'a> {
     fn start(tools: &'a Tools, scratch: &Scratch, ns: &Netns) -> Result<Daemon<'a>> {
         let units = scratch.path.join("units");
-        let service = |exec: Vec<String>, port: u16| {
+        let service = |exec: Vec<String>, port: u16, extra: &str| {
             let exec: Vec<String> = exec.iter().map(|a| toml_str(a)).collect();
             format!(
                 "[service]\n\
                  exec = [{}]\n\
+                 {extra}\
                  type = \"notify\"\n\
                  restart = \"always\"\n\
                  # 50 kills in 30 s: the default start limit (5 in 10 s) would leave it failed.\n\
@@ -443,6 +444,7 @@ impl<'a> Daemon<'a> {
                 "hello".into(),
             ],
             port_of(HELLO_URL),
+            "",
         );
         let app = scratch.path.join("app");
         fs::write(app.join("app.py"), WSGI_APP).context("write app.py")?;
@@ -457,6 +459,11 @@ impl<'a> Daemon<'a> {
                 "app:app".into(),
             ],
             port_of(GUNICORN_URL),
+            // As gunicorn's own systemd example: SIGTERM to the arbiter only, which
+            // stops its workers; a SIGTERM that reaches a worker directly makes the
+            // arbiter log from its SIGCHLD handler while it writes to stderr, and
+            // gunicorn 20.1 can then hang ("reentrant call") until SIGKILL.
+            "kill-mode = \"mixed\"\n",
         );
         fs::write(units.join("hello.toml"), hello).context("write hello.toml")?;
         fs::write(units.join("gunicorn.toml"), gunicorn).context("write gunicorn.toml")?;

@@ -420,12 +420,12 @@ fn exit_codes_and_the_written_file() {
 
 #[test]
 fn process_directives_land_on_holdfasts_process_keys() {
-    use crate::unit::{KillSignal, Limit, NotifyAccess, Rlimit, StandardInput};
+    use crate::unit::{KillMode, KillSignal, Limit, NotifyAccess, Rlimit, StandardInput};
     let dir = dir_with(&[
         ("p.socket", "[Socket]\nListenStream=/run/p.sock\n"),
         (
             "p.service",
-            "[Service]\nType=notify\nExecStart=/bin/p\nNotifyAccess=all\nKillSignal=SIGINT\n\
+            "[Service]\nType=notify\nExecStart=/bin/p\nNotifyAccess=all\nKillSignal=SIGINT\nKillMode=mixed\n\
              LimitNOFILE=1024:4096\nLimitCORE=infinity\nMemoryMax=512M\nTasksMax=100\nCPUQuota=50%\n\
              NonBlocking=yes\nStandardInput=socket\nStandardOutput=journal\n\
              MemoryHigh=10%\nLimitNPROC=9:8\n",
@@ -435,6 +435,7 @@ fn process_directives_land_on_holdfasts_process_keys() {
     let p = &got.unit.service.process;
     assert_eq!(p.notify_access, NotifyAccess::All);
     assert_eq!(p.kill_signal, KillSignal(2));
+    assert_eq!(p.kill_mode, KillMode::Mixed);
     assert_eq!(
         p.rlimits.nofile,
         Some(Rlimit {

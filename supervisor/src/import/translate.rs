@@ -245,8 +245,10 @@ fn service_config(
         start_limit(d, r, &mut s, S, key);
     }
     if let Some(e) = d.last(S, "KillMode") {
-        if e.value != "control-group" {
-            r.drop(e, "holdfast signals the service's whole process group when it stops it (KillMode=control-group)");
+        match e.value.as_str() {
+            "control-group" => s.process.kill_mode = crate::unit::KillMode::ControlGroup,
+            "mixed" => s.process.kill_mode = crate::unit::KillMode::Mixed,
+            _ => r.drop(e, "holdfast signals the main process (KillMode=mixed) or every process of the service (control-group), nothing else"),
         }
     }
     process_directives(d, r, &mut s, accept);

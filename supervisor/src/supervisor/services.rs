@@ -20,7 +20,7 @@ use crate::protocol::Stream;
 use crate::ratelimit::{AcceptThrottle, LogLimiter};
 use crate::service::{CommandKind, Effect, Exit, InstanceId, Machine, Said};
 use crate::spawn::{self, Credentials};
-use crate::unit::{StandardInput, StandardOutput, Unit};
+use crate::unit::{KillMode, StandardInput, StandardOutput, Unit};
 
 use super::acceptor::Acceptor;
 use super::output::LogRing;
@@ -467,13 +467,18 @@ impl Supervisor {
                 Effect::Terminate(i) => {
                     if let Some(g) = group(i) {
                         let signal = svc.kill_signal();
-                        let to = if svc.tracking.by_cgroup() {
-                            "every process of its cgroup"
-                        } else {
-                            "its process group"
+                        let to = match svc.unit.service.process.kill_mode {
+                            KillMode::Mixed => "its main process (kill-mode = \"mixed\")",
+                            KillMode::ControlGroup if svc.tracking.by_cgroup() => {
+                                "every process of its cgroup"
+                            }
+                            KillMode::ControlGroup => "its process group",
                         };
                         tracing::info!(service = %svc.unit.name, pid = g.as_raw(), "stopping: {signal} to {to}");
-                        svc.tracking.terminate(g, signal);
+                        match svc.unit.service.process.kill_mode {
+                            KillMode::Mixed => signal_main(svc, i, signal, "stop"),
+                            KillMode::ControlGroup => svc.tracking.terminate(g, signal),
+                        }
                     }
                 }
                 Effect::Kill(i) => {

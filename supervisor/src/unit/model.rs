@@ -126,9 +126,10 @@ impl ExecCommand {
 pub struct ProcessConfig {
     /// Which of the service's processes may send to NOTIFY_SOCKET.
     pub notify_access: NotifyAccess,
-    /// The signal `stop` sends to every process of the service first (a
-    /// number, e.g. 15 for SIGTERM).
+    /// The signal `stop` sends first (a number, e.g. 15 for SIGTERM).
     pub kill_signal: KillSignal,
+    /// Which processes that first signal goes to (systemd's `KillMode=`).
+    pub kill_mode: KillMode,
     /// Resource limits the kernel applies to each process (setrlimit).
     pub rlimits: Rlimits,
     /// Limits on the service's cgroup as a whole.
@@ -176,6 +177,7 @@ impl ProcessConfig {
         ProcessConfig {
             notify_access: NotifyAccess::default_for(kind),
             kill_signal: KillSignal::TERM,
+            kill_mode: KillMode::ControlGroup,
             rlimits: Rlimits::default(),
             cgroup_limits: CgroupLimits::default(),
             non_blocking: false,
@@ -283,6 +285,31 @@ pub struct CgroupLimits {
 impl CgroupLimits {
     pub fn is_empty(&self) -> bool {
         *self == CgroupLimits::default()
+    }
+}
+
+/// systemd's `KillMode=`: who gets `kill-signal` at a stop. SIGKILL at the
+/// stop timeout goes to every process left, either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KillMode {
+    /// Every process of the instance (its cgroup, or its process group).
+    ControlGroup,
+    /// The main process only, which stops its own children (gunicorn's
+    /// arbiter, nginx's master); what is left gets SIGKILL at the timeout.
+    Mixed,
+}
+
+impl KillMode {
+    /// Every value, in the order a unit file's diagnostics list them (the first is the example).
+    pub const ALL: [KillMode; 2] = [KillMode::ControlGroup, KillMode::Mixed];
+
+    /// The name in unit files (and serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KillMode::ControlGroup => "control-group",
+            KillMode::Mixed => "mixed",
+        }
     }
 }
 

@@ -94,6 +94,7 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     // Read in `process`:
     "notify-access",
     "kill-signal",
+    "kill-mode",
     "limit-nofile",
     "limit-nproc",
     "limit-core",

@@ -116,6 +116,7 @@ fn process_keys(svc: &mut Table, p: &ProcessConfig) {
         Some(name) => value(name),
         None => value(i64::from(p.kill_signal.0)),
     };
+    svc["kill-mode"] = value(p.kill_mode.as_str());
     limit_keys(svc, p);
     svc["non-blocking"] = value(p.non_blocking);
     svc["standard-input"] = value(p.standard_input.as_str());

@@ -106,6 +106,47 @@ fn stop_sends_the_units_kill_signal() -> Result<()> {
     hf.stop()
 }
 
+/// A main process and a child that note which signal ended them. The main's
+/// TERM trap waits 0.3 s, then asks the child to end with USR1: the child
+/// notes `child-term` only if the stop's SIGTERM reached it directly.
+const MASTER_AND_WORKER: &str = "(trap 'echo child-term >> \"$NOTE\"; exit 0' TERM; \
+     trap 'echo child-usr1 >> \"$NOTE\"; exit 0' USR1; echo child-up >> \"$NOTE\"; \
+     while :; do sleep 0.05; done) & child=$!; \
+     trap 'echo main-term >> \"$NOTE\"; sleep 0.3; kill -USR1 $child; wait $child; exit 0' TERM; \
+     while :; do wait; done";
+
+/// Stops MASTER_AND_WORKER with `extra` service lines; what the note says.
+fn stopped_master_and_worker(name: &str, extra: &str) -> Result<Option<String>> {
+    let Some((_ns, _root, mut hf, note)) = tracked(name, MASTER_AND_WORKER, extra)? else {
+        return Ok(None);
+    };
+    wait_for("the child", T, || {
+        std::fs::read_to_string(&note)
+            .ok()
+            .filter(|s| s.contains("child-up"))
+    })?;
+    hf.cli_ok(&["stop", name])?;
+    hf.wait_state(name, "stopped", T)?;
+    let said = std::fs::read_to_string(&note)?;
+    hf.stop()?;
+    Ok(Some(said))
+}
+
+#[test]
+fn kill_mode_mixed_signals_only_the_main_process() -> Result<()> {
+    let said = skip_unless!(stopped_master_and_worker("mixed", "kill-mode = \"mixed\"")?);
+    assert!(
+        said.contains("main-term") && said.contains("child-usr1") && !said.contains("child-term"),
+        "with kill-mode = \"mixed\" the child was not left to its parent: {said}"
+    );
+    let said = skip_unless!(stopped_master_and_worker("whole", "")?);
+    assert!(
+        said.contains("main-term") && said.contains("child-term"),
+        "by default (control-group) SIGTERM did not reach the child: {said}"
+    );
+    Ok(())
+}
+
 #[test]
 fn notify_socket_is_given_only_to_services_that_may_notify() -> Result<()> {
     let ns = skip_unless!(netns_or_skip());

@@ -1,5 +1,5 @@
 //! The `[service]` keys about the service's processes, with systemd's
-//! syntax: `notify-access`, `kill-signal`, the rlimits (`limit-nofile`,
+//! syntax: `notify-access`, `kill-signal`, `kill-mode`, the rlimits (`limit-nofile`,
 //! `limit-nproc`, `limit-core`, `limit-memlock`: `LimitNOFILE=` syntax with
 //! `soft:hard` and `infinity`), the cgroup limits (`memory-max`,
 //! `memory-high`, `tasks-max`, `cpu-quota`, `cpu-weight`, `io-weight`),
@@ -27,6 +27,10 @@ impl Cx<'_> {
         }
         if let Some(f) = take("kill-signal") {
             svc.process.kill_signal = self.signal(&f).unwrap_or(svc.process.kill_signal);
+        }
+        if let Some(f) = take("kill-mode") {
+            let mode = self.choice(&f, &KillMode::ALL, KillMode::as_str);
+            svc.process.kill_mode = mode.unwrap_or(svc.process.kill_mode);
         }
         self.limit_keys(&mut svc.process, take);
         if let Some(f) = take("non-blocking") {
