@@ -403,7 +403,8 @@ impl Loaded {
             counters,
             live: 0,
             buckets,
-            halves: [None, None],
+            // A new map is all zeros: the first set writes only its own buckets.
+            halves: [(); 2].map(|()| Some(table::Half::empty(buckets, rand_seed()))),
             classes: [vec![0; 2 << 16], vec![0; 2 << 16]],
             bindings: Vec::new(),
             sockets_inserted: BTreeSet::new(),
@@ -1103,7 +1104,7 @@ impl Dispatcher {
     }
 }
 
-/// A seed for a half of the binding table built for the first time: random
+/// A seed for a half of the binding table at load, or after a failed write: random
 /// per process (std's hasher keys), so that two holdfasts do not share one.
 /// Bounded lookups do not depend on it; only placement does.
 fn rand_seed() -> u64 {

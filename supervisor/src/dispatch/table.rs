@@ -35,6 +35,16 @@ pub struct Half {
     pub buckets: Vec<Bucket>,
 }
 
+impl Half {
+    /// A half as the kernel creates it: every bucket empty.
+    pub fn empty(buckets: u32, seed: u64) -> Half {
+        Half {
+            seed,
+            buckets: vec![Bucket::default(); buckets as usize],
+        }
+    }
+}
+
 /// The set does not fit the half (reported with the number of entries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full {

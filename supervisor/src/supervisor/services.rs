@@ -467,17 +467,17 @@ impl Supervisor {
                 Effect::Terminate(i) => {
                     if let Some(g) = group(i) {
                         let signal = svc.kill_signal();
-                        let to = match svc.unit.service.process.kill_mode {
-                            KillMode::Mixed => "its main process (kill-mode = \"mixed\")",
-                            KillMode::ControlGroup if svc.tracking.by_cgroup() => {
-                                "every process of its cgroup"
-                            }
-                            KillMode::ControlGroup => "its process group",
+                        let mixed = svc.unit.service.process.kill_mode == KillMode::Mixed;
+                        let to = match (mixed, svc.tracking.by_cgroup()) {
+                            (true, _) => "its main process (kill-mode = \"mixed\")",
+                            (false, true) => "every process of its cgroup",
+                            (false, false) => "its process group",
                         };
                         tracing::info!(service = %svc.unit.name, pid = g.as_raw(), "stopping: {signal} to {to}");
-                        match svc.unit.service.process.kill_mode {
-                            KillMode::Mixed => signal_main(svc, i, signal, "stop"),
-                            KillMode::ControlGroup => svc.tracking.terminate(g, signal),
+                        if mixed {
+                            signal_main(svc, i, signal, "stop");
+                        } else {
+                            svc.tracking.terminate(g, signal);
                         }
                     }
                 }
