@@ -4,12 +4,14 @@
 //!
 //! Maps (all defined by the BPF object, created and pinned by `dispatch`):
 //! - [`GENERATION_MAP`]: ARRAY, one `u32`: the live generation (0 or 1).
-//! - [`PORT_CLASS_MAP`]: ARRAY of `u32` port classes, indexed by
-//!   [`port_class_index`] (generation × protocol × port); class 0 means no binding.
+//! - [`PORT_CLASS_MAP`]: ARRAY of `u32`s indexed by [`port_class_index`]
+//!   (protocol × port), each the port's class in both generations
+//!   ([`class_of`]); class 0 means no binding.
 //! - [`LENGTHS_MAP`]: ARRAY of [`LengthSlot`]s, [`LENGTH_SLOTS`] per generation:
 //!   the distinct prefix lengths of the bindings, longest first, then an end slot;
 //!   each slot also says where its generation's half of the table is ([`TableShape`]).
-//! - [`TABLE_MAP`]: ARRAY of [`Bucket`]s, the binding table (see [`table_hashes`]):
+//! - [`TABLE_MAP`]: ARRAY_OF_MAPS of ARRAYs of [`INNER_BUCKETS`] [`Bucket`]s
+//!   each, the binding table (see [`table_hashes`] and [`bucket_at`]):
 //!   {protocol, class, prefix length, masked address} → destination id.
 //! - [`SOCKETS_MAP`]: SOCKMAP from destination id to socket.
 //! - [`COUNTERS_MAP`]: PERCPU_ARRAY of [`Counters`] per destination id.
@@ -68,30 +70,55 @@ pub const fn rule_tag(destination: u32, phase: u32) -> u32 {
 /// Protocol slots in the port class array.
 pub const PROTO_TCP: u32 = 0;
 pub const PROTO_UDP: u32 = 1;
-/// Ports per (generation, protocol) slot.
+/// Ports per protocol slot.
 pub const PORTS: u32 = 1 << 16;
-/// Entries in the port class array: 2 generations × 2 protocols × 65536 ports.
-pub const PORT_CLASS_ENTRIES: u32 = 4 * PORTS;
+/// Entries in the port class array: 2 protocols × 65536 ports.
+pub const PORT_CLASS_ENTRIES: u32 = 2 * PORTS;
 
-/// Index of `port` for protocol slot `proto` ([`PROTO_TCP`]/[`PROTO_UDP`]) in
-/// generation `generation` (0 or 1).
+/// Index of `port` for protocol slot `proto` ([`PROTO_TCP`]/[`PROTO_UDP`]).
+/// The index does not depend on the generation, so a lookup reads the entry
+/// and the live generation at once, not one after the other.
 #[inline(always)]
-pub const fn port_class_index(generation: u32, proto: u32, port: u32) -> u32 {
-    (((generation & 1) << 1 | (proto & 1)) << 16) | (port & 0xffff)
+pub const fn port_class_index(proto: u32, port: u32) -> u32 {
+    ((proto & 1) << 16) | (port & 0xffff)
+}
+
+/// The class in `generation` (0 or 1) of a port class entry, which holds
+/// generation 0's class in its low 16 bits and generation 1's in its high 16.
+/// Userspace writes an entry whole, the live half with the value it has, so
+/// a lookup reading the live half never sees it change.
+#[inline(always)]
+pub const fn class_of(entry: u32, generation: u32) -> u32 {
+    (entry >> ((generation & 1) * 16)) & 0xffff
+}
+
+/// A port class entry with `classes[g]` as generation g's class.
+#[inline(always)]
+pub const fn class_entry(classes: [u16; 2]) -> u32 {
+    classes[0] as u32 | ((classes[1] as u32) << 16)
 }
 
 /// IPPROTO numbers, as they appear in the sk_lookup context and in [`BindingKey::protocol`].
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// The binding table: a cuckoo hash table in an ARRAY of [`Bucket`]s, one half
-/// per generation, each half a power of two of buckets. An entry lives in one
-/// of its two buckets, [`table_hashes`]' two indexes masked by the half's
-/// [`TableShape`]; a lookup reads at most those two buckets (one cache line
-/// each), whatever the number of entries. Unlike a kernel HASH map, the
-/// lookup is a few inlined ARRAY reads and compares, with no helper call, and
-/// the entries sit in the buckets themselves: one memory access where a
-/// HASH needs a bucket and then its element.
+/// The binding table: a cuckoo hash table in [`Bucket`]s, one half per
+/// generation. An entry lives in one of its two buckets, [`table_hashes`]'
+/// two 32-bit hashes placed by [`bucket_at`] in the half its [`TableShape`]
+/// names; a lookup reads at most those two buckets (one cache line each),
+/// whatever the number of entries. Unlike a kernel HASH map, the lookup is a
+/// few inlined ARRAY reads and compares, with no helper call, and the entries
+/// sit in the buckets themselves: one memory access where a HASH needs a
+/// bucket and then its element.
+///
+/// The buckets are spread over small inner ARRAYs of [`INNER_BUCKETS`] each,
+/// in an ARRAY_OF_MAPS: an ARRAY of at most 32 KiB (with the kernel's header)
+/// is allocated with kmalloc, in the kernel's direct map, which is mapped
+/// with 2 MiB and 1 GiB pages, where one large ARRAY is vmalloc'd and mapped
+/// with 4 KiB pages. A random bucket of a large table then costs a cache miss,
+/// not a cache miss and a TLB miss (whose page walk, in a virtual machine, is
+/// two-dimensional): the difference between a lookup that stays flat with cold
+/// caches and one that grows with the table.
 ///
 /// The meta word of a slot: its binding's port class, prefix length and
 /// IPPROTO number ([`slot_meta`]); never 0 for an entry (classes start at
@@ -102,8 +129,8 @@ pub const fn slot_meta(protocol: u8, class: u16, prefix_len: u8) -> u32 {
 }
 
 /// The two bucket hashes of an entry or a lookup: the low 32 bits pick its
-/// first bucket, the high 32 bits its second (each masked by the half's
-/// [`TableShape::mask`]). Seeded per generation so that userspace can build
+/// first bucket, the high 32 bits its second (each placed by [`bucket_at`]
+/// in the half's [`TableShape::maps`] inner arrays). Seeded per generation so that userspace can build
 /// a half again with another seed if the cuckoo insertion fails.
 #[inline(always)]
 pub const fn table_hashes(seed: u64, meta: u32, addr_hi: u64, addr_lo: u64) -> u64 {
@@ -112,6 +139,24 @@ pub const fn table_hashes(seed: u64, meta: u32, addr_hi: u64, addr_lo: u64) -> u
     h ^= h >> 32;
     h = (h ^ addr_lo).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^ (h >> 29)
+}
+
+/// Buckets per inner ARRAY of the binding table: 496 × 64 bytes leaves
+/// 768 bytes of a 32 KiB allocation for the kernel's `struct bpf_array`
+/// header (312 bytes on 6.x), so that each inner array is a kmalloc, not a
+/// vmalloc (the kernel's `bpf_map_area_alloc` switches at 32 KiB).
+pub const INNER_BUCKETS: u32 = 496;
+
+/// Where a 32-bit bucket hash lands in a half of `maps` inner arrays: the
+/// inner array (from 0, within the half) and the bucket in it. Two
+/// multiply-shifts ("fastrange"), the second on the fraction the first left,
+/// so neither count needs to be a power of two and no division is done.
+#[inline(always)]
+pub const fn bucket_at(h: u32, maps: u32) -> (u32, u32) {
+    let x = h as u64 * maps as u64;
+    let map = (x >> 32) as u32;
+    let bucket = (((x & 0xffff_ffff) * INNER_BUCKETS as u64) >> 32) as u32;
+    (map, bucket)
 }
 
 /// One binding entry: the masked address, its [`slot_meta`] and destination.
@@ -138,15 +183,15 @@ pub struct Bucket {
     pub slots: [TableSlot; BUCKET_SLOTS],
 }
 
-/// Where a generation's half of the table is: buckets `base..=base + mask`,
-/// and the seed of its hashes. Each [`LengthSlot`] of the generation carries
+/// Where a generation's half of the table is: the inner arrays
+/// `base..base + maps` of the ARRAY_OF_MAPS, and the seed of its hashes. Each [`LengthSlot`] of the generation carries
 /// it, so that a lookup reads it with the length it tries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TableShape {
     pub seed: u64,
     pub base: u32,
-    pub mask: u32,
+    pub maps: u32,
 }
 
 /// One prefix length to try, with its masks (precomputed so that the program
@@ -159,9 +204,9 @@ pub struct LengthSlot {
     pub mask_lo: u64,
     /// The half's hash seed.
     pub seed: u64,
-    /// The half is buckets `base..=base + mask`.
+    /// The half is inner arrays `base..base + maps`.
     pub base: u32,
-    pub mask: u32,
+    pub maps: u32,
     pub prefix_len: u32,
     /// Non-zero: no more lengths.
     pub end: u32,
@@ -173,7 +218,7 @@ impl LengthSlot {
         mask_lo: 0,
         seed: 0,
         base: 0,
-        mask: 0,
+        maps: 0,
         prefix_len: 0,
         end: 1,
     };
@@ -192,7 +237,7 @@ impl LengthSlot {
             mask_lo: mask as u64,
             seed: shape.seed,
             base: shape.base,
-            mask: shape.mask,
+            maps: shape.maps,
             prefix_len: len,
             end: 0,
         }
@@ -240,6 +285,8 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<Bucket>() == 64);
+// An inner array of the table with a header of up to 768 bytes fits 32 KiB.
+const _: () = assert!(INNER_BUCKETS as usize * core::mem::size_of::<Bucket>() + 768 <= 32 * 1024);
 const _: () = assert!(core::mem::size_of::<TableShape>() == 16);
 const _: () = assert!(core::mem::size_of::<LengthSlot>() == 40);
 const _: () = assert!(core::mem::size_of::<RuleData>() * 8 == RULE_TAG_BITS as usize + 128);

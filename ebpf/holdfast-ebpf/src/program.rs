@@ -16,8 +16,9 @@ use aya_ebpf::{
         bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action,
         BPF_SK_LOOKUP_F_NO_REUSEPORT,
     },
+    btf_maps::{Array as BtfArray, ArrayOfMaps},
     helpers::{bpf_loop, bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
-    macros::{map, sk_lookup},
+    macros::{btf_map, map, sk_lookup},
     maps::{
         lpm_trie::{Key, LpmTrie},
         Array, PerCpuArray,
@@ -25,8 +26,8 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use holdfast_common::{
-    port_class_index, rule_tag, slot_meta, table_hashes, Bucket, Counters, LengthSlot, RuleData,
-    DEFAULT_BINDING_ENTRIES, IPPROTO_TCP, IPPROTO_UDP, LENGTH_SLOTS, MAX_DESTINATIONS,
+    bucket_at, class_of, port_class_index, rule_tag, slot_meta, table_hashes, Bucket, Counters,
+    LengthSlot, RuleData, INNER_BUCKETS, IPPROTO_TCP, IPPROTO_UDP, LENGTH_SLOTS, MAX_DESTINATIONS,
     NO_DESTINATION, PORT_CLASS_ENTRIES, PROTO_TCP, PROTO_UDP, RULE_ADMIT, RULE_ENTRIES,
     RULE_TAG_BITS,
 };
@@ -43,9 +44,13 @@ static PORT_CLASS: Array<u32> = Array::with_max_entries(PORT_CLASS_ENTRIES, 0);
 #[map(name = "HF_LENGTHS")]
 static LENGTHS: Array<LengthSlot> = Array::with_max_entries(2 * LENGTH_SLOTS, 0);
 
-/// Sized by userspace at load (`dispatch::table`); this size is a placeholder.
-#[map(name = "HF_TABLE")]
-static TABLE: Array<Bucket> = Array::with_max_entries(DEFAULT_BINDING_ENTRIES, 0);
+/// One inner array of the binding table (see `holdfast_common::INNER_BUCKETS`).
+type InnerTable = BtfArray<Bucket, { INNER_BUCKETS as usize }>;
+
+/// Sized by userspace at load (`dispatch::table`), which also creates and
+/// sets the inner arrays; this size is a placeholder.
+#[btf_map(name = "HF_TABLE")]
+static TABLE: ArrayOfMaps<InnerTable, 2> = ArrayOfMaps::new();
 
 /// A legacy map definition for the sockmap, written out because aya-ebpf's
 /// `SockMap` declares a 4-byte value: with an 8-byte value, a userspace lookup
@@ -216,27 +221,43 @@ fn local_address(ctx: &SkLookupContext, family: u32) -> Option<(u64, u64)> {
 }
 
 /// The destination of the entry {`meta`, `hi`, `lo`} in the table half
-/// `shape` names, found in its first bucket or else its second.
+/// `shape` names, found in its first bucket or else its second. Both buckets
+/// are located, and the first word of each read, before either is compared:
+/// the two reads do not depend on each other, so with cold caches the CPU
+/// waits for both misses at once rather than one after the other.
 #[inline(always)]
 fn probe(shape: &LengthSlot, meta: u32, hi: u64, lo: u64) -> Option<u32> {
     let h = table_hashes(shape.seed, meta, hi, lo);
-    let first = shape.base + (h as u32 & shape.mask);
-    if let Some(d) = in_bucket(first, meta, hi, lo) {
-        return Some(d);
-    }
-    in_bucket(shape.base + ((h >> 32) as u32 & shape.mask), meta, hi, lo)
+    let first = bucket(shape, h as u32)?;
+    let second = bucket(shape, (h >> 32) as u32)?;
+    // SAFETY: two map values the verifier proved non-null and in bounds;
+    // volatile only so that both loads are issued here, in this order.
+    let (m0, m1) = unsafe {
+        (
+            read_volatile(addr_of!(first.slots[0].meta)),
+            read_volatile(addr_of!(second.slots[0].meta)),
+        )
+    };
+    in_bucket(first, m0, meta, hi, lo).or_else(|| in_bucket(second, m1, meta, hi, lo))
 }
 
+/// The bucket a 32-bit hash names in `shape`'s half.
 #[inline(always)]
-fn in_bucket(index: u32, meta: u32, hi: u64, lo: u64) -> Option<u32> {
-    let bucket = TABLE.get(index)?;
-    let mut k = 0;
-    while k < bucket.slots.len() {
-        let s = &bucket.slots[k];
-        if s.meta == meta && s.addr_lo == lo && s.addr_hi == hi {
-            return Some(s.dest);
-        }
-        k += 1;
+fn bucket(shape: &LengthSlot, h: u32) -> Option<&'static Bucket> {
+    let (map, index) = bucket_at(h, shape.maps);
+    TABLE.get_value(shape.base + map, &index)
+}
+
+/// The destination of {`meta`, `hi`, `lo`} in `bucket`, whose first slot's
+/// meta word (read already) is `meta0`.
+#[inline(always)]
+fn in_bucket(bucket: &Bucket, meta0: u32, meta: u32, hi: u64, lo: u64) -> Option<u32> {
+    let [s0, s1] = &bucket.slots;
+    if meta0 == meta && s0.addr_lo == lo && s0.addr_hi == hi {
+        return Some(s0.dest);
+    }
+    if s1.meta == meta && s1.addr_lo == lo && s1.addr_hi == hi {
+        return Some(s1.dest);
     }
     None
 }
@@ -263,15 +284,23 @@ struct Search {
     lo: u64,
     /// [`slot_meta`] with prefix length 0; each step adds its length.
     meta: u32,
-    /// The generation's first [`LENGTHS`] slot.
+    /// The [`LENGTHS`] slot of the loop's step 0: the generation's second.
     base: u32,
     /// What the first probe that hit found.
     dest: u32,
     _pad: u32,
 }
 
+/// The destination of the address {`hi`, `lo`} under the length `slot`
+/// (masked to it), `meta` being the lookup's [`slot_meta`] with length 0.
+#[inline(always)]
+fn probe_slot(slot: &LengthSlot, meta: u32, hi: u64, lo: u64) -> Option<u32> {
+    let meta = meta | ((slot.prefix_len & 0xff) << 16);
+    probe(slot, meta, hi & slot.mask_hi, lo & slot.mask_lo)
+}
+
 /// One step of the prefix-length loop (a bpf_loop callback): probes the
-/// `i`-th length of the generation; 1 (stop) once a probe hit or the lengths
+/// `i`-th length after the generation's first; 1 (stop) once a probe hit or the lengths
 /// ended, 0 to go on.
 #[inline(never)]
 extern "C" fn probe_length(i: u64, search: *mut c_void) -> i64 {
@@ -281,8 +310,7 @@ extern "C" fn probe_length(i: u64, search: *mut c_void) -> i64 {
         Some(slot) if slot.end == 0 => slot,
         _ => return 1,
     };
-    let meta = s.meta | ((slot.prefix_len & 0xff) << 16);
-    match probe(slot, meta, s.hi & slot.mask_hi, s.lo & slot.mask_lo) {
+    match probe_slot(slot, s.meta, s.hi, s.lo) {
         Some(d) => {
             s.dest = d;
             1
@@ -304,15 +332,25 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
         p if p == u32::from(IPPROTO_UDP) => (PROTO_UDP, IPPROTO_UDP),
         _ => return sk_action::SK_PASS,
     };
-    // The generation is read once; everything after uses this value.
+    // The generation is read once; everything after uses this value. Its
+    // read, the port's class entry and the first length slot of each
+    // generation do not depend on each other, so with cold caches their misses
+    // overlap; the generation then picks.
     let generation = match GENERATION.get(0) {
         Some(g) => *g & 1,
         None => return sk_action::SK_PASS,
     };
-    let class = match PORT_CLASS.get(port_class_index(generation, proto_slot, l.local_port)) {
-        Some(c) if *c != 0 => *c,
-        _ => return sk_action::SK_PASS,
+    let classes = match PORT_CLASS.get(port_class_index(proto_slot, l.local_port)) {
+        Some(c) => *c,
+        None => return sk_action::SK_PASS,
     };
+    let (Some(first0), Some(first1)) = (LENGTHS.get(0), LENGTHS.get(LENGTH_SLOTS)) else {
+        return sk_action::SK_PASS;
+    };
+    let class = class_of(classes, generation);
+    if class == 0 {
+        return sk_action::SK_PASS;
+    }
     let Some((hi, lo)) = local_address(ctx, l.family) else {
         return sk_action::SK_PASS;
     };
@@ -320,28 +358,41 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
     // stored, for each (class, prefix), the narrowest binding, so this is
     // "longest prefix, then narrowest range". At most 129 probes of at most two
     // buckets each, however many bindings there are; as many probes as
-    // distinct prefix lengths are in use. The loop is bpf_loop's, which the
-    // verifier checks once (a bounded loop it walks 130 times, each with every
-    // way out of a probe) and inlines into a plain loop.
-    let mut search = Search {
-        hi,
-        lo,
-        meta: slot_meta(ipproto, class as u16, 0),
-        base: generation * LENGTH_SLOTS,
-        dest: NO_DESTINATION,
-        _pad: 0,
+    // distinct prefix lengths are in use. The first length is probed here
+    // (most sets use one: a lookup then makes no call); the rest in
+    // bpf_loop's loop, which the verifier checks once (a bounded loop it walks
+    // 129 times, each with every way out of a probe) and inlines into a plain
+    // loop of calls.
+    let meta = slot_meta(ipproto, class as u16, 0);
+    let base = generation * LENGTH_SLOTS;
+    let first = if generation == 0 { first0 } else { first1 };
+    if first.end != 0 {
+        return sk_action::SK_PASS;
+    }
+    let dest = match probe_slot(first, meta, hi, lo) {
+        Some(d) => d,
+        None => {
+            let mut search = Search {
+                hi,
+                lo,
+                meta,
+                base: base + 1,
+                dest: NO_DESTINATION,
+                _pad: 0,
+            };
+            // SAFETY: a static callback of bpf_loop's signature and a pointer
+            // to a `Search` on this stack, alive for the call; flags 0.
+            unsafe {
+                bpf_loop(
+                    LENGTH_SLOTS - 1,
+                    probe_length as *mut c_void,
+                    addr_of_mut!(search).cast(),
+                    0,
+                )
+            };
+            search.dest
+        }
     };
-    // SAFETY: a static callback of bpf_loop's signature and a pointer to a
-    // `Search` on this stack, alive for the call; flags 0.
-    unsafe {
-        bpf_loop(
-            LENGTH_SLOTS,
-            probe_length as *mut c_void,
-            addr_of_mut!(search).cast(),
-            0,
-        )
-    };
-    let dest = search.dest;
     if dest == NO_DESTINATION || already_selected(ctx) {
         return sk_action::SK_PASS;
     }

@@ -18,16 +18,20 @@
 //! socket → SK_DROP and a miss; `bpf_sk_assign` failing → SK_DROP and an error;
 //! otherwise SK_PASS with the socket selected.
 //!
-//! The binding table is a cuckoo hash table in an ARRAY of 64-byte buckets
-//! ([`table`]): an entry sits in one of two buckets, so a probe is at most two
-//! inlined ARRAY reads and four compares, with no helper call, and a lookup
+//! The binding table is a cuckoo hash table of 64-byte buckets ([`table`]),
+//! kept in small inner ARRAYs of an ARRAY_OF_MAPS so that each is allocated in
+//! the kernel's direct map, whose huge pages spare a random lookup a TLB miss
+//! (see `holdfast_common::INNER_BUCKETS`): an entry sits in one of two
+//! buckets, so a probe is at most two pairs of inlined ARRAY reads and four
+//! compares, with no helper call, and a lookup
 //! costs one probe per distinct prefix length in use (at most 129), whatever
 //! the number of bindings. A kernel HASH, used before, cost a helper call, a
 //! hash of the 24-byte key and two dependent memory reads (bucket, then
 //! element); an LPM trie, tried first, one node per bit of depth. Memory grows
 //! with bindings times the port classes each spans, never with ports (see
 //! [`compile`]); the table is allocated whole at load, sized by the capacity
-//! ([`table::buckets_per_half`]: 4 MiB for [`DEFAULT_BINDING_ENTRIES`]).
+//! ([`table::maps_per_half`]: 45 inner arrays of 31 KiB, 1.4 MiB, per half for
+//! [`DEFAULT_BINDING_ENTRIES`]).
 //!
 //! # Atomicity of a change of bindings
 //!
@@ -115,13 +119,14 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, Map, MapData, PerCpuArray};
+use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray};
 use aya::programs::{links::FdLink, SkLookup};
 use aya::{Ebpf, EbpfLoader};
 use holdfast_common::{
-    port_class_index, rule_tag, Bucket, LengthSlot, RuleData, TableShape, COUNTERS_MAP,
-    GENERATION_MAP, LENGTHS_MAP, LENGTH_SLOTS, LOOKUP_PROGRAM, PORT_CLASS_MAP, RULES_MAP,
-    RULE_ADMIT, RULE_REFUSE, RULE_STATE_MAP, RULE_TAG_BITS, SOCKETS_MAP, TABLE_MAP,
+    class_entry, port_class_index, rule_tag, Bucket, LengthSlot, RuleData, TableShape,
+    COUNTERS_MAP, GENERATION_MAP, INNER_BUCKETS, LENGTHS_MAP, LENGTH_SLOTS, LOOKUP_PROGRAM,
+    PORT_CLASS_MAP, RULES_MAP, RULE_ADMIT, RULE_REFUSE, RULE_STATE_MAP, RULE_TAG_BITS, SOCKETS_MAP,
+    TABLE_MAP,
 };
 
 pub use compile::{compile, compile_rules, BindingEntry, Compiled, RuleEntry};
@@ -275,13 +280,13 @@ struct Loaded {
     generation: Array<MapData, u32>,
     port_class: Array<MapData, u32>,
     lengths: Array<MapData, LengthSlot>,
-    table: Array<MapData, Bucket>,
+    table: ArrayOfMaps<MapData, Array<MapData, Bucket>>,
     sockets: MapData,
     counters: PerCpuArray<MapData, holdfast_common::Counters>,
     /// The live generation, 0 or 1.
     live: u32,
-    /// Buckets in each generation's half of the table.
-    buckets: u32,
+    /// Inner arrays in each generation's half of the table.
+    maps: u32,
     /// What each generation's half of the table holds; `None`: unknown (a
     /// write failed), so the next set written there is written whole.
     halves: [Option<table::Half>; 2],
@@ -344,9 +349,9 @@ impl Loaded {
         if OBJECT.is_empty() {
             return Err(DispatchError::NotBuilt);
         }
-        let buckets = table::buckets_per_half(capacity);
+        let maps = table::maps_per_half(capacity);
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(TABLE_MAP, 2 * buckets)
+            .map_max_entries(TABLE_MAP, 2 * maps)
             .load(OBJECT)
             .map_err(|source| DispatchError::LoadObject { source })?;
         sk_lookup_program(&mut ebpf, LOOKUP_PROGRAM)?
@@ -380,7 +385,16 @@ impl Loaded {
         let generation = open_map(&mut ebpf, GENERATION_MAP)?;
         let port_class = open_map(&mut ebpf, PORT_CLASS_MAP)?;
         let lengths = open_map(&mut ebpf, LENGTHS_MAP)?;
-        let table = open_map(&mut ebpf, TABLE_MAP)?;
+        let mut table: ArrayOfMaps<MapData, Array<MapData, Bucket>> =
+            open_map(&mut ebpf, TABLE_MAP)?;
+        // The inner arrays: the outer map holds them; their fds close here.
+        for i in 0..2 * maps {
+            let inner = Array::<MapData, Bucket>::create(INNER_BUCKETS, 0)
+                .map_err(map_err("create", TABLE_MAP))?;
+            table
+                .set(i, &inner, 0)
+                .map_err(map_err("update", TABLE_MAP))?;
+        }
         let counters = open_map(&mut ebpf, COUNTERS_MAP)?;
         let rule_state = open_map(&mut ebpf, RULE_STATE_MAP)?;
         let rules = open_map(&mut ebpf, RULES_MAP)?;
@@ -402,9 +416,9 @@ impl Loaded {
             sockets,
             counters,
             live: 0,
-            buckets,
+            maps,
             // A new map is all zeros: the first set writes only its own buckets.
-            halves: [(); 2].map(|()| Some(table::Half::empty(buckets, rand_seed()))),
+            halves: [(); 2].map(|()| Some(table::Half::empty(maps, rand_seed()))),
             classes: [vec![0; 2 << 16], vec![0; 2 << 16]],
             bindings: Vec::new(),
             sockets_inserted: BTreeSet::new(),
@@ -432,7 +446,7 @@ impl Loaded {
             Some(h) => h.seed,
             None => rand_seed(),
         };
-        let half = table::build(&compiled.entries, self.buckets, seed).map_err(|full| {
+        let half = table::build(&compiled.entries, self.maps, seed).map_err(|full| {
             DispatchError::TableFull {
                 entries: full.entries,
                 slots: full.slots,
@@ -475,42 +489,70 @@ impl Loaded {
     /// Writes `half` into generation `idle`'s half of the table (the buckets
     /// that differ from what is there); returns where it is.
     fn write_half(&mut self, idle: u32, half: table::Half) -> Result<TableShape, DispatchError> {
-        let base = idle * self.buckets;
+        let base = idle * self.maps;
         let old = self.halves[idle as usize].take();
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        for (i, b) in half.buckets.iter().enumerate() {
-            if old.as_ref().is_none_or(|o| o.buckets[i] != *b) {
-                keys.push(base + i as u32);
-                values.push(*b);
+        let per_map = INNER_BUCKETS as usize;
+        for (m, buckets) in half.buckets.chunks(per_map).enumerate() {
+            let (mut keys, mut values) = (Vec::new(), Vec::new());
+            for (i, b) in buckets.iter().enumerate() {
+                if old
+                    .as_ref()
+                    .is_none_or(|o| o.buckets[m * per_map + i] != *b)
+                {
+                    keys.push(i as u32);
+                    values.push(*b);
+                }
             }
+            if keys.is_empty() {
+                continue;
+            }
+            let inner = self.inner_table(base + m as u32)?;
+            sys::array_update_batch(inner.inner_fd(), &keys, &values).map_err(|source| {
+                DispatchError::MapSyscall {
+                    op: "batch-update",
+                    map: TABLE_MAP,
+                    source,
+                }
+            })?;
         }
-        sys::array_update_batch(self.table.inner_fd(), &keys, &values).map_err(|source| {
-            DispatchError::MapSyscall {
-                op: "batch-update",
-                map: TABLE_MAP,
-                source,
-            }
-        })?;
         let shape = TableShape {
             seed: half.seed,
             base,
-            mask: self.buckets - 1,
+            maps: self.maps,
         };
         self.halves[idle as usize] = Some(half);
         Ok(shape)
     }
 
-    /// The port classes of generation `idle`: only those that differ from
-    /// its shadow, in one batch (a failure leaves the shadow unknown).
+    /// Inner array `index` of the table (an fd of its own, closed on drop).
+    fn inner_table(&self, index: u32) -> Result<Array<MapData, Bucket>, DispatchError> {
+        self.table
+            .get(&index, 0)
+            .map_err(map_err("read", TABLE_MAP))
+    }
+
+    /// The port classes of generation `idle`: only the entries whose idle
+    /// half differs from its shadow, in one batch (a failure leaves the idle
+    /// shadow unknown). Each entry is written whole, its live half as the live
+    /// shadow has it: that shadow is exact, since a generation goes live only
+    /// after its write succeeded.
     fn write_port_classes(&mut self, idle: u32, classes: &[Vec<u16>]) -> Result<(), DispatchError> {
         let (mut keys, mut values) = (Vec::new(), Vec::new());
-        let shadow = &mut self.classes[idle as usize];
+        let [gen0, gen1] = &mut self.classes;
+        let (shadow, live) = if idle == 0 {
+            (gen0, &*gen1)
+        } else {
+            (gen1, &*gen0)
+        };
         for (slot, classes) in classes.iter().enumerate() {
             for (port, class) in classes.iter().enumerate() {
                 let i = (slot << 16) | port;
                 if shadow[i] != *class {
-                    keys.push(port_class_index(idle, slot as u32, port as u32));
-                    values.push(u32::from(*class));
+                    debug_assert_ne!(live[i], u16::MAX, "the live shadow is exact");
+                    let mut both = [live[i]; 2];
+                    both[idle as usize] = *class;
+                    keys.push(port_class_index(slot as u32, port as u32));
+                    values.push(class_entry(both));
                 }
             }
         }
@@ -738,11 +780,14 @@ impl Loaded {
 
     /// The entries in the live half of the table, as the kernel holds them.
     fn binding_entries(&self) -> Result<usize, DispatchError> {
-        let base = self.live * self.buckets;
+        let base = self.live * self.maps;
         let mut n = 0;
-        for i in base..base + self.buckets {
-            let b = self.table.get(&i, 0).map_err(map_err("read", TABLE_MAP))?;
-            n += b.slots.iter().filter(|s| s.meta != 0).count();
+        for m in base..base + self.maps {
+            let inner = self.inner_table(m)?;
+            for i in 0..INNER_BUCKETS {
+                let b = inner.get(&i, 0).map_err(map_err("read", TABLE_MAP))?;
+                n += b.slots.iter().filter(|s| s.meta != 0).count();
+            }
         }
         Ok(n)
     }

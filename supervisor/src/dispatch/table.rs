@@ -1,6 +1,6 @@
 //! `table` owns where binding entries go in the binding table (`HF_TABLE`):
-//! how many buckets a capacity needs, and which bucket and slot each entry of
-//! a set takes. Cuckoo hashing: an entry may sit in one of two buckets of
+//! how many inner arrays of [`INNER_BUCKETS`] buckets a capacity needs, and
+//! which bucket and slot each entry of a set takes. Cuckoo hashing: an entry may sit in one of two buckets of
 //! [`BUCKET_SLOTS`] slots, given by [`table_hashes`] (shared with the program
 //! through `holdfast-common`, so both sides agree); when both are full, an
 //! occupant is moved to its other bucket, and so on. A lookup therefore reads
@@ -8,7 +8,9 @@
 //! and an address nobody bound costs the same two reads: no input can make a
 //! lookup walk a chain. Pure: [`super::Loaded::apply`] writes what it builds.
 
-use holdfast_common::{slot_meta, table_hashes, Bucket, TableSlot, BUCKET_SLOTS};
+use holdfast_common::{
+    bucket_at, slot_meta, table_hashes, Bucket, TableSlot, BUCKET_SLOTS, INNER_BUCKETS,
+};
 
 use super::{BindingEntry, DestinationId};
 
@@ -17,18 +19,19 @@ const MAX_MOVES: usize = 512;
 /// Seeds tried before a set is declared too large for its half.
 const MAX_SEEDS: u64 = 16;
 
-/// The number of buckets in each generation's half of the table for
-/// `capacity` binding entries (both generations together): a power of two
-/// with at least 4/3 of a slot per entry of a half (a set may use half the
-/// capacity), so a full half is at most 3/4 full; cuckoo hashing with two
-/// buckets of two slots places entries up to about 9/10.
-pub fn buckets_per_half(capacity: u32) -> u32 {
+/// The number of inner arrays in each generation's half of the table for
+/// `capacity` binding entries (both generations together): at least 4/3 of a
+/// slot per entry of a half (a set may use half the capacity), so a full half
+/// is at most 3/4 full; cuckoo hashing with two buckets of two slots places
+/// entries up to about 9/10.
+pub fn maps_per_half(capacity: u32) -> u32 {
     let per_half = u64::from(capacity.max(2)) / 2;
-    let buckets = (per_half * 2).div_ceil(3).max(1).next_power_of_two();
-    u32::try_from(buckets).unwrap_or(1 << 31)
+    let buckets = (per_half * 2).div_ceil(3).max(1);
+    u32::try_from(buckets.div_ceil(u64::from(INNER_BUCKETS))).unwrap_or(u32::MAX / 2)
 }
 
-/// One generation's half, built for a set of entries.
+/// One generation's half, built for a set of entries: its inner arrays'
+/// buckets one after the other ([`INNER_BUCKETS`] each).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Half {
     pub seed: u64,
@@ -36,12 +39,19 @@ pub struct Half {
 }
 
 impl Half {
-    /// A half as the kernel creates it: every bucket empty.
-    pub fn empty(buckets: u32, seed: u64) -> Half {
+    /// A half of `maps` inner arrays as the kernel creates them: every bucket
+    /// empty.
+    pub fn empty(maps: u32, seed: u64) -> Half {
         Half {
             seed,
-            buckets: vec![Bucket::default(); buckets as usize],
+            buckets: vec![Bucket::default(); (maps * INNER_BUCKETS) as usize],
         }
+    }
+
+    /// Its number of inner arrays.
+    #[cfg(test)]
+    pub fn maps(&self) -> u32 {
+        (self.buckets.len() / INNER_BUCKETS as usize) as u32
     }
 }
 
@@ -64,13 +74,14 @@ pub fn slot_of(e: &BindingEntry, dest: DestinationId) -> TableSlot {
     }
 }
 
-/// The two bucket indexes (within the half) of a slot's key.
-fn buckets_of(seed: u64, mask: u32, s: &TableSlot) -> [usize; 2] {
+/// The two bucket indexes (within the half of `maps` inner arrays, counted
+/// across them) of a slot's key.
+fn buckets_of(seed: u64, maps: u32, s: &TableSlot) -> [usize; 2] {
     let h = table_hashes(seed, s.meta, s.addr_hi, s.addr_lo);
-    [
-        (h as u32 & mask) as usize,
-        ((h >> 32) as u32 & mask) as usize,
-    ]
+    [h as u32, (h >> 32) as u32].map(|h| {
+        let (map, bucket) = bucket_at(h, maps);
+        (map * INNER_BUCKETS + bucket) as usize
+    })
 }
 
 /// A seed for attempt `n` after `first`: SplitMix64 steps, so that a retry
@@ -82,43 +93,43 @@ fn nth_seed(first: u64, n: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Places `entries` in a half of `buckets` buckets (a power of two), trying
+/// Places `entries` in a half of `maps` inner arrays, trying
 /// `seed` first (the half's current seed, so that an unchanged set writes
 /// nothing), then other seeds.
 pub fn build(
     entries: &[(BindingEntry, DestinationId)],
-    buckets: u32,
+    maps: u32,
     seed: u64,
 ) -> Result<Half, Full> {
-    assert!(buckets.is_power_of_two());
     let slots: Vec<TableSlot> = entries.iter().map(|(e, d)| slot_of(e, *d)).collect();
     for n in 0..MAX_SEEDS {
         let s = if n == 0 { seed } else { nth_seed(seed, n) };
-        if let Some(half) = place(&slots, buckets, s) {
+        if let Some(half) = place(&slots, maps, s) {
             return Ok(half);
         }
     }
     Err(Full {
         entries: entries.len(),
-        slots: buckets as usize * BUCKET_SLOTS,
+        slots: (maps * INNER_BUCKETS) as usize * BUCKET_SLOTS,
     })
 }
 
 /// Cuckoo insertion of every slot with one seed; `None` if one cannot be placed.
-fn place(slots: &[TableSlot], buckets: u32, seed: u64) -> Option<Half> {
-    if slots.len() > buckets as usize * BUCKET_SLOTS {
+fn place(slots: &[TableSlot], maps: u32, seed: u64) -> Option<Half> {
+    let mut table = Half::empty(maps, seed).buckets;
+    if slots.len() > table.len() * BUCKET_SLOTS {
         return None;
     }
-    let mask = buckets - 1;
-    let mut table = vec![Bucket::default(); buckets as usize];
-    // Which slot of a full bucket moves: varied, so that moves do not cycle.
-    let mut turn = seed as usize;
+    // Which slot of a full bucket moves: drawn at random (xorshift, seeded by
+    // the seed, so a build is reproducible), so that moves do not cycle; a
+    // slot taken in turns can.
+    let mut draw = seed | 1;
     for s in slots {
         let mut moving = *s;
-        let mut at = buckets_of(seed, mask, &moving)[0];
+        let mut at = buckets_of(seed, maps, &moving)[0];
         let mut placed = false;
         for _ in 0..MAX_MOVES {
-            let [first, second] = buckets_of(seed, mask, &moving);
+            let [first, second] = buckets_of(seed, maps, &moving);
             if let Some(b) = [first, second]
                 .into_iter()
                 .find(|b| table[*b].slots.iter().any(|x| x.meta == 0))
@@ -131,8 +142,10 @@ fn place(slots: &[TableSlot], buckets: u32, seed: u64) -> Option<Half> {
             // Both full: take the place of an occupant of the bucket other
             // than the one `moving` was just pushed out of.
             at = if at == first { second } else { first };
-            turn = turn.wrapping_add(1);
-            let k = turn % BUCKET_SLOTS;
+            draw ^= draw << 13;
+            draw ^= draw >> 7;
+            draw ^= draw << 17;
+            let k = (draw >> 32) as usize % BUCKET_SLOTS;
             std::mem::swap(&mut table[at].slots[k], &mut moving);
         }
         if !placed {
@@ -155,8 +168,7 @@ pub fn find(half: &Half, meta: u32, hi: u64, lo: u64) -> Option<DestinationId> {
         meta,
         ..Default::default()
     };
-    let mask = half.buckets.len() as u32 - 1;
-    buckets_of(half.seed, mask, &key)
+    buckets_of(half.seed, half.maps(), &key)
         .into_iter()
         .flat_map(|b| half.buckets[b].slots)
         .find(|s| s.meta == meta && s.addr_hi == hi && s.addr_lo == lo)
@@ -181,12 +193,12 @@ mod tests {
     #[test]
     fn a_full_half_of_the_default_capacity_is_placed_and_every_entry_found() {
         let capacity = holdfast_common::DEFAULT_BINDING_ENTRIES;
-        let buckets = buckets_per_half(capacity);
-        assert_eq!(buckets, 32768);
+        let maps = maps_per_half(capacity);
+        assert_eq!(maps, 45);
         let set: Vec<_> = (0..capacity / 2)
             .map(|i| (entry(i, 128), i % 4096))
             .collect();
-        let half = build(&set, buckets, 7).expect("placed");
+        let half = build(&set, maps, 7).expect("placed");
         for (e, d) in &set {
             let s = slot_of(e, *d);
             assert_eq!(find(&half, s.meta, s.addr_hi, s.addr_lo), Some(*d), "{e:?}");
@@ -202,7 +214,7 @@ mod tests {
     #[test]
     fn what_was_not_bound_is_not_found() {
         let set: Vec<_> = (0..1000).map(|i| (entry(i, 128), 1)).collect();
-        let half = build(&set, buckets_per_half(4096), 1).unwrap();
+        let half = build(&set, maps_per_half(4096), 1).unwrap();
         let other = slot_of(&entry(5000, 128), 1);
         assert_eq!(find(&half, other.meta, other.addr_hi, other.addr_lo), None);
         // The same address under another prefix length or class is another key.
@@ -214,33 +226,53 @@ mod tests {
     #[test]
     fn an_unchanged_set_builds_the_same_half_with_the_same_seed() {
         let set: Vec<_> = (0..500).map(|i| (entry(i, 120), 2)).collect();
-        let a = build(&set, 512, 99).unwrap();
-        let b = build(&set, 512, 99).unwrap();
+        let a = build(&set, 2, 99).unwrap();
+        let b = build(&set, 2, 99).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.seed, 99);
     }
 
     #[test]
     fn a_set_larger_than_the_half_is_refused() {
-        let set: Vec<_> = (0..9).map(|i| (entry(i, 128), 1)).collect();
+        let set: Vec<_> = (0..993).map(|i| (entry(i, 128), 1)).collect();
         assert_eq!(
-            build(&set, 4, 3),
+            build(&set, 1, 3),
             Err(Full {
-                entries: 9,
-                slots: 8
+                entries: 993,
+                slots: 992
             })
         );
     }
 
     #[test]
-    fn sizes_are_powers_of_two_with_room_to_spare() {
+    fn sizes_leave_room_to_spare_and_no_more_than_an_inner_array() {
         for capacity in [2, 3, 100, 4096, 65536, 2 * 1_000_000 + 1024] {
-            let b = buckets_per_half(capacity);
-            assert!(b.is_power_of_two());
-            assert!(
-                u64::from(b) * BUCKET_SLOTS as u64 * 3 >= u64::from(capacity / 2) * 4,
-                "{capacity}: {b} buckets"
-            );
+            let maps = maps_per_half(capacity);
+            let slots = u64::from(maps * INNER_BUCKETS) * BUCKET_SLOTS as u64;
+            let needed = u64::from(capacity / 2).max(1) * 4;
+            assert!(slots * 3 >= needed, "{capacity}: {maps} arrays");
+            let one_less = slots - u64::from(INNER_BUCKETS) * BUCKET_SLOTS as u64;
+            assert!(one_less * 3 < needed, "{capacity}: {maps} arrays");
         }
+    }
+
+    #[test]
+    fn the_buckets_of_the_whole_half_are_used_evenly() {
+        // Placement by two multiply-shifts, not a mask: every inner array and
+        // every bucket index in them takes a share.
+        let maps = 3;
+        let mut per_map = [0usize; 3];
+        let mut per_bucket = vec![0usize; INNER_BUCKETS as usize];
+        for i in 0..60_000u32 {
+            let s = slot_of(&entry(i, 128), 1);
+            for b in buckets_of(11, maps, &s) {
+                per_map[b / INNER_BUCKETS as usize] += 1;
+                per_bucket[b % INNER_BUCKETS as usize] += 1;
+            }
+        }
+        for n in per_map {
+            assert!((35_000..45_000).contains(&n), "{per_map:?}");
+        }
+        assert!(per_bucket.iter().all(|n| (150..350).contains(n)));
     }
 }

@@ -713,7 +713,7 @@ fn rejects_ambiguous_bindings_and_keeps_the_live_set() {
 #[test]
 fn a_set_too_large_for_the_table_is_refused_and_the_live_set_kept() {
     let Some(ns) = Netns::new() else { return };
-    // Capacity 8: 4 buckets of two slots a generation.
+    // Capacity 8: one inner array a generation, 496 buckets of two slots.
     let mut d = match Dispatcher::attach_with_capacity(&ns.name, &ns.path(), 8) {
         Ok(d) => Attached(Some(d)),
         Err(e) => return unavailable(&format!("attach sk_lookup: {e}")),
@@ -724,16 +724,19 @@ fn a_set_too_large_for_the_table_is_refused_and_the_live_set_kept() {
         &[binding(Protocol::Tcp, "192.0.2.0/24", 8000, 8099, 1)],
         &[(1, l.as_fd())],
     );
-    let many: Vec<Binding> = (0..9)
-        .map(|i| binding(Protocol::Tcp, &format!("198.51.100.{i}/32"), 80, 80, 1))
+    let many: Vec<Binding> = (0..993)
+        .map(|i| {
+            let addr = format!("198.51.{}.{}/32", i / 256, i % 256);
+            binding(Protocol::Tcp, &addr, 80, 80, 1)
+        })
         .collect();
     let err = d.get().apply(&many).unwrap_err();
     assert!(
         matches!(
             err,
             DispatchError::TableFull {
-                entries: 9,
-                slots: 8
+                entries: 993,
+                slots: 992
             }
         ),
         "{err}"
