@@ -463,7 +463,9 @@ impl<'a> Daemon<'a> {
             // stops its workers; a SIGTERM that reaches a worker directly makes the
             // arbiter log from its SIGCHLD handler while it writes to stderr, and
             // gunicorn 20.1 can then hang ("reentrant call") until SIGKILL.
-            "kill-mode = \"mixed\"\n",
+            // gunicorn says READY=1 before its workers have loaded the app: the
+            // old instance serves on for a second beside the new one.
+            "kill-mode = \"mixed\"\noverlap-grace = \"1s\"\n",
         );
         fs::write(units.join("hello.toml"), hello).context("write hello.toml")?;
         fs::write(units.join("gunicorn.toml"), gunicorn).context("write gunicorn.toml")?;

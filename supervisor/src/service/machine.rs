@@ -136,6 +136,10 @@ pub struct Instance {
     /// Told to stop; SIGKILL at this instant.
     #[serde(with = "super::mono::option")]
     kill_at: Option<Instant>,
+    /// The old instance of an overlap restart, serving beside the new one
+    /// for the unit's overlap-grace: told to stop at this instant.
+    #[serde(default, with = "super::mono::option")]
+    drain_at: Option<Instant>,
     /// Why holdfast stopped it (start timeout, watchdog): its exit is a
     /// failure whatever its status, as systemd counts it.
     failed: Option<String>,
@@ -347,6 +351,7 @@ impl Instance {
             self.ready_by.filter(|_| !self.ready),
             self.watchdog_at,
             self.kill_at,
+            self.drain_at,
         ]
         .into_iter()
         .flatten()
@@ -361,6 +366,7 @@ impl Instance {
         self.kill_at = Some(deadline(now, timeout));
         self.ready_by = None;
         self.watchdog_at = None;
+        self.drain_at = None;
         fx.push(Effect::Terminate(self.id));
     }
 }
@@ -377,6 +383,7 @@ fn command_instance(id: InstanceId, pid: i32, now: Instant, by: Option<Instant>)
         watchdog: None,
         watchdog_at: None,
         kill_at: None,
+        drain_at: None,
         failed: None,
     }
 }
@@ -763,6 +770,7 @@ impl Machine {
             watchdog: self.cfg.watchdog,
             watchdog_at: self.cfg.watchdog.map(|w| deadline(now, w)),
             kill_at: None,
+            drain_at: None,
             failed: None,
         };
         tracing::info!(service = %self.name, pid, "started");
@@ -1049,6 +1057,10 @@ impl Machine {
             c.terminate(now, timeout, &mut fx);
             self.draining.push(c);
         }
+        // Old instances still in their overlap-grace stop now, with the rest.
+        for old in &mut self.draining {
+            old.terminate(now, timeout, &mut fx);
+        }
         if let Some(pre) = self.pre.as_mut() {
             if let Some(inst) = pre.inst.as_mut() {
                 inst.terminate(now, timeout, &mut fx);
@@ -1103,6 +1115,9 @@ impl Machine {
         {
             inst.terminate(now, timeout, &mut fx);
             self.draining.push(inst);
+        }
+        for old in &mut self.draining {
+            old.terminate(now, timeout, &mut fx);
         }
         fx
     }
@@ -1438,6 +1453,7 @@ impl Machine {
     /// holdfast shuts down.
     pub fn timers(&mut self, now: Instant, may_start: bool) -> Vec<Effect> {
         let mut fx = Vec::new();
+        self.end_grace(now, &mut fx);
         self.kill_late(now, &mut fx);
         self.pre_command_timeout(now, &mut fx);
         self.command_timeout(now, &mut fx);
@@ -1454,6 +1470,17 @@ impl Machine {
             }
         }
         fx
+    }
+
+    /// The old instances of overlap restarts whose overlap-grace is over:
+    /// told to stop.
+    fn end_grace(&mut self, now: Instant, fx: &mut Vec<Effect>) {
+        let timeout = self.cfg.stop_timeout;
+        for old in &mut self.draining {
+            if old.drain_at.is_some_and(|t| t <= now) {
+                old.terminate(now, timeout, fx);
+            }
+        }
     }
 
     /// SIGKILL for every instance still there at its `kill_at`.
@@ -1592,7 +1619,16 @@ impl Machine {
             return;
         };
         if let Some(mut old) = self.main.take() {
-            old.terminate(now, self.cfg.stop_timeout, fx);
+            let grace = self.cfg.overlap_grace;
+            if grace.is_zero() {
+                old.terminate(now, self.cfg.stop_timeout, fx);
+            } else {
+                // No watchdog or start deadline for it any more: only the grace.
+                old.ready_by = None;
+                old.watchdog_at = None;
+                old.drain_at = Some(deadline(now, grace));
+                tracing::info!(service = %self.name, pid = old.pid, grace = %humantime::format_duration(grace), "overlap restart: the old instance serves on for overlap-grace");
+            }
             self.draining.push(old);
         }
         tracing::info!(service = %self.name, pid = new.pid, "overlap restart: the new instance is ready and serving; the old one drains");
@@ -1802,6 +1838,55 @@ mod tests {
             vec![Effect::ReleaseOldSockets]
         );
         assert_eq!(m.state(), State::Running);
+    }
+
+    /// A ready notify service (pid 10) with `overlap-grace = grace`,
+    /// overlap-restarted to pid 11, which has said READY=1.
+    fn overlapped_with_grace(
+        grace: Duration,
+        now: Instant,
+    ) -> (Machine, InstanceId, InstanceId, Vec<Effect>) {
+        let mut c = cfg(Notify, OnFailure);
+        c.overlap_grace = grace;
+        let mut m = Machine::new("s", &c, false);
+        let old = started(&mut m, now, 10);
+        m.said(old, Role::Main, vec![Said::Ready], now);
+        m.restart(Some(RestartMode::Overlap), now).unwrap();
+        let (new, _) = m.spawned(SpawnRole::Candidate, 11, now);
+        let fx = m.said(new, Role::Candidate, vec![Said::Ready], now);
+        (m, old, new, fx)
+    }
+
+    #[test]
+    fn with_overlap_grace_the_old_instance_serves_on_until_it_ends() {
+        let now = Instant::now();
+        let grace = Duration::from_secs(2);
+        let (mut m, old, _, fx) = overlapped_with_grace(grace, now);
+        assert!(fx.is_empty(), "{fx:?}");
+        assert_eq!(m.main().unwrap().pid, 11);
+        assert_eq!(m.draining().len(), 1);
+        assert_eq!(m.state(), State::Running);
+        assert_eq!(m.deadline(), Some(now + grace));
+        assert!(m.timers(now + grace - MS, true).is_empty());
+        assert_eq!(m.timers(now + grace, true), vec![Effect::Terminate(old)]);
+        // Once: then the stop timeout runs, as for any stop.
+        assert!(m.timers(now + grace + MS, true).is_empty());
+        assert_eq!(
+            m.exited(old, Exit::Signal(15), now + grace + MS, false),
+            vec![Effect::ReleaseOldSockets]
+        );
+    }
+
+    #[test]
+    fn a_stop_during_overlap_grace_stops_the_old_instance_too() {
+        let now = Instant::now();
+        let (mut m, old, new, _) = overlapped_with_grace(Duration::from_secs(60), now);
+        let fx = m.stop(now + MS);
+        assert!(fx.contains(&Effect::Terminate(old)), "{fx:?}");
+        assert!(fx.contains(&Effect::Terminate(new)), "{fx:?}");
+        // A retired unit's old instance, too.
+        let (mut m, old, _, _) = overlapped_with_grace(Duration::from_secs(60), now);
+        assert!(m.retire(now + MS).contains(&Effect::Terminate(old)));
     }
 
     #[test]

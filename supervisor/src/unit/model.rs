@@ -29,6 +29,12 @@ pub struct ServiceConfig {
     pub kind: ServiceType,
     pub restart: RestartPolicy,
     pub restart_mode: RestartMode,
+    /// After an overlap restart's new instance is ready, how long the old one
+    /// goes on serving beside it before it is told to stop (0: at once). For
+    /// a service that says READY=1 before it can answer (gunicorn's arbiter
+    /// does, before its workers have loaded the app).
+    #[serde(default)]
+    pub overlap_grace: Duration,
     /// First restart delay; doubles for a service that keeps dying quickly.
     pub restart_delay: Duration,
     /// Cap on the doubled restart delay.

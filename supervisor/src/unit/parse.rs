@@ -37,6 +37,7 @@ impl ServiceConfig {
             kind: ServiceType::Simple,
             restart: RestartPolicy::OnFailure,
             restart_mode: RestartMode::StopStart,
+            overlap_grace: Duration::ZERO,
             restart_delay: DEFAULT_RESTART_DELAY,
             restart_delay_max: DEFAULT_RESTART_DELAY_MAX,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
@@ -71,6 +72,7 @@ pub(crate) const SERVICE_KEYS: &[&str] = &[
     "type",
     "restart",
     "restart-mode",
+    "overlap-grace",
     "restart-delay",
     "restart-delay-max",
     "stop-timeout",
@@ -679,6 +681,9 @@ impl<'a> Cx<'a> {
         }
         if let Some(f) = take("stop-timeout") {
             svc.stop_timeout = self.positive_duration(&f).unwrap_or(svc.stop_timeout);
+        }
+        if let Some(f) = take("overlap-grace") {
+            svc.overlap_grace = self.duration(&f).unwrap_or(svc.overlap_grace);
         }
         if let Some(f) = take("start-timeout") {
             svc.start_timeout = self.positive_duration(&f).unwrap_or(svc.start_timeout);

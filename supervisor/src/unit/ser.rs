@@ -49,6 +49,9 @@ fn service_table(s: &ServiceConfig) -> Table {
     svc["type"] = value(s.kind.as_str());
     svc["restart"] = value(s.restart.as_str());
     svc["restart-mode"] = value(s.restart_mode.as_str());
+    if !s.overlap_grace.is_zero() {
+        svc["overlap-grace"] = duration(s.overlap_grace);
+    }
     svc["restart-delay"] = duration(s.restart_delay);
     svc["restart-delay-max"] = duration(s.restart_delay_max);
     svc["stop-timeout"] = duration(s.stop_timeout);

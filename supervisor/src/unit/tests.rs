@@ -822,6 +822,11 @@ fn random_unit(rng: &mut Rng) -> Unit {
         RestartPolicy::Never,
     ]);
     s.restart_mode = *rng.pick(&[RestartMode::StopStart, RestartMode::Overlap]);
+    s.overlap_grace = if rng.chance() {
+        Duration::ZERO
+    } else {
+        rng.duration()
+    };
     s.restart_delay = rng.duration();
     s.restart_delay_max = s.restart_delay + rng.duration();
     s.stop_timeout = rng.duration() + Duration::from_nanos(1);

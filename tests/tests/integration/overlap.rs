@@ -2,8 +2,9 @@
 //! "overlap"` in the unit): the new instance starts on the same sockets and the old
 //! one is stopped only once the new one said READY=1. A new instance that never
 //! gets ready, or exits, is stopped and the old one keeps serving (the CLI exits 1
-//! saying so); a `single-instance` service refuses an overlap restart. A client
-//! loops throughout and sees no error.
+//! saying so); a `single-instance` service refuses an overlap restart; with
+//! `overlap-grace`, the old instance serves on beside the new one for that long
+//! before it is stopped. A client loops throughout and sees no error.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -174,6 +175,41 @@ fn overlap_restart_hands_over_and_the_old_one_drains() -> Result<()> {
         seen.pids_of("web").is_subset(&BTreeSet::from([old, new])),
         "{seen:?}"
     );
+    hf.stop()
+}
+
+#[test]
+fn overlap_grace_keeps_the_old_instance_serving_beside_the_new_one() -> Result<()> {
+    let (ns, mut hf, old) = skip_unless!(notifier_running("web", &[], "overlap-grace = \"2s\"")?);
+    let client = pid_client(&ns)?;
+    let (out, _) = restart_watching(&hf, &["web", "--mode", "overlap"])?;
+    let promoted = std::time::Instant::now();
+    assert_eq!(out.status.code(), Some(0), "restart: {}", stderr(&out));
+    let s = hf.service("web")?;
+    let new = s["pid"].as_i64().context("pid")? as i32;
+    assert_ne!(new, old, "{s}");
+    // Within the grace: the new one is the main instance, the old one is
+    // still there, not told to stop.
+    std::thread::sleep(Duration::from_millis(700));
+    let s = hf.service("web")?;
+    assert_eq!(s["draining_pids"], json!([old]), "{s}");
+    assert_eq!(
+        (&s["state"], &s["pid"]),
+        (&json!("running"), &json!(new)),
+        "{s}"
+    );
+    assert!(
+        !process_gone(old),
+        "the old instance stopped within its grace"
+    );
+    // After it: stopped.
+    wait_for("the old instance to be gone", T, || {
+        process_gone(old).then_some(())
+    })?;
+    let after = promoted.elapsed();
+    assert!(after >= Duration::from_millis(1900), "gone after {after:?}");
+    let seen = finish(client)?;
+    assert!(seen.failed.is_empty(), "client errors: {seen:?}");
     hf.stop()
 }
 
