@@ -165,6 +165,21 @@ pub fn run(o: Options) -> Result<Vec<Row>> {
     crate::netns::on_own_thread("lookup", move || measure(&o))
 }
 
+/// The steer-only program (the floor of real traffic too), attached to the
+/// calling thread's namespace with `socket` at its sockmap's slot 0. It stays
+/// attached as long as the returned object lives.
+pub(crate) fn attach_steer_only(socket: BorrowedFd<'_>) -> Result<Ebpf> {
+    let mut ebpf = load_reference(1)?;
+    sockmap(&mut ebpf, "BENCH_STEER_SOCKETS")?.set(0, &socket.as_raw_fd(), 0)?;
+    let netns = std::fs::File::open(THREAD_NETNS).context("open the thread's namespace")?;
+    let p: &mut SkLookup = ebpf
+        .program_mut("bench_steer")
+        .context("no program bench_steer")?
+        .try_into()?;
+    p.attach(netns).context("attach the steer-only program")?;
+    Ok(ebpf)
+}
+
 fn load_reference(largest: usize) -> Result<Ebpf> {
     ensure!(
         !BENCH_OBJECT.is_empty(),

@@ -1,6 +1,7 @@
 //! Datagrams on loopback through the dispatcher ÷ a plainly bound socket, with
-//! the harness of `connect` (two namespaces, paired rounds, hits spread over
-//! the bindings). The client is this thread, native code, with a socket of its
+//! the harness of `connect` (three namespaces: the dispatcher, the steer-only
+//! floor and the plain socket; rounds in turn, hits spread over the
+//! bindings). The client is this thread, native code, with a socket of its
 //! own in each namespace:
 //! - one-way: a datagram to a random bound address, then the server socket
 //!   reads it (on loopback it is queued before `sendto` returns);
@@ -55,11 +56,8 @@ pub fn run(bindings: usize, duration: Duration) -> Result<Vec<Row>> {
         } else {
             ("one-way", " (target ≥ 0.95)")
         };
-        let name = format!(
-            "UDP {mode}, datagrams over {} bindings ÷ plain socket{target}",
-            count(bindings)
-        );
-        rows.extend(r.rows(&name, "dgram"));
+        let what = format!("UDP {mode}, datagrams over {} bindings", count(bindings));
+        rows.extend(r.rows(&what, target, "dgram"));
     }
     Ok(rows)
 }
