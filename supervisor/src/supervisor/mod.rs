@@ -437,12 +437,17 @@ impl Supervisor {
     /// Adds a live service and watches its notify socket.
     fn add_service(&mut self, svc: Service) -> ServiceId {
         let id = self.registry.insert(svc);
+        self.watch_notify(id);
+        id
+    }
+
+    /// Watches service `id`'s notify socket, if it has one.
+    fn watch_notify(&mut self, id: ServiceId) {
         if let Some(n) = self.registry.get(id).and_then(|s| s.notify()) {
             if let Err(e) = self.poller.add(n.as_fd(), Token::Notify(id)) {
                 tracing::warn!(service = %n.path().display(), error = %e, "cannot watch the notify socket");
             }
         }
-        id
     }
 
     fn stop_all(&mut self) {
