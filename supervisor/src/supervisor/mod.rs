@@ -167,6 +167,9 @@ pub struct Supervisor {
 /// Runs the daemon until SIGTERM/SIGINT has stopped every service.
 pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     spawn::ensure_stdio();
+    // Low fd numbers for spawns to hand fds over in, taken before holdfast
+    // holds thousands (a child then copies only those: see spawn's slots).
+    spawn::reserve_low_fds();
     let unused_signals = crate::signals::catch_unused().map_err(setup("signal handler"))?;
     if let Some(saved) = upgrade::inherited()? {
         let sup = upgrade::resume(opts, saved)?;
