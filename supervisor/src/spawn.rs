@@ -476,10 +476,27 @@ fn clone_child(
     p: &mut Prepared,
     err_w: RawFd,
 ) -> Result<i64, SpawnError> {
-    let stack = vfork::Stack::new().map_err(|source| SpawnError::Syscall {
+    vfork::with_stack(|stack| {
+        // SAFETY: as below, on the stack `with_stack` lends us.
+        unsafe { clone_on(stack, args, p, err_w) }
+    })
+    .map_err(|source| SpawnError::Syscall {
         call: "mmap (the child's stack)",
         source,
-    })?;
+    })
+}
+
+/// [`clone_child`] on `stack`.
+///
+/// # Safety
+/// `stack` must be used by no other child until this returns.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone_on(
+    stack: &vfork::Stack,
+    args: &mut libc::clone_args,
+    p: &mut Prepared,
+    err_w: RawFd,
+) -> i64 {
     args.flags |= (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
     if p.unshare_below.is_some() {
         // Shared until the child's close_range(CLOSE_RANGE_UNSHARE); we are
@@ -494,7 +511,7 @@ fn clone_child(
     // suspends us until the child has exec'd or exited), and `start` with it;
     // it only calls async-signal-safe functions on prepared memory, never
     // allocating, and never returns.
-    Ok(unsafe { vfork::clone3(args, &mut start) })
+    unsafe { vfork::clone3(args, &mut start) }
 }
 
 /// clone3 with `args` as a fork (no CLONE_VM), the child running [`child`].
@@ -589,6 +606,29 @@ mod vfork {
             // SAFETY: our own mapping, no longer used: the child exec'd or exited.
             unsafe { libc::munmap(self.map, STACK + GUARD) };
         }
+    }
+
+    std::thread_local! {
+        /// This thread's child stack, kept for its next spawn (a mapping,
+        /// its guard page and the page faults of a fresh stack per spawn
+        /// were measurable at 1000 services). CLONE_VFORK suspends the
+        /// thread until its child has exec'd or exited, so no two children
+        /// ever use it at once.
+        static KEPT: std::cell::RefCell<Option<Stack>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// Runs `f` with this thread's child stack, mapped at its first use.
+    pub fn with_stack<R>(f: impl FnOnce(&Stack) -> R) -> io::Result<R> {
+        KEPT.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut kept) => {
+                if kept.is_none() {
+                    *kept = Some(Stack::new()?);
+                }
+                Ok(f(kept.as_ref().expect("mapped above")))
+            }
+            // Not expected (a spawn does not spawn): a stack of its own.
+            Err(_) => Stack::new().map(|s| f(&s)),
+        })
     }
 
     /// What the child starts with.
