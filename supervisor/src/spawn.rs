@@ -10,7 +10,10 @@
 //! child shares holdfast's memory until it execs (`CLONE_VM | CLONE_VFORK`,
 //! on a stack of its own, every signal blocked until it has reset its
 //! dispositions), as posix_spawn does: no page tables are copied and no
-//! copy-on-write faults follow, whatever holdfast's size. Where clone3 is
+//! copy-on-write faults follow, whatever holdfast's size. Nor does it copy
+//! holdfast's fd table: its fds are staged in low slots and it keeps only
+//! the bottom of the table (`CLONE_FILES`, then `CLOSE_RANGE_UNSHARE`: see
+//! `slots`). Where clone3 is
 //! refused (ENOSYS under some seccomp filters), `fork`, then the child writes
 //! itself into the cgroup's `cgroup.procs` (opened before fork) and the parent
 //! opens the pidfd before anything can reap the child.
@@ -45,6 +48,9 @@ use crate::pidfd::Pidfd;
 use crate::unit::{ProcessConfig, Rlimits, StandardInput, StandardOutput, DEFAULT_UMASK};
 
 mod envfile;
+mod slots;
+
+pub use slots::reserve as reserve_low_fds;
 
 /// The width reserved for LISTEN_PID's digits (a pid_t has at most 10).
 const PID_DIGITS: usize = 20;
@@ -317,6 +323,10 @@ struct Prepared {
     non_blocking: bool,
     /// cgroup.procs of the target cgroup, for the fork fallback.
     cgroup_procs: Option<OwnedFd>,
+    /// `Some(K)`: the child shares our fd table (CLONE_FILES) and every fd
+    /// it needs is below K; its first fd operation unshares the table,
+    /// keeping only those (`slots`).
+    unshare_below: Option<RawFd>,
 }
 
 /// How the child is made; a parameter so tests can take the fallback.
@@ -358,14 +368,38 @@ fn spawn_with(cmd: &Command<'_>, setup: &Setup, how: ForkMethod) -> Result<Spawn
             call: "pipe2",
             source: e.into(),
         })?;
+    // Every fd the child needs in a low slot, so that it copies only the
+    // bottom of our fd table (see `slots`); else it copies the whole table.
+    let staged = slots::Staged::new(
+        p.moves
+            .iter()
+            .map(|(src, _)| *src)
+            .chain([err_w.as_raw_fd()]),
+    );
+    let child_err_w = match &staged {
+        Some(s) => {
+            for (src, _) in &mut p.moves {
+                *src = s.slot(*src);
+            }
+            p.unshare_below = Some(s.below);
+            s.slot(err_w.as_raw_fd())
+        }
+        None => err_w.as_raw_fd(),
+    };
     let cloned = match how {
-        ForkMethod::Clone3 => clone3(cmd, &mut p, err_w.as_raw_fd())?,
-        ForkMethod::Fork => None,
+        ForkMethod::Clone3 => clone3(cmd, &mut p, child_err_w),
+        ForkMethod::Fork => Ok(None),
     };
-    let (pid, pidfd) = match cloned {
-        Some(child) => child,
-        None => fork(cmd, &mut p, err_w.as_raw_fd())?,
+    let child = match cloned {
+        Ok(Some(child)) => Ok(child),
+        Ok(None) => fork(cmd, &mut p, child_err_w),
+        Err(e) => Err(e),
     };
+    // The child has exec'd or exited (CLONE_VFORK), or has a table of its
+    // own (fork): the slots go back to /dev/null, so that the error pipe's
+    // write end (and the output pipes') is held by the child alone.
+    drop(staged);
+    let (pid, pidfd) = child?;
     drop(err_w);
     let mut report = [0u8; 8];
     let n = read_full(&err_r, &mut report);
@@ -442,11 +476,33 @@ fn clone_child(
     p: &mut Prepared,
     err_w: RawFd,
 ) -> Result<i64, SpawnError> {
-    let stack = vfork::Stack::new().map_err(|source| SpawnError::Syscall {
+    vfork::with_stack(|stack| {
+        // SAFETY: as below, on the stack `with_stack` lends us.
+        unsafe { clone_on(stack, args, p, err_w) }
+    })
+    .map_err(|source| SpawnError::Syscall {
         call: "mmap (the child's stack)",
         source,
-    })?;
+    })
+}
+
+/// [`clone_child`] on `stack`.
+///
+/// # Safety
+/// `stack` must be used by no other child until this returns.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone_on(
+    stack: &vfork::Stack,
+    args: &mut libc::clone_args,
+    p: &mut Prepared,
+    err_w: RawFd,
+) -> i64 {
     args.flags |= (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+    if p.unshare_below.is_some() {
+        // Shared until the child's close_range(CLOSE_RANGE_UNSHARE); we are
+        // suspended meanwhile, so the staged slots stay as they are.
+        args.flags |= libc::CLONE_FILES as u64;
+    }
     args.stack = stack.base();
     args.stack_size = stack.len();
     let mut start = vfork::Start { p, err_w };
@@ -455,7 +511,7 @@ fn clone_child(
     // suspends us until the child has exec'd or exited), and `start` with it;
     // it only calls async-signal-safe functions on prepared memory, never
     // allocating, and never returns.
-    Ok(unsafe { vfork::clone3(args, &mut start) })
+    unsafe { vfork::clone3(args, &mut start) }
 }
 
 /// clone3 with `args` as a fork (no CLONE_VM), the child running [`child`].
@@ -465,6 +521,9 @@ fn clone_child(
     p: &mut Prepared,
     err_w: RawFd,
 ) -> Result<i64, SpawnError> {
+    // Not suspended until the child execs: its fd table is copied whole
+    // (the slots are put back as soon as this returns).
+    p.unshare_below = None;
     // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of
     // this thread's memory and only calls async-signal-safe functions on
     // memory prepared before (see `child`), never returning from it.
@@ -549,6 +608,29 @@ mod vfork {
         }
     }
 
+    std::thread_local! {
+        /// This thread's child stack, kept for its next spawn (a mapping,
+        /// its guard page and the page faults of a fresh stack per spawn
+        /// were measurable at 1000 services). CLONE_VFORK suspends the
+        /// thread until its child has exec'd or exited, so no two children
+        /// ever use it at once.
+        static KEPT: std::cell::RefCell<Option<Stack>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// Runs `f` with this thread's child stack, mapped at its first use.
+    pub fn with_stack<R>(f: impl FnOnce(&Stack) -> R) -> io::Result<R> {
+        KEPT.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut kept) => {
+                if kept.is_none() {
+                    *kept = Some(Stack::new()?);
+                }
+                Ok(f(kept.as_ref().expect("mapped above")))
+            }
+            // Not expected (a spawn does not spawn): a stack of its own.
+            Err(_) => Stack::new().map(|s| f(&s)),
+        })
+    }
+
     /// What the child starts with.
     pub struct Start<'a> {
         pub p: &'a mut Prepared,
@@ -628,6 +710,8 @@ mod vfork {
 /// The child by fork: it writes itself into its cgroup, and the parent
 /// opens its pidfd before anything can reap it.
 fn fork(cmd: &Command<'_>, p: &mut Prepared, err_w: RawFd) -> Result<(i32, Pidfd), SpawnError> {
+    // fork copies the fd table whole.
+    p.unshare_below = None;
     if cmd.cgroup.is_some() {
         p.cgroup_procs = Some(open_procs(cmd.cgroup)?);
     }
@@ -773,6 +857,7 @@ fn prepare(
         nonblock_targets: fds.nonblock_targets,
         non_blocking: cmd.non_blocking,
         cgroup_procs: None,
+        unshare_below: None,
     })
 }
 
@@ -958,11 +1043,14 @@ const STAGES: &[&str] = &[
     "setrlimit for limit-core",
     "setrlimit for limit-memlock",
     "prctl(PR_SET_NO_NEW_PRIVS)",
+    "unshare(CLONE_FILES)",
 ];
 /// The first setrlimit stage in STAGES.
 const RLIMIT_STAGE: usize = 12;
 /// The no-new-privileges stage in STAGES.
 const NO_NEW_PRIVS_STAGE: usize = 16;
+/// The stage of unsharing the fd table in STAGES.
+const UNSHARE_STAGE: usize = 17;
 
 /// The child between fork and exec: async-signal-safe calls only, on memory
 /// prepared before fork. Never returns.
@@ -1055,6 +1143,20 @@ unsafe fn enter_session(p: &Prepared, join_cgroup: bool) -> Result<(), usize> {
 unsafe fn place_fds(p: &mut Prepared, err_w: RawFd) -> Result<(), usize> {
     // SAFETY: fcntl, dup2 and close_range on fds; `scratch` was sized before fork.
     unsafe {
+        // Our own table first, holding only the fds below K, all we need
+        // (before 5.9, no CLOSE_RANGE_UNSHARE: a copy of the whole table).
+        if let Some(below) = p.unshare_below {
+            if libc::syscall(
+                libc::SYS_close_range,
+                below as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_UNSHARE,
+            ) != 0
+                && libc::unshare(libc::CLONE_FILES) != 0
+            {
+                return Err(UNSHARE_STAGE);
+            }
+        }
         // Move every source above the targets first, so no dup2 clobbers a
         // source still to be moved; then into place (dup2 clears CLOEXEC).
         let high = p.first_free.max(err_w + 1);

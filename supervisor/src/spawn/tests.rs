@@ -127,6 +127,32 @@ fn child_sees_listen_vars_systemd_env_and_only_its_fds_in_slash() {
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
 }
 
+/// The child gets exactly its fds whether they fit the low slots (it then
+/// copies only the bottom of our fd table) or not (it copies all of it), and
+/// no fd of ours without CLOEXEC, however high; the slots are put back, so
+/// the output pipe sees EOF (`run_sh` reads to it).
+#[test]
+fn only_its_fds_whether_they_fit_the_low_slots_or_not() {
+    // SAFETY: dup of stdin (always open: ensure_stdio) to a free fd without
+    // CLOEXEC, above everything else; closed by the OwnedFd.
+    let stray = unsafe { OwnedFd::from_raw_fd(libc::fcntl(0, libc::F_DUPFD, 900)) };
+    assert!(stray.as_raw_fd() >= 900);
+    for n in [5, slots::SLOTS + 8] {
+        let listeners: Vec<std::net::TcpListener> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let mut o = opts();
+        o.fds = listeners.iter().map(|l| (l.as_fd(), "s")).collect();
+        o.sockets = n;
+        let (out, exit, _) = run_sh("ls /proc/self/fd | sort -n | tr '\\n' ' '", o).unwrap();
+        assert_eq!(exit, Exit::Code(0));
+        // 0-2, the sockets, and the fd `ls` itself opens on /proc/self/fd.
+        let want: Vec<String> = (0..n + 4).map(|fd| fd.to_string()).collect();
+        assert_eq!(out.trim(), want.join(" "), "{n} sockets");
+    }
+    drop(stray);
+}
+
 #[test]
 fn watchdog_pid_is_the_childs_own_pid_beside_watchdog_usec() {
     let (out_r, out_w) = output_pipe().unwrap();

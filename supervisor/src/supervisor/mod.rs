@@ -167,6 +167,9 @@ pub struct Supervisor {
 /// Runs the daemon until SIGTERM/SIGINT has stopped every service.
 pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     spawn::ensure_stdio();
+    // Low fd numbers for spawns to hand fds over in, taken before holdfast
+    // holds thousands (a child then copies only those: see spawn's slots).
+    spawn::reserve_low_fds();
     let unused_signals = crate::signals::catch_unused().map_err(setup("signal handler"))?;
     if let Some(saved) = upgrade::inherited()? {
         let sup = upgrade::resume(opts, saved)?;
@@ -437,12 +440,17 @@ impl Supervisor {
     /// Adds a live service and watches its notify socket.
     fn add_service(&mut self, svc: Service) -> ServiceId {
         let id = self.registry.insert(svc);
+        self.watch_notify(id);
+        id
+    }
+
+    /// Watches service `id`'s notify socket, if it has one.
+    fn watch_notify(&mut self, id: ServiceId) {
         if let Some(n) = self.registry.get(id).and_then(|s| s.notify()) {
             if let Err(e) = self.poller.add(n.as_fd(), Token::Notify(id)) {
                 tracing::warn!(service = %n.path().display(), error = %e, "cannot watch the notify socket");
             }
         }
-        id
     }
 
     fn stop_all(&mut self) {

@@ -16,11 +16,12 @@ use std::time::Instant;
 
 use crate::dispatch::Binding;
 use crate::listener::Placement;
+use crate::notify::NotifySocket;
 use crate::protocol::ReloadSummary;
 use crate::unit::{self, RestartMode, Unit};
 
 use super::registry::ServiceId;
-use super::services::Service;
+use super::services::{notify_socket_for, Service};
 use super::sockets::{self, Socket};
 use super::{Supervisor, SupervisorError};
 
@@ -55,6 +56,9 @@ enum Plan {
         id: ServiceId,
         unit: Box<Unit>,
         sockets: Vec<SocketPlan>,
+        /// Its notify socket, when it had none and the new unit's
+        /// `notify-access` is not `none`.
+        notify: Option<NotifySocket>,
     },
     Keep(ServiceId),
 }
@@ -185,6 +189,7 @@ impl Supervisor {
         if *old.unit() == unit {
             return Ok(Plan::Keep(id));
         }
+        let needs_notify = old.notify().is_none();
         let mut used = vec![false; old.sockets().len()];
         let mut reuse = Vec::new();
         for cfg in &unit.sockets {
@@ -218,19 +223,25 @@ impl Supervisor {
                 Err(e) => errors.push(e),
             }
         }
-        if !errors.is_empty() {
-            self.discard(vec![Plan::Change {
-                id,
-                unit: Box::new(unit),
-                sockets: socks,
-            }]);
-            return Err(errors);
-        }
-        Ok(Plan::Change {
+        let notify = if needs_notify {
+            notify_socket_for(&unit, &self.opts.state_dir).unwrap_or_else(|e| {
+                errors.push(e);
+                None
+            })
+        } else {
+            None
+        };
+        let plan = Plan::Change {
             id,
             unit: Box::new(unit),
             sockets: socks,
-        })
+            notify,
+        };
+        if !errors.is_empty() {
+            self.discard(vec![plan]);
+            return Err(errors);
+        }
+        Ok(plan)
     }
 
     /// Phase 2: the whole new binding set, published in one flip, with the
@@ -253,7 +264,9 @@ impl Supervisor {
                         new_sockets.push((s, cfg));
                     }
                 }
-                Plan::Change { id, unit, sockets } => {
+                Plan::Change {
+                    id, unit, sockets, ..
+                } => {
                     let current = self.registry.get(*id).expect("live").sockets();
                     for (cfg, s) in unit.sockets.iter().zip(sockets) {
                         let s = match s {
@@ -305,9 +318,22 @@ impl Supervisor {
                 Plan::Keep(id) => summary
                     .unchanged
                     .push(self.registry.get(id).expect("live").name().into()),
-                Plan::Change { id, unit, sockets } => {
+                Plan::Change {
+                    id,
+                    unit,
+                    sockets,
+                    notify,
+                } => {
                     let name = unit.name.clone();
                     let (restart, running) = self.change(id, *unit, sockets);
+                    if let Some(n) = notify {
+                        // Its [service] changed (notify-access): it restarts,
+                        // and the new instances get NOTIFY_SOCKET.
+                        if let Some(svc) = self.registry.get_mut(id) {
+                            svc.set_notify(n);
+                        }
+                        self.watch_notify(id);
+                    }
                     if restart {
                         if running {
                             to_restart.push(id);

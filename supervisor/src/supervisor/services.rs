@@ -20,7 +20,7 @@ use crate::protocol::Stream;
 use crate::ratelimit::{AcceptThrottle, LogLimiter};
 use crate::service::{CommandKind, Effect, Exit, InstanceId, Machine, Said};
 use crate::spawn::{self, Credentials};
-use crate::unit::{KillMode, StandardInput, StandardOutput, Unit};
+use crate::unit::{KillMode, NotifyAccess, StandardInput, StandardOutput, Unit};
 
 use super::acceptor::Acceptor;
 use super::output::LogRing;
@@ -86,18 +86,9 @@ impl Service {
         sockets: Vec<Socket>,
         state_dir: &Path,
     ) -> Result<Service, (String, Vec<Socket>)> {
-        let notify = match NotifySocket::bind(state_dir, &unit.name) {
+        let notify = match notify_socket_for(&unit, state_dir) {
             Ok(n) => n,
-            Err(e) => {
-                return Err((
-                    format!(
-                        "{}: service {}: cannot create its notify socket: {e}",
-                        unit.path.display(),
-                        unit.name
-                    ),
-                    sockets,
-                ))
-            }
+            Err(e) => return Err((e, sockets)),
         };
         let acceptor = accept_options(&sockets).map(Acceptor::new);
         let traffic_started = acceptor.is_some() || unit.service.on_demand;
@@ -107,7 +98,7 @@ impl Service {
             unit,
             sockets,
             old_sockets: Vec::new(),
-            notify: Some(notify),
+            notify,
             uid: 0,
             acceptor,
             dispatcher_denied: 0,
@@ -251,6 +242,11 @@ impl Service {
     /// Takes the sockets out (a reload builds the new list from them).
     pub fn take_sockets(&mut self) -> Vec<Socket> {
         std::mem::take(&mut self.sockets)
+    }
+
+    /// A reload gave it a notify socket (its `notify-access` was `none`).
+    pub fn set_notify(&mut self, notify: NotifySocket) {
+        self.notify = Some(notify);
     }
 
     /// A reload removed the unit: its notify socket goes now, so that a unit
@@ -406,6 +402,29 @@ impl Service {
     }
 }
 
+/// The notify socket of a service of `unit`, bound in `state_dir`, if its
+/// processes may use one: with `notify-access = "none"` (the default for
+/// `type = "simple"`) NOTIFY_SOCKET is not set, so none is made (at 1000
+/// simple services, binding them was a third of holdfast's start-up time).
+/// The error names the unit file and the service.
+pub(super) fn notify_socket_for(
+    unit: &Unit,
+    state_dir: &Path,
+) -> Result<Option<NotifySocket>, String> {
+    if unit.service.process.notify_access == NotifyAccess::None {
+        return Ok(None);
+    }
+    NotifySocket::bind(state_dir, &unit.name)
+        .map(Some)
+        .map_err(|e| {
+            format!(
+                "{}: service {}: cannot create its notify socket: {e}",
+                unit.path.display(),
+                unit.name
+            )
+        })
+}
+
 fn accept_options(sockets: &[Socket]) -> Option<&crate::unit::SocketOptions> {
     match sockets {
         [s] if s.config.options.accept => Some(&s.config.options),
@@ -538,7 +557,7 @@ impl Supervisor {
             env.push(("PATH".into(), p.clone()));
         }
         // Only for services that may use it (notify-access, systemd's rule).
-        let may_notify = cfg.process.notify_access != crate::unit::NotifyAccess::None;
+        let may_notify = cfg.process.notify_access != NotifyAccess::None;
         if let Some(n) = svc.notify.as_ref().filter(|_| may_notify) {
             env.push(("NOTIFY_SOCKET".into(), n.path().as_os_str().to_owned()));
         }

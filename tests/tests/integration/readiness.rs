@@ -490,3 +490,55 @@ fn status_text_is_shown_by_the_status_table() -> Result<()> {
     );
     hf.stop()
 }
+
+/// A service whose `notify-access` is `none` (the default of `type = "simple"`) is not
+/// given NOTIFY_SOCKET, so holdfast binds no notify socket for it (at 1000 services that
+/// was a third of the start-up); a reload that makes it `type = "notify"` makes the socket
+/// before the restart, and the new instance's READY=1 through it is heard.
+#[test]
+fn a_simple_service_gets_a_notify_socket_only_once_a_reload_lets_it_notify() -> Result<()> {
+    let (ns, sandbox) = skip_unless!(netns_and_sandbox_with_tools(&["/usr/bin/systemd-notify"])?);
+    let env = sandbox.out("env");
+    let script = format!(
+        "echo \"${{NOTIFY_SOCKET-unset}}\" > {env}; exec sleep 1000",
+        env = env.display()
+    );
+    sandbox.write_sh_service("shell", &script, "")?;
+    let socket = sandbox.notify_socket("shell");
+    let mut hf = Holdfast::start_in(&ns, sandbox)?;
+    let pid = hf.wait_running("shell", T)?;
+    let given = wait_for("the simple service's NOTIFY_SOCKET", T, || {
+        std::fs::read_to_string(&env)
+            .ok()
+            .filter(|t| t.ends_with('\n'))
+    })?;
+    assert_eq!(given.trim(), "unset", "NOTIFY_SOCKET of a simple service");
+    assert!(
+        !socket.exists(),
+        "a notify socket {} was made for a service that may not notify",
+        socket.display()
+    );
+
+    std::fs::remove_file(&env)?;
+    let script = format!(
+        "echo \"$NOTIFY_SOCKET\" > {env}; systemd-notify --ready; exec sleep 1000",
+        env = env.display()
+    );
+    hf.sandbox().write_unit("shell", &shell_unit(&script, ""))?;
+    hf.cli_ok(&["reload"])?;
+    let s = hf.wait_service("shell", T, |s| {
+        s["state"] == "running" && s["ready"] == true && s["pid"] != pid
+    })?;
+    let given = wait_for("the notify service's NOTIFY_SOCKET", T, || {
+        std::fs::read_to_string(&env)
+            .ok()
+            .filter(|t| t.ends_with('\n'))
+    })?;
+    assert_eq!(
+        Path::new(given.trim()),
+        socket,
+        "NOTIFY_SOCKET after the reload"
+    );
+    assert!(socket.exists(), "no notify socket after the reload: {s}");
+    hf.stop()
+}
