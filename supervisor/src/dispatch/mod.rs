@@ -115,7 +115,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -385,16 +385,19 @@ impl Loaded {
         let generation = open_map(&mut ebpf, GENERATION_MAP)?;
         let port_class = open_map(&mut ebpf, PORT_CLASS_MAP)?;
         let lengths = open_map(&mut ebpf, LENGTHS_MAP)?;
-        let mut table: ArrayOfMaps<MapData, Array<MapData, Bucket>> =
-            open_map(&mut ebpf, TABLE_MAP)?;
-        // The inner arrays: the outer map holds them; their fds close here.
-        for i in 0..2 * maps {
-            let inner = Array::<MapData, Bucket>::create(INNER_BUCKETS, 0)
-                .map_err(map_err("create", TABLE_MAP))?;
-            table
-                .set(i, &inner, 0)
-                .map_err(map_err("update", TABLE_MAP))?;
-        }
+        let table = match take(&mut ebpf, TABLE_MAP)? {
+            Map::ArrayOfMaps(outer) => {
+                set_inner_tables(outer.fd().as_fd(), 2 * maps)?;
+                ArrayOfMaps::try_from(Map::ArrayOfMaps(outer))
+                    .map_err(map_err("open", TABLE_MAP))?
+            }
+            _ => {
+                return Err(DispatchError::MissingObject {
+                    kind: "array of maps",
+                    name: TABLE_MAP,
+                })
+            }
+        };
         let counters = open_map(&mut ebpf, COUNTERS_MAP)?;
         let rule_state = open_map(&mut ebpf, RULE_STATE_MAP)?;
         let rules = open_map(&mut ebpf, RULES_MAP)?;
@@ -791,6 +794,36 @@ impl Loaded {
         }
         Ok(n)
     }
+}
+
+/// Creates the table's `count` inner arrays and sets them in the outer map
+/// `outer`, in batches: every update of an ARRAY_OF_MAPS from userspace
+/// waits for an RCU grace period (`maybe_wait_bpf_programs`), once per
+/// element but once per batch (16 ms each here: one at a time, the default
+/// table took 1.4 s to set up). The outer map holds the inner arrays; their
+/// fds close after each batch, so no more than a batch's are open at once.
+fn set_inner_tables(outer: BorrowedFd<'_>, count: u32) -> Result<(), DispatchError> {
+    const BATCH: u32 = 256;
+    for first in (0..count).step_by(BATCH as usize) {
+        let keys: Vec<u32> = (first..count.min(first + BATCH)).collect();
+        let inner = keys
+            .iter()
+            .map(|_| Array::<MapData, Bucket>::create(INNER_BUCKETS, 0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("create", TABLE_MAP))?;
+        let fds: Vec<u32> = inner
+            .iter()
+            .map(|a| a.inner_fd().as_raw_fd() as u32)
+            .collect();
+        sys::array_update_batch(outer, &keys, &fds).map_err(|source| {
+            DispatchError::MapSyscall {
+                op: "batch-update",
+                map: TABLE_MAP,
+                source,
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// A destination's counters summed over CPUs.
