@@ -363,10 +363,24 @@ impl Scratch {
     }
 }
 
-/// A network namespace of the kit with `lo` up and [`PREFIX`] local.
+/// A network namespace of the kit with `lo` up, [`PREFIX`] local, and
+/// `net.ipv4.tcp_tw_reuse = 1`: a connection per request leaves tens of
+/// thousands of TIME_WAIT sockets on the server side, and wrk's connects then
+/// search the ephemeral ports for a 4-tuple not taken by one. Linux lets a
+/// connect reuse a TIME_WAIT 4-tuple by default (`tcp_tw_reuse = 2`) only
+/// between 127/8 addresses: to the steered 192.0.2.0/24, wrk spent half the
+/// machine's CPU in that search (perf: `__inet_check_established`,
+/// `tcp_twsk_unique`) and gunicorn's steered rate was a third of its rate on
+/// 127.0.0.1, a cost of the load generator's host, not of the server.
 fn netns() -> Result<Netns> {
     let ns = Netns::new()?;
     ns.add_local_route(PREFIX)?;
+    let status = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "sh", "-c"])
+        .arg("echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse")
+        .status()
+        .context("run ip netns exec … sh")?;
+    ensure!(status.success(), "setting tcp_tw_reuse in {}: {status}", ns.name());
     Ok(ns)
 }
 
@@ -463,9 +477,7 @@ impl<'a> Daemon<'a> {
             // stops its workers; a SIGTERM that reaches a worker directly makes the
             // arbiter log from its SIGCHLD handler while it writes to stderr, and
             // gunicorn 20.1 can then hang ("reentrant call") until SIGKILL.
-            // gunicorn says READY=1 before its workers have loaded the app: the
-            // old instance serves on for a second beside the new one.
-            "kill-mode = \"mixed\"\noverlap-grace = \"1s\"\n",
+            "kill-mode = \"mixed\"\n",
         );
         fs::write(units.join("hello.toml"), hello).context("write hello.toml")?;
         fs::write(units.join("gunicorn.toml"), gunicorn).context("write gunicorn.toml")?;
