@@ -380,7 +380,11 @@ fn netns() -> Result<Netns> {
         .arg("echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse")
         .status()
         .context("run ip netns exec … sh")?;
-    ensure!(status.success(), "setting tcp_tw_reuse in {}: {status}", ns.name());
+    ensure!(
+        status.success(),
+        "setting tcp_tw_reuse in {}: {status}",
+        ns.name()
+    );
     Ok(ns)
 }
 
