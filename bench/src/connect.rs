@@ -53,7 +53,7 @@ pub(crate) struct Rates {
 }
 
 /// One round: operations, wall seconds, thread CPU seconds.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Round {
     n: u64,
     wall: f64,
@@ -187,7 +187,7 @@ pub(crate) fn compare<S: AsFd>(
     let plain = plain().context("create the plain socket")?;
 
     let mut rng = Rng::new();
-    let mut rounds: Vec<(Round, Round, Round)> = Vec::new();
+    let mut rounds: Vec<[Round; 3]> = Vec::new();
     let mut steered_total = 0u64;
     let mut one_round = |socket: &S, rng: &mut Rng| -> Result<Round> {
         let (start, cpu) = (Instant::now(), thread_cpu());
@@ -205,29 +205,25 @@ pub(crate) fn compare<S: AsFd>(
             cpu: thread_cpu() - cpu,
         })
     };
-    for r in 0..pairs.max(1) {
-        let mut triple = [None, None, None];
+    // The sides of a round, in this order in `rounds`.
+    const STEERED: usize = 0;
+    const FLOOR: usize = 1;
+    const PLAIN: usize = 2;
+    let sides = [
+        (&steered_ns, &steered),
+        (&floor_ns, &floor),
+        (&plain_ns, &plain),
+    ];
+    for r in 0..pairs.max(1) as usize {
+        let mut got = [Round::default(); 3];
         for k in 0..3 {
-            match (k + r as usize) % 3 {
-                0 => {
-                    steered_ns.enter()?;
-                    let got = one_round(&steered, &mut rng)?;
-                    steered_total += got.n;
-                    triple[0] = Some(got);
-                }
-                1 => {
-                    floor_ns.enter()?;
-                    triple[1] = Some(one_round(&floor, &mut rng)?);
-                }
-                _ => {
-                    plain_ns.enter()?;
-                    triple[2] = Some(one_round(&plain, &mut rng)?);
-                }
-            }
+            let side = (k + r) % 3;
+            let (ns, socket) = sides[side];
+            ns.enter()?;
+            got[side] = one_round(socket, &mut rng)?;
         }
-        if let [Some(s), Some(f), Some(p)] = triple {
-            rounds.push((s, f, p));
-        }
+        steered_total += got[STEERED].n;
+        rounds.push(got);
     }
     let counters = dispatcher.get().counters()?;
     let lookups = counters.get(&0).map_or(0, |c| c.lookups);
@@ -238,19 +234,17 @@ pub(crate) fn compare<S: AsFd>(
     dispatcher.detach()?;
     let wall = |r: &Round| r.n as f64 / r.wall;
     let cpu = |r: &Round| r.n as f64 / r.cpu.max(1e-9);
-    let ratio_of = |rate: &dyn Fn(&Round) -> f64, of: &dyn Fn(&(Round, Round, Round)) -> &Round| {
-        median(rounds.iter().map(|t| rate(of(t)) / rate(&t.2)).collect())
-    };
+    let median_of = |f: &dyn Fn(&[Round; 3]) -> f64| median(rounds.iter().map(f).collect());
     Ok(Rates {
         pairs: rounds.len(),
-        floor_ratio: ratio_of(&wall, &|t| &t.1),
-        floor_ratio_cpu: ratio_of(&cpu, &|t| &t.1),
-        steered: median(rounds.iter().map(|(s, _, _)| wall(s)).collect()),
-        plain: median(rounds.iter().map(|(_, _, p)| wall(p)).collect()),
-        ratio: ratio_of(&wall, &|t| &t.0),
-        steered_cpu: median(rounds.iter().map(|(s, _, _)| cpu(s)).collect()),
-        plain_cpu: median(rounds.iter().map(|(_, _, p)| cpu(p)).collect()),
-        ratio_cpu: ratio_of(&cpu, &|t| &t.0),
+        floor_ratio: median_of(&|r| wall(&r[FLOOR]) / wall(&r[PLAIN])),
+        floor_ratio_cpu: median_of(&|r| cpu(&r[FLOOR]) / cpu(&r[PLAIN])),
+        steered: median_of(&|r| wall(&r[STEERED])),
+        plain: median_of(&|r| wall(&r[PLAIN])),
+        ratio: median_of(&|r| wall(&r[STEERED]) / wall(&r[PLAIN])),
+        steered_cpu: median_of(&|r| cpu(&r[STEERED])),
+        plain_cpu: median_of(&|r| cpu(&r[PLAIN])),
+        ratio_cpu: median_of(&|r| cpu(&r[STEERED]) / cpu(&r[PLAIN])),
     })
 }
 
