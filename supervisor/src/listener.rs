@@ -1166,7 +1166,14 @@ pub(crate) mod tests {
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         let mut buf = [0u8; 8];
-        match queued.read(&mut buf) {
+        // SO_RCVTIMEO makes a signal an EINTR (signal(7)): retried.
+        let read = loop {
+            match queued.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        match read {
             Ok(0) => {}
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
             Ok(n) => panic!("read {n} bytes from a reset connection"),

@@ -273,6 +273,8 @@ fn udp_reaches(server: &UdpSocket, to: SocketAddr, tag: u64) -> bool {
         match server.recv_from(&mut buf) {
             Ok((8, _)) if u64::from_be_bytes(buf) == tag => return true,
             Ok(_) => continue,
+            // SO_RCVTIMEO makes a signal an EINTR (signal(7)).
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return false,
         }
     }
@@ -771,8 +773,16 @@ fn connect_from(from: IpAddr, to: SocketAddr, timeout: Duration) -> std::io::Res
         fd.as_raw_fd(),
         &SockaddrStorage::from(SocketAddr::new(from, 0)),
     )?;
-    connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
-    Ok(TcpStream::from(fd))
+    // A blocking connect with SO_SNDTIMEO fails with EINTR when the process
+    // is stopped and continued (signal(7)); called again, it goes on waiting
+    // for the same handshake, and says EISCONN once that has completed.
+    loop {
+        match connect(fd.as_raw_fd(), &SockaddrStorage::from(to)) {
+            Ok(()) | Err(nix::errno::Errno::EISCONN) => return Ok(TcpStream::from(fd)),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// `Ok(())` when a connection from `from` to `to` is accepted by `listener`
