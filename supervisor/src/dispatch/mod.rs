@@ -117,6 +117,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray};
@@ -265,10 +266,57 @@ pub enum DispatchError {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/holdfast-ebpf"));
 
 /// Can BPF be used here? Mounts bpffs if it is missing, then loads the program
-/// (without attaching it). The error says plainly what is missing.
+/// (without attaching it, and without the table's inner arrays, whose setting
+/// waits for an RCU grace period). The error says plainly what is missing.
 pub fn probe() -> Result<(), DispatchError> {
     pins::ensure_bpffs()?;
-    Loaded::load(DEFAULT_BINDING_ENTRIES, None).map(drop)
+    load_object(DEFAULT_BINDING_ENTRIES).map(drop)
+}
+
+/// aya's loader, one per process: `EbpfLoader::new` reads and parses the
+/// kernel's BTF (5 MB of `/sys/kernel/btf/vmlinux`; 21 ms here) each time it
+/// is called, and a start loads the object twice ([`probe`], then the attach).
+static LOADER: OnceLock<Mutex<EbpfLoader<'static>>> = OnceLock::new();
+
+/// Runs `f` with the process's loader, made on first use.
+fn with_loader<T>(f: impl FnOnce(&mut EbpfLoader<'static>) -> T) -> T {
+    let loader = LOADER.get_or_init(|| {
+        #[cfg(test)]
+        tests::LOADERS_MADE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Mutex::new(EbpfLoader::new())
+    });
+    f(&mut loader.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// Makes the process's loader in a thread of its own, so that the kernel's
+/// BTF is parsed while the caller goes on (an upgraded holdfast adopting its
+/// services); the first load waits for it. The thread touches nothing else.
+pub fn warm_up() {
+    let spawned = std::thread::Builder::new()
+        .name("bpf-loader".into())
+        .spawn(|| with_loader(|_| ()));
+    if let Err(e) = spawned {
+        // The first load makes the loader itself.
+        tracing::debug!(error = %e, "cannot start a thread to parse the kernel's BTF ahead");
+    }
+}
+
+/// Loads the object with its table sized for `capacity` binding entries and
+/// its program, into the kernel; returns it and the inner arrays per half.
+fn load_object(capacity: u32) -> Result<(Ebpf, u32), DispatchError> {
+    if OBJECT.is_empty() {
+        return Err(DispatchError::NotBuilt);
+    }
+    let maps = table::maps_per_half(capacity);
+    let mut ebpf = with_loader(|loader| loader.map_max_entries(TABLE_MAP, 2 * maps).load(OBJECT))
+        .map_err(|source| DispatchError::LoadObject { source })?;
+    sk_lookup_program(&mut ebpf, LOOKUP_PROGRAM)?
+        .load()
+        .map_err(|source| DispatchError::LoadProgram {
+            name: LOOKUP_PROGRAM,
+            source,
+        })?;
+    Ok((ebpf, maps))
 }
 
 /// The shadow of the port class array: `[generation][protocol slot * 65536 + port]`.
@@ -346,20 +394,7 @@ impl Loaded {
     /// Loads the object with room for `capacity` binding entries (both
     /// generations together), pinning the maps into `pin_dir` if given.
     fn load(capacity: u32, pin_dir: Option<&Path>) -> Result<Loaded, DispatchError> {
-        if OBJECT.is_empty() {
-            return Err(DispatchError::NotBuilt);
-        }
-        let maps = table::maps_per_half(capacity);
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(TABLE_MAP, 2 * maps)
-            .load(OBJECT)
-            .map_err(|source| DispatchError::LoadObject { source })?;
-        sk_lookup_program(&mut ebpf, LOOKUP_PROGRAM)?
-            .load()
-            .map_err(|source| DispatchError::LoadProgram {
-                name: LOOKUP_PROGRAM,
-                source,
-            })?;
+        let (mut ebpf, maps) = load_object(capacity)?;
         if let Some(dir) = pin_dir {
             for name in [
                 GENERATION_MAP,

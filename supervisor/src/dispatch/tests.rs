@@ -148,6 +148,25 @@ impl Drop for Attached {
 }
 
 /// A netns and a dispatcher attached to it (dropped in that reverse order).
+/// How many times this process made aya's loader (`with_loader`).
+pub(super) static LOADERS_MADE: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// `EbpfLoader::new` parses the kernel's BTF, 21 ms here: a process makes
+/// one loader, however many times it loads the object.
+#[test]
+fn the_kernels_btf_is_parsed_once_however_often_the_object_is_loaded() {
+    warm_up();
+    if let Err(e) = probe() {
+        unavailable(&format!("load the BPF object: {e}"));
+        return;
+    }
+    probe().unwrap();
+    let Some((_d, _ns)) = setup() else { return };
+    probe().unwrap();
+    assert_eq!(LOADERS_MADE.load(Ordering::SeqCst), 1);
+}
+
 fn setup() -> Option<(Attached, Netns)> {
     let ns = Netns::new()?;
     match Dispatcher::attach(&ns.name, &ns.path()) {

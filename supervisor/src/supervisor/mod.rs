@@ -177,6 +177,10 @@ pub fn run(opts: &Options) -> Result<(), SupervisorError> {
     }
     // Before any thread starts: it changes the environment.
     let mut inherited = crate::manager::Inherited::from_env();
+    if !opts.no_dispatcher {
+        // The kernel's BTF is parsed while the units are read and checked.
+        dispatch::warm_up();
+    }
     let units = unit::load_dir(&opts.units)?;
     crate::preflight::check_units(
         &units,

@@ -411,6 +411,10 @@ fn answer_upgrade(fd: OwnedFd, from: String, services: usize) {
 
 /// Rebuilds the daemon from what the holdfast before the exec saved.
 pub(super) fn resume(opts: &Options, saved: Saved) -> Result<Supervisor, SupervisorError> {
+    if saved.dispatcher.is_some() {
+        // The kernel's BTF is parsed while the services are adopted.
+        crate::dispatch::warm_up();
+    }
     let adopt = |fd: RawFd| {
         // SAFETY: each fd the saved state names was kept open across the
         // exec for this process alone, and is named once.
