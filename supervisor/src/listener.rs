@@ -1151,7 +1151,6 @@ pub(crate) mod tests {
 
     #[test]
     fn a_shut_listener_resets_its_backlog_refuses_and_listens_again() {
-        use std::io::Read;
         let cfg = tcp(&["127.0.0.1/32"], &[(1, 1)]);
         // An explicit port (as bind mode binds), which a shut socket keeps.
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1166,14 +1165,7 @@ pub(crate) mod tests {
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         let mut buf = [0u8; 8];
-        // SO_RCVTIMEO makes a signal an EINTR (signal(7)): retried.
-        let read = loop {
-            match queued.read(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                other => break other,
-            }
-        };
-        match read {
+        match crate::testing::read_through_interruptions(&mut queued, &mut buf) {
             Ok(0) => {}
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
             Ok(n) => panic!("read {n} bytes from a reset connection"),

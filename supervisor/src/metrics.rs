@@ -757,15 +757,7 @@ mod tests {
         idle.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let mut buf = [0u8; 16];
-        // A read with SO_RCVTIMEO is not restarted after a signal handler
-        // (signal(7)), and other tests in this process install handlers
-        // and reap children: an EINTR is a retry, not a failure.
-        let read = loop {
-            match idle.read(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                other => break other.unwrap(),
-            }
-        };
+        let read = crate::testing::read_through_interruptions(&mut idle, &mut buf).unwrap();
         assert_eq!(read, 0, "closed without a reply");
         let waited = started.elapsed();
         assert!(
